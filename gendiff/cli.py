@@ -1,0 +1,106 @@
+"""`gendiff` command line. Global settings (threads, allocator, denormals) are made here, not in the library."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from dataclasses import replace
+
+
+def _positive_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer; got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1; got {v}")
+        return v
+    return parse
+
+
+def _nonneg_float(name):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number; got {s!r}") from None
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0; got {v}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .ablate import DEFAULT_RUNS, GUIDES, RUNS
+    p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
+    p.add_argument("--version", action="version", version="gendiff 0.1.0")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("ablate", help="the seed experiment on the 2-D tree, measured against the exact ground truth",
+                       description="Runs: " + "; ".join(f"{k}: {v.help}" for k, v in RUNS.items()))
+    a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
+    a.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (default: %(default)s)")
+    a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--iterations", type=_positive_int("--iterations"))
+    a.add_argument("--batch", type=_positive_int("--batch"))
+    a.add_argument("--samples", type=_positive_int("--samples"))
+    a.add_argument("--steps", type=_positive_int("--steps"), help="Heun steps (default 32)")
+    a.add_argument("--guidance", "-w", type=_nonneg_float("--guidance"), help="autoguidance weight w (default 3)")
+    a.add_argument("--guide", choices=GUIDES, help="guide model: snapshot (default), small, cfg")
+    a.add_argument("--churn", type=_nonneg_float("--churn"), help="EDM stochastic churn (default 0)")
+    a.add_argument("--no-figures", action="store_true")
+    a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+    a.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _ablate(args) -> int:
+    from .ablate import AblateConfig, quick, run_ablation
+    from .report import metrics_markdown
+    cfg = AblateConfig(runs=tuple(r.strip() for r in args.runs.split(",") if r.strip()), seed=args.seed)
+    if args.quick:
+        cfg = quick(cfg)
+    t = cfg.train
+    if args.iterations:
+        t = replace(t, iterations=args.iterations)
+        cfg = replace(cfg, guide_iter=max(1, min(cfg.guide_iter, args.iterations // 4 or 1)))
+    if args.batch:
+        t = replace(t, batch=args.batch)
+    over = {k: v for k, v in dict(samples=args.samples, steps=args.steps, guidance=args.guidance,
+                                  guide=args.guide, churn=args.churn).items() if v is not None}
+    cfg = replace(cfg, train=t, figures=not args.no_figures, **over)
+    cfg.validate()
+    out = args.out or os.path.join("results", "ablate-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    _check_writable(out)
+    print(f"gendiff ablate: runs {', '.join(cfg.runs)} -> {out}")
+    result = run_ablation(cfg, out, progress=not args.no_progress)
+    print(metrics_markdown(result))
+    print(f"total {result['timings']['total_s']:.1f} s; results in {out}")
+    return 0
+
+
+def _check_writable(out: str) -> None:
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={out!r}: cannot write into {parent!r} (not a writable folder)")
+
+
+def main(argv=None) -> int:
+    from .runtime import configure
+    args = build_parser().parse_args(argv)
+    configure(getattr(args, "threads", None))
+    try:
+        if args.command == "ablate":
+            return _ablate(args)
+    except ValueError as e:
+        print(f"gendiff: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

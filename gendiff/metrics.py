@@ -1,0 +1,76 @@
+"""Metrics against an exact ground truth (THEORY §10): every number computed from the mixture."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from .data.toy import GaussianMixture
+
+# RBF bandwidths h_j = h_0·2^(−j/2): halving h² squares the kernel, so one exp serves all of them.
+MMD_H0, MMD_BANDWIDTHS = 0.32, 9
+
+
+def sample_nll(samples: torch.Tensor, gt: GaussianMixture) -> float:
+    """Mean −log p_GT(sample) at σ = 0 (precision; lower is better), float64."""
+    return float(-gt.logp(samples.double(), 0.0).mean())
+
+
+def outlier_threshold(gt: GaussianMixture, n: int = 1 << 16, q: float = 0.01, seed: int = 12345) -> float:
+    """The q-quantile of log p_GT over ground-truth samples."""
+    ref, _ = gt.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return float(torch.quantile(gt.logp(ref, 0.0), q))
+
+
+def outlier_rate(samples: torch.Tensor, gt: GaussianMixture, threshold: float) -> float:
+    """Fraction of samples whose log p_GT falls below `threshold` (see `outlier_threshold`)."""
+    return float((gt.logp(samples.double(), 0.0) < threshold).double().mean())
+
+
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, same: bool, chunk: int = 2048) -> float:
+    """Σ_{i≠j if same} Σ_bandwidths exp(−‖a_i − b_j‖²/(2h²))."""
+    total = 0.0
+    for i in range(0, len(a), chunk):
+        d2 = torch.cdist(a[i:i + chunk], b).square_()
+        k = d2.mul_(-0.5 / MMD_H0**2).exp_()
+        for _ in range(MMD_BANDWIDTHS):
+            total += float(k.sum(dtype=torch.float64))
+            k = k.square_()
+        if same:
+            total -= MMD_BANDWIDTHS * min(chunk, len(a) - i)  # k(x, x) = 1 on the diagonal
+    return total
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, y_self: float | None = None) -> float:
+    """Unbiased kernel MMD² between samples x and y, summed over RBF bandwidths 0.32·2^(−j/2), j < 9.
+
+    y_self: a cached `_kernel_sum(y, y, True)` (the reference set is the same for every run).
+    """
+    x, y = x.double(), y.double()
+    n, m = len(x), len(y)
+    kyy = _kernel_sum(y, y, True) if y_self is None else y_self
+    return (_kernel_sum(x, x, True) / (n * (n - 1)) + kyy / (m * (m - 1))
+            - 2 * _kernel_sum(x, y, False) / (n * m))
+
+
+def score_error(model_score: torch.Tensor, exact_score: torch.Tensor, sigma: torch.Tensor) -> float:
+    """σ²-weighted mean squared score error: mean_i σ_i²·‖s_θ − s*‖², the weight of §10's score matching."""
+    return float((sigma.double().square().view(-1) * (model_score - exact_score).double().square().sum(1)).mean())
+
+
+def calibration(learned: torch.Tensor, exact: torch.Tensor) -> dict:
+    """Agreement of a learned variance with its exact optimum (T8 / T12).
+
+    Per-element variances [N, d]: Spearman over all elements and the median relative error.
+    Covariances [N, d, d]: Spearman of the traces and the median relative Frobenius error.
+    """
+    learned, exact = learned.double(), exact.double()
+    if learned.ndim == 3:
+        a = torch.diagonal(learned, dim1=-2, dim2=-1).sum(-1)
+        b = torch.diagonal(exact, dim1=-2, dim2=-1).sum(-1)
+        rel = torch.linalg.matrix_norm(learned - exact) / torch.linalg.matrix_norm(exact)
+    else:
+        a, b = learned.flatten(), exact.flatten()
+        rel = (a - b).abs() / b
+    rho = spearmanr(a.numpy(), b.numpy()).statistic
+    return {"spearman": float(rho), "median_rel_error": float(np.median(rel.numpy()))}

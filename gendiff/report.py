@@ -1,0 +1,171 @@
+"""Results of `gendiff ablate`: metrics.json, metrics.md (best per column in bold) and figures."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+COLUMNS = [  # key, header, better ("min", "max", "zero" for closest to 0, None: no bold)
+    ("sample_nll", "sample NLL ↓", "min"),
+    ("outlier_rate", "outliers ↓", "min"),
+    ("mmd", "MMD² ↓", "zero"),
+    ("score_error", "score error ↓", "min"),
+    ("calibration.spearman", "calib. Spearman ↑", "max"),
+    ("calibration.median_rel_error", "calib. median rel. err ↓", "min"),
+    ("nfe", "NFE", None),
+    ("sample_s", "sampling s", None),
+]
+
+
+def _get(m: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(m, dict) or part not in m:
+            return None
+        m = m[part]
+    return m
+
+
+def metrics_rows(result: dict):
+    rows = []
+    for name, ref in result.get("reference", {}).items():
+        rows.append((f"*{name}* (reference)", "–", ref))
+    for name, per in result["runs"].items():
+        for label, m in per.items():
+            t = result.get("timings", {}).get("runs", {}).get(name, {})
+            rows.append((name, label, {**m, "sample_s": t.get(f"sample_s_{label}")}))
+    return rows
+
+
+def metrics_markdown(result: dict) -> str:
+    rows = metrics_rows(result)
+    cols = [c for c in COLUMNS if any(_get(m, c[0]) is not None for _, _, m in rows)]
+    best = {}
+    for key, _, better in cols:
+        vals = [_get(m, key) for name, _, m in rows if not name.endswith("(reference)")]
+        vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if vals and better:
+            best[key] = {"min": min, "max": max, "zero": lambda v: min(v, key=abs)}[better](vals)
+    lines = ["| run | guidance | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name, label, m in rows:
+        cells = []
+        for key, _, _ in cols:
+            v = _get(m, key)
+            s = "–" if v is None else (f"{v:d}" if isinstance(v, int) else _fmt(v))
+            if v is not None and key in best and v == best[key] and not name.endswith("(reference)"):
+                s = f"**{s}**"
+            cells.append(s)
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return f"{v:.3e}"
+
+
+def write_metrics(result: dict, out_dir: str) -> None:
+    from .ablate import save_json
+    save_json(result, os.path.join(out_dir, "metrics.json"))
+    cfg = result["config"]
+    head = (f"# gendiff ablate: 2-D tree, class {cfg['classes']}\n\n"
+            f"{cfg['train']['iterations']} iterations × batch {cfg['train']['batch']}, seed {cfg['seed']}, "
+            f"{cfg['samples']} samples, Heun {cfg['steps']} steps, autoguidance w = {cfg['guidance']} "
+            f"(guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the ground-truth row is a second "
+            f"independent ground-truth set; exact-denoiser samples with the true posterior mean.\n\n")
+    tmp = os.path.join(out_dir, "metrics.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(head + metrics_markdown(result))
+    os.replace(tmp, os.path.join(out_dir, "metrics.md"))
+
+
+# ---- figures ------------------------------------------------------------------------------------
+
+VIEW = (-1.6, 1.6)
+ZOOM = ((0.35, 0.95), (0.55, 1.15))  # x and y range of the zoomed trajectory panel (a class-A branch)
+
+
+def _density_panel(ax, gt, res=300, view=VIEW):
+    g = torch.linspace(*view, res, dtype=torch.float64)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    lp = gt.logp(torch.stack([xx.flatten(), yy.flatten()], 1), 0.0).view(res, res)
+    ax.imshow(lp.clamp_min(-6).numpy(), origin="lower", extent=(*view, *view), cmap="Oranges", vmin=-6)
+
+
+def _points(ax, x, title, view=VIEW):
+    ax.plot(*x[:8192].numpy().T, ".", ms=1, alpha=0.3, color="k")
+    ax.set_xlim(*view)
+    ax.set_ylim(*view)
+    ax.set_title(title, fontsize=9)
+
+
+def _finish(ax):
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _phi_maps(ax_l, ax_r, ev, model, spec, sigma=0.05, res=120):
+    """Learned √(mean σ_φ²) over a grid at one σ, beside the exact optimum (T8 / T12)."""
+    g = torch.linspace(*VIEW, res, dtype=torch.float64)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    x = torch.stack([xx.flatten(), yy.flatten()], 1)
+    s = torch.full((len(x),), sigma, dtype=torch.float64)
+    with torch.no_grad():
+        pred = model.predict(x.float(), s.float()[:, None])
+        learned = (torch.diagonal(pred.covariance(), dim1=-2, dim2=-1) if spec.head == "full"
+                   else pred.sigma_phi.square()).double().mean(1)
+    post = ev.gt.source_posterior(x, s) if spec.mode == "source" else ev.gt.posterior(x, s)
+    exact = sigma**2 + torch.diagonal(post.cov, dim1=-2, dim2=-1).mean(1)
+    lo, hi = math.log10(sigma), float(exact.sqrt().log10().max())
+    for ax, v, t in ((ax_l, learned, "learned σ_φ"), (ax_r, exact, "exact optimum")):
+        im = ax.imshow(v.sqrt().log10().view(res, res).numpy(), origin="lower", extent=(*VIEW, *VIEW),
+                       vmin=lo, vmax=hi, cmap="viridis")
+        ax.set_title(f"{t} (log10, σ={sigma})", fontsize=9)
+        _finish(ax)
+    return im
+
+
+def write_figures(cfg, ev, models, figs, out_dir) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .ablate import RUNS
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    for name, per in figs.items():
+        spec = RUNS[name]
+        has_phi = spec.head != "none"
+        fig, axes = plt.subplots(1, 6 if has_phi else 4, figsize=(3.2 * (6 if has_phi else 4), 3.4))
+        _density_panel(axes[0], ev.gt)
+        axes[0].set_title("ground truth log p", fontsize=9)
+        _points(axes[1], per["unguided"][0], "unguided")
+        _points(axes[2], per["autoguided"][0], f"autoguided (w={cfg.guidance})")
+        _density_panel(axes[3], ev.gt)
+        for x, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
+            axes[3].plot(*x.numpy().transpose(2, 0, 1), "-", lw=0.6, alpha=0.5, color=color)
+        axes[3].set_xlim(*ZOOM[0])
+        axes[3].set_ylim(*ZOOM[1])
+        axes[3].set_title("trajectories (blue: unguided, red: guided)", fontsize=8)
+        if has_phi:
+            im = _phi_maps(axes[4], axes[5], ev, models[spec.model or name], spec)
+            fig.colorbar(im, ax=axes[4:6], shrink=0.8)
+        for ax in axes:
+            _finish(ax)
+        fig.suptitle(name)
+        fig.savefig(os.path.join(fig_dir, f"{name}.png"), dpi=110)
+        plt.close(fig)
+    names = list(figs)
+    fig, axes = plt.subplots(2, len(names) + 1, figsize=(3 * (len(names) + 1), 6.2), squeeze=False)
+    for row, label in enumerate(("unguided", "autoguided")):
+        _points(axes[row, 0], ev.ref.float(), "ground truth" if row == 0 else "ground truth")
+        for j, name in enumerate(names):
+            _points(axes[row, j + 1], figs[name][label][0], f"{name}\n{label}")
+    for ax in axes.flat:
+        _finish(ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(fig_dir, "comparison.png"), dpi=110)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Samplers: pure functions over the denoiser contract `D(x, σ) -> μ` (STYLE 1).
+
+`sample_x(denoiser, x, sigmas, *, generator=None, callback=None)`; `x` starts at σ = sigmas[0]
+and the grid ends with 0. Stochastic knobs are keyword arguments; `_churn` is the one place
+that adds noise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checks import check_positive
+
+
+def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0, rho: float = 7.0,
+               dtype=torch.float64) -> torch.Tensor:
+    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, with a trailing 0: [steps + 1]."""
+    check_positive("steps", steps, integer=True)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    check_positive("rho", rho)
+    i = torch.arange(steps, dtype=dtype) / max(steps - 1, 1)
+    s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def _churn(x, sigma, sigma_next, steps, churn, s_tmin, s_tmax, s_noise, generator):
+    """EDM Algorithm 2 lines 4–6: raise σ to σ̂ = σ(1 + γ) and add the matching fresh noise."""
+    gamma = min(churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * eps, sigma_hat
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, *, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                s_noise: float = 1.0, second_order: bool = True, generator=None, callback=None):
+    """EDM Algorithm 2 (Karras et al. 2022): Heun's 2nd-order method on the PF-ODE dx/dσ = (x − D)/σ (T15),
+    with optional stochastic churn. `second_order=False` gives Euler. NFE = 2·steps − 1 (Heun).
+
+    callback(i, x, sigma, denoised) is called after every step with the new x.
+    """
+    if churn < 0:
+        raise ValueError(f"churn={churn} must be >= 0")
+    sigmas = [float(s) for s in sigmas]
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        s_cur, s_next = sigmas[i], sigmas[i + 1]
+        x, s_hat = _churn(x, s_cur, s_next, steps, churn, s_tmin, s_tmax, s_noise, generator)
+        denoised = denoiser(x, s_hat)
+        d = (x - denoised) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if second_order and s_next > 0:
+            d_next = (x_next - denoiser(x_next, s_next)) / s_next
+            x_next = x + (s_next - s_hat) * (d + d_next) / 2
+        x = x_next
+        if callback is not None:
+            callback(i, x, s_next, denoised)
+    return x
+
+
+def heun_nfe(steps: int, second_order: bool = True) -> int:
+    return 2 * steps - 1 if second_order else steps
+
+
+SAMPLERS = {"heun": sample_heun}
