@@ -82,11 +82,15 @@ def _ablate(args) -> int:
 
 
 def _check_writable(out: str) -> None:
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out={out!r}: cannot write into {parent!r} (not a writable folder)")
+    """Create the results folder and prove it writable before hours of work, not after."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".gendiff-write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out={out!r} is not a writable folder ({e.strerror or e})") from None
 
 
 def main(argv=None) -> int:

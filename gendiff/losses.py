@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import as_sigma
 from .precond import LOG_2PI, Denoiser, Scalings, edm_scalings, tril_factor
 
 
@@ -64,8 +65,10 @@ def nll_full(F, G, F_star, sc: Scalings, source_cov=None) -> torch.Tensor:
     G: [N, d(d+1)/2] raw factor outputs (see `tril_factor`).
     """
     N, d = F.shape
-    per_example = [t.reshape(-1).expand(N) if t.numel() == 1 else t.reshape(N, -1)[:, 0] for t in (sc.k, sc.c_var)]
-    k, c_var = per_example
+    k, c_var = (torch.broadcast_to(t, (N, d)) for t in (sc.k, sc.c_var))
+    if not torch.equal(c_var, c_var[:, :1].expand(N, d)):
+        raise ValueError("nll_full (T12) needs one σ per example (noise σ²I); got a σ that differs within an example")
+    k, c_var = k[:, 0], c_var[:, 0]
     S = tril_factor(G, d)
     logdet = G[:, :d].sum(1)                              # −log det(SSᵀ) = Σ g_i
     tr = S.square().sum((1, 2))                           # tr(SSᵀ) = ‖S‖²_F
@@ -119,8 +122,7 @@ class ScoreMatchingLoss:
         if batch.score is None:
             raise ValueError("ScoreMatchingLoss needs batch.score, the exact score at x_noisy")
         mu = denoiser(batch.x_noisy, batch.sigma)
-        sigma = torch.as_tensor(batch.sigma, dtype=mu.dtype)
-        s2 = sigma.square()
+        s2 = as_sigma(batch.sigma, mu).square()  # [N] σ -> [N, 1, ...], as the denoiser reads it
         return _sum_elements((mu - batch.x_noisy - s2 * batch.score).square() / s2)
 
 

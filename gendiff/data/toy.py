@@ -115,7 +115,7 @@ class GaussianMixture:
         about eps·‖x‖²·λ_max(P), stays below 1e-4 nats; otherwise the exact rotated form."""
         if s.ndim == 0 or s.numel() == 1:
             W, V, (i, j), lam = self._expanded_weights(float(s.reshape(())), x.dtype, x.device)
-            if torch.finfo(x.dtype).eps * float(x.square().sum(1).max()) * lam < 1e-4:
+            if torch.finfo(x.dtype).eps * float(x.detach().square().sum(1).max()) * lam < 1e-4:
                 feats = torch.cat([x[:, i] * x[:, j], x, torch.ones_like(x[:, :1])], 1)
                 d = self.dim
 

@@ -1,0 +1,55 @@
+"""Training speed of every run kind of `gendiff ablate` at the reference batch (4096), on this machine.
+
+Prints it/s per run kind and the ratio to the issue's target (30 it/s) and to the seed's reference
+implementation as reported (12 it/s EDM, 1.5 it/s confidence, 3.8 it/s score matching; not re-run here).
+Usage: python benchmarks/toy_training.py [--iterations 200] [--batch 4096] [--threads N]
+"""
+import argparse
+import time
+
+import torch
+
+from gendiff import losses
+from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.data.toy import tree
+from gendiff.runtime import configure
+from gendiff.train import BatchSource, ToyTrainConfig, train
+
+SEED_REFERENCE = {"edm": 12.0, "confidence": 1.5, "score-matching": 3.8}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="print a torch profile of the score-matching run")
+    args = ap.parse_args()
+    configure(args.threads)
+    cfg = AblateConfig()
+    tcfg = ToyTrainConfig(iterations=args.iterations, batch=args.batch)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.iterations} iterations per kind")
+    print(f"{'run kind':<18} {'it/s':>8} {'vs 30 it/s':>11} {'vs seed ref':>12}")
+    for name in ("edm", "confidence", "confidence-full", "score-matching"):
+        spec = RUNS[name]
+        torch.manual_seed(0)
+        model = make_denoiser(spec, cfg)
+        src = BatchSource(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
+        loss = losses.LOSSES[spec.loss]()
+        train(model, loss, src, ToyTrainConfig(iterations=5, batch=args.batch), progress=False)  # warm-up
+        res = train(model, loss, src, tcfg, progress=False)
+        ref = SEED_REFERENCE.get(name)
+        print(f"{name:<18} {res.it_per_s:8.1f} {res.it_per_s / 30:10.2f}x "
+              f"{(f'{res.it_per_s / ref:11.1f}x' if ref else '          –')}")
+        if args.profile and name == "score-matching":
+            from torch.profiler import profile
+            with profile() as prof:
+                train(model, loss, src, ToyTrainConfig(iterations=20, batch=args.batch), progress=False)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    t = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - t:.1f} s")
