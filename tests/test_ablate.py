@@ -74,10 +74,13 @@ def test_short_training_lowers_the_loss(run):
     from gendiff.train import lognormal_sigma
     sig = lognormal_sigma(2048, -2.4, 1.5, g)
     batch = source.draw(2048, sig, g)
-    before = float(loss(model, batch).mean())
-    res = train(model, loss, source, ToyTrainConfig(iterations=150, batch=512, lr_ref_iter=32), progress=False)
-    after = float(loss(res.ema, batch).mean())
-    assert after < before - 0.05 * abs(before)
+    with torch.no_grad():
+        before = float(loss(model, batch).mean())
+    res = train(model, loss, source, ToyTrainConfig(iterations=300, batch=512, lr_ref_iter=32), progress=False)
+    with torch.no_grad():
+        after = float(loss(res.ema, batch).mean())
+    # NLL losses carry large σ-dependent constants (T9's log 2πc_var²), so the drop is absolute
+    assert after < before - 0.03 * max(1.0, abs(before))
 
 
 def test_same_seed_same_weights():
