@@ -68,8 +68,8 @@ def _ablate(args) -> int:
         cfg = replace(cfg, guide_iter=max(1, min(cfg.guide_iter, args.iterations // 4 or 1)))
     if args.batch:
         t = replace(t, batch=args.batch)
-    over = {k: v for k, v in dict(samples=args.samples, steps=args.steps, guidance=args.guidance,
-                                  guide=args.guide, churn=args.churn).items() if v is not None}
+    over = {k: v for k, v in {"samples": args.samples, "steps": args.steps, "guidance": args.guidance,
+                                  "guide": args.guide, "churn": args.churn}.items() if v is not None}
     cfg = replace(cfg, train=t, figures=not args.no_figures, **over)
     cfg.validate()
     out = args.out or os.path.join("results", "ablate-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

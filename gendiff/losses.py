@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import as_sigma
-from .precond import LOG_2PI, Denoiser, Scalings, edm_scalings, tril_factor
+from .precond import LOG_2PI, Denoiser, Scalings, tril_factor
 
 
 @dataclass

@@ -83,21 +83,33 @@ def write_metrics(result: dict, out_dir: str) -> None:
 
 # ---- figures ------------------------------------------------------------------------------------
 
-VIEW = (-1.6, 1.6)
-ZOOM = ((0.35, 0.95), (0.55, 1.15))  # x and y range of the zoomed trajectory panel (a class-A branch)
+def _views(ref: torch.Tensor):
+    """A square view holding 99.8% of the ground truth, and a zoom (1/4 of its width) on a branch tip."""
+    lo, hi = torch.quantile(ref, 0.001, dim=0), torch.quantile(ref, 0.999, dim=0)
+    c, half = (lo + hi) / 2, float((hi - lo).max()) * 0.6
+    view = ((float(c[0]) - half, float(c[0]) + half), (float(c[1]) - half, float(c[1]) + half))
+    tip = ref[(ref - c).square().sum(1).argmax()]  # the sample farthest from the centre: a branch end
+    z = half / 4
+    zoom = ((float(tip[0]) - z, float(tip[0]) + z), (float(tip[1]) - z, float(tip[1]) + z))
+    return view, zoom
 
 
-def _density_panel(ax, gt, res=300, view=VIEW):
-    g = torch.linspace(*view, res, dtype=torch.float64)
-    xx, yy = torch.meshgrid(g, g, indexing="xy")
-    lp = gt.logp(torch.stack([xx.flatten(), yy.flatten()], 1), 0.0).view(res, res)
-    ax.imshow(lp.clamp_min(-6).numpy(), origin="lower", extent=(*view, *view), cmap="Oranges", vmin=-6)
+def _grid(view, res):
+    gx = torch.linspace(*view[0], res, dtype=torch.float64)
+    gy = torch.linspace(*view[1], res, dtype=torch.float64)
+    xx, yy = torch.meshgrid(gx, gy, indexing="xy")
+    return torch.stack([xx.flatten(), yy.flatten()], 1)
 
 
-def _points(ax, x, title, view=VIEW):
+def _density_panel(ax, gt, view, res=300):
+    lp = gt.logp(_grid(view, res), 0.0).view(res, res)
+    ax.imshow(lp.clamp_min(-6).numpy(), origin="lower", extent=(*view[0], *view[1]), cmap="Oranges", vmin=-6)
+
+
+def _points(ax, x, title, view):
     ax.plot(*x[:8192].numpy().T, ".", ms=1, alpha=0.3, color="k")
-    ax.set_xlim(*view)
-    ax.set_ylim(*view)
+    ax.set_xlim(*view[0])
+    ax.set_ylim(*view[1])
     ax.set_title(title, fontsize=9)
 
 
@@ -107,11 +119,9 @@ def _finish(ax):
     ax.set_yticks([])
 
 
-def _phi_maps(ax_l, ax_r, ev, model, spec, sigma=0.05, res=120):
+def _phi_maps(ax_l, ax_r, ev, model, spec, view, sigma=0.05, res=150):
     """Learned √(mean σ_φ²) over a grid at one σ, beside the exact optimum (T8 / T12)."""
-    g = torch.linspace(*VIEW, res, dtype=torch.float64)
-    xx, yy = torch.meshgrid(g, g, indexing="xy")
-    x = torch.stack([xx.flatten(), yy.flatten()], 1)
+    x = _grid(view, res)
     s = torch.full((len(x),), sigma, dtype=torch.float64)
     with torch.no_grad():
         pred = model.predict(x.float(), s.float()[:, None])
@@ -121,7 +131,7 @@ def _phi_maps(ax_l, ax_r, ev, model, spec, sigma=0.05, res=120):
     exact = sigma**2 + torch.diagonal(post.cov, dim1=-2, dim2=-1).mean(1)
     lo, hi = math.log10(sigma), float(exact.sqrt().log10().max())
     for ax, v, t in ((ax_l, learned, "learned σ_φ"), (ax_r, exact, "exact optimum")):
-        im = ax.imshow(v.sqrt().log10().view(res, res).numpy(), origin="lower", extent=(*VIEW, *VIEW),
+        im = ax.imshow(v.sqrt().log10().view(res, res).numpy(), origin="lower", extent=(*view[0], *view[1]),
                        vmin=lo, vmax=hi, cmap="viridis")
         ax.set_title(f"{t} (log10, σ={sigma})", fontsize=9)
         _finish(ax)
@@ -134,24 +144,31 @@ def write_figures(cfg, ev, models, figs, out_dir) -> None:
     import matplotlib.pyplot as plt
 
     from .ablate import RUNS
+    view, zoom = _views(ev.ref.float())
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     for name, per in figs.items():
         spec = RUNS[name]
         has_phi = spec.head != "none"
-        fig, axes = plt.subplots(1, 6 if has_phi else 4, figsize=(3.2 * (6 if has_phi else 4), 3.4))
-        _density_panel(axes[0], ev.gt)
+        n = 6 if has_phi else 4
+        fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
+        _density_panel(axes[0], ev.gt, view)
         axes[0].set_title("ground truth log p", fontsize=9)
-        _points(axes[1], per["unguided"][0], "unguided")
-        _points(axes[2], per["autoguided"][0], f"autoguided (w={cfg.guidance})")
-        _density_panel(axes[3], ev.gt)
-        for x, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
-            axes[3].plot(*x.numpy().transpose(2, 0, 1), "-", lw=0.6, alpha=0.5, color=color)
-        axes[3].set_xlim(*ZOOM[0])
-        axes[3].set_ylim(*ZOOM[1])
-        axes[3].set_title("trajectories (blue: unguided, red: guided)", fontsize=8)
+        _points(axes[1], per["unguided"][0], "unguided", view)
+        _points(axes[2], per["autoguided"][0], f"autoguided (w={cfg.guidance})", view)
+        _density_panel(axes[3], ev.gt, zoom)
+        for traj, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
+            end = traj[-1]
+            inside = ((end[:, 0] > zoom[0][0]) & (end[:, 0] < zoom[0][1])
+                      & (end[:, 1] > zoom[1][0]) & (end[:, 1] < zoom[1][1]))
+            traj = traj[:, inside][:, :40]  # trajectories that end in the zoomed region
+            axes[3].plot(*traj.numpy().transpose(2, 0, 1), "-", lw=0.6, alpha=0.6, color=color)
+            axes[3].plot(*traj[-1].numpy().T, ".", ms=3, color=color)
+        axes[3].set_xlim(*zoom[0])
+        axes[3].set_ylim(*zoom[1])
+        axes[3].set_title("zoom: trajectories (blue unguided, red guided)", fontsize=8)
         if has_phi:
-            im = _phi_maps(axes[4], axes[5], ev, models[spec.model or name], spec)
+            im = _phi_maps(axes[4], axes[5], ev, models[spec.model or name], spec, view)
             fig.colorbar(im, ax=axes[4:6], shrink=0.8)
         for ax in axes:
             _finish(ax)
@@ -161,9 +178,9 @@ def write_figures(cfg, ev, models, figs, out_dir) -> None:
     names = list(figs)
     fig, axes = plt.subplots(2, len(names) + 1, figsize=(3 * (len(names) + 1), 6.2), squeeze=False)
     for row, label in enumerate(("unguided", "autoguided")):
-        _points(axes[row, 0], ev.ref.float(), "ground truth" if row == 0 else "ground truth")
+        _points(axes[row, 0], ev.ref.float(), "ground truth", view)
         for j, name in enumerate(names):
-            _points(axes[row, j + 1], figs[name][label][0], f"{name}\n{label}")
+            _points(axes[row, j + 1], figs[name][label][0], f"{name}\n{label}", view)
     for ax in axes.flat:
         _finish(ax)
     fig.tight_layout()

@@ -125,3 +125,13 @@ def test_unwritable_output_is_a_file(tmp_path, capsys):
     f.write_text("x")
     assert main(["ablate", "--quick", "--out", str(f / "res")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("guide", ["small", "cfg"])
+def test_alternative_guides(guide):
+    """The paper's alternatives: a 32-wide model trained briefly (autoguidance) or on classes AB (CFG)."""
+    base = run_ablation(tiny(runs=("edm",)), progress=False, log=lambda *_: None)
+    res = run_ablation(tiny(runs=("edm",), guide=guide, guide_small_iter=24), progress=False, log=lambda *_: None)
+    assert res["runs"]["edm"]["unguided"] == base["runs"]["edm"]["unguided"]
+    assert res["runs"]["edm"]["autoguided"] != base["runs"]["edm"]["autoguided"]
+    assert res["timings"]["runs"]["edm"]["guide_train_s"] > 0

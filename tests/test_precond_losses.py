@@ -154,7 +154,7 @@ def test_denoiser_sigma_broadcasting(kind):
 
 def test_T7_equals_T9_over_eight_decades():
     sig = SIGMAS.view(-1, 1)
-    x0, eps, xn = random_batch((len(SIGMAS), 64), sig, seed=1)
+    x0, _eps, xn = random_batch((len(SIGMAS), 64), sig, seed=1)
     g = torch.Generator().manual_seed(2)
     F = torch.randn(x0.shape, generator=g, dtype=F64) * 1.5
     G = torch.randn(x0.shape, generator=g, dtype=F64) * 2.0
@@ -197,7 +197,7 @@ def test_T9_finite_in_float32_at_extreme_sigma(sigma):
 def test_log_q_is_the_gaussian_log_density_T10():
     shape = (8, 5)
     sigma = torch.rand(shape, generator=torch.Generator().manual_seed(5), dtype=F64) * 3 + 0.01
-    x0, _, xn = random_batch(shape, sigma, seed=6)
+    _x0, _, xn = random_batch(shape, sigma, seed=6)
     g = torch.Generator().manual_seed(7)
     F, G = torch.randn(shape, generator=g, dtype=F64), torch.randn(shape, generator=g, dtype=F64)
     x = torch.randn(shape, generator=g, dtype=F64)

@@ -1,4 +1,5 @@
 """Sampler and guidance against the exact mixture (THEORY T13, T15, T34; EDM Algorithm 2)."""
+import itertools
 import math
 
 import pytest
@@ -60,16 +61,16 @@ def test_heun_converges_at_second_order_for_a_gaussian():
     heun = [err(n, True) for n in (16, 32, 64)]
     euler = [err(n, False) for n in (16, 32, 64)]
     assert heun[-1] < 2e-3 * float(expect.abs().max())
-    assert all(3.0 < a / b < 5.0 for a, b in zip(heun, heun[1:]))
-    assert all(1.6 < a / b < 2.4 for a, b in zip(euler, euler[1:]))
+    assert all(3.0 < a / b < 5.0 for a, b in itertools.pairwise(heun))
+    assert all(1.6 < a / b < 2.4 for a, b in itertools.pairwise(euler))
 
 
 def test_euler_and_heun_nfe_and_callback():
     calls = []
-    D = lambda x, s: x * 0  # noqa: E731  (D = 0: dx/dσ = x/σ, so x scales with σ)
+    D = lambda x, s: x * 0
     x = torch.ones(3, 2, dtype=torch.float64)
     sig = edm_sigmas(4, 0.1, 1.0)
-    counting = lambda x, s: (calls.append(s), D(x, s))[1]  # noqa: E731
+    counting = lambda x, s: (calls.append(s), D(x, s))[1]
     out = sample_heun(counting, x, sig, callback=lambda i, x, s, d: None)
     assert len(calls) == heun_nfe(4) and torch.allclose(out, torch.zeros_like(out))
     calls.clear()
@@ -89,8 +90,8 @@ def test_churn_is_reproducible_with_generator(gt):
 
 
 def test_guidance_w1_is_main_w0_is_guide_and_linear():
-    main = lambda x, s: x * 2.0 + s  # noqa: E731
-    guide = lambda x, s: x - 1.0  # noqa: E731
+    main = lambda x, s: x * 2.0 + s
+    guide = lambda x, s: x - 1.0
     x = torch.randn(5, 2)
     assert torch.equal(Guided(main, guide, 1)(x, 0.3), main(x, 0.3))
     assert torch.equal(Guided(main, guide, 0)(x, 0.3), guide(x, 0.3))

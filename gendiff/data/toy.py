@@ -46,15 +46,15 @@ class GaussianMixture:
             # Planar layout (eigen-direction j outer, component k inner) keeps every elementwise op
             # contiguous along K; a trailing dim of size d = 2 defeats vectorisation.
             Qjk = self.Q64.permute(2, 0, 1)                                        # [j, k, :] = Q_k[:, j]
-            self._cache[key] = dict(
-                logw_c=(self.weights64.log() - 0.5 * d * math.log(2 * math.pi)).to(dtype=dtype, device=device),
-                L=self.L64.T.contiguous().to(dtype=dtype, device=device),          # [d, K]
-                Qcat=Qjk.reshape(d * K, d).T.contiguous().to(dtype=dtype, device=device),  # [d, d·K]
-                Qtm=torch.einsum("jkc,kc->jk", Qjk, self.means64).reshape(d * K).to(dtype=dtype, device=device),
-                means=self.means64.to(dtype=dtype, device=device),
-                covs=self.covs64.to(dtype=dtype, device=device),
-                Q=self.Q64.to(dtype=dtype, device=device),
-            )
+            self._cache[key] = {
+                "logw_c": (self.weights64.log() - 0.5 * d * math.log(2 * math.pi)).to(dtype=dtype, device=device),
+                "L": self.L64.T.contiguous().to(dtype=dtype, device=device),          # [d, K]
+                "Qcat": Qjk.reshape(d * K, d).T.contiguous().to(dtype=dtype, device=device),  # [d, d·K]
+                "Qtm": torch.einsum("jkc,kc->jk", Qjk, self.means64).reshape(d * K).to(dtype=dtype, device=device),
+                "means": self.means64.to(dtype=dtype, device=device),
+                "covs": self.covs64.to(dtype=dtype, device=device),
+                "Q": self.Q64.to(dtype=dtype, device=device),
+            }
         return self._cache[key]
 
     def _sigma(self, sigma, x: torch.Tensor, allow_zero: bool) -> torch.Tensor:
@@ -220,18 +220,13 @@ class GaussianMixture:
         cov = torch.einsum("k,kab->ab", self.weights64, self.covs64 + dm[:, :, None] * dm[:, None, :])
         return mean, cov
 
-    def subset(self, mask) -> "GaussianMixture":
-        m = torch.as_tensor(mask)
-        return GaussianMixture(self.weights64[m].numpy(), self.means64[m].numpy(), self.covs64[m].numpy(),
-                               self.chunk_size)
-
 
 # ---- the tree of the autoguidance paper ---------------------------------------------------------
 
 TREE_CLASSES = ("A", "B", "AB")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree_components(seed: int, depth: int, per_branch: int, origin: tuple, scale: tuple):
     """The construction of Karras et al. 2024 (autoguidance), §10: each branch is `per_branch`
     elongated Gaussians along a segment; two children per branch, angles and lengths jittered
