@@ -2,6 +2,8 @@
 
 Prints it/s per run kind and the ratio to the issue's target (30 it/s) and to the seed's reference
 implementation as reported (12 it/s EDM, 1.5 it/s confidence, 3.8 it/s score matching; not re-run here).
+Baseline in the same process: score matching with the exact score from the one-shot einsum formulation
+of the mixture (benchmarks/mixture.py) instead of GaussianMixture.score.
 Usage: python benchmarks/toy_training.py [--iterations 200] [--batch 4096] [--threads N]
 """
 import argparse
@@ -42,6 +44,19 @@ def main():
         ref = SEED_REFERENCE.get(name)
         print(f"{name:<18} {res.it_per_s:8.1f} {res.it_per_s / 30:10.2f}x "
               f"{(f'{res.it_per_s / ref:11.1f}x' if ref else '          –')}")
+        if name == "score-matching":
+            from mixture import EinsumBaseline  # benchmarks/mixture.py
+
+            class EinsumSource(BatchSource):
+                def draw(self, n, sigma, generator=None):
+                    batch = super().draw(n, sigma, generator)
+                    batch.score = base.logp_and_score(batch.x_noisy, sigma)[1]
+                    return batch
+            base = EinsumBaseline(src.mixture, torch.float32)
+            esrc = EinsumSource(src.mixture, "point")
+            slow = train(model, loss, esrc, ToyTrainConfig(iterations=max(args.iterations // 5, 10),
+                                                           batch=args.batch), progress=False)
+            print(f"{'  einsum baseline':<18} {slow.it_per_s:8.1f}   ours/baseline {res.it_per_s / slow.it_per_s:.2f}x")
         if args.profile and name == "score-matching":
             from torch.profiler import profile
             with profile() as prof:
