@@ -248,6 +248,25 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
     return result
 
 
+def run_seeds(cfg: AblateConfig, seeds, out_dir: str | None = None, progress: bool = True, log=print) -> dict:
+    """`run_ablation` once per seed (into out_dir/seed-<s>/) and a mean ± std summary in out_dir."""
+    seeds = list(seeds)
+    if len(seeds) == 1:
+        return run_ablation(replace(cfg, seed=seeds[0]), out_dir, progress, log)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds} has repeats; give distinct seeds")
+    from .report import summarize_seeds, write_metrics
+    results = []
+    for s in seeds:
+        log(f"== seed {s}")
+        sub = None if out_dir is None else os.path.join(out_dir, f"seed-{s}")
+        results.append(run_ablation(replace(cfg, seed=s), sub, progress, log))
+    summary = summarize_seeds(results)
+    if out_dir is not None:
+        write_metrics(summary, out_dir)
+    return summary
+
+
 def config_to_dict(cfg: AblateConfig) -> dict:
     d = asdict(cfg)
     d["runs"] = list(cfg.runs)

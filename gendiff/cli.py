@@ -8,28 +8,26 @@ import sys
 from dataclasses import replace
 
 
-def _positive_int(name):
+def _number(name, cast, minimum):
+    """argparse type: `cast` of the text, at least `minimum`, with an error naming the option."""
     def parse(s):
         try:
-            v = int(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer; got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1; got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if cast is int else 'a number'}; "
+                                             f"got {s!r}") from None
+        if not v >= minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}; got {v}")
         return v
     return parse
+
+
+def _positive_int(name):
+    return _number(name, int, 1)
 
 
 def _nonneg_float(name):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number; got {s!r}") from None
-        if not v >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0; got {v}")
-        return v
-    return parse
+    return _number(name, float, 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (default: %(default)s)")
     a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seeds", help="comma-separated seeds: one run each, plus a mean ± std summary")
     a.add_argument("--iterations", type=_positive_int("--iterations"))
     a.add_argument("--batch", type=_positive_int("--batch"))
     a.add_argument("--samples", type=_positive_int("--samples"))
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ablate(args) -> int:
-    from .ablate import AblateConfig, quick, run_ablation
+    from .ablate import AblateConfig, quick, run_seeds
     from .report import metrics_markdown
     cfg = AblateConfig(runs=tuple(r.strip() for r in args.runs.split(",") if r.strip()), seed=args.seed)
     if args.quick:
@@ -72,10 +71,18 @@ def _ablate(args) -> int:
                                   "guide": args.guide, "churn": args.churn}.items() if v is not None}
     cfg = replace(cfg, train=t, figures=not args.no_figures, **over)
     cfg.validate()
+    seeds = [cfg.seed]
+    if args.seeds:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds={args.seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+        if not seeds:
+            raise ValueError("--seeds is empty; give e.g. 0,1,2")
     out = args.out or os.path.join("results", "ablate-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_writable(out)
     print(f"gendiff ablate: runs {', '.join(cfg.runs)} -> {out}")
-    result = run_ablation(cfg, out, progress=not args.no_progress)
+    result = run_seeds(cfg, seeds, out, progress=not args.no_progress)
     print(metrics_markdown(result))
     print(f"total {result['timings']['total_s']:.1f} s; results in {out}")
     return 0

@@ -32,9 +32,22 @@ def metrics_rows(result: dict):
         rows.append((f"*{name}* (reference)", "–", ref))
     for name, per in result["runs"].items():
         for label, m in per.items():
-            t = result.get("timings", {}).get("runs", {}).get(name, {})
+            t = result.get("timings", {}).get("runs", {}).get(name, {})  # absent in seed summaries
             rows.append((name, label, {**m, "sample_s": t.get(f"sample_s_{label}")}))
     return rows
+
+
+def _center(v):
+    """A cell's value to rank by: the number, or the mean of a multi-seed {"mean", "std"} summary."""
+    return v["mean"] if isinstance(v, dict) else v
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, dict):
+        return f"{_fmt(v['mean'])} ± {_fmt(v['std'])}"
+    return f"{v:d}" if isinstance(v, int) else _fmt(v)
 
 
 def metrics_markdown(result: dict) -> str:
@@ -42,7 +55,7 @@ def metrics_markdown(result: dict) -> str:
     cols = [c for c in COLUMNS if any(_get(m, c[0]) is not None for _, _, m in rows)]
     best = {}
     for key, _, better in cols:
-        vals = [_get(m, key) for name, _, m in rows if not name.endswith("(reference)")]
+        vals = [_center(_get(m, key)) for name, _, m in rows if not name.endswith("(reference)")]
         vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
         if vals and better:
             best[key] = {"min": min, "max": max, "zero": lambda v: min(v, key=abs)}[better](vals)
@@ -52,12 +65,36 @@ def metrics_markdown(result: dict) -> str:
         cells = []
         for key, _, _ in cols:
             v = _get(m, key)
-            s = "–" if v is None else (f"{v:d}" if isinstance(v, int) else _fmt(v))
-            if v is not None and key in best and v == best[key] and not name.endswith("(reference)"):
+            s = _cell(v)
+            if v is not None and key in best and _center(v) == best[key] and not name.endswith("(reference)"):
                 s = f"**{s}**"
             cells.append(s)
         lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summarize_seeds(results: list) -> dict:
+    """Per metric mean ± sample std over seeds; same layout as one seed's result, numbers become
+    {"mean", "std", "values"}."""
+    def merge(items):
+        first = items[0]
+        if isinstance(first, dict):
+            return {k: merge([it[k] for it in items]) for k in first if all(k in it for it in items)}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            t = torch.tensor([float(v) for v in items], dtype=torch.float64)
+            std = float(t.std()) if len(t) > 1 else 0.0
+            return {"mean": float(t.mean()), "std": std, "values": [float(v) for v in items]}
+        return first
+    out = {k: merge([r[k] for r in results]) for k in ("runs", "reference")}
+    for part in out.values():  # NFE is a count, the same for every seed
+        for per in part.values():
+            for m in (per.values() if "sample_nll" not in per else [per]):
+                if isinstance(m.get("nfe"), dict):
+                    m["nfe"] = int(m["nfe"]["mean"])
+    out["config"] = {**results[0]["config"], "seed": [r["config"]["seed"] for r in results]}
+    out["timings"] = {"total_s": sum(r["timings"]["total_s"] for r in results),
+                      "seeds": [r["timings"] for r in results]}
+    return out
 
 
 def _fmt(v: float) -> str:
@@ -66,12 +103,19 @@ def _fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+def _seeds_text(seed) -> str:
+    if isinstance(seed, list):
+        return f"mean ± std over seeds {', '.join(map(str, seed))} (per seed: seed-*/)"
+    return f"seed {seed}"
+
+
 def write_metrics(result: dict, out_dir: str) -> None:
     from .ablate import save_json
     save_json(result, os.path.join(out_dir, "metrics.json"))
     cfg = result["config"]
     head = (f"# gendiff ablate: 2-D tree, class {cfg['classes']}\n\n"
-            f"{cfg['train']['iterations']} iterations × batch {cfg['train']['batch']}, seed {cfg['seed']}, "
+            f"{cfg['train']['iterations']} iterations × batch {cfg['train']['batch']}, "
+            f"{_seeds_text(cfg['seed'])}, "
             f"{cfg['samples']} samples, Heun {cfg['steps']} steps, autoguidance w = {cfg['guidance']} "
             f"(guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the ground-truth row is a second "
             f"independent ground-truth set; exact-denoiser samples with the true posterior mean.\n\n")

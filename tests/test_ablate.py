@@ -135,3 +135,19 @@ def test_alternative_guides(guide):
     assert res["runs"]["edm"]["unguided"] == base["runs"]["edm"]["unguided"]
     assert res["runs"]["edm"]["autoguided"] != base["runs"]["edm"]["autoguided"]
     assert res["timings"]["runs"]["edm"]["guide_train_s"] > 0
+
+
+def test_several_seeds_give_mean_and_std(tmp_path):
+    from gendiff.ablate import run_seeds
+    from gendiff.report import metrics_markdown
+    cfg = tiny(runs=("edm",))
+    res = run_seeds(cfg, [0, 1], str(tmp_path), progress=False, log=lambda *_: None)
+    one = [json.loads((tmp_path / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    v = res["runs"]["edm"]["unguided"]["sample_nll"]
+    vals = [o["runs"]["edm"]["unguided"]["sample_nll"] for o in one]
+    assert v["values"] == vals and v["mean"] == pytest.approx(sum(vals) / 2)
+    assert v["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
+    assert res["runs"]["edm"]["unguided"]["nfe"] == one[0]["runs"]["edm"]["unguided"]["nfe"]
+    assert " ± " in metrics_markdown(res) and (tmp_path / "metrics.md").exists()
+    with pytest.raises(ValueError, match="repeats"):
+        run_seeds(cfg, [1, 1], None, progress=False)
