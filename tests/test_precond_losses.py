@@ -542,3 +542,26 @@ def test_bad_configuration():
         with_score_mode(Denoiser(FOnly()), "phi")
     with pytest.raises(ValueError, match="score_mode='bogus'"):
         with_score_mode(Denoiser(FOnly()), "bogus")
+
+
+# ---- property-based: T7 ≡ T9 for any σ, σ_d and outputs ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_f = st.floats(-5, 5, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(log_sigma=st.floats(-4 * 2.302585, 4 * 2.302585), sigma_data=st.floats(0.1, 2.0),
+       x0=_f, eps=_f, F=_f, G=st.floats(-8, 8))
+def test_T9_is_T7_for_any_inputs(log_sigma, sigma_data, x0, eps, F, G):
+    t = lambda v: torch.tensor(v, dtype=F64)  # noqa: E731
+    sigma = t(log_sigma).exp()
+    sc = edm_scalings(sigma, sigma_data)
+    assert torch.isclose(sc.c_var.square(), sigma.square() + sc.c_out.square(), rtol=1e-12)   # T5
+    xn = t(x0) + sigma * t(eps)
+    mu, sigma_phi = sc.c_skip * xn + sc.c_out * t(F), sc.c_var * torch.exp(t(G) / 2)          # T6
+    direct = nll_direct(mu, sigma_phi, t(x0), sigma)                                          # T7
+    stable = nll_stable(t(F), t(G), f_target(t(x0), xn, sc), sc)                              # T9
+    assert abs(float(direct - stable)) <= 1e-9 * max(1.0, abs(float(direct)))
