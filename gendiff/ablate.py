@@ -184,11 +184,12 @@ class Evaluator:
             # exact optimum of the run's mode: point T8 (σ² + Cov[x0 | x̃]); source T12 (σ²I + E[Σ_k] + Cov[m_k])
             post = (self.gt.source_posterior if spec.mode == "source" else self.gt.posterior)(self.x_noisy, self.sigma)
             if spec.head == "full":
-                learned, exact = pred.covariance(), post.cov + s2[:, None, None] * torch.eye(2, dtype=s2.dtype)
+                floor = s2[:, None, None] * torch.eye(2, dtype=s2.dtype)
+                learned, excess = pred.covariance(), post.cov
             else:
-                learned = pred.sigma_phi.square()
-                exact = s2[:, None] + torch.diagonal(post.cov, dim1=-2, dim2=-1)
-        return calibration(learned, exact)
+                floor = s2[:, None].expand(-1, 2)
+                learned, excess = pred.sigma_phi.square(), torch.diagonal(post.cov, dim1=-2, dim2=-1)
+        return calibration(learned, floor + excess, floor)
 
     def reference(self) -> dict:
         g = torch.Generator().manual_seed(self.cfg.seed + 303)

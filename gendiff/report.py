@@ -11,8 +11,10 @@ COLUMNS = [  # key, header, better ("min", "max", "zero" for closest to 0, None:
     ("outlier_rate", "outliers ↓", "min"),
     ("mmd", "MMD² ↓", "zero"),
     ("score_error", "score error ↓", "min"),
-    ("calibration.spearman", "calib. Spearman ↑", "max"),
-    ("calibration.median_rel_error", "calib. median rel. err ↓", "min"),
+    ("calibration.spearman", "σ_φ² Spearman ↑", "max"),
+    ("calibration.median_rel_error", "σ_φ² med. rel. err ↓", "min"),
+    ("calibration.spearman_excess", "excess Spearman ↑", "max"),
+    ("calibration.median_rel_error_excess", "excess med. rel. err ↓", "min"),
     ("nfe", "NFE", None),
     ("sample_s", "sampling s", None),
 ]

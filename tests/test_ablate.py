@@ -37,7 +37,8 @@ def test_quick_ablate_writes_everything(quick_out):
             assert {"sample_nll", "outlier_rate", "mmd", "score_error", "nfe"} <= set(v)
             assert all(isinstance(v[k], (int, float)) for k in ("sample_nll", "mmd", "score_error"))
     for r in ("confidence", "confidence-full", "confidence-full-phi-score"):
-        assert {"spearman", "median_rel_error"} == set(m["runs"][r]["unguided"]["calibration"])
+        cal = m["runs"][r]["unguided"]["calibration"]
+        assert {"spearman", "median_rel_error", "spearman_excess", "median_rel_error_excess"} == set(cal)
     assert m["config"]["train"]["iterations"] == 256
     md = (quick_out / "metrics.md").read_text()
     assert md.count("| edm |") == 2 and "**" in md

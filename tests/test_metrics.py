@@ -1,0 +1,72 @@
+"""Toy metrics against closed forms (THEORY §10)."""
+import math
+
+import pytest
+import torch
+
+from gendiff.data.toy import GaussianMixture, tree
+from gendiff.metrics import calibration, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
+
+F64 = torch.float64
+
+
+def gaussian(s=0.3):
+    return GaussianMixture([1.0], [[0.1, -0.2]], [[[s * s, 0.0], [0.0, s * s]]])
+
+
+def test_sample_nll_of_ground_truth_is_the_entropy():
+    """E[−log p(x)] over x ~ p is the entropy: d/2·log(2πe·s²) for N(m, s²I)."""
+    s, n = 0.3, 200_000
+    g = gaussian(s)
+    x, _ = g.sample(n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    entropy = math.log(2 * math.pi * math.e * s * s)  # d = 2
+    assert sample_nll(x, g) == pytest.approx(entropy, abs=4 * math.sqrt(1.0 / n))  # Var[−log p] = d/2 = 1
+
+
+def test_outlier_rate_of_ground_truth_is_one_percent():
+    gt = tree("A")
+    thr = outlier_threshold(gt, n=1 << 15, seed=1)
+    x, _ = gt.sample(1 << 15, generator=torch.Generator().manual_seed(2), dtype=F64)
+    rate = outlier_rate(x, gt, thr)
+    assert abs(rate - 0.01) < 4 * math.sqrt(0.01 * 0.99 / (1 << 15)) * math.sqrt(2)
+    far = torch.full((10, 2), 5.0, dtype=F64)
+    assert outlier_rate(far, gt, thr) == 1.0
+
+
+def test_mmd_null_and_alternative():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2000, 2, generator=g, dtype=F64) * 0.3, torch.randn(2000, 2, generator=g, dtype=F64) * 0.3
+    null = mmd(a, b)
+    assert abs(null) < 2e-3
+    assert mmd(a + 0.1, b) > 20 * abs(null) + 1e-3
+    assert mmd(a * 0.7, b) > 5 * abs(null)                # lost spread (collapse) is caught too
+
+
+def test_score_error_is_sigma2_weighted_mse():
+    s = torch.tensor([0.1, 2.0], dtype=F64)
+    exact = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    model = exact + torch.tensor([[1.0, 0.0], [0.0, 0.5]], dtype=F64)
+    assert score_error(exact, exact, s) == 0
+    assert score_error(model, exact, s) == pytest.approx((0.01 * 1.0 + 4.0 * 0.25) / 2)
+
+
+def test_calibration_total_and_excess():
+    g = torch.Generator().manual_seed(0)
+    floor = torch.rand(500, 2, generator=g, dtype=F64).mul(8).sub(6).exp()   # σ² over decades
+    excess = torch.rand(500, 2, generator=g, dtype=F64) * 1e-3
+    exact = floor + excess
+    perfect = calibration(exact, exact, floor)
+    assert perfect["spearman"] == pytest.approx(1) and perfect["median_rel_error"] == 0
+    assert perfect["spearman_excess"] == pytest.approx(1) and perfect["median_rel_error_excess"] == 0
+    # a model that learned the floor but no excess: totals still look fine, the excess exposes it
+    blind = calibration(floor + 5e-4, exact, floor)
+    assert blind["spearman"] > 0.99
+    assert abs(blind["spearman_excess"]) < 0.2 or math.isnan(blind["spearman_excess"])
+    double = calibration(floor + 2 * excess, exact, floor)
+    assert double["median_rel_error_excess"] == pytest.approx(1.0)
+    # full covariances: traces and Frobenius norms
+    eye = torch.eye(2, dtype=F64)
+    cov_floor = floor[:, :1, None] * eye
+    cov_exact = cov_floor + excess[:, :1, None] * eye
+    full = calibration(cov_floor + 2 * (cov_exact - cov_floor), cov_exact, cov_floor)
+    assert full["median_rel_error_excess"] == pytest.approx(1.0) and full["spearman_excess"] == pytest.approx(1)
