@@ -101,15 +101,15 @@ def _check_writable(out: str) -> None:
 
 
 def main(argv=None) -> int:
-    from .runtime import configure
+    from .runtime import configured
     args = build_parser().parse_args(argv)
-    configure(getattr(args, "threads", None))
-    try:
-        if args.command == "ablate":
-            return _ablate(args)
-    except ValueError as e:
-        print(f"gendiff: error: {e}", file=sys.stderr)
-        return 2
+    with configured(getattr(args, "threads", None)):
+        try:
+            if args.command == "ablate":
+                return _ablate(args)
+        except ValueError as e:
+            print(f"gendiff: error: {e}", file=sys.stderr)
+            return 2
     return 1
 
 

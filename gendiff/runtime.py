@@ -7,6 +7,7 @@ multiply ~100× slower unless flushed to zero.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 
@@ -25,3 +26,23 @@ def configure(threads: int | None = None) -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+@contextlib.contextmanager
+def configured(threads: int | None = None):
+    """`configure()` for the duration of a block, then restore torch's thread count and denormal mode
+    (so that calling the CLI in-process, as the tests do, leaves no global state behind)."""
+    prev_threads = torch.get_num_threads()
+    prev_flush = _flush_state()
+    configure(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.set_flush_denormal(prev_flush)
+
+
+def _flush_state() -> bool:
+    """Whether denormals are currently flushed to zero (torch has no getter: test with a tiny float)."""
+    tiny = torch.tensor(1e-40, dtype=torch.float32)
+    return bool(tiny * 1 == 0)
