@@ -64,7 +64,7 @@ def _ablate(args) -> int:
     t = cfg.train
     if args.iterations:
         t = replace(t, iterations=args.iterations)
-        cfg = replace(cfg, guide_iter=max(1, min(cfg.guide_iter, args.iterations // 4 or 1)))
+        cfg = replace(cfg, guide_iter=max(1, args.iterations // 4))  # T34: the same run at 1/4 of training
     if args.batch:
         t = replace(t, batch=args.batch)
     over = {k: v for k, v in {"samples": args.samples, "steps": args.steps, "guidance": args.guidance,
