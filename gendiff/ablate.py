@@ -5,7 +5,6 @@ Heun sampler, and scores every sample set against the exact mixture (metrics.py)
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -14,13 +13,14 @@ import torch
 
 from . import losses
 from .checks import check_choice, check_positive
-from .data.toy import GaussianMixture, tree
+from .data.toy import TREE_CLASSES, GaussianMixture, tree
 from .guidance import Guided
-from .metrics import _kernel_sum, calibration, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
+from .io import derive_seed, generator, save_json
+from .metrics import calibration, kernel_sum, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
 from .nets.mlp import ToyMLP
 from .precond import Denoiser
 from .samplers import edm_sigmas, heun_nfe, sample_heun
-from .scores import with_score_mode
+from .scores import tweedie_score, with_score_mode
 from .train import BatchSource, ToyTrainConfig, lognormal_sigma, train
 
 
@@ -71,18 +71,25 @@ class AblateConfig:
     figures: bool = True
 
     def validate(self):
+        """Every option checked before any training starts."""
         if not self.runs:
             raise ValueError("runs is empty; choose from " + ", ".join(RUNS))
         for r in self.runs:
             check_choice("run", r, RUNS)
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError(f"runs={list(self.runs)} names a run twice")
         check_choice("guide", self.guide, GUIDES)
-        check_choice("classes", self.classes, ("A", "B", "AB"))
-        for name in ("samples", "eval_points", "steps", "guide_width", "guide_small_iter"):
+        check_choice("classes", self.classes, TREE_CLASSES)
+        derive_seed(self.seed, "check")
+        for name in ("samples", "eval_points"):
             check_positive(name, getattr(self, name), integer=True)
-        if not isinstance(self.guidance, (int, float)) or self.guidance < 0:
-            raise ValueError(f"guidance={self.guidance!r} must be >= 0 (1 = unguided)")
-        if self.churn < 0:
-            raise ValueError(f"churn={self.churn} must be >= 0")
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 2 (MMD², quantiles)")
+        for name in ("steps", "guide_width", "guide_small_iter", "guide_iter"):
+            check_positive(name, getattr(self, name), integer=True)
+        check_positive("guidance", self.guidance, allow_zero=True)
+        check_positive("churn", self.churn, allow_zero=True)
+        edm_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho)
         self.train.validate()
         if self.guide == "snapshot" and not 0 < self.guide_iter <= self.train.iterations:
             raise ValueError(f"guide_iter={self.guide_iter} must be in [1, iterations={self.train.iterations}]")
@@ -102,8 +109,9 @@ def make_denoiser(spec: RunSpec, cfg: AblateConfig, width: int | None = None) ->
 
 
 def _train_model(name, spec, cfg, classes, seed, out_dir, progress, width=None, iterations=None):
-    torch.manual_seed(seed)
-    model = make_denoiser(spec, cfg, width)
+    with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(derive_seed(seed, "init"))
+        model = make_denoiser(spec, cfg, width)
     tcfg = replace(cfg.train, width=width or cfg.train.width, iterations=iterations or cfg.train.iterations)
     source = BatchSource(tree(classes), spec.mode, need_score=spec.loss == "score-matching")
     keep = (cfg.guide_iter,) if cfg.guide == "snapshot" else ()
@@ -119,7 +127,7 @@ def _guide_for(name, spec, cfg, res, seed, out_dir, progress):
         g.load_state_dict(res.snapshots[cfg.guide_iter])
         return g.eval().requires_grad_(False), 0.0
     classes = "AB" if cfg.guide == "cfg" else cfg.classes
-    gres = _train_model(f"{name}-guide", spec, cfg, classes, seed + 7919, out_dir, progress,
+    gres = _train_model(f"{name}-guide", spec, cfg, classes, derive_seed(seed, "guide"), out_dir, progress,
                         width=cfg.guide_width, iterations=cfg.guide_small_iter)
     return gres.ema, gres.seconds
 
@@ -141,7 +149,7 @@ def sample(denoiser, cfg: AblateConfig, x_init: torch.Tensor, trace: int = 0):
     sigmas = edm_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     traj = [x_init[:trace].clone()]
     t0 = time.perf_counter()
-    out = sample_heun(denoiser, x_init, sigmas, churn=cfg.churn, generator=torch.Generator().manual_seed(cfg.seed + 3),
+    out = sample_heun(denoiser, x_init, sigmas, churn=cfg.churn, generator=generator(cfg.seed, "churn"),
                       callback=(lambda i, x, s, d: traj.append(x[:trace].clone())) if trace else None)
     return out, time.perf_counter() - t0, torch.stack(traj)
 
@@ -151,11 +159,12 @@ class Evaluator:
 
     def __init__(self, cfg: AblateConfig):
         self.cfg, self.gt = cfg, tree(cfg.classes)
-        g = torch.Generator().manual_seed(cfg.seed + 101)
-        self.x_init, _ = self.gt.sample(cfg.samples, cfg.sigma_max, generator=g)  # exact p(x; σ_max)
-        self.ref, _ = self.gt.sample(cfg.samples, generator=g, dtype=torch.float64)
-        self.ref_self = _kernel_sum(self.ref, self.ref, True)
-        self.threshold = outlier_threshold(self.gt, seed=cfg.seed + 202)
+        # one generator per purpose: changing --samples leaves the held-out points unchanged
+        self.x_init, _ = self.gt.sample(cfg.samples, cfg.sigma_max, generator=generator(cfg.seed, "x_init"))
+        self.ref, _ = self.gt.sample(cfg.samples, generator=generator(cfg.seed, "reference"), dtype=torch.float64)
+        self.ref_self = kernel_sum(self.ref, self.ref, True)
+        self.threshold = outlier_threshold(self.gt, seed=derive_seed(cfg.seed, "outlier-threshold"))
+        g = generator(cfg.seed, "held-out")
         x0, _ = self.gt.sample(cfg.eval_points, generator=g, dtype=torch.float64)
         self.sigma = lognormal_sigma(cfg.eval_points, cfg.train.p_mean, cfg.train.p_std, g).double()
         self.x_noisy = x0 + self.sigma[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
@@ -173,8 +182,7 @@ class Evaluator:
         with torch.no_grad():
             mu = torch.cat([denoiser(xc, sc[:, None]) for xc, sc in
                             zip(x.split(4096), self.sigma.float().split(4096))])
-        s = self.sigma[:, None]
-        return score_error((mu.double() - self.x_noisy) / s.square(), self.exact_score, self.sigma)
+        return score_error(tweedie_score(mu.double(), self.x_noisy, self.sigma[:, None]), self.exact_score, self.sigma)
 
     def calibration(self, model: Denoiser, spec: RunSpec) -> dict:
         x, sig = self.x_noisy.float(), self.sigma.float()
@@ -192,8 +200,8 @@ class Evaluator:
         return calibration(learned, floor + excess, floor)
 
     def reference(self) -> dict:
-        g = torch.Generator().manual_seed(self.cfg.seed + 303)
-        other, _ = self.gt.sample(self.cfg.samples, generator=g, dtype=torch.float64)
+        other, _ = self.gt.sample(self.cfg.samples, generator=generator(self.cfg.seed, "second-reference"),
+                                  dtype=torch.float64)
         exact, _secs, _ = sample(ExactDenoiser(self.gt), self.cfg, self.x_init.double())
         return {
             "ground-truth": {**self.sample_metrics(other), "score_error": 0.0, "nfe": 0},
@@ -230,7 +238,7 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
             x, secs, traj = sample(den, cfg, ev.x_init, trace=len(ev.x_init))
             m = ev.sample_metrics(x)
             m["score_error"] = ev.score_error(den)
-            m["nfe"] = heun_nfe(cfg.steps) * (1 if label == "unguided" or cfg.guidance == 1 else 2)
+            m["nfe"] = heun_nfe(cfg.steps) * (1 if label == "unguided" or cfg.guidance in (0, 1) else 2)
             if label == "unguided" and spec.head != "none":
                 m["calibration"] = ev.calibration(model, spec)
             runs[name][label] = m
@@ -273,10 +281,3 @@ def config_to_dict(cfg: AblateConfig) -> dict:
     d["runs"] = list(cfg.runs)
     d["train"]["betas"] = list(cfg.train.betas)
     return d
-
-
-def save_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)

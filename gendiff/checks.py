@@ -1,6 +1,8 @@
 """Input validation helpers: clear ValueErrors naming the option, the value and what is allowed."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -33,8 +35,11 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
+    """value > 0 (or >= 0), finite, a real number (an int if `integer`); else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ValueError(f"{name}={value!r} must be {'an integer' if integer else 'a finite number'}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be finite")
     ok = value >= 0 if allow_zero else value > 0
-    if integer and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ValueError(f"{name}={value!r} must be an integer")
     if not ok:
         raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")

@@ -6,14 +6,16 @@ main model, w = 0 the guide. In score space this is the same thing (T13 is linea
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 class Guided(torch.nn.Module):
     def __init__(self, main, guide, w: float):
         super().__init__()
-        if not (isinstance(w, (int, float)) and w >= 0):
-            raise ValueError(f"guidance weight w={w!r} must be a number >= 0 (1 = no guidance)")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"guidance weight w={w!r} must be a finite number >= 0 (1 = no guidance)")
         self.main, self.guide, self.w = main, guide, float(w)
 
     def forward(self, x, sigma):
@@ -24,6 +26,3 @@ class Guided(torch.nn.Module):
             return d_guide
         return torch.lerp(d_guide, self.main(x, sigma), self.w)
 
-
-def guided(main, guide, w: float) -> Guided:
-    return Guided(main, guide, w)

@@ -89,6 +89,11 @@ class ConfidenceNLL:
     """
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
+        if denoiser.head == "full":
+            raise ValueError("ConfidenceNLL is the diagonal loss (T9); a head='full' denoiser needs FullCovarianceNLL")
+        if batch.source_cov is not None:
+            raise ValueError("ConfidenceNLL ignores source_cov; fold a diagonal source into sigma (T3) "
+                             "or use FullCovarianceNLL (T12)")
         p = denoiser.predict(batch.x_noisy, batch.sigma)
         return _sum_elements(nll_stable(p.F, p.G, f_target(batch.x0, batch.x_noisy, p.scalings), p.scalings))
 

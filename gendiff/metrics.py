@@ -23,11 +23,12 @@ def outlier_threshold(gt: GaussianMixture, n: int = 1 << 16, q: float = 0.01, se
 
 
 def outlier_rate(samples: torch.Tensor, gt: GaussianMixture, threshold: float) -> float:
-    """Fraction of samples whose log p_GT falls below `threshold` (see `outlier_threshold`)."""
-    return float((gt.logp(samples.double(), 0.0) < threshold).double().mean())
+    """Fraction of samples whose log p_GT falls below `threshold` (see `outlier_threshold`);
+    non-finite samples count as outliers."""
+    return float((~(gt.logp(samples.double(), 0.0) >= threshold)).double().mean())
 
 
-def _kernel_sum(a: torch.Tensor, b: torch.Tensor, same: bool, chunk: int = 2048) -> float:
+def kernel_sum(a: torch.Tensor, b: torch.Tensor, same: bool, chunk: int = 2048) -> float:
     """Σ_{i≠j if same} Σ_bandwidths exp(−‖a_i − b_j‖²/(2h²))."""
     total = 0.0
     for i in range(0, len(a), chunk):
@@ -44,13 +45,15 @@ def _kernel_sum(a: torch.Tensor, b: torch.Tensor, same: bool, chunk: int = 2048)
 def mmd(x: torch.Tensor, y: torch.Tensor, y_self: float | None = None) -> float:
     """Unbiased kernel MMD² between samples x and y, summed over RBF bandwidths 0.32·2^(−j/2), j < 9.
 
-    y_self: a cached `_kernel_sum(y, y, True)` (the reference set is the same for every run).
+    y_self: a cached `kernel_sum(y, y, True)` (the reference set is the same for every run).
     """
     x, y = x.double(), y.double()
     n, m = len(x), len(y)
-    kyy = _kernel_sum(y, y, True) if y_self is None else y_self
-    return (_kernel_sum(x, x, True) / (n * (n - 1)) + kyy / (m * (m - 1))
-            - 2 * _kernel_sum(x, y, False) / (n * m))
+    if n < 2 or m < 2:
+        raise ValueError(f"mmd needs at least 2 samples per set; got {n} and {m}")
+    kyy = kernel_sum(y, y, True) if y_self is None else y_self
+    return (kernel_sum(x, x, True) / (n * (n - 1)) + kyy / (m * (m - 1))
+            - 2 * kernel_sum(x, y, False) / (n * m))
 
 
 def score_error(model_score: torch.Tensor, exact_score: torch.Tensor, sigma: torch.Tensor) -> float:

@@ -86,17 +86,26 @@ class Prediction:
         G = torch.zeros_like(self.mu) if self.G is None else self.G
         return torch.diag_embed(torch.exp(-G / 2))
 
+    def _example_c_var(self) -> torch.Tensor:
+        """c_var as [N, 1, 1]: a full factor needs one σ per example (T12)."""
+        c_var = torch.broadcast_to(self.scalings.c_var, self.mu.shape)
+        if not torch.equal(c_var, c_var[..., :1].expand_as(c_var)):
+            raise ValueError("a full covariance head needs one σ per example; got a σ that differs within one")
+        return c_var[..., :1, None]
+
     def precision(self) -> torch.Tensor:
-        """Σ_φ⁻¹, [N, d, d], for points x: [N, d]."""
+        """Σ_φ⁻¹, [N, d, d], for points x: [N, d]; diagonal heads give diag(1/σ_φ²) (σ may be per element)."""
+        if self.head != "full":
+            return torch.diag_embed(self.sigma_phi.square().reciprocal())
         S = self.factor()
-        c_var = torch.broadcast_to(self.scalings.c_var, self.mu.shape)[..., :1, None]
-        return S @ S.transpose(-1, -2) / c_var.square()
+        return S @ S.transpose(-1, -2) / self._example_c_var().square()
 
     def covariance(self) -> torch.Tensor:
-        """Σ_φ = c_var²·(S·Sᵀ)⁻¹, [N, d, d]."""
+        """Σ_φ = c_var²·(S·Sᵀ)⁻¹, [N, d, d]; diagonal heads give diag(σ_φ²)."""
+        if self.head != "full":
+            return torch.diag_embed(self.sigma_phi.square())
         S_inv = torch.linalg.solve_triangular(self.factor(), _eye_like(self.mu), upper=False)
-        c_var = torch.broadcast_to(self.scalings.c_var, self.mu.shape)[..., :1, None]
-        return c_var.square() * S_inv.transpose(-1, -2) @ S_inv
+        return self._example_c_var().square() * S_inv.transpose(-1, -2) @ S_inv
 
 
 def _eye_like(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +137,11 @@ class Denoiser(nn.Module):
             raise ValueError(f"head={self.head!r} needs a backbone returning (F, G); it returned F only")
         if F.shape != x.shape:
             raise ValueError(f"backbone output F has shape {tuple(F.shape)}, expected x's {tuple(x.shape)}")
+        if G is not None:
+            want = x.shape if self.head == "diag" else (*x.shape[:-1], x.shape[-1] * (x.shape[-1] + 1) // 2)
+            if G.shape != want:
+                raise ValueError(f"head={self.head!r}: backbone output G has shape {tuple(G.shape)}, "
+                                 f"expected {tuple(want)}")
         mu = sc.c_skip * x + sc.c_out * F
         return Prediction(x=x, mu=mu, F=F, G=G, scalings=sc, head=self.head)
 

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .io import save_figure, save_json, save_text
+
 COLUMNS = [  # key, header, better ("min", "max", "zero" for closest to 0, None: no bold)
     ("sample_nll", "sample NLL ↓", "min"),
     ("outlier_rate", "outliers ↓", "min"),
@@ -112,7 +114,6 @@ def _seeds_text(seed) -> str:
 
 
 def write_metrics(result: dict, out_dir: str) -> None:
-    from .ablate import save_json
     save_json(result, os.path.join(out_dir, "metrics.json"))
     cfg = result["config"]
     head = (f"# gendiff ablate: 2-D tree, class {cfg['classes']}\n\n"
@@ -121,10 +122,7 @@ def write_metrics(result: dict, out_dir: str) -> None:
             f"{cfg['samples']} samples, Heun {cfg['steps']} steps, autoguidance w = {cfg['guidance']} "
             f"(guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the ground-truth row is a second "
             f"independent ground-truth set; exact-denoiser samples with the true posterior mean.\n\n")
-    tmp = os.path.join(out_dir, "metrics.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(head + metrics_markdown(result))
-    os.replace(tmp, os.path.join(out_dir, "metrics.md"))
+    save_text(head + metrics_markdown(result), os.path.join(out_dir, "metrics.md"))
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def write_figures(cfg, ev, models, figs, out_dir) -> None:
         for ax in axes:
             _finish(ax)
         fig.suptitle(name)
-        fig.savefig(os.path.join(fig_dir, f"{name}.png"), dpi=110)
+        save_figure(fig, os.path.join(fig_dir, f"{name}.png"), dpi=110)
         plt.close(fig)
     names = list(figs)
     fig, axes = plt.subplots(2, len(names) + 1, figsize=(3 * (len(names) + 1), 6.2), squeeze=False)
@@ -230,5 +228,5 @@ def write_figures(cfg, ev, models, figs, out_dir) -> None:
     for ax in axes.flat:
         _finish(ax)
     fig.tight_layout()
-    fig.savefig(os.path.join(fig_dir, "comparison.png"), dpi=110)
+    save_figure(fig, os.path.join(fig_dir, "comparison.png"), dpi=110)
     plt.close(fig)

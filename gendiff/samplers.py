@@ -25,7 +25,16 @@ def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0
     return torch.cat([s, s.new_zeros(1)])
 
 
-def _churn(x, sigma, sigma_next, steps, churn, s_tmin, s_tmax, s_noise, generator):
+def _check_grid(sigmas) -> list:
+    s = [float(v) for v in sigmas]
+    if len(s) < 2 or s[-1] != 0 or not all(math.isfinite(v) and v > 0 for v in s[:-1]) \
+            or any(a <= b for a, b in zip(s, s[1:])):
+        raise ValueError("sigmas must be a strictly decreasing grid of finite σ > 0 ending in a single 0 "
+                         f"(e.g. edm_sigmas()); got {s[:3]}…{s[-2:]}")
+    return s
+
+
+def _churn(x, sigma, steps, churn, s_tmin, s_tmax, s_noise, generator):
     """EDM Algorithm 2 lines 4–6: raise σ to σ̂ = σ(1 + γ) and add the matching fresh noise."""
     gamma = min(churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
     if gamma <= 0:
@@ -43,13 +52,13 @@ def sample_heun(denoiser, x, sigmas, *, churn: float = 0.0, s_tmin: float = 0.0,
 
     callback(i, x, sigma, denoised) is called after every step with the new x.
     """
-    if churn < 0:
-        raise ValueError(f"churn={churn} must be >= 0")
-    sigmas = [float(s) for s in sigmas]
+    check_positive("churn", churn, allow_zero=True)
+    check_positive("s_noise", s_noise, allow_zero=True)
+    sigmas = _check_grid(sigmas)
     steps = len(sigmas) - 1
     for i in range(steps):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
-        x, s_hat = _churn(x, s_cur, s_next, steps, churn, s_tmin, s_tmax, s_noise, generator)
+        x, s_hat = _churn(x, s_cur, steps, churn, s_tmin, s_tmax, s_noise, generator)
         denoised = denoiser(x, s_hat)
         d = (x - denoised) / s_hat
         x_next = x + (s_next - s_hat) * d
@@ -65,5 +74,3 @@ def sample_heun(denoiser, x, sigmas, *, churn: float = 0.0, s_tmin: float = 0.0,
 def heun_nfe(steps: int, second_order: bool = True) -> int:
     return 2 * steps - 1 if second_order else steps
 
-
-SAMPLERS = {"heun": sample_heun}

@@ -9,14 +9,14 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from .checks import check_choice, check_positive
 from .data.toy import GaussianMixture
+from .io import generator, save_state
 from .losses import NoisyBatch
 
 MODES = ("point", "source")
@@ -103,7 +103,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     when it builds the model) and data a dedicated generator seeded from `seed`.
     """
     cfg.validate()
-    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    gen = generator(seed, "train-data")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     result = TrainResult(ema=ema)
@@ -118,7 +118,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
         batch = source.draw(cfg.batch, sigma, gen)
         loss = loss_fn(denoiser, batch).mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at iteration {i}; lower --lr")
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at iteration {i}; lower the learning rate (--lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -141,22 +141,6 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     return result
 
 
-def save_state(state: dict, path: str, metadata: dict | None = None) -> None:
-    """Write a state dict as safetensors atomically (never a half-written file)."""
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def load_state(path: str) -> dict:
-    """Load a safetensors state dict (no pickle)."""
-    return load_file(path)
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=0.5)
-
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)

@@ -83,7 +83,8 @@ class GaussianMixture:
         s2 = s.square()
         var = p["L"] + (s2 if s.ndim == 0 else s2.view(-1, 1, 1))                     # Λ + σ²: [(n,) d, K]
         z = u / var
-        logdet = var.log().sum(-2) if s.ndim == 0 else var.prod(-2).log()
+        # one log of the product is cheaper; it cannot underflow for d = 2 (Λ + σ² ≥ 1e-12 here)
+        logdet = var.prod(-2).log() if s.ndim and self.dim == 2 else var.log().sum(-2)
         logits = (u * z).sum(-2).add_(logdet).mul_(-0.5).add_(p["logw_c"])
         return logits, z
 
@@ -310,7 +311,3 @@ class Checkerboard:
         dark = (ij[:, 0] - ij[:, 1]) % 2 == 0
         return torch.where(inside & dark, torch.full_like(x[:, 0], -math.log(8.0)),
                            torch.full_like(x[:, 0], -math.inf))
-
-
-TOYS = {"tree": tree, "8gaussians": eight_gaussians, "moons": two_moons, "swissroll": swiss_roll,
-        "checkerboard": Checkerboard}

@@ -1,0 +1,69 @@
+"""Files: every write goes to a temporary name and is renamed into place, so no reader ever sees a
+half-written file; JSON is strict (NaN/inf become null); seeds for each purpose derive from one seed."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path next to `path`; on success rename it to `path`, else remove it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _strict(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def save_json(obj, path: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(_strict(obj), f, indent=2, allow_nan=False)
+
+
+def save_text(text: str, path: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def save_state(state: dict, path: str, metadata: dict | None = None) -> None:
+    """A state dict as safetensors (checkpoints never go through pickle)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+
+
+def save_figure(fig, path: str, **kw) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "png", **kw)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for `purpose` from a run's seed (numpy SeedSequence): no two
+    (seed, purpose) pairs collide the way `seed + offset` schemes do."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    state = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(purpose.encode()),)).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def generator(seed: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, purpose))
