@@ -16,7 +16,8 @@ from .checks import check_choice, check_positive
 from .data.toy import TREE_CLASSES, GaussianMixture, tree
 from .guidance import Guided
 from .io import derive_seed, generator, save_json
-from .metrics import calibration, kernel_sum, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
+from .metrics import (calibration, kernel_sum, mmd, outlier_rate, outlier_threshold, sample_nll, score_error,
+                      score_error_by_sigma)
 from .nets.mlp import ToyMLP
 from .precond import Denoiser
 from .samplers import edm_sigmas, heun_nfe, sample_heun
@@ -171,18 +172,26 @@ class Evaluator:
         self.exact_score = self.gt.score(self.x_noisy, self.sigma)
 
     def sample_metrics(self, samples: torch.Tensor) -> dict:
+        """Sample NLL and MMD² over the finite samples; diverged (non-finite) ones are counted apart
+        and as outliers, so one blown-up trajectory does not turn every number into NaN."""
+        finite = torch.isfinite(samples).all(1)
+        ok = samples[finite]
         return {
-            "sample_nll": sample_nll(samples, self.gt),
+            "sample_nll": sample_nll(ok, self.gt) if len(ok) else float("nan"),
             "outlier_rate": outlier_rate(samples, self.gt, self.threshold),
-            "mmd": mmd(samples, self.ref, self.ref_self),
+            "mmd": mmd(ok, self.ref, self.ref_self) if len(ok) > 1 else float("nan"),
+            "nonfinite": float((~finite).double().mean()),
         }
 
-    def score_error(self, denoiser) -> float:
+    def score_errors(self, denoiser) -> dict:
+        """σ²-weighted score error over the held-out points, overall and per σ range."""
         x = self.x_noisy.float()
         with torch.no_grad():
             mu = torch.cat([denoiser(xc, sc[:, None]) for xc, sc in
                             zip(x.split(4096), self.sigma.float().split(4096))])
-        return score_error(tweedie_score(mu.double(), self.x_noisy, self.sigma[:, None]), self.exact_score, self.sigma)
+        s = tweedie_score(mu.double(), self.x_noisy, self.sigma[:, None])
+        return {"score_error": score_error(s, self.exact_score, self.sigma),
+                "score_error_by_sigma": score_error_by_sigma(s, self.exact_score, self.sigma)}
 
     def calibration(self, model: Denoiser, spec: RunSpec) -> dict:
         x, sig = self.x_noisy.float(), self.sigma.float()
@@ -237,7 +246,7 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
         for label, den in (("unguided", main), ("autoguided", Guided(main, guide, cfg.guidance))):
             x, secs, traj = sample(den, cfg, ev.x_init, trace=len(ev.x_init))
             m = ev.sample_metrics(x)
-            m["score_error"] = ev.score_error(den)
+            m.update(ev.score_errors(den))
             m["nfe"] = heun_nfe(cfg.steps) * (1 if label == "unguided" or cfg.guidance in (0, 1) else 2)
             if label == "unguided" and spec.head != "none":
                 m["calibration"] = ev.calibration(model, spec)

@@ -1,6 +1,8 @@
 """Metrics against an exact ground truth (THEORY §10): every number computed from the mixture."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.stats import spearmanr
@@ -58,7 +60,25 @@ def mmd(x: torch.Tensor, y: torch.Tensor, y_self: float | None = None) -> float:
 
 def score_error(model_score: torch.Tensor, exact_score: torch.Tensor, sigma: torch.Tensor) -> float:
     """σ²-weighted mean squared score error: mean_i σ_i²·‖s_θ − s*‖², the weight of §10's score matching."""
-    return float((sigma.double().square().view(-1) * (model_score - exact_score).double().square().sum(1)).mean())
+    return float(_weighted_sq_error(model_score, exact_score, sigma).mean())
+
+
+SIGMA_BINS = (0.0, 0.01, 0.1, 1.0, math.inf)
+
+
+def score_error_by_sigma(model_score: torch.Tensor, exact_score: torch.Tensor, sigma: torch.Tensor,
+                         edges=SIGMA_BINS) -> dict:
+    """`score_error` per σ range "[lo, hi)": the training-density average hides where an error sits."""
+    err, s = _weighted_sq_error(model_score, exact_score, sigma), sigma.double().view(-1)
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (s >= lo) & (s < hi)
+        out[f"[{lo:g}, {hi:g})"] = float(err[m].mean()) if m.any() else None
+    return out
+
+
+def _weighted_sq_error(model_score, exact_score, sigma):
+    return sigma.double().square().view(-1) * (model_score - exact_score).double().square().sum(1)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor, rel: torch.Tensor) -> tuple:

@@ -12,6 +12,7 @@ COLUMNS = [  # key, header, better ("min", "max", "zero" for closest to 0, None:
     ("sample_nll", "sample NLL ↓", "min"),
     ("outlier_rate", "outliers ↓", "min"),
     ("mmd", "MMD² ↓", "zero"),
+    ("nonfinite", "diverged ↓", "min"),
     ("score_error", "score error ↓", "min"),
     ("calibration.spearman", "σ_φ² Spearman ↑", "max"),
     ("calibration.median_rel_error", "σ_φ² med. rel. err ↓", "min"),
@@ -56,7 +57,10 @@ def _cell(v) -> str:
 
 def metrics_markdown(result: dict) -> str:
     rows = metrics_rows(result)
-    cols = [c for c in COLUMNS if any(_get(m, c[0]) is not None for _, _, m in rows)]
+    def shown(key):  # the "diverged" column only when something diverged
+        vals = [_center(_get(m, key)) for _, _, m in rows]
+        return any(v is not None for v in vals) and (key != "nonfinite" or any(v for v in vals))
+    cols = [c for c in COLUMNS if shown(c[0])]
     best = {}
     for key, _, better in cols:
         vals = [_center(_get(m, key)) for name, _, m in rows if not name.endswith("(reference)")]
@@ -74,6 +78,18 @@ def metrics_markdown(result: dict) -> str:
                 s = f"**{s}**"
             cells.append(s)
         lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def score_bins_markdown(result: dict) -> str:
+    """σ²-weighted score error per σ range, one row per run and guidance."""
+    rows = [(n, g, m["score_error_by_sigma"]) for n, per in result["runs"].items() for g, m in per.items()
+            if isinstance(m.get("score_error_by_sigma"), dict)]
+    if not rows:
+        return ""
+    bins = list(rows[0][2])
+    lines = ["| run | guidance | " + " | ".join(f"σ ∈ {b}" for b in bins) + " |", "|---|---|" + "---|" * len(bins)]
+    lines += [f"| {n} | {g} | " + " | ".join(_cell(m.get(b)) for b in bins) + " |" for n, g, m in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +138,10 @@ def write_metrics(result: dict, out_dir: str) -> None:
             f"{cfg['samples']} samples, Heun {cfg['steps']} steps, autoguidance w = {cfg['guidance']} "
             f"(guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the ground-truth row is a second "
             f"independent ground-truth set; exact-denoiser samples with the true posterior mean.\n\n")
-    save_text(head + metrics_markdown(result), os.path.join(out_dir, "metrics.md"))
+    bins = score_bins_markdown(result)
+    bins = f"\n## Score error by noise level\n\nσ²‖s_θ − s*‖² averaged within each σ range of the held-out points.\n\n{bins}" \
+        if bins else ""
+    save_text(head + metrics_markdown(result) + bins, os.path.join(out_dir, "metrics.md"))
 
 
 # ---- figures ------------------------------------------------------------------------------------

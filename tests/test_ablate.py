@@ -36,12 +36,13 @@ def test_quick_ablate_writes_everything(quick_out):
             v = m["runs"][r][g]
             assert {"sample_nll", "outlier_rate", "mmd", "score_error", "nfe"} <= set(v)
             assert all(isinstance(v[k], (int, float)) for k in ("sample_nll", "mmd", "score_error"))
+            assert set(v["score_error_by_sigma"]) == {"[0, 0.01)", "[0.01, 0.1)", "[0.1, 1)", "[1, inf)"}
     for r in ("confidence", "confidence-full", "confidence-full-phi-score"):
         cal = m["runs"][r]["unguided"]["calibration"]
         assert {"spearman", "median_rel_error", "spearman_excess", "median_rel_error_excess"} == set(cal)
     assert m["config"]["train"]["iterations"] == 256
     md = (quick_out / "metrics.md").read_text()
-    assert md.count("| edm |") == 2 and "**" in md
+    assert md.count("| edm |") == 4 and "**" in md and "Score error by noise level" in md
     figs = set(os.listdir(quick_out / "figures"))
     assert {f"{r}.png" for r in runs} | {"comparison.png"} <= figs
     snaps = os.listdir(quick_out / "snapshots" / "edm")

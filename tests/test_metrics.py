@@ -90,3 +90,16 @@ def test_calibration_total_and_excess():
     cov_exact = cov_floor + excess[:, :1, None] * eye
     full = calibration(cov_floor + 2 * (cov_exact - cov_floor), cov_exact, cov_floor)
     assert full["median_rel_error_excess"] == pytest.approx(1.0) and full["spearman_excess"] == pytest.approx(1)
+
+
+def test_score_error_by_sigma_bins_partition_the_average():
+    g = torch.Generator().manual_seed(1)
+    sigma = torch.rand(1000, generator=g, dtype=F64).mul(9).sub(6).exp()
+    exact = torch.randn(1000, 2, generator=g, dtype=F64)
+    model = exact + torch.randn(1000, 2, generator=g, dtype=F64) * 0.1
+    from gendiff.metrics import SIGMA_BINS, score_error_by_sigma
+    bins = score_error_by_sigma(model, exact, sigma)
+    counts = [int(((sigma >= lo) & (sigma < hi)).sum()) for lo, hi in zip(SIGMA_BINS[:-1], SIGMA_BINS[1:])]
+    weighted = sum(c * v for c, v in zip(counts, bins.values()) if c)
+    assert weighted / len(sigma) == pytest.approx(score_error(model, exact, sigma), rel=1e-12)
+    assert score_error_by_sigma(model[:2], exact[:2], torch.tensor([0.5, 0.6], dtype=F64))["[1, inf)"] is None
