@@ -16,7 +16,7 @@ from .checks import check_choice, check_positive
 from .data.toy import TREE_CLASSES, GaussianMixture, tree
 from .guidance import Guided
 from .io import derive_seed, generator, save_json
-from .metrics import (calibration, kernel_sum, mmd, outlier_rate, outlier_threshold, sample_nll, score_error,
+from .metrics import (calibration, kernel_sum, median_nll, mmd, outlier_rate, outlier_threshold, sample_nll, score_error,
                       score_error_by_sigma)
 from .nets.mlp import ToyMLP
 from .precond import Denoiser
@@ -178,6 +178,7 @@ class Evaluator:
         ok = samples[finite]
         return {
             "sample_nll": sample_nll(ok, self.gt) if len(ok) else float("nan"),
+            "median_nll": median_nll(ok, self.gt) if len(ok) else float("nan"),
             "outlier_rate": outlier_rate(samples, self.gt, self.threshold),
             "mmd": mmd(ok, self.ref, self.ref_self) if len(ok) > 1 else float("nan"),
             "nonfinite": float((~finite).double().mean()),

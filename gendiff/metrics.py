@@ -18,6 +18,12 @@ def sample_nll(samples: torch.Tensor, gt: GaussianMixture) -> float:
     return float(-gt.logp(samples.double(), 0.0).mean())
 
 
+def median_nll(samples: torch.Tensor, gt: GaussianMixture) -> float:
+    """Median −log p_GT(sample): the typical precision, unmoved by the few far-off samples that can
+    dominate the mean (one sample far from the tree costs ~‖x‖²/σ_min² nats)."""
+    return float(-gt.logp(samples.double(), 0.0).median())
+
+
 def outlier_threshold(gt: GaussianMixture, n: int = 1 << 16, q: float = 0.01, seed: int = 12345) -> float:
     """The q-quantile of log p_GT over ground-truth samples."""
     ref, _ = gt.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -10,6 +10,7 @@ from .io import save_figure, save_json, save_text
 
 COLUMNS = [  # key, header, better ("min", "max", "zero" for closest to 0, None: no bold)
     ("sample_nll", "sample NLL ↓", "min"),
+    ("median_nll", "median NLL ↓", "min"),
     ("outlier_rate", "outliers ↓", "min"),
     ("mmd", "MMD² ↓", "zero"),
     ("nonfinite", "diverged ↓", "min"),

@@ -34,7 +34,7 @@ def test_quick_ablate_writes_everything(quick_out):
     for r in runs:
         for g in ("unguided", "autoguided"):
             v = m["runs"][r][g]
-            assert {"sample_nll", "outlier_rate", "mmd", "score_error", "nfe"} <= set(v)
+            assert {"sample_nll", "median_nll", "outlier_rate", "mmd", "nonfinite", "score_error", "nfe"} <= set(v)
             assert all(isinstance(v[k], (int, float)) for k in ("sample_nll", "mmd", "score_error"))
             assert set(v["score_error_by_sigma"]) == {"[0, 0.01)", "[0.01, 0.1)", "[0.1, 1)", "[1, inf)"}
     for r in ("confidence", "confidence-full", "confidence-full-phi-score"):
@@ -153,3 +153,13 @@ def test_several_seeds_give_mean_and_std(tmp_path):
     assert " ± " in metrics_markdown(res) and (tmp_path / "metrics.md").exists()
     with pytest.raises(ValueError, match="repeats"):
         run_seeds(cfg, [1, 1], None, progress=False)
+
+
+def test_diverged_samples_are_counted_not_nan():
+    from gendiff.ablate import Evaluator
+    ev = Evaluator(tiny())
+    x = ev.ref[:256].float().clone()
+    x[:64] = float("nan")
+    m = ev.sample_metrics(x)
+    assert m["nonfinite"] == 0.25 and m["outlier_rate"] >= 0.25
+    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("sample_nll", "mmd"))

@@ -103,3 +103,15 @@ def test_score_error_by_sigma_bins_partition_the_average():
     weighted = sum(c * v for c, v in zip(counts, bins.values()) if c)
     assert weighted / len(sigma) == pytest.approx(score_error(model, exact, sigma), rel=1e-12)
     assert score_error_by_sigma(model[:2], exact[:2], torch.tensor([0.5, 0.6], dtype=F64))["[1, inf)"] is None
+
+
+def test_median_nll_of_a_gaussian():
+    """−log N(x; m, s²I) = log(2πs²) + r²/(2s²) with r² ~ s²·χ²₂, whose median is 2 ln 2."""
+    from gendiff.metrics import median_nll
+    s = 0.3
+    g = gaussian(s)
+    x, _ = g.sample(100_000, generator=torch.Generator().manual_seed(4), dtype=F64)
+    assert median_nll(x, g) == pytest.approx(math.log(2 * math.pi * s * s) + math.log(2), abs=0.02)
+    far = torch.cat([x[:99], torch.full((1, 2), 50.0, dtype=F64)])       # one far sample moves the mean only
+    assert median_nll(far, g) == pytest.approx(median_nll(x[:100], g), abs=0.1)
+    assert sample_nll(far, g) > sample_nll(x[:100], g) + 100
