@@ -3,8 +3,11 @@
 One rule: maximise a Gaussian log-likelihood. The network predicts a mean μ and a
 per-element standard deviation σ_φ of the clean data (THEORY §2–§4).
 """
-from . import guidance, losses, samplers, scores
-from .precond import Denoiser, Prediction, Scalings, edm_scalings
+from . import guidance, heads, losses, samplers, schedules, scores
+from .heads import DiagonalHead, FullHead, NoHead, Prediction
+from .precond import Denoiser, EDMPrecond, EpsPrecond, Precond, Scalings, VPrecond, X0Precond, edm_scalings
 
-__all__ = ["Denoiser", "Prediction", "Scalings", "edm_scalings", "guidance", "losses", "samplers", "scores"]
+__all__ = ["Denoiser", "Prediction", "Scalings", "Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond",
+           "edm_scalings", "NoHead", "DiagonalHead", "FullHead", "guidance", "heads", "losses", "samplers",
+           "schedules", "scores"]
 __version__ = "0.1.0"

@@ -7,26 +7,42 @@ import torch
 
 
 def as_sigma(sigma, like: torch.Tensor, name: str = "sigma") -> torch.Tensor:
-    """σ as a tensor of `like`'s dtype/device, checked > 0 and finite.
+    """σ as a tensor of `like`'s dtype/device, checked > 0 and finite (THEORY T3 shapes).
 
-    σ may be a Python scalar, a 0-d tensor, a per-example `[N]` tensor (reshaped to
-    `[N, 1, ...]` so it broadcasts over the element dimensions of `like`), or a
-    per-element tensor broadcastable to `like` (THEORY T3).
+    Exactly three forms, so that σ's meaning never depends on the batch size:
+    - a scalar (Python number or 0-d tensor): one σ for everything;
+    - a 1-D `[N]` tensor, N = like.shape[0]: always one σ per example, returned as `[N, 1, ...]`;
+    - a tensor with `ndim == like.ndim`, broadcastable to `like`: per element (non-isotropic noise).
+    Anything else is a ValueError naming the shape.
     """
     s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    if s.ndim == 1 and like.ndim > 1 and s.shape[0] == like.shape[0] and s.shape[0] != 1:
+    allowed = (f"allowed: a scalar, one value per example [{like.shape[0] if like.ndim else 'N'}], "
+               f"or a per-element tensor with {like.ndim} dimensions broadcastable to x")
+    if s.ndim == 1 and like.ndim > 1:
+        if s.shape[0] != like.shape[0]:
+            raise ValueError(f"{name} has shape {tuple(s.shape)}: a 1-D sigma is one value per example, but x has "
+                             f"{like.shape[0]} examples (shape {tuple(like.shape)}); {allowed}")
         s = s.reshape(-1, *([1] * (like.ndim - 1)))
+    elif s.ndim not in (0, like.ndim):
+        raise ValueError(f"{name} has shape {tuple(s.shape)} for x of shape {tuple(like.shape)}; {allowed}")
     try:
         torch.broadcast_shapes(s.shape, like.shape)
     except RuntimeError:
-        raise ValueError(
-            f"{name} has shape {tuple(s.shape)}, which does not broadcast to x of shape {tuple(like.shape)}; "
-            f"allowed: a scalar, one value per example [N], or a per-element tensor broadcastable to x"
-        ) from None
+        raise ValueError(f"{name} has shape {tuple(s.shape)}, which does not broadcast to x of shape "
+                         f"{tuple(like.shape)}; {allowed}") from None
     if not torch.all(torch.isfinite(s) & (s > 0)):
         bad = s[~(torch.isfinite(s) & (s > 0))].flatten()[0].item()
         raise ValueError(f"{name} must be finite and > 0 everywhere; got {bad}")
     return s
+
+
+def per_example(sigma: torch.Tensor, n: int) -> torch.Tensor:
+    """One noise level per example, [n], from a checked σ (`as_sigma`): the value itself when σ is
+    scalar or per example, the root mean square over an example's elements when σ is per element."""
+    if sigma.ndim == 0:
+        return sigma.expand(n)
+    flat = torch.broadcast_to(sigma, (n, *sigma.shape[1:])).flatten(1)
+    return flat.square().mean(1).sqrt()
 
 
 def check_choice(name: str, value, allowed) -> None:

@@ -33,6 +33,7 @@ def _nonneg_float(name):
 
 def build_parser() -> argparse.ArgumentParser:
     from .ablate import DEFAULT_RUNS, GUIDES, RUNS
+    from .evaluate import INITS
     p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
     p.add_argument("--version", action="version", version="gendiff 0.1.0")
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--guidance", "-w", type=_nonneg_float("--guidance"), help="autoguidance weight w (default 3)")
     a.add_argument("--guide", choices=GUIDES, help="guide model: snapshot (default), small, cfg")
     a.add_argument("--churn", type=_nonneg_float("--churn"), help="EDM stochastic churn (default 0)")
+    a.add_argument("--init", choices=INITS, help="sampling starts from exact samples of p(x; σ_max) (exact, the "
+                   "seed's reference; default) or from N(0, σ_max²I) (gaussian)")
+    a.add_argument("--hybrid-sigma", type=_number("--hybrid-sigma", float, 1e-12),
+                   help="σ below which the hybrid score mode uses T14 (default 0.035)")
     a.add_argument("--no-figures", action="store_true")
     a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     a.add_argument("--no-progress", action="store_true")
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ablate(args) -> int:
     from .ablate import AblateConfig, quick, run_seeds
-    from .report import metrics_markdown
+    from .report import calibration_markdown, metrics_markdown
     cfg = AblateConfig(runs=tuple(r.strip() for r in args.runs.split(",") if r.strip()), seed=args.seed)
     if args.quick:
         cfg = quick(cfg)
@@ -72,9 +77,10 @@ def _ablate(args) -> int:
         t = replace(t, batch=args.batch)
     if args.lr:
         t = replace(t, lr=args.lr)
-    over = {k: v for k, v in {"samples": args.samples, "steps": args.steps, "guidance": args.guidance,
-                                  "guide": args.guide, "churn": args.churn}.items() if v is not None}
-    cfg = replace(cfg, train=t, figures=not args.no_figures, **over)
+    over = {k: v for k, v in {"samples": args.samples, "guidance": args.guidance, "guide": args.guide,
+                                  "hybrid_sigma": args.hybrid_sigma}.items() if v is not None}
+    smp = {k: v for k, v in {"steps": args.steps, "churn": args.churn, "init": args.init}.items() if v is not None}
+    cfg = replace(cfg, train=t, sampler=replace(cfg.sampler, **smp), figures=not args.no_figures, **over)
     cfg.validate()
     seeds = [cfg.seed] if args.seeds is None else _parse_seeds(args.seeds)
     out = args.out or os.path.join("results", "ablate-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -82,6 +88,7 @@ def _ablate(args) -> int:
     print(f"gendiff ablate: runs {', '.join(cfg.runs)} -> {out}")
     result = run_seeds(cfg, seeds, out, progress=not args.no_progress)
     print(metrics_markdown(result))
+    print(calibration_markdown(result))
     print(f"total {result['timings']['total_s']:.1f} s; results in {out}")
     return 0
 

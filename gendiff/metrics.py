@@ -87,29 +87,57 @@ def _weighted_sq_error(model_score, exact_score, sigma):
     return sigma.double().square().view(-1) * (model_score - exact_score).double().square().sum(1)
 
 
-def _agreement(a: torch.Tensor, b: torch.Tensor, rel: torch.Tensor) -> tuple:
-    return float(spearmanr(a.numpy(), b.numpy()).statistic), float(np.median(rel.numpy()))
+def _bin_label(lo: float, hi: float) -> str:
+    return f"[{lo:.3g}, {hi:.3g})"
 
 
-def calibration(learned: torch.Tensor, exact: torch.Tensor, floor: torch.Tensor) -> dict:
-    """Agreement of a learned variance with its exact optimum (T8 / T12).
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
 
-    The optimum is `floor` (the known noise, σ² or σ²I) plus an excess (Var[x0 | x̃], or
-    E[Σ_src | x̃] + Cov[m | x̃] in source mode). Over σ spanning decades the floor alone ranks the
-    totals almost perfectly, so the *excess* (learned − floor vs exact − floor) is what shows whether
-    the network learned the uncertainty; both are reported.
-    Per-element variances [N, d]: Spearman over all elements, median relative error.
-    Covariances [N, d, d]: Spearman of the traces, median relative Frobenius error.
+
+CAL_BIN_DECADES = 0.25   # width of the log-σ bins in which the excess variance is ranked
+CAL_MIN_POINTS = 200     # a bin with fewer held-out points is left out of the average
+
+
+def calibration(learned: torch.Tensor, exact: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
+                bin_decades: float = CAL_BIN_DECADES, min_points: int = CAL_MIN_POINTS) -> dict:
+    """How well a learned Σ_φ matches the exact optimum of its own loss (T8 / T12), and whether it is calibrated.
+
+    learned, exact: Σ_φ and Σ_φ* as [N, d, d] (diagonal heads: `torch.diag_embed` of σ_φ²); sigma: [N];
+    target: [N, d, d], the second moment the loss fits at each held-out point, σ²I (+ Σ_src) + (μ − x0)(μ − x0)ᵀ.
+
+    - `spearman`, `median_rel_error`, `p90_rel_error`: the totals (diagonal entries ranked; relative
+      Frobenius error per point). Over σ spanning decades σ² alone ranks these almost perfectly.
+    - `*_excess`: the part above the known noise, Σ_φ − σ²I against Σ_φ* − σ²I (Var[x0 | x̃] in point
+      mode). `spearman_excess` is the mean of rank correlations *within* log-σ bins `bin_decades` wide
+      (named in `spearman_excess_by_bin`, bins with ≥ `min_points` points), so σ alone cannot score.
+    - `ratio`: E[tr(Σ_φ⁻¹·target)]/d, overall and per σ range (`ratio_by_sigma`): 1 when calibrated
+      (T8: the optimum is σ_φ² = E[σ² + (μ − x0)²]); above 1 the model is over-confident.
     """
-    learned, exact, floor = learned.double(), exact.double(), floor.double()
+    learned, exact, target, s = learned.double(), exact.double(), target.double(), sigma.double().view(-1)
+    N, d, _ = learned.shape
+    floor = s.square()[:, None, None] * torch.eye(d, dtype=torch.float64)
     out = {}
     for tag, lv, ev in (("", learned, exact), ("_excess", learned - floor, exact - floor)):
-        if lv.ndim == 3:
-            a = torch.diagonal(lv, dim1=-2, dim2=-1).sum(-1)
-            b = torch.diagonal(ev, dim1=-2, dim2=-1).sum(-1)
-            rel = torch.linalg.matrix_norm(lv - ev) / torch.linalg.matrix_norm(ev)
-        else:
-            a, b = lv.flatten(), ev.flatten()
-            rel = (a - b).abs() / b.abs()
-        out[f"spearman{tag}"], out[f"median_rel_error{tag}"] = _agreement(a, b, rel)
+        rel = torch.linalg.matrix_norm(lv - ev) / torch.linalg.matrix_norm(ev)
+        out[f"median_rel_error{tag}"] = float(rel.median())
+        out[f"p90_rel_error{tag}"] = float(torch.quantile(rel, 0.9))
+    diag = lambda m: torch.diagonal(m, dim1=-2, dim2=-1)  # noqa: E731
+    out["spearman"] = _spearman(diag(learned).flatten(), diag(exact).flatten())
+    logs = s.log10()
+    lo = math.floor(float(logs.min()) / bin_decades) * bin_decades
+    by_bin = {}
+    while lo <= float(logs.max()):
+        m = (logs >= lo) & (logs < lo + bin_decades)
+        if int(m.sum()) >= min_points:
+            a, b = diag(learned[m] - floor[m]).flatten(), diag(exact[m] - floor[m]).flatten()
+            by_bin[_bin_label(10 ** lo, 10 ** (lo + bin_decades))] = _spearman(a, b)
+        lo += bin_decades
+    out["spearman_excess"] = float(np.mean(list(by_bin.values()))) if by_bin else None
+    out["spearman_excess_by_bin"] = by_bin
+    ratio = torch.linalg.solve(learned, target).diagonal(dim1=-2, dim2=-1).sum(-1) / d   # tr(Σ_φ⁻¹ T)/d
+    out["ratio"] = float(ratio.mean())
+    out["ratio_by_sigma"] = {f"[{lo:g}, {hi:g})": (float(ratio[(s >= lo) & (s < hi)].mean())
+                                                  if bool(((s >= lo) & (s < hi)).any()) else None)
+                             for lo, hi in zip(SIGMA_BINS[:-1], SIGMA_BINS[1:])}
     return out

@@ -8,24 +8,33 @@ import torch
 
 from .io import save_figure, save_json, save_text
 
-COLUMNS = [  # key, header, better ("min", "max", "zero" for closest to 0, None: no bold)
-    ("sample_nll", "sample NLL ↓", "min"),
-    ("median_nll", "median NLL ↓", "min"),
-    ("outlier_rate", "outliers ↓", "min"),
-    ("mmd", "MMD² ↓", "zero"),
-    ("nonfinite", "diverged ↓", "min"),
-    ("score_error", "score error ↓", "min"),
-    ("calibration.spearman", "σ_φ² Spearman ↑", "max"),
-    ("calibration.median_rel_error", "σ_φ² med. rel. err ↓", "min"),
-    ("calibration.spearman_excess", "excess Spearman ↑", "max"),
-    ("calibration.median_rel_error_excess", "excess med. rel. err ↓", "min"),
-    ("nfe", "NFE", None),
-    ("sample_s", "sampling s", None),
+COLUMNS = [  # path, header, better ("min", "max", "zero" for closest to 0, None: no bold)
+    (("sample_nll",), "sample NLL ↓", "min"),
+    (("median_nll",), "median NLL ↓", "min"),
+    (("outlier_rate",), "outliers ↓", "min"),
+    (("mmd",), "MMD² ↓", "zero"),
+    (("nonfinite",), "diverged ↓", "min"),
+    (("score_error",), "score error ↓", "min"),
+    (("nfe",), "NFE", None),
+    (("sample_s",), "sampling s", None),
+]
+CAL_COLUMNS = [
+    (("calibration", "spearman"), "total Spearman ↑", "max"),
+    (("calibration", "spearman_excess"), "excess Spearman in σ bins ↑", "max"),
+    (("calibration", "median_rel_error_excess"), "excess med. rel. err ↓", "min"),
+    (("calibration", "p90_rel_error_excess"), "excess p90 rel. err ↓", "min"),
+    (("calibration", "ratio"), "ratio (1 = calibrated)", "one"),
+]
+GUIDANCE_COLUMNS = [
+    (("mmd_ratio",), "MMD² guided / unguided", None),
+    (("outlier_change",), "outliers, relative change", None),
+    (("sample_nll_change",), "sample NLL change", None),
+    (("median_nll_change",), "median NLL change", None),
 ]
 
 
-def _get(m: dict, key: str):
-    for part in key.split("."):
+def _get(m: dict, path: tuple):
+    for part in path:
         if not isinstance(m, dict) or part not in m:
             return None
         m = m[part]
@@ -49,68 +58,118 @@ def _center(v):
 
 
 def _cell(v) -> str:
-    if v is None:
+    if v is None or (isinstance(v, dict) and v.get("mean") is None):
         return "–"
     if isinstance(v, dict):
         return f"{_fmt(v['mean'])} ± {_fmt(v['std'])}"
     return f"{v:d}" if isinstance(v, int) else _fmt(v)
 
 
-def metrics_markdown(result: dict) -> str:
-    rows = metrics_rows(result)
-    def shown(key):  # the "diverged" column only when something diverged
-        vals = [_center(_get(m, key)) for _, _, m in rows]
-        return any(v is not None for v in vals) and (key != "nonfinite" or any(v for v in vals))
-    cols = [c for c in COLUMNS if shown(c[0])]
+def _pick(better, vals):
+    return {"min": min, "max": max, "zero": lambda v: min(v, key=abs),
+            "one": lambda v: min(v, key=lambda u: abs(u - 1))}[better](vals)
+
+
+def table(rows, columns, hide_empty: bool = True) -> str:
+    """A markdown table of (name, label, metrics) rows; the best model value per column in bold."""
+    def shown(path):  # a column only if some row has it; "diverged" only when something diverged
+        vals = [_center(_get(m, path)) for _, _, m in rows]
+        return any(v is not None for v in vals) and (path != ("nonfinite",) or any(v for v in vals))
+    cols = [c for c in columns if shown(c[0]) or not hide_empty]
     best = {}
-    for key, _, better in cols:
-        vals = [_center(_get(m, key)) for name, _, m in rows if not name.endswith("(reference)")]
+    for path, _, better in cols:
+        vals = [_center(_get(m, path)) for name, _, m in rows if not name.endswith("(reference)")]
         vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
         if vals and better:
-            best[key] = {"min": min, "max": max, "zero": lambda v: min(v, key=abs)}[better](vals)
-    lines = ["| run | guidance | " + " | ".join(h for _, h, _ in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+            best[path] = _pick(better, vals)
+    lines = ["| run | guidance | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, label, m in rows:
         cells = []
-        for key, _, _ in cols:
-            v = _get(m, key)
-            s = _cell(v)
-            if v is not None and key in best and _center(v) == best[key] and not name.endswith("(reference)"):
-                s = f"**{s}**"
-            cells.append(s)
+        for path, _, _ in cols:
+            v = _get(m, path)
+            c = _cell(v)
+            if c != "–" and path in best and _center(v) == best[path] and not name.endswith("(reference)"):
+                c = f"**{c}**"
+            cells.append(c)
         lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def score_bins_markdown(result: dict) -> str:
-    """σ²-weighted score error per σ range, one row per run and guidance."""
-    rows = [(n, g, m["score_error_by_sigma"]) for n, per in result["runs"].items() for g, m in per.items()
-            if isinstance(m.get("score_error_by_sigma"), dict)]
+def metrics_markdown(result: dict) -> str:
+    """The main table: sample metrics and score error of every run and reference."""
+    return table([r for r in metrics_rows(result) if _get(r[2], ("nfe",)) is not None], COLUMNS)
+
+
+def calibration_markdown(result: dict) -> str:
+    """Calibration of σ_φ (runs with it, the no-head EDM models as the σ-alone baseline, the exact oracle),
+    plus the calibration ratio per σ range."""
+    rows = [r for r in metrics_rows(result) if _get(r[2], ("calibration",)) is not None]
     if not rows:
         return ""
-    bins = list(rows[0][2])
-    lines = ["| run | guidance | " + " | ".join(f"σ ∈ {b}" for b in bins) + " |", "|---|---|" + "---|" * len(bins)]
-    lines += [f"| {n} | {g} | " + " | ".join(_cell(m.get(b)) for b in bins) + " |" for n, g, m in rows]
-    return "\n".join(lines) + "\n"
+    bins = list(_get(rows[0][2], ("calibration", "ratio_by_sigma")))
+    cols = CAL_COLUMNS + [(("calibration", "ratio_by_sigma", b), f"ratio σ ∈ {b}", "one") for b in bins]
+    names = sorted({b for _, _, m in rows for b in (_get(m, ("calibration", "spearman_excess_by_bin")) or {})},
+                   key=lambda b: float(b[1:].split(",")[0]))
+    return table(rows, cols) + ("\nExcess Spearman bins (log-σ, a quarter decade wide, ≥ 200 held-out points): "
+                                + ", ".join(names) + ".\n" if names else "")
+
+
+def score_bins_markdown(result: dict) -> str:
+    """σ²-weighted score error per σ range, one row per run and guidance, and the reference rows."""
+    rows = [r for r in metrics_rows(result) if isinstance(_get(r[2], ("score_error_by_sigma",)), dict)]
+    if not rows:
+        return ""
+    bins = list(rows[0][2]["score_error_by_sigma"])
+    return table(rows, [(("score_error_by_sigma", b), f"σ ∈ {b}", "min") for b in bins])
+
+
+def guidance_effect(runs: dict) -> dict:
+    """Per run, what autoguidance did to the unguided samples: MMD² ratio, relative change in outliers,
+    change in mean and median sample NLL."""
+    out = {}
+    for name, per in runs.items():
+        u, g = per.get("unguided"), per.get("autoguided")
+        if not (u and g):
+            continue
+        out[name] = {
+            "mmd_ratio": g["mmd"] / u["mmd"] if u["mmd"] else None,
+            "outlier_change": (g["outlier_rate"] - u["outlier_rate"]) / u["outlier_rate"] if u["outlier_rate"] else None,
+            "sample_nll_change": g["sample_nll"] - u["sample_nll"],
+            "median_nll_change": g["median_nll"] - u["median_nll"],
+        }
+    return out
+
+
+def guidance_markdown(result: dict) -> str:
+    effect = result.get("guidance_effect") or {}
+    return table([(n, "autoguided vs unguided", m) for n, m in effect.items()], GUIDANCE_COLUMNS) if effect else ""
 
 
 def summarize_seeds(results: list) -> dict:
     """Per metric mean ± sample std over seeds; same layout as one seed's result, numbers become
-    {"mean", "std", "values"}."""
+    {"mean", "std", "values", "n"}: a value missing in some seed (None) is left out of mean and std,
+    and n says how many seeds had it."""
     def merge(items):
-        first = items[0]
+        present = [it for it in items if it is not None]
+        if not present:
+            return None
+        first = present[0]
         if isinstance(first, dict):
-            return {k: merge([it[k] for it in items]) for k in first if all(k in it for it in items)}
+            keys = [k for k in first if all(it is None or k in it for it in items)]
+            return {k: merge([None if it is None else it[k] for it in items]) for k in keys}
         if isinstance(first, (int, float)) and not isinstance(first, bool):
-            t = torch.tensor([float(v) for v in items], dtype=torch.float64)
-            std = float(t.std()) if len(t) > 1 else 0.0
-            return {"mean": float(t.mean()), "std": std, "values": [float(v) for v in items]}
+            vals = [float(v) for v in present if isinstance(v, (int, float)) and math.isfinite(v)]
+            if not vals:
+                return None
+            t = torch.tensor(vals, dtype=torch.float64)
+            return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0,
+                    "values": [None if v is None else float(v) for v in items], "n": len(vals)}
         return first
-    out = {k: merge([r[k] for r in results]) for k in ("runs", "reference")}
-    for part in out.values():  # NFE is a count, the same for every seed
+    out = {k: merge([r.get(k) for r in results]) for k in ("runs", "reference", "guidance_effect")}
+    for part in (out["runs"], out["reference"]):  # NFE is a count, the same for every seed
         for per in part.values():
-            for m in (per.values() if "sample_nll" not in per else [per]):
-                if isinstance(m.get("nfe"), dict):
+            for m in (per.values() if "nfe" not in per else [per]):
+                if isinstance(m, dict) and isinstance(m.get("nfe"), dict):
                     m["nfe"] = int(m["nfe"]["mean"])
     out["config"] = {**results[0]["config"], "seed": [r["config"]["seed"] for r in results]}
     out["timings"] = {"total_s": sum(r["timings"]["total_s"] for r in results),
@@ -133,16 +192,27 @@ def _seeds_text(seed) -> str:
 def write_metrics(result: dict, out_dir: str) -> None:
     save_json(result, os.path.join(out_dir, "metrics.json"))
     cfg = result["config"]
+    sampler = cfg["sampler"]
     head = (f"# gendiff ablate: 2-D tree, class {cfg['classes']}\n\n"
             f"{cfg['train']['iterations']} iterations × batch {cfg['train']['batch']}, "
-            f"{_seeds_text(cfg['seed'])}, "
-            f"{cfg['samples']} samples, Heun {cfg['steps']} steps, autoguidance w = {cfg['guidance']} "
-            f"(guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the ground-truth row is a second "
-            f"independent ground-truth set; exact-denoiser samples with the true posterior mean.\n\n")
-    bins = score_bins_markdown(result)
-    bins = f"\n## Score error by noise level\n\nσ²‖s_θ − s*‖² averaged within each σ range of the held-out points.\n\n{bins}" \
-        if bins else ""
-    save_text(head + metrics_markdown(result) + bins, os.path.join(out_dir, "metrics.md"))
+            f"{_seeds_text(cfg['seed'])}, {cfg['samples']} samples, Heun {sampler['steps']} steps from "
+            f"{'exact samples of p(x; σ_max)' if sampler['init'] == 'exact' else 'N(0, σ_max²I)'}, "
+            f"autoguidance w = {cfg['guidance']} (guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the "
+            f"ground-truth row is a second independent ground-truth set; exact-denoiser samples with the true "
+            f"posterior mean; source-optimum rows are the exact source-mode optimum read through T13 or T14.\n\n")
+    parts = [head + metrics_markdown(result)]
+    for title, text, body in (
+            ("Score error by noise level", "σ²‖s_θ − s*‖² averaged within each σ range of the held-out points.",
+             score_bins_markdown(result)),
+            ("Calibration of σ_φ", "Learned Σ_φ against the exact optimum of the run's own loss (T8/T12) on the "
+             "held-out points; rows without a head have σ_φ = c_var (what σ alone predicts). The ratio is "
+             "E[tr(Σ_φ⁻¹(σ²I + Σ_src + (μ − x0)(μ − x0)ᵀ))]/d: 1 when calibrated, > 1 over-confident.",
+             calibration_markdown(result)),
+            ("What autoguidance does", "Per run: autoguided against unguided samples of the same model.",
+             guidance_markdown(result))):
+        if body:
+            parts.append(f"\n## {title}\n\n{text}\n\n{body}")
+    save_text("".join(parts), os.path.join(out_dir, "metrics.md"))
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -189,10 +259,8 @@ def _phi_maps(ax_l, ax_r, ev, model, spec, view, sigma=0.05, res=150):
     s = torch.full((len(x),), sigma, dtype=torch.float64)
     with torch.no_grad():
         pred = model.predict(x.float(), s.float()[:, None])
-        learned = (torch.diagonal(pred.covariance(), dim1=-2, dim2=-1) if spec.head == "full"
-                   else pred.sigma_phi.square()).double().mean(1)
-    post = ev.gt.source_posterior(x, s) if spec.mode == "source" else ev.gt.posterior(x, s)
-    exact = sigma**2 + torch.diagonal(post.cov, dim1=-2, dim2=-1).mean(1)
+        learned = pred.variance().double().mean(1)
+    exact = ev.gt.denoiser(spec.mode).predict(x, s).variance().mean(1)
     lo, hi = math.log10(sigma), float(exact.sqrt().log10().max())
     for ax, v, t in ((ax_l, learned, "learned σ_φ"), (ax_r, exact, "exact optimum")):
         im = ax.imshow(v.sqrt().log10().view(res, res).numpy(), origin="lower", extent=(*view[0], *view[1]),
@@ -202,24 +270,25 @@ def _phi_maps(ax_l, ax_r, ev, model, spec, view, sigma=0.05, res=150):
     return im
 
 
-def write_figures(cfg, ev, models, figs, out_dir) -> None:
+def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, out_dir: str) -> None:
+    """Per run: ground truth, samples, trajectories into a branch tip, and σ_φ maps beside the exact optimum;
+    plus one comparison figure. models/specs/figs are keyed by run name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .ablate import RUNS
     view, zoom = _views(ev.ref.float())
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     for name, per in figs.items():
-        spec = RUNS[name]
+        spec = specs[name]
         has_phi = spec.head != "none"
         n = 6 if has_phi else 4
         fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
         _density_panel(axes[0], ev.gt, view)
         axes[0].set_title("ground truth log p", fontsize=9)
         _points(axes[1], per["unguided"][0], "unguided", view)
-        _points(axes[2], per["autoguided"][0], f"autoguided (w={cfg.guidance})", view)
+        _points(axes[2], per["autoguided"][0], f"autoguided (w={guidance})", view)
         _density_panel(axes[3], ev.gt, zoom)
         for traj, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
             end = traj[-1]
@@ -232,7 +301,7 @@ def write_figures(cfg, ev, models, figs, out_dir) -> None:
         axes[3].set_ylim(*zoom[1])
         axes[3].set_title("zoom: trajectories (blue unguided, red guided)", fontsize=8)
         if has_phi:
-            im = _phi_maps(axes[4], axes[5], ev, models[spec.model or name], spec, view)
+            im = _phi_maps(axes[4], axes[5], ev, models[name], spec, view)
             fig.colorbar(im, ax=axes[4:6], shrink=0.8)
         for ax in axes:
             _finish(ax)

@@ -11,18 +11,7 @@ import math
 import torch
 
 from .checks import check_positive
-
-
-def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0, rho: float = 7.0,
-               dtype=torch.float64) -> torch.Tensor:
-    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, with a trailing 0: [steps + 1]."""
-    check_positive("steps", steps, integer=True)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    check_positive("rho", rho)
-    i = torch.arange(steps, dtype=dtype) / max(steps - 1, 1)
-    s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)])
+from .schedules import edm_sigmas  # noqa: F401 (the sampling grid lives in schedules.py)
 
 
 def _check_grid(sigmas) -> list:

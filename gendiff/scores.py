@@ -1,9 +1,12 @@
 """Scores from a denoiser (THEORY §4): Tweedie T13, the σ_φ variant T14, the ODE derivative T15."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .checks import as_sigma
+from .checks import as_sigma, check_positive
+from .heads import Prediction
 
 
 def tweedie_score(mu: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -11,11 +14,9 @@ def tweedie_score(mu: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
     return (mu - x) / as_sigma(sigma, x).square()
 
 
-def phi_score(pred) -> torch.Tensor:
+def phi_score(pred: Prediction) -> torch.Tensor:
     """T14: s = (μ − x̃)/σ_φ² per element; with a full head s = Σ_φ⁻¹(μ − x̃)."""
-    if pred.head == "full":
-        return (pred.precision() @ (pred.mu - pred.x)[..., None]).squeeze(-1)
-    return (pred.mu - pred.x) / pred.sigma_phi.square()
+    return pred.phi_score()
 
 
 def ode_derivative(x: torch.Tensor, mu: torch.Tensor, sigma) -> torch.Tensor:
@@ -29,24 +30,37 @@ def denoiser_from_score(score: torch.Tensor, x: torch.Tensor, sigma) -> torch.Te
 
 
 class PhiScoreDenoiser(torch.nn.Module):
-    """Wraps a confidence denoiser so that samplers use the T14 score: D' = x̃ + σ²·s_φ."""
+    """Samplers see the T14 score through D' = x̃ + σ²·s_φ (σ < `below`) and Tweedie's T13 elsewhere.
 
-    def __init__(self, denoiser):
+    below = ∞ is T14 everywhere; a finite `below` is the hybrid: T14 only at small σ, where a
+    source-mode μ (E[m_k | x̃]) makes T13 wrong and Σ_φ ≈ σ²I + Σ_src makes T14 right.
+    """
+
+    def __init__(self, denoiser, below: float = math.inf):
         super().__init__()
-        self.denoiser = denoiser
+        if not (isinstance(below, (int, float)) and below > 0):
+            raise ValueError(f"hybrid threshold below={below!r} must be a number > 0 (inf: T14 everywhere)")
+        self.denoiser, self.below = denoiser, float(below)
+
+    def predict(self, x, sigma) -> Prediction:
+        p = self.denoiser.predict(x, sigma)
+        s = as_sigma(sigma, x)
+        score = p.phi_score()
+        if math.isfinite(self.below):
+            score = torch.where(s < self.below, score, tweedie_score(p.mu, x, s))
+        return p.with_mean(denoiser_from_score(score, x, s))
 
     def forward(self, x, sigma):
-        return denoiser_from_score(phi_score(self.denoiser.predict(x, sigma)), x, sigma)
+        return self.predict(x, sigma).mu
 
 
-SCORE_MODES = ("tweedie", "phi")
+SCORE_MODES = ("tweedie", "phi", "hybrid")
 
 
-def with_score_mode(denoiser, score_mode: str):
+def with_score_mode(denoiser, score_mode: str, threshold: float = 0.035):
+    """tweedie: T13 (the default); phi: T14 at every σ; hybrid: T14 below σ = `threshold`, T13 above."""
     if score_mode == "tweedie":
         return denoiser
-    if score_mode == "phi":
-        if getattr(denoiser, "head", "none") == "none":
-            raise ValueError("score_mode='phi' needs a denoiser with a confidence head (head='diag' or 'full')")
-        return PhiScoreDenoiser(denoiser)
+    if score_mode in ("phi", "hybrid"):
+        return PhiScoreDenoiser(denoiser, math.inf if score_mode == "phi" else threshold)
     raise ValueError(f"score_mode={score_mode!r} is not allowed; choose one of {list(SCORE_MODES)}")

@@ -1,12 +1,11 @@
 """Training loop for the toy (THEORY §10): Adam, inverse-sqrt lr decay, EMA, safetensors snapshots.
 
-Noise levels come from a schedule (`ln σ ~ N(P_mean, P_std²)`), batches from the exact mixture in
-one of two modes, the loss is any callable `loss(denoiser, batch) -> [N]` (losses.py).
+Noise levels come from a density object (schedules.py, `ln σ ~ N(P_mean, P_std²)` by default), batches
+from the exact mixture in one of three modes, the loss is any callable `loss(denoiser, batch) -> [N]`.
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checks import check_choice, check_positive
-from .data.toy import GaussianMixture
+from .checks import check_positive
+from .data.toy import EXACT_MODES, GaussianMixture
 from .io import generator, save_state
 from .losses import NoisyBatch
+from .schedules import LogNormalSigma, inverse_sqrt_lr
 
-MODES = ("point", "source")
+MODES = EXACT_MODES  # point | source | point-cov, each with its exact optimum (GaussianMixture.denoiser)
 
 
 @dataclass
@@ -47,21 +47,19 @@ class ToyTrainConfig:
         return self
 
 
-def lognormal_sigma(n: int, p_mean: float, p_std: float, generator=None) -> torch.Tensor:
-    """EDM training density: ln σ ~ N(P_mean, P_std²) (T18 row 'EDM training'): [n]."""
-    return (torch.randn(n, generator=generator) * p_std + p_mean).exp()
-
-
 class BatchSource:
     """Draws noisy batches from the exact mixture.
 
-    point:  x0 ~ p, x̃ = x0 + σε (T7/T9).
-    source: x0 = m_k with k ~ φ, Σ_src = Σ_k, x̃ = x0 + Σ_k^½ε₁ + σε₂ (T3/T12).
+    point:     x0 ~ p, x̃ = x0 + σε (T7/T9).
+    source:    x0 = m_k with k ~ φ, Σ_src = Σ_k, x̃ = m_k + Σ_k^½ε₁ + σε₂ (T3/T12).
+    point-cov: x0 ~ p as in point mode, plus Σ_src = Σ_k of the sample's component: the seed's
+               training.py (`new_method`), whose trace term then counts Σ_k a second time.
     need_score adds the exact ∇ log p(x̃; σ) for score matching (§10).
     """
 
     def __init__(self, mixture: GaussianMixture, mode: str, need_score: bool = False):
-        check_choice("mode", mode, MODES)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not allowed; choose one of {list(MODES)}")
         self.mixture, self.mode, self.need_score = mixture, mode, need_score
         self.means = mixture.means64.float()
         self.covs = mixture.covs64.float()
@@ -73,10 +71,8 @@ class BatchSource:
         e2 = torch.randn(n, self.mixture.dim, generator=generator)
         sample = self.means[k] + (self.chol[k] @ e1[:, :, None]).squeeze(-1)
         x_noisy = sample + sigma[:, None] * e2
-        if self.mode == "point":
-            batch = NoisyBatch(sample, x_noisy, sigma[:, None])
-        else:
-            batch = NoisyBatch(self.means[k], x_noisy, sigma[:, None], source_cov=self.covs[k])
+        x0 = self.means[k] if self.mode == "source" else sample
+        batch = NoisyBatch(x0, x_noisy, sigma, source_cov=None if self.mode == "point" else self.covs[k])
         if self.need_score:
             batch.score = self.mixture.score(x_noisy, sigma)
         return batch
@@ -87,6 +83,7 @@ class TrainResult:
     ema: torch.nn.Module
     snapshots: dict = field(default_factory=dict)   # iteration -> EMA state_dict
     losses: list = field(default_factory=list)      # per-iteration mean loss
+    lrs: list = field(default_factory=list)         # per-iteration learning rate, as the optimiser used it
     seconds: float = 0.0
 
     @property
@@ -96,13 +93,15 @@ class TrainResult:
 
 def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrainConfig, *, seed: int = 0,
           snapshot_dir: str | None = None, keep_snapshots=(), progress: bool = True,
-          desc: str = "train") -> TrainResult:
+          desc: str = "train", sigma_density=None) -> TrainResult:
     """Train `denoiser` in place; returns its EMA and the EMA snapshots at `keep_snapshots` iterations.
 
     Same seed ⇒ identical weights: initialisation uses torch.manual_seed(seed) (set by the caller
     when it builds the model) and data a dedicated generator seeded from `seed`.
+    sigma_density: any object with `sample(n, generator) -> σ [n]`; default `LogNormalSigma(p_mean, p_std)`.
     """
     cfg.validate()
+    density = sigma_density or LogNormalSigma(cfg.p_mean, cfg.p_std)
     gen = generator(seed, "train-data")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -113,8 +112,9 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     start = time.perf_counter()
     for i in range(cfg.iterations):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr / math.sqrt(max(i / cfg.lr_ref_iter, 1))
-        sigma = lognormal_sigma(cfg.batch, cfg.p_mean, cfg.p_std, gen)
+            group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
+        result.lrs.append(opt.param_groups[0]["lr"])
+        sigma = density.sample(cfg.batch, gen)
         batch = source.draw(cfg.batch, sigma, gen)
         loss = loss_fn(denoiser, batch).mean()
         if not torch.isfinite(loss):

@@ -14,7 +14,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..checks import check_choice, check_positive
+from ..checks import as_sigma, check_choice, check_positive, per_example
+from ..heads import Prediction
 
 
 class Posterior(NamedTuple):
@@ -203,8 +204,10 @@ class GaussianMixture:
         u = torch.rand(n, dtype=torch.float64, generator=generator)
         return torch.searchsorted(self.weights64.cumsum(0), u).clamp_max(self.K - 1)
 
-    def sample(self, n: int, sigma=0.0, generator: torch.Generator | None = None, dtype=torch.float32):
-        """n samples of p(x; σ) and each sample's component covariance Σ_k: ([n, d], [n, d, d])."""
+    def sample(self, n: int, sigma=0.0, generator: torch.Generator | None = None, dtype=torch.float32,
+               return_index: bool = False):
+        """n samples of p(x; σ) and each sample's component covariance Σ_k: ([n, d], [n, d, d]),
+        plus the component indices k [n] when `return_index`."""
         k = self.sample_components(n, generator)
         eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         s = torch.as_tensor(sigma, dtype=torch.float64)
@@ -212,7 +215,13 @@ class GaussianMixture:
             raise ValueError(f"sigma must be >= 0, a scalar or one value per sample [{n}]; got {sigma!r}")
         std = (self.L64[k] + (s.square() if s.ndim == 0 else s.square().view(-1, 1))).sqrt()  # [n, d]
         x = self.means64[k] + (self.Q64[k] @ (std * eps)[:, :, None]).squeeze(-1)
+        if return_index:
+            return x.to(dtype), self.covs64[k].to(dtype), k
         return x.to(dtype), self.covs64[k].to(dtype)
+
+    def denoiser(self, mode: str = "point") -> ExactDenoiser:
+        """The exact optimum of a training mode as a denoiser honouring the whole contract (see ExactDenoiser)."""
+        return ExactDenoiser(self, mode)
 
     def moments(self):
         """Exact mean [d] and covariance [d, d] of the mixture (σ = 0)."""
@@ -220,6 +229,51 @@ class GaussianMixture:
         dm = self.means64 - mean
         cov = torch.einsum("k,kab->ab", self.weights64, self.covs64 + dm[:, :, None] * dm[:, None, :])
         return mean, cov
+
+
+EXACT_MODES = ("point", "source", "point-cov")
+
+
+class ExactDenoiser(torch.nn.Module):
+    """The exact optimum of the confidence-aware loss for each training mode, as a denoiser:
+    `forward(x, σ) -> μ*` and `predict(x, σ) -> Prediction(μ*, Σ_φ*)` for σ scalar or one per point.
+
+    point:     x0 ~ p, x̃ = x0 + σε                 → μ* = E[x0 | x̃],  Σ_φ* = σ²I + Cov[x0 | x̃] (T8)
+    source:    x0 = m_k, x̃ = m_k + Σ_k^½ε₁ + σε₂   → μ* = E[m_k | x̃], Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[m_k | x̃] (T12)
+    point-cov: point batches plus T12's trace term with the sample's own Σ_k (the seed's training.py)
+                                                 → μ* = E[x0 | x̃],  Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[x0 | x̃]
+    (Σ_src counted twice: once inside Cov[x0 | x̃], once through the trace term).
+    """
+
+    def __init__(self, mixture: GaussianMixture, mode: str = "point"):
+        super().__init__()
+        check_choice("mode", mode, EXACT_MODES)
+        self.mixture, self.mode = mixture, mode
+
+    def _sigma(self, x, sigma) -> torch.Tensor:
+        s = as_sigma(sigma, x)
+        per = per_example(s, x.shape[0])
+        if s.ndim == x.ndim and not torch.equal(torch.broadcast_to(s, x.shape), per[:, None].expand_as(x)):
+            raise ValueError("the exact mixture denoiser takes one σ per point (isotropic noise); "
+                             f"got a per-element σ of shape {tuple(s.shape)}")
+        return per
+
+    def predict(self, x: torch.Tensor, sigma) -> Prediction:
+        s = self._sigma(x, sigma)
+        gt = self.mixture
+        post = gt.source_posterior(x, s) if self.mode == "source" else gt.posterior(x, s)
+        cov = post.cov
+        if self.mode == "point-cov":
+            r = gt.responsibilities(x, s)
+            cov = cov + (r @ gt._p(x.dtype, x.device)["covs"].flatten(1)).view(-1, gt.dim, gt.dim)
+        eye = torch.eye(gt.dim, dtype=x.dtype, device=x.device)
+        return Prediction(x, post.mean, cov=cov + s.square()[:, None, None] * eye)
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if self.mode == "source":
+            return self.predict(x, sigma).mu
+        s = self._sigma(x, sigma)
+        return x + s.square()[:, None] * self.mixture.score(x, s)  # Tweedie (T13), the fast path
 
 
 # ---- the tree of the autoguidance paper ---------------------------------------------------------

@@ -1,44 +1,49 @@
-"""The toy denoiser backbone of THEORY §10: an MLP on (c_in·x̃, c_noise, 1)."""
+"""The toy denoiser backbone of THEORY §10 and the seed's `ToyModel`: an MLP on (c_in·x̃, c_noise, 1)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_positive
-from ..precond import HEADS
-
-
-def head_size(head: str, dim: int) -> int:
-    """Outputs of the confidence head G: none 0, diag d, full d(d+1)/2 (T12)."""
-    return {"none": 0, "diag": dim, "full": dim * (dim + 1) // 2}[head]
+from ..checks import check_positive
+from ..heads import make_head
+from ..precond import Denoiser
 
 
 class ToyMLP(nn.Module):
-    """`hidden_layers` SiLU layers of width `width`; heads F (d) and G (see `head_size`), each
-    scaled by a zero-initialised gain, so training starts from μ = c_skip·x̃ and σ_φ = c_var."""
+    """The seed's network: an input layer (d + 2 → width), then `hidden_layers` layers width → width,
+    SiLU before each of them and before the heads (five linear layers for hidden_layers = 4). Heads:
+    F (d outputs) and G (`g_outputs`, 0 for none; take it from the denoiser's head: `head.outputs(d)`),
+    each scaled by a zero-initialised gain, so training starts from μ = c_skip·x̃ and σ_φ = c_var.
+    """
 
-    def __init__(self, dim: int = 2, width: int = 64, hidden_layers: int = 4, head: str = "none"):
+    def __init__(self, dim: int = 2, width: int = 64, hidden_layers: int = 4, g_outputs: int = 0):
         super().__init__()
-        check_choice("head", head, HEADS)
+        check_positive("dim", dim, integer=True)
         check_positive("width", width, integer=True)
         check_positive("hidden_layers", hidden_layers, integer=True)
-        self.dim, self.head = dim, head
-        layers, fan_in = [], dim + 2
+        check_positive("g_outputs", g_outputs, integer=True, allow_zero=True)
+        self.dim, self.g_outputs = dim, g_outputs
+        layers = [nn.Linear(dim + 2, width)]
         for _ in range(hidden_layers):
-            layers += [nn.Linear(fan_in, width), nn.SiLU()]
-            fan_in = width
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(width, dim + head_size(head, dim))
-        self.gain = nn.Parameter(torch.zeros(2 if head != "none" else 1))
+            layers += [nn.SiLU(), nn.Linear(width, width)]
+        self.body = nn.Sequential(*layers, nn.SiLU())
+        self.out = nn.Linear(width, dim + g_outputs)
+        self.gain = nn.Parameter(torch.zeros(2 if g_outputs else 1))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor):
-        # x: [N, d]; c_noise: scalar, [N] or [N, 1]
+        # x: [N, d]; c_noise: [N] (one per example, the Denoiser's contract) or a scalar
         c = torch.as_tensor(c_noise, dtype=x.dtype, device=x.device)
         if c.numel() not in (1, x.shape[0]):
             raise ValueError(f"ToyMLP takes one noise level per example; c_noise has shape {tuple(c.shape)}")
         c = c.reshape(-1, 1).expand(x.shape[0], 1)
         h = self.out(self.body(torch.cat([x, c, torch.ones_like(c)], 1)))
         F = h[:, :self.dim] * self.gain[0]
-        if self.head == "none":
+        if not self.g_outputs:
             return F
         return F, h[:, self.dim:] * self.gain[1]
+
+
+def toy_denoiser(head="none", dim: int = 2, width: int = 64, hidden_layers: int = 4, precond=None):
+    """A `Denoiser` around a `ToyMLP` whose G outputs match the head (declared once, here)."""
+    head = make_head(head)
+    return Denoiser(ToyMLP(dim, width, hidden_layers, head.outputs(dim)), precond, head)

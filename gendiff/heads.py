@@ -1,0 +1,324 @@
+"""Confidence heads and what one network evaluation predicts (THEORY §3, T6–T12, T14; STYLE 4).
+
+A head is declared once, on the `Denoiser`; it owns how many raw outputs G it needs, how G becomes
+σ_φ (or the precision factor S), its negative log-likelihood, and its T14 score:
+
+- `NoHead()`: no G, σ_φ = c_var (EDM's denoiser; the T11 baseline).
+- `DiagonalHead()`: G shaped like x, σ_φ = c_var·exp(G/2) per element (T6, T9).
+- `FullHead()`: for points [N, d], G: [N, d(d+1)/2] → lower-triangular S, Σ_φ⁻¹ = S·Sᵀ/c_var² (T12).
+
+The formulas are plain functions on tensors (the test oracles call them directly).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # annotations only: precond imports this module
+    from .precond import Scalings
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ---- the formulas ------------------------------------------------------------------------------
+
+def f_target(x0: torch.Tensor, x_noisy: torch.Tensor, sc: Scalings) -> torch.Tensor:
+    """F* = (x0 − c_skip·x̃)/c_out (T6, T12)."""
+    return (x0 - sc.c_skip * x_noisy) / sc.c_out
+
+
+def nll_direct(mu, sigma_phi, x0, sigma) -> torch.Tensor:
+    """THEORY T7, per element: ½[log σ_φ² + (σ² + (μ − x0)²)/σ_φ² + log 2π]. The oracle for T9."""
+    var = sigma_phi.square()
+    return 0.5 * (var.log() + (sigma.square() + (mu - x0).square()) / var + LOG_2PI)
+
+
+def nll_stable(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
+    """THEORY T9, per element: ½[G + e^(−G)(1 + k(‖F − F*‖² − 1)) + log(2π·c_var²)]; G=None means G ≡ 0.
+
+    1 − k = σ²/c_var² for every preconditioning (c_var² = σ² + c_out²). `source_var`: a known
+    per-element variance of x0's source, the diagonal case of T12's tr(SSᵀΣ_src)/c_var² term.
+    """
+    G = torch.zeros_like(F) if G is None else G
+    inner = 1 + sc.k * ((F - F_star).square() - 1)
+    if source_var is not None:
+        inner = inner + source_var / sc.c_var.square()
+    return 0.5 * (G + torch.exp(-G) * inner + LOG_2PI + 2 * torch.log(sc.c_var))
+
+
+def log_q(x, F, G, x_noisy, sc: Scalings) -> torch.Tensor:
+    """THEORY T10, per element: log q(x | x̃) = −½[G + e^(−G)·k·(F − (x − c_skip·x̃)/c_out)² + log 2πc_var²]."""
+    G = torch.zeros_like(F) if G is None else G
+    r = F - (x - sc.c_skip * x_noisy) / sc.c_out
+    return -0.5 * (G + torch.exp(-G) * sc.k * r.square() + LOG_2PI + 2 * torch.log(sc.c_var))
+
+
+def tril_factor(G: torch.Tensor, d: int) -> torch.Tensor:
+    """Lower-triangular S from d(d+1)/2 raw outputs: diag e^(−g/2), then free off-diagonal (T12).
+
+    G: [N, d(d+1)/2] -> S: [N, d, d]; S = I when G = 0.
+    """
+    if G.shape[-1] != d * (d + 1) // 2:
+        raise ValueError(f"full-covariance head needs d(d+1)/2 = {d * (d + 1) // 2} outputs for d = {d}; "
+                         f"got {G.shape[-1]}")
+    S = torch.diag_embed(torch.exp(-G[..., :d] / 2))
+    if d > 1:
+        rows, cols = torch.tril_indices(d, d, offset=-1, device=G.device)
+        off = G.new_zeros(*G.shape[:-1], d, d)
+        off[..., rows, cols] = G[..., d:]
+        S = S + off
+    return S
+
+
+def _example_scalar(t: torch.Tensor, n: int, d: int, what: str) -> torch.Tensor:
+    """A scaling as one value per example [n]: T12 needs isotropic noise σ²I within an example."""
+    t = torch.broadcast_to(t, (n, d))
+    if not torch.equal(t, t[:, :1].expand(n, d)):
+        raise ValueError(f"{what} needs one σ per example (noise σ²I, T12); got a σ that differs within an example")
+    return t[:, 0]
+
+
+def nll_full(F, G, F_star, sc: Scalings, source_cov=None) -> torch.Tensor:
+    """THEORY T12, per example, for points [N, d] with σ one value per example.
+
+    2L = −log det(SSᵀ) + (1 − k)·tr(SSᵀ) + tr(SSᵀ·Σ_src)/c_var² + k·‖Sᵀ(F − F*)‖² + d·log(2π·c_var²).
+    The quadratic term contracts Sᵀ with the error vector (the seed's training.py multiplies each error
+    component by a row sum of S instead; its logp has the correct contraction).
+    """
+    N, d = F.shape
+    k = _example_scalar(sc.k, N, d, "nll_full")
+    c_var = _example_scalar(sc.c_var, N, d, "nll_full")
+    S = tril_factor(G, d)
+    logdet = G[:, :d].sum(1)                              # −log det(SSᵀ) = Σ g_i
+    tr = S.square().sum((1, 2))                           # tr(SSᵀ) = ‖S‖²_F
+    Se = (S.transpose(1, 2) @ (F - F_star)[:, :, None]).squeeze(-1)
+    two_l = logdet + (1 - k) * tr + k * Se.square().sum(1) + d * (LOG_2PI + 2 * torch.log(c_var))
+    if source_cov is not None:
+        two_l = two_l + ((source_cov @ S) * S).sum((1, 2)) / c_var.square()  # tr(SᵀΣ_src S)
+    return 0.5 * two_l
+
+
+def _sum_elements(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).sum(1)
+
+
+def _eye_like(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return torch.eye(d, dtype=x.dtype, device=x.device).expand(*x.shape[:-1], d, d)
+
+
+# ---- predictions --------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    """A Gaussian prediction of the clean data, q(x0 | x̃) = N(μ, Σ_φ) (THEORY T6–T8).
+
+    Analytic denoisers (the exact mixture, wrappers) fill `var` (per element, shaped like x) or `cov`
+    ([N, d, d]); a network's prediction (`NetPrediction`) derives them through its head.
+    """
+    x: torch.Tensor                    # the noisy input x̃
+    mu: torch.Tensor                   # μ
+    var: torch.Tensor | None = None    # σ_φ² per element
+    cov: torch.Tensor | None = None    # Σ_φ, [N, d, d]
+
+    def variance(self) -> torch.Tensor:
+        """σ_φ² per element, shaped like x (a full covariance gives its diagonal, the marginal variances)."""
+        if self.var is not None:
+            return torch.broadcast_to(self.var, self.mu.shape)
+        if self.cov is not None:
+            return torch.diagonal(self.cov, dim1=-2, dim2=-1)
+        raise ValueError("this prediction carries no confidence (no σ_φ)")
+
+    @property
+    def sigma_phi(self) -> torch.Tensor:
+        return self.variance().sqrt()
+
+    def covariance(self) -> torch.Tensor:
+        """Σ_φ, [N, d, d]; per-element variances become diagonal matrices."""
+        return self.cov if self.cov is not None else torch.diag_embed(self.variance())
+
+    def precision(self) -> torch.Tensor:
+        """Σ_φ⁻¹, [N, d, d]."""
+        if self.cov is not None:
+            return torch.linalg.inv(self.cov)
+        return torch.diag_embed(self.variance().reciprocal())
+
+    def phi_score(self) -> torch.Tensor:
+        """T14: s = Σ_φ⁻¹(μ − x̃) (per element (μ − x̃)/σ_φ² without a full covariance)."""
+        if self.cov is not None:
+            return (self.precision() @ (self.mu - self.x)[..., None]).squeeze(-1)
+        return (self.mu - self.x) / self.variance()
+
+    def with_mean(self, mu: torch.Tensor) -> Prediction:
+        """The same confidence around another mean (wrappers: guidance, T14)."""
+        return Prediction(self.x, mu, var=self.var, cov=self.cov)
+
+
+@dataclass
+class NetPrediction(Prediction):
+    """One preconditioned network evaluation (T6): raw outputs F, G, the scalings, and the head that reads G."""
+    F: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+    scalings: Scalings | None = None
+    head: Head | None = None
+
+    def variance(self):
+        return self.head.variance(self)
+
+    def covariance(self):
+        return self.head.covariance(self)
+
+    def precision(self):
+        return self.head.precision(self)
+
+    def phi_score(self):
+        return self.head.phi_score(self)
+
+    def factor(self) -> torch.Tensor:
+        """S with Σ_φ⁻¹ = S·Sᵀ/c_var² (T12), [N, d, d]."""
+        return self.head.factor(self)
+
+    def with_mean(self, mu):
+        return Prediction(self.x, mu, **self.head.confidence(self))
+
+
+# ---- heads --------------------------------------------------------------------------------------
+
+class Head:
+    """What a confidence head is: its output size, σ_φ, Σ_φ, its NLL and its T14 score."""
+    name = "?"
+
+    def g_shape(self, x_shape: tuple) -> tuple | None:
+        """Shape of the raw output G for an input x of `x_shape` (None: no G)."""
+        raise NotImplementedError
+
+    def outputs(self, dim: int) -> int:
+        """G features per example for vectors [N, dim] (or channels per pixel for a conv backbone)."""
+        shape = self.g_shape((1, dim))
+        return 0 if shape is None else shape[-1]
+
+    def check(self, G, x: torch.Tensor) -> None:
+        want = self.g_shape(tuple(x.shape))
+        if want is None and G is not None:
+            raise ValueError(f"head={self.name!r} takes no G, but the backbone returned one of shape {tuple(G.shape)}; "
+                             "build the backbone with head.outputs(dim) extra outputs, or use a head that reads them")
+        if want is not None and G is None:
+            raise ValueError(f"head={self.name!r} needs a backbone returning (F, G) with G of shape {want}; "
+                             "it returned F only")
+        if want is not None and tuple(G.shape) != want:
+            raise ValueError(f"head={self.name!r}: backbone output G has shape {tuple(G.shape)}, expected {want}")
+
+    def factor(self, p: NetPrediction) -> torch.Tensor:
+        G = torch.zeros_like(p.mu) if p.G is None else p.G
+        return torch.diag_embed(torch.exp(-G / 2))
+
+    def variance(self, p: NetPrediction) -> torch.Tensor:
+        raise NotImplementedError
+
+    def covariance(self, p: NetPrediction) -> torch.Tensor:
+        return torch.diag_embed(self.variance(p))
+
+    def precision(self, p: NetPrediction) -> torch.Tensor:
+        return torch.diag_embed(self.variance(p).reciprocal())
+
+    def confidence(self, p: NetPrediction) -> dict:
+        """The confidence as `Prediction` fields."""
+        return {"var": self.variance(p)}
+
+    def phi_score(self, p: NetPrediction) -> torch.Tensor:
+        """T14 per element: (μ − x̃)/σ_φ²."""
+        return (p.mu - p.x) / self.variance(p)
+
+    def nll(self, p: NetPrediction, x0: torch.Tensor, source_cov=None) -> torch.Tensor:
+        """The Gaussian NLL of x0 under this prediction, per example [N] (T9; T12 with a known Σ_src).
+
+        source_cov: [N, d, d]; a diagonal head uses its diagonal, which is exact for a diagonal S.
+        """
+        var = None if source_cov is None else torch.diagonal(source_cov, dim1=-2, dim2=-1)
+        return _sum_elements(nll_stable(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, var))
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+class NoHead(Head):
+    """σ_φ = c_var: the EDM denoiser. Its NLL is T9 with G ≡ 0, EDM's optimum per σ weighted k(σ)/2 (T11)."""
+    name = "none"
+
+    def g_shape(self, x_shape):
+        return None
+
+    def variance(self, p):
+        return torch.broadcast_to(p.scalings.c_var.square(), p.mu.shape)
+
+
+class DiagonalHead(Head):
+    """σ_φ = c_var·exp(G/2) per element, G shaped like x (T6)."""
+    name = "diag"
+
+    def g_shape(self, x_shape):
+        return tuple(x_shape)
+
+    def variance(self, p):
+        return p.scalings.c_var.square() * torch.exp(p.G)
+
+
+class FullHead(Head):
+    """A full precision for points [N, d]: Σ_φ⁻¹ = S·Sᵀ/c_var² with S lower-triangular (T12).
+    Needs one σ per example."""
+    name = "full"
+
+    def g_shape(self, x_shape):
+        if len(x_shape) != 2:
+            raise ValueError(f"head='full' is for points [N, d]; got x of shape {tuple(x_shape)}")
+        d = x_shape[-1]
+        return (x_shape[0], d * (d + 1) // 2)
+
+    def factor(self, p):
+        return tril_factor(p.G, p.mu.shape[-1])
+
+    def _c_var2(self, p):
+        N, d = p.mu.shape
+        return _example_scalar(p.scalings.c_var, N, d, "head='full'").square()[:, None, None]
+
+    def precision(self, p):
+        S = self.factor(p)
+        return S @ S.transpose(-1, -2) / self._c_var2(p)
+
+    def covariance(self, p):
+        S_inv = torch.linalg.solve_triangular(self.factor(p), _eye_like(p.mu), upper=False)
+        return self._c_var2(p) * S_inv.transpose(-1, -2) @ S_inv
+
+    def variance(self, p):
+        return torch.diagonal(self.covariance(p), dim1=-2, dim2=-1)
+
+    def confidence(self, p):
+        return {"cov": self.covariance(p)}
+
+    def phi_score(self, p):
+        """T14 with a full covariance: s = Σ_φ⁻¹(μ − x̃)."""
+        return (self.precision(p) @ (p.mu - p.x)[..., None]).squeeze(-1)
+
+    def nll(self, p, x0, source_cov=None):
+        return nll_full(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, source_cov)
+
+
+HEADS = {h.name: h for h in (NoHead, DiagonalHead, FullHead)}
+
+
+def make_head(name) -> Head:
+    """A head from its name (the CLI's boundary); Head objects pass through."""
+    if isinstance(name, Head):
+        return name
+    if name not in HEADS:
+        raise ValueError(f"head={name!r} is not allowed; choose one of {sorted(HEADS)}")
+    return HEADS[name]()
