@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from gendiff import losses
-from gendiff.ablate import RUNS, AblateConfig, make_denoiser, quick, run_ablation
+from gendiff.ablate import DEFAULT_RUNS, RUNS, AblateConfig, make_denoiser, make_evaluator, quick, run_ablation
 from gendiff.cli import main
 from gendiff.data.toy import tree
+from gendiff.evaluate import SamplerConfig
+from gendiff.schedules import LogNormalSigma
 from gendiff.train import BatchSource, ToyTrainConfig, train
 
 
@@ -16,7 +18,7 @@ def tiny(**kw) -> AblateConfig:
     cfg = quick(AblateConfig(**kw))
     t = ToyTrainConfig(iterations=48, batch=256, snapshot_every=16, lr_ref_iter=16)
     return AblateConfig(**{**cfg.__dict__, "train": t, "samples": 512, "eval_points": 512, "guide_iter": 16,
-                           "steps": 8, "figures": False, **kw})
+                           "sampler": SamplerConfig(steps=8), "figures": False, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +31,30 @@ def quick_out(tmp_path_factory):
 def test_quick_ablate_writes_everything(quick_out):
     m = json.loads((quick_out / "metrics.json").read_text())
     assert set(m) >= {"runs", "config", "timings"}
-    runs = ["edm", "confidence", "confidence-full", "confidence-full-phi-score", "score-matching"]
+    runs = list(DEFAULT_RUNS)
     assert list(m["runs"]) == runs
+    assert {"edm", "confidence-frozen", "confidence", "seed-method", "confidence-full-hybrid"} <= set(runs)
     for r in runs:
         for g in ("unguided", "autoguided"):
             v = m["runs"][r][g]
             assert {"sample_nll", "median_nll", "outlier_rate", "mmd", "nonfinite", "score_error", "nfe"} <= set(v)
             assert all(isinstance(v[k], (int, float)) for k in ("sample_nll", "mmd", "score_error"))
             assert set(v["score_error_by_sigma"]) == {"[0, 0.01)", "[0.01, 0.1)", "[0.1, 1)", "[1, inf)"}
-    for r in ("confidence", "confidence-full", "confidence-full-phi-score"):
-        cal = m["runs"][r]["unguided"]["calibration"]
-        assert {"spearman", "median_rel_error", "spearman_excess", "median_rel_error_excess"} == set(cal)
+    # calibration for every trained model, the head-less ones (σ_φ = c_var) included as the σ-alone baseline
+    for r in runs:
+        cal = m["runs"][r]["unguided"].get("calibration")
+        assert (cal is None) == (RUNS[r].score_mode != "tweedie"), r
+        if cal:
+            assert {"spearman", "median_rel_error", "p90_rel_error", "spearman_excess", "spearman_excess_by_bin",
+                    "median_rel_error_excess", "p90_rel_error_excess", "ratio", "ratio_by_sigma"} <= set(cal)
+    ref = m["reference"]
+    assert "score_error" not in ref["ground-truth"]                     # nothing to measure: shown as "–"
+    assert 0 <= ref["exact-denoiser"]["score_error"] < 1e-6             # computed, not hard-coded
+    assert set(m["guidance_effect"]) == set(runs)
     assert m["config"]["train"]["iterations"] == 256
     md = (quick_out / "metrics.md").read_text()
-    assert md.count("| edm |") == 4 and "**" in md and "Score error by noise level" in md
+    assert "| edm | unguided |" in md and "**" in md and "Score error by noise level" in md
+    assert "Calibration of σ_φ" in md and "What autoguidance does" in md
     figs = set(os.listdir(quick_out / "figures"))
     assert {f"{r}.png" for r in runs} | {"comparison.png"} <= figs
     snaps = os.listdir(quick_out / "snapshots" / "edm")
@@ -64,7 +76,8 @@ def test_same_seed_same_metrics():
     assert c["runs"]["edm"] != a["runs"]["edm"]
 
 
-@pytest.mark.parametrize("run", ["edm", "confidence", "confidence-full", "score-matching", "edm-textbook"])
+@pytest.mark.parametrize("run", ["edm", "confidence-frozen", "confidence", "confidence-full", "seed-method",
+                                 "score-matching"])
 def test_short_training_lowers_the_loss(run):
     spec = RUNS[run]
     cfg = AblateConfig()
@@ -73,8 +86,7 @@ def test_short_training_lowers_the_loss(run):
     source = BatchSource(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
     loss = losses.LOSSES[spec.loss]()
     g = torch.Generator().manual_seed(5)
-    from gendiff.train import lognormal_sigma
-    sig = lognormal_sigma(2048, -2.4, 1.5, g)
+    sig = LogNormalSigma(-2.4, 1.5).sample(2048, g)
     batch = source.draw(2048, sig, g)
     with torch.no_grad():
         before = float(loss(model, batch).mean())
@@ -151,15 +163,34 @@ def test_several_seeds_give_mean_and_std(tmp_path):
     assert v["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
     assert res["runs"]["edm"]["unguided"]["nfe"] == one[0]["runs"]["edm"]["unguided"]["nfe"]
     assert " ± " in metrics_markdown(res) and (tmp_path / "metrics.md").exists()
+    # seed 0 of a multi-seed run is the single-seed run, bit for bit (same process, same machine)
+    single = run_ablation(cfg, progress=False, log=lambda *_: None)
+    assert json.loads(json.dumps(single["runs"])) == one[0]["runs"]
+    # resumable: a rerun reads finished seeds instead of training them again
+    logs = []
+    again = run_seeds(cfg, [0, 1], str(tmp_path), progress=False, log=logs.append)
+    assert sum("finished earlier" in line for line in logs) == 2 and again["runs"] == res["runs"]
     with pytest.raises(ValueError, match="repeats"):
         run_seeds(cfg, [1, 1], None, progress=False)
 
 
 def test_diverged_samples_are_counted_not_nan():
-    from gendiff.ablate import Evaluator
-    ev = Evaluator(tiny())
+    ev = make_evaluator(tiny())
     x = ev.ref[:256].float().clone()
     x[:64] = float("nan")
     m = ev.sample_metrics(x)
     assert m["nonfinite"] == 0.25 and m["outlier_rate"] >= 0.25
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("sample_nll", "mmd"))
+
+
+def test_gaussian_init_option():
+    """--init gaussian starts the sampler from N(0, σ_max²I) instead of exact samples of p(x; σ_max)."""
+    from dataclasses import replace
+    ev = make_evaluator(tiny(sampler=SamplerConfig(steps=8, init="gaussian")))
+    x = ev.x_init.double()
+    n = len(x)
+    assert abs(float(x.mean())) < 4 * 5.0 / n**0.5 and abs(float(x.std()) / 5.0 - 1) < 0.1
+    exact = make_evaluator(tiny()).x_init
+    assert not torch.equal(exact, ev.x_init)
+    with pytest.raises(ValueError, match="init='bogus'"):
+        tiny(sampler=replace(SamplerConfig(), init="bogus")).validate()

@@ -70,26 +70,39 @@ def test_score_error_is_sigma2_weighted_mse():
     assert score_error(model, exact, s) == pytest.approx((0.01 * 1.0 + 4.0 * 0.25) / 2)
 
 
-def test_calibration_total_and_excess():
+def test_calibration_total_excess_binned_and_ratio():
+    """metrics.calibration on synthetic covariances whose answers are known in closed form."""
     g = torch.Generator().manual_seed(0)
-    floor = torch.rand(500, 2, generator=g, dtype=F64).mul(8).sub(6).exp()   # σ² over decades
-    excess = torch.rand(500, 2, generator=g, dtype=F64) * 1e-3
+    n, eye = 4000, torch.eye(2, dtype=F64)
+    sigma = torch.rand(n, generator=g, dtype=F64).mul(8).sub(6).exp()          # σ over ~3.5 decades
+    floor = sigma.square()[:, None, None] * eye
+    excess = torch.diag_embed(torch.rand(n, 2, generator=g, dtype=F64) * 1e-3)
     exact = floor + excess
-    perfect = calibration(exact, exact, floor)
+    perfect = calibration(exact, exact, sigma, exact)
     assert perfect["spearman"] == pytest.approx(1) and perfect["median_rel_error"] == 0
     assert perfect["spearman_excess"] == pytest.approx(1) and perfect["median_rel_error_excess"] == 0
-    # a model that learned the floor but not the excess: totals still look fine, the excess exposes it
-    blind = calibration(floor + torch.rand(500, 2, generator=g, dtype=F64) * 1e-3, exact, floor)
-    assert blind["spearman"] > 0.99
+    assert perfect["p90_rel_error_excess"] == 0
+    assert perfect["ratio"] == pytest.approx(1) and all(v == pytest.approx(1) for v in
+                                                        perfect["ratio_by_sigma"].values() if v is not None)
+    # bins are a quarter decade wide and named
+    for name in perfect["spearman_excess_by_bin"]:
+        lo, hi = (float(v) for v in name.strip("[)").split(","))
+        assert math.log10(hi / lo) == pytest.approx(0.25, abs=1e-2)
+    # a model that learned the floor but not the excess: the pooled total ranks fine (σ² spans decades),
+    # the within-bin excess Spearman exposes it
+    blind = calibration(floor + torch.diag_embed(torch.rand(n, 2, generator=g, dtype=F64) * 1e-3), exact, sigma,
+                        exact)
+    assert blind["spearman"] > 0.95
     assert abs(blind["spearman_excess"]) < 0.2
-    double = calibration(floor + 2 * excess, exact, floor)
-    assert double["median_rel_error_excess"] == pytest.approx(1.0)
-    # full covariances: traces and Frobenius norms
-    eye = torch.eye(2, dtype=F64)
-    cov_floor = floor[:, :1, None] * eye
-    cov_exact = cov_floor + excess[:, :1, None] * eye
-    full = calibration(cov_floor + 2 * (cov_exact - cov_floor), cov_exact, cov_floor)
-    assert full["median_rel_error_excess"] == pytest.approx(1.0) and full["spearman_excess"] == pytest.approx(1)
+    # twice the excess: relative error exactly 1; twice the whole variance: ratio exactly 1/2
+    double = calibration(floor + 2 * excess, exact, sigma, exact)
+    assert double["median_rel_error_excess"] == pytest.approx(1.0) and double["p90_rel_error_excess"] == pytest.approx(1.0)
+    assert calibration(2 * exact, exact, sigma, exact)["ratio"] == pytest.approx(0.5)
+    # full covariances: off-diagonal errors count in the Frobenius error
+    rot = torch.tensor([[0.0, 1e-3], [1e-3, 0.0]], dtype=F64)
+    off = calibration(exact + rot, exact, sigma, exact)
+    rel = torch.linalg.matrix_norm(rot.expand(n, 2, 2)) / torch.linalg.matrix_norm(excess)
+    assert off["median_rel_error_excess"] == pytest.approx(float(rel.median()))
 
 
 def test_score_error_by_sigma_bins_partition_the_average():

@@ -15,7 +15,6 @@ from torch import nn
 from gendiff.losses import (
     ConfidenceNLL,
     EDMLoss,
-    FullCovarianceNLL,
     NoisyBatch,
     ScoreMatchingLoss,
     f_target,
@@ -24,7 +23,8 @@ from gendiff.losses import (
     nll_full,
     nll_stable,
 )
-from gendiff.precond import Denoiser, edm_scalings, tril_factor
+from gendiff.heads import tril_factor
+from gendiff.precond import Denoiser, edm_scalings
 from gendiff.scores import (
     PhiScoreDenoiser,
     denoiser_from_score,
@@ -40,11 +40,17 @@ SIGMAS = torch.logspace(-4, 4, 17, dtype=F64)  # 1e-4 … 1e4, half a decade apa
 
 
 # ---- tiny deterministic backbones ------------------------------------------------------------
+# The Denoiser gives a backbone one c_noise per example, [N]; `_col` makes it broadcast over x.
+
+def _col(c_noise, x_in):
+    return c_noise.reshape(-1, *([1] * (x_in.ndim - 1)))
+
 
 class DiagNet(nn.Module):
     """Elementwise, smooth, depends on both inputs; broadcasts over any σ shape. Returns (F, G)."""
 
     def forward(self, x_in, c_noise):
+        c_noise = _col(c_noise, x_in)
         F = torch.sin(1.3 * x_in + 0.4) + 0.5 * c_noise
         G = 0.3 * torch.cos(x_in) - 0.2 * c_noise
         return F, torch.broadcast_to(G, F.shape)
@@ -56,7 +62,7 @@ class FOnly(nn.Module):
         self.shift = shift
 
     def forward(self, x_in, c_noise):
-        return torch.tanh(x_in) + 0.1 * c_noise + self.shift
+        return torch.tanh(x_in) + 0.1 * _col(c_noise, x_in) + self.shift
 
 
 class FullNet(nn.Module):
@@ -68,6 +74,7 @@ class FullNet(nn.Module):
         self.W = torch.randn(d, d * (d + 1) // 2, generator=g, dtype=F64) * 0.4
 
     def forward(self, x_in, c_noise):
+        c_noise = _col(c_noise, x_in)
         F = torch.sin(x_in) + 0.3 * c_noise
         c = torch.broadcast_to(c_noise, F.shape)[:, :1]               # one σ per example (T12)
         G = torch.tanh(x_in @ self.W.to(x_in.dtype)) - 0.1 * c
@@ -144,8 +151,10 @@ def test_denoiser_sigma_broadcasting(kind):
                                    rtol=1e-14, atol=0)
     if kind == "per-example":
         assert p.scalings.c_out.shape == (N, 1, 1, 1)
-    # μ = c_skip·x̃ + c_out·F, F = net(c_in·x̃, c_noise) elementwise
-    F, G = DiagNet()(ref.c_in * x, ref.c_noise)
+    # μ = c_skip·x̃ + c_out·F, F = net(c_in·x̃, c_noise): c_noise one per example, [N] (the per-example
+    # σ, or the root mean square of a per-element σ)
+    s_ex = s_full.flatten(1).square().mean(1).sqrt()
+    F, G = DiagNet()(ref.c_in * x, s_ex.log() / 4)
     torch.testing.assert_close(p.mu, ref.c_skip * x + ref.c_out * F, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(p.sigma_phi, ref.c_var * torch.exp(G / 2), rtol=1e-13, atol=0)
 
@@ -257,8 +266,8 @@ def test_T11_zero_G_is_k_weighted_mse():
 
 
 def test_confidence_nll_without_head_is_edm_loss():
-    """ConfidenceNLL on head='none' = ½k·‖F − F*‖² + const (T11), with a G from the backbone ignored;
-    EDMLoss = λ‖D − x0‖² with λ = 1/c_out² = ‖F − F*‖²."""
+    """ConfidenceNLL on head='none' = ½k·‖F − F*‖² + const (T11); a backbone returning G to a head-less
+    denoiser is an error, not silently dropped; EDMLoss = ½λ‖D − x0‖² with λ = 1/c_out², = ½‖F − F*‖²."""
     N, d = 6, 3
     sigma = torch.tensor([0.002, 0.05, 0.3, 1.0, 4.0, 80.0], dtype=F64)
     x0, _, xn = random_batch((N, d), sigma.view(-1, 1), seed=10)
@@ -274,19 +283,16 @@ def test_confidence_nll_without_head_is_edm_loss():
     const = (0.5 * ((1 - sc.k) + math.log(2 * math.pi) + torch.log(sc.c_var**2))).expand(N, d).sum(1)
     torch.testing.assert_close(l1, (sc.k / 2 * (F1 - F_star) ** 2).sum(1) + const, rtol=1e-12, atol=1e-12)
 
-    # a backbone that also returns G: head='none' ignores it
-    dn = Denoiser(DiagNet(), SIGMA_D, head="none")
-    assert dn.predict(xn, sigma).G is None
-    Fn = dn.predict(xn, sigma).F
-    torch.testing.assert_close(ConfidenceNLL()(dn, batch), (sc.k / 2 * (Fn - F_star) ** 2).sum(1) + const,
-                               rtol=1e-12, atol=1e-12)
+    # a backbone that also returns G to a head-less denoiser: a clear error
+    with pytest.raises(ValueError, match="head='none' takes no G"):
+        Denoiser(DiagNet(), SIGMA_D, head="none").predict(xn, sigma)
 
     edm = EDMLoss()(d1, batch)
-    torch.testing.assert_close(edm, ((F1 - F_star) ** 2).sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(edm, 0.5 * ((F1 - F_star) ** 2).sum(1), rtol=1e-9, atol=1e-12)
     mu = d1(xn, sigma)
-    torch.testing.assert_close(edm, ((mu - x0) ** 2 / sc.c_out**2).sum(1), rtol=1e-12, atol=0)
-    # ConfidenceNLL − const = ½k · EDM loss: the same objective up to the weight k (sum over equal σ rows)
-    torch.testing.assert_close(l1 - const, (sc.k[:, 0] / 2) * edm, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(edm, 0.5 * ((mu - x0) ** 2 / sc.c_out**2).sum(1), rtol=1e-12, atol=0)
+    # ConfidenceNLL − const = k · EDM loss: the same optimum per σ, weighted k(σ) across σ (T11)
+    torch.testing.assert_close(l1 - const, sc.k[:, 0] * edm, rtol=1e-9, atol=1e-12)
 
 
 # ---- T12: full covariance ------------------------------------------------------------------------
@@ -393,7 +399,7 @@ def test_full_covariance_nll_callable_and_sigma_forms():
     ref = None
     for sigma in (0.4, torch.tensor(0.4, dtype=F64), torch.full((N,), 0.4, dtype=F64),
                   torch.full((N, 1), 0.4, dtype=F64), torch.full((N, d), 0.4, dtype=F64)):
-        out = FullCovarianceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sigma, source_cov=src))
+        out = ConfidenceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sigma, source_cov=src))
         assert out.shape == (N,)
         if ref is None:
             p = den.predict(xn, 0.4)
@@ -401,8 +407,8 @@ def test_full_covariance_nll_callable_and_sigma_forms():
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     # Different σ per example: equals row-by-row evaluation
     sig = torch.tensor([0.01, 0.1, 0.3, 1.0, 3.0, 30.0], dtype=F64)
-    out = FullCovarianceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sig, source_cov=src))
-    rows = torch.cat([FullCovarianceNLL()(den, NoisyBatch(x0=x0[i:i + 1], x_noisy=xn[i:i + 1], sigma=sig[i].item(),
+    out = ConfidenceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sig, source_cov=src))
+    rows = torch.cat([ConfidenceNLL()(den, NoisyBatch(x0=x0[i:i + 1], x_noisy=xn[i:i + 1], sigma=sig[i].item(),
                                                           source_cov=src[i:i + 1])) for i in range(N)])
     torch.testing.assert_close(out, rows, rtol=1e-12, atol=1e-12)
 
@@ -415,7 +421,7 @@ def test_nll_full_rejects_anisotropic_sigma():
     x0, _, xn = random_batch((N, d), sigma, seed=22)
     den = Denoiser(FullNet(d), SIGMA_D, head="full")
     with pytest.raises(ValueError, match="one σ per example"):
-        FullCovarianceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sigma))
+        ConfidenceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sigma))
 
 
 # ---- per-element σ (T3) -------------------------------------------------------------------------
@@ -476,8 +482,8 @@ def test_prediction_precision_and_covariance_are_inverses():
     pf = Denoiser(FullNet(d), SIGMA_D, head="full").predict(x, sigma)
     S = tril_factor(pf.G, d)                                                       # Σ_φ⁻¹ = SSᵀ/c_var² (T12)
     torch.testing.assert_close(pf.precision(), S @ S.transpose(1, 2) / pf.scalings.c_var[:, :, None] ** 2)
-    with pytest.raises(ValueError, match="full"):
-        pf.sigma_phi
+    # a full head's per-element variance is the marginal: the diagonal of Σ_φ
+    torch.testing.assert_close(pf.variance(), torch.diagonal(pf.covariance(), dim1=-2, dim2=-1))
 
 
 def test_scores_T13_T14_T15():
@@ -510,7 +516,7 @@ def test_scores_T13_T14_T15():
     (float("nan"), "finite and > 0"),
     (float("inf"), "finite and > 0"),
     (torch.tensor([0.1, 0.2, 0.0, 0.3, 0.4]), "finite and > 0"),
-    (torch.tensor([0.1, 0.2, 0.3]), "does not broadcast"),
+    (torch.tensor([0.1, 0.2, 0.3]), "one value per example"),
     (torch.ones(5, 3), "does not broadcast"),
 ])
 def test_bad_sigma(sigma, match):
@@ -526,7 +532,7 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match="head='bogus' is not allowed"):
         Denoiser(DiagNet(), head="bogus")
     with pytest.raises(ValueError, match="sigma_data"):
-        Denoiser(DiagNet(), sigma_data=0.0)
+        Denoiser(DiagNet(), 0.0)
     with pytest.raises(ValueError, match="returning \\(F, G\\)"):
         Denoiser(FOnly(), head="diag")(torch.randn(3, 2), 0.5)
     with pytest.raises(ValueError, match="expected x's"):
@@ -534,12 +540,8 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match="d\\(d\\+1\\)/2 = 3"):
         tril_factor(torch.zeros(4, 2), 2)
     x = torch.randn(3, 2, dtype=F64)
-    with pytest.raises(ValueError, match="head='full'"):
-        FullCovarianceNLL()(Denoiser(DiagNet(), head="diag"), NoisyBatch(x0=x, x_noisy=x, sigma=0.5))
     with pytest.raises(ValueError, match="batch.score"):
         ScoreMatchingLoss()(Denoiser(DiagNet()), NoisyBatch(x0=x, x_noisy=x, sigma=0.5))
-    with pytest.raises(ValueError, match="confidence head"):
-        with_score_mode(Denoiser(FOnly()), "phi")
     with pytest.raises(ValueError, match="score_mode='bogus'"):
         with_score_mode(Denoiser(FOnly()), "bogus")
 
@@ -593,5 +595,5 @@ def test_head_output_shapes_are_checked():
         Denoiser(Net(3), SIGMA_D, "diag")(x, 0.5)
     with pytest.raises(ValueError, match="head='full'.*G has shape"):
         Denoiser(Net(2), SIGMA_D, "full")(x, 0.5)
-    with pytest.raises(ValueError, match="FullCovarianceNLL"):
-        ConfidenceNLL()(Denoiser(Net(3), SIGMA_D, "full"), NoisyBatch(x, x, torch.tensor(0.5, dtype=F64)))
+    with pytest.raises(ValueError, match="head='none' takes no G"):
+        Denoiser(Net(3), SIGMA_D, "none")(x, 0.5)

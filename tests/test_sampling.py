@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from gendiff.ablate import ExactDenoiser
 from gendiff.data.toy import GaussianMixture, tree
 from gendiff.guidance import Guided
 from gendiff.metrics import mmd, sample_nll
@@ -33,7 +32,7 @@ def test_heun_with_exact_denoiser_reproduces_ground_truth(gt):
     n = 4096
     g = torch.Generator().manual_seed(0)
     x_init, _ = gt.sample(n, 5.0, generator=g, dtype=torch.float64)
-    x = sample_heun(ExactDenoiser(gt), x_init, edm_sigmas(32))
+    x = sample_heun(gt.denoiser(), x_init, edm_sigmas(32))
     ref, _ = gt.sample(n, generator=g, dtype=torch.float64)
     null = []
     for _ in range(4):
@@ -55,7 +54,7 @@ def test_heun_converges_at_second_order_for_a_gaussian():
     expect = x_init * s / math.sqrt(s * s + 25)
 
     def err(steps, second_order):
-        out = sample_heun(ExactDenoiser(gm), x_init, edm_sigmas(steps, 1e-6, 5.0), second_order=second_order)
+        out = sample_heun(gm.denoiser(), x_init, edm_sigmas(steps, 1e-6, 5.0), second_order=second_order)
         return float((out - expect).abs().max())
 
     heun = [err(n, True) for n in (16, 32, 64)]
@@ -80,7 +79,7 @@ def test_euler_and_heun_nfe_and_callback():
 
 def test_churn_is_reproducible_with_generator(gt):
     x = gt.sample(64, 5.0, generator=torch.Generator().manual_seed(0))[0].double()
-    D = ExactDenoiser(gt)
+    D = gt.denoiser()
     a = sample_heun(D, x, edm_sigmas(8), churn=10, generator=torch.Generator().manual_seed(3))
     b = sample_heun(D, x, edm_sigmas(8), churn=10, generator=torch.Generator().manual_seed(3))
     c = sample_heun(D, x, edm_sigmas(8), churn=10, generator=torch.Generator().manual_seed(4))
@@ -125,10 +124,10 @@ def test_stochastic_sampler_with_exact_denoiser_matches_ground_truth(gt):
     n = 4096
     g = torch.Generator().manual_seed(7)
     x_init, _ = gt.sample(n, 5.0, generator=g, dtype=torch.float64)
-    x = sample_heun(ExactDenoiser(gt), x_init, edm_sigmas(32), churn=40, s_tmin=0.01, s_tmax=1.0, generator=g)
+    x = sample_heun(gt.denoiser(), x_init, edm_sigmas(32), churn=40, s_tmin=0.01, s_tmax=1.0, generator=g)
     other, _ = gt.sample(n, generator=g, dtype=torch.float64)
     assert abs(sample_nll(x, gt) - sample_nll(other, gt)) < 0.1
     # with the noise scale doubled the result is measurably off
-    bad = sample_heun(ExactDenoiser(gt), x_init, edm_sigmas(32), churn=40, s_tmin=0.01, s_tmax=1.0,
+    bad = sample_heun(gt.denoiser(), x_init, edm_sigmas(32), churn=40, s_tmin=0.01, s_tmax=1.0,
                       s_noise=2.0, generator=torch.Generator().manual_seed(7))
     assert sample_nll(bad, gt) - sample_nll(other, gt) > 0.1
