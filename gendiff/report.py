@@ -155,8 +155,8 @@ def summarize_seeds(results: list) -> dict:
             return None
         first = present[0]
         if isinstance(first, dict):
-            keys = [k for k in first if all(it is None or k in it for it in items)]
-            return {k: merge([None if it is None else it[k] for it in items]) for k in keys}
+            keys = list(dict.fromkeys(k for it in present for k in it))  # union: bins may differ per seed
+            return {k: merge([it.get(k) if isinstance(it, dict) else None for it in items]) for k in keys}
         if isinstance(first, (int, float)) and not isinstance(first, bool):
             vals = [float(v) for v in present if isinstance(v, (int, float)) and math.isfinite(v)]
             if not vals:

@@ -101,7 +101,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     sigma_density: any object with `sample(n, generator) -> σ [n]`; default `LogNormalSigma(p_mean, p_std)`.
     """
     cfg.validate()
-    density = sigma_density or LogNormalSigma(cfg.p_mean, cfg.p_std)
+    density = LogNormalSigma(cfg.p_mean, cfg.p_std) if sigma_density is None else sigma_density
     gen = generator(seed, "train-data")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))

@@ -885,3 +885,28 @@ def test_summarize_seeds_keeps_seeds_with_missing_values(tmp_path):
     (tmp_path / "two").mkdir()
     write_metrics(out2, str(tmp_path / "two"))
     assert (tmp_path / "metrics.md").read_text().count("±") > 10
+
+
+def test_summarize_seeds_keeps_bins_that_differ_between_seeds():
+    """Within-bin Spearman bins depend on the held-out σ of each seed: the summary keeps the union."""
+    from gendiff.report import summarize_seeds
+
+    def res(s, bins):
+        return {"runs": {"r": {"unguided": {"calibration": {"spearman_excess_by_bin": bins}, "nfe": 7}}},
+                "reference": {}, "guidance_effect": {}, "config": {"seed": s}, "timings": {"total_s": 1.0}}
+    out = summarize_seeds([res(0, {"[0.01, 0.0178)": .5, "[0.0178, 0.0316)": .6}),
+                           res(1, {"[0.0178, 0.0316)": .7, "[0.0316, 0.0562)": .8})])
+    bins = out["runs"]["r"]["unguided"]["calibration"]["spearman_excess_by_bin"]
+    assert set(bins) == {"[0.01, 0.0178)", "[0.0178, 0.0316)", "[0.0316, 0.0562)"}
+    assert bins["[0.0178, 0.0316)"]["n"] == 2 and bins["[0.01, 0.0178)"]["n"] == 1
+    assert bins["[0.0178, 0.0316)"]["mean"] == pytest.approx(0.65)
+
+
+def test_exact_denoiser_accepts_constant_per_element_sigma_in_any_dimension():
+    import numpy as np
+    from gendiff.data.toy import GaussianMixture
+    gm = GaussianMixture([1.0], np.zeros((1, 3)), np.eye(3)[None])
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    a = gm.denoiser("point").predict(x, torch.full((1, 3), 0.3, dtype=torch.float64))
+    b = gm.denoiser("point").predict(x, 0.3)
+    torch.testing.assert_close(a.cov, b.cov)

@@ -253,7 +253,8 @@ class ExactDenoiser(torch.nn.Module):
     def _sigma(self, x, sigma) -> torch.Tensor:
         s = as_sigma(sigma, x)
         per = per_example(s, x.shape[0])
-        if s.ndim == x.ndim and not torch.equal(torch.broadcast_to(s, x.shape), per[:, None].expand_as(x)):
+        full = torch.broadcast_to(s, x.shape) if s.ndim == x.ndim else None
+        if full is not None and not torch.equal(full, full[:, :1].expand_as(full)):
             raise ValueError("the exact mixture denoiser takes one σ per point (isotropic noise); "
                              f"got a per-element σ of shape {tuple(s.shape)}")
         return per
