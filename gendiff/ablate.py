@@ -6,6 +6,7 @@ Heun sampler, and scored by the `Evaluator` (evaluate.py); report.py writes tabl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from .losses import LOSSES
 from .nets.mlp import toy_denoiser
 from .report import guidance_effect, summarize_seeds, write_figures, write_metrics
 from .schedules import LogNormalSigma
-from .scores import SCORE_MODES, with_score_mode
+from .scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
 from .train import MODES, BatchSource, ToyTrainConfig, train
 
 
@@ -78,7 +79,7 @@ class AblateConfig:
     guide_iter: int = 1024        # guide_small_iter; cfg: like small but trained on classes "AB"
     guide_width: int = 32
     guide_small_iter: int = 512
-    hybrid_sigma: float = 0.035   # hybrid score mode: T14 below this σ, T13 above (benchmarks/hybrid_threshold.py)
+    hybrid_sigma: float = HYBRID_SIGMA  # hybrid score mode: T14 below this σ, T13 above
     figures: bool = True
 
     def validate(self):
@@ -110,6 +111,12 @@ class AblateConfig:
             check_choice("mode", spec.mode, MODES)
             check_choice("loss", spec.loss, LOSSES)
             check_choice("score_mode", spec.score_mode, SCORE_MODES)
+            if spec.model is not None:
+                check_choice(f"run {name!r}: model", spec.model, RUNS)
+                owner = RUNS[spec.model]
+                if (owner.head, owner.mode, owner.loss) != (spec.head, spec.mode, spec.loss):
+                    raise ValueError(f"run {name!r} reuses model {spec.model!r} but declares head/mode/loss "
+                                     f"{(spec.head, spec.mode, spec.loss)} != {(owner.head, owner.mode, owner.loss)}")
         return self
 
 
@@ -203,7 +210,7 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
 
 
 def _finished(sub: str, cfg: AblateConfig):
-    """A seed's earlier result, if it finished with this very config (a rerun skips it)."""
+    """A seed's earlier result, if it finished with this very config and code (a rerun skips it)."""
     path = os.path.join(sub, "metrics.json")
     if not os.path.exists(path):
         return None
@@ -232,8 +239,22 @@ def run_seeds(cfg: AblateConfig, seeds, out_dir: str | None = None, progress: bo
     return summary
 
 
+def code_digest() -> str:
+    """sha256 (first 16 hex) of the gendiff package's source: a resumed seed must come from the same code."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for f in sorted(files):
+            if f.endswith(".py"):
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    h.update(f.encode() + fh.read())
+    return h.hexdigest()[:16]
+
+
 def config_to_dict(cfg: AblateConfig) -> dict:
     d = asdict(cfg)
+    d["code"] = code_digest()
     d["runs"] = list(cfg.runs)
     d["train"]["betas"] = list(cfg.train.betas)
     d["run_specs"] = {n: asdict(RUNS[n]) for n in cfg.runs}

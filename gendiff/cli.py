@@ -34,6 +34,7 @@ def _nonneg_float(name):
 def build_parser() -> argparse.ArgumentParser:
     from .ablate import DEFAULT_RUNS, GUIDES, RUNS
     from .evaluate import INITS
+    from .scores import HYBRID_SIGMA
     p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
     p.add_argument("--version", action="version", version="gendiff 0.1.0")
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--init", choices=INITS, help="sampling starts from exact samples of p(x; σ_max) (exact, the "
                    "seed's reference; default) or from N(0, σ_max²I) (gaussian)")
     a.add_argument("--hybrid-sigma", type=_number("--hybrid-sigma", float, 1e-12),
-                   help="σ below which the hybrid score mode uses T14 (default 0.035)")
+                   help=f"σ below which the hybrid score mode uses T14 (default {HYBRID_SIGMA})")
     a.add_argument("--no-figures", action="store_true")
     a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     a.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("report", help="re-render metrics.md (and the derived tables) of a finished ablate folder "
+                       "from its metrics.json, without retraining")
+    r.add_argument("folder", help="a results folder written by gendiff ablate")
     return p
 
 
@@ -93,6 +97,17 @@ def _ablate(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import calibration_markdown, metrics_markdown, rerender
+    if not os.path.isfile(os.path.join(args.folder, "metrics.json")):
+        raise ValueError(f"folder={args.folder!r} holds no metrics.json; give a folder written by gendiff ablate")
+    result = rerender(args.folder)
+    print(metrics_markdown(result))
+    print(calibration_markdown(result))
+    print(f"rewrote {os.path.join(args.folder, 'metrics.md')}")
+    return 0
+
+
 def _parse_seeds(text: str) -> list:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -124,6 +139,8 @@ def main(argv=None) -> int:
         try:
             if args.command == "ablate":
                 return _ablate(args)
+            if args.command == "report":
+                return _report(args)
         except ValueError as e:
             print(f"gendiff: error: {e}", file=sys.stderr)
             return 2

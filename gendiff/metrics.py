@@ -95,6 +95,16 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(spearmanr(a.numpy(), b.numpy()).statistic)
 
 
+def partial_spearman(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> float:
+    """Rank correlation of a and b with c's (rank-linear) part removed:
+    (ρ_ab − ρ_ac·ρ_bc)/√((1 − ρ_ac²)(1 − ρ_bc²)). If a is a monotone function of c (a model that knows
+    only σ), nothing of a is left: 0 by definition."""
+    r = spearmanr(np.stack([a.numpy(), b.numpy(), c.numpy()], 1)).statistic
+    r_ab, r_ac, r_bc = r[0, 1], r[0, 2], r[1, 2]
+    den = (1 - r_ac**2) * (1 - r_bc**2)
+    return 0.0 if not den > 1e-12 else float((r_ab - r_ac * r_bc) / math.sqrt(den))
+
+
 CAL_BIN_DECADES = 0.25   # width of the log-σ bins in which the excess variance is ranked
 CAL_MIN_POINTS = 200     # a bin with fewer held-out points is left out of the average
 
@@ -110,7 +120,9 @@ def calibration(learned: torch.Tensor, exact: torch.Tensor, sigma: torch.Tensor,
       Frobenius error per point). Over σ spanning decades σ² alone ranks these almost perfectly.
     - `*_excess`: the part above the known noise, Σ_φ − σ²I against Σ_φ* − σ²I (Var[x0 | x̃] in point
       mode). `spearman_excess` is the mean of rank correlations *within* log-σ bins `bin_decades` wide
-      (named in `spearman_excess_by_bin`, bins with ≥ `min_points` points), so σ alone cannot score.
+      (named in `spearman_excess_by_bin`, bins with ≥ `min_points` points). Inside a bin σ still varies
+      and still ranks the excess (the no-head model scores ≈ 0.5 on the tree), so `partial_spearman_excess`
+      also removes σ's rank-linear part within each bin (`partial_spearman`): σ alone scores exactly 0.
     - `ratio`: E[tr(Σ_φ⁻¹·target)]/d, overall and per σ range (`ratio_by_sigma`): 1 when calibrated
       (T8: the optimum is σ_φ² = E[σ² + (μ − x0)²]); above 1 the model is over-confident.
     """
@@ -126,15 +138,18 @@ def calibration(learned: torch.Tensor, exact: torch.Tensor, sigma: torch.Tensor,
     out["spearman"] = _spearman(diag(learned).flatten(), diag(exact).flatten())
     logs = s.log10()
     lo = math.floor(float(logs.min()) / bin_decades) * bin_decades
-    by_bin = {}
+    by_bin, partial = {}, {}
     while lo <= float(logs.max()):
         m = (logs >= lo) & (logs < lo + bin_decades)
         if int(m.sum()) >= min_points:
             a, b = diag(learned[m] - floor[m]).flatten(), diag(exact[m] - floor[m]).flatten()
-            by_bin[_bin_label(10 ** lo, 10 ** (lo + bin_decades))] = _spearman(a, b)
+            name = _bin_label(10 ** lo, 10 ** (lo + bin_decades))
+            by_bin[name] = _spearman(a, b)
+            partial[name] = partial_spearman(a, b, s[m].repeat_interleave(d))
         lo += bin_decades
-    out["spearman_excess"] = float(np.mean(list(by_bin.values()))) if by_bin else None
-    out["spearman_excess_by_bin"] = by_bin
+    for key, vals in (("spearman_excess", by_bin), ("partial_spearman_excess", partial)):
+        out[key] = float(np.mean(list(vals.values()))) if vals else None
+        out[f"{key}_by_bin"] = vals
     ratio = torch.linalg.solve(learned, target).diagonal(dim1=-2, dim2=-1).sum(-1) / d   # tr(Σ_φ⁻¹ T)/d
     out["ratio"] = float(ratio.mean())
     out["ratio_by_sigma"] = {f"[{lo:g}, {hi:g})": (float(ratio[(s >= lo) & (s < hi)].mean())

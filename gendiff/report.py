@@ -1,12 +1,15 @@
 """Results of `gendiff ablate`: metrics.json, metrics.md (best per column in bold) and figures."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import torch
 
+from .heads import make_head
 from .io import save_figure, save_json, save_text
+from .metrics import CAL_BIN_DECADES, CAL_MIN_POINTS
 
 COLUMNS = [  # path, header, better ("min", "max", "zero" for closest to 0, None: no bold)
     (("sample_nll",), "sample NLL ↓", "min"),
@@ -21,12 +24,14 @@ COLUMNS = [  # path, header, better ("min", "max", "zero" for closest to 0, None
 CAL_COLUMNS = [
     (("calibration", "spearman"), "total Spearman ↑", "max"),
     (("calibration", "spearman_excess"), "excess Spearman in σ bins ↑", "max"),
+    (("calibration", "partial_spearman_excess"), "excess partial Spearman given σ ↑", "max"),
     (("calibration", "median_rel_error_excess"), "excess med. rel. err ↓", "min"),
     (("calibration", "p90_rel_error_excess"), "excess p90 rel. err ↓", "min"),
     (("calibration", "ratio"), "ratio (1 = calibrated)", "one"),
 ]
 GUIDANCE_COLUMNS = [
-    (("mmd_ratio",), "MMD² guided / unguided", None),
+    (("mmd_change",), "MMD² change", None),
+    (("mmd_ratio_of_means",), "MMD² ratio (of means)", None),
     (("outlier_change",), "outliers, relative change", None),
     (("sample_nll_change",), "sample NLL change", None),
     (("median_nll_change",), "median NLL change", None),
@@ -110,8 +115,8 @@ def calibration_markdown(result: dict) -> str:
     cols = CAL_COLUMNS + [(("calibration", "ratio_by_sigma", b), f"ratio σ ∈ {b}", "one") for b in bins]
     names = sorted({b for _, _, m in rows for b in (_get(m, ("calibration", "spearman_excess_by_bin")) or {})},
                    key=lambda b: float(b[1:].split(",")[0]))
-    return table(rows, cols) + ("\nExcess Spearman bins (log-σ, a quarter decade wide, ≥ 200 held-out points): "
-                                + ", ".join(names) + ".\n" if names else "")
+    return table(rows, cols) + (f"\nExcess Spearman bins (log-σ, {CAL_BIN_DECADES:g} decade wide, ≥ {CAL_MIN_POINTS} "
+                                f"held-out points): " + ", ".join(names) + ".\n" if names else "")
 
 
 def score_bins_markdown(result: dict) -> str:
@@ -124,48 +129,69 @@ def score_bins_markdown(result: dict) -> str:
 
 
 def guidance_effect(runs: dict) -> dict:
-    """Per run, what autoguidance did to the unguided samples: MMD² ratio, relative change in outliers,
-    change in mean and median sample NLL."""
+    """Per run, what autoguidance did to the unguided samples: change in MMD², relative change in outliers,
+    change in mean and median sample NLL (None where a value is missing, e.g. a diverged run's)."""
+    def ok(*v):
+        return all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
     out = {}
     for name, per in runs.items():
         u, g = per.get("unguided"), per.get("autoguided")
         if not (u and g):
             continue
+        diff = {k: g[k] - u[k] if ok(g.get(k), u.get(k)) else None for k in ("mmd", "sample_nll", "median_nll")}
         out[name] = {
-            "mmd_ratio": g["mmd"] / u["mmd"] if u["mmd"] else None,
-            "outlier_change": (g["outlier_rate"] - u["outlier_rate"]) / u["outlier_rate"] if u["outlier_rate"] else None,
-            "sample_nll_change": g["sample_nll"] - u["sample_nll"],
-            "median_nll_change": g["median_nll"] - u["median_nll"],
+            "mmd_change": diff["mmd"],  # a difference: unbiased MMD² near 0 (even < 0) makes ratios noise
+            "outlier_change": (g["outlier_rate"] - u["outlier_rate"]) / u["outlier_rate"]
+            if ok(g.get("outlier_rate"), u.get("outlier_rate")) and u["outlier_rate"] else None,
+            "sample_nll_change": diff["sample_nll"],
+            "median_nll_change": diff["median_nll"],
         }
     return out
 
 
 def guidance_markdown(result: dict) -> str:
     effect = result.get("guidance_effect") or {}
-    return table([(n, "autoguided vs unguided", m) for n, m in effect.items()], GUIDANCE_COLUMNS) if effect else ""
+    rows = []
+    for n, m in effect.items():
+        u, g = (_center(_get(result["runs"], (n, lab, "mmd"))) for lab in ("unguided", "autoguided"))
+        rows.append((n, "autoguided vs unguided", {**m, "mmd_ratio_of_means": g / u if u and g is not None else None}))
+    return table(rows, GUIDANCE_COLUMNS) if rows else ""
+
+
+def seed_slice(summary, i: int):
+    """Seed i's values out of a `summarize_seeds` tree (a {"mean", "std", "values"} leaf gives values[i])."""
+    if isinstance(summary, dict):
+        if "values" in summary and "mean" in summary:
+            return summary["values"][i]
+        return {k: seed_slice(v, i) for k, v in summary.items()}
+    return summary
+
+
+def _merge(items):
+    """Seed values → {"mean", "std", "values", "n"} leaves (None entries left out of mean and std)."""
+    present = [it for it in items if it is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for it in present for k in it))  # union: bins may differ per seed
+        return {k: _merge([it.get(k) if isinstance(it, dict) else None for it in items]) for k in keys}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        vals = [float(v) for v in present if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not vals:
+            return None
+        t = torch.tensor(vals, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0,
+                "values": [None if v is None else float(v) for v in items], "n": len(vals)}
+    return first
 
 
 def summarize_seeds(results: list) -> dict:
     """Per metric mean ± sample std over seeds; same layout as one seed's result, numbers become
     {"mean", "std", "values", "n"}: a value missing in some seed (None) is left out of mean and std,
     and n says how many seeds had it."""
-    def merge(items):
-        present = [it for it in items if it is not None]
-        if not present:
-            return None
-        first = present[0]
-        if isinstance(first, dict):
-            keys = list(dict.fromkeys(k for it in present for k in it))  # union: bins may differ per seed
-            return {k: merge([it.get(k) if isinstance(it, dict) else None for it in items]) for k in keys}
-        if isinstance(first, (int, float)) and not isinstance(first, bool):
-            vals = [float(v) for v in present if isinstance(v, (int, float)) and math.isfinite(v)]
-            if not vals:
-                return None
-            t = torch.tensor(vals, dtype=torch.float64)
-            return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0,
-                    "values": [None if v is None else float(v) for v in items], "n": len(vals)}
-        return first
-    out = {k: merge([r.get(k) for r in results]) for k in ("runs", "reference", "guidance_effect")}
+    out = {k: _merge([r.get(k) for r in results]) for k in ("runs", "reference")}
+    out["guidance_effect"] = _merge([guidance_effect(r["runs"]) for r in results])
     for part in (out["runs"], out["reference"]):  # NFE is a count, the same for every seed
         for per in part.values():
             for m in (per.values() if "nfe" not in per else [per]):
@@ -175,6 +201,20 @@ def summarize_seeds(results: list) -> dict:
     out["timings"] = {"total_s": sum(r["timings"]["total_s"] for r in results),
                       "seeds": [r["timings"] for r in results]}
     return out
+
+
+def rerender(out_dir: str) -> dict:
+    """Recompute the derived parts of a finished result (the guidance effect, per seed for a summary) from its
+    metrics.json and write metrics.json and metrics.md again: new report code, no retraining."""
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        result = json.load(f)
+    seeds = result["config"]["seed"]
+    if isinstance(seeds, list):
+        result["guidance_effect"] = _merge([guidance_effect(seed_slice(result["runs"], i)) for i in range(len(seeds))])
+    else:
+        result["guidance_effect"] = guidance_effect(result["runs"])
+    write_metrics(result, out_dir)
+    return result
 
 
 def _fmt(v: float) -> str:
@@ -282,7 +322,7 @@ def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, ou
     os.makedirs(fig_dir, exist_ok=True)
     for name, per in figs.items():
         spec = specs[name]
-        has_phi = spec.head != "none"
+        has_phi = make_head(spec.head).outputs(2) > 0
         n = 6 if has_phi else 4
         fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
         _density_panel(axes[0], ev.gt, view)

@@ -42,6 +42,9 @@ def sample_heun(denoiser, x, sigmas, *, churn: float = 0.0, s_tmin: float = 0.0,
     callback(i, x, sigma, denoised) is called after every step with the new x.
     """
     check_positive("churn", churn, allow_zero=True)
+    check_positive("s_tmin", s_tmin, allow_zero=True)
+    if not (isinstance(s_tmax, (int, float)) and not isinstance(s_tmax, bool) and s_tmax >= s_tmin):
+        raise ValueError(f"s_tmax={s_tmax!r} must be a number >= s_tmin={s_tmin!r} (math.inf: no upper gate)")
     check_positive("s_noise", s_noise, allow_zero=True)
     sigmas = _check_grid(sigmas)
     steps = len(sigmas) - 1

@@ -28,7 +28,7 @@ class LogNormalSigma:
     """EDM's training density: ln σ ~ N(P_mean, P_std²), i.e. λ = −2 ln σ ~ N(−2·P_mean, (2·P_std)²) (T18)."""
 
     def __init__(self, p_mean: float = -2.4, p_std: float = 1.5):
-        if not (isinstance(p_mean, (int, float)) and math.isfinite(p_mean)):
+        if isinstance(p_mean, bool) or not (isinstance(p_mean, (int, float)) and math.isfinite(p_mean)):
             raise ValueError(f"p_mean={p_mean!r} must be a finite number")
         check_positive("p_std", p_std)
         self.p_mean, self.p_std = float(p_mean), float(p_std)

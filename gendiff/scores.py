@@ -38,7 +38,7 @@ class PhiScoreDenoiser(torch.nn.Module):
 
     def __init__(self, denoiser, below: float = math.inf):
         super().__init__()
-        if not (isinstance(below, (int, float)) and below > 0):
+        if isinstance(below, bool) or not (isinstance(below, (int, float)) and below > 0):
             raise ValueError(f"hybrid threshold below={below!r} must be a number > 0 (inf: T14 everywhere)")
         self.denoiser, self.below = denoiser, float(below)
 
@@ -55,10 +55,12 @@ class PhiScoreDenoiser(torch.nn.Module):
 
 
 SCORE_MODES = ("tweedie", "phi", "hybrid")
+HYBRID_SIGMA = 0.035  # where T13 and T14 errors of the exact source optimum cross (benchmarks/hybrid_threshold.py)
 
 
-def with_score_mode(denoiser, score_mode: str, threshold: float = 0.035):
-    """tweedie: T13 (the default); phi: T14 at every σ; hybrid: T14 below σ = `threshold`, T13 above."""
+def with_score_mode(denoiser, score_mode: str, threshold: float = HYBRID_SIGMA):
+    """tweedie: T13 (the default); phi: T14 at every σ; hybrid: T14 below σ = `threshold`, T13 above.
+    A head-less denoiser is allowed: its T14 uses σ_φ = c_var (the σ-only ablation of T14)."""
     if score_mode == "tweedie":
         return denoiser
     if score_mode in ("phi", "hybrid"):

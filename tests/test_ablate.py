@@ -170,6 +170,12 @@ def test_several_seeds_give_mean_and_std(tmp_path):
     logs = []
     again = run_seeds(cfg, [0, 1], str(tmp_path), progress=False, log=logs.append)
     assert sum("finished earlier" in line for line in logs) == 2 and again["runs"] == res["runs"]
+    # gendiff report re-renders from metrics.json alone and recomputes the same guidance effect per seed
+    md = (tmp_path / "metrics.md").read_text()
+    (tmp_path / "metrics.md").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.md").read_text() == md
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
     with pytest.raises(ValueError, match="repeats"):
         run_seeds(cfg, [1, 1], None, progress=False)
 

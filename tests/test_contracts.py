@@ -813,6 +813,10 @@ def test_calibration_of_the_no_head_model_is_its_closed_form(evaluator, gt):
     ratio = (2 * s ** 2 + (mu - ev.x0).square().sum(1)) / (2 * c_var2_)
     assert out["ratio"] == pytest.approx(float(ratio.mean()), rel=1e-4)
     assert out["median_rel_error_excess"] > 0.1                                  # σ alone is not the optimum
+    # σ alone still ranks the excess within quarter-decade bins, but scores exactly 0 once σ is partialled out
+    assert out["spearman_excess"] > 0.2
+    assert out["partial_spearman_excess"] == 0.0
+    assert all(v == 0.0 for v in out["partial_spearman_excess_by_bin"].values())
 
 
 # ---- 7. multi-seed summary ----------------------------------------------------------------------
@@ -871,7 +875,9 @@ def test_summarize_seeds_keeps_seeds_with_missing_values(tmp_path):
     check(out["runs"]["confidence"]["autoguided"]["sample_nll"], [-2.0, -3.0])
     check(out["reference"]["exact-denoiser"]["calibration"]["median_rel_error"], [0.0, 0.0])
     check(out["reference"]["ground-truth"]["sample_nll"], [-3.0, -2.0])
-    check(out["guidance_effect"]["confidence"]["mmd_ratio"], [None, 2.0])
+    # the guidance effect is recomputed per seed from the runs, then summarised
+    check(out["guidance_effect"]["confidence"]["mmd_change"], [0.0, 0.0])
+    check(out["guidance_effect"]["confidence"]["sample_nll_change"], [-1.0, -1.0])
     assert ung["nfe"] == 7 and out["runs"]["confidence"]["autoguided"]["nfe"] == 14
     assert out["reference"]["ground-truth"]["nfe"] == 0
     assert out["config"]["seed"] == [0, 1]
@@ -910,3 +916,39 @@ def test_exact_denoiser_accepts_constant_per_element_sigma_in_any_dimension():
     a = gm.denoiser("point").predict(x, torch.full((1, 3), 0.3, dtype=torch.float64))
     b = gm.denoiser("point").predict(x, 0.3)
     torch.testing.assert_close(a.cov, b.cov)
+
+
+def test_guidance_effect_survives_missing_values():
+    """A diverged run's MMD² is written as null (strict JSON): the guidance effect reports None, no crash."""
+    from gendiff.report import guidance_effect, guidance_markdown
+    runs = {"r": {"unguided": {"mmd": None, "outlier_rate": 0.1, "sample_nll": 1.0, "median_nll": -1.0},
+                  "autoguided": {"mmd": 2e-3, "outlier_rate": 0.05, "sample_nll": 0.5, "median_nll": -1.2}}}
+    eff = guidance_effect(runs)["r"]
+    assert eff["mmd_change"] is None and eff["outlier_change"] == pytest.approx(-0.5)
+    assert eff["median_nll_change"] == pytest.approx(-0.2)
+    md = guidance_markdown({"runs": runs, "guidance_effect": {"r": eff}})
+    assert "| r | autoguided vs unguided |" in md and "MMD² change" not in md   # an all-missing column is hidden
+
+
+def test_run_registry_and_option_errors():
+    from dataclasses import replace as dc_replace
+
+    from gendiff import ablate
+    from gendiff.samplers import sample_heun
+    from gendiff.schedules import edm_sigmas
+    bad = dc_replace(ablate.RUNS["confidence-full-hybrid"], head="diag")
+    old = ablate.RUNS["confidence-full-hybrid"]
+    ablate.RUNS["confidence-full-hybrid"] = bad
+    try:
+        with pytest.raises(ValueError, match="reuses model 'confidence-full'"):
+            ablate.AblateConfig(runs=("confidence-full-hybrid",)).validate()
+    finally:
+        ablate.RUNS["confidence-full-hybrid"] = old
+    assert isinstance(Denoiser(torch.nn.Identity(), "eps").precond, EpsPrecond)
+    with pytest.raises(ValueError, match="precond='bogus' is not allowed"):
+        Denoiser(torch.nn.Identity(), "bogus")
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="s_tmax"):
+        sample_heun(lambda x, s: x, x, edm_sigmas(4), churn=1.0, s_tmin=1.0, s_tmax=0.5)
+    with pytest.raises(ValueError, match="below=True"):
+        PhiScoreDenoiser(torch.nn.Identity(), below=True)

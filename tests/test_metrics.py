@@ -128,3 +128,34 @@ def test_median_nll_of_a_gaussian():
     far = torch.cat([x[:99], torch.full((1, 2), 50.0, dtype=F64)])       # one far sample moves the mean only
     assert median_nll(far, g) == pytest.approx(median_nll(x[:100], g), abs=0.1)
     assert sample_nll(far, g) > sample_nll(x[:100], g) + 100
+
+
+def test_partial_spearman_removes_what_sigma_alone_explains():
+    """Within a σ bin the excess variance still rises with σ; a model that knows only σ ranks it (plain
+    Spearman > 0) but scores exactly 0 once σ's rank-linear part is removed; a model that knows the excess
+    itself keeps a positive partial correlation."""
+    from gendiff.metrics import partial_spearman
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(2000, generator=g, dtype=F64) * 0.5 + 1.0            # one narrow σ bin
+    extra = torch.rand(2000, generator=g, dtype=F64)
+    exact = s**2 * (1 + extra)                                          # rises with σ and with something else
+    sigma_only = 0.8 * s**2                                             # a monotone function of σ
+    from scipy.stats import spearmanr
+    assert spearmanr(sigma_only.numpy(), exact.numpy()).statistic > 0.3
+    assert partial_spearman(sigma_only, exact, s) == 0.0
+    assert partial_spearman(exact, exact, s) == pytest.approx(1.0)
+    assert partial_spearman(s**2 * (1 + extra + 0.1 * torch.rand(2000, generator=g, dtype=F64)), exact, s) > 0.9
+
+
+def test_lognormal_density_cdf_and_pdf_agree_with_T18():
+    """LogNormalSigma: λ = −2 ln σ ~ N(−2 P_mean, (2 P_std)²); pdf_lam integrates to 1 and is −d cdf/dλ."""
+    from gendiff.schedules import LogNormalSigma
+    d = LogNormalSigma(-1.2, 1.2)
+    lam = torch.linspace(-30, 35, 20001, dtype=F64)
+    p = d.pdf_lam(lam)
+    assert float(torch.trapezoid(p, lam)) == pytest.approx(1.0, abs=1e-6)
+    # P(σ ≤ e^(−λ/2)) = P(Λ ≥ λ): its derivative in λ is −p(λ)
+    cdf = d.cdf(torch.exp(-lam / 2))
+    dcdf = torch.gradient(cdf, spacing=(lam,))[0]
+    torch.testing.assert_close(-dcdf[100:-100], p[100:-100], rtol=1e-4, atol=1e-7)
+    assert float(lam[p.argmax()]) == pytest.approx(2.4, abs=0.01)     # T18: EDM training λ ~ N(2.4, 2.4²)
