@@ -7,6 +7,7 @@ Usage: python benchmarks/toy_training.py [--iterations 200] [--batch 4096] [--th
 """
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -52,6 +53,13 @@ def main():
             slow = train(model, loss, esrc, ToyTrainConfig(iterations=max(args.iterations // 5, 10),
                                                            batch=args.batch), progress=False)
             print(f"{'  einsum baseline':<18} {slow.it_per_s:8.1f}   ours/baseline {res.it_per_s / slow.it_per_s:.2f}x")
+        if name == "edm":  # the network's cost: the seed's 5 linear layers against the 4 gendiff had before
+            torch.manual_seed(0)
+            small = make_denoiser(spec, replace(cfg, train=replace(cfg.train, hidden_layers=3)))
+            train(small, loss, src, ToyTrainConfig(iterations=5, batch=args.batch), progress=False)
+            r4 = train(small, loss, src, tcfg, progress=False)
+            print(f"{'  edm, 4 linear':<18} {r4.it_per_s:8.1f}   seed network (5 linear) / 4 linear: "
+                  f"{res.it_per_s / r4.it_per_s:.2f}x")
         if args.profile and name == "score-matching":
             from torch.profiler import profile
             with profile() as prof:
