@@ -16,19 +16,7 @@ from gendiff.data.toy import Checkerboard, GaussianMixture, eight_gaussians, swi
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run thousands of small ops; with another job on the machine, every parallel
-    region waits for a descheduled worker (measured: 25× slower on 2 cores). Results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tree_a():
-    return tree("A")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
