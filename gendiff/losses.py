@@ -65,6 +65,29 @@ class ScoreMatchingLoss:
         return _sum_elements(s2 * ((mu - batch.x_noisy) / s2 - batch.score).square())
 
 
+class WeightedLoss:
+    """THEORY T17: ½·(w(λ)/p(λ))·‖ε̂ − ε‖², per example, for any weighting w (schedules.Weighting) and the
+    density p(λ) the batch's σ was drawn from (schedules.NoiseSchedule), with the importance weight w/p
+    explicit. In VE space (T2) ε̂ − ε = (x0 − D)/σ̃ whatever the process, so one formula serves VE, VP and
+    flow matching at equal λ = −2 log σ̃. `losses.EDMLoss` is the case w = EDM weighting, p = EDM density.
+    Needs one σ per example."""
+
+    def __init__(self, weighting, density):
+        self.weighting, self.density = weighting, density
+
+    def importance(self, sigma: torch.Tensor) -> torch.Tensor:
+        lam = -2 * sigma.double().log()
+        return (self.weighting(lam) / self.density.pdf(lam)).to(sigma.dtype)
+
+    def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
+        mu = denoiser(batch.x_noisy, batch.sigma)
+        full = torch.broadcast_to(as_sigma(batch.sigma, mu), mu.shape).flatten(1)
+        if not torch.equal(full, full[:, :1].expand_as(full)):
+            raise ValueError("WeightedLoss needs one σ per example (λ is per example in T17)")
+        s_ex = full[:, 0]
+        return 0.5 * self.importance(s_ex) * _sum_elements((mu - batch.x0).square()) / s_ex.square()
+
+
 LOSSES = {
     "nll": ConfidenceNLL,
     "edm": EDMLoss,

@@ -24,8 +24,70 @@ def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0
     return torch.cat([s, s.new_zeros(1)])
 
 
-class LogNormalSigma:
-    """EDM's training density: ln σ ~ N(P_mean, P_std²), i.e. λ = −2 ln σ ~ N(−2·P_mean, (2·P_std)²) (T18)."""
+def _t(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float64) if not torch.is_tensor(x) else x
+
+
+class NoiseSchedule:
+    """A training noise density in log-SNR (T18): λ = lam(t) for t ~ U(0, 1), decreasing in t, so
+    p(λ) = −dt/dλ. `sample(n, generator)` gives the VE noise level σ = exp(−λ/2) (T2) that the losses
+    and `train` consume; `sample_lam` gives λ. `stratified=True` draws t = (i + u)/n with one shared u
+    (VDM's low-discrepancy sampler): the same marginal, lower estimator variance."""
+    lam_min, lam_max = -math.inf, math.inf   # the support of p(λ)
+
+    def lam(self, t):
+        raise NotImplementedError
+
+    def t_of_lam(self, lam):
+        raise NotImplementedError
+
+    def pdf(self, lam):
+        raise NotImplementedError
+
+    def cdf(self, lam) -> torch.Tensor:
+        """P(Λ ≤ λ) = 1 − t(λ) (λ decreases with t)."""
+        return 1 - self.t_of_lam(lam)
+
+    def sample_lam(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
+        check_positive("n", n, integer=True)
+        if stratified:
+            u = torch.rand(1, generator=generator, dtype=torch.float64)
+            t = (torch.arange(n, dtype=torch.float64) + u) / n
+        else:
+            t = torch.rand(n, generator=generator, dtype=torch.float64)
+        return self.lam(t.clamp(1e-12, 1 - 1e-12)).to(dtype)
+
+    def sample(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
+        """σ = exp(−λ/2): [n]."""
+        return torch.exp(-self.sample_lam(n, generator, torch.float64, stratified) / 2).to(dtype)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Cosine(NoiseSchedule):
+    """T18 cosine: λ = −2 log tan(πt/2) + 2s, p(λ) = sech(λ/2 − s)/(2π); shift s = 0 is the plain cosine."""
+
+    def __init__(self, shift: float = 0.0):
+        if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift)):
+            raise ValueError(f"shift={shift!r} must be a finite number (0: the plain cosine schedule)")
+        self.shift = float(shift)
+
+    def lam(self, t):
+        return -2 * torch.log(torch.tan(math.pi * _t(t) / 2)) + 2 * self.shift
+
+    def t_of_lam(self, lam):
+        return 2 / math.pi * torch.atan(torch.exp(-(_t(lam) - 2 * self.shift) / 2))
+
+    def pdf(self, lam):
+        return 1 / (2 * math.pi * torch.cosh(_t(lam) / 2 - self.shift))
+
+
+class LogNormalSigma(NoiseSchedule):
+    """EDM's training density: ln σ ~ N(P_mean, P_std²), i.e. λ = −2 ln σ ~ N(−2·P_mean, (2·P_std)²) (T18
+    "EDM training"; THEORY's P_mean = −1.2, P_std = 1.2 gives N(2.4, 2.4²); the toy uses −2.4, 1.5).
+    λ = F_N⁻¹(1 − t) (THEORY's sign-fixed form). `sample` draws ln σ directly, as EDM does."""
 
     def __init__(self, p_mean: float = -2.4, p_std: float = 1.5):
         if isinstance(p_mean, bool) or not (isinstance(p_mean, (int, float)) and math.isfinite(p_mean)):
@@ -33,23 +95,201 @@ class LogNormalSigma:
         check_positive("p_std", p_std)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
 
-    def sample(self, n: int, generator=None, dtype=torch.float32) -> torch.Tensor:
-        """σ: [n]."""
+    @property
+    def _m_s(self):
+        return -2 * self.p_mean, 2 * self.p_std
+
+    def lam(self, t):
+        m, s = self._m_s
+        return m + s * math.sqrt(2) * torch.erfinv(2 * (1 - _t(t)) - 1)
+
+    def t_of_lam(self, lam):
+        m, s = self._m_s
+        return 1 - 0.5 * (1 + torch.erf((_t(lam) - m) / (s * math.sqrt(2))))
+
+    def pdf(self, lam):
+        m, s = self._m_s
+        return torch.exp(-0.5 * ((_t(lam) - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+
+    def pdf_lam(self, lam):
+        return self.pdf(lam)
+
+    def sample(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
+        """σ: [n]. Unstratified draws are exp(N(P_mean, P_std²)) from randn, as the reference toy draws them."""
+        if stratified:
+            return super().sample(n, generator, dtype, stratified)
         return (torch.randn(n, generator=generator, dtype=dtype) * self.p_std + self.p_mean).exp()
 
-    def cdf(self, sigma) -> torch.Tensor:
-        """P(σ' ≤ σ)."""
-        z = (torch.as_tensor(sigma, dtype=torch.float64).log() - self.p_mean) / self.p_std
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    def cdf_sigma(self, sigma) -> torch.Tensor:
+        """P(σ' ≤ σ) = P(Λ ≥ −2 ln σ)."""
+        return self.t_of_lam(-2 * _t(sigma).log())
 
-    def pdf_lam(self, lam) -> torch.Tensor:
-        """p(λ) for λ = −2 ln σ (T18 row "EDM training")."""
-        lam = torch.as_tensor(lam, dtype=torch.float64)
-        m, s = -2 * self.p_mean, 2 * self.p_std
-        return torch.exp(-0.5 * ((lam - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+
+class EDMSampling(NoiseSchedule):
+    """T18 "EDM sampling": the ρ-spaced σ grid of EDM eq. 5 as a density, σ^(1/ρ) uniform between
+    σ_min^(1/ρ) and σ_max^(1/ρ); p(λ) = e^(−λ/(2ρ)) / (2ρ(σ_max^(1/ρ) − σ_min^(1/ρ)))."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        _check_range(sigma_min, sigma_max)
+        check_positive("rho", rho)
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.lam_min, self.lam_max = -2 * math.log(self.sigma_max), -2 * math.log(self.sigma_min)
+
+    def _a_b(self):
+        return self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+
+    def lam(self, t):
+        a, b = self._a_b()
+        return -2 * self.rho * torch.log(b + (1 - _t(t)) * (a - b))
+
+    def t_of_lam(self, lam):
+        a, b = self._a_b()
+        return 1 - (torch.exp(-_t(lam) / (2 * self.rho)) - b) / (a - b)
+
+    def pdf(self, lam):
+        a, b = self._a_b()
+        lam = _t(lam)
+        inside = (lam >= self.lam_min) & (lam <= self.lam_max)
+        return torch.where(inside, torch.exp(-lam / (2 * self.rho)) / (2 * self.rho * (b - a)), 0.0)
+
+
+class FlowMatchingSchedule(NoiseSchedule):
+    """T18 flow matching (α = 1 − t, σ = t): λ = 2 log((1 − t)/t), p(λ) = sech²(λ/4)/8."""
+
+    def lam(self, t):
+        t = _t(t)
+        return 2 * (torch.log1p(-t) - torch.log(t))
+
+    def t_of_lam(self, lam):
+        return torch.sigmoid(-_t(lam) / 2)
+
+    def pdf(self, lam):
+        return 1 / (8 * torch.cosh(_t(lam) / 4) ** 2)
+
+
+class LogUniform(NoiseSchedule):
+    """log σ uniform on [log σ_min, log σ_max]: λ uniform on [−2 log σ_max, −2 log σ_min]."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        _check_range(sigma_min, sigma_max)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.lam_min, self.lam_max = -2 * math.log(self.sigma_max), -2 * math.log(self.sigma_min)
+
+    def lam(self, t):
+        return self.lam_max - _t(t) * (self.lam_max - self.lam_min)
+
+    def t_of_lam(self, lam):
+        return (self.lam_max - _t(lam)) / (self.lam_max - self.lam_min)
+
+    def pdf(self, lam):
+        lam = _t(lam)
+        inside = (lam >= self.lam_min) & (lam <= self.lam_max)
+        return torch.where(inside, torch.full_like(lam, 1 / (self.lam_max - self.lam_min)), 0.0)
+
+
+def _check_range(sigma_min, sigma_max):
+    check_positive("sigma_min", sigma_min)
+    check_positive("sigma_max", sigma_max)
+    if not sigma_min < sigma_max:
+        raise ValueError(f"need sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+SCHEDULES = {"cosine": Cosine, "edm-training": LogNormalSigma, "edm-sampling": EDMSampling,
+             "flow-matching": FlowMatchingSchedule, "log-uniform": LogUniform}
+
+
+def make_schedule(name: str, **kw) -> NoiseSchedule:
+    """A training density by name (the CLI's boundary): cosine (shift=s for the shifted cosine),
+    edm-training, edm-sampling, flow-matching, log-uniform."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule={name!r} is not allowed; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](**kw)
+
+
+class Weighting:
+    """w(λ) of the weighted loss T17 (T19). `monotonic`: w is non-increasing in λ (more weight at more
+    noise), which makes the loss an ELBO of noise-augmented data (VDM++ Theorem 1)."""
+    monotonic = False
+
+    def __call__(self, lam) -> torch.Tensor:
+        raise NotImplementedError
 
     def __repr__(self):
-        return f"LogNormalSigma(p_mean={self.p_mean}, p_std={self.p_std})"
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class ELBOWeighting(Weighting):
+    """w ≡ 1: the ELBO up to constants (T17)."""
+    monotonic = True
+
+    def __call__(self, lam):
+        return torch.ones_like(_t(lam))
+
+
+class SigmoidWeighting(Weighting):
+    """w = sigmoid(−λ + b); b = 2 is VDM++'s best (T19)."""
+    monotonic = True
+
+    def __init__(self, bias: float = 2.0):
+        if isinstance(bias, bool) or not (isinstance(bias, (int, float)) and math.isfinite(bias)):
+            raise ValueError(f"bias={bias!r} must be a finite number")
+        self.bias = float(bias)
+
+    def __call__(self, lam):
+        return torch.sigmoid(-_t(lam) + self.bias)
+
+
+class EDMWeighting(Weighting):
+    """EDM in ε-space (T19): w(λ) = p_EDM(λ)·(e^(−λ) + σ_d²)/σ_d², so that w/p_EDM·‖ε̂ − ε‖²/2 is EDM's
+    ½λ(σ)‖D − x0‖² = ½‖F − F*‖² (`losses.EDMLoss`). Not monotonic (a bump around the density's mode)."""
+
+    def __init__(self, sigma_data: float = 0.5, density: LogNormalSigma | None = None):
+        check_positive("sigma_data", sigma_data)
+        self.sigma_data = float(sigma_data)
+        self.density = density or LogNormalSigma(-1.2, 1.2)
+
+    def __call__(self, lam):
+        lam = _t(lam)
+        d2 = self.sigma_data ** 2
+        return self.density.pdf(lam) * (torch.exp(-lam) + d2) / d2
+
+
+class VWeighting(Weighting):
+    """v-prediction's implied weighting w = exp(−λ/2) (T19)."""
+    monotonic = True
+
+    def __call__(self, lam):
+        return torch.exp(-_t(lam) / 2)
+
+
+class EpsCosineWeighting(Weighting):
+    """ε-prediction trained under the cosine schedule: w = sech(λ/2) (T19)."""
+
+    def __call__(self, lam):
+        return 1 / torch.cosh(_t(lam) / 2)
+
+
+class MinSNRWeighting(Weighting):
+    """Min-SNR-γ (Hang et al. 2023) in ε-space: w = min(SNR, γ)/SNR = min(1, γ·e^(−λ))."""
+    monotonic = True
+
+    def __init__(self, gamma: float = 5.0):
+        check_positive("gamma", gamma)
+        self.gamma = float(gamma)
+
+    def __call__(self, lam):
+        return torch.clamp(self.gamma * torch.exp(-_t(lam)), max=1.0)
+
+
+WEIGHTINGS = {"elbo": ELBOWeighting, "sigmoid": SigmoidWeighting, "edm": EDMWeighting, "v": VWeighting,
+              "eps-cosine": EpsCosineWeighting, "min-snr": MinSNRWeighting}
+
+
+def make_weighting(name: str, **kw) -> Weighting:
+    if name not in WEIGHTINGS:
+        raise ValueError(f"weighting={name!r} is not allowed; choose one of {sorted(WEIGHTINGS)}")
+    return WEIGHTINGS[name](**kw)
 
 
 def inverse_sqrt_lr(lr: float, i: int, ref: int) -> float:

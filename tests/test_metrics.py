@@ -155,7 +155,7 @@ def test_lognormal_density_cdf_and_pdf_agree_with_T18():
     p = d.pdf_lam(lam)
     assert float(torch.trapezoid(p, lam)) == pytest.approx(1.0, abs=1e-6)
     # P(σ ≤ e^(−λ/2)) = P(Λ ≥ λ): its derivative in λ is −p(λ)
-    cdf = d.cdf(torch.exp(-lam / 2))
+    cdf = d.cdf_sigma(torch.exp(-lam / 2))
     dcdf = torch.gradient(cdf, spacing=(lam,))[0]
     torch.testing.assert_close(-dcdf[100:-100], p[100:-100], rtol=1e-4, atol=1e-7)
     assert float(lam[p.argmax()]) == pytest.approx(2.4, abs=0.01)     # T18: EDM training λ ~ N(2.4, 2.4²)
