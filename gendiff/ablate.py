@@ -20,10 +20,11 @@ from .evaluate import Evaluator, SamplerConfig
 from .guidance import Guided
 from .heads import make_head
 from .io import derive_seed, save_json
-from .losses import LOSSES
+from .losses import LOSSES, WeightedLoss
 from .nets.mlp import toy_denoiser
 from .report import guidance_effect, summarize_seeds, write_figures, write_metrics
-from .schedules import LogNormalSigma
+from .precond import PRECONDS
+from .schedules import LogNormalSigma, make_schedule, make_weighting
 from .scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
 from .train import MODES, BatchSource, ToyTrainConfig, train
 
@@ -36,6 +37,59 @@ class RunSpec:
     score_mode: str = "tweedie"  # sampling score: T13, T14, or the hybrid
     model: str | None = None     # reuse the trained model of another run
     help: str = ""
+    precond: str = "edm"         # key of precond.PRECONDS: the parameterisation (T21)
+    schedule: tuple = ()         # training density (name, ((key, value), ...)) of schedules.SCHEDULES;
+                                 # () is the config's ln σ ~ N(p_mean, p_std²)
+    weighting: tuple = ()        # for loss "weighted": (name, ((key, value), ...)) of schedules.WEIGHTINGS
+
+    def density(self, cfg: AblateConfig):
+        if not self.schedule:
+            return LogNormalSigma(cfg.train.p_mean, cfg.train.p_std)
+        name, kw = self.schedule
+        return make_schedule(name, **dict(kw))
+
+    def loss_fn(self, density):
+        if self.loss == "weighted":
+            if not self.weighting:
+                raise ValueError("loss='weighted' needs a weighting (T19)")
+            name, kw = self.weighting
+            return WeightedLoss(make_weighting(name, **dict(kw)), density)
+        return LOSSES[self.loss]()
+
+
+def _objective(precond, schedule, weighting=(), loss="weighted", head="none", help=""):
+    return RunSpec(head, "point", loss, precond=precond, schedule=schedule, weighting=weighting, help=help)
+
+
+_ENDS = ("truncate", (0.002, 80.0))   # VDM++-style equal endpoints for every density of the suite
+_COS, _LOGU = ("cosine", (_ENDS,)), ("log-uniform", (("sigma_min", 0.002), ("sigma_max", 80.0)))
+_SIG = ("sigmoid", (("bias", 2.0),))
+OBJECTIVE_RUNS = {
+    # every parameterisation under its classic weighting (VDM++ Table 1)
+    "obj-F-edm": _objective("edm", (), loss="edm", help="F-prediction, EDM weighting and density (= edm)"),
+    "obj-eps-simple": _objective("eps", _COS, ("eps-cosine", ()), help="ε-prediction, L_simple under the cosine "
+                                 "schedule: w = sech(λ/2) ∝ p(λ)"),
+    "obj-v-cosine": _objective("v", _COS, ("v", ()), help="v-prediction under the cosine schedule: w = e^(−λ/2)"),
+    "obj-x0-sigmoid": _objective("x0", _COS, _SIG, help="x0-prediction, sigmoid(−λ + 2) weighting"),
+    # every weighting under one parameterisation (F, EDM preconditioning) and one density (cosine)
+    "w-elbo": _objective("edm", _COS, ("elbo", ()), help="w ≡ 1 (ELBO)"),
+    "w-sigmoid": _objective("edm", _COS, _SIG, help="w = sigmoid(−λ + 2), VDM++'s best"),
+    "w-edm": _objective("edm", _COS, ("edm", ()), help="EDM's weighting under a cosine density (importance-weighted)"),
+    "w-v": _objective("edm", _COS, ("v", ()), help="w = e^(−λ/2)"),
+    "w-eps-cosine": _objective("edm", _COS, ("eps-cosine", ()), help="w = sech(λ/2)"),
+    "w-min-snr": _objective("edm", _COS, ("min-snr", (("gamma", 5.0),)), help="min-SNR-5"),
+    # every training density under one weighting (sigmoid) and parameterisation (F): T17 says same objective
+    "p-cosine-shift+1": _objective("edm", ("cosine", (("shift", 1.0), _ENDS)), _SIG, help="shifted cosine, s = 1"),
+    "p-cosine-shift-1": _objective("edm", ("cosine", (("shift", -1.0), _ENDS)), _SIG, help="shifted cosine, s = −1"),
+    "p-edm-training": _objective("edm", ("edm-training", (("p_mean", -1.2), ("p_std", 1.2), _ENDS)), _SIG,
+                                 help="EDM training density λ ~ N(2.4, 2.4²)"),
+    "p-flow-matching": _objective("edm", ("flow-matching", (_ENDS,)), _SIG, help="flow-matching density sech²(λ/4)/8"),
+    "p-log-uniform": _objective("edm", _LOGU, _SIG, help="log-uniform σ in [0.002, 80] (VE and VP at these "
+                                "endpoints: both are uniform in λ)"),
+    # the confidence-aware NLL under three densities
+    "nll-cosine": _objective("edm", _COS, loss="nll", head="diag", help="confidence NLL (T9), cosine density"),
+    "nll-log-uniform": _objective("edm", _LOGU, loss="nll", head="diag", help="confidence NLL, log-uniform σ"),
+}
 
 
 RUNS = {
@@ -60,6 +114,8 @@ RUNS = {
     "confidence-full-point": RunSpec("full", "point", "nll", help="full covariance trained in point mode (T12, "
                                      "Σ_src = 0)"),
 }
+RUNS.update(OBJECTIVE_RUNS)
+SUITES = {"seed": None, "objectives": ("edm", "confidence", *OBJECTIVE_RUNS)}  # None: DEFAULT_RUNS
 DEFAULT_RUNS = ("edm", "confidence-frozen", "confidence", "confidence-full", "confidence-full-phi-score",
                 "confidence-full-hybrid", "seed-method", "score-matching")
 GUIDES = ("snapshot", "small", "cfg")
@@ -109,8 +165,10 @@ class AblateConfig:
             spec = RUNS[name]
             make_head(spec.head)
             check_choice("mode", spec.mode, MODES)
-            check_choice("loss", spec.loss, LOSSES)
             check_choice("score_mode", spec.score_mode, SCORE_MODES)
+            check_choice(f"run {name!r}: precond", spec.precond, PRECONDS)
+            check_choice(f"run {name!r}: loss", spec.loss, (*LOSSES, "weighted"))
+            spec.loss_fn(spec.density(self))
             if spec.model is not None:
                 check_choice(f"run {name!r}: model", spec.model, RUNS)
                 owner = RUNS[spec.model]
@@ -129,7 +187,7 @@ def quick(cfg: AblateConfig | None = None) -> AblateConfig:
 
 def make_denoiser(spec: RunSpec, cfg: AblateConfig, width: int | None = None):
     return toy_denoiser(spec.head, dim=2, width=width or cfg.train.width, hidden_layers=cfg.train.hidden_layers,
-                        precond=cfg.train.sigma_data)
+                        precond=PRECONDS[spec.precond](cfg.train.sigma_data))
 
 
 def _train_model(name, spec, cfg, classes, seed, out_dir, progress, width=None, iterations=None):
@@ -140,8 +198,9 @@ def _train_model(name, spec, cfg, classes, seed, out_dir, progress, width=None, 
     source = BatchSource(tree(classes), spec.mode, need_score=spec.loss == "score-matching")
     keep = (cfg.guide_iter,) if cfg.guide == "snapshot" else ()
     snap_dir = None if out_dir is None else os.path.join(out_dir, "snapshots", name)
-    return train(model, LOSSES[spec.loss](), source, tcfg, seed=seed, snapshot_dir=snap_dir,
-                 keep_snapshots=keep, progress=progress, desc=name)
+    density = spec.density(cfg)
+    return train(model, spec.loss_fn(density), source, tcfg, seed=seed, snapshot_dir=snap_dir,
+                 keep_snapshots=keep, progress=progress, desc=name, sigma_density=density)
 
 
 def _guide_for(name, spec, cfg, res, seed, out_dir, progress):

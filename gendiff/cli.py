@@ -32,7 +32,7 @@ def _nonneg_float(name):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .ablate import DEFAULT_RUNS, GUIDES, RUNS
+    from .ablate import DEFAULT_RUNS, GUIDES, RUNS, SUITES
     from .evaluate import INITS
     from .scores import HYBRID_SIGMA
     p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="the seed experiment on the 2-D tree, measured against the exact ground truth",
                        description="Runs: " + "; ".join(f"{k}: {v.help}" for k, v in RUNS.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
-    a.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (default: %(default)s)")
+    a.add_argument("--suite", choices=sorted(SUITES), default="seed",
+                   help="seed: the seed experiment (default runs: " + ",".join(DEFAULT_RUNS) + "); objectives: "
+                   "parameterisations, weightings and training densities (T17–T21), " + str(len(SUITES["objectives"]))
+                   + " runs")
+    a.add_argument("--runs", help="comma-separated runs (overrides --suite)")
     a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
     a.add_argument("--seed", type=_number("--seed", int, 0), default=0)
     a.add_argument("--seeds", help="comma-separated seeds: one run each, plus a mean ± std summary")
@@ -67,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ablate(args) -> int:
-    from .ablate import AblateConfig, quick, run_seeds
+    from .ablate import DEFAULT_RUNS, SUITES, AblateConfig, quick, run_seeds
     from .report import calibration_markdown, metrics_markdown
-    cfg = AblateConfig(runs=tuple(r.strip() for r in args.runs.split(",") if r.strip()), seed=args.seed)
+    runs = (tuple(r.strip() for r in args.runs.split(",") if r.strip()) if args.runs is not None
+            else SUITES[args.suite] or DEFAULT_RUNS)
+    cfg = AblateConfig(runs=runs, seed=args.seed)
     if args.quick:
         cfg = quick(cfg)
     t = cfg.train

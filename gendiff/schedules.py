@@ -187,6 +187,39 @@ class LogUniform(NoiseSchedule):
         return torch.where(inside, torch.full_like(lam, 1 / (self.lam_max - self.lam_min)), 0.0)
 
 
+class Truncated(NoiseSchedule):
+    """A density restricted to σ ∈ [sigma_min, sigma_max] (λ ∈ [−2 log σ_max, −2 log σ_min]) and renormalised:
+    equal endpoints for every density, as VDM++ compares processes; keeps float32 batches away from the
+    σ where x0 + σε cannot represent σε (σ ≪ 1e-7·|x0|), which the importance weight w/p would amplify."""
+
+    def __init__(self, base: NoiseSchedule, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        _check_range(sigma_min, sigma_max)
+        self.base, self.sigma_min, self.sigma_max = base, float(sigma_min), float(sigma_max)
+        self.lam_min = max(-2 * math.log(self.sigma_max), base.lam_min)
+        self.lam_max = min(-2 * math.log(self.sigma_min), base.lam_max)
+        t_hi, t_lo = (float(base.t_of_lam(torch.tensor(v, dtype=torch.float64))) for v in (self.lam_max, self.lam_min))
+        self._t0, self._z = t_hi, t_lo - t_hi               # base t of the upper λ end, and the mass kept
+        if not self._z > 0:
+            raise ValueError(f"{base!r} has no mass in σ ∈ [{sigma_min}, {sigma_max}]")
+
+    def lam(self, t):
+        return self.base.lam(self._t0 + _t(t) * self._z)
+
+    def t_of_lam(self, lam):
+        return (self.base.t_of_lam(_t(lam).clamp(self.lam_min, self.lam_max)) - self._t0) / self._z
+
+    def pdf(self, lam):
+        lam = _t(lam)
+        inside = (lam >= self.lam_min) & (lam <= self.lam_max)
+        return torch.where(inside, self.base.pdf(lam) / self._z, 0.0)
+
+    def sample(self, n, generator=None, dtype=torch.float32, stratified=False):
+        return NoiseSchedule.sample(self, n, generator, dtype, stratified)
+
+    def __repr__(self):
+        return f"Truncated({self.base!r}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+
+
 def _check_range(sigma_min, sigma_max):
     check_positive("sigma_min", sigma_min)
     check_positive("sigma_max", sigma_max)
@@ -198,12 +231,13 @@ SCHEDULES = {"cosine": Cosine, "edm-training": LogNormalSigma, "edm-sampling": E
              "flow-matching": FlowMatchingSchedule, "log-uniform": LogUniform}
 
 
-def make_schedule(name: str, **kw) -> NoiseSchedule:
+def make_schedule(name: str, truncate: tuple | None = None, **kw) -> NoiseSchedule:
     """A training density by name (the CLI's boundary): cosine (shift=s for the shifted cosine),
-    edm-training, edm-sampling, flow-matching, log-uniform."""
+    edm-training, edm-sampling, flow-matching, log-uniform; `truncate=(σ_min, σ_max)` restricts it."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not allowed; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](**kw)
+    sch = SCHEDULES[name](**kw)
+    return sch if truncate is None else Truncated(sch, *truncate)
 
 
 class Weighting:

@@ -144,3 +144,19 @@ def test_bad_settings_are_clear_errors():
         WeightedLoss(SigmoidWeighting(), Cosine())(lambda x, s: x, NoisyBatch(torch.zeros(2, 2), torch.zeros(2, 2),
                                                                               torch.tensor([[0.1, 0.2], [0.1, 0.1]])))
     assert set(SCHEDULES) >= {"cosine", "edm-training", "edm-sampling", "flow-matching", "log-uniform"}
+
+
+@pytest.mark.parametrize("base", [Cosine(), Cosine(shift=1.0), FlowMatchingSchedule(), LogNormalSigma(-1.2, 1.2)],
+                         ids=repr)
+def test_truncated_density_is_the_renormalised_restriction(base):
+    from gendiff.schedules import Truncated
+    sch = Truncated(base, 0.002, 80.0)
+    lam = torch.linspace(sch.lam_min, sch.lam_max, 200001, dtype=F64)
+    assert float(torch.trapezoid(sch.pdf(lam), lam)) == pytest.approx(1.0, abs=1e-6)
+    z = float(torch.trapezoid(base.pdf(lam), lam))
+    torch.testing.assert_close(sch.pdf(lam[::1000]), base.pdf(lam[::1000]) / z, rtol=1e-5, atol=0)
+    sig = sch.sample(5000, torch.Generator().manual_seed(0), F64)
+    assert float(sig.min()) >= 0.002 * (1 - 1e-9) and float(sig.max()) <= 80.0 * (1 + 1e-9)
+    lam_s = -2 * sig.log()
+    assert kstest(lam_s.numpy(), lambda v: sch.cdf(torch.as_tensor(v, dtype=F64)).numpy()).pvalue > 1e-3
+    assert float(sch.pdf(torch.tensor(sch.lam_max + 1.0, dtype=F64))) == 0.0

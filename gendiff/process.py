@@ -1,0 +1,249 @@
+"""Forward processes as reparametrisations of the one VE/EDM process, through the log-SNR λ.
+
+THEORY §1 (T1, T2) and §6 (T23, T24). A process is z = α(t)·x0 + σ(t)·ε with λ = log(α²/σ²) (T1);
+x̃ = z/α, σ̃ = σ/α = exp(−λ/2) turns it into x̃ = x0 + σ̃·ε (T2), so one VE denoiser D(x̃, σ̃) → x0
+serves VE, VP, flow matching and DDPM alike (VDM++ §2): `Process.denoise(D, z, t)`.
+
+Time t is a scalar or one value per example `[N]` (a per-element tensor also broadcasts); λ decreases
+with t. Continuous processes use t ∈ [0, 1]; DDPM uses its step index t ∈ {0, 1, …, T} (T23).
+Python numbers become float64 tensors; tensors keep their floating dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_choice, check_positive
+
+
+def _t(x) -> torch.Tensor:
+    """A floating tensor: float64 from Python numbers or integer tensors."""
+    x = torch.as_tensor(x)
+    return x if x.is_floating_point() else x.to(torch.float64)
+
+
+def _expand(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A per-time value broadcast against z: scalar as is, [N] → [N, 1, ...], per element as is."""
+    v = v.to(z.dtype)
+    return v.reshape(-1, *([1] * (z.ndim - 1))) if v.ndim == 1 and z.ndim > 1 else v
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+
+
+class Process:
+    """z = α(t)·x0 + σ(t)·ε (T1). Subclasses give alpha, sigma, lam and its inverse t_of_lam."""
+
+    def alpha(self, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lam(self, t) -> torch.Tensor:
+        """log-SNR λ = log(α²/σ²) (T1), strictly decreasing in t."""
+        raise NotImplementedError
+
+    def t_of_lam(self, lam) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma_ve(self, t) -> torch.Tensor:
+        """The equivalent VE noise level σ̃ = exp(−λ/2) (T2)."""
+        return torch.exp(-self.lam(t) / 2)
+
+    def perturb(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """z = α·x0 + σ·ε (T1); x0, noise: [N, ...]."""
+        t = _t(t)
+        return _expand(self.alpha(t), x0) * x0 + _expand(self.sigma(t), x0) * noise
+
+    def to_ve(self, z: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̃, σ̃) = (z/α, σ/α) (T2); σ̃ has t's shape (scalar or [N]), ready for D(x̃, σ̃)."""
+        t = _t(t)
+        alpha = self.alpha(t)
+        return z / _expand(alpha, z), (self.sigma(t) / alpha).to(z.dtype)
+
+    def from_ve(self, x_tilde: torch.Tensor, t) -> torch.Tensor:
+        """z = α·x̃ (T2), the inverse of to_ve."""
+        return _expand(self.alpha(_t(t)), x_tilde) * x_tilde
+
+    def denoise(self, denoiser, z: torch.Tensor, t) -> torch.Tensor:
+        """The x0 estimate of a VE denoiser `D(x̃, σ̃) -> x0` at process latent z and time t (T2).
+        x0 is the same in every parametrisation, so the output needs no rescaling."""
+        x_tilde, sigma_tilde = self.to_ve(z, t)
+        return denoiser(x_tilde, sigma_tilde)
+
+
+class VE(Process):
+    """VE / EDM: α = 1, σ(t) = σ_min^(1−t)·σ_max^t (geometric), λ = −2 log σ (THEORY §1.1)."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        check_positive("sigma_min", sigma_min)
+        check_positive("sigma_max", sigma_max)
+        if not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min={sigma_min!r} must be < sigma_max={sigma_max!r}; "
+                             "allowed: 0 < sigma_min < sigma_max")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self._log_min, self._log_max = math.log(sigma_min), math.log(sigma_max)
+
+    def alpha(self, t):
+        return torch.ones_like(_t(t))
+
+    def sigma(self, t):
+        t = _t(t)
+        return torch.exp((1 - t) * self._log_min + t * self._log_max)
+
+    def lam(self, t):
+        t = _t(t)
+        return -2 * ((1 - t) * self._log_min + t * self._log_max)
+
+    def t_of_lam(self, lam):
+        return (-_t(lam) / 2 - self._log_min) / (self._log_max - self._log_min)
+
+
+class VP(Process):
+    """Variance preserving: α² = sigmoid(λ), σ² = sigmoid(−λ) (THEORY §1.1), so α² + σ² = 1.
+    Choice: λ(t) is linear in t from lam_max at t = 0 to lam_min at t = 1 (fixed endpoints in log-SNR,
+    which is all that matters in continuous time, T22), not the β-linear VP SDE of Song et al."""
+
+    def __init__(self, lam_min: float = -10.0, lam_max: float = 10.0):
+        _check_finite("lam_min", lam_min)
+        _check_finite("lam_max", lam_max)
+        if not lam_min < lam_max:
+            raise ValueError(f"lam_min={lam_min!r} must be < lam_max={lam_max!r}; allowed: lam_min < lam_max, finite")
+        self.lam_min, self.lam_max = lam_min, lam_max
+
+    def alpha(self, t):
+        return torch.exp(F.logsigmoid(self.lam(t)) / 2)  # √sigmoid(λ), stable for large |λ|
+
+    def sigma(self, t):
+        return torch.exp(F.logsigmoid(-self.lam(t)) / 2)
+
+    def lam(self, t):
+        return self.lam_max + _t(t) * (self.lam_min - self.lam_max)
+
+    def t_of_lam(self, lam):
+        return (self.lam_max - _t(lam)) / (self.lam_max - self.lam_min)
+
+
+class FlowMatching(Process):
+    """Rectified flow / OT path: α = 1 − t, σ = t, λ = 2 log((1 − t)/t), t = sigmoid(−λ/2) (THEORY §1.1, T18).
+    The endpoints are singular (λ = ±∞; to_ve divides by α = 0 at t = 1): use t ∈ (0, 1)."""
+
+    def alpha(self, t):
+        return 1 - _t(t)
+
+    def sigma(self, t):
+        return _t(t).clone()
+
+    def lam(self, t):
+        t = _t(t)
+        return 2 * (torch.log1p(-t) - torch.log(t))
+
+    def t_of_lam(self, lam):
+        return torch.sigmoid(-_t(lam) / 2)
+
+
+DDPM_SCHEDULES = ("linear", "cosine")
+
+
+def _lerp_table(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear f(x) through (xp, fp), xp increasing, x within [xp[0], xp[-1]]; exact at the knots."""
+    if xp.numel() == 1:
+        return fp[0].expand(x.shape).clone()
+    j = torch.searchsorted(xp, x.contiguous(), right=True).clamp(1, xp.numel() - 1)
+    x0, x1 = xp[j - 1], xp[j]
+    return torch.lerp(fp[j - 1], fp[j], (x - x0) / (x1 - x0))
+
+
+class DDPM(Process):
+    """Discrete DDPM (T23): β_t, α_t = 1 − β_t, ᾱ_t = ∏_{i≤t} α_i for steps t = 1..T.
+
+    Time is the step index t ∈ {0, 1, …, T}. `betas`, `alphas`, `alpha_bar` are float64 tables [T + 1]
+    indexed by step, with the identity step 0 (β_0 = 0, ᾱ_0 = 1, λ = +∞). As a process α = √ᾱ_t,
+    σ = √(1 − ᾱ_t); fractional t ∈ [1, T] interpolates λ linearly between steps (α, σ from λ as in VP).
+    linear: β = linspace(beta_start, beta_end, T) (DDPM). cosine: ᾱ(t) = f(t)/f(0),
+    f(t) = cos²((t/T + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at 0.999 (IDDPM), ᾱ = ∏(1 − β).
+    """
+
+    def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                 cosine_s: float = 0.008):
+        check_positive("T", T, integer=True)
+        check_choice("schedule", schedule, DDPM_SCHEDULES)
+        for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
+            _check_finite(name, b)
+            if not 0 < b < 1:
+                raise ValueError(f"{name}={b!r} is out of range; allowed: 0 < {name} < 1")
+        check_positive("cosine_s", cosine_s, allow_zero=True)
+        self.T, self.schedule = T, schedule
+        f64 = torch.float64
+        if schedule == "linear":
+            beta = torch.linspace(beta_start, beta_end, T, dtype=f64)
+        else:
+            f = torch.cos((torch.arange(T + 1, dtype=f64) / T + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+            beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # 1 − ᾱ(t)/ᾱ(t−1); f(0) cancels
+        self.betas = torch.cat([beta.new_zeros(1), beta])             # [T + 1], β_0 = 0
+        self.alphas = 1 - self.betas                                  # [T + 1]
+        log_ab = torch.cumsum(torch.log1p(-self.betas), 0)            # log ᾱ_t, T23
+        self.alpha_bar = torch.exp(log_ab)                            # [T + 1], ᾱ_0 = 1
+        self.one_minus_alpha_bar = -torch.expm1(log_ab)               # 1 − ᾱ_t without cancellation
+        self._lam = log_ab - torch.log(self.one_minus_alpha_bar)      # [T + 1], λ_0 = +∞
+        self._steps = torch.arange(T + 1, dtype=f64)
+
+    def _check_steps(self, t: torch.Tensor) -> None:
+        bad = ~((t == 0) | ((t >= 1) & (t <= self.T)))
+        if bad.any():
+            raise ValueError(f"DDPM step t={t[bad].flatten()[0].item()!r} is out of range; "
+                             f"allowed: 0 or 1 <= t <= T={self.T}")
+
+    def lam(self, t):
+        t = _t(t)
+        self._check_steps(t)
+        tab = self._lam.to(t.device)
+        lam = _lerp_table(t.to(torch.float64), self._steps[1:].to(t.device), tab[1:])
+        return torch.where(t == 0, tab[0], lam).to(t.dtype)
+
+    def t_of_lam(self, lam):
+        lam = _t(lam)
+        tab = self._lam.to(lam.device)
+        bad = ~((lam == math.inf) | ((lam >= tab[-1]) & (lam <= tab[1])))
+        if bad.any():
+            raise ValueError(f"lam={lam[bad].flatten()[0].item()!r} is out of range; allowed: +inf (t = 0) "
+                             f"or {tab[-1].item():.6g} <= lam <= {tab[1].item():.6g} (steps T..1)")
+        t = _lerp_table(-lam.to(torch.float64), -tab[1:], self._steps[1:].to(lam.device))  # −λ increases with t
+        return torch.where(lam == math.inf, torch.zeros_like(t), t).to(lam.dtype)
+
+    def alpha(self, t):
+        return torch.exp(F.logsigmoid(self.lam(t)) / 2)  # √ᾱ_t
+
+    def sigma(self, t):
+        return torch.exp(F.logsigmoid(-self.lam(t)) / 2)  # √(1 − ᾱ_t)
+
+    def posterior(self, x_t: torch.Tensor, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(x_{t−1} | x_t, x0) = N(μ_q, β̃_t I) (T24) for integer steps t ∈ 1..T (scalar or [N]).
+        Returns (mean shaped like x_t, variance broadcastable to x_t)."""
+        t = torch.as_tensor(t)
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            raise ValueError(f"posterior needs integer steps t; got t={t.flatten()[0].item()!r}")
+        t = t.long()
+        if ((t < 1) | (t > self.T)).any():
+            raise ValueError(f"posterior step t={t.flatten()[0].item()!r} is out of range; allowed: 1 <= t <= {self.T}")
+        dev = x_t.device
+        a, b = self.alphas.to(dev)[t], self.betas.to(dev)[t]                # α_t, β_t = 1 − α_t
+        ab_prev = self.alpha_bar.to(dev)[t - 1]                             # ᾱ_{t−1}
+        om_prev, om = self.one_minus_alpha_bar.to(dev)[t - 1], self.one_minus_alpha_bar.to(dev)[t]
+        c_t, c_0 = a.sqrt() * om_prev / om, ab_prev.sqrt() * b / om
+        mean = _expand(c_t, x_t) * x_t + _expand(c_0, x_t) * x0
+        return mean, _expand(b * om_prev / om, x_t)
+
+
+PROCESSES: dict[str, type[Process]] = {"ve": VE, "vp": VP, "flow": FlowMatching, "ddpm": DDPM}
+
+
+def make_process(name: str, **kw) -> Process:
+    """A process from the registry by name, e.g. `make_process("ddpm", schedule="cosine")`."""
+    check_choice("process", name, PROCESSES)
+    return PROCESSES[name](**kw)
