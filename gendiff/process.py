@@ -113,7 +113,8 @@ class VP(Process):
         _check_finite("lam_min", lam_min)
         _check_finite("lam_max", lam_max)
         if not lam_min < lam_max:
-            raise ValueError(f"lam_min={lam_min!r} must be < lam_max={lam_max!r}; allowed: lam_min < lam_max, finite")
+            raise ValueError(f"lam_min={lam_min!r} must be < lam_max={lam_max!r}; "
+                             "allowed: finite lam_min < lam_max")
         self.lam_min, self.lam_max = lam_min, lam_max
 
     def alpha(self, t):
@@ -169,8 +170,8 @@ class DDPM(Process):
     f(t) = cos²((t/T + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at 0.999 (IDDPM), ᾱ = ∏(1 − β).
     """
 
-    def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
-                 cosine_s: float = 0.008):
+    def __init__(self, T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02, cosine_s: float = 0.008):
         check_positive("T", T, integer=True)
         check_choice("schedule", schedule, DDPM_SCHEDULES)
         for name, b in (("beta_start", beta_start), ("beta_end", beta_end)):
@@ -213,7 +214,8 @@ class DDPM(Process):
         if bad.any():
             raise ValueError(f"lam={lam[bad].flatten()[0].item()!r} is out of range; allowed: +inf (t = 0) "
                              f"or {tab[-1].item():.6g} <= lam <= {tab[1].item():.6g} (steps T..1)")
-        t = _lerp_table(-lam.to(torch.float64), -tab[1:], self._steps[1:].to(lam.device))  # −λ increases with t
+        # −λ increases with t
+        t = _lerp_table(-lam.to(torch.float64), -tab[1:], self._steps[1:].to(lam.device))
         return torch.where(lam == math.inf, torch.zeros_like(t), t).to(lam.dtype)
 
     def alpha(self, t):
@@ -230,7 +232,8 @@ class DDPM(Process):
             raise ValueError(f"posterior needs integer steps t; got t={t.flatten()[0].item()!r}")
         t = t.long()
         if ((t < 1) | (t > self.T)).any():
-            raise ValueError(f"posterior step t={t.flatten()[0].item()!r} is out of range; allowed: 1 <= t <= {self.T}")
+            raise ValueError(f"posterior step t={t.flatten()[0].item()!r} is out of range; "
+                             f"allowed: 1 <= t <= {self.T}")
         dev = x_t.device
         a, b = self.alphas.to(dev)[t], self.betas.to(dev)[t]                # α_t, β_t = 1 − α_t
         ab_prev = self.alpha_bar.to(dev)[t - 1]                             # ᾱ_{t−1}
