@@ -24,7 +24,7 @@ from .losses import LOSSES, WeightedLoss
 from .nets.mlp import toy_denoiser
 from .report import guidance_effect, summarize_seeds, write_figures, write_metrics
 from .precond import PRECONDS
-from .schedules import LogNormalSigma, make_schedule, make_weighting
+from .schedules import AdaptiveSchedule, LogNormalSigma, make_schedule, make_weighting
 from .scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
 from .train import MODES, BatchSource, ToyTrainConfig, train
 
@@ -46,6 +46,8 @@ class RunSpec:
         if not self.schedule:
             return LogNormalSigma(cfg.train.p_mean, cfg.train.p_std)
         name, kw = self.schedule
+        if name == "adaptive":  # T20: p(λ) fitted to w(λ)·E[‖ε̂ − ε‖² | λ] during training
+            return AdaptiveSchedule(make_weighting(self.weighting[0], **dict(self.weighting[1])), **dict(kw))
         return make_schedule(name, **dict(kw))
 
     def loss_fn(self, density):
@@ -66,7 +68,8 @@ _COS, _LOGU = ("cosine", (_ENDS,)), ("log-uniform", (("sigma_min", 0.002), ("sig
 _SIG = ("sigmoid", (("bias", 2.0),))
 OBJECTIVE_RUNS = {
     # every parameterisation under its classic weighting (VDM++ Table 1)
-    "obj-F-edm": _objective("edm", (), loss="edm", help="F-prediction, EDM weighting and density (= edm)"),
+    "obj-F-edm": RunSpec("none", "point", "edm", model="edm", help="F-prediction, EDM weighting and density: "
+                         "the edm run's model (not retrained)"),
     "obj-eps-simple": _objective("eps", _COS, ("eps-cosine", ()), help="ε-prediction, L_simple under the cosine "
                                  "schedule: w = sech(λ/2) ∝ p(λ)"),
     "obj-v-cosine": _objective("v", _COS, ("v", ()), help="v-prediction under the cosine schedule: w = e^(−λ/2)"),
@@ -86,6 +89,8 @@ OBJECTIVE_RUNS = {
     "p-flow-matching": _objective("edm", ("flow-matching", (_ENDS,)), _SIG, help="flow-matching density sech²(λ/4)/8"),
     "p-log-uniform": _objective("edm", _LOGU, _SIG, help="log-uniform σ in [0.002, 80] (VE and VP at these "
                                 "endpoints: both are uniform in λ)"),
+    "p-adaptive": _objective("edm", ("adaptive", (("sigma_min", 0.002), ("sigma_max", 80.0))), _SIG,
+                             help="adaptive p(λ) ∝ w·E[‖ε̂ − ε‖² | λ], fitted during training (T20)"),
     # the confidence-aware NLL under three densities
     "nll-cosine": _objective("edm", _COS, loss="nll", head="diag", help="confidence NLL (T9), cosine density"),
     "nll-log-uniform": _objective("edm", _LOGU, loss="nll", head="diag", help="confidence NLL, log-uniform σ"),
@@ -172,9 +177,10 @@ class AblateConfig:
             if spec.model is not None:
                 check_choice(f"run {name!r}: model", spec.model, RUNS)
                 owner = RUNS[spec.model]
-                if (owner.head, owner.mode, owner.loss) != (spec.head, spec.mode, spec.loss):
-                    raise ValueError(f"run {name!r} reuses model {spec.model!r} but declares head/mode/loss "
-                                     f"{(spec.head, spec.mode, spec.loss)} != {(owner.head, owner.mode, owner.loss)}")
+                what = lambda r: (r.head, r.mode, r.loss, r.precond, r.schedule, r.weighting)  # noqa: E731
+                if what(owner) != what(spec):
+                    raise ValueError(f"run {name!r} reuses model {spec.model!r} but declares head/mode/loss/"
+                                     f"precond/schedule/weighting {what(spec)} != {what(owner)}")
         return self
 
 

@@ -73,7 +73,7 @@ class WeightedLoss:
     Needs one σ per example."""
 
     def __init__(self, weighting, density):
-        self.weighting, self.density = weighting, density
+        self.weighting, self.density, self.last = weighting, density, None
 
     def importance(self, sigma: torch.Tensor) -> torch.Tensor:
         lam = -2 * sigma.double().log()
@@ -85,7 +85,9 @@ class WeightedLoss:
         if not torch.equal(full, full[:, :1].expand_as(full)):
             raise ValueError("WeightedLoss needs one σ per example (λ is per example in T17)")
         s_ex = full[:, 0]
-        return 0.5 * self.importance(s_ex) * _sum_elements((mu - batch.x0).square()) / s_ex.square()
+        eps_loss = _sum_elements((mu - batch.x0).square()) / s_ex.square()     # ‖ε̂ − ε‖² (T2)
+        self.last = (s_ex.detach(), eps_loss.detach())   # for an adaptive density (T20): train.py feeds it back
+        return 0.5 * self.importance(s_ex) * eps_loss
 
 
 LOSSES = {

@@ -220,6 +220,67 @@ class Truncated(NoiseSchedule):
         return f"Truncated({self.base!r}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
 
 
+class AdaptiveSchedule(NoiseSchedule):
+    """T20 (VDM++ §5): a piecewise-constant p(λ) on `bins` equal bins of [λ_min, λ_max], fitted online so that
+    the importance-weighted loss w(λ)/p(λ)·E[‖ε̂ − ε‖² | λ] is flat: p(λ) ∝ w(λ)·E[‖ε̂ − ε‖² | λ], the
+    zero-variance choice for a non-negative integrand. `update(sigma, eps_loss)` feeds per-example
+    ‖ε̂ − ε‖² (the trainer calls it after each step); the per-bin means are exponential moving averages
+    (decay `ema`), and a floor `mix` of the uniform density keeps every bin sampled."""
+
+    def __init__(self, weighting, sigma_min: float = 0.002, sigma_max: float = 80.0, bins: int = 64,
+                 ema: float = 0.99, mix: float = 0.05):
+        _check_range(sigma_min, sigma_max)
+        check_positive("bins", bins, integer=True)
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema={ema!r} must be in [0, 1)")
+        if not 0 < mix <= 1:
+            raise ValueError(f"mix={mix!r} must be in (0, 1]: the uniform share that keeps every bin sampled")
+        self.weighting, self.ema, self.mix = weighting, float(ema), float(mix)
+        self.lam_min, self.lam_max = -2 * math.log(sigma_max), -2 * math.log(sigma_min)
+        self.edges = torch.linspace(self.lam_min, self.lam_max, bins + 1, dtype=torch.float64)
+        self.mean_loss = torch.ones(bins, dtype=torch.float64)   # E[‖ε̂ − ε‖² | bin], 1 until seen
+        self._refit()
+
+    def _refit(self):
+        mid = (self.edges[1:] + self.edges[:-1]) / 2
+        mass = self.weighting(mid) * self.mean_loss
+        mass = (1 - self.mix) * mass / mass.sum() + self.mix / len(mass)
+        self.mass = mass                                          # probability of each bin
+        self.above = mass.flip(0).cumsum(0).flip(0) - mass        # P(λ above bin i)
+
+    def _bin(self, lam):
+        return torch.bucketize(_t(lam), self.edges[1:-1].to(_t(lam).dtype))
+
+    def update(self, sigma: torch.Tensor, eps_loss: torch.Tensor) -> None:
+        lam = -2 * sigma.detach().double().log().view(-1)
+        b = self._bin(lam)
+        total = torch.zeros_like(self.mean_loss).index_add_(0, b, eps_loss.detach().double().view(-1))
+        count = torch.zeros_like(self.mean_loss).index_add_(0, b, torch.ones_like(lam))
+        seen = count > 0
+        self.mean_loss[seen] = self.ema * self.mean_loss[seen] + (1 - self.ema) * total[seen] / count[seen]
+        self._refit()
+
+    # λ decreases with t: t runs through the bins from the top (highest λ) down
+    def t_of_lam(self, lam):
+        lam = _t(lam).clamp(self.lam_min, self.lam_max)
+        width = (self.edges[1] - self.edges[0]).item()
+        b = self._bin(lam)
+        return (self.above[b] + self.mass[b] * (self.edges[b + 1] - lam) / width).to(lam.dtype)
+
+    def lam(self, t):
+        t = _t(t)
+        top = self.mass.flip(0).cumsum(0)                         # mass of the top k + 1 bins
+        b = len(self.mass) - 1 - torch.bucketize(t, top[:-1].to(t.dtype))
+        frac = (t - self.above[b]) / self.mass[b]
+        return self.edges[b + 1] - frac * (self.edges[1] - self.edges[0])
+
+    def pdf(self, lam):
+        lam = _t(lam)
+        inside = (lam >= self.lam_min) & (lam <= self.lam_max)
+        width = (self.edges[1] - self.edges[0]).item()
+        return torch.where(inside, self.mass[self._bin(lam)].to(lam.dtype) / width, 0.0)
+
+
 def _check_range(sigma_min, sigma_max):
     check_positive("sigma_min", sigma_min)
     check_positive("sigma_max", sigma_max)

@@ -119,6 +119,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
         loss = loss_fn(denoiser, batch).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} at iteration {i}; lower the learning rate (--lr)")
+        if hasattr(density, "update") and getattr(loss_fn, "last", None) is not None:
+            density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
