@@ -390,3 +390,40 @@ def make_weighting(name: str, **kw) -> Weighting:
 def inverse_sqrt_lr(lr: float, i: int, ref: int) -> float:
     """The reference toy's learning rate at iteration i: lr / √max(i/ref, 1) (§10; EDM2's decay)."""
     return lr / math.sqrt(max(i / ref, 1))
+
+
+class LearnedSchedule(torch.nn.Module):
+    """VDM's learned noise schedule (T22): γ_η(t) = −λ(t), monotone increasing in t, as
+    γ(t) = γ_0 + (γ_1 − γ_0)·(ĝ(t) − ĝ(0))/(ĝ(1) − ĝ(0)), ĝ(t) = l1(t) + l3(sigmoid(l2(l1(t)))) with
+    positive weights (softplus), so only the shape between the endpoints is free; `learn_endpoints`
+    makes γ_0 = −λ_max and γ_1 = −λ_min parameters too. Only the endpoints change the continuous ELBO."""
+
+    def __init__(self, lam_min: float = -10.0, lam_max: float = 10.0, hidden: int = 64,
+                 learn_endpoints: bool = False):
+        super().__init__()
+        for name, v in (("lam_min", lam_min), ("lam_max", lam_max)):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name}={v!r} must be a finite number")
+        if not lam_min < lam_max:
+            raise ValueError(f"need lam_min < lam_max; got lam_min={lam_min}, lam_max={lam_max}")
+        check_positive("hidden", hidden, integer=True)
+        ends = torch.tensor([-lam_max, -lam_min], dtype=torch.float64)
+        self.ends = torch.nn.Parameter(ends) if learn_endpoints else torch.nn.Parameter(ends, requires_grad=False)
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(1, generator=g, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.b2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.w3 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64) / hidden)
+
+    def _g(self, t):
+        sp = torch.nn.functional.softplus
+        h = sp(self.w1) * t
+        return h + (torch.sigmoid(h[..., None] * sp(self.w2) + self.b2) * sp(self.w3)).sum(-1)
+
+    def gamma(self, t) -> torch.Tensor:
+        t = _t(t).to(self.ends.dtype)
+        g0, g1 = self._g(torch.zeros_like(t)), self._g(torch.ones_like(t))
+        return self.ends[0] + (self.ends[1] - self.ends[0]) * (self._g(t) - g0) / (g1 - g0)
+
+    def lam(self, t) -> torch.Tensor:
+        return -self.gamma(t)
