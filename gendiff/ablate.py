@@ -91,6 +91,13 @@ OBJECTIVE_RUNS = {
                                 "endpoints: both are uniform in λ)"),
     "p-adaptive": _objective("edm", ("adaptive", (("sigma_min", 0.002), ("sigma_max", 80.0))), _SIG,
                              help="adaptive p(λ) ∝ w·E[‖ε̂ − ε‖² | λ], fitted during training (T20)"),
+    # VE, VP and flow matching at equal endpoints σ ∈ [0.002, 80] and equal weighting (VDM++ §2): in VE space a
+    # process is the λ density its uniform t induces (VE geometric σ and VP linear λ: both uniform in λ) plus
+    # its customary parameterisation
+    "proc-ve": _objective("edm", _LOGU, _SIG, help="VE: geometric σ (uniform λ), F-prediction, sigmoid weighting"),
+    "proc-vp": _objective("eps", _LOGU, _SIG, help="VP: linear λ (uniform λ), ε-prediction, sigmoid weighting"),
+    "proc-flow": _objective("edm", ("flow-matching", (_ENDS,)), _SIG,
+                            help="flow matching: its λ density sech²(λ/4)/8, F-prediction, sigmoid weighting"),
     # the confidence-aware NLL under three densities
     "nll-cosine": _objective("edm", _COS, loss="nll", head="diag", help="confidence NLL (T9), cosine density"),
     "nll-log-uniform": _objective("edm", _LOGU, loss="nll", head="diag", help="confidence NLL, log-uniform σ"),
