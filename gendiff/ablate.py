@@ -94,10 +94,12 @@ OBJECTIVE_RUNS = {
     # VE, VP and flow matching at equal endpoints σ ∈ [0.002, 80] and equal weighting (VDM++ §2): in VE space a
     # process is the λ density its uniform t induces (VE geometric σ and VP linear λ: both uniform in λ) plus
     # its customary parameterisation
-    "proc-ve": _objective("edm", _LOGU, _SIG, help="VE: geometric σ (uniform λ), F-prediction, sigmoid weighting"),
+    "proc-ve": replace(_objective("edm", _LOGU, _SIG), model="p-log-uniform",
+                       help="VE: geometric σ (uniform λ), F-prediction, sigmoid weighting (= p-log-uniform)"),
     "proc-vp": _objective("eps", _LOGU, _SIG, help="VP: linear λ (uniform λ), ε-prediction, sigmoid weighting"),
-    "proc-flow": _objective("edm", ("flow-matching", (_ENDS,)), _SIG,
-                            help="flow matching: its λ density sech²(λ/4)/8, F-prediction, sigmoid weighting"),
+    "proc-flow": replace(_objective("edm", ("flow-matching", (_ENDS,)), _SIG), model="p-flow-matching",
+                         help="flow matching: its λ density sech²(λ/4)/8, F-prediction, sigmoid weighting "
+                         "(= p-flow-matching)"),
     # the confidence-aware NLL under three densities
     "nll-cosine": _objective("edm", _COS, loss="nll", head="diag", help="confidence NLL (T9), cosine density"),
     "nll-log-uniform": _objective("edm", _LOGU, loss="nll", head="diag", help="confidence NLL, log-uniform σ"),
