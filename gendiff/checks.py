@@ -45,6 +45,12 @@ def per_example(sigma: torch.Tensor, n: int) -> torch.Tensor:
     return flat.square().mean(1).sqrt()
 
 
+def check_ordered(lo_name: str, lo, hi_name: str, hi) -> None:
+    """lo < hi (both already checked numbers), else a ValueError naming both."""
+    if not lo < hi:
+        raise ValueError(f"{lo_name}={lo!r} must be < {hi_name}={hi!r}; allowed: {lo_name} < {hi_name}")
+
+
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {sorted(allowed)}")

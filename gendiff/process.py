@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_positive
+from .checks import check_choice, check_ordered, check_positive
 
 
 def _t(x) -> torch.Tensor:
@@ -83,9 +83,7 @@ class VE(Process):
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         check_positive("sigma_min", sigma_min)
         check_positive("sigma_max", sigma_max)
-        if not sigma_min < sigma_max:
-            raise ValueError(f"sigma_min={sigma_min!r} must be < sigma_max={sigma_max!r}; "
-                             "allowed: 0 < sigma_min < sigma_max")
+        check_ordered("sigma_min", sigma_min, "sigma_max", sigma_max)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self._log_min, self._log_max = math.log(sigma_min), math.log(sigma_max)
 
@@ -112,9 +110,7 @@ class VP(Process):
     def __init__(self, lam_min: float = -10.0, lam_max: float = 10.0):
         _check_finite("lam_min", lam_min)
         _check_finite("lam_max", lam_max)
-        if not lam_min < lam_max:
-            raise ValueError(f"lam_min={lam_min!r} must be < lam_max={lam_max!r}; "
-                             "allowed: finite lam_min < lam_max")
+        check_ordered("lam_min", lam_min, "lam_max", lam_max)
         self.lam_min, self.lam_max = lam_min, lam_max
 
     def alpha(self, t):
