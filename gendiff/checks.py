@@ -45,6 +45,16 @@ def per_example(sigma: torch.Tensor, n: int) -> torch.Tensor:
     return flat.square().mean(1).sqrt()
 
 
+def one_per_example(t: torch.Tensor, shape, what: str) -> torch.Tensor:
+    """A noise level or scaling that must be constant within each example (isotropic noise σ²I: T12, T17,
+    the exact mixture), as [N]; a value that differs within an example is a ValueError naming `what`."""
+    full = torch.broadcast_to(t, tuple(shape)).flatten(1)
+    if not torch.equal(full, full[:, :1].expand_as(full)):
+        raise ValueError(f"{what} needs one σ per example (isotropic noise σ²I); got a σ that differs within "
+                         "an example")
+    return full[:, 0]
+
+
 def check_ordered(lo_name: str, lo, hi_name: str, hi) -> None:
     """lo < hi (both already checked numbers), else a ValueError naming both."""
     if not lo < hi:

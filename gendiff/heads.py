@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checks import one_per_example
+
 if TYPE_CHECKING:  # annotations only: precond imports this module
     from .precond import Scalings
 
@@ -73,14 +75,6 @@ def tril_factor(G: torch.Tensor, d: int) -> torch.Tensor:
     return S
 
 
-def _example_scalar(t: torch.Tensor, n: int, d: int, what: str) -> torch.Tensor:
-    """A scaling as one value per example [n]: T12 needs isotropic noise σ²I within an example."""
-    t = torch.broadcast_to(t, (n, d))
-    if not torch.equal(t, t[:, :1].expand(n, d)):
-        raise ValueError(f"{what} needs one σ per example (noise σ²I, T12); got a σ that differs within an example")
-    return t[:, 0]
-
-
 def nll_full(F, G, F_star, sc: Scalings, source_cov=None) -> torch.Tensor:
     """THEORY T12, per example, for points [N, d] with σ one value per example.
 
@@ -89,8 +83,8 @@ def nll_full(F, G, F_star, sc: Scalings, source_cov=None) -> torch.Tensor:
     component by a row sum of S instead; its logp has the correct contraction).
     """
     N, d = F.shape
-    k = _example_scalar(sc.k, N, d, "nll_full")
-    c_var = _example_scalar(sc.c_var, N, d, "nll_full")
+    k = one_per_example(sc.k, (N, d), "nll_full (T12)")
+    c_var = one_per_example(sc.c_var, (N, d), "nll_full (T12)")
     S = tril_factor(G, d)
     logdet = G[:, :d].sum(1)                              # −log det(SSᵀ) = Σ g_i
     tr = S.square().sum((1, 2))                           # tr(SSᵀ) = ‖S‖²_F
@@ -288,7 +282,7 @@ class FullHead(Head):
 
     def _c_var2(self, p):
         N, d = p.mu.shape
-        return _example_scalar(p.scalings.c_var, N, d, "head='full'").square()[:, None, None]
+        return one_per_example(p.scalings.c_var, (N, d), "head='full'").square()[:, None, None]
 
     def precision(self, p):
         S = self.factor(p)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import as_sigma
+from .checks import as_sigma, one_per_example
 from .heads import _sum_elements, f_target, log_q, nll_direct, nll_full, nll_stable, tril_factor  # noqa: F401
 from .precond import Denoiser
 
@@ -81,10 +81,7 @@ class WeightedLoss:
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
         mu = denoiser(batch.x_noisy, batch.sigma)
-        full = torch.broadcast_to(as_sigma(batch.sigma, mu), mu.shape).flatten(1)
-        if not torch.equal(full, full[:, :1].expand_as(full)):
-            raise ValueError("WeightedLoss needs one σ per example (λ is per example in T17)")
-        s_ex = full[:, 0]
+        s_ex = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "WeightedLoss (λ per example, T17)")
         eps_loss = _sum_elements((mu - batch.x0).square()) / s_ex.square()     # ‖ε̂ − ε‖² (T2)
         self.last = (s_ex.detach(), eps_loss.detach())   # for an adaptive density (T20): train.py feeds it back
         return 0.5 * self.importance(s_ex) * eps_loss

@@ -111,9 +111,6 @@ class LogNormalSigma(NoiseSchedule):
         m, s = self._m_s
         return torch.exp(-0.5 * ((_t(lam) - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
 
-    def pdf_lam(self, lam):
-        return self.pdf(lam)
-
     def sample(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
         """σ: [n]. Unstratified draws are exp(N(P_mean, P_std²)) from randn, as the reference toy draws them."""
         if stratified:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .checks import as_sigma, check_positive
+from .checks import as_sigma
 from .heads import Prediction
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checks import check_positive
+from .checks import check_choice, check_positive
 from .data.toy import EXACT_MODES, GaussianMixture
 from .io import generator, save_state
 from .losses import NoisyBatch
@@ -58,8 +58,7 @@ class BatchSource:
     """
 
     def __init__(self, mixture: GaussianMixture, mode: str, need_score: bool = False):
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not allowed; choose one of {list(MODES)}")
+        check_choice("mode", mode, MODES)
         self.mixture, self.mode, self.need_score = mixture, mode, need_score
         self.means = mixture.means64.float()
         self.covs = mixture.covs64.float()

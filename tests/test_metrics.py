@@ -148,11 +148,11 @@ def test_partial_spearman_removes_what_sigma_alone_explains():
 
 
 def test_lognormal_density_cdf_and_pdf_agree_with_T18():
-    """LogNormalSigma: λ = −2 ln σ ~ N(−2 P_mean, (2 P_std)²); pdf_lam integrates to 1 and is −d cdf/dλ."""
+    """LogNormalSigma: λ = −2 ln σ ~ N(−2 P_mean, (2 P_std)²); pdf integrates to 1 and is −d cdf/dλ."""
     from gendiff.schedules import LogNormalSigma
     d = LogNormalSigma(-1.2, 1.2)
     lam = torch.linspace(-30, 35, 20001, dtype=F64)
-    p = d.pdf_lam(lam)
+    p = d.pdf(lam)
     assert float(torch.trapezoid(p, lam)) == pytest.approx(1.0, abs=1e-6)
     # P(σ ≤ e^(−λ/2)) = P(Λ ≥ λ): its derivative in λ is −p(λ)
     cdf = d.cdf_sigma(torch.exp(-lam / 2))

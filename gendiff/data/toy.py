@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..checks import as_sigma, check_choice, check_positive, per_example
+from ..checks import as_sigma, check_choice, check_positive, one_per_example
 from ..heads import Prediction
 
 
@@ -251,13 +251,7 @@ class ExactDenoiser(torch.nn.Module):
         self.mixture, self.mode = mixture, mode
 
     def _sigma(self, x, sigma) -> torch.Tensor:
-        s = as_sigma(sigma, x)
-        per = per_example(s, x.shape[0])
-        full = torch.broadcast_to(s, x.shape) if s.ndim == x.ndim else None
-        if full is not None and not torch.equal(full, full[:, :1].expand_as(full)):
-            raise ValueError("the exact mixture denoiser takes one σ per point (isotropic noise); "
-                             f"got a per-element σ of shape {tuple(s.shape)}")
-        return per
+        return one_per_example(as_sigma(sigma, x), x.shape, "the exact mixture denoiser")
 
     def predict(self, x: torch.Tensor, sigma) -> Prediction:
         s = self._sigma(x, sigma)
