@@ -149,6 +149,19 @@ def guidance_effect(runs: dict) -> dict:
     return out
 
 
+TRAINING_COLUMNS = [
+    (("loss",), "loss (last quarter)", None),
+    (("loss_var",), "per-batch loss variance, last quarter ↓", "min"),
+    (("loss_var_first",), "variance, first 256 it ↓", "min"),
+]
+
+
+def training_markdown(result: dict) -> str:
+    """The training loss as an estimator, per trained model: its mean and per-example variance (T17, T20)."""
+    rows = [(name, "–", m) for name, m in (result.get("training") or {}).items()]
+    return table(rows, TRAINING_COLUMNS) if rows else ""
+
+
 def guidance_markdown(result: dict) -> str:
     effect = result.get("guidance_effect") or {}
     rows = []
@@ -190,7 +203,7 @@ def summarize_seeds(results: list) -> dict:
     """Per metric mean ± sample std over seeds; same layout as one seed's result, numbers become
     {"mean", "std", "values", "n"}: a value missing in some seed (None) is left out of mean and std,
     and n says how many seeds had it."""
-    out = {k: _merge([r.get(k) for r in results]) for k in ("runs", "reference")}
+    out = {k: _merge([r.get(k) for r in results]) for k in ("runs", "reference", "training")}
     out["guidance_effect"] = _merge([guidance_effect(r["runs"]) for r in results])
     for part in (out["runs"], out["reference"]):  # NFE is a count, the same for every seed
         for per in part.values():
@@ -249,7 +262,10 @@ def write_metrics(result: dict, out_dir: str) -> None:
              "E[tr(Σ_φ⁻¹(σ²I + Σ_src + (μ − x0)(μ − x0)ᵀ))]/d: 1 when calibrated, > 1 over-confident.",
              calibration_markdown(result)),
             ("What autoguidance does", "Per run: autoguided against unguided samples of the same model.",
-             guidance_markdown(result))):
+             guidance_markdown(result)),
+            ("The training loss as an estimator", "Per trained model: the mean training loss and the variance of "
+             "the per-example loss within a batch (the T17 estimator's variance for weighted runs; losses of "
+             "different runs have different scales unless they share the weighting).", training_markdown(result))):
         if body:
             parts.append(f"\n## {title}\n\n{text}\n\n{body}")
     save_text("".join(parts), os.path.join(out_dir, "metrics.md"))

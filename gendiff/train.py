@@ -82,6 +82,7 @@ class TrainResult:
     ema: torch.nn.Module
     snapshots: dict = field(default_factory=dict)   # iteration -> EMA state_dict
     losses: list = field(default_factory=list)      # per-iteration mean loss
+    loss_vars: list = field(default_factory=list)   # per-iteration variance of the per-example loss (T17/T20)
     lrs: list = field(default_factory=list)         # per-iteration learning rate, as the optimiser used it
     seconds: float = 0.0
 
@@ -98,35 +99,45 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     Same seed ⇒ identical weights: initialisation uses torch.manual_seed(seed) (set by the caller
     when it builds the model) and data a dedicated generator seeded from `seed`.
     sigma_density: any object with `sample(n, generator) -> σ [n]`; default `LogNormalSigma(p_mean, p_std)`.
+    One with `update(σ, ‖ε̂ − ε‖²)` (AdaptiveSchedule, T20) is refitted after every step from `loss_fn.last`;
+    one with `parameters()` (LearnedDensity, T22) is trained jointly: the denoiser on the loss' mean, the
+    density's parameters on its second moment (the estimator's variance when the mean is shape-free), by
+    a second Adam with the same learning-rate schedule.
     """
     cfg.validate()
     density = LogNormalSigma(cfg.p_mean, cfg.p_std) if sigma_density is None else sigma_density
     gen = generator(seed, "train-data")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    eta = list(density.parameters()) if hasattr(density, "parameters") else []
+    opts = [opt] + ([torch.optim.Adam(eta, lr=cfg.lr, betas=tuple(cfg.betas))] if eta else [])
     result = TrainResult(ema=ema)
     if snapshot_dir is not None:
         os.makedirs(snapshot_dir, exist_ok=True)
     bar = _progress(cfg.iterations, desc, progress)
     start = time.perf_counter()
     for i in range(cfg.iterations):
-        for group in opt.param_groups:
+        for group in (g for o in opts for g in o.param_groups):
             group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
         result.lrs.append(opt.param_groups[0]["lr"])
         sigma = density.sample(cfg.batch, gen)
         batch = source.draw(cfg.batch, sigma, gen)
-        loss = loss_fn(denoiser, batch).mean()
+        per_example = loss_fn(denoiser, batch)
+        loss = per_example.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} at iteration {i}; lower the learning rate (--lr)")
         if hasattr(density, "update") and getattr(loss_fn, "last", None) is not None:
             density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        backward(per_example, list(denoiser.parameters()), eta)
+        for o in opts:
+            o.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
                 p_ema.lerp_(p, 1 - cfg.ema)
         result.losses.append(loss.item())
+        result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
         done = i + 1
         if done % cfg.snapshot_every == 0 or done in keep_snapshots:
             state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
@@ -140,6 +151,15 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
+    """Gradients of one step: `params` (the denoiser) get ∇ mean(L); `eta` (a learned density's parameters,
+    T22) get ∇ mean(L²), the estimator's second moment, whose shape-gradient is the variance's."""
+    if eta:
+        for p, g in zip(eta, torch.autograd.grad(per_example.square().mean(), eta, retain_graph=True)):
+            p.grad = g
+    per_example.mean().backward(inputs=params)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -81,6 +81,19 @@ def test_weightings_monotonic_flags_are_true():
         assert non_increasing == cls.monotonic, name
 
 
+def test_edm_monotonic_is_edm_above_its_peak_and_flat_below():
+    """T19 EDM-monotonic: w = w_EDM(max(λ, λ*)), λ* = argmax w_EDM (checked on an independent grid)."""
+    from gendiff.schedules import EDMMonotonicWeighting
+    for dens in (LogNormalSigma(-1.2, 1.2), LogNormalSigma(-2.4, 1.5)):
+        edm, mono = EDMWeighting(0.5, dens), EDMMonotonicWeighting(0.5, dens)
+        lam = torch.linspace(-30, 30, 600001, dtype=F64)
+        w = edm(lam)
+        assert abs(mono.lam_peak - lam[w.argmax()].item()) < 2e-4
+        above, below = lam > mono.lam_peak, lam < mono.lam_peak
+        torch.testing.assert_close(mono(lam[above]), w[above], rtol=0, atol=0)
+        torch.testing.assert_close(mono(lam[below]), torch.full_like(lam[below], w.max().item()), rtol=1e-9, atol=0)
+
+
 def _gaussian_loss(lam, s=0.7, d=2):
     """E‖D* − x0‖²/σ² for data N(0, s²I) and the exact denoiser D* = x̃·s²/(s² + σ²): d·s²/(s² + σ²)."""
     sigma2 = torch.exp(-lam)
@@ -187,3 +200,88 @@ def test_adaptive_schedule_is_a_density_and_fits_w_times_loss():
     assert variance(ad) < 0.5 * variance(Truncated(Cosine(), 0.002, 80.0))
     with pytest.raises(ValueError, match="mix"):
         AdaptiveSchedule(w, mix=0.0)
+
+
+class _GaussianDenoiser(torch.nn.Module):
+    """a·D* for data N(0, s²I): D* = x̃·s²/(s² + σ²), the exact posterior mean at a = 1."""
+
+    def __init__(self, s=0.7):
+        super().__init__()
+        self.s, self.a = s, torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, sigma):
+        return self.a * x * self.s**2 / (self.s**2 + sigma[:, None] ** 2)
+
+
+def test_learned_density_is_a_density_with_the_fixed_t_derivative():
+    """T22 as a density: ∫p = 1, λ(t(λ)) = λ, KS; the importance weight w/p = w·|λ'_η(t)| differentiates in η at
+    fixed t (checked against central differences in both t and η)."""
+    from gendiff.schedules import LearnedDensity
+    ld = LearnedDensity(0.002, 80.0, hidden=16)
+    lam = torch.linspace(ld.lam_min, ld.lam_max, 200001, dtype=F64)
+    with torch.no_grad():
+        assert float(torch.trapezoid(ld.pdf(lam), lam)) == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(ld.lam(ld.t_of_lam(lam[::1000])).detach(), lam[::1000], rtol=0, atol=1e-5)
+    lam_s = -2 * ld.sample(20000, torch.Generator().manual_seed(3), F64).log()
+    assert kstest(lam_s.detach().numpy(), lambda v: ld.cdf(torch.as_tensor(v, dtype=F64)).numpy()).pvalue > 1e-3
+    w, t = SigmoidWeighting(2.0), torch.tensor([0.13, 0.5, 0.91], dtype=F64)
+
+    def estimator(lam_t):      # ½·w/p·ℓ at the sampled λ, p through the density object
+        return (0.5 * w(lam_t) / ld.pdf(lam_t) * _gaussian_loss(lam_t)).sum()
+    p = ld.schedule.w2
+    (auto,) = torch.autograd.grad(estimator(ld.lam(t)), p)
+
+    def oracle():              # the same with λ'(t) by central differences in t
+        h = 1e-4
+        dl = (ld.lam(t + h) - ld.lam(t - h)) / (2 * h)
+        lt = ld.lam(t)
+        return float((0.5 * w(lt) * dl.abs() * _gaussian_loss(lt)).sum())
+    i, eps = 3, 1e-3
+    with torch.no_grad():
+        p[i] += eps
+        up = oracle()
+        p[i] -= 2 * eps
+        down = oracle()
+        p[i] += eps
+    assert float(auto[i]) == pytest.approx((up - down) / (2 * eps), rel=1e-5)
+
+
+def test_one_step_gives_the_denoiser_the_mean_gradient_and_the_density_the_second_moment():
+    from gendiff.train import backward
+    a, b = torch.nn.Parameter(torch.tensor(1.3)), torch.nn.Parameter(torch.tensor(-0.4))
+    x = torch.linspace(0.1, 2.0, 7)
+    per_example = (a * x + b * x.square()) ** 2 + a * b
+    ga_mean, gb_sq = torch.autograd.grad(per_example.mean(), a, retain_graph=True), \
+        torch.autograd.grad(per_example.square().mean(), b, retain_graph=True)
+    backward(per_example, [a], [b])
+    torch.testing.assert_close(a.grad, ga_mean[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(b.grad, gb_sq[0], rtol=1e-6, atol=0)
+
+
+def test_training_the_learned_density_lowers_the_loss_variance():
+    """train() with a LearnedDensity: η descends E[L²], so the T17 estimator's variance falls while its mean stays
+    the shape-free ∫½wℓ dλ (VDM: only the endpoints enter the objective)."""
+    from gendiff.data.toy import GaussianMixture
+    from gendiff.schedules import LearnedDensity
+    from gendiff.train import BatchSource, ToyTrainConfig, train
+    s = 0.7
+    mix = GaussianMixture([1.0], [[0.0, 0.0]], [[[s * s, 0.0], [0.0, s * s]]])
+    w = SigmoidWeighting(2.0)
+    lam = torch.linspace(-2 * math.log(80), -2 * math.log(0.002), 200001, dtype=F64)
+    target = float(torch.trapezoid(0.5 * w(lam) * _gaussian_loss(lam, s), lam))
+
+    def run(iterations, trainable=True, lr=0.1):
+        ld = LearnedDensity(0.002, 80.0, hidden=16)
+        if not trainable:
+            ld.schedule.requires_grad_(False)
+        den = _GaussianDenoiser(s)
+        cfg = ToyTrainConfig(iterations=iterations, batch=2048, lr=lr, ema=0.0, snapshot_every=10**6)
+        res = train(den, WeightedLoss(w, ld), BatchSource(mix, "point"), cfg, seed=1, progress=False,
+                    sigma_density=ld)
+        return den, ld, res
+    _, ld, res = run(200, trainable=False)   # γ_η frozen at its initial shape: the baseline variance
+    _, ld2, res2 = run(200)
+    first, last = sum(res.loss_vars[-50:]) / 50, sum(res2.loss_vars[-50:]) / 50
+    assert last < 0.5 * first, (first, last)
+    mean_last = sum(res2.losses[-50:]) / 50
+    assert mean_last == pytest.approx(target, rel=0.05)
