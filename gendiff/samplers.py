@@ -271,9 +271,10 @@ def _ddpm_x0(denoiser, z, ddpm, t: int):
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_tilde", v=None,
+def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_tilde", v=None, t_start=None,
                 score_mode: str = "tweedie", hybrid_sigma: float = HYBRID_SIGMA, generator=None, callback=None):
-    """DDPM ancestral sampling (T25) from the latent z_T ~ N(0, I) of `ddpm` (a process.DDPM), t = T … 1:
+    """DDPM ancestral sampling (T25) from the latent z_T ~ N(0, I) of `ddpm` (a process.DDPM), t = T … 1
+    (or from z at step `t_start` ≤ T, e.g. √ᾱ_t·x̃ with x̃ ~ p(x; σ̃_t), to start where the σ-grid samplers do):
     x_{t−1} = mean + √Σ_t·z (no noise at t = 1). The mean by seed 004's update for each parameterisation,
     all read from the one denoiser: x0: c_t·x_t + c_0·x̂0; eps: (x_t − β_t/√(1 − ᾱ_t)·ε̂)/√α_t;
     score: (x_t + β_t·ŝ)/√α_t; mu: T24's posterior mean `ddpm.posterior(x_t, x̂0)` — equal up to rounding
@@ -285,8 +286,12 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
     check_choice("variance", variance, DDPM_VARIANCES)
     if v is not None and not callable(v):
         raise ValueError(f"v={v!r} must be a callable (z_t, t) -> v for the learned variance (T26)")
+    t_start = ddpm.T if t_start is None else t_start
+    _check_int("t_start", t_start, 1)
+    if t_start > ddpm.T:
+        raise ValueError(f"t_start={t_start} must be <= T={ddpm.T}")
     denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
-    for t in range(ddpm.T, 0, -1):
+    for t in range(t_start, 0, -1):
         ab, om = float(ddpm.alpha_bar[t]), float(ddpm.one_minus_alpha_bar[t])
         a, b = float(ddpm.alphas[t]), float(ddpm.betas[t])
         ab_prev, om_prev = float(ddpm.alpha_bar[t - 1]), float(ddpm.one_minus_alpha_bar[t - 1])
@@ -318,7 +323,7 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
             var = beta_tilde + c0**2 * (pred.variance() - sig_ve**2).clamp_min(0)
         z = mean + (torch.sqrt(torch.as_tensor(var, dtype=z.dtype)) * _randn(z, generator) if t > 1 else 0)
         if callback is not None:
-            callback(ddpm.T - t, z, math.sqrt(om_prev / ab_prev) if t > 1 else 0.0, x0)
+            callback(t_start - t, z, math.sqrt(om_prev / ab_prev) if t > 1 else 0.0, x0)
     return z
 
 

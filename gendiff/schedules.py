@@ -248,6 +248,13 @@ class AdaptiveSchedule(NoiseSchedule):
     def _bin(self, lam):
         return torch.bucketize(_t(lam), self.edges[1:-1].to(_t(lam).dtype))
 
+    def state_dict(self) -> dict:
+        return {"mean_loss": self.mean_loss.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean_loss = state["mean_loss"].clone().to(torch.float64)
+        self._refit()
+
     def update(self, sigma: torch.Tensor, eps_loss: torch.Tensor) -> None:
         lam = -2 * sigma.detach().double().log().view(-1)
         b = self._bin(lam)
@@ -481,6 +488,12 @@ class LearnedDensity(NoiseSchedule):
 
     def parameters(self):
         return [p for p in self.schedule.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
 
     def lam(self, t):
         return self.schedule.lam(t)

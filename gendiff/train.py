@@ -5,14 +5,18 @@ from the exact mixture in one of three modes, the loss is any callable `loss(den
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt
 from .checks import check_choice, check_positive
 from .data.toy import EXACT_MODES, GaussianMixture
 from .io import generator, save_state
@@ -36,9 +40,11 @@ class ToyTrainConfig:
     snapshot_every: int = 256
     width: int = 64
     hidden_layers: int = 4
+    max_bad_steps: int = 8          # consecutive non-finite losses/gradients skipped before the run stops
 
     def validate(self):
-        for name in ("iterations", "batch", "lr_ref_iter", "snapshot_every", "width", "hidden_layers"):
+        for name in ("iterations", "batch", "lr_ref_iter", "snapshot_every", "width", "hidden_layers",
+                     "max_bad_steps"):
             check_positive(name, getattr(self, name), integer=True)
         for name in ("lr", "p_std", "sigma_data"):
             check_positive(name, getattr(self, name))
@@ -85,6 +91,8 @@ class TrainResult:
     loss_vars: list = field(default_factory=list)   # per-iteration variance of the per-example loss (T17/T20)
     lrs: list = field(default_factory=list)         # per-iteration learning rate, as the optimiser used it
     seconds: float = 0.0
+    bad_steps: int = 0                              # non-finite steps skipped (loss or gradient)
+    resumed_from: int = 0                           # the checkpoint step this call started from (0: fresh)
 
     @property
     def it_per_s(self) -> float:
@@ -93,7 +101,8 @@ class TrainResult:
 
 def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrainConfig, *, seed: int = 0,
           snapshot_dir: str | None = None, keep_snapshots=(), progress: bool = True,
-          desc: str = "train", sigma_density=None) -> TrainResult:
+          desc: str = "train", sigma_density=None, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 0, keep_checkpoints: int = 3, step_callback=None) -> TrainResult:
     """Train `denoiser` in place; returns its EMA and the EMA snapshots at `keep_snapshots` iterations.
 
     Same seed ⇒ identical weights: initialisation uses torch.manual_seed(seed) (set by the caller
@@ -103,6 +112,14 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     one with `parameters()` (LearnedDensity, T22) is trained jointly: the denoiser on the loss' mean, the
     density's parameters on its second moment (the estimator's variance when the mean is shape-free), by
     a second Adam with the same learning-rate schedule.
+
+    Checkpoints (`checkpoint.py`): with `checkpoint_dir`, the newest good checkpoint there is resumed (model,
+    EMA, optimisers, data generator, global RNG, the density's state, kept snapshots, step) and a new one is
+    written every `checkpoint_every` steps, at the end, on Ctrl-C (then KeyboardInterrupt propagates) and
+    before a stop for non-finite steps: a run killed at any step and resumed ends bit for bit where the
+    uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover the steps this call ran.
+    A non-finite loss or gradient skips the step (no update, counted in `bad_steps`); `cfg.max_bad_steps` in a
+    row stop the run with FloatingPointError. step_callback(done) runs after every finished step.
     """
     cfg.validate()
     density = LogNormalSigma(cfg.p_mean, cfg.p_std) if sigma_density is None else sigma_density
@@ -114,43 +131,75 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     result = TrainResult(ema=ema)
     if snapshot_dir is not None:
         os.makedirs(snapshot_dir, exist_ok=True)
-    bar = _progress(cfg.iterations, desc, progress)
+    state = _TrainState(denoiser, ema, opts, gen, density, result)
+    first = state.restore(checkpoint_dir) if checkpoint_dir is not None else 0
+    result.resumed_from = first
+    save = (lambda step: state.save(checkpoint_dir, step, keep_checkpoints)) if checkpoint_dir else (lambda step: None)
+    bar = _progress(cfg.iterations - first, desc, progress)
     start = time.perf_counter()
-    for i in range(cfg.iterations):
-        for group in (g for o in opts for g in o.param_groups):
-            group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
-        result.lrs.append(opt.param_groups[0]["lr"])
-        sigma = density.sample(cfg.batch, gen)
-        batch = source.draw(cfg.batch, sigma, gen)
-        per_example = loss_fn(denoiser, batch)
-        loss = per_example.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at iteration {i}; lower the learning rate (--lr)")
-        if hasattr(density, "update") and getattr(loss_fn, "last", None) is not None:
-            density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        backward(per_example, list(denoiser.parameters()), eta)
-        for o in opts:
-            o.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema)
-        result.losses.append(loss.item())
-        result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
-        done = i + 1
-        if done % cfg.snapshot_every == 0 or done in keep_snapshots:
-            state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
-            if done in keep_snapshots:
-                result.snapshots[done] = state
-            if snapshot_dir is not None and done % cfg.snapshot_every == 0:
-                save_state(state, os.path.join(snapshot_dir, f"ema-{done:06d}.safetensors"))
-        bar.update(1)
-        if done % 64 == 0:
-            bar.set_postfix(loss=f"{np.mean(result.losses[-64:]):.4f}")
+    bad_in_row = 0
+    with _graceful_interrupt(checkpoint_dir is not None) as interrupted:
+        for i in range(first, cfg.iterations):
+            bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result,
+                               bad_in_row, desc, save)
+            done = i + 1
+            if done % cfg.snapshot_every == 0 or done in keep_snapshots:
+                snap = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+                if done in keep_snapshots:
+                    result.snapshots[done] = snap
+                if snapshot_dir is not None and done % cfg.snapshot_every == 0:
+                    save_state(snap, os.path.join(snapshot_dir, f"ema-{done:06d}.safetensors"))
+            if checkpoint_every and done % checkpoint_every == 0 and done < cfg.iterations:
+                save(done)
+            if step_callback is not None:
+                step_callback(done)
+            bar.update(1)
+            if done % 64 == 0 and result.losses:
+                bar.set_postfix(loss=f"{np.mean(result.losses[-64:]):.4f}")
+            if interrupted():  # Ctrl-C: finish the step, checkpoint it, then stop
+                save(done)
+                bar.close()
+                raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in {checkpoint_dir}")
+    save(cfg.iterations)
     bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result, bad_in_row, desc, save):
+    """One training step; returns the count of consecutive non-finite steps."""
+    for group in (g for o in opts for g in o.param_groups):
+        group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
+    sigma = density.sample(cfg.batch, gen)
+    batch = source.draw(cfg.batch, sigma, gen)
+    per_example = loss_fn(denoiser, batch)
+    loss = per_example.mean()
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        backward(per_example, list(denoiser.parameters()), eta)
+        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                     for o in opts for g in o.param_groups for p in g["params"])
+    if not finite:
+        result.bad_steps += 1
+        if bad_in_row + 1 >= cfg.max_bad_steps:
+            save(i)
+            raise FloatingPointError(
+                f"{desc}: {bad_in_row + 1} non-finite steps in a row (loss {loss.item()}) at iteration {i}; "
+                f"stopped (max_bad_steps={cfg.max_bad_steps}); lower the learning rate (--lr)")
+        return bad_in_row + 1
+    result.lrs.append(opt.param_groups[0]["lr"])
+    if hasattr(density, "update") and getattr(loss_fn, "last", None) is not None:
+        density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
+    for o in opts:
+        o.step()
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+            p_ema.lerp_(p, 1 - cfg.ema)
+    result.losses.append(loss.item())
+    result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
+    return 0
 
 
 def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
@@ -160,6 +209,70 @@ def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
         for p, g in zip(eta, torch.autograd.grad(per_example.square().mean(), eta, retain_graph=True)):
             p.grad = g
     per_example.mean().backward(inputs=params)
+
+
+@contextlib.contextmanager
+def _graceful_interrupt(enabled: bool):
+    """While training with checkpoints, SIGINT sets a flag that the loop checks between steps (so the
+    checkpoint is of a finished step); elsewhere, or off the main thread, Ctrl-C behaves as usual."""
+    flag = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _TrainState:
+    """Everything `train` must restore to continue bit for bit, as flat tensors + JSON (checkpoint.py)."""
+
+    def __init__(self, denoiser, ema, opts, gen, density, result):
+        self.denoiser, self.ema, self.opts, self.gen, self.density, self.result = \
+            denoiser, ema, opts, gen, density, result
+
+    def tensors(self):
+        t = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
+        t.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        meta = {"optimizers": []}
+        for j, o in enumerate(self.opts):
+            ot, om = ckpt.optimizer_to_flat(o, f"opt{j}")
+            t.update(ot)
+            meta["optimizers"].append(om)
+        t["rng.data"] = self.gen.get_state()
+        t["rng.torch"] = torch.get_rng_state()
+        if hasattr(self.density, "state_dict"):
+            t.update({f"density.{k}": v for k, v in self.density.state_dict().items()})
+        for it, snap in self.result.snapshots.items():
+            t.update({f"snapshot.{it}.{k}": v for k, v in snap.items()})
+        meta["snapshots"] = sorted(self.result.snapshots)
+        meta["bad_steps"] = self.result.bad_steps
+        return t, meta
+
+    def save(self, folder, step, keep):
+        t, meta = self.tensors()
+        ckpt.save(folder, step, t, meta, keep)
+
+    def restore(self, folder) -> int:
+        found = ckpt.latest(folder)
+        if found is None:
+            return 0
+        step, t, meta = found
+        part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+        self.denoiser.load_state_dict(part("model."))
+        self.ema.load_state_dict(part("ema."))
+        for j, (o, om) in enumerate(zip(self.opts, meta["optimizers"])):
+            ckpt.optimizer_from_flat(o, f"opt{j}", t, om)
+        self.gen.set_state(t["rng.data"])
+        torch.set_rng_state(t["rng.torch"])
+        if hasattr(self.density, "load_state_dict"):
+            self.density.load_state_dict(part("density."))
+        for it in meta.get("snapshots", []):
+            self.result.snapshots[int(it)] = part(f"snapshot.{it}.")
+        self.result.bad_steps = meta.get("bad_steps", 0)
+        return step
 
 
 def _progress(total: int, desc: str, enabled: bool):

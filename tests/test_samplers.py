@@ -32,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 N = 4096
 SMAX = 10.0
+VPE = VP(-2 * math.log(80.0), -2 * math.log(0.002))   # VP over EDM's σ̃ ∈ [0.002, 80] (T2)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,10 @@ SAMPLERS = {  # name -> (sampler on the harness); generous steps
     "euler_maruyama-ve": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                          generator=_gen()),
     "euler_maruyama-vp": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
-                                                         process=VP(0.002, 80.0), generator=_gen()),
+                                                         process=VPE, generator=_gen()),
     "pc": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), generator=_gen()),
     "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), predictor="euler-maruyama",
-                                    process=VP(0.002, 80.0), generator=_gen()),
+                                    process=VPE, generator=_gen()),
     "langevin": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01), steps_per_scale=100,
                                           generator=_gen()),
     # annealed Langevin mixes slowly: with 100 steps per scale a single broad Gaussian keeps ~10% of extra
@@ -217,6 +218,7 @@ def test_stochastic_and_ddpm_samplers_match_the_gaussian_moments(gauss, name):
     (lambda D, x, z, dd: sample_euler_maruyama(D, x, [1.0]), "sigmas"),
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, rule="bogus"), "rule"),
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, variance="bogus"), "variance"),
+    (lambda D, x, z, dd: sample_ddpm(D, z, dd, t_start=11), "t_start"),
     (lambda D, x, z, dd: sample_heun(D, x, edm_sigmas(8), score_mode="bogus"), "score_mode"),
     (lambda D, x, z, dd: ncsn_sigmas(x[:1]), "2 data points"),
 ])

@@ -1,0 +1,157 @@
+"""Training checkpoints: everything a run needs to continue bit for bit, written so that a crash never leaves a
+half-written checkpoint as the newest, and read without pickle.
+
+A checkpoint at step s is two files in the run's checkpoint folder:
+- `ckpt-<s>.safetensors`: every tensor (model, EMA, optimiser moments, RNG states, kept snapshots, …);
+- `ckpt-<s>.json`: the step, JSON metadata (optimiser hyperparameters, …) and the sha256 of the tensor file.
+Each is written to a temporary name, fsync'ed and renamed (then the folder is fsync'ed); the JSON goes last,
+so a checkpoint without its JSON is incomplete and ignored. `latest(folder)` walks back from the newest,
+verifies the checksum and falls back to the previous good one with a warning naming the bad file.
+Loading uses `safetensors` only: a pickle (or anything else) under a checkpoint name is refused unread.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import warnings
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"ckpt-(\d{8,})\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the run folder is unwritable or full): nothing was left behind."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(folder: str, step: int, tensors: dict, meta: dict, keep: int = 3) -> str:
+    """Write checkpoint `step` atomically; keep the newest `keep`. Returns the JSON path.
+    Raises CheckpointError (with the folder and the OS's reason) if the folder cannot take it."""
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1")
+    base = os.path.join(folder, f"ckpt-{step:08d}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _write_atomic(base + ".safetensors",
+                      lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
+        record = {"step": int(step), "sha256": _sha256(base + ".safetensors"), "meta": meta}
+        _write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(record)))
+        _fsync_dir(folder)
+    except (OSError, SafetensorError) as e:
+        for ext in (".json", ".safetensors"):  # a partial new checkpoint must not shadow the previous one
+            if os.path.exists(base + ext) and not _complete(base):
+                os.remove(base + ext)
+        raise CheckpointError(f"could not write checkpoint {base}.* in {folder!r}: {e}") from e
+    for old in steps(folder)[:-keep]:
+        for ext in (".json", ".safetensors"):
+            path = os.path.join(folder, f"ckpt-{old:08d}{ext}")
+            if os.path.exists(path):
+                os.remove(path)
+    return base + ".json"
+
+
+def _complete(base: str) -> bool:
+    try:
+        with open(base + ".json") as f:
+            return _sha256(base + ".safetensors") == json.load(f)["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def steps(folder: str) -> list:
+    """Steps that have a checkpoint JSON, ascending."""
+    return sorted(int(m.group(1)) for p in glob.glob(os.path.join(folder, "ckpt-*.json"))
+                  if (m := _NAME.search(os.path.basename(p))))
+
+
+def load(json_path: str):
+    """(step, tensors, meta) of one checkpoint, verified; ValueError if truncated, corrupted or not safetensors."""
+    base = json_path[: -len(".json")]
+    try:
+        with open(json_path) as f:
+            record = json.load(f)
+        expected = record["sha256"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {json_path!r} is unreadable ({e})") from e
+    try:
+        actual = _sha256(base + ".safetensors")
+    except OSError as e:
+        raise ValueError(f"checkpoint {base}.safetensors is missing ({e})") from e
+    if actual != expected:
+        raise ValueError(f"checkpoint {base}.safetensors fails its checksum (sha256 {actual[:12]}…, "
+                         f"recorded {expected[:12]}…): truncated or corrupted")
+    try:
+        tensors = load_file(base + ".safetensors")   # safetensors only: never unpickles
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {base}.safetensors is not a safetensors file ({e}); refusing to load it") from e
+    return int(record["step"]), tensors, record.get("meta", {})
+
+
+def latest(folder: str):
+    """The newest checkpoint that verifies, as (step, tensors, meta), or None. Each bad one met on the way
+    is reported with a warning naming it and why, and skipped."""
+    for step in reversed(steps(folder)):
+        path = os.path.join(folder, f"ckpt-{step:08d}.json")
+        try:
+            return load(path)
+        except ValueError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", RuntimeWarning, stacklevel=2)
+    return None
+
+
+# ---- optimiser and RNG state as flat tensors + JSON (no pickle) ------------------------------------------
+
+def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, state_keys = {}, {}
+    for idx, st in sd["state"].items():
+        state_keys[str(idx)] = []
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"{prefix}.state.{idx}.{k}"] = t
+            state_keys[str(idx)].append(k)
+    return tensors, {"param_groups": sd["param_groups"], "state_keys": state_keys}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state = {int(idx): {k: tensors[f"{prefix}.state.{idx}.{k}"] for k in keys}
+             for idx, keys in meta["state_keys"].items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
