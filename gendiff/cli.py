@@ -67,7 +67,43 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-render metrics.md (and the derived tables) of a finished ablate folder "
                        "from its metrics.json, without retraining")
     r.add_argument("folder", help="a results folder written by gendiff ablate")
+    from .config import PRESETS
+    t = sub.add_parser("train", help="train one toy run in a run folder (config.toml, metrics.jsonl, checkpoints); "
+                       "resumable", description="Configuration: a preset, then --config FILE.toml, then each --set "
+                       "key=value (e.g. --set run=edm --set train.batch=512); the resolved config is written to "
+                       "RUN/config.toml. Keys and defaults: run `gendiff train --print-config`.")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="toy-reference",
+                   help="named recipe (default toy-reference: the seed experiment's; toy-quick: a smoke run)")
+    t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
+    t.add_argument("--out", help="run folder (default runs/<run>-<timestamp>)")
+    t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest good checkpoint, with its config")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    t.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _train(args) -> int:
+    from .config import resolve, to_toml
+    from .run import resume_config, start_run, train_run
+    if args.resume:
+        if args.config or args.set or args.out or args.preset != "toy-reference":
+            raise ValueError("--resume RUN continues RUN with its own config.toml; it takes no --preset, "
+                             "--config, --set or --out")
+        cfg, out = resume_config(args.resume), args.resume
+    else:
+        cfg = resolve(args.preset, args.config, args.set)
+        if args.print_config:
+            print(to_toml(cfg), end="")
+            return 0
+        out = args.out or os.path.join("runs", f"{cfg.run}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        _check_writable(out)
+        start_run(cfg, out)
+    metrics = train_run(cfg, out, progress=not args.no_progress)
+    print(f"{cfg.run}: median NLL {metrics['median_nll']:.3f}, MMD² {metrics['mmd']:.2e}, score error "
+          f"{metrics['score_error']:.4f}; run folder {out}")
+    return 0
 
 
 def _ablate(args) -> int:
@@ -147,6 +183,8 @@ def main(argv=None) -> int:
                 return _ablate(args)
             if args.command == "report":
                 return _report(args)
+            if args.command == "train":
+                return _train(args)
         except ValueError as e:
             print(f"gendiff: error: {e}", file=sys.stderr)
             return 2

@@ -119,7 +119,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     before a stop for non-finite steps: a run killed at any step and resumed ends bit for bit where the
     uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover the steps this call ran.
     A non-finite loss or gradient skips the step (no update, counted in `bad_steps`); `cfg.max_bad_steps` in a
-    row stop the run with FloatingPointError. step_callback(done) runs after every finished step.
+    row stop the run with FloatingPointError. step_callback(done, result) runs after every finished step.
     """
     cfg.validate()
     density = LogNormalSigma(cfg.p_mean, cfg.p_std) if sigma_density is None else sigma_density
@@ -152,7 +152,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
             if checkpoint_every and done % checkpoint_every == 0 and done < cfg.iterations:
                 save(done)
             if step_callback is not None:
-                step_callback(done)
+                step_callback(done, result)
             bar.update(1)
             if done % 64 == 0 and result.losses:
                 bar.set_postfix(loss=f"{np.mean(result.losses[-64:]):.4f}")

@@ -88,11 +88,12 @@ SCRIPT = textwrap.dedent("""
     density = spec.density(cfg)
     res = train(model, spec.loss_fn(density), BatchSource(tree("A"), spec.mode), cfg.train, seed=3, progress=False,
                 sigma_density=density, checkpoint_dir=ckdir, checkpoint_every=10, keep_snapshots=(40,),
-                step_callback=lambda d: print(d, flush=True))
+                step_callback=lambda d, r: print(d, flush=True))
     state = {f"m.{k}": v for k, v in model.state_dict().items()}
     state.update({f"e.{k}": v for k, v in res.ema.state_dict().items()})
     state.update({f"s.{k}": v for k, v in res.snapshots[40].items()})
     save_file({k: v.contiguous() for k, v in state.items()}, final)
+    print("resumed", res.resumed_from, file=sys.stderr)
 """)
 
 
@@ -123,6 +124,7 @@ def test_killed_and_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path, 
     assert rc != 0 and max(ckpt.steps(ck)) >= 85                    # Ctrl-C wrote a checkpoint where it stopped
     rc, err = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")])
     assert rc == 0, err
+    assert int(err.split("resumed ")[1].split()[0]) >= 85          # continued from the Ctrl-C checkpoint
     ref, got = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "x.safetensors"))
     assert ref.keys() == got.keys()
     for k in ref:

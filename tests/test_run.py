@@ -1,0 +1,103 @@
+"""`gendiff train`: typed config (presets, TOML, --set) and a run folder that survives SIGKILL (issue 9).
+
+Breakages tried (each fails here): to_toml dropping a table (round trip); _coerce accepting a bool for an int
+(type error test); metrics.jsonl not truncated on resume (duplicate steps); resume ignoring the checkpoint
+(the killed-and-resumed model differs).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gendiff.cli import main
+from gendiff.config import resolve, to_toml
+
+QUICK = ["--preset", "toy-quick", "--set", "train.iterations=96", "--set", "train.batch=128",
+         "--set", "checkpoint.every=8", "--set", "eval.samples=256", "--set", "eval.eval_points=256",
+         "--threads", "1", "--no-progress"]
+
+
+def test_config_resolves_in_order_and_round_trips_through_toml(tmp_path):
+    cfg = resolve("toy-quick", sets=["run=edm", "train.betas=[0.8, 0.95]", "sampler.init=gaussian",
+                                     "train.lr=0.003"])
+    assert cfg.run == "edm" and cfg.train.betas == (0.8, 0.95) and cfg.sampler.init == "gaussian"
+    assert cfg.train.iterations == 256 and cfg.train.lr == 0.003
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert resolve(toml_path=str(path)) == cfg
+    path.write_text('run = "edm"\n[train]\nbatch = 64\n')
+    assert resolve("toy-quick", str(path), ["train.batch=32"]).train.batch == 32     # --set after the file
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["train.bogus=1"], "unknown key 'train.bogus'; allowed: train.iterations"),
+    (["bogus=1"], "unknown key 'bogus'"),
+    (["train.batch=abc"], "train.batch='abc' is not an integer"),
+    (["train.batch=true"], "train.batch=True is not an integer"),
+    (["train.batch=0"], "batch=0 must be > 0"),
+    (["train.lr=nan"], "train.lr=nan is not a number"),
+    (["train.betas=[0.9]"], "train.betas.*of length 2"),
+    (["train=3"], "train is a table"),
+    (["run=bogus"], "run='bogus'.*edm"),
+    (["run=obj-F-edm"], "reuses another run's model"),
+    (["sampler.init=bogus"], "init='bogus'"),
+    (["noequals"], "key=value"),
+])
+def test_bad_config_is_one_clear_error(sets, match):
+    with pytest.raises(ValueError, match=match):
+        resolve("toy-quick", sets=sets)
+
+
+def test_a_rejected_config_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--set", "train.batch=-3", "--out", str(out)]) == 2
+    assert "batch=-3" in capsys.readouterr().err and not out.exists()
+    assert main(["train", "--resume", str(tmp_path / "none")]) == 2
+    assert main(["train", "--resume", str(out), "--set", "train.batch=3"]) == 2
+
+
+def _cli(args):
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    return subprocess.Popen([sys.executable, "-m", "gendiff.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run, step, proc, timeout=120):
+    path, t0 = os.path.join(run, "metrics.jsonl"), time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = [json.loads(x) for x in f if x.strip()]
+            if lines and lines[-1]["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never logged (rc {proc.poll()}): {proc.stderr.read() if proc.poll() else ''}")
+
+
+def test_train_killed_and_resumed_from_the_cli_is_bitwise_the_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    p = _cli([*QUICK, "--out", ref])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    p = _cli([*QUICK, "--set", "checkpoint.every=24", "--out", run])   # checkpoints 24, 48, 72; log every 16
+    _wait_for_step(run, 64, p)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(run, "model.safetensors"))
+    p = _cli(["--resume", run, "--threads", "1", "--no-progress"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert int(out.split("resumed from step ")[1].split()[0]) >= 48      # it continued, it did not start over
+    a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert steps == sorted(set(steps)) and steps[-1] == 96                     # no duplicated log lines
+    ma, mb = (json.load(open(os.path.join(r, "metrics.json"))) for r in (ref, run))
+    assert ma["median_nll"] == mb["median_nll"] and ma["mmd"] == mb["mmd"]
+    cfg = open(os.path.join(run, "config.toml")).read()
+    assert "iterations = 96" in cfg and 'run = "confidence"' in cfg
