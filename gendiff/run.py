@@ -2,6 +2,7 @@
 
 RUN/config.toml     the fully resolved config (enough to re-run: `gendiff train --config RUN/config.toml`)
 RUN/metrics.jsonl   one JSON line per logging step: step, loss, loss_var, lr, seconds
+RUN/tb/             the same scalars as TensorBoard events (`tensorboard --logdir RUN/tb`)
 RUN/checkpoints/    checkpoint.py's atomic, checksummed checkpoints (the newest `checkpoint.keep`)
 RUN/model.safetensors, RUN/metrics.json, RUN/samples.png   the final EMA model, its measured metrics, a plot
 `--resume RUN` continues from the newest good checkpoint with RUN's own config; a run killed at any step and
@@ -49,6 +50,8 @@ def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print
     source = BatchSource(tree(cfg.classes), spec.mode, need_score=spec.loss == "score-matching")
     start = time.perf_counter()
     log_path = os.path.join(out, "metrics.jsonl")
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(os.path.join(out, "tb"), purge_step=max(found) + 1 if found else None)
 
     def on_step(done, result):
         if done % LOG_EVERY == 0 and result.losses:
@@ -57,9 +60,15 @@ def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print
                     "seconds": round(time.perf_counter() - start, 3)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
-    res = train(model, spec.loss_fn(density), source, cfg.train, seed=cfg.seed, progress=progress, desc=cfg.run,
-                sigma_density=density, checkpoint_dir=ck_dir, checkpoint_every=cfg.checkpoint.every,
-                keep_checkpoints=cfg.checkpoint.keep, step_callback=on_step)
+            for k in ("loss", "loss_var", "lr", "bad_steps"):
+                tb.add_scalar(f"train/{k}", line[k], done)
+    try:
+        res = train(model, spec.loss_fn(density), source, cfg.train, seed=cfg.seed, progress=progress,
+                    desc=cfg.run, sigma_density=density, checkpoint_dir=ck_dir,
+                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
+                    step_callback=on_step)
+    finally:
+        tb.close()
     if res.resumed_from:
         log(f"resumed from step {res.resumed_from}")
     save_state(res.ema.state_dict(), os.path.join(out, "model.safetensors"))

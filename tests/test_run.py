@@ -99,5 +99,12 @@ def test_train_killed_and_resumed_from_the_cli_is_bitwise_the_uninterrupted_run(
     assert steps == sorted(set(steps)) and steps[-1] == 96                     # no duplicated log lines
     ma, mb = (json.load(open(os.path.join(r, "metrics.json"))) for r in (ref, run))
     assert ma["median_nll"] == mb["median_nll"] and ma["mmd"] == mb["mmd"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(os.path.join(run, "tb"))
+    ea.Reload()
+    tb_steps = [e.step for e in ea.Scalars("train/loss")]
+    assert tb_steps == steps                                                   # purged past the checkpoint
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([x["loss"] for x in lines], rel=1e-6)
     cfg = open(os.path.join(run, "config.toml")).read()
     assert "iterations = 96" in cfg and 'run = "confidence"' in cfg
