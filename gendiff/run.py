@@ -113,8 +113,90 @@ def start_run(cfg: TrainRunConfig, out: str) -> None:
     save_json(to_dict(cfg), os.path.join(out, "config.json"))
 
 
-def resume_config(out: str) -> TrainRunConfig:
+def resume_config(out: str, option: str = "--resume") -> TrainRunConfig:
     path = os.path.join(out, "config.toml")
     if not os.path.exists(path):
-        raise ValueError(f"--resume={out!r} is not a run folder (no config.toml)")
+        raise ValueError(f"{option}={out!r} is not a run folder (no config.toml)")
     return resolve(toml_path=path)
+
+
+def load_run(out: str):
+    """(config, EMA model) of a finished run folder; the weights load through safetensors only."""
+    from safetensors.torch import load_file
+    from .ablate import RUNS, make_denoiser
+    cfg = resume_config(out, "run")
+    path = os.path.join(out, "model.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"run {out!r} has no model.safetensors yet (unfinished? `gendiff train --resume {out}`)")
+    model = make_denoiser(RUNS[cfg.run], _ablate_view(cfg))
+    model.load_state_dict(load_file(path))
+    return cfg, model.eval().requires_grad_(False)
+
+
+def evaluate_run(out: str, *, sampler: str = "heun", steps: int = 32, samples: int = 4096, seed: int = 0,
+                 score_mode: str = "tweedie", save_samples: bool = False) -> dict:
+    """Sample the run's model with any σ-grid sampler from exact p(x; σ_max) and measure the samples against
+    the tree's ground truth; writes RUN/eval-<sampler>-<steps>-<score_mode>.json (and .npz of the samples)."""
+    import numpy as np
+    from .checks import check_choice, check_positive
+    from .data.toy import tree
+    from .evaluate import Evaluator
+    from .io import generator
+    from .samplers import GRID_SAMPLERS, edm_sigmas
+    from .schedules import LogNormalSigma
+    from .scores import with_score_mode
+    check_choice("sampler", sampler, GRID_SAMPLERS)
+    check_positive("steps", steps, integer=True)
+    check_positive("samples", samples, integer=True)
+    cfg, model = load_run(out)
+    den = with_score_mode(model, score_mode)
+    ev = Evaluator(tree(cfg.classes), seed=seed, samples=samples, eval_points=256,
+                   sigma_density=LogNormalSigma(cfg.train.p_mean, cfg.train.p_std), sampler=cfg.sampler)
+    calls = [0]
+
+    def counted(x, s):
+        calls[0] += 1
+        return den(x, s)
+    counted.predict = getattr(den, "predict", None)
+    grid = edm_sigmas(steps, cfg.sampler.sigma_min, cfg.sampler.sigma_max, cfg.sampler.rho)
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = GRID_SAMPLERS[sampler](counted, ev.x_init, grid, generator=generator(seed, "eval-sampler"))
+    m = {"sampler": sampler, "steps": steps, "score_mode": score_mode, "nfe": calls[0], "seed": seed,
+         "seconds": time.perf_counter() - start, **ev.sample_metrics(x)}
+    name = f"eval-{sampler}-{steps}-{score_mode}"
+    save_json(m, os.path.join(out, name + ".json"))
+    if save_samples:
+        from .io import atomic_path
+        with atomic_path(os.path.join(out, name + ".npz")) as tmp, open(tmp, "wb") as f:
+            np.savez(f, samples=x.detach().numpy())
+    return m
+
+
+def likelihood_run(out: str, *, points: int = 512, method: str = "exact", seed: int = 0) -> dict:
+    """Bits/dim of held-out ground-truth points: PF-ODE (T31) next to the continuous ELBO (VP over the same σ
+    range) and the exact −log p(x; σ_min) of the tree; writes RUN/likelihood.json."""
+    import math
+    from .checks import check_positive
+    from .data.toy import tree
+    from .io import generator
+    from .likelihood import continuous_elbo, log_likelihood
+    from .process import VP
+    check_positive("points", points, integer=True)
+    cfg, model = load_run(out)
+    gt = tree(cfg.classes)
+    x = gt.sample(points, generator=generator(seed, "likelihood-points"))[0]
+    s_min, s_max = cfg.sampler.sigma_min, 80.0
+    d = x.shape[1]
+    start = time.perf_counter()
+    logp, info = log_likelihood(model, x, sigma_min=s_min, sigma_max=s_max, method=method,
+                                generator=generator(seed, "hutchinson"))
+    ode_s = time.perf_counter() - start
+    elbo = torch.stack([continuous_elbo(model, x, VP(-2 * math.log(s_max), -2 * math.log(s_min)),
+                                        generator=torch.Generator().manual_seed(i))["total"] for i in range(8)])
+    bpd = lambda nats: float(nats) / (d * math.log(2))  # noqa: E731
+    m = {"points": points, "method": method, "sigma_min": s_min, "sigma_max": s_max,
+         "pf_ode_bpd": bpd(-logp.mean()), "pf_ode_nfe": info["nfe"], "pf_ode_seconds": ode_s,
+         "elbo_bpd": bpd(elbo.mean()), "exact_bpd": bpd(-gt.logp(x.double(), s_min).mean())}
+    save_json(m, os.path.join(out, "likelihood.json"))
+    return m

@@ -366,3 +366,7 @@ def sample_ddim(denoiser, z, ddpm, steps, *, eta: float = 0.0, score_mode: str =
 
 def heun_nfe(steps: int, second_order: bool = True) -> int:
     return 2 * steps - 1 if second_order else steps
+
+
+GRID_SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m,
+                 "euler_maruyama": sample_euler_maruyama, "pc": sample_pc}

@@ -108,3 +108,30 @@ def test_train_killed_and_resumed_from_the_cli_is_bitwise_the_uninterrupted_run(
     assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([x["loss"] for x in lines], rel=1e-6)
     cfg = open(os.path.join(run, "config.toml")).read()
     assert "iterations = 96" in cfg and 'run = "confidence"' in cfg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "quick")
+    assert main(["train", *QUICK, "--set", "train.iterations=32", "--out", out]) == 0
+    return out
+
+
+def test_sample_eval_and_likelihood_commands_on_a_run_folder(finished_run, capsys):
+    import numpy as np
+    assert main(["eval", finished_run, "--samples", "256", "--steps", "8", "--threads", "1"]) == 0
+    m = json.load(open(os.path.join(finished_run, "eval-heun-8-tweedie.json")))
+    assert m["nfe"] == 15 and np.isfinite(m["median_nll"])
+    assert main(["sample", finished_run, "--samples", "128", "--sampler", "pc", "--steps", "4",
+                 "--score-mode", "phi", "--threads", "1"]) == 0
+    assert np.load(os.path.join(finished_run, "eval-pc-4-phi.npz"))["samples"].shape == (128, 2)
+    assert main(["likelihood", finished_run, "--points", "32", "--threads", "1"]) == 0
+    lk = json.load(open(os.path.join(finished_run, "likelihood.json")))
+    assert all(np.isfinite(lk[k]) for k in ("pf_ode_bpd", "elbo_bpd", "exact_bpd")) and lk["pf_ode_nfe"] > 10
+    capsys.readouterr()
+    assert main(["eval", str(os.path.dirname(finished_run))]) == 2
+    assert "run=" in capsys.readouterr().err
+    # a finished run resumed is a no-op that rewrites the same model
+    before = open(os.path.join(finished_run, "model.safetensors"), "rb").read()
+    assert main(["train", "--resume", finished_run, "--threads", "1", "--no-progress"]) == 0
+    assert open(os.path.join(finished_run, "model.safetensors"), "rb").read() == before
