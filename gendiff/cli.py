@@ -119,6 +119,18 @@ def _likelihood(args) -> int:
     return 0
 
 
+def _init_distributed() -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL when CUDA is there. Returns
+    this process's rank, or -1 when not distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return -1
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
 def _train(args) -> int:
     from .config import resolve, to_toml
     from .run import resume_config, start_run, train_run
@@ -133,9 +145,16 @@ def _train(args) -> int:
             print(to_toml(cfg), end="")
             return 0
         out = args.out or os.path.join("runs", f"{cfg.run}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    rank = _init_distributed()
+    if not args.resume and rank <= 0:
         _check_writable(out)
         start_run(cfg, out)
-    metrics = train_run(cfg, out, progress=not args.no_progress)
+    if rank >= 0:
+        import torch.distributed as dist
+        dist.barrier()
+    metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0)
+    if rank > 0:
+        return 0
     print(f"{cfg.run}: median NLL {metrics['median_nll']:.3f}, MMD² {metrics['mmd']:.2e}, score error "
           f"{metrics['score_error']:.4f}; run folder {out}")
     return 0

@@ -31,8 +31,9 @@ def _metrics_log(path: str, upto: int):
     save_text("".join(keep), path)
 
 
-def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print) -> dict:
-    """Train (or continue) the run in `out`; evaluate the final EMA; returns the final metrics."""
+def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print, primary: bool = True) -> dict:
+    """Train (or continue) the run in `out`; evaluate the final EMA; returns the final metrics. Under torchrun
+    only the primary process (rank 0) writes logs, the model and metrics; the others return {}."""
     from . import checkpoint as ckpt
     from .ablate import RUNS, make_denoiser
     from .data.toy import tree
@@ -42,7 +43,8 @@ def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print
     spec = RUNS[cfg.run]
     ck_dir = os.path.join(out, "checkpoints")
     found = ckpt.steps(ck_dir)
-    _metrics_log(os.path.join(out, "metrics.jsonl"), max(found) if found else 0)
+    if primary:
+        _metrics_log(os.path.join(out, "metrics.jsonl"), max(found) if found else 0)
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         model = make_denoiser(spec, _ablate_view(cfg))
@@ -51,10 +53,10 @@ def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print
     start = time.perf_counter()
     log_path = os.path.join(out, "metrics.jsonl")
     from torch.utils.tensorboard import SummaryWriter
-    tb = SummaryWriter(os.path.join(out, "tb"), purge_step=max(found) + 1 if found else None)
+    tb = SummaryWriter(os.path.join(out, "tb"), purge_step=max(found) + 1 if found else None) if primary else None
 
     def on_step(done, result):
-        if done % LOG_EVERY == 0 and result.losses:
+        if primary and done % LOG_EVERY == 0 and result.losses:
             line = {"step": done, "loss": result.losses[-1], "loss_var": result.loss_vars[-1],
                     "lr": result.lrs[-1], "bad_steps": result.bad_steps,
                     "seconds": round(time.perf_counter() - start, 3)}
@@ -68,7 +70,10 @@ def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print
                     checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
                     step_callback=on_step)
     finally:
-        tb.close()
+        if tb is not None:
+            tb.close()
+    if not primary:
+        return {}
     if res.resumed_from:
         log(f"resumed from step {res.resumed_from}")
     save_state(res.ema.state_dict(), os.path.join(out, "model.safetensors"))

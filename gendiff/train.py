@@ -23,6 +23,7 @@ from .io import generator, save_state
 from .losses import NoisyBatch
 from .schedules import LogNormalSigma, inverse_sqrt_lr
 
+PRECISIONS = ("fp32", "bf16")
 MODES = EXACT_MODES  # point | source | point-cov, each with its exact optimum (GaussianMixture.denoiser)
 
 
@@ -41,6 +42,7 @@ class ToyTrainConfig:
     width: int = 64
     hidden_layers: int = 4
     max_bad_steps: int = 8          # consecutive non-finite losses/gradients skipped before the run stops
+    precision: str = "fp32"         # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
 
     def validate(self):
         for name in ("iterations", "batch", "lr_ref_iter", "snapshot_every", "width", "hidden_layers",
@@ -50,6 +52,7 @@ class ToyTrainConfig:
             check_positive(name, getattr(self, name))
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema={self.ema} must be in [0, 1)")
+        check_choice("precision", self.precision, PRECISIONS)
         return self
 
 
@@ -131,17 +134,25 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     result = TrainResult(ema=ema)
     if snapshot_dir is not None:
         os.makedirs(snapshot_dir, exist_ok=True)
+    world = _World()
+    if world.size > 1:
+        if cfg.batch % world.size:
+            raise ValueError(f"batch={cfg.batch} must be divisible by the world size {world.size} (torchrun processes)")
+        if hasattr(density, "update") or eta:
+            raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes it "
+                             "would see one shard only: not supported, train it in one process")
     state = _TrainState(denoiser, ema, opts, gen, density, result)
     first = state.restore(checkpoint_dir) if checkpoint_dir is not None else 0
     result.resumed_from = first
-    save = (lambda step: state.save(checkpoint_dir, step, keep_checkpoints)) if checkpoint_dir else (lambda step: None)
+    writes = checkpoint_dir is not None and world.rank == 0            # rank 0 writes, every rank resumes
+    save = (lambda step: state.save(checkpoint_dir, step, keep_checkpoints)) if writes else (lambda step: None)
     bar = _progress(cfg.iterations - first, desc, progress)
     start = time.perf_counter()
     bad_in_row = 0
     with _graceful_interrupt(checkpoint_dir is not None) as interrupted:
         for i in range(first, cfg.iterations):
             bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result,
-                               bad_in_row, desc, save)
+                               bad_in_row, desc, save, world)
             done = i + 1
             if done % cfg.snapshot_every == 0 or done in keep_snapshots:
                 snap = {k: v.detach().clone() for k, v in ema.state_dict().items()}
@@ -166,13 +177,18 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     return result
 
 
-def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result, bad_in_row, desc, save):
-    """One training step; returns the count of consecutive non-finite steps."""
+def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result, bad_in_row, desc, save,
+          world):
+    """One training step; returns the count of consecutive non-finite steps. With several processes every rank
+    draws the same global batch (same generator) and trains on its contiguous shard; gradients are averaged by
+    all-reduce, so the update equals one process's on the whole batch (to float rounding)."""
     for group in (g for o in opts for g in o.param_groups):
         group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
     sigma = density.sample(cfg.batch, gen)
-    batch = source.draw(cfg.batch, sigma, gen)
-    per_example = loss_fn(denoiser, batch)
+    batch = world.shard(source.draw(cfg.batch, sigma, gen))
+    with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type, dtype=torch.bfloat16,
+                        enabled=cfg.precision == "bf16"):
+        per_example = loss_fn(denoiser, batch).float()
     loss = per_example.mean()
     for o in opts:
         o.zero_grad(set_to_none=True)
@@ -181,6 +197,7 @@ def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, 
         backward(per_example, list(denoiser.parameters()), eta)
         finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
                      for o in opts for g in o.param_groups for p in g["params"])
+    finite, loss = world.reduce(opts, finite, loss)
     if not finite:
         result.bad_steps += 1
         if bad_in_row + 1 >= cfg.max_bad_steps:
@@ -209,6 +226,38 @@ def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
         for p, g in zip(eta, torch.autograd.grad(per_example.square().mean(), eta, retain_graph=True)):
             p.grad = g
     per_example.mean().backward(inputs=params)
+
+
+class _World:
+    """This process's place in a torch.distributed run (torchrun: gloo on CPU, NCCL on GPU); size 1 without."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.size = self.dist.get_world_size() if self.dist else 1
+        self.rank = self.dist.get_rank() if self.dist else 0
+
+    def shard(self, batch: NoisyBatch) -> NoisyBatch:
+        if self.size == 1:
+            return batch
+        n = len(batch.x0) // self.size
+        part = slice(self.rank * n, (self.rank + 1) * n)
+        cut = lambda v: v[part] if torch.is_tensor(v) and v.ndim > 0 else v  # noqa: E731
+        return NoisyBatch(cut(batch.x0), cut(batch.x_noisy), cut(batch.sigma), cut(batch.source_cov),
+                          cut(batch.score))
+
+    def reduce(self, opts, finite: bool, loss: torch.Tensor):
+        """Average gradients and the loss over ranks; a step is finite only if it is on every rank."""
+        if self.size == 1:
+            return finite, loss
+        flag = torch.tensor([1.0 if finite else 0.0, loss.item() if finite else 0.0])
+        self.dist.all_reduce(flag)
+        finite = flag[0].item() == self.size
+        if finite:
+            for p in (p for o in opts for g in o.param_groups for p in g["params"] if p.grad is not None):
+                self.dist.all_reduce(p.grad)
+                p.grad /= self.size
+        return finite, torch.tensor(flag[1].item() / self.size) if finite else loss
 
 
 @contextlib.contextmanager
