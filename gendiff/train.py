@@ -37,7 +37,8 @@ class ToyTrainConfig:
     p_mean: float = -2.4            # ln σ ~ N(p_mean, p_std²)
     p_std: float = 1.5
     sigma_data: float = 0.5
-    ema: float = 0.99
+    ema: float = 0.99               # classic EMA decay (ema_sigma_rel = 0)
+    ema_sigma_rel: float = 0.0      # > 0: EDM2's power-function EMA with this relative std (replaces `ema`)
     snapshot_every: int = 256
     width: int = 64
     hidden_layers: int = 4
@@ -53,6 +54,9 @@ class ToyTrainConfig:
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema={self.ema} must be in [0, 1)")
         check_choice("precision", self.precision, PRECISIONS)
+        check_positive("ema_sigma_rel", self.ema_sigma_rel, allow_zero=True)
+        if self.ema_sigma_rel:
+            power_ema_gamma(self.ema_sigma_rel)
         return self
 
 
@@ -211,9 +215,10 @@ def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, 
         density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
     for o in opts:
         o.step()
+    decay = cfg.ema if not cfg.ema_sigma_rel else power_ema_decay(i + 1, power_ema_gamma(cfg.ema_sigma_rel))
     with torch.no_grad():
         for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-            p_ema.lerp_(p, 1 - cfg.ema)
+            p_ema.lerp_(p, 1 - decay)
     result.losses.append(loss.item())
     result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
     return 0
@@ -226,6 +231,23 @@ def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
         for p, g in zip(eta, torch.autograd.grad(per_example.square().mean(), eta, retain_graph=True)):
             p.grad = g
     per_example.mean().backward(inputs=params)
+
+
+def power_ema_gamma(sigma_rel: float) -> float:
+    """EDM2's power-function EMA (Karras et al. 2024, eq. 3–4): the exponent γ of the profile ∝ τ^γ whose
+    relative standard deviation σ_rel = √(γ + 1)/((γ + 2)√(γ + 3)); the real root > −1 of
+    γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0. σ_rel must be in (0, 1/√12 ≈ 0.2887) (γ → 0 there)."""
+    if not 0 < sigma_rel < 12 ** -0.5:
+        raise ValueError(f"ema_sigma_rel={sigma_rel!r} must be in (0, {12 ** -0.5:.4f}) (EDM2 power EMA; "
+                         "0 selects the classic EMA)")
+    c = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9 and r.real > -1))
+
+
+def power_ema_decay(t: int, gamma: float) -> float:
+    """The decay of step t ≥ 1, β_t = (1 − 1/t)^(γ + 1): the EMA then averages θ_τ with weights ∝ τ^γ."""
+    return (1 - 1 / t) ** (gamma + 1)
 
 
 class _World:

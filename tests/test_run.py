@@ -179,3 +179,37 @@ def test_bf16_autocast_trains_and_keeps_the_loss_in_float32():
     assert (out["fp32"] - out["bf16"]).abs().max() < 0.05
     with pytest.raises(ValueError, match="precision='fp16'"):
         resolve(sets=["train.precision=fp16"])
+
+
+def test_power_function_ema_matches_edm2():
+    """EDM2 eq. 3–4: σ_rel = 0.05 ↔ γ = 16.97 (their value); σ_rel(γ) round-trips; β_t = (1 − 1/t)^(γ+1) averages
+    a trajectory θ_τ = τ to its τ^γ-weighted mean T(γ + 1)/(γ + 2) (1% at T = 1000); and train() applies it."""
+    import math
+    from gendiff.data.toy import tree
+    from gendiff.losses import EDMLoss
+    from gendiff.nets.mlp import toy_denoiser
+    from gendiff.train import BatchSource, ToyTrainConfig, power_ema_decay, power_ema_gamma, train
+    assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    for sr in (0.02, 0.1, 0.25):
+        g = power_ema_gamma(sr)
+        assert math.sqrt(g + 1) / ((g + 2) * math.sqrt(g + 3)) == pytest.approx(sr, rel=1e-9)
+    g, e, T = power_ema_gamma(0.1), 0.0, 1000
+    for t in range(1, T + 1):
+        b = power_ema_decay(t, g)
+        e = b * e + (1 - b) * t
+    assert e == pytest.approx(T * (g + 1) / (g + 2), rel=1e-2)
+    torch.manual_seed(0)
+    den = toy_denoiser("none")
+    traj = []
+    cfg = ToyTrainConfig(iterations=12, batch=64, snapshot_every=10**6, ema_sigma_rel=0.1)
+    ema0 = [p.detach().clone() for p in den.parameters()]
+    res = train(den, EDMLoss(), BatchSource(tree("A"), "point"), cfg, progress=False,
+                step_callback=lambda d, r: traj.append([p.detach().clone() for p in den.parameters()]))
+    manual = ema0
+    for t, params in enumerate(traj, 1):
+        b = power_ema_decay(t, g)
+        manual = [m.lerp(p, 1 - b) for m, p in zip(manual, params)]
+    for m, p in zip(manual, res.ema.parameters()):
+        assert torch.equal(m, p)
+    with pytest.raises(ValueError, match="ema_sigma_rel=0.5"):
+        ToyTrainConfig(ema_sigma_rel=0.5).validate()
