@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-figures", action="store_true")
     a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     a.add_argument("--no-progress", action="store_true")
-    r = sub.add_parser("report", help="re-render metrics.md (and the derived tables) of a finished ablate folder "
-                       "from its metrics.json, without retraining")
-    r.add_argument("folder", help="a results folder written by gendiff ablate")
+    r = sub.add_parser("report", help="write FOLDER/index.html (self-contained: config, metrics, curves, plots, σ_φ "
+                       "maps) for a run folder of gendiff train or a results folder of gendiff ablate (whose "
+                       "metrics.md is re-rendered from metrics.json first, without retraining)")
+    r.add_argument("folder", help="a run folder (gendiff train) or a results folder (gendiff ablate)")
     from .config import PRESETS
     t = sub.add_parser("train", help="train one toy run in a run folder (config.toml, metrics.jsonl, checkpoints); "
                        "resumable", description="Configuration: a preset, then --config FILE.toml, then each --set "
@@ -194,13 +195,18 @@ def _ablate(args) -> int:
 
 
 def _report(args) -> int:
+    from .html import write_report
     from .report import calibration_markdown, metrics_markdown, rerender
+    if os.path.isfile(os.path.join(args.folder, "config.toml")):
+        print(f"wrote {write_report(args.folder)}")
+        return 0
     if not os.path.isfile(os.path.join(args.folder, "metrics.json")):
-        raise ValueError(f"folder={args.folder!r} holds no metrics.json; give a folder written by gendiff ablate")
+        raise ValueError(f"folder={args.folder!r} holds no metrics.json or config.toml; give a results folder of "
+                         "gendiff ablate or a run folder of gendiff train")
     result = rerender(args.folder)
     print(metrics_markdown(result))
     print(calibration_markdown(result))
-    print(f"rewrote {os.path.join(args.folder, 'metrics.md')}")
+    print(f"rewrote {os.path.join(args.folder, 'metrics.md')} and {write_report(args.folder)}")
     return 0
 
 

@@ -213,3 +213,44 @@ def test_power_function_ema_matches_edm2():
         assert torch.equal(m, p)
     with pytest.raises(ValueError, match="ema_sigma_rel=0.5"):
         ToyTrainConfig(ema_sigma_rel=0.5).validate()
+
+
+def _browser():
+    import shutil
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _render(browser, page, shot):
+    """Load the page from disk in headless chromium: its DOM after the load handler ran, and a screenshot."""
+    base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*base, "--dump-dom", f"file://{page}"], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{page}"],
+                   capture_output=True, timeout=120)
+    return dom
+
+
+def test_report_html_renders_in_a_real_browser(finished_run, tmp_path):
+    """`gendiff report RUN` and `gendiff report RESULTS`: a self-contained index.html whose every image decodes in
+    headless chromium (the page's load handler writes data-images="ok:N") and which shows the metrics table."""
+    import shutil
+    assert main(["report", finished_run]) == 0
+    page = os.path.join(finished_run, "index.html")
+    text = open(page).read()
+    assert "<table" in text and "median_nll" in text and "iterations = 32" in text
+    assert "src=\"data:image/png;base64," in text and "file://" not in text and "src=\"/" not in text
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "metrics.json").write_text("{}")
+    (results / "metrics.md").write_text("# title\n\n| run | MMD² |\n|---|---|\n| edm | **1e-4** |\n")
+    shutil.copy(os.path.join(finished_run, "samples.png"), results / "fig.png")
+    from gendiff.html import write_report
+    assert "<td>edm</td><td>1e-4</td>" in open(write_report(str(results))).read()
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    for folder, n_images in ((finished_run, 3), (str(results), 1)):   # curves, samples, σ_φ map
+        shot = str(tmp_path / f"{os.path.basename(folder)}.png")
+        dom = _render(browser, os.path.join(folder, "index.html"), shot)
+        assert f'data-images="ok:{n_images}"' in dom, dom[:300]
+        assert "<table" in dom
+        assert os.path.getsize(shot) > 10_000
