@@ -137,21 +137,26 @@ def test_sample_eval_and_likelihood_commands_on_a_run_folder(finished_run, capsy
     assert open(os.path.join(finished_run, "model.safetensors"), "rb").read() == before
 
 
-def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path, finished_run):
-    """torchrun --nproc_per_node 2 (gloo on CPU): each rank trains on its half of the same global batch and the
-    gradients are averaged, so the weights equal the one-process run's up to float rounding of the means."""
+def _torchrun(args):
     import socket
-    from safetensors.torch import load_file
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "ddp")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
            "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "-m", "gendiff.cli", "train", *QUICK, "--set", "train.iterations=32", "--out", out],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "gendiff.cli", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path, finished_run):
+    """torchrun --nproc_per_node 2 (gloo on CPU): each rank trains on its half of the same global batch and the
+    gradients are averaged, so the weights equal the one-process run's up to float rounding of the means."""
+    from safetensors.torch import load_file
+    out = str(tmp_path / "ddp")
+    p = _torchrun([*QUICK, "--set", "train.iterations=32", "--out", out])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
     a, b = load_file(os.path.join(finished_run, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -254,3 +259,23 @@ def test_report_html_renders_in_a_real_browser(finished_run, tmp_path):
         assert f'data-images="ok:{n_images}"' in dom, dom[:300]
         assert "<table" in dom
         assert os.path.getsize(shot) > 10_000
+
+
+def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_one(tmp_path):
+    """torchrun stopped (SIGTERM to the launcher, which kills both ranks) after step 40 and resumed with
+    torchrun ... --resume: bitwise the uninterrupted 2-process run (same all-reduce order)."""
+    from safetensors.torch import load_file
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    p = _torchrun([*QUICK, "--set", "checkpoint.every=24", "--out", ref])
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    p = _torchrun([*QUICK, "--set", "checkpoint.every=24", "--out", run])
+    _wait_for_step(run, 40, p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) != 0
+    assert not os.path.exists(os.path.join(run, "model.safetensors"))
+    p = _torchrun(["--resume", run, "--threads", "1", "--no-progress"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert "resumed from step" in out
+    a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
