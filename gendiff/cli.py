@@ -31,6 +31,16 @@ def _nonneg_float(name):
     return _number(name, float, 0.0)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows every option's default, unless its help text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .ablate import DEFAULT_RUNS, GUIDES, RUNS, SUITES
     from .evaluate import INITS
@@ -38,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
     p.add_argument("--version", action="version", version="gendiff 0.1.0")
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=_DefaultsFormatter, **k)
     a = sub.add_parser("ablate", help="the seed experiment on the 2-D tree, measured against the exact ground truth",
                        description="Runs: " + "; ".join(f"{k}: {v.help}" for k, v in RUNS.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
@@ -92,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--steps", type=_positive_int("--steps"), default=32, help="σ-grid steps (default 32)")
         e.add_argument("--samples", type=_positive_int("--samples"), default=4096, help="default 4096")
         e.add_argument("--score-mode", choices=SCORE_MODES, default="tweedie", help="T13 (tweedie, default) or T14")
-        e.add_argument("--seed", type=_number("--seed", int, 0), default=0)
+        e.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the initial noise")
         e.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     lk = sub.add_parser("likelihood", help="bits/dim of held-out points: PF-ODE, continuous ELBO, exact")
     lk.add_argument("run", help="a run folder written by gendiff train")
     lk.add_argument("--points", type=_positive_int("--points"), default=512, help="default 512")
     lk.add_argument("--method", choices=("exact", "hutchinson"), default="exact", help="divergence (default exact)")
-    lk.add_argument("--seed", type=_number("--seed", int, 0), default=0)
+    lk.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the held-out points")
     lk.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     return p
 

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -346,6 +347,31 @@ class _TrainState:
         return step
 
 
+class _PlainProgress:
+    """Progress as plain lines (about ten per run) when stderr is not a terminal: logs stay readable."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.every, self.start = max(1, total // 10), time.perf_counter()
+
+    def update(self, k: int = 1):
+        self.n += k
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = self.n / max(time.perf_counter() - self.start, 1e-9)
+            eta = (self.total - self.n) / rate
+            print(f"{self.desc}: {self.n}/{self.total} steps, {rate:.1f} it/s, ETA {eta:.0f} s {self.postfix}",
+                  file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kw):
+        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def close(self):
+        pass
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    """tqdm (with ETA) on a terminal, plain periodic lines otherwise, nothing when disabled."""
     from tqdm.auto import tqdm
+    if enabled and not sys.stderr.isatty():
+        return _PlainProgress(total, desc)
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=0.5)
