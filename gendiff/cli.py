@@ -247,6 +247,7 @@ def _check_writable(out: str) -> None:
 
 
 def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
     from .runtime import configured
     args = build_parser().parse_args(argv)
     with configured(getattr(args, "threads", None)):
@@ -267,6 +268,9 @@ def main(argv=None) -> int:
         except FloatingPointError as e:  # training diverged
             print(f"gendiff: error: {e}", file=sys.stderr)
             return 3
+        except CheckpointError as e:     # the run folder stopped taking writes (full disk, permissions)
+            print(f"gendiff: error: {e}", file=sys.stderr)
+            return 4
     return 1
 
 

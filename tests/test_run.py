@@ -279,3 +279,20 @@ def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_one(tmp_pa
     assert "resumed from step" in out
     a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch, capsys):
+    from gendiff import checkpoint as ckpt
+    out = str(tmp_path / "run")
+    real, calls = ckpt.save_file, {"n": 0}
+
+    def filling(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(ckpt, "save_file", filling)
+    assert main(["train", *QUICK, "--set", "train.iterations=40", "--out", out]) == 4
+    assert "No space left on device" in capsys.readouterr().err
+    assert ckpt.steps(os.path.join(out, "checkpoints")) == [8, 16]
+    assert ckpt.latest(os.path.join(out, "checkpoints"))[0] == 16
