@@ -80,7 +80,11 @@ def save(folder: str, step: int, tensors: dict, meta: dict, keep: int = 3) -> st
             if os.path.exists(base + ext) and not _complete(base):
                 os.remove(base + ext)
         raise CheckpointError(f"could not write checkpoint {base}.* in {folder!r}: {e}") from e
-    for old in steps(folder)[:-keep]:
+    # checkpoints past this step belong to an abandoned timeline (the run resumed from an earlier one because
+    # they failed their checksum): they go, so they can neither shadow nor crowd out the one just written
+    stale = [s for s in steps(folder) if s > step]
+    kept = [s for s in steps(folder) if s <= step]
+    for old in stale + kept[:-keep]:
         for ext in (".json", ".safetensors"):
             path = os.path.join(folder, f"ckpt-{old:08d}{ext}")
             if os.path.exists(path):

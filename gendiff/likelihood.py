@@ -26,18 +26,20 @@ from torchdiffeq import odeint
 from .checks import check_choice, check_ordered, check_positive
 
 
-def continuous_elbo(denoiser, x: torch.Tensor, schedule, *, generator=None, antithetic: bool = True) -> dict:
-    """Per-example terms in nats ([N] each), their sum `total` and `bits_per_dim` (total / (d·ln 2))."""
+def continuous_elbo(denoiser, x: torch.Tensor, schedule, *, generator=None, stratified: bool = True) -> dict:
+    """Per-example terms in nats ([N] each), their sum `total` and `bits_per_dim` (total / (d·ln 2)).
+    stratified: t_i = (i/n + u) mod 1 with one shared u (VDM's low-discrepancy draw); else t_i iid uniform.
+    Random draws come from `generator` on the CPU and are moved to x's device."""
     n, d = x.shape[0], x[0].numel()
-    u = torch.rand(1 if antithetic else n, generator=generator, dtype=torch.float64)
-    t = ((torch.arange(n, dtype=torch.float64) / n + u) % 1.0) if antithetic else u     # stratified t
+    u = torch.rand(1 if stratified else n, generator=generator, dtype=torch.float64)
+    t = ((torch.arange(n, dtype=torch.float64) / n + u) % 1.0) if stratified else u
     t = t.to(x.dtype).clamp(1e-6, 1 - 1e-6).requires_grad_(True)
     with torch.enable_grad():
         lam = schedule.lam(t)
         dlam = torch.autograd.grad(lam.sum(), t)[0]                                    # λ'(t) < 0
-    lam, dlam = lam.detach().to(x.dtype), dlam.detach().to(x.dtype)
+    lam, dlam = lam.detach().to(x.dtype).to(x.device), dlam.detach().to(x.dtype).to(x.device)
     sig = torch.exp(-lam / 2)                                                           # σ̃ (T2)
-    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     col = sig.view(-1, *([1] * (x.ndim - 1)))
     x_noisy = x + col * eps
     with torch.no_grad():
@@ -47,7 +49,7 @@ def continuous_elbo(denoiser, x: torch.Tensor, schedule, *, generator=None, anti
     lam0, lam1 = float(ends[0]), float(ends[1])
     a2, s2 = torch.sigmoid(torch.tensor(lam1)).item(), torch.sigmoid(torch.tensor(-lam1)).item()
     prior = 0.5 * (s2 + a2 * x.flatten(1).double().square() - 1 - math.log(s2)).sum(1).to(x.dtype)
-    recon = torch.full((n,), 0.5 * d * (1 + math.log(2 * math.pi) - lam0), dtype=x.dtype)
+    recon = torch.full((n,), 0.5 * d * (1 + math.log(2 * math.pi) - lam0), dtype=x.dtype, device=x.device)
     total = diffusion + prior + recon
     return {"diffusion": diffusion, "prior": prior, "reconstruction": recon, "total": total,
             "bits_per_dim": total / (d * math.log(2))}

@@ -88,8 +88,8 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, score_mode: str = "tweedie", hybrid_
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep data-prediction solver of the PF-ODE (T15) in VE
     space. With h_i = log(σ_i/σ_{i+1}) the exact solution of dx/dσ = (x − D)/σ for a D constant over the step
     is x_{i+1} = (σ_{i+1}/σ_i)·x_i + (1 − σ_{i+1}/σ_i)·D; 2M replaces D by the linear extrapolation in log σ
-    D̂ = (1 + 1/(2r))·D_i − D_{i−1}/(2r), r = h_{i−1}/h_i, from the second step on; the first step and the last
-    (to σ = 0, where it returns D̂) use it as described. Deterministic (`generator` unused). NFE = steps."""
+    D̂ = (1 + 1/(2r))·D_i − D_{i−1}/(2r), r = h_{i−1}/h_i, from the second step on; the first step uses D_0 and
+    the last (to σ = 0) returns D_i (both first order). Deterministic (`generator` unused). NFE = steps."""
     denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     sigmas = _check_grid(sigmas)
     d_prev, h_prev = None, None
@@ -125,10 +125,11 @@ def _process_coefficients(process, t: float):
     the process's z = α·x0 + σ·ε (T1), by autograd at a scalar t."""
     tt = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
-        f = torch.autograd.grad(torch.log(process.alpha(tt)), tt)[0]
-        s2 = process.sigma(tt) ** 2
+        log_a, s2 = torch.log(process.alpha(tt)), process.sigma(tt) ** 2
+        f = torch.autograd.grad(log_a, tt, allow_unused=True)[0] if log_a.requires_grad else None  # VE: α ≡ 1
         ds2 = torch.autograd.grad(s2, tt)[0]
-    return float(f), float(ds2) - 2 * float(f) * float(s2)
+    f = 0.0 if f is None else float(f)
+    return f, float(ds2) - 2 * f * float(s2)
 
 
 def _em_step(denoiser, x, s_cur, s_next, process, generator):
@@ -138,14 +139,15 @@ def _em_step(denoiser, x, s_cur, s_next, process, generator):
         return _ve_reverse_step(denoiser, x, s_cur, s_next, generator)
     t, t_next = (float(v) for v in process.t_of_lam(-2 * torch.log(torch.tensor([s_cur, s_next],
                                                                                    dtype=torch.float64))))
-    a, sg = float(process.alpha(torch.tensor(t))), float(process.sigma(torch.tensor(t)))
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, sg = float(process.alpha(tt)), float(process.sigma(tt))
     f, g2 = _process_coefficients(process, t)
     d = denoiser(x, s_cur)
     z = a * x
     score_z = (a * d - z) / sg**2
     dt = t - t_next                                                    # > 0: backwards in time
     z = z - (f * z - g2 * score_z) * dt + math.sqrt(g2 * dt) * _randn(z, generator)
-    return z / float(process.alpha(torch.tensor(t_next))), d
+    return z / float(process.alpha(torch.tensor(t_next, dtype=torch.float64))), d
 
 
 @torch.no_grad()
@@ -202,6 +204,8 @@ def sample_pc(denoiser, x, sigmas, *, snr: float = 0.16, corrector_steps: int = 
     if predictor == "euler-maruyama" and process is None:
         raise ValueError("predictor='euler-maruyama' needs process= (a process.Process); "
                          "for the VE SDE use predictor='reverse-diffusion'")
+    if process is not None and predictor != "euler-maruyama":
+        raise ValueError(f"process={process!r} is only used by predictor='euler-maruyama'; got predictor={predictor!r}")
     denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     sigmas = _check_grid(sigmas)
     for i in range(len(sigmas) - 1):
@@ -281,11 +285,16 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
     (tested). Σ_t: beta (β_t), beta_tilde (β̃_t, T24), phi (β̃_t + c_0²·(σ_φ² − σ̃²): the confidence head's
     posterior variance of x0 carried through the x0 coefficient c_0 = √ᾱ_{t−1}β_t/(1 − ᾱ_t)), or a learned
     interpolation `v(z_t, t) -> v` (IDDPM, T26): Σ = exp(v·log β_t + (1 − v)·log β̃_t). Returns x_0 (data
-    units, ᾱ_0 = 1). NFE = T."""
+    units, ᾱ_0 = 1). NFE = t_start (T by default)."""
     check_choice("rule", rule, DDPM_RULES)
     check_choice("variance", variance, DDPM_VARIANCES)
     if v is not None and not callable(v):
         raise ValueError(f"v={v!r} must be a callable (z_t, t) -> v for the learned variance (T26)")
+    if v is not None and variance != "beta_tilde":
+        raise ValueError(f"v= (the learned variance, T26) replaces variance={variance!r}; give one of them")
+    if variance == "phi" and not hasattr(denoiser, "predict"):
+        raise ValueError("variance='phi' needs a denoiser with predict() (σ_φ from a confidence head, or the "
+                         "head-less c_var); this one has none")
     t_start = ddpm.T if t_start is None else t_start
     _check_int("t_start", t_start, 1)
     if t_start > ddpm.T:
@@ -312,7 +321,15 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
             mean = ddpm.posterior(z, x0, t)[0]
         beta_tilde = b * om_prev / om
         if v is not None:
-            vt = v(z, t)
+            vt = torch.as_tensor(v(z, t), dtype=z.dtype)
+            if vt.ndim == 1 and z.ndim > 1:                          # one v per example: [N] → [N, 1, …]
+                vt = vt.reshape(-1, *([1] * (z.ndim - 1)))
+            try:
+                ok = torch.broadcast_shapes(vt.shape, z.shape) == z.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a scalar")
             var = torch.exp(vt * math.log(b) + (1 - vt) * math.log(max(beta_tilde, 1e-300)))
         elif variance == "beta":
             var = b

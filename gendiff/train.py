@@ -172,7 +172,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
             bar.update(1)
             if done % 64 == 0 and result.losses:
                 bar.set_postfix(loss=f"{np.mean(result.losses[-64:]):.4f}")
-            if interrupted():  # Ctrl-C: finish the step, checkpoint it, then stop
+            if world.any(interrupted()):  # Ctrl-C on any rank: finish the step, checkpoint it, then stop
                 save(done)
                 bar.close()
                 raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in {checkpoint_dir}")
@@ -206,7 +206,7 @@ def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, 
     if not finite:
         result.bad_steps += 1
         if bad_in_row + 1 >= cfg.max_bad_steps:
-            save(i)
+            save(i + 1)   # step i's data was drawn and counted: a resume goes on with step i + 1
             raise FloatingPointError(
                 f"{desc}: {bad_in_row + 1} non-finite steps in a row (loss {loss.item()}) at iteration {i}; "
                 f"stopped (max_bad_steps={cfg.max_bad_steps}); lower the learning rate (--lr)")
@@ -268,6 +268,14 @@ class _World:
         cut = lambda v: v[part] if torch.is_tensor(v) and v.ndim > 0 else v  # noqa: E731
         return NoisyBatch(cut(batch.x0), cut(batch.x_noisy), cut(batch.sigma), cut(batch.source_cov),
                           cut(batch.score))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is on some rank (so all ranks stop at the same step)."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        self.dist.all_reduce(t)
+        return t.item() > 0
 
     def reduce(self, opts, finite: bool, loss: torch.Tensor):
         """Average gradients and the loss over ranks; a step is finite only if it is on every rank."""

@@ -152,7 +152,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
         train(den, lambda d, b: EDMLoss()(d, b) * float("inf"), BatchSource(tree("A"), "point"), cfg,
               progress=False, checkpoint_dir=str(tmp_path))
     step, t, _ = ckpt.latest(str(tmp_path))
-    assert step == 2 and all(torch.isfinite(v).all() for k, v in t.items() if k.startswith("model."))
+    assert step == 3 and all(torch.isfinite(v).all() for k, v in t.items() if k.startswith("model."))
 
 
 def test_soak_thousands_of_steps_with_checkpoints_and_a_resume_keep_memory_flat(tmp_path):
@@ -178,3 +178,16 @@ def test_soak_thousands_of_steps_with_checkpoints_and_a_resume_keep_memory_flat(
                     step_callback=mark)
     assert res.resumed_from == 1500 and ckpt.steps(str(tmp_path))[-1] == 3000
     assert marks[3000] - marks[500] < 20, marks
+
+
+def test_checkpoints_past_the_resumed_step_are_removed_not_kept_over_the_new_one(tmp_path):
+    """A corrupt newer checkpoint (300) made the run resume from 200; writing 210 with keep=1 must keep 210,
+    not be crowded out by the stale 300 (which goes)."""
+    ckpt.save(str(tmp_path), 200, {"w": torch.ones(8)}, {})
+    ckpt.save(str(tmp_path), 300, {"w": torch.ones(8) * 3}, {})
+    p = tmp_path / "ckpt-00000300.safetensors"
+    p.write_bytes(p.read_bytes()[:40])
+    with pytest.warns(RuntimeWarning):
+        assert ckpt.latest(str(tmp_path))[0] == 200
+    ckpt.save(str(tmp_path), 210, {"w": torch.ones(8) * 2}, {}, keep=1)
+    assert ckpt.steps(str(tmp_path)) == [210] and ckpt.latest(str(tmp_path))[0] == 210

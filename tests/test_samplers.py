@@ -24,7 +24,7 @@ import torch
 
 from gendiff.data.toy import GaussianMixture, eight_gaussians
 from gendiff.metrics import median_nll, mmd
-from gendiff.process import DDPM, VP
+from gendiff.process import DDPM, VE, VP
 from gendiff.samplers import (edm_sigmas, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
                               sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
 
@@ -63,6 +63,8 @@ SAMPLERS = {  # name -> (sampler on the harness); generous steps
                                                          generator=_gen()),
     "euler_maruyama-vp": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                          process=VPE, generator=_gen()),
+    "euler_maruyama-ve-process": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
+                                                                 process=VE(0.002, 80.0), generator=_gen()),
     "pc": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), generator=_gen()),
     "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), predictor="euler-maruyama",
                                     process=VPE, generator=_gen()),
@@ -131,6 +133,39 @@ def test_ddpm_variances(small):
     assert torch.isfinite(phi).all() and (phi - bt).abs().max() > 1e-6
 
 
+def test_ddpm_phi_variance_is_beta_tilde_plus_the_posterior_variance_term(gauss):
+    """variance='phi' with an exact Gaussian predictor: Σ_t = β̃_t + c_0²·Var[x0 | x_t] where Var[x0 | x̃] =
+    C − C(C + σ̃²I)⁻¹C is the closed form (checked on one step: the sample spread around the rule's mean)."""
+    gm = GaussianMixture([1.0], M[None], C[None])
+    ddpm, t = DDPM(20, "cosine"), 7
+    ab, om = float(ddpm.alpha_bar[t]), float(ddpm.one_minus_alpha_bar[t])
+    s2 = om / ab
+    n = 200000
+    z = torch.full((n, 2), 0.1, dtype=F64)            # one x_t: the first step's spread is exactly √Σ_t
+    steps = []
+    sample_ddpm(gm.denoiser("point"), z, ddpm, variance="phi", t_start=t, generator=_gen(),
+                callback=lambda i, zz, s, x0: steps.append(zz.clone()))
+    b, om_prev = float(ddpm.betas[t]), float(ddpm.one_minus_alpha_bar[t - 1])
+    c0 = math.sqrt(float(ddpm.alpha_bar[t - 1])) * b / om
+    post = C - C @ torch.linalg.inv(C + s2 * torch.eye(2, dtype=F64)) @ C
+    expect = b * om_prev / om + c0**2 * post.diagonal()
+    got = steps[0].var(0)
+    torch.testing.assert_close(got, expect, rtol=0.02, atol=0)
+
+
+def test_ddim_eta0_converges_to_the_pf_ode_solution(gauss):
+    """DDIM with η = 0 is a discretisation of the PF-ODE (T15): on N(m, C) its endpoint approaches the closed-form
+    m + C^½(C + σ̃_T²I)^(−½)(x̃_T − m) as the steps grow (x̃_T = z_T/√ᾱ_T)."""
+    ddpm = DDPM(1000)
+    z = torch.randn(500, 2, generator=_gen(), dtype=F64)
+    ab = float(ddpm.alpha_bar[ddpm.T])
+    s2 = float(ddpm.one_minus_alpha_bar[ddpm.T]) / ab
+    x_T = z / math.sqrt(ab)
+    expect = M + (x_T - M) @ (_sqrtm(C) @ _sqrtm(C + s2 * torch.eye(2, dtype=F64), -0.5)).T
+    err = [float((sample_ddim(gauss.denoiser(), z, ddpm, n) - expect).abs().max()) for n in (25, 100, 400)]
+    assert err[2] < err[1] < err[0] and err[2] < 0.02, err
+
+
 def test_ddim_eta1_is_ddpm_and_eta0_is_deterministic(small):
     D, ddpm, z = small
     torch.testing.assert_close(sample_ddim(D, z, ddpm, list(range(ddpm.T, 0, -1)), eta=1.0, generator=_gen()),
@@ -184,8 +219,8 @@ def test_deterministic_samplers_follow_the_closed_form_ode(gauss):
     assert coarse[1] < coarse[0] / 3, coarse     # second order: ~4× per doubling
 
 
-@pytest.mark.parametrize("name", ["euler_maruyama-ve", "euler_maruyama-vp", "pc", "langevin-long", "ddpm",
-                                  "ddim", "heun-churn"])
+@pytest.mark.parametrize("name", ["euler_maruyama-ve", "euler_maruyama-vp", "euler_maruyama-ve-process", "pc",
+                                  "langevin-long", "ddpm", "ddim", "heun-churn"])
 def test_stochastic_and_ddpm_samplers_match_the_gaussian_moments(gauss, name):
     """Sample mean and covariance of 20000 draws against m and C. Tolerance: 5 standard errors of the sample
     mean (√(C_ii/n)) and covariance (C_ii·√(2/n) scale) plus 0.01 for discretisation."""
@@ -211,6 +246,10 @@ def test_stochastic_and_ddpm_samplers_match_the_gaussian_moments(gauss, name):
     (lambda D, x, z, dd: sample_pc(D, x, edm_sigmas(8), corrector_steps=-1), "corrector_steps"),
     (lambda D, x, z, dd: sample_pc(D, x, edm_sigmas(8), predictor="bogus"), "predictor"),
     (lambda D, x, z, dd: sample_pc(D, x, edm_sigmas(8), predictor="euler-maruyama"), "process"),
+    (lambda D, x, z, dd: sample_pc(D, x, edm_sigmas(8), process=VPE), "only used by predictor"),
+    (lambda D, x, z, dd: sample_ddpm(D, z, dd, variance="beta", v=lambda zt, t: zt * 0), "replaces variance"),
+    (lambda D, x, z, dd: sample_ddpm(D, z, dd, variance="phi"), "predict"),
+    (lambda D, x, z, dd: sample_ddpm(D, z, dd, v=lambda zt, t: torch.zeros(3)), "shape"),
     (lambda D, x, z, dd: sample_langevin(D, x, [1.0, 2.0]), "sigmas"),
     (lambda D, x, z, dd: sample_langevin(D, x, [1.0], steps_per_scale=0), "steps_per_scale"),
     (lambda D, x, z, dd: sample_langevin(D, x, [1.0], step_lr=-1.0), "step_lr"),
