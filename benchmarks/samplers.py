@@ -272,20 +272,21 @@ def _figure(samp, path):
                           and r["score_mode"] == "tweedie"})
             if not pts:
                 continue
-            xs, med, mmds = [], [], []
+            xs, outl, mmds = [], [], []
             for b in pts:
                 cell = [r for r in samp if r["model"] == m and r["sampler"] == s and r["budget"] == b
                         and r["score_mode"] == "tweedie"]
                 xs.append(cell[0]["nfe"])
-                med.append(_mean_sd([r["median_nll"] for r in cell])[0])
+                outl.append(_mean_sd([r["outlier_rate"] for r in cell])[0])
                 mmds.append(_mean_sd([r["mmd"] for r in cell])[0])
-            axes[0, j].plot(xs, med, marker="o", label=s)
+            axes[0, j].plot(xs, outl, marker="o", label=s)
             axes[1, j].plot(xs, [max(v, 1e-6) for v in mmds], marker="o", label=s)
         axes[0, j].set_title(f"{m}")
-        for i, lab in enumerate(("median NLL", "MMD² (clipped at 1e-6)")):
+        for i, lab in enumerate(("outlier rate (ground truth: 0.01)", "MMD² (clipped at 1e-6)")):
             axes[i, j].set_xscale("log")
             axes[i, j].set_xlabel("NFE")
             axes[i, j].set_ylabel(lab)
+        axes[0, j].set_yscale("log")
         axes[1, j].set_yscale("log")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
