@@ -32,3 +32,28 @@ class Guided(torch.nn.Module):
             return self.guide.predict(x, sigma)
         p = self.main.predict(x, sigma)
         return p if self.w == 1 else p.with_mean(torch.lerp(self.guide(x, sigma), p.mu, self.w))
+
+
+class Conditioned(torch.nn.Module):
+    """A class-conditional denoiser with its labels bound: `D(x, σ) = D(x, σ, y)`, so samplers, guidance and
+    likelihood see the one contract (STYLE 2). labels: [N] class indices (the backbone's null class is ∅)."""
+
+    def __init__(self, denoiser, labels: torch.Tensor):
+        super().__init__()
+        self.denoiser, self.labels = denoiser, labels
+
+    def forward(self, x, sigma):
+        return self.denoiser(x, sigma, class_labels=self.labels)
+
+    def predict(self, x, sigma):
+        return self.denoiser.predict(x, sigma, class_labels=self.labels)
+
+
+def classifier_free(denoiser, labels: torch.Tensor, null_label: int, w: float) -> Guided:
+    """Classifier-free guidance (T33) in seed 004's convention: s̃ = (1 + w)·s(x | y) − w·s(x | ∅), w ≥ 0,
+    w = 0 the conditional model. T13 is linear in μ, so this is `Guided` with weight 1 + w and the null-class
+    model as the guide (the same network with every label set to `null_label`)."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"cfg weight w={w!r} must be a finite number >= 0 (0 = the conditional model, T33)")
+    null = torch.full_like(labels, null_label)
+    return Guided(Conditioned(denoiser, labels), Conditioned(denoiser, null), 1 + w)

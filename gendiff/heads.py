@@ -306,7 +306,30 @@ class FullHead(Head):
         return nll_full(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, source_cov)
 
 
-HEADS = {h.name: h for h in (NoHead, DiagonalHead, FullHead)}
+class LearnedVarianceHead(Head):
+    """IDDPM's learned variance (T26): G shaped like x is the raw interpolation output; the DDPM step's
+    Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) with v = (G + 1)/2 (IDDPM's range [−1, 1] → [0, 1]; G = 0 at init
+    is the geometric midpoint). It is a variance of the reverse *step*, not a confidence in x0: σ_φ is c_var
+    (the head-less EDM value), and its loss is `losses.HybridLoss`."""
+    name = "v"
+
+    def g_shape(self, x_shape):
+        return tuple(x_shape)
+
+    def variance(self, p):
+        return torch.broadcast_to(p.scalings.c_var.square(), p.mu.shape)
+
+    @staticmethod
+    def interpolation(p: NetPrediction) -> torch.Tensor:
+        """v of T26 (IDDPM leaves it unconstrained: outside [0, 1] Σ_θ extrapolates, still > 0)."""
+        return (p.G + 1) / 2
+
+    def nll(self, p, x0, source_cov=None):
+        raise ValueError("head='v' (IDDPM learned variance, T26) has no confidence NLL; train it with "
+                         "loss 'hybrid' (losses.HybridLoss)")
+
+
+HEADS = {h.name: h for h in (NoHead, DiagonalHead, FullHead, LearnedVarianceHead)}
 
 
 def make_head(name) -> Head:

@@ -21,12 +21,27 @@ class NoisyBatch:
 
     source_cov: [N, d, d], a known covariance of x0's source whose trace term enters the NLL (T12).
     score: [N, ...], the exact score ∇ log p(x_noisy; σ) where an oracle knows it (§10).
+    labels: [N] class indices for a class-conditional denoiser (already dropped to ∅ where CFG training
+    asks for it, T33); None for an unconditional one.
     """
     x0: torch.Tensor
     x_noisy: torch.Tensor
     sigma: torch.Tensor
     source_cov: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def predict(self, denoiser):
+        """The denoiser's prediction at this batch (its labels passed only when there are any)."""
+        if self.labels is None:
+            return denoiser.predict(self.x_noisy, self.sigma)
+        return denoiser.predict(self.x_noisy, self.sigma, class_labels=self.labels)
+
+    def mean(self, denoiser):
+        """μ = D(x̃; σ[, y])."""
+        if self.labels is None:
+            return denoiser(self.x_noisy, self.sigma)
+        return denoiser(self.x_noisy, self.sigma, class_labels=self.labels)
 
 
 class ConfidenceNLL:
@@ -38,7 +53,7 @@ class ConfidenceNLL:
     """
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
-        p = denoiser.predict(batch.x_noisy, batch.sigma)
+        p = batch.predict(denoiser)
         return denoiser.head.nll(p, batch.x0, batch.source_cov)
 
 
@@ -47,7 +62,7 @@ class EDMLoss:
     ½·λ(σ)·‖D(x̃; σ) − x0‖², λ = 1/c_out², which is ½‖F − F*‖², uniform in F-space at every σ."""
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
-        p = denoiser.predict(batch.x_noisy, batch.sigma)
+        p = batch.predict(denoiser)
         return 0.5 * _sum_elements((p.mu - batch.x0).square() / p.scalings.c_out.square())
 
 
@@ -60,7 +75,7 @@ class ScoreMatchingLoss:
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
         if batch.score is None:
             raise ValueError("ScoreMatchingLoss needs batch.score, the exact score at x_noisy")
-        mu = denoiser(batch.x_noisy, batch.sigma)
+        mu = batch.mean(denoiser)
         s2 = as_sigma(batch.sigma, mu).square()  # [N] σ -> [N, 1, ...], as the denoiser reads it
         return _sum_elements(s2 * ((mu - batch.x_noisy) / s2 - batch.score).square())
 
@@ -80,11 +95,73 @@ class WeightedLoss:
         return (self.weighting(lam) / self.density.pdf(lam)).to(sigma.dtype)
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
-        mu = denoiser(batch.x_noisy, batch.sigma)
+        mu = batch.mean(denoiser)
         s_ex = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "WeightedLoss (λ per example, T17)")
         eps_loss = _sum_elements((mu - batch.x0).square()) / s_ex.square()     # ‖ε̂ − ε‖² (T2)
         self.last = (s_ex.detach(), eps_loss.detach())   # for an adaptive density (T20): train.py feeds it back
         return 0.5 * self.importance(s_ex) * eps_loss
+
+
+class DDPMSimpleLoss:
+    """Seed 004's simplified losses (Ho et al. 2020 L_simple), per example, in VE space (T2):
+    target "eps": ‖ε̂ − ε‖² = ‖D − x0‖²/σ̃² (also the score loss (1 − ᾱ_t)‖s − s_θ‖², which is the same number,
+    T21); "x0": ‖x̂0 − x0‖². The parameterisation is the denoiser's precond (eps, x0, score-vp), the step density
+    `schedules.DDPMSteps` (t uniform)."""
+
+    def __init__(self, target: str = "eps"):
+        if target not in ("eps", "x0"):
+            raise ValueError(f"target={target!r} is not allowed; choose one of ['eps', 'x0']")
+        self.target = target
+
+    def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
+        mu = batch.mean(denoiser)
+        err = _sum_elements((mu - batch.x0).square())
+        if self.target == "x0":
+            return err
+        return err / one_per_example(as_sigma(batch.sigma, mu), mu.shape, "DDPMSimpleLoss").square()
+
+
+class HybridLoss:
+    """IDDPM's hybrid loss for a learned variance (T26): L_simple + λ·L_vlb, per example.
+
+    L_simple = ‖ε̂ − ε‖² (summed over elements). L_vlb = T·L_t, the one-step unbiased estimate of the whole
+    bound (t uniform, `schedules.DDPMSteps`), in nats summed over elements, with the mean's gradient stopped
+    (only the variance head learns from it): for t ≥ 2, L_t = KL(q(x_{t−1} | x_t, x0) ‖ N(μ_θ, Σ_θ)) (T24),
+    μ_θ = T24's posterior mean at x̂0 = D.detach(); for t = 1 the discretised decoder −log p(x0 | x_1) (T27)
+    with Σ_θ(t = 1), log β̃_1 clipped to log β̃_2 as IDDPM does (β̃_1 = 0). Σ_θ = exp(v log β_t + (1 − v) log β̃_t),
+    v from the denoiser's `LearnedVarianceHead`. λ defaults to IDDPM's 0.001 (seed 004 prints 1000, which
+    matches only under another averaging of L_vlb; THEORY T26): with T = 1000 it puts unit weight on L_t.
+    x0 must be 8-bit data scaled to [−1, 1] for the t = 1 term (checked).
+    """
+
+    def __init__(self, steps, lam: float = 0.001):
+        from .checks import check_positive
+        check_positive("lam", lam, allow_zero=True)
+        self.steps, self.lam = steps, float(lam)
+
+    def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
+        from .likelihood import discretized_gaussian_log_prob
+        p = batch.predict(denoiser)
+        mu = p.mu
+        s = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "HybridLoss")
+        simple = _sum_elements((mu - batch.x0).square()) / s.square()
+        ddpm, f64 = self.steps.ddpm, torch.float64
+        t = self.steps.steps(s).to(mu.device)
+        at = lambda table, i: table.to(mu.device)[i].view(-1, *([1] * (mu.ndim - 1)))  # noqa: E731 [N, 1, ...]
+        beta, ab_prev = at(ddpm.betas, t), at(ddpm.alpha_bar, t - 1)
+        om, om_prev = at(ddpm.one_minus_alpha_bar, t), at(ddpm.one_minus_alpha_bar, t - 1)
+        beta_tilde = beta * om_prev / om                               # T24; β̃_1 = 0, clipped to β̃_2 below
+        bt2 = ddpm.betas[2] * ddpm.one_minus_alpha_bar[1] / ddpm.one_minus_alpha_bar[2]
+        log_bt = torch.where(t.view(beta.shape) == 1, bt2.log().item(), beta_tilde.clamp_min(1e-300).log())
+        v = denoiser.head.interpolation(p).to(f64)
+        log_var = v * beta.log() + (1 - v) * log_bt                    # log Σ_θ (T26)
+        # μ_q − μ_θ = c_0·(x0 − x̂0), c_0 = √ᾱ_{t−1}β_t/(1 − ᾱ_t) (T24): x_t cancels; x̂0 detached
+        x0, x0_hat = batch.x0.to(f64), mu.detach().to(f64)
+        kl = 0.5 * (log_var - log_bt + (beta_tilde + (ab_prev.sqrt() * beta / om * (x0 - x0_hat)).square())
+                    / log_var.exp() - 1)
+        decoder = -discretized_gaussian_log_prob(x0, x0_hat, (0.5 * log_var).exp())   # t = 1: μ_θ = x̂0
+        vlb = _sum_elements(torch.where(t.view(beta.shape) == 1, decoder, kl))
+        return (simple.to(f64) + self.lam * ddpm.T * vlb).to(mu.dtype)
 
 
 LOSSES = {

@@ -96,7 +96,17 @@ class VPrecond(Precond):
         return d2 / (s2 + d2), -sigma * self.sigma_data * torch.rsqrt(s2 + d2), torch.rsqrt(s2 + d2)
 
 
-PRECONDS = {p.name: p for p in (EDMPrecond, EpsPrecond, X0Precond, VPrecond)}
+class ScoreVPPrecond(Precond):
+    """Score prediction for the VP/DDPM latent (seed 004; T21 s = −ε̂/σ): F ≈ ∇_z log p(z) at z = α·x̃ with
+    α = 1/√(1 + σ̃²), σ_vp = σ̃·α. Tweedie in VE space, D = x̃ + σ̃²·∇_x̃ log p = x̃ + σ̃²·α·F (T13)."""
+    name = "score-vp"
+
+    def coefficients(self, sigma):
+        s2 = sigma.square()
+        return torch.ones_like(sigma), s2 * torch.rsqrt(1 + s2), torch.rsqrt(s2 + self.sigma_data ** 2)
+
+
+PRECONDS = {p.name: p for p in (EDMPrecond, EpsPrecond, X0Precond, VPrecond, ScoreVPPrecond)}
 
 
 def edm_scalings(sigma, sigma_data: float) -> Scalings:
@@ -133,9 +143,10 @@ class Denoiser(nn.Module):
     def sigma_data(self) -> float:
         return self.precond.sigma_data
 
-    def predict(self, x: torch.Tensor, sigma, source_sigma=None) -> NetPrediction:
+    def predict(self, x: torch.Tensor, sigma, source_sigma=None, class_labels=None) -> NetPrediction:
         """source_sigma: an optional known per-element std of x0's source (T3); the scalings then use
-        σ_total = √(σ² + σ_src²) while c_noise keeps the diffusion σ."""
+        σ_total = √(σ² + σ_src²) while c_noise keeps the diffusion σ. class_labels: [N] class indices for a
+        class-conditional backbone (passed on as `class_labels=`; the backbone's null class is ∅, T33)."""
         sigma = as_sigma(sigma, x)
         total = sigma if source_sigma is None else (sigma.square() + as_sigma(source_sigma, x, "source_sigma")
                                                      .square()).sqrt()
@@ -143,6 +154,8 @@ class Denoiser(nn.Module):
         c_noise = self.precond.c_noise(per_example(sigma, x.shape[0]))
         extra = {"noise_map": torch.broadcast_to(self.precond.c_noise(total), x.shape)} \
             if getattr(self.net, "takes_noise_map", False) else {}
+        if class_labels is not None:
+            extra["class_labels"] = class_labels
         out = self.net(sc.c_in * x, c_noise, **extra)
         F, G = (out if isinstance(out, tuple) else (out, None))
         if F.shape != x.shape:
@@ -151,9 +164,9 @@ class Denoiser(nn.Module):
         mu = sc.c_skip * x + sc.c_out * F
         return NetPrediction(x=x, mu=mu, F=F, G=G, scalings=sc, head=self.head)
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        return self.predict(x, sigma).mu
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        return self.predict(x, sigma, class_labels=class_labels).mu
 
 
-__all__ = ["Scalings", "Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond", "PRECONDS",
+__all__ = ["Scalings", "Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond", "ScoreVPPrecond", "PRECONDS",
            "edm_scalings", "Denoiser", "Prediction", "NetPrediction", "LOG_2PI"]

@@ -182,6 +182,10 @@ class DDPM(Process):
         else:
             f = torch.cos((torch.arange(T + 1, dtype=f64) / T + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
             beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # 1 − ᾱ(t)/ᾱ(t−1); f(0) cancels
+        self._set_betas(beta)
+
+    def _set_betas(self, beta: torch.Tensor) -> None:
+        T, f64 = len(beta), torch.float64
         self.betas = torch.cat([beta.new_zeros(1), beta])             # [T + 1], β_0 = 0
         self.alphas = 1 - self.betas                                  # [T + 1]
         log_ab = torch.cumsum(torch.log1p(-self.betas), 0)            # log ᾱ_t, T23
@@ -189,6 +193,22 @@ class DDPM(Process):
         self.one_minus_alpha_bar = -torch.expm1(log_ab)               # 1 − ᾱ_t without cancellation
         self._lam = log_ab - torch.log(self.one_minus_alpha_bar)      # [T + 1], λ_0 = +∞
         self._steps = torch.arange(T + 1, dtype=f64)
+
+    def respaced(self, steps: int) -> DDPM:
+        """A DDPM over `steps` evenly spaced steps of this one (IDDPM §4 respacing): the same ᾱ at the kept steps
+        (so the same σ̃, and a denoiser trained on this process reads them unchanged), β'_i = 1 − ᾱ'_i/ᾱ'_{i−1}.
+        A learned variance (T26) then interpolates the new β', β̃', as IDDPM does. steps = T returns self."""
+        check_positive("steps", steps, integer=True)
+        if steps > self.T:
+            raise ValueError(f"steps={steps} must be <= T={self.T}")
+        if steps == self.T:
+            return self
+        keep = torch.linspace(1, self.T, steps, dtype=torch.float64).round().long()       # 1 … T, increasing
+        ab = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[keep]])
+        out = DDPM.__new__(DDPM)
+        out.T, out.schedule = steps, f"{self.schedule}, respaced {self.T}->{steps}"
+        out._set_betas(1 - ab[1:] / ab[:-1])
+        return out
 
     def _check_steps(self, t: torch.Tensor) -> None:
         bad = ~((t == 0) | ((t >= 1) & (t <= self.T)))

@@ -285,6 +285,32 @@ class AdaptiveSchedule(NoiseSchedule):
         return torch.where(inside, self.mass[self._bin(lam)].to(lam.dtype) / width, 0.0)
 
 
+class DDPMSteps:
+    """The discrete training density of DDPM (seed 004, T23): a step t uniform in 1..T, returned as its VE noise
+    level σ̃_t = √((1 − ᾱ_t)/ᾱ_t) (T2), float32. `steps(σ̃)` maps such σ̃ back to t (exactly: each σ̃ must be one
+    of the table's values), for losses that need the step (HybridLoss, T26)."""
+
+    def __init__(self, ddpm):
+        self.ddpm = ddpm
+        self.table = (ddpm.one_minus_alpha_bar[1:] / ddpm.alpha_bar[1:]).sqrt().float()   # [T], σ̃_1 … σ̃_T
+
+    def sample(self, n: int, generator=None, dtype=torch.float32) -> torch.Tensor:
+        t = torch.randint(1, self.ddpm.T + 1, (n,), generator=generator)
+        return self.table[t - 1].to(dtype)
+
+    def steps(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.detach().flatten().float()
+        i = torch.searchsorted(self.table, s).clamp(max=self.ddpm.T - 1)
+        if not torch.equal(self.table[i], s):
+            bad = s[self.table[i] != s][0].item()
+            raise ValueError(f"sigma={bad!r} is not a step σ̃_t of {self!r}; allowed: the values that "
+                             "DDPMSteps.sample draws")
+        return i + 1
+
+    def __repr__(self):
+        return f"DDPMSteps(T={self.ddpm.T}, schedule={self.ddpm.schedule!r})"
+
+
 def _check_range(sigma_min, sigma_max):
     check_positive("sigma_min", sigma_min)
     check_positive("sigma_max", sigma_max)

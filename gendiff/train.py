@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .checks import check_choice, check_positive
+from .checks import as_sigma, check_choice, check_positive
 from .data.toy import EXACT_MODES, GaussianMixture
 from .io import generator, save_state
 from .losses import NoisyBatch
@@ -29,7 +29,9 @@ MODES = EXACT_MODES  # point | source | point-cov, each with its exact optimum (
 
 
 @dataclass
-class ToyTrainConfig:
+class TrainConfig:
+    """The optimisation recipe of any run (toy or images): Adam with inverse-√ lr decay, EMA, the default
+    training density ln σ ~ N(p_mean, p_std²), snapshots, fault limits, precision, compile."""
     iterations: int = 4096
     batch: int = 4096
     lr: float = 1e-2
@@ -41,24 +43,35 @@ class ToyTrainConfig:
     ema: float = 0.99               # classic EMA decay (ema_sigma_rel = 0)
     ema_sigma_rel: float = 0.0      # > 0: EDM2's power-function EMA with this relative std (replaces `ema`)
     snapshot_every: int = 256
-    width: int = 64
-    hidden_layers: int = 4
     max_bad_steps: int = 8          # consecutive non-finite losses/gradients skipped before the run stops
     precision: str = "fp32"         # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
+    compile: bool = False           # torch.compile the backbone for training (BENCHMARKS: no gain on this CPU)
+
+    _positive_ints = ("iterations", "batch", "lr_ref_iter", "snapshot_every", "max_bad_steps")
 
     def validate(self):
-        for name in ("iterations", "batch", "lr_ref_iter", "snapshot_every", "width", "hidden_layers",
-                     "max_bad_steps"):
+        for name in self._positive_ints:
             check_positive(name, getattr(self, name), integer=True)
         for name in ("lr", "p_std", "sigma_data"):
             check_positive(name, getattr(self, name))
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema={self.ema} must be in [0, 1)")
         check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} must be true or false")
         check_positive("ema_sigma_rel", self.ema_sigma_rel, allow_zero=True)
         if self.ema_sigma_rel:
             power_ema_gamma(self.ema_sigma_rel)
         return self
+
+
+@dataclass
+class ToyTrainConfig(TrainConfig):
+    """TrainConfig plus the toy MLP's size (THEORY §10: the seed's five linear layers of width 64)."""
+    width: int = 64
+    hidden_layers: int = 4
+
+    _positive_ints = TrainConfig._positive_ints + ("width", "hidden_layers")
 
 
 class BatchSource:
@@ -91,6 +104,87 @@ class BatchSource:
         return batch
 
 
+class DataSource:
+    """Draws noisy batches from a fixed dataset: x0 from `data` [M, ...] (images scaled to [−1, 1], or any
+    points) in epoch order, x̃ = x0 + σε (T2, VE space; any process reads its latent from σ̃, T1).
+
+    The order is a fresh permutation from the training generator at every epoch; the permutation and the
+    position in it are this source's state (`state_dict`), checkpointed by `train`, so a resumed run sees
+    the same examples. labels: [M] class indices < num_classes; with `label_dropout` p each drawn label
+    becomes the null class ∅ = num_classes with probability p (classifier-free guidance training, T33).
+    The data is checked here, before any training: empty, non-finite or ill-shaped data is a ValueError.
+    """
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0,
+                 label_dropout: float = 0.0, shape: tuple | None = None, name: str = "data"):
+        check_data(data, labels, num_classes, shape, name)
+        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) \
+                or not 0 <= label_dropout < 1:
+            raise ValueError(f"label_dropout={label_dropout!r} must be a number in [0, 1)")
+        if label_dropout and labels is None:
+            raise ValueError(f"label_dropout={label_dropout} needs labelled data; {name} has no labels")
+        self.data, self.num_classes, self.label_dropout = data.float(), num_classes, float(label_dropout)
+        self.labels = None if labels is None else labels.long()
+        self.perm, self.pos = torch.zeros(0, dtype=torch.long), 0
+
+    def _indices(self, n: int, generator) -> torch.Tensor:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.perm):
+                self.perm, self.pos = torch.randperm(len(self.data), generator=generator), 0
+            take = min(n, len(self.perm) - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos, n = self.pos + take, n - take
+        return torch.cat(parts)
+
+    def draw(self, n: int, sigma: torch.Tensor, generator=None) -> NoisyBatch:
+        idx = self._indices(n, generator)
+        x0 = self.data[idx]
+        x_noisy = x0 + as_sigma(sigma, x0) * torch.randn(x0.shape, generator=generator)
+        labels = None
+        if self.labels is not None:
+            labels = self.labels[idx]
+            if self.label_dropout:
+                labels = torch.where(torch.rand(n, generator=generator) < self.label_dropout,
+                                     self.num_classes, labels)
+        return NoisyBatch(x0, x_noisy, sigma, labels=labels)
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm, "pos": torch.tensor([self.pos])}
+
+    def load_state_dict(self, state: dict):
+        self.perm, self.pos = state["perm"].long(), int(state["pos"][0])
+
+
+def check_data(data, labels=None, num_classes: int = 0, shape: tuple | None = None, name: str = "data"):
+    """Training data as a model can take it, or a ValueError naming what is wrong (before any training)."""
+    if not torch.is_tensor(data) or data.ndim < 2:
+        raise ValueError(f"{name} must be a tensor [N, ...] of examples; got "
+                         f"{type(data).__name__ if not torch.is_tensor(data) else tuple(data.shape)}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty (0 examples); allowed: at least one example")
+    if shape is not None and tuple(data.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name} has examples of shape {tuple(data.shape[1:])}; the model takes {tuple(shape)}")
+    if not data.is_floating_point():
+        raise ValueError(f"{name} has dtype {data.dtype}; allowed: floating point (images scaled to [-1, 1])")
+    bad = ~torch.isfinite(data.flatten(1)).all(1)
+    if bad.any():
+        raise ValueError(f"{name} holds {int(bad.sum())} examples with NaN or Inf values (first: example "
+                         f"{int(bad.nonzero()[0])}); allowed: finite values only")
+    if labels is None:
+        if num_classes:
+            raise ValueError(f"num_classes={num_classes} but {name} has no labels")
+        return
+    if not torch.is_tensor(labels) or labels.shape != (len(data),) or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor [{len(data)}] (one class per example); got "
+                         f"{tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}")
+    check_positive("num_classes", num_classes, integer=True)
+    out = (labels < 0) | (labels >= num_classes)
+    if out.any():
+        raise ValueError(f"labels hold {int(labels[out][0])}, out of range; allowed: 0 … {num_classes - 1} "
+                         f"(num_classes={num_classes})")
+
+
 @dataclass
 class TrainResult:
     ema: torch.nn.Module
@@ -107,7 +201,7 @@ class TrainResult:
         return len(self.losses) / self.seconds if self.seconds else float("nan")
 
 
-def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrainConfig, *, seed: int = 0,
+def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed: int = 0,
           snapshot_dir: str | None = None, keep_snapshots=(), progress: bool = True,
           desc: str = "train", sigma_density=None, checkpoint_dir: str | None = None,
           checkpoint_every: int = 0, keep_checkpoints: int = 3, step_callback=None) -> TrainResult:
@@ -146,7 +240,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
         if hasattr(density, "update") or eta:
             raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes it "
                              "would see one shard only: not supported, train it in one process")
-    state = _TrainState(denoiser, ema, opts, gen, density, result)
+    state = _TrainState(denoiser, ema, opts, gen, density, result, source)
+    model = _compiled(denoiser) if cfg.compile else denoiser   # same parameters; the state dicts stay plain
     first = state.restore(checkpoint_dir) if checkpoint_dir is not None else 0
     result.resumed_from = first
     writes = checkpoint_dir is not None and world.rank == 0            # rank 0 writes, every rank resumes
@@ -156,7 +251,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source: BatchSource, cfg: ToyTrain
     bad_in_row = 0
     with _graceful_interrupt(checkpoint_dir is not None) as interrupted:
         for i in range(first, cfg.iterations):
-            bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result,
+            bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, model, eta, ema, result,
                                bad_in_row, desc, save, world)
             done = i + 1
             if done % cfg.snapshot_every == 0 or done in keep_snapshots:
@@ -225,6 +320,15 @@ def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, 
     return 0
 
 
+def _compiled(denoiser):
+    """The denoiser with a torch.compile'd backbone sharing its parameters (a `Denoiser`; state dicts, EMA and
+    checkpoints keep reading the plain module)."""
+    from .precond import Denoiser
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError(f"compile=true needs a precond.Denoiser around a backbone; got {type(denoiser).__name__}")
+    return Denoiser(torch.compile(denoiser.net), denoiser.precond, denoiser.head)
+
+
 def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
     """Gradients of one step: `params` (the denoiser) get ∇ mean(L); `eta` (a learned density's parameters,
     T22) get ∇ mean(L²), the estimator's second moment, whose shape-gradient is the variance's."""
@@ -267,7 +371,7 @@ class _World:
         part = slice(self.rank * n, (self.rank + 1) * n)
         cut = lambda v: v[part] if torch.is_tensor(v) and v.ndim > 0 else v  # noqa: E731
         return NoisyBatch(cut(batch.x0), cut(batch.x_noisy), cut(batch.sigma), cut(batch.source_cov),
-                          cut(batch.score))
+                          cut(batch.score), cut(batch.labels))
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is on some rank (so all ranks stop at the same step)."""
@@ -309,9 +413,9 @@ def _graceful_interrupt(enabled: bool):
 class _TrainState:
     """Everything `train` must restore to continue bit for bit, as flat tensors + JSON (checkpoint.py)."""
 
-    def __init__(self, denoiser, ema, opts, gen, density, result):
-        self.denoiser, self.ema, self.opts, self.gen, self.density, self.result = \
-            denoiser, ema, opts, gen, density, result
+    def __init__(self, denoiser, ema, opts, gen, density, result, source=None):
+        self.denoiser, self.ema, self.opts, self.gen, self.density, self.result, self.source = \
+            denoiser, ema, opts, gen, density, result, source
 
     def tensors(self):
         t = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
@@ -325,6 +429,8 @@ class _TrainState:
         t["rng.torch"] = torch.get_rng_state()
         if hasattr(self.density, "state_dict"):
             t.update({f"density.{k}": v for k, v in self.density.state_dict().items()})
+        if hasattr(self.source, "state_dict"):   # the data order (DataSource)
+            t.update({f"source.{k}": v for k, v in self.source.state_dict().items()})
         for it, snap in self.result.snapshots.items():
             t.update({f"snapshot.{it}.{k}": v for k, v in snap.items()})
         meta["snapshots"] = sorted(self.result.snapshots)
@@ -349,6 +455,8 @@ class _TrainState:
         torch.set_rng_state(t["rng.torch"])
         if hasattr(self.density, "load_state_dict"):
             self.density.load_state_dict(part("density."))
+        if hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(part("source."))
         for it in meta.get("snapshots", []):
             self.result.snapshots[int(it)] = part(f"snapshot.{it}.")
         self.result.bad_steps = meta.get("bad_steps", 0)
