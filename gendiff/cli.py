@@ -43,7 +43,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from .ablate import DEFAULT_RUNS, GUIDES, RUNS, SUITES
+    from .config import PRESETS
     from .evaluate import INITS
+    from .image_runs import OBJECTIVES
     from .scores import HYBRID_SIGMA
     p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
     p.add_argument("--version", action="version", version="gendiff 0.1.0")
@@ -53,10 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="the seed experiment on the 2-D tree, measured against the exact ground truth",
                        description="Runs: " + "; ".join(f"{k}: {v.help}" for k, v in RUNS.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
-    a.add_argument("--suite", choices=sorted(SUITES), default="seed",
+    a.add_argument("--suite", choices=sorted([*SUITES, "images"]), default="seed",
                    help="seed: the seed experiment (default runs: " + ",".join(DEFAULT_RUNS) + "); objectives: "
                    "parameterisations, weightings and training densities (T17–T21), " + str(len(SUITES["objectives"]))
-                   + " runs")
+                   + " runs; images: seed 004's MNIST table with the EDM and confidence rows (resumable: finished "
+                   "rows are read, unfinished ones resume from their checkpoints)")
+    a.add_argument("--preset", choices=sorted(PRESETS), help="--suite images: the budget (default mnist-cpu)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--suite images: override a key of the preset (as gendiff train --set)")
+    a.add_argument("--rows", help="--suite images: comma-separated rows (default all: x0, eps, score, score-cfg, "
+                   "learned-variance, edm, confidence)")
     a.add_argument("--runs", help="comma-separated runs (overrides --suite)")
     a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
     a.add_argument("--seed", type=_number("--seed", int, 0), default=0)
@@ -76,17 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-figures", action="store_true")
     a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     a.add_argument("--no-progress", action="store_true")
+    d = sub.add_parser("data", help="obtain and verify a dataset offline (md5 against the published checksums)")
+    d.add_argument("action", choices=("fetch",))
+    d.add_argument("name", choices=("mnist", "fashion-mnist"))
+    d.add_argument("--root", help="destination folder (default: the gendiff data folder, $GENDIFF_DATA)")
     r = sub.add_parser("report", help="write FOLDER/index.html (self-contained: config, metrics, curves, plots, σ_φ "
                        "maps) for a run folder of gendiff train or a results folder of gendiff ablate (whose "
                        "metrics.md is re-rendered from metrics.json first, without retraining)")
     r.add_argument("folder", help="a run folder (gendiff train) or a results folder (gendiff ablate)")
-    from .config import PRESETS
-    t = sub.add_parser("train", help="train one toy run in a run folder (config.toml, metrics.jsonl, checkpoints); "
+    t = sub.add_parser("train", help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, checkpoints); "
                        "resumable", description="Configuration: a preset, then --config FILE.toml, then each --set "
                        "key=value (e.g. --set run=edm --set train.batch=512); the resolved config is written to "
                        "RUN/config.toml. Keys and defaults: run `gendiff train --print-config`.")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="toy-reference",
-                   help="named recipe (default toy-reference: the seed experiment's; toy-quick: a smoke run)")
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named recipe (default: toy-reference, the seed experiment's; or mnist-cpu when --config is "
+                   "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on a CPU / "
+                   "GPU budget; mnist-tiny: an image smoke run. Image objectives (--set objective=…): "
+                   + "; ".join(f"{k}: {v.help}" for k, v in OBJECTIVES.items()))
     t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
     t.add_argument("--out", help="run folder (default runs/<run>-<timestamp>)")
@@ -148,7 +162,7 @@ def _train(args) -> int:
     from .config import resolve, to_toml
     from .run import resume_config, start_run, train_run
     if args.resume:
-        if args.config or args.set or args.out or args.preset != "toy-reference":
+        if args.config or args.set or args.out or args.preset is not None:
             raise ValueError("--resume RUN continues RUN with its own config.toml; it takes no --preset, "
                              "--config, --set or --out")
         cfg, out = resume_config(args.resume), args.resume
@@ -157,7 +171,8 @@ def _train(args) -> int:
         if args.print_config:
             print(to_toml(cfg), end="")
             return 0
-        out = args.out or os.path.join("runs", f"{cfg.run}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        name = getattr(cfg, "run", None) or cfg.objective
+        out = args.out or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     rank = _init_distributed()
     if not args.resume and rank <= 0:
         _check_writable(out)
@@ -168,12 +183,38 @@ def _train(args) -> int:
     metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0)
     if rank > 0:
         return 0
+    if not hasattr(cfg, "run"):   # an image run
+        print(f"{cfg.objective}: " + ", ".join(f"{k} {v:.4g}" for k, v in _flat_numbers(metrics).items())
+              + f"; run folder {out}")
+        return 0
     print(f"{cfg.run}: median NLL {metrics['median_nll']:.3f}, MMD² {metrics['mmd']:.2e}, score error "
           f"{metrics['score_error']:.4f}; run folder {out}")
     return 0
 
 
+def _flat_numbers(m: dict, prefix: str = "") -> dict:
+    """The headline numbers of an image run's metrics (FID, precision, recall, bits/dim) for one line."""
+    out = {}
+    for k, v in m.items():
+        if isinstance(v, dict) and k.startswith("samples"):
+            out.update(_flat_numbers({kk: vv for kk, vv in v.items() if kk in ("fid", "precision", "recall")},
+                                     f"{k}."))
+        elif k.startswith("bpd_") and isinstance(v, float) and not k.endswith("seconds"):
+            out[prefix + k] = v
+        elif k in ("fid", "precision", "recall") and isinstance(v, float):
+            out[prefix + k] = v
+    return out
+
+
+def _data(args) -> int:
+    from .data.images import fetch
+    print(f"{args.name}: verified files in {fetch(args.name, args.root)}")
+    return 0
+
+
 def _ablate(args) -> int:
+    if args.suite == "images":
+        return _ablate_images(args)
     from .ablate import DEFAULT_RUNS, SUITES, AblateConfig, quick, run_seeds
     from .report import calibration_markdown, metrics_markdown
     runs = (tuple(r.strip() for r in args.runs.split(",") if r.strip()) if args.runs is not None
@@ -203,6 +244,21 @@ def _ablate(args) -> int:
     print(metrics_markdown(result))
     print(calibration_markdown(result))
     print(f"total {result['timings']['total_s']:.1f} s; results in {out}")
+    return 0
+
+
+def _ablate_images(args) -> int:
+    from .config import resolve
+    from .image_runs import TABLE_ROWS, run_table
+    if args.runs is not None or args.seeds is not None or args.quick:
+        raise ValueError("--suite images takes --preset, --set, --rows and --out; not --runs, --seeds or --quick")
+    base = resolve(args.preset or "mnist-cpu", None, args.set)
+    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else TABLE_ROWS
+    out = args.out or os.path.join("results", "images-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    _check_writable(out)
+    print(f"gendiff ablate --suite images: rows {', '.join(rows)} -> {out}")
+    table = run_table(base, rows, out, progress=not args.no_progress)
+    print(table)
     return 0
 
 
@@ -262,6 +318,8 @@ def main(argv=None) -> int:
                 return _eval(args)
             if args.command == "likelihood":
                 return _likelihood(args)
+            if args.command == "data":
+                return _data(args)
         except ValueError as e:
             print(f"gendiff: error: {e}", file=sys.stderr)
             return 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 from .checks import check_choice, check_positive
 from .evaluate import SamplerConfig
-from .train import ToyTrainConfig
+from .train import TrainConfig, ToyTrainConfig
 
 
 @dataclass
@@ -62,12 +62,106 @@ class TrainRunConfig:
         return self
 
 
+@dataclass
+class ImageDataConfig:
+    name: str = "mnist"        # mnist | fashion-mnist | folder | npz
+    path: str = ""             # folder or .npz file; for mnist/fashion-mnist a root holding the IDX files
+                               # ('' = the gendiff data folder, then Debian's fashion-mnist package)
+    subset: int = 0            # train on a fixed random subset of this many training images (0: all)
+
+    def validate(self):
+        check_choice("data.name", self.name, ("mnist", "fashion-mnist", "folder", "npz"))
+        if self.name in ("folder", "npz") and not self.path:
+            raise ValueError(f"data.name={self.name!r} needs data.path (the {self.name} to read)")
+        check_positive("data.subset", self.subset, integer=True, allow_zero=True)
+
+
+_VAR = {"variable_length": True}
+
+
+@dataclass
+class UNetConfig:
+    model_channels: int = 32
+    channel_mult: tuple = field(default=(1, 2, 2), metadata=_VAR)
+    num_blocks: int = 2
+    attn_resolutions: tuple = field(default=(7,), metadata=_VAR)
+    dropout: float = 0.0
+
+    def validate(self):
+        check_positive("model.model_channels", self.model_channels, integer=True)
+        check_positive("model.num_blocks", self.num_blocks, integer=True)
+        if not self.channel_mult:
+            raise ValueError("model.channel_mult=[] must list at least one level, e.g. [1, 2, 2]")
+        for i, m in enumerate(self.channel_mult):
+            check_positive(f"model.channel_mult[{i}]", m, integer=True)
+        for i, r in enumerate(self.attn_resolutions):
+            check_positive(f"model.attn_resolutions[{i}]", r, integer=True)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+
+
+@dataclass
+class ImageEvalConfig:
+    samples: int = 1000        # generated images for FID / precision / recall / class counts
+    sampler_steps: int = 0     # 0: the objective's default (Heun 18 steps; DDPM respaced to 100 steps)
+    batch: int = 250           # images per sampler batch
+    likelihood_images: int = 64   # test images for bits/dim (PF-ODE, Hutchinson; DDPM bound for DDPM rows)
+    calibration_images: int = 256  # test images for σ_φ calibration (confidence rows)
+    classifier_steps: int = 3000   # training steps of the FID feature classifier (cached in the data folder)
+
+    def validate(self):
+        for name in ("samples", "batch", "classifier_steps"):
+            check_positive(f"eval.{name}", getattr(self, name), integer=True)
+        for name in ("sampler_steps", "likelihood_images", "calibration_images"):
+            check_positive(f"eval.{name}", getattr(self, name), integer=True, allow_zero=True)
+
+
+@dataclass
+class ImageRunConfig:
+    objective: str = "confidence"   # a row of seed 004's table: `gendiff train --print-config` lists them
+    seed: int = 0
+    cfg_weights: tuple = field(default=(1.0, 5.0), metadata=_VAR)   # T33 weights sampled for conditional rows
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: ImageEvalConfig = field(default_factory=ImageEvalConfig)
+
+    def validate(self):
+        from .image_runs import OBJECTIVES
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_positive("seed", self.seed, integer=True, allow_zero=True)
+        for i, w in enumerate(self.cfg_weights):
+            check_positive(f"cfg_weights[{i}]", w, allow_zero=True)
+        for part in (self.data, self.model, self.train, self.checkpoint, self.eval):
+            part.validate()
+        return self
+
+
+def _image(train: dict, model: dict | None = None, ev: dict | None = None, ck: int = 500):
+    train = {"p_mean": -1.2, "p_std": 1.2, **train}     # EDM's image density (EDM Table 1) for the EDM rows
+    return lambda: ImageRunConfig(model=UNetConfig(**(model or {})), train=TrainConfig(**train),
+                                  checkpoint=CheckpointConfig(every=ck), eval=ImageEvalConfig(**(ev or {})))
+
+
 PRESETS = {
     "toy-reference": lambda: TrainRunConfig(),
     "toy-quick": lambda: TrainRunConfig(train=ToyTrainConfig(iterations=256, batch=512, lr_ref_iter=64,
                                                              snapshot_every=128),
                                         checkpoint=CheckpointConfig(every=64), eval=EvalConfig(1024, 1024)),
+    # MNIST, seed 004's table: a CPU budget (the whole table ≤ 2 h on 2 cores, bf16), a GPU budget, a smoke run
+    "mnist-cpu": _image(dict(iterations=1500, batch=64, lr=2e-3, lr_ref_iter=1000, ema=0.999, snapshot_every=500,
+                             precision="bf16"), dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=1)),
+    "mnist-gpu": _image(dict(iterations=40000, batch=256, lr=1e-3, lr_ref_iter=10000, ema=0.9999,
+                             snapshot_every=5000, precision="bf16"),
+                        dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2),
+                        dict(samples=10000, sampler_steps=0, batch=1000, likelihood_images=512), ck=5000),
+    "mnist-tiny": _image(dict(iterations=8, batch=8, lr=2e-3, lr_ref_iter=4, ema=0.9, snapshot_every=4),
+                         dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14,)),
+                         dict(samples=16, sampler_steps=4, batch=16, likelihood_images=4, calibration_images=8,
+                              classifier_steps=30), ck=4),
 }
+IMAGE_PRESETS = tuple(k for k, f in PRESETS.items() if k.startswith("mnist"))
 
 
 def _type_name(v) -> str:
@@ -75,7 +169,7 @@ def _type_name(v) -> str:
             tuple: "a list", list: "a list"}.get(type(v), type(v).__name__)
 
 
-def _coerce(key: str, old, value):
+def _coerce(key: str, old, value, variable: bool = False):
     """`value` (from TOML or text) as the type of the field's current value `old`, or a ValueError."""
     if isinstance(value, str) and not isinstance(old, str):
         text = value.strip()
@@ -92,13 +186,15 @@ def _coerce(key: str, old, value):
         value = float(value) if ok else value
         ok = ok and math.isfinite(value)
     elif isinstance(old, (tuple, list)):
-        ok = isinstance(value, (list, tuple)) and len(value) == len(old)
-        value = tuple(_coerce(f"{key}[{i}]", o, v) for i, (o, v) in enumerate(zip(old, value))) if ok else value
+        ok = isinstance(value, (list, tuple)) and (variable or len(value) == len(old))
+        like = (old[0] if old else 0) if variable else None     # a variable-length list holds one type
+        value = tuple(_coerce(f"{key}[{i}]", like if variable else o, v)
+                      for i, (o, v) in enumerate(zip(old if not variable else value, value))) if ok else value
     else:
         ok = isinstance(value, type(old))
     if not ok:
         raise ValueError(f"{key}={value!r} is not {_type_name(old)}"
-                         + (f" of length {len(old)}" if isinstance(old, (tuple, list)) else ""))
+                         + (f" of length {len(old)}" if isinstance(old, (tuple, list)) and not variable else ""))
     return value
 
 
@@ -118,7 +214,8 @@ def _set(obj, dotted: str, value, prefix: str = ""):
         if rest:
             raise ValueError(f"{key} is not a table; {dotted!r} does not exist")
         # object.__setattr__: some parts (SamplerConfig) are frozen; the tree being built is resolve()'s own
-        object.__setattr__(obj, head, _coerce(key, old, value))
+        variable = next(f for f in fields(obj) if f.name == head).metadata.get("variable_length", False)
+        object.__setattr__(obj, head, _coerce(key, old, value, variable))
 
 
 def _flatten(table: dict, prefix: str = ""):
@@ -129,11 +226,10 @@ def _flatten(table: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def resolve(preset: str = "toy-reference", toml_path: str | None = None, sets=()) -> TrainRunConfig:
+def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
     """Preset, then the TOML file, then each `key=value` of `sets`; validated. Pure: touches no disk but the
-    file it reads."""
-    check_choice("preset", preset, PRESETS)
-    cfg = PRESETS[preset]()
+    file it reads. preset None: toy-reference, or mnist-cpu when the file is an image run's (has `objective`)."""
+    table = None
     if toml_path is not None:
         try:
             with open(toml_path, "rb") as f:
@@ -142,6 +238,11 @@ def resolve(preset: str = "toy-reference", toml_path: str | None = None, sets=()
             raise ValueError(f"--config={toml_path!r} cannot be read ({e.strerror or e})") from None
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"--config={toml_path!r} is not valid TOML ({e})") from None
+    if preset is None:
+        preset = "mnist-cpu" if table is not None and "objective" in table else "toy-reference"
+    check_choice("preset", preset, PRESETS)
+    cfg = PRESETS[preset]()
+    if table is not None:
         for key, value in _flatten(table):
             _set(cfg, key, value)
     for item in sets:

@@ -31,47 +31,62 @@ def _metrics_log(path: str, upto: int):
     save_text("".join(keep), path)
 
 
-def train_run(cfg: TrainRunConfig, out: str, *, progress: bool = True, log=print, primary: bool = True) -> dict:
+class RunLog:
+    """metrics.jsonl (one line per LOG_EVERY steps) and TensorBoard events of a run folder; on a resumed run the
+    lines after the checkpoint are dropped first (the steps are replayed). Only the primary process writes."""
+
+    def __init__(self, out: str, primary: bool = True):
+        from . import checkpoint as ckpt
+        found = ckpt.steps(os.path.join(out, "checkpoints"))
+        self.path, self.primary, self.start, self.tb = os.path.join(out, "metrics.jsonl"), primary, \
+            time.perf_counter(), None
+        if primary:
+            _metrics_log(self.path, max(found) if found else 0)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=max(found) + 1 if found else None)
+
+    def on_step(self, done: int, result) -> None:
+        if not self.primary or done % LOG_EVERY or not result.losses:
+            return
+        line = {"step": done, "loss": result.losses[-1], "loss_var": result.loss_vars[-1], "lr": result.lrs[-1],
+                "bad_steps": result.bad_steps, "seconds": round(time.perf_counter() - self.start, 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        for k in ("loss", "loss_var", "lr", "bad_steps"):
+            self.tb.add_scalar(f"train/{k}", line[k], done)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True) -> dict:
     """Train (or continue) the run in `out`; evaluate the final EMA; returns the final metrics. Under torchrun
-    only the primary process (rank 0) writes logs, the model and metrics; the others return {}."""
-    from . import checkpoint as ckpt
+    only the primary process (rank 0) writes logs, the model and metrics; the others return {}. An image run's
+    config (config.ImageRunConfig) goes to image_runs.train_image_run."""
     from .ablate import RUNS, make_denoiser
+    from .config import ImageRunConfig
     from .data.toy import tree
     from .evaluate import Evaluator
     from .schedules import LogNormalSigma
     from .train import BatchSource, train
+    if isinstance(cfg, ImageRunConfig):
+        from .image_runs import train_image_run
+        return train_image_run(cfg, out, progress=progress, log=log, primary=primary)
     spec = RUNS[cfg.run]
-    ck_dir = os.path.join(out, "checkpoints")
-    found = ckpt.steps(ck_dir)
-    if primary:
-        _metrics_log(os.path.join(out, "metrics.jsonl"), max(found) if found else 0)
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         model = make_denoiser(spec, _ablate_view(cfg))
     density = spec.density(_ablate_view(cfg))
     source = BatchSource(tree(cfg.classes), spec.mode, need_score=spec.loss == "score-matching")
-    start = time.perf_counter()
-    log_path = os.path.join(out, "metrics.jsonl")
-    from torch.utils.tensorboard import SummaryWriter
-    tb = SummaryWriter(os.path.join(out, "tb"), purge_step=max(found) + 1 if found else None) if primary else None
-
-    def on_step(done, result):
-        if primary and done % LOG_EVERY == 0 and result.losses:
-            line = {"step": done, "loss": result.losses[-1], "loss_var": result.loss_vars[-1],
-                    "lr": result.lrs[-1], "bad_steps": result.bad_steps,
-                    "seconds": round(time.perf_counter() - start, 3)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            for k in ("loss", "loss_var", "lr", "bad_steps"):
-                tb.add_scalar(f"train/{k}", line[k], done)
+    runlog = RunLog(out, primary)
     try:
         res = train(model, spec.loss_fn(density), source, cfg.train, seed=cfg.seed, progress=progress,
-                    desc=cfg.run, sigma_density=density, checkpoint_dir=ck_dir,
+                    desc=cfg.run, sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
                     checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=on_step)
+                    step_callback=runlog.on_step)
     finally:
-        if tb is not None:
-            tb.close()
+        runlog.close()
     if not primary:
         return {}
     if res.resumed_from:

@@ -1,0 +1,145 @@
+"""Image runs end to end on tiny data the tests make (issue 10): every objective of seed 004's table trains
+through the one loop and its loss falls; runs write their folder and resume; CFG with the U-Net; the learned
+variance is what the DDPM sampler uses; the table is resumable; bad data gives clear errors.
+
+Breakages tried (the test that catches each): score-cfg without label dropout (null class never trained:
+the CFG test's conditional/unconditional outputs coincide at init... caught by the dropout count); a v head
+whose variance the sampler ignores (learned-variance sampler test); `_LastG` re-evaluating the network
+(NFE test); run_table not reading finished rows (table resume test); DDPM rows with σ_data 0.5 (c_in test).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gendiff.config import resolve
+from gendiff.image_runs import OBJECTIVES, build_model, density_and_loss, run_table, sample_images
+from gendiff.losses import NoisyBatch
+from gendiff.train import DataSource, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """240 labelled 28×28 8-bit images: a bright square in one of four quadrants (the label)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 240)
+    x = np.zeros((240, 1, 28, 28), np.uint8)
+    for i, k in enumerate(y):
+        r, c = 3 + 12 * (k // 2), 3 + 12 * (k % 2)
+        x[i, 0, r:r + 10, c:c + 10] = 180 + rng.integers(0, 75)
+    path = tmp_path_factory.mktemp("data") / "blobs.npz"
+    np.savez(path, images=x, labels=y)
+    return str(path)
+
+
+def tiny(blobs, objective, *sets):
+    return resolve("mnist-tiny", sets=[f"data.path={blobs}", "data.name=npz", f"objective={objective}", *sets])
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_every_objective_trains_and_its_loss_falls(blobs, objective):
+    cfg = tiny(blobs, objective, "train.iterations=40", "train.batch=16", "train.precision=fp32", "train.lr=5e-3")
+    from gendiff.image_runs import load_images
+    data = load_images(cfg.data, "train")
+    x = data.to_tensor()
+    labels = torch.from_numpy(data.labels) if OBJECTIVES[objective].conditional else None
+    torch.manual_seed(0)
+    model = build_model(cfg, tuple(x.shape[1:]), data.num_classes)
+    density, loss = density_and_loss(cfg)
+    g = torch.Generator().manual_seed(1)
+    sig = density.sample(64, g)
+    xe = x[:64]
+    probe = NoisyBatch(xe, xe + sig.view(-1, 1, 1, 1) * torch.randn(xe.shape, generator=g), sig,
+                       labels=None if labels is None else labels[:64])
+
+    def held_out():
+        with torch.no_grad():
+            return loss(model, probe).mean().item()
+    before = held_out()
+    train(model, loss, DataSource(x, labels, data.num_classes if labels is not None else 0,
+                                  OBJECTIVES[objective].label_dropout),
+          cfg.train, seed=0, progress=False, sigma_density=density)
+    after = held_out()
+    assert after < 0.8 * before, (objective, before, after)
+
+
+def test_ddpm_rows_feed_the_net_the_ddpm_latent(blobs):
+    m = build_model(tiny(blobs, "eps"), (1, 28, 28), 4)
+    sc = m.precond(torch.tensor(2.0))
+    assert abs(sc.c_in.item() - 1 / 5 ** 0.5) < 1e-6     # c_in·x̃ = x̃/√(1 + σ̃²) = z (σ_data = 1, T2)
+
+
+def test_cfg_weight_zero_is_the_conditional_unet(blobs):
+    cfg = tiny(blobs, "score-cfg")
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28), 4)
+    for p in model.parameters():                          # leave the zero-initialised output: make it non-trivial
+        torch.nn.init.normal_(p, std=0.05)
+    from gendiff.guidance import Conditioned, classifier_free
+    x, s, y = torch.randn(4, 1, 28, 28), torch.tensor(0.8), torch.tensor([0, 1, 2, 3])
+    cond = Conditioned(model, y)(x, s)
+    assert torch.equal(classifier_free(model, y, 4, 0.0)(x, s), cond)
+    assert not torch.allclose(cond, Conditioned(model, torch.full((4,), 4))(x, s))
+    torch.testing.assert_close(classifier_free(model, y, 4, 5.0)(x, s),
+                               6 * cond - 5 * Conditioned(model, torch.full((4,), 4))(x, s))
+
+
+def test_learned_variance_is_what_the_sampler_uses(blobs):
+    cfg = tiny(blobs, "learned-variance")
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28), 0)
+    a, info = sample_images(model, cfg, 8, seed=3)
+    assert info["nfe"] == cfg.eval.sampler_steps            # v comes from the same evaluation as μ
+    with torch.no_grad():
+        model.net.conv_out.weight[1:].zero_()
+        model.net.conv_out.bias[1:] = 1.0                   # G = 1: v = 1, Σ = β_t (not the midpoint)
+    b, _ = sample_images(model, cfg, 8, seed=3)
+    assert not torch.allclose(a, b)
+
+
+def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
+    from gendiff.cli import main
+    out = str(tmp_path / "run")
+    sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "objective=confidence"]
+    assert main(["train", "--preset", "mnist-tiny", *sets, "--set", "train.iterations=16", "--out", out,
+                 "--no-progress"]) == 0
+    for f in ("config.toml", "metrics.json", "model.safetensors", "samples.png", "uncertainty.png", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(out, f)), f
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert {"fid", "precision", "recall", "class_counts", "nfe"} <= set(m["samples"])
+    assert set(m["calibration"]) == {"sigma=0.05", "sigma=0.2", "sigma=0.5", "sigma=1", "sigma=2"}
+    assert m["bpd_pf_ode"] > 0 and m["classifier_test_accuracy"] > 0.9
+    assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing left to train
+    assert json.load(open(os.path.join(out, "metrics.json")))["samples"]["fid"] == m["samples"]["fid"]
+
+
+def test_table_is_resumable(blobs, tmp_path, monkeypatch):
+    import gendiff.image_runs as ir
+    base = tiny(blobs, "eps", "eval.likelihood_images=0")
+    out = str(tmp_path / "table")
+    md = run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None)
+    assert "| eps |" in md and "| edm |" in md and os.path.exists(os.path.join(out, "images.json"))
+    monkeypatch.setattr(ir, "train_image_run", lambda *a, **k: pytest.fail("a finished row was retrained"))
+    assert run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None) == md
+    with pytest.raises(ValueError, match="another config"):
+        run_table(tiny(blobs, "eps", "train.lr=0.1", "eval.likelihood_images=0"), ("eps",), out, progress=False)
+
+
+@pytest.mark.parametrize("images, labels, match", [
+    (np.zeros((10, 1, 27, 27), np.uint8), None, "img_resolution"),
+    (np.zeros((10, 1, 28, 28), np.uint8), -np.ones(10, np.int64), "labels"),
+])
+def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
+    from gendiff.cli import main
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=images, **({} if labels is None else {"labels": labels}))
+    with pytest.raises(ValueError, match=match):
+        from gendiff.image_runs import train_image_run
+        train_image_run(resolve("mnist-tiny", sets=[f"data.path={path}", "data.name=npz", "objective=edm"]),
+                        str(tmp_path / "run"), progress=False)
+    assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={path}", "--set", "data.name=npz",
+                 "--out", str(tmp_path / "run2"), "--no-progress"]) == 2
