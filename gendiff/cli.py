@@ -119,7 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--samples", type=_positive_int("--samples"), default=4096, help="default 4096")
         e.add_argument("--score-mode", choices=SCORE_MODES, default="tweedie", help="T13 (tweedie, default) or T14")
         e.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the initial noise")
+        e.add_argument("--weights", default="model.safetensors", help="weights file in the run folder (e.g. a "
+                       "post-hoc EMA written by gendiff posthoc-ema)")
         e.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+    ph = sub.add_parser("posthoc-ema", help="EDM2's post-hoc EMA: reconstruct the EMA of any σ_rel from a run's "
+                        "snapshots (train with --set 'train.ema_posthoc=[0.05, 0.1]')")
+    ph.add_argument("run", help="a run folder written by gendiff train")
+    ph.add_argument("--sigma-rel", type=_number("--sigma-rel", float, 1e-6), required=True,
+                    help="relative std of the target EMA, in (0, 0.2887)")
+    ph.add_argument("--step", type=_positive_int("--step"), help="training step (default: the last snapshot)")
     lk = sub.add_parser("likelihood", help="bits/dim of held-out points: PF-ODE, continuous ELBO, exact")
     lk.add_argument("run", help="a run folder written by gendiff train")
     lk.add_argument("--points", type=_positive_int("--points"), default=512, help="default 512")
@@ -132,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval(args) -> int:
     from .run import evaluate_run
     m = evaluate_run(args.run, sampler=args.sampler, steps=args.steps, samples=args.samples, seed=args.seed,
-                     score_mode=args.score_mode, save_samples=args.command == "sample")
+                     score_mode=args.score_mode, save_samples=args.command == "sample", weights=args.weights)
     print(f"{args.run}: {m['sampler']} NFE {m['nfe']}: median NLL {m['median_nll']:.3f}, outliers "
           f"{m['outlier_rate']:.4f}, MMD² {m['mmd']:.2e}")
     return 0
@@ -320,6 +328,10 @@ def main(argv=None) -> int:
                 return _likelihood(args)
             if args.command == "data":
                 return _data(args)
+            if args.command == "posthoc-ema":
+                from .run import posthoc_run
+                print(f"wrote {os.path.join(args.run, posthoc_run(args.run, args.sigma_rel, args.step))}")
+                return 0
         except ValueError as e:
             print(f"gendiff: error: {e}", file=sys.stderr)
             return 2

@@ -120,7 +120,7 @@ class ImageEvalConfig:
 class ImageRunConfig:
     objective: str = "confidence"   # a row of seed 004's table: `gendiff train --print-config` lists them
     seed: int = 0
-    cfg_weights: tuple = field(default=(1.0, 5.0), metadata=_VAR)   # T33 weights sampled for conditional rows
+    cfg_weights: tuple = field(default=(1.0, 5.0), metadata={**_VAR, "item": 0.0})   # T33 weights sampled for conditional rows
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -169,7 +169,7 @@ def _type_name(v) -> str:
             tuple: "a list", list: "a list"}.get(type(v), type(v).__name__)
 
 
-def _coerce(key: str, old, value, variable: bool = False):
+def _coerce(key: str, old, value, variable: bool = False, item=0):
     """`value` (from TOML or text) as the type of the field's current value `old`, or a ValueError."""
     if isinstance(value, str) and not isinstance(old, str):
         text = value.strip()
@@ -187,7 +187,7 @@ def _coerce(key: str, old, value, variable: bool = False):
         ok = ok and math.isfinite(value)
     elif isinstance(old, (tuple, list)):
         ok = isinstance(value, (list, tuple)) and (variable or len(value) == len(old))
-        like = (old[0] if old else 0) if variable else None     # a variable-length list holds one type
+        like = (old[0] if old else item) if variable else None  # a variable-length list holds one type
         value = tuple(_coerce(f"{key}[{i}]", like if variable else o, v)
                       for i, (o, v) in enumerate(zip(old if not variable else value, value))) if ok else value
     else:
@@ -214,8 +214,9 @@ def _set(obj, dotted: str, value, prefix: str = ""):
         if rest:
             raise ValueError(f"{key} is not a table; {dotted!r} does not exist")
         # object.__setattr__: some parts (SamplerConfig) are frozen; the tree being built is resolve()'s own
-        variable = next(f for f in fields(obj) if f.name == head).metadata.get("variable_length", False)
-        object.__setattr__(obj, head, _coerce(key, old, value, variable))
+        meta = next(f for f in fields(obj) if f.name == head).metadata
+        object.__setattr__(obj, head, _coerce(key, old, value, meta.get("variable_length", False),
+                                              meta.get("item", 0)))
 
 
 def _flatten(table: dict, prefix: str = ""):

@@ -122,7 +122,7 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
         res = train(model, loss, source, cfg.train, seed=cfg.seed, progress=progress, desc=cfg.objective,
                     sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
                     checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=runlog.on_step)
+                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
     finally:
         runlog.close()
     if not primary:

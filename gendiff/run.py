@@ -84,7 +84,7 @@ def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool 
         res = train(model, spec.loss_fn(density), source, cfg.train, seed=cfg.seed, progress=progress,
                     desc=cfg.run, sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
                     checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=runlog.on_step)
+                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
     finally:
         runlog.close()
     if not primary:
@@ -140,21 +140,23 @@ def resume_config(out: str, option: str = "--resume") -> TrainRunConfig:
     return resolve(toml_path=path)
 
 
-def load_run(out: str):
-    """(config, EMA model) of a finished run folder; the weights load through safetensors only."""
+def load_run(out: str, weights: str = "model.safetensors"):
+    """(config, EMA model) of a finished run folder; the weights (a file in the folder: the final EMA, or a
+    post-hoc EMA of `gendiff posthoc-ema`) load through safetensors only."""
     from safetensors.torch import load_file
     from .ablate import RUNS, make_denoiser
     cfg = resume_config(out, "run")
-    path = os.path.join(out, "model.safetensors")
+    path = os.path.join(out, weights)
     if not os.path.exists(path):
-        raise ValueError(f"run {out!r} has no model.safetensors yet (unfinished? `gendiff train --resume {out}`)")
+        raise ValueError(f"run {out!r} has no {weights} (unfinished? `gendiff train --resume {out}`; a post-hoc "
+                         "EMA: `gendiff posthoc-ema`)")
     model = make_denoiser(RUNS[cfg.run], _ablate_view(cfg))
     model.load_state_dict(load_file(path))
     return cfg, model.eval().requires_grad_(False)
 
 
 def evaluate_run(out: str, *, sampler: str = "heun", steps: int = 32, samples: int = 4096, seed: int = 0,
-                 score_mode: str = "tweedie", save_samples: bool = False) -> dict:
+                 score_mode: str = "tweedie", save_samples: bool = False, weights: str = "model.safetensors") -> dict:
     """Sample the run's model with any σ-grid sampler from exact p(x; σ_max) and measure the samples against
     the tree's ground truth; writes RUN/eval-<sampler>-<steps>-<score_mode>.json (and .npz of the samples)."""
     import numpy as np
@@ -168,7 +170,7 @@ def evaluate_run(out: str, *, sampler: str = "heun", steps: int = 32, samples: i
     check_choice("sampler", sampler, GRID_SAMPLERS)
     check_positive("steps", steps, integer=True)
     check_positive("samples", samples, integer=True)
-    cfg, model = load_run(out)
+    cfg, model = load_run(out, weights)
     den = with_score_mode(model, score_mode)
     ev = Evaluator(tree(cfg.classes), seed=seed, samples=samples, eval_points=256,
                    sigma_density=LogNormalSigma(cfg.train.p_mean, cfg.train.p_std), sampler=cfg.sampler)
@@ -184,7 +186,8 @@ def evaluate_run(out: str, *, sampler: str = "heun", steps: int = 32, samples: i
         x = GRID_SAMPLERS[sampler](counted, ev.x_init, grid, generator=generator(seed, "eval-sampler"))
     m = {"sampler": sampler, "steps": steps, "score_mode": score_mode, "nfe": calls[0], "seed": seed,
          "seconds": time.perf_counter() - start, **ev.sample_metrics(x)}
-    name = f"eval-{sampler}-{steps}-{score_mode}"
+    name = f"eval-{sampler}-{steps}-{score_mode}" + ("" if weights == "model.safetensors" else
+                                                       "-" + os.path.splitext(weights)[0])
     save_json(m, os.path.join(out, name + ".json"))
     if save_samples:
         from .io import atomic_path
@@ -220,3 +223,19 @@ def likelihood_run(out: str, *, points: int = 512, method: str = "exact", seed: 
          "elbo_bpd": bpd(elbo.mean()), "exact_bpd": bpd(-gt.logp(x.double(), s_min).mean())}
     save_json(m, os.path.join(out, "likelihood.json"))
     return m
+
+
+def posthoc_run(out: str, sigma_rel: float, step: int | None = None) -> str:
+    """EDM2's post-hoc EMA of a run trained with `train.ema_posthoc`: the σ_rel EMA at `step` (default the last
+    snapshot) reconstructed from the run's posthoc/ snapshots; written to RUN/model-posthoc-<σ_rel>.safetensors.
+    Returns the file name (for `gendiff eval RUN --weights NAME`)."""
+    from .ema import load_posthoc, posthoc_ema
+    resume_config(out, "run")
+    snaps = load_posthoc(os.path.join(out, "posthoc"), step)
+    if not snaps:
+        raise ValueError(f"run {out!r} has no post-hoc EMA snapshots" + (f" up to step {step}" if step else "")
+                         + "; train with --set 'train.ema_posthoc=[0.05, 0.1]'")
+    target = step or max(s[0] for s in snaps)
+    name = f"model-posthoc-{sigma_rel:.3f}-{target}.safetensors"
+    save_state(posthoc_ema(snaps, target, sigma_rel), os.path.join(out, name))
+    return name

@@ -20,6 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .checks import as_sigma, check_choice, check_positive
 from .data.toy import EXACT_MODES, GaussianMixture
+from .ema import power_ema_decay, power_ema_gamma
 from .io import generator, save_state
 from .losses import NoisyBatch
 from .schedules import LogNormalSigma, inverse_sqrt_lr
@@ -46,6 +47,9 @@ class TrainConfig:
     max_bad_steps: int = 8          # consecutive non-finite losses/gradients skipped before the run stops
     precision: str = "fp32"         # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
     compile: bool = False           # torch.compile the backbone for training (BENCHMARKS: no gain on this CPU)
+    ema_posthoc: tuple = field(default=(), metadata={"variable_length": True, "item": 0.0})
+                                    # σ_rel of power EMAs whose snapshots (every snapshot_every steps) allow a
+                                    # post-hoc EMA of any σ_rel (EDM2; ema.posthoc_ema), e.g. [0.05, 0.1]
 
     _positive_ints = ("iterations", "batch", "lr_ref_iter", "snapshot_every", "max_bad_steps")
 
@@ -60,8 +64,9 @@ class TrainConfig:
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile={self.compile!r} must be true or false")
         check_positive("ema_sigma_rel", self.ema_sigma_rel, allow_zero=True)
-        if self.ema_sigma_rel:
-            power_ema_gamma(self.ema_sigma_rel)
+        for v in (self.ema_sigma_rel or None, *self.ema_posthoc):
+            if v is not None:
+                power_ema_gamma(v)
         return self
 
 
@@ -204,7 +209,8 @@ class TrainResult:
 def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed: int = 0,
           snapshot_dir: str | None = None, keep_snapshots=(), progress: bool = True,
           desc: str = "train", sigma_density=None, checkpoint_dir: str | None = None,
-          checkpoint_every: int = 0, keep_checkpoints: int = 3, step_callback=None) -> TrainResult:
+          checkpoint_every: int = 0, keep_checkpoints: int = 3, step_callback=None,
+          posthoc_dir: str | None = None) -> TrainResult:
     """Train `denoiser` in place; returns its EMA and the EMA snapshots at `keep_snapshots` iterations.
 
     Same seed ⇒ identical weights: initialisation uses torch.manual_seed(seed) (set by the caller
@@ -222,6 +228,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover the steps this call ran.
     A non-finite loss or gradient skips the step (no update, counted in `bad_steps`); `cfg.max_bad_steps` in a
     row stop the run with FloatingPointError. step_callback(done, result) runs after every finished step.
+    With `cfg.ema_posthoc`, one power EMA per σ_rel is kept too and written to `posthoc_dir` every
+    `snapshot_every` steps (`ema.load_posthoc` / `ema.posthoc_ema` reconstruct any σ_rel afterwards, EDM2).
     """
     cfg.validate()
     density = LogNormalSigma(cfg.p_mean, cfg.p_std) if sigma_density is None else sigma_density
@@ -240,7 +248,12 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
         if hasattr(density, "update") or eta:
             raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes it "
                              "would see one shard only: not supported, train it in one process")
-    state = _TrainState(denoiser, ema, opts, gen, density, result, source)
+    gammas = [power_ema_gamma(v) for v in cfg.ema_posthoc]
+    posthoc = [copy.deepcopy(ema) for _ in gammas]
+    main_gamma = power_ema_gamma(cfg.ema_sigma_rel) if cfg.ema_sigma_rel else None
+    emas = [(ema, (lambda t: cfg.ema) if main_gamma is None else (lambda t: power_ema_decay(t, main_gamma)))]
+    emas += [(m, (lambda t, g=g: power_ema_decay(t, g))) for m, g in zip(posthoc, gammas)]
+    state = _TrainState(denoiser, ema, opts, gen, density, result, source, posthoc)
     model = _compiled(denoiser) if cfg.compile else denoiser   # same parameters; the state dicts stay plain
     first = state.restore(checkpoint_dir) if checkpoint_dir is not None else 0
     result.resumed_from = first
@@ -251,7 +264,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     bad_in_row = 0
     with _graceful_interrupt(checkpoint_dir is not None) as interrupted:
         for i in range(first, cfg.iterations):
-            bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, model, eta, ema, result,
+            bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, model, eta, emas, result,
                                bad_in_row, desc, save, world)
             done = i + 1
             if done % cfg.snapshot_every == 0 or done in keep_snapshots:
@@ -260,6 +273,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
                     result.snapshots[done] = snap
                 if snapshot_dir is not None and done % cfg.snapshot_every == 0:
                     save_state(snap, os.path.join(snapshot_dir, f"ema-{done:06d}.safetensors"))
+            if posthoc and posthoc_dir is not None and world.rank == 0 and done % cfg.snapshot_every == 0:
+                save_posthoc(posthoc_dir, done, cfg.ema_posthoc, gammas, posthoc)
             if checkpoint_every and done % checkpoint_every == 0 and done < cfg.iterations:
                 save(done)
             if step_callback is not None:
@@ -277,7 +292,7 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     return result
 
 
-def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, result, bad_in_row, desc, save,
+def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, emas, result, bad_in_row, desc, save,
           world):
     """One training step; returns the count of consecutive non-finite steps. With several processes every rank
     draws the same global batch (same generator) and trains on its contiguous shard; gradients are averaged by
@@ -311,13 +326,22 @@ def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, ema, 
         density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
     for o in opts:
         o.step()
-    decay = cfg.ema if not cfg.ema_sigma_rel else power_ema_decay(i + 1, power_ema_gamma(cfg.ema_sigma_rel))
     with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-            p_ema.lerp_(p, 1 - decay)
+        for ema, decay in emas:          # the EMA, then any post-hoc power EMAs (EDM2)
+            d = decay(i + 1)
+            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                p_ema.lerp_(p, 1 - d)
     result.losses.append(loss.item())
     result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
     return 0
+
+
+def save_posthoc(folder: str, step: int, sigma_rels, gammas, emas) -> None:
+    """posthoc-<k>-<step>.safetensors: power EMA k at `step`, with step, γ and σ_rel in its metadata."""
+    os.makedirs(folder, exist_ok=True)
+    for k, (sr, g, m) in enumerate(zip(sigma_rels, gammas, emas)):
+        save_state(m.state_dict(), os.path.join(folder, f"posthoc-{k}-{step:08d}.safetensors"),
+                   metadata={"step": str(step), "gamma": repr(g), "sigma_rel": repr(sr)})
 
 
 def _compiled(denoiser):
@@ -336,23 +360,6 @@ def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
         for p, g in zip(eta, torch.autograd.grad(per_example.square().mean(), eta, retain_graph=True)):
             p.grad = g
     per_example.mean().backward(inputs=params)
-
-
-def power_ema_gamma(sigma_rel: float) -> float:
-    """EDM2's power-function EMA (Karras et al. 2024, eq. 3–4): the exponent γ of the profile ∝ τ^γ whose
-    relative standard deviation σ_rel = √(γ + 1)/((γ + 2)√(γ + 3)); the real root > −1 of
-    γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0. σ_rel must be in (0, 1/√12 ≈ 0.2887) (γ → 0 there)."""
-    if not 0 < sigma_rel < 12 ** -0.5:
-        raise ValueError(f"ema_sigma_rel={sigma_rel!r} must be in (0, {12 ** -0.5:.4f}) (EDM2 power EMA; "
-                         "0 selects the classic EMA)")
-    c = sigma_rel ** -2
-    roots = np.roots([1.0, 7.0, 16.0 - c, 12.0 - c])
-    return float(max(r.real for r in roots if abs(r.imag) < 1e-9 and r.real > -1))
-
-
-def power_ema_decay(t: int, gamma: float) -> float:
-    """The decay of step t ≥ 1, β_t = (1 − 1/t)^(γ + 1): the EMA then averages θ_τ with weights ∝ τ^γ."""
-    return (1 - 1 / t) ** (gamma + 1)
 
 
 class _World:
@@ -413,13 +420,16 @@ def _graceful_interrupt(enabled: bool):
 class _TrainState:
     """Everything `train` must restore to continue bit for bit, as flat tensors + JSON (checkpoint.py)."""
 
-    def __init__(self, denoiser, ema, opts, gen, density, result, source=None):
+    def __init__(self, denoiser, ema, opts, gen, density, result, source=None, posthoc=()):
         self.denoiser, self.ema, self.opts, self.gen, self.density, self.result, self.source = \
             denoiser, ema, opts, gen, density, result, source
+        self.posthoc = list(posthoc)
 
     def tensors(self):
         t = {f"model.{k}": v for k, v in self.denoiser.state_dict().items()}
         t.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        for j, m in enumerate(self.posthoc):
+            t.update({f"posthoc{j}.{k}": v for k, v in m.state_dict().items()})
         meta = {"optimizers": []}
         for j, o in enumerate(self.opts):
             ot, om = ckpt.optimizer_to_flat(o, f"opt{j}")
@@ -449,6 +459,8 @@ class _TrainState:
         part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
         self.denoiser.load_state_dict(part("model."))
         self.ema.load_state_dict(part("ema."))
+        for j, m in enumerate(self.posthoc):
+            m.load_state_dict(part(f"posthoc{j}."))
         for j, (o, om) in enumerate(zip(self.opts, meta["optimizers"])):
             ckpt.optimizer_from_flat(o, f"opt{j}", t, om)
         self.gen.set_state(t["rng.data"])

@@ -1,0 +1,265 @@
+"""Metrics for image diffusion: FID and precision/recall in a classifier's feature space, predicted-class
+coverage, per-pixel calibration of σ_φ, and PNG grids.
+
+FID (Heusel et al. 2017) here uses `gendiff.nets.classifier.Classifier` features, not Inception's: numbers
+are comparable between runs of this framework, not with published FIDs."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy import linalg
+from scipy.stats import spearmanr
+
+from .checks import check_positive
+from .io import atomic_path, save_figure
+
+FD_EPS = 1e-6   # the ε·I added to both covariances when √(Σ1Σ2) comes out non-finite (singular product)
+
+
+def _f64(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and unbiased covariance [D, D] of features [N, D], float64."""
+    f = _f64(feats)
+    if f.ndim != 2:
+        raise ValueError(f"feats has shape {f.shape}; allowed: [N, D]")
+    if len(f) < 2:
+        raise ValueError(f"feats has {len(f)} sample(s); a covariance needs at least 2")
+    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(mu1, cov1, mu2, cov2, eps: float = FD_EPS) -> float:
+    """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2): ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) (Heusel et al.
+    2017), in float64 with scipy's `sqrtm`. When Σ1Σ2 is singular (fewer samples than dimensions) and the root
+    comes out non-finite, it is recomputed with ε·I added to both covariances. Round-off gives the root tiny
+    imaginary parts, which are dropped; an imaginary part above 1e-3 of the root's scale is a ValueError. Not
+    clipped at 0: identical statistics give ±round-off."""
+    mu1, mu2, cov1, cov2 = _f64(mu1), _f64(mu2), _f64(cov1), _f64(cov2)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    for name, v, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)), ("cov1", cov1, (d, d)),
+                           ("cov2", cov2, (d, d))):
+        if d < 1 or v.shape != shape:
+            raise ValueError(f"{name} has shape {v.shape}; allowed: mu1, mu2 of shape [D] and cov1, cov2 "
+                             f"[D, D] with one D (mu1 has shape {mu1.shape})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # singular products: handled below
+        root = linalg.sqrtm(cov1 @ cov2)
+        if not np.isfinite(root).all():
+            off = eps * np.eye(d)
+            root = linalg.sqrtm((cov1 + off) @ (cov2 + off))
+    if np.iscomplexobj(root):
+        imag = np.abs(root.imag).max()
+        if imag > 1e-3 * max(np.abs(root.real).max(), 1e-12):
+            raise ValueError(f"sqrtm(cov1 @ cov2) has an imaginary part {imag:.3g}: the covariances are not "
+                             "positive semi-definite")
+        root = root.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(root))
+
+
+def fid(features_a, features_b) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D] and [M, D]."""
+    a, b = _f64(features_a), _f64(features_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features_a has shape {a.shape} and features_b {b.shape}; allowed: [N, D] and "
+                         "[M, D] with the same D")
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def _as_feats(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().cpu().double()
+    if t.ndim != 2:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; allowed: [N, D]")
+    return t
+
+
+def knn_radii(feats: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row, [N] (the point itself excluded)."""
+    out = [torch.cdist(feats[i:i + chunk], feats).topk(k + 1, dim=1, largest=False).values[:, k]
+           for i in range(0, len(feats), chunk)]
+    return torch.cat(out)
+
+
+def _covered(queries: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Fraction of queries inside at least one ball B(ref_j, radii_j)."""
+    hits = sum(int((torch.cdist(queries[i:i + chunk], ref) <= radii).any(1).sum())
+               for i in range(0, len(queries), chunk))
+    return hits / len(queries)
+
+
+def precision_recall(real_feats, fake_feats, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of balls
+    around its points with radius the distance to the k-th nearest neighbour in the same set. Precision:
+    fraction of fake samples inside the real manifold (fidelity); recall: fraction of real samples inside
+    the fake manifold (coverage). float64 distances, `chunk` query rows at a time (memory chunk × N)."""
+    real, fake = _as_feats(real_feats, "real_feats"), _as_feats(fake_feats, "fake_feats")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real_feats has {real.shape[1]} features and fake_feats {fake.shape[1]}; "
+                         "they must match")
+    check_positive("k", k, integer=True)
+    check_positive("chunk", chunk, integer=True)
+    for name, t in (("real_feats", real), ("fake_feats", fake)):
+        if k >= len(t):
+            raise ValueError(f"k={k} needs more than k samples in {name}, which has {len(t)}; "
+                             f"allowed: k < {len(t)}")
+    precision = _covered(fake, real, knn_radii(real, k, chunk), chunk)
+    recall = _covered(real, fake, knn_radii(fake, k, chunk), chunk)
+    return precision, recall
+
+
+@torch.no_grad()
+def class_counts(classifier, images: torch.Tensor, num_classes: int, batch: int = 1000) -> np.ndarray:
+    """Histogram [num_classes] of the classifier's predicted labels (argmax of its logits) over images."""
+    check_positive("num_classes", num_classes, integer=True)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for i in range(0, len(images), batch):
+        logits = classifier(images[i:i + batch])
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            raise ValueError(f"the classifier returned logits of shape {tuple(logits.shape)}; "
+                             f"num_classes={num_classes} needs [N, {num_classes}]")
+        counts += np.bincount(logits.argmax(1).cpu().numpy(), minlength=num_classes)
+    return counts
+
+
+def mode_coverage(counts, reference=None) -> dict:
+    """Summary of a predicted-class histogram: classes hit, max/min count ratio (inf when a class is never
+    hit), entropy in nats and as a fraction of log K, KL(p ‖ uniform); with `reference` counts (the real
+    data's classes) also KL(p ‖ p_ref) and the total variation distance. KL(p ‖ q) = Σ p log(p/q), finite
+    when p misses classes (q > 0 assumed)."""
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 1 or len(c) < 2 or (c < 0).any() or c.sum() <= 0:
+        raise ValueError(f"counts={c.tolist()} must be >= 2 non-negative class counts with a positive total")
+    p, k = c / c.sum(), len(c)
+    nz = p > 0
+    entropy = float(-(p[nz] * np.log(p[nz])).sum())
+    out = dict(n=int(c.sum()), classes_hit=int(nz.sum()), num_classes=k,
+               max_min_ratio=float(c.max() / c.min()) if c.min() > 0 else math.inf,
+               entropy=entropy, entropy_fraction=entropy / math.log(k), kl_uniform=math.log(k) - entropy)
+    if reference is not None:
+        r = np.asarray(reference, dtype=np.float64)
+        if r.shape != c.shape or (r <= 0).any():
+            raise ValueError(f"reference={r.tolist()} must hold {k} positive class counts")
+        q = r / r.sum()
+        out.update(kl_reference=float((p[nz] * np.log(p[nz] / q[nz])).sum()),
+                   tv_reference=float(0.5 * np.abs(p - q).sum()))
+    return out
+
+
+GAUSS_COVERAGE_1, GAUSS_COVERAGE_2 = math.erf(1 / math.sqrt(2)), math.erf(2 / math.sqrt(2))   # 0.6827, 0.9545
+
+
+def calibration(sigma_phi: torch.Tensor, mu: torch.Tensor, x0: torch.Tensor) -> dict:
+    """Per-pixel calibration of a predicted standard deviation σ_φ for the error of μ against the clean x0.
+
+    - `spearman`: rank correlation of σ_φ² with (μ − x0)² (does σ_φ know where the error is; nan when σ_φ is
+      constant);
+    - `coverage_1sigma`, `coverage_2sigma`: fractions with |μ − x0| ≤ σ_φ and ≤ 2σ_φ (Gaussian ideal 68.27%
+      and 95.45%: higher means σ_φ too large, lower too small); `z2_mean`: mean (μ − x0)²/σ_φ² (ideal 1);
+    - `nll`: mean −log N(x0; μ, σ_φ²) per pixel, nats; `nll_trivial`: the same for one global σ fitted to the
+      errors (σ² = mean (μ − x0)²), the best constant predictor; `nll_gain` = nll_trivial − nll > 0 when σ_φ
+      beats it.
+    σ_φ broadcasts to μ's shape (e.g. a per-example σ [N, 1, 1, 1]); μ and x0 have one shape."""
+    mu, x0 = torch.as_tensor(mu).detach().double(), torch.as_tensor(x0).detach().double()
+    if mu.shape != x0.shape:
+        raise ValueError(f"mu has shape {tuple(mu.shape)} and x0 {tuple(x0.shape)}; they must match")
+    s = torch.as_tensor(sigma_phi).detach().double()
+    try:
+        s = torch.broadcast_to(s, mu.shape)
+    except RuntimeError:
+        raise ValueError(f"sigma_phi has shape {tuple(s.shape)}, which does not broadcast to mu's "
+                         f"{tuple(mu.shape)}") from None
+    ok = torch.isfinite(s) & (s > 0)
+    if not torch.all(ok):
+        raise ValueError(f"sigma_phi must be finite and > 0 everywhere; got {s[~ok][0].item()}")
+    s, err = s.flatten(), (mu - x0).flatten()
+    e2 = err.square()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # constant σ_φ: spearman is nan, said so above
+        rho = float(spearmanr(s.square().numpy(), e2.numpy()).statistic)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    nll = float((half_log_2pi + s.log() + e2 / (2 * s.square())).mean())
+    g2 = float(e2.mean())
+    nll_trivial = half_log_2pi + 0.5 * math.log(g2) + 0.5 if g2 > 0 else -math.inf
+    return dict(n=len(err), spearman=rho,
+                coverage_1sigma=float((err.abs() <= s).double().mean()),
+                coverage_2sigma=float((err.abs() <= 2 * s).double().mean()),
+                ideal_1sigma=GAUSS_COVERAGE_1, ideal_2sigma=GAUSS_COVERAGE_2,
+                z2_mean=float((e2 / s.square()).mean()),
+                nll=nll, nll_trivial=nll_trivial, nll_gain=nll_trivial - nll, sigma_trivial=math.sqrt(g2))
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def image_grid(path: str, images: torch.Tensor, nrow: int = 8, pad: int = 2) -> None:
+    """A PNG of images [N, C, H, W] in [−1, 1] (C = 1 or 3), `nrow` per row, `pad` black pixels between
+    them; written atomically with Pillow."""
+    from PIL import Image
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"images has shape {tuple(images.shape)}; allowed: [N >= 1, 1 or 3, H, W]")
+    check_positive("nrow", nrow, integer=True)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    cols = min(nrow, n)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i, img in enumerate(_to_uint8(images)):
+        y, x = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[y:y + h, x:x + w] = img.transpose(1, 2, 0)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+
+
+def uncertainty_grid(path: str, rows, row_labels=None, heat=None) -> None:
+    """A PNG figure: one figure row per example, one column per panel.
+
+    rows: the panels as column title → tensor [N, 1, H, W] (a dict or a list of (title, tensor)), N examples
+    each, e.g. noisy input, denoised μ, σ_φ, |μ − x0|, clean x0; stack examples at several σ into N and name
+    them with `row_labels` (N strings, e.g. "σ=0.5"). Columns in `heat` (default: those whose values are all
+    ≥ 0, i.e. σ_φ and error maps, since images in [−1, 1] have a −1 background) are drawn as heat maps sharing
+    one colour scale per row, so σ_φ and the actual error are comparable; the others are grey in [−1, 1]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(rows.items()) if isinstance(rows, dict) else list(rows)
+    if not panels:
+        raise ValueError("rows is empty; allowed: one or more (title, tensor [N, 1, H, W])")
+    n = len(panels[0][1])
+    for title, t in panels:
+        if t.ndim != 4 or t.shape[1] != 1 or len(t) != n:
+            raise ValueError(f"panel {title!r} has shape {tuple(t.shape)}; allowed: [{n}, 1, H, W] like "
+                             "the first")
+    if row_labels is not None and len(row_labels) != n:
+        raise ValueError(f"row_labels has {len(row_labels)} entries; allowed: one per example ({n})")
+    heat = {t for t, v in panels if bool((v >= 0).all())} if heat is None else set(heat)
+    fig, axes = plt.subplots(n, len(panels), figsize=(1.6 * len(panels) + 0.6, 1.6 * n), squeeze=False)
+    try:
+        for r in range(n):
+            vmax = max([float(v[r].max()) for t, v in panels if t in heat] + [1e-12])
+            im = None
+            for c, (title, v) in enumerate(panels):
+                ax = axes[r, c]
+                img = v[r, 0].detach().cpu().float().numpy()
+                if title in heat:
+                    im = ax.imshow(img, cmap="magma", vmin=0, vmax=vmax)
+                else:
+                    ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(title, fontsize=8)
+                if c == 0 and row_labels is not None:
+                    ax.set_ylabel(row_labels[r], fontsize=8)
+            if im is not None:
+                fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
+        save_figure(fig, path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
