@@ -268,30 +268,36 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
 
 
 def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
-    """Bits/dim of 8-bit test images: PF-ODE (T31, Hutchinson) of the dequantised images, plus DDPM's
-    discretised bound (T27) for DDPM rows (50 of the T − 1 diffusion steps, unbiased; learned Σ for v)."""
+    """Bits/dim of 8-bit test images (± the standard error over images): PF-ODE (T31, Hutchinson) of the
+    dequantised images from σ_min (0.002 for EDM rows; σ̃_1 of the DDPM for DDPM rows, the lowest σ they were
+    trained at), plus DDPM's discretised bound (T27) for DDPM rows (50 of the T − 1 diffusion steps, unbiased;
+    the learned Σ for the v head). A conditional model is measured unconditionally (the null class ∅: p(x))."""
     from .guidance import Conditioned
     from .likelihood import ddpm_vlb, dequantize, log_likelihood, nll_8bit_to_bits_per_dim
     obj = OBJECTIVES[cfg.objective]
     if not len(x8):
         return {}
     den = Conditioned(model, torch.full((len(x8),), num_classes)) if obj.conditional else model
-    d = x8[0].numel()
+    n, d = len(x8), x8[0].numel()
+    se = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
     g = generator(cfg.seed, "likelihood")
     y = dequantize(x8.double(), generator=g).float()
+    ddpm = _ddpm()
+    sigma_min = float(ddpm.one_minus_alpha_bar[1] / ddpm.alpha_bar[1]) ** 0.5 if obj.density == "ddpm" else 0.002
     start = time.perf_counter()
-    logp, info = log_likelihood(den, y, method="hutchinson", rtol=1e-4, atol=1e-4, generator=g)
-    out = {"bpd_pf_ode": float(nll_8bit_to_bits_per_dim(-logp.mean(), d)), "bpd_pf_ode_nfe": info["nfe"],
-           "bpd_pf_ode_seconds": time.perf_counter() - start, "bpd_images": len(x8)}
+    logp, info = log_likelihood(den, y, sigma_min=sigma_min, method="hutchinson", rtol=1e-4, atol=1e-4,
+                                generator=g)
+    bpd = nll_8bit_to_bits_per_dim(-logp.double(), d)
+    out = {"bpd_pf_ode": float(bpd.mean()), "bpd_pf_ode_se": se(bpd), "bpd_pf_ode_nfe": info["nfe"],
+           "bpd_pf_ode_sigma_min": sigma_min, "bpd_pf_ode_seconds": time.perf_counter() - start, "bpd_images": n}
     if obj.density == "ddpm":
-        ddpm = _ddpm()
         v = None
         if obj.head == "v":
             lg = _LastG(den, ddpm, model.head)
             den, v = lg, lg.v
         with torch.no_grad():
             vlb = ddpm_vlb(den, x8, ddpm, decoder="discretized", v=v, steps=50, generator=g)
-        out["bpd_ddpm_bound"] = float(vlb["bits_per_dim"].mean())
+        out.update(bpd_ddpm_bound=float(vlb["bits_per_dim"].mean()), bpd_ddpm_bound_se=se(vlb["bits_per_dim"]))
     return out
 
 
@@ -362,10 +368,13 @@ def table_markdown(results: dict, base) -> str:
              f"{base.model.num_blocks} block(s)/level, {t.iterations} steps × batch {t.batch} ({t.precision}), "
              f"EMA {t.ema}; {base.eval.samples} samples per row; FID, precision and recall in our classifier's "
              "features (not Inception: compare orderings with seed 004, not values).", "",
+             "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) through the "
+             "null class).", "",
              "| row | FID ↓ | precision | recall | classes hit | bits/dim PF-ODE | bits/dim DDPM bound | train img/s "
              "| sampler | NFE | seed 004 FID | seed 004 NLL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=3: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
+    pm = lambda m, k: "–" if m.get(k) is None else f"{m[k]:.3f} ± {m.get(k + '_se') or 0:.3f}"  # noqa: E731
     for r, m in results.items():
         for key, s in m.items():
             if not key.startswith("samples"):
@@ -373,8 +382,8 @@ def table_markdown(results: dict, base) -> str:
             name = r + key[len("samples"):]
             seed = SEED_004.get(name, (None, None))
             lines.append(f"| {name} | {f(s.get('fid'), 2)} | {f(s.get('precision'))} | {f(s.get('recall'))} | "
-                         f"{s.get('modes', {}).get('classes_hit', '–')} | {f(m.get('bpd_pf_ode'))} | "
-                         f"{f(m.get('bpd_ddpm_bound'))} | {f(m.get('train_img_per_s'), 1)} | {s['sampler']} | "
+                         f"{s.get('modes', {}).get('classes_hit', '–')} | {pm(m, 'bpd_pf_ode')} | "
+                         f"{pm(m, 'bpd_ddpm_bound')} | {f(m.get('train_img_per_s'), 1)} | {s['sampler']} | "
                          f"{s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
     cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]
     if cal:

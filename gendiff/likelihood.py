@@ -304,7 +304,8 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
       `steps=k` (1 <= k <= T − 1): then k distinct steps S ⊂ {2..T} are drawn uniformly (the same for the
       batch) and the sum is estimated by (T − 1)/k·Σ_{t∈S}, unbiased;
     - reconstruction: −log p(x0 | x_1) at one x_1 ~ q(x_1 | x0), with mean μ_θ(x_1, 1) = x̂0 (T24 at t = 1:
-      ᾱ_0 = 1) and std √β_1 (T27; β̃_1 = 0, so the decoder always uses β_1, learned v or not):
+      ᾱ_0 = 1) and std √β_1 (T27; β̃_1 = 0), or with a learned v the Σ_θ(1) = exp(v·log β_1 + (1 − v)·log β̃_2)
+      that `losses.HybridLoss` trains (IDDPM clips log β̃_1 to log β̃_2):
       decoder="gaussian": the density N(x0; x̂0, β_1) (continuous data, e.g. the 2-D toys);
       "discretized": the 8-bit probability `discretized_gaussian_log_prob` (x0 = 2k/255 − 1).
     Plus `total` (the sum, ≥ −log p_θ(x0)) and `bits_per_dim` = total/(d·ln 2) (a density for "gaussian",
@@ -351,10 +352,15 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
     z1 = latent(1)
     x0_hat = _ddpm_x0_hat(denoiser, z1, ddpm, 1, model_dtype)      # μ_θ(x_1, 1) (T24 with ᾱ_0 = 1)
     beta1 = ddpm.betas[1].item()
+    var1 = torch.full_like(x0_hat, beta1)
+    if v is not None and T >= 2:   # the learned Σ_θ(1) the hybrid loss trains: log β̃_1 clipped to log β̃_2 (T26)
+        bt2 = ddpm.betas[2].item() * ddpm.one_minus_alpha_bar[1].item() / ddpm.one_minus_alpha_bar[2].item()
+        v1 = torch.as_tensor(v(z1, 1)).to(F64)
+        var1 = torch.exp(v1 * math.log(beta1) + (1 - v1) * math.log(bt2)).expand_as(x0_hat)
     if decoder == "gaussian":
-        recon = 0.5 * _sum_dims(LOG_2PI + math.log(beta1) + (x0 - x0_hat).square() / beta1)
+        recon = 0.5 * _sum_dims(LOG_2PI + var1.log() + (x0 - x0_hat).square() / var1)
     else:
-        recon = -_sum_dims(discretized_gaussian_log_prob(x0, x0_hat, math.sqrt(beta1)))
+        recon = -_sum_dims(discretized_gaussian_log_prob(x0, x0_hat, var1.sqrt()))
     total = prior + diffusion + recon
     return {"prior": prior, "diffusion": diffusion, "reconstruction": recon, "total": total,
             "bits_per_dim": bits_per_dim(total, d)}

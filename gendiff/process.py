@@ -203,7 +203,7 @@ class DDPM(Process):
             raise ValueError(f"steps={steps} must be <= T={self.T}")
         if steps == self.T:
             return self
-        keep = torch.linspace(1, self.T, steps, dtype=torch.float64).round().long()       # 1 … T, increasing
+        keep = torch.linspace(self.T, 1, steps, dtype=torch.float64).round().long().flip(0)  # increasing, ends at T
         ab = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[keep]])
         out = DDPM.__new__(DDPM)
         out.T, out.schedule = steps, f"{self.schedule}, respaced {self.T}->{steps}"

@@ -235,9 +235,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     density = LogNormalSigma(cfg.p_mean, cfg.p_std) if sigma_density is None else sigma_density
     gen = generator(seed, "train-data")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     eta = list(density.parameters()) if hasattr(density, "parameters") else []
-    opts = [opt] + ([torch.optim.Adam(eta, lr=cfg.lr, betas=tuple(cfg.betas))] if eta else [])
+    opts = [torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))] + ([torch.optim.Adam(eta, lr=cfg.lr, betas=tuple(cfg.betas))] if eta else [])
     result = TrainResult(ema=ema)
     if snapshot_dir is not None:
         os.makedirs(snapshot_dir, exist_ok=True)
@@ -254,18 +253,18 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     emas = [(ema, (lambda t: cfg.ema) if main_gamma is None else (lambda t: power_ema_decay(t, main_gamma)))]
     emas += [(m, (lambda t, g=g: power_ema_decay(t, g))) for m, g in zip(posthoc, gammas)]
     state = _TrainState(denoiser, ema, opts, gen, density, result, source, posthoc)
-    model = _compiled(denoiser) if cfg.compile else denoiser   # same parameters; the state dicts stay plain
     first = state.restore(checkpoint_dir) if checkpoint_dir is not None else 0
     result.resumed_from = first
     writes = checkpoint_dir is not None and world.rank == 0            # rank 0 writes, every rank resumes
     save = (lambda step: state.save(checkpoint_dir, step, keep_checkpoints)) if writes else (lambda step: None)
+    # the compiled view shares the parameters; state dicts, EMA and checkpoints read the plain module
+    step = _Step(cfg, loss_fn, _compiled(denoiser) if cfg.compile else denoiser, eta, emas, desc, save, world, state)
     bar = _progress(cfg.iterations - first, desc, progress)
     start = time.perf_counter()
     bad_in_row = 0
     with _graceful_interrupt(checkpoint_dir is not None) as interrupted:
         for i in range(first, cfg.iterations):
-            bad_in_row = _step(i, cfg, opts, opt, density, source, gen, loss_fn, model, eta, emas, result,
-                               bad_in_row, desc, save, world)
+            bad_in_row = step(i, bad_in_row)
             done = i + 1
             if done % cfg.snapshot_every == 0 or done in keep_snapshots:
                 snap = {k: v.detach().clone() for k, v in ema.state_dict().items()}
@@ -286,54 +285,64 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
                 save(done)
                 bar.close()
                 raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in {checkpoint_dir}")
+    if posthoc and posthoc_dir is not None and world.rank == 0 and cfg.iterations % cfg.snapshot_every:
+        save_posthoc(posthoc_dir, cfg.iterations, cfg.ema_posthoc, gammas, posthoc)   # the last step too
     save(cfg.iterations)
     bar.close()
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _step(i, cfg, opts, opt, density, source, gen, loss_fn, denoiser, eta, emas, result, bad_in_row, desc, save,
-          world):
-    """One training step; returns the count of consecutive non-finite steps. With several processes every rank
-    draws the same global batch (same generator) and trains on its contiguous shard; gradients are averaged by
-    all-reduce, so the update equals one process's on the whole batch (to float rounding)."""
-    for group in (g for o in opts for g in o.param_groups):
-        group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
-    sigma = density.sample(cfg.batch, gen)
-    batch = world.shard(source.draw(cfg.batch, sigma, gen))
-    with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type, dtype=torch.bfloat16,
-                        enabled=cfg.precision == "bf16"):
-        per_example = loss_fn(denoiser, batch).float()
-    loss = per_example.mean()
-    for o in opts:
-        o.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(loss))
-    if finite:
-        backward(per_example, list(denoiser.parameters()), eta)
-        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                     for o in opts for g in o.param_groups for p in g["params"])
-    finite, loss = world.reduce(opts, finite, loss)
-    if not finite:
-        result.bad_steps += 1
-        if bad_in_row + 1 >= cfg.max_bad_steps:
-            save(i + 1)   # step i's data was drawn and counted: a resume goes on with step i + 1
-            raise FloatingPointError(
-                f"{desc}: {bad_in_row + 1} non-finite steps in a row (loss {loss.item()}) at iteration {i}; "
-                f"stopped (max_bad_steps={cfg.max_bad_steps}); lower the learning rate (--lr)")
-        return bad_in_row + 1
-    result.lrs.append(opt.param_groups[0]["lr"])
-    if hasattr(density, "update") and getattr(loss_fn, "last", None) is not None:
-        density.update(*loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
-    for o in opts:
-        o.step()
-    with torch.no_grad():
-        for ema, decay in emas:          # the EMA, then any post-hoc power EMAs (EDM2)
-            d = decay(i + 1)
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - d)
-    result.losses.append(loss.item())
-    result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
-    return 0
+class _Step:
+    """One training step (`__call__(i, bad_in_row)` returns the count of consecutive non-finite steps) over the
+    run's state. With several processes every rank draws the same global batch (same generator) and trains on
+    its contiguous shard; gradients are averaged by all-reduce, so the update equals one process's on the whole
+    batch (to float rounding)."""
+
+    def __init__(self, cfg, loss_fn, model, eta, emas, desc, save, world, state):
+        self.cfg, self.loss_fn, self.model, self.eta, self.emas = cfg, loss_fn, model, eta, emas
+        self.desc, self.save, self.world, self.s = desc, save, world, state
+
+    def __call__(self, i: int, bad_in_row: int) -> int:
+        cfg, s = self.cfg, self.s
+        for group in (g for o in s.opts for g in o.param_groups):
+            group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
+        sigma = s.density.sample(cfg.batch, s.gen)
+        batch = self.world.shard(s.source.draw(cfg.batch, sigma, s.gen))
+        with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type, dtype=torch.bfloat16,
+                            enabled=cfg.precision == "bf16"):
+            per_example = self.loss_fn(self.model, batch).float()
+        loss = per_example.mean()
+        for o in s.opts:
+            o.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            backward(per_example, list(self.model.parameters()), self.eta)
+            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                         for o in s.opts for g in o.param_groups for p in g["params"])
+        finite, loss = self.world.reduce(s.opts, finite, loss)
+        result = s.result
+        if not finite:
+            result.bad_steps += 1
+            if bad_in_row + 1 >= cfg.max_bad_steps:
+                self.save(i + 1)   # step i's data was drawn and counted: a resume goes on with step i + 1
+                raise FloatingPointError(
+                    f"{self.desc}: {bad_in_row + 1} non-finite steps in a row (loss {loss.item()}) at iteration "
+                    f"{i}; stopped (max_bad_steps={cfg.max_bad_steps}); lower the learning rate (--lr)")
+            return bad_in_row + 1
+        result.lrs.append(s.opts[0].param_groups[0]["lr"])
+        if hasattr(s.density, "update") and getattr(self.loss_fn, "last", None) is not None:
+            s.density.update(*self.loss_fn.last)  # an adaptive p(λ) learns from the per-λ loss (T20)
+        for o in s.opts:
+            o.step()
+        with torch.no_grad():
+            for ema, decay in self.emas:          # the EMA, then any post-hoc power EMAs (EDM2)
+                d = decay(i + 1)
+                for p_ema, p in zip(ema.parameters(), s.denoiser.parameters()):
+                    p_ema.lerp_(p, 1 - d)
+        result.losses.append(loss.item())
+        result.loss_vars.append(per_example.detach().var().item() if per_example.numel() > 1 else 0.0)
+        return 0
 
 
 def save_posthoc(folder: str, step: int, sigma_rels, gammas, emas) -> None:

@@ -162,11 +162,13 @@ def _eight_bit(n, d, g):
     return torch.randint(0, 256, (n, d), generator=g).to(F64) * 2 / 255 - 1
 
 
-def test_hybrid_vlb_term_is_an_unbiased_estimate_of_ddpm_vlb():
-    """E_t[T·L_t] over uniform t = the bound's diffusion + reconstruction terms (ddpm_vlb with Σ = β: v = 1)."""
+@pytest.mark.parametrize("G", [1.0, -0.2])
+def test_hybrid_vlb_term_is_an_unbiased_estimate_of_ddpm_vlb(G):
+    """E_t[T·L_t] over uniform t = the bound's diffusion + reconstruction terms of ddpm_vlb with the same learned
+    v = (G + 1)/2 (G = 1: Σ = β, where the t = 1 decoders of both coincide even without the β̃_2 clipping)."""
     torch.manual_seed(0)
     ddpm, g = DDPM(T=8, beta_start=0.01, beta_end=0.2), torch.Generator().manual_seed(3)
-    den = Denoiser(LabelNet(num_classes=1, dim=3, g=1.0), 1.0, head=LearnedVarianceHead()).double()
+    den = Denoiser(LabelNet(num_classes=1, dim=3, g=G), 1.0, head=LearnedVarianceHead()).double()
     x0 = _eight_bit(1, 3, g).expand(4000, 3)
     steps = DDPMSteps(ddpm)
     sigma = steps.sample(4000, g).double()
@@ -176,7 +178,7 @@ def test_hybrid_vlb_term_is_an_unbiased_estimate_of_ddpm_vlb():
         per = loss(den, NoisyBatch(x0, xn, sigma))
         simple = DDPMSimpleLoss("eps")(den, NoisyBatch(x0, xn, sigma))
     est = (per - simple) / 1.0                                         # λ·T·L_t with λ = 1
-    refs = [ddpm_vlb(den, x0[:1], ddpm, variance="beta", decoder="discretized",
+    refs = [ddpm_vlb(den, x0[:1], ddpm, decoder="discretized", v=lambda z, t: (G + 1) / 2,
                      generator=torch.Generator().manual_seed(i)) for i in range(300)]
     ref = torch.stack([r["diffusion"] + r["reconstruction"] for r in refs]).flatten()
     se = math.sqrt(est.var().item() / len(est) + ref.var().item() / len(ref))
@@ -274,9 +276,11 @@ def test_hybrid_vlb_term_per_step_against_t24_posteriors():
 def test_respaced_ddpm_keeps_alpha_bar_at_its_steps():
     d = DDPM(T=1000, schedule="cosine")
     r = d.respaced(50)
-    keep = torch.linspace(1, 1000, 50, dtype=F64).round().long()
+    keep = torch.linspace(1000, 1, 50, dtype=F64).round().long().flip(0)
+    assert keep[0] == 1 and keep[-1] == 1000 and len(keep.unique()) == 50
     torch.testing.assert_close(r.alpha_bar[1:], d.alpha_bar[keep], rtol=1e-10, atol=0)
     assert r.T == 50 and d.respaced(1000) is d
+    torch.testing.assert_close(d.respaced(1).alpha_bar[1], d.alpha_bar[1000])   # one step: from T straight to 0
     torch.testing.assert_close(r.alphas[1:] * torch.cat([torch.ones(1, dtype=F64), r.alpha_bar[1:-1]]),
                                r.alpha_bar[1:])                             # T23: ᾱ_t = ∏ α_i
     with pytest.raises(ValueError, match="steps"):

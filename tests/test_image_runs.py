@@ -143,3 +143,23 @@ def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
                         str(tmp_path / "run"), progress=False)
     assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={path}", "--set", "data.name=npz",
                  "--out", str(tmp_path / "run2"), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("objective", ["eps", "edm"])
+def test_pf_ode_starts_where_the_model_was_trained(blobs, objective, monkeypatch):
+    """DDPM rows never saw σ̃ < σ̃_1 ≈ 0.01: their PF-ODE likelihood starts there; EDM rows at 0.002."""
+    import gendiff.likelihood as lk
+    from gendiff.image_runs import bits_per_dim
+    from gendiff.process import DDPM
+    seen = {}
+
+    def fake(den, x, *, sigma_min, **kw):
+        seen["sigma_min"] = sigma_min
+        return -torch.ones(len(x)), {"nfe": 0}
+    monkeypatch.setattr(lk, "log_likelihood", fake)
+    monkeypatch.setattr(lk, "ddpm_vlb", lambda *a, **k: {"bits_per_dim": torch.ones(2)})
+    cfg = tiny(blobs, objective)
+    bits_per_dim(build_model(cfg, (1, 28, 28), 0), cfg, -torch.ones(2, 1, 28, 28), 0)
+    d = DDPM(1000)
+    want = float((d.one_minus_alpha_bar[1] / d.alpha_bar[1]).sqrt()) if objective == "eps" else 0.002
+    assert seen["sigma_min"] == pytest.approx(want)

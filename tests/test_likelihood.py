@@ -265,7 +265,8 @@ class KnowsX0:
                                         ("beta", 0.0), ("beta", 0.3)])
 def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     """With x̂0 = x0: KL_t = ½d[log(Σ/β̃) + β̃/Σ − 1] (T24), Σ = β, β̃, or exp(v log β + (1 − v) log β̃) (T26);
-    reconstruction ½d·log 2πβ_1 (T27 with the Gaussian decoder); all exact, no Monte Carlo left."""
+    reconstruction ½d·log 2πΣ_1 (T27 with the Gaussian decoder; Σ_1 = β_1, or the learned one with β̃_2 in place
+    of β̃_1 = 0); all exact, no Monte Carlo left."""
     ddpm = DDPM(50, "cosine")
     x, g = gaussian_data(4, 1)
     vfun = None if v is None else (lambda z, t: torch.full_like(z, v))
@@ -276,8 +277,10 @@ def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     var = torch.exp(w * b.log() + (1 - w) * bt.log())
     want = float((torch.log(var / bt) + bt / var - 1).sum())               # ½·d with d = 2
     torch.testing.assert_close(r["diffusion"], torch.full((4,), want, dtype=F64))
-    torch.testing.assert_close(r["reconstruction"], torch.full((4,), math.log(2 * math.pi * float(ddpm.betas[1])),
-                                                                dtype=F64))
+    var1 = ddpm.betas[1]                                                   # t = 1: β_1, or the learned Σ_θ(1) with
+    if v is not None:                                                      # log β̃_1 clipped to log β̃_2 (T26)
+        var1 = torch.exp(v * ddpm.betas[1].log() + (1 - v) * bt[0].log())
+    torch.testing.assert_close(r["reconstruction"], torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
 
 
 def test_ddpm_vlb_prior_is_the_kl_of_the_last_latent():
