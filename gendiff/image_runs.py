@@ -355,11 +355,28 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print) -> str:
                 results[r] = json.load(f)
             continue
         results[r] = train_image_run(cfg, folder, progress=progress, log=log)
+    for r in results:   # throughput from the training log: every sitting of a resumed row, evaluation excluded
+        results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"), base.train.batch)
     save_json({"preset_config": to_toml(base), "rows": results}, os.path.join(out, "images.json"))
     md = table_markdown(results, base)
     from .io import save_text
     save_text(md, os.path.join(out, "images.md"))
     return md
+
+
+def logged_img_per_s(path: str, batch: int) -> float:
+    """Training images per second from a run's metrics.jsonl: Σ Δstep·batch / Σ Δseconds over consecutive lines of
+    one sitting (seconds restart at 0 in each process, so a jump back marks a new sitting and is skipped)."""
+    import json
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    steps = secs = 0.0
+    for a, b in zip(lines, lines[1:]):
+        if b["seconds"] > a["seconds"] and b["step"] > a["step"]:
+            steps, secs = steps + b["step"] - a["step"], secs + b["seconds"] - a["seconds"]
+    return steps * batch / secs if secs else float("nan")
 
 
 def table_markdown(results: dict, base) -> str:

@@ -163,3 +163,12 @@ def test_pf_ode_starts_where_the_model_was_trained(blobs, objective, monkeypatch
     d = DDPM(1000)
     want = float((d.one_minus_alpha_bar[1] / d.alpha_bar[1]).sqrt()) if objective == "eps" else 0.002
     assert seen["sigma_min"] == pytest.approx(want)
+
+
+def test_logged_throughput_spans_sittings(tmp_path):
+    from gendiff.image_runs import logged_img_per_s
+    p = tmp_path / "metrics.jsonl"
+    rows = [(16, 1.0), (32, 3.0), (48, 5.0), (48, 0.5), (64, 2.5)]     # a resume at step 48: seconds restart
+    p.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n" for s, t in rows))
+    assert logged_img_per_s(str(p), 4) == pytest.approx((16 * 3) * 4 / (2.0 * 3))
+    assert np.isnan(logged_img_per_s(str(tmp_path / "none.jsonl"), 4))
