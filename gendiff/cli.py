@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preset", choices=sorted(PRESETS), help="--suite images: the budget (default mnist-cpu)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="--suite images: override a key of the preset (as gendiff train --set)")
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="--suite images: where to train and sample (auto: the GPU when CUDA is there)")
     a.add_argument("--rows", help="--suite images: comma-separated rows (default all: x0, eps, score, score-cfg, "
                    "learned-variance, edm, confidence)")
     a.add_argument("--runs", help="comma-separated runs (overrides --suite)")
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default runs/<run>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest good checkpoint, with its config")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="image runs: auto = the GPU when CUDA is there (cuda:$LOCAL_RANK under torchrun, NCCL), "
+                   "else the CPU; toy runs train on the CPU")
     t.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     from .samplers import GRID_SAMPLERS
@@ -154,15 +159,17 @@ def _likelihood(args) -> int:
     return 0
 
 
-def _init_distributed() -> int:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL when CUDA is there. Returns
-    this process's rank, or -1 when not distributed."""
+def _init_distributed(cuda: bool = False) -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL for a run on GPUs (each rank on
+    cuda:$LOCAL_RANK), gloo on CPU. Returns this process's rank, or -1 when not distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return -1
     import torch
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
 
 
@@ -181,14 +188,23 @@ def _train(args) -> int:
             return 0
         name = getattr(cfg, "run", None) or cfg.objective
         out = args.out or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    rank = _init_distributed()
+    image = not hasattr(cfg, "run")
+    device = None
+    if image:
+        from .image_runs import resolve_device
+        device = resolve_device(args.device).type
+    elif args.device == "cuda":
+        raise ValueError("--device cuda: toy runs train on the CPU (the exact tree's batches are drawn there); "
+                         "use --device cpu or auto")
+    rank = _init_distributed(cuda=device == "cuda")
     if not args.resume and rank <= 0:
         _check_writable(out)
         start_run(cfg, out)
     if rank >= 0:
         import torch.distributed as dist
         dist.barrier()
-    metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0)
+    kw = {"device": device} if image else {}
+    metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0, **kw)
     if rank > 0:
         return 0
     if not hasattr(cfg, "run"):   # an image run
@@ -267,7 +283,7 @@ def _ablate_images(args) -> int:
     print(f"gendiff ablate --suite images: rows {', '.join(rows)} -> {out}")
     import time
     start = time.perf_counter()
-    table = run_table(base, rows, out, progress=not args.no_progress)
+    table = run_table(base, rows, out, progress=not args.no_progress, device=args.device)
     print(table)
     print(f"total {time.perf_counter() - start:.1f} s (rows read from earlier sittings count 0 s)")
     return 0

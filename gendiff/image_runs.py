@@ -99,8 +99,24 @@ def density_and_loss(cfg):
 
 # ---- training ------------------------------------------------------------------------------------------
 
-def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True) -> dict:
-    """Train (or continue) the image run in `out` through train.train; evaluate its EMA; returns the metrics."""
+def resolve_device(device: str | None = None) -> torch.device:
+    """auto (None): this rank's GPU when CUDA is there (cuda:$LOCAL_RANK under torchrun), else the CPU."""
+    from .checks import check_choice
+    device = device or "auto"
+    check_choice("device", device, ("auto", "cpu", "cuda"))
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True,
+                    device: str | None = None) -> dict:
+    """Train (or continue) the image run in `out` through train.train on `device` (resolve_device; the data, the
+    model and the EMA live there, random draws come from the CPU training generator, so a seed fixes the run on
+    any device); evaluate its EMA; returns the metrics."""
+    dev = resolve_device(device)
     from .run import RunLog
     from .train import DataSource, train
     obj = OBJECTIVES[cfg.objective]
@@ -113,9 +129,9 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
     labels = torch.from_numpy(data.labels) if obj.conditional else None
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = build_model(cfg, tuple(x.shape[1:]), data.num_classes)
+        model = build_model(cfg, tuple(x.shape[1:]), data.num_classes).to(dev)
     source = DataSource(x, labels, data.num_classes if obj.conditional else 0, obj.label_dropout,
-                        shape=tuple(x.shape[1:]), name=f"data {data.name!r}")
+                        shape=tuple(x.shape[1:]), name=f"data {data.name!r}", device=dev)
     density, loss = density_and_loss(cfg)
     runlog = RunLog(out, primary)
     try:
@@ -173,6 +189,7 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
     from .schedules import edm_sigmas
     obj, ev = OBJECTIVES[cfg.objective], cfg.eval
     shape = (model.net.img_channels, model.net.img_resolution, model.net.img_resolution)
+    dev = next(model.parameters()).device
     calls, outs, start = [0], [], time.perf_counter()
     steps = ev.sampler_steps or (RESPACED if obj.sampler == "ddpm" else HEUN_STEPS)
     for i in range(0, n, ev.batch):
@@ -180,12 +197,12 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
         g = generator(seed, f"sample-batch-{i // ev.batch}")
         counted = _Counted(model, calls)
         if obj.conditional:
-            y = labels[i:i + k] if labels is not None else torch.full((k,), num_classes)
+            y = (labels[i:i + k] if labels is not None else torch.full((k,), num_classes)).to(dev)
             counted = classifier_free(counted, y, num_classes, w) if w is not None else Conditioned(counted, y)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
             if obj.sampler == "ddpm":
                 ddpm = _ddpm().respaced(min(steps, DDPM_T))
-                z = torch.randn((k, *shape), generator=g)
+                z = torch.randn((k, *shape), generator=g).to(dev)
                 vfn = None
                 if obj.head == "v":
                     counted = _LastG(counted, ddpm, model.head)
@@ -193,8 +210,8 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
                 x = sample_ddpm(counted, z, ddpm, rule=obj.rule, v=vfn, generator=g)
             else:
                 sig = edm_sigmas(steps, 0.002, 80.0, 7.0)
-                x = sample_heun(counted, torch.randn((k, *shape), generator=g) * 80.0, sig, generator=g)
-        outs.append(x.float().clamp(-1, 1))
+                x = sample_heun(counted, torch.randn((k, *shape), generator=g).to(dev) * 80.0, sig, generator=g)
+        outs.append(x.float().clamp(-1, 1).cpu())
     nfe = calls[0] // math.ceil(n / ev.batch)
     name = f"DDPM ancestral, respaced {min(steps, DDPM_T)}" if obj.sampler == "ddpm" else f"Heun {steps}"
     return torch.cat(outs), {"sampler": name, "nfe": nfe, "sample_seconds": time.perf_counter() - start}
@@ -261,9 +278,10 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
         image_grid(os.path.join(out, f"samples{key.replace('@', '-')}.png"), x[:64], nrow=8)
         log(f"{cfg.objective}{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                     if isinstance(v, float)))
-    metrics.update(bits_per_dim(model, cfg, xt[:ev.likelihood_images], num_classes))
+    dev = next(model.parameters()).device
+    metrics.update(bits_per_dim(model, cfg, xt[:ev.likelihood_images].to(dev), num_classes))
     if obj.head == "diag" and ev.calibration_images:
-        metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images], out)
+        metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images].to(dev), out)
     return metrics
 
 
@@ -277,7 +295,7 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
     obj = OBJECTIVES[cfg.objective]
     if not len(x8):
         return {}
-    den = Conditioned(model, torch.full((len(x8),), num_classes)) if obj.conditional else model
+    den = Conditioned(model, torch.full((len(x8),), num_classes, device=x8.device)) if obj.conditional else model
     n, d = len(x8), x8[0].numel()
     se = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
     g = generator(cfg.seed, "likelihood")
@@ -309,14 +327,14 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
     g = generator(cfg.seed, "calibration")
     res, panels, names = {}, {k: [] for k in ("noisy x̃", "denoised μ", "σ_φ", "|μ − x0|", "clean x0")}, []
     for s in CALIBRATION_SIGMAS:
-        xn = x0 + s * torch.randn(x0.shape, generator=g)
-        p = model.predict(xn, torch.tensor(s))
-        res[f"sigma={s:g}"] = calibration(p.sigma_phi, p.mu, x0)
+        xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
+        p = model.predict(xn, torch.tensor(s, device=x0.device))
+        res[f"sigma={s:g}"] = calibration(p.sigma_phi.cpu(), p.mu.cpu(), x0.cpu())
         if s in (0.2, 0.5, 1.0):
             for k, v in zip(panels, (xn[:4].clamp(-1, 1), p.mu[:4], p.sigma_phi[:4], (p.mu - x0)[:4].abs(), x0[:4])):
                 panels[k].append(v)
             names += [f"σ={s:g}"] * 4
-    uncertainty_grid(os.path.join(out, "uncertainty.png"), {k: torch.cat(v) for k, v in panels.items()},
+    uncertainty_grid(os.path.join(out, "uncertainty.png"), {k: torch.cat(v).cpu() for k, v in panels.items()},
                      row_labels=names)
     return res
 
@@ -327,7 +345,7 @@ SEED_004 = {"x0": (49.10, None), "eps": (15.75, 1.21), "score": (78.83, None), "
             "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (bits/dim)
 
 
-def run_table(base, rows, out: str, *, progress: bool = True, log=print) -> str:
+def run_table(base, rows, out: str, *, progress: bool = True, log=print, device: str | None = None) -> str:
     """Train and evaluate each row (objective) of seed 004's table at `base`'s budget into out/<row>/, a run folder
     each. Resumable: a row whose metrics.json exists for the same config is read; an unfinished row resumes from
     its newest checkpoint. Writes out/images.json and out/images.md; returns the markdown."""
@@ -354,7 +372,7 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print) -> str:
             with open(done) as f:
                 results[r] = json.load(f)
             continue
-        results[r] = train_image_run(cfg, folder, progress=progress, log=log)
+        results[r] = train_image_run(cfg, folder, progress=progress, log=log, device=device)
     for r in results:   # throughput from the training log: every sitting of a resumed row, evaluation excluded
         results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"), base.train.batch)
     save_json({"preset_config": to_toml(base), "rows": results}, os.path.join(out, "images.json"))

@@ -48,7 +48,7 @@ def save_text(text: str, path: str) -> None:
 def save_state(state: dict, path: str, metadata: dict | None = None) -> None:
     """A state dict as safetensors (checkpoints never go through pickle)."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
 
 
 def save_figure(fig, path: str, **kw) -> None:

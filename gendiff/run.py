@@ -60,7 +60,7 @@ class RunLog:
             self.tb.close()
 
 
-def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True) -> dict:
+def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True, device=None) -> dict:
     """Train (or continue) the run in `out`; evaluate the final EMA; returns the final metrics. Under torchrun
     only the primary process (rank 0) writes logs, the model and metrics; the others return {}. An image run's
     config (config.ImageRunConfig) goes to image_runs.train_image_run."""
@@ -72,7 +72,7 @@ def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool 
     from .train import BatchSource, train
     if isinstance(cfg, ImageRunConfig):
         from .image_runs import train_image_run
-        return train_image_run(cfg, out, progress=progress, log=log, primary=primary)
+        return train_image_run(cfg, out, progress=progress, log=log, primary=primary, device=device)
     spec = RUNS[cfg.run]
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, "init"))

@@ -299,7 +299,7 @@ class DDPMSteps:
         return self.table[t - 1].to(dtype)
 
     def steps(self, sigma: torch.Tensor) -> torch.Tensor:
-        s = sigma.detach().flatten().float()
+        s = sigma.detach().flatten().float().cpu()
         i = torch.searchsorted(self.table, s).clamp(max=self.ddpm.T - 1)
         if not torch.equal(self.table[i], s):
             bad = s[self.table[i] != s][0].item()

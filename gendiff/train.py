@@ -121,15 +121,18 @@ class DataSource:
     """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0,
-                 label_dropout: float = 0.0, shape: tuple | None = None, name: str = "data"):
+                 label_dropout: float = 0.0, shape: tuple | None = None, name: str = "data", device=None):
         check_data(data, labels, num_classes, shape, name)
         if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) \
                 or not 0 <= label_dropout < 1:
             raise ValueError(f"label_dropout={label_dropout!r} must be a number in [0, 1)")
         if label_dropout and labels is None:
             raise ValueError(f"label_dropout={label_dropout} needs labelled data; {name} has no labels")
-        self.data, self.num_classes, self.label_dropout = data.float(), num_classes, float(label_dropout)
-        self.labels = None if labels is None else labels.long()
+        # random draws use the (CPU) training generator; batches live on `device` (the data's by default)
+        self.device = torch.device(device) if device is not None else data.device
+        self.data, self.num_classes, self.label_dropout = data.float().to(self.device), num_classes, \
+            float(label_dropout)
+        self.labels = None if labels is None else labels.long().to(self.device)
         self.perm, self.pos = torch.zeros(0, dtype=torch.long), 0
 
     def _indices(self, n: int, generator) -> torch.Tensor:
@@ -143,14 +146,15 @@ class DataSource:
         return torch.cat(parts)
 
     def draw(self, n: int, sigma: torch.Tensor, generator=None) -> NoisyBatch:
-        idx = self._indices(n, generator)
-        x0 = self.data[idx]
-        x_noisy = x0 + as_sigma(sigma, x0) * torch.randn(x0.shape, generator=generator)
+        dev = self.device
+        idx = self._indices(n, generator).to(dev)
+        x0, sigma = self.data[idx], torch.as_tensor(sigma).to(dev)
+        x_noisy = x0 + as_sigma(sigma, x0) * torch.randn(x0.shape, generator=generator).to(dev)
         labels = None
         if self.labels is not None:
             labels = self.labels[idx]
             if self.label_dropout:
-                labels = torch.where(torch.rand(n, generator=generator) < self.label_dropout,
+                labels = torch.where(torch.rand(n, generator=generator).to(dev) < self.label_dropout,
                                      self.num_classes, labels)
         return NoisyBatch(x0, x_noisy, sigma, labels=labels)
 
@@ -458,7 +462,7 @@ class _TrainState:
 
     def save(self, folder, step, keep):
         t, meta = self.tensors()
-        ckpt.save(folder, step, t, meta, keep)
+        ckpt.save(folder, step, {k: v.detach().cpu() for k, v in t.items()}, meta, keep)   # GPU runs: host copies
 
     def restore(self, folder) -> int:
         found = ckpt.latest(folder)

@@ -172,3 +172,25 @@ def test_logged_throughput_spans_sittings(tmp_path):
     p.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n" for s, t in rows))
     assert logged_img_per_s(str(p), 4) == pytest.approx((16 * 3) * 4 / (2.0 * 3))
     assert np.isnan(logged_img_per_s(str(tmp_path / "none.jsonl"), 4))
+
+
+def test_device_choice(blobs, tmp_path):
+    from gendiff.cli import main
+    from gendiff.image_runs import resolve_device
+    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type == ("cuda" if torch.cuda.is_available()
+                                                                                   else "cpu")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+        assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set", "data.name=npz",
+                     "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", "--preset", "toy-quick", "--device", "cuda", "--out", str(tmp_path / "t")]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device path)")
+def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
+    from gendiff.image_runs import train_image_run
+    m = train_image_run(tiny(blobs, "learned-variance"), str(tmp_path / "gpu"), progress=False, device="cuda")
+    assert np.isfinite(m["samples"]["fid"]) and np.isfinite(m["bpd_ddpm_bound"])
