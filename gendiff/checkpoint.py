@@ -12,7 +12,6 @@ Loading uses `safetensors` only: a pickle (or anything else) under a checkpoint 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -22,19 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .io import file_sha256
+
 _NAME = re.compile(r"ckpt-(\d{8,})\.json$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the run folder is unwritable or full): nothing was left behind."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(folder: str) -> None:
@@ -72,7 +65,7 @@ def save(folder: str, step: int, tensors: dict, meta: dict, keep: int = 3) -> st
         os.makedirs(folder, exist_ok=True)
         _write_atomic(base + ".safetensors",
                       lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
-        record = {"step": int(step), "sha256": _sha256(base + ".safetensors"), "meta": meta}
+        record = {"step": int(step), "sha256": file_sha256(base + ".safetensors"), "meta": meta}
         _write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(record)))
         _fsync_dir(folder)
     except (OSError, SafetensorError) as e:
@@ -95,7 +88,7 @@ def save(folder: str, step: int, tensors: dict, meta: dict, keep: int = 3) -> st
 def _complete(base: str) -> bool:
     try:
         with open(base + ".json") as f:
-            return _sha256(base + ".safetensors") == json.load(f)["sha256"]
+            return file_sha256(base + ".safetensors") == json.load(f)["sha256"]
     except (OSError, ValueError, KeyError):
         return False
 
@@ -116,7 +109,7 @@ def load(json_path: str):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"checkpoint {json_path!r} is unreadable ({e})") from e
     try:
-        actual = _sha256(base + ".safetensors")
+        actual = file_sha256(base + ".safetensors")
     except OSError as e:
         raise ValueError(f"checkpoint {base}.safetensors is missing ({e})") from e
     if actual != expected:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .io import derive_seed, generator, save_json, save_state
+from .io import derive_seed, generator, save_json
 
 DDPM_T = 1000                      # seed 004 / DDPM: T = 1000 linear β steps
 RESPACED = 100                     # default sampling steps of the DDPM rows (IDDPM respacing)
@@ -117,8 +117,8 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
     model and the EMA live there, random draws come from the CPU training generator, so a seed fixes the run on
     any device); evaluate its EMA; returns the metrics."""
     dev = resolve_device(device)
-    from .run import RunLog
-    from .train import DataSource, train
+    from .run import train_in_folder
+    from .train import DataSource
     obj = OBJECTIVES[cfg.objective]
     data = load_images(cfg.data, "train")
     if cfg.data.subset:
@@ -133,19 +133,10 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
     source = DataSource(x, labels, data.num_classes if obj.conditional else 0, obj.label_dropout,
                         shape=tuple(x.shape[1:]), name=f"data {data.name!r}", device=dev)
     density, loss = density_and_loss(cfg)
-    runlog = RunLog(out, primary)
-    try:
-        res = train(model, loss, source, cfg.train, seed=cfg.seed, progress=progress, desc=cfg.objective,
-                    sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
-                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
-    finally:
-        runlog.close()
+    res = train_in_folder(model, loss, source, cfg, out, density=density, desc=cfg.objective, progress=progress,
+                          log=log, primary=primary)
     if not primary:
         return {}
-    if res.resumed_from:
-        log(f"resumed from step {res.resumed_from}")
-    save_state(res.ema.state_dict(), os.path.join(out, "model.safetensors"))
     imgs_per_s = len(res.losses) * cfg.train.batch / res.seconds if res.seconds else float("nan")
     metrics = evaluate_image_model(res.ema, cfg, out, num_classes=data.num_classes, log=log)
     metrics.update(train_img_per_s=imgs_per_s, train_seconds=res.seconds, iterations=cfg.train.iterations,

@@ -3,6 +3,7 @@ half-written file; JSON is strict (NaN/inf become null); seeds for each purpose 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -54,6 +55,15 @@ def save_state(state: dict, path: str, metadata: dict | None = None) -> None:
 def save_figure(fig, path: str, **kw) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "png", **kw)
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def derive_seed(seed: int, purpose: str) -> int:

@@ -60,6 +60,25 @@ class RunLog:
             self.tb.close()
 
 
+def train_in_folder(model, loss, source, cfg, out: str, *, density, desc: str, progress: bool, log, primary: bool):
+    """train.train on a run folder: metrics.jsonl and TensorBoard (RunLog), checkpoints/ (resumed when there),
+    posthoc/ snapshots; the primary process then writes the EMA to model.safetensors. Returns the TrainResult."""
+    from .train import train
+    runlog = RunLog(out, primary)
+    try:
+        res = train(model, loss, source, cfg.train, seed=cfg.seed, progress=progress, desc=desc,
+                    sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
+                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
+                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
+    finally:
+        runlog.close()
+    if primary:
+        if res.resumed_from:
+            log(f"resumed from step {res.resumed_from}")
+        save_state(res.ema.state_dict(), os.path.join(out, "model.safetensors"))
+    return res
+
+
 def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True, device=None) -> dict:
     """Train (or continue) the run in `out`; evaluate the final EMA; returns the final metrics. Under torchrun
     only the primary process (rank 0) writes logs, the model and metrics; the others return {}. An image run's
@@ -69,7 +88,7 @@ def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool 
     from .data.toy import tree
     from .evaluate import Evaluator
     from .schedules import LogNormalSigma
-    from .train import BatchSource, train
+    from .train import BatchSource
     if isinstance(cfg, ImageRunConfig):
         from .image_runs import train_image_run
         return train_image_run(cfg, out, progress=progress, log=log, primary=primary, device=device)
@@ -79,19 +98,10 @@ def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool 
         model = make_denoiser(spec, _ablate_view(cfg))
     density = spec.density(_ablate_view(cfg))
     source = BatchSource(tree(cfg.classes), spec.mode, need_score=spec.loss == "score-matching")
-    runlog = RunLog(out, primary)
-    try:
-        res = train(model, spec.loss_fn(density), source, cfg.train, seed=cfg.seed, progress=progress,
-                    desc=cfg.run, sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
-                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
-    finally:
-        runlog.close()
+    res = train_in_folder(model, spec.loss_fn(density), source, cfg, out, density=density, desc=cfg.run,
+                          progress=progress, log=log, primary=primary)
     if not primary:
         return {}
-    if res.resumed_from:
-        log(f"resumed from step {res.resumed_from}")
-    save_state(res.ema.state_dict(), os.path.join(out, "model.safetensors"))
     ev = Evaluator(tree(cfg.classes), seed=cfg.seed, samples=cfg.eval.samples, eval_points=cfg.eval.eval_points,
                    sigma_density=LogNormalSigma(cfg.train.p_mean, cfg.train.p_std), sampler=cfg.sampler)
     x, secs, _ = ev.sample(res.ema)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checks import check_positive
-from ..io import derive_seed, generator, save_json, save_state
+from ..io import derive_seed, file_sha256, generator, save_json, save_state
 
 
 class Classifier(nn.Module):
@@ -132,14 +132,6 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, steps: int =
     return model.eval()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     h = hashlib.sha256(images.detach().float().contiguous().numpy().tobytes())
     h.update(labels.detach().to(torch.int64).contiguous().numpy().tobytes())
@@ -157,7 +149,7 @@ def _load_cached(weights: str, record: str, config: dict) -> tuple[Classifier, d
             warnings.warn(f"classifier cache {weights} was trained with another configuration or data; "
                           "retraining")
             return None
-        if _sha256(weights) != info.get("sha256"):
+        if file_sha256(weights) != info.get("sha256"):
             raise ValueError(f"sha256 of {weights} does not match {record}")
         keys = ("img_channels", "img_resolution", "num_classes", "feature_dim")
         model = Classifier(*(config[k] for k in keys))
@@ -209,6 +201,6 @@ def load_or_train_classifier(data_name: str, images: torch.Tensor, labels: torch
                 test_accuracy=None if test_images is None else accuracy(model, test_images, test_labels),
                 n_test=None if test_images is None else len(test_images))
     save_state(model.state_dict(), weights)
-    info["sha256"] = _sha256(weights)
+    info["sha256"] = file_sha256(weights)
     save_json(info, record)
     return model, dict(info, cached=False, path=weights)
