@@ -312,17 +312,28 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
 
 @torch.no_grad()
 def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
-    """σ_φ per pixel against the actual error |μ − x0| on held-out images at several σ (image_metrics.calibration),
-    and uncertainty.png: noisy input, μ, σ_φ, |μ − x0|, x0 for 4 images at three σ."""
+    """The confidence head's claim about x0 against the actual error, on held-out images at several σ.
+
+    q(x | x̃) = N(μ, σ_φ²) models a noisy sample x ~ N(x0, σ²) (T7), so its optimum is σ_φ² = σ² + E[(μ − x0)²]
+    (T8): the std it predicts for the error of μ itself is the excess s_x0 = √(σ_φ² − σ²) (floored at 1e-4).
+    Calibration (image_metrics.calibration) is of s_x0 against |μ − x0|; also recorded: the coverage of σ_φ
+    itself, which counts the noise σ and must over-cover. uncertainty.png: noisy input, μ, s_x0, |μ − x0|, x0
+    for 4 images at three σ."""
     from .image_metrics import calibration, uncertainty_grid
     g = generator(cfg.seed, "calibration")
-    res, panels, names = {}, {k: [] for k in ("noisy x̃", "denoised μ", "σ_φ", "|μ − x0|", "clean x0")}, []
+    res, names = {}, []
+    panels = {k: [] for k in ("noisy x̃", "denoised μ", "predicted std of x0", "|μ − x0|", "clean x0")}
     for s in CALIBRATION_SIGMAS:
         xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
         p = model.predict(xn, torch.tensor(s, device=x0.device))
-        res[f"sigma={s:g}"] = calibration(p.sigma_phi.cpu(), p.mu.cpu(), x0.cpu())
+        var = p.variance().float()
+        s_x0 = (var - s * s).clamp_min(1e-8).sqrt()
+        c = calibration(s_x0.cpu(), p.mu.cpu(), x0.cpu())
+        raw = calibration(var.sqrt().cpu(), p.mu.cpu(), x0.cpu())
+        c.update(sigma_phi_coverage_1sigma=raw["coverage_1sigma"], excess_floored=float((var <= s * s).float().mean()))
+        res[f"sigma={s:g}"] = c
         if s in (0.2, 0.5, 1.0):
-            for k, v in zip(panels, (xn[:4].clamp(-1, 1), p.mu[:4], p.sigma_phi[:4], (p.mu - x0)[:4].abs(), x0[:4])):
+            for k, v in zip(panels, (xn[:4].clamp(-1, 1), p.mu[:4], s_x0[:4], (p.mu - x0)[:4].abs(), x0[:4])):
                 panels[k].append(v)
             names += [f"σ={s:g}"] * 4
     uncertainty_grid(os.path.join(out, "uncertainty.png"), {k: torch.cat(v).cpu() for k, v in panels.items()},
@@ -413,12 +424,17 @@ def table_markdown(results: dict, base) -> str:
                          f"{s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
     cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]
     if cal:
-        lines += ["", "σ_φ calibration on held-out images (per pixel): Spearman ρ(σ_φ², (μ − x0)²), coverage of "
-                  "±1σ_φ / ±2σ_φ (ideal 68.3% / 95.4%), NLL gain over the best single σ (nats/pixel, > 0: σ_φ "
-                  "beats the trivial predictor)", "", "| row | σ | Spearman | ±1σ_φ | ±2σ_φ | NLL gain |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Calibration of the confidence head on held-out test images, per pixel. The std it predicts "
+                  "for the error of μ is s_x0 = √(σ_φ² − σ²) (T8: σ_φ² = σ² + E[(μ − x0)²]). Spearman ρ(s_x0², "
+                  "(μ − x0)²); coverage of ±1 s_x0 / ±2 s_x0 (ideal 68.3% / 95.4%); NLL gain of N(μ, s_x0²) over "
+                  "the best single σ for all pixels (nats/pixel; > 0: s_x0 beats that trivial predictor); "
+                  "floored: share of pixels with σ_φ ≤ σ (s_x0 set to 1e-4); ±1σ_φ: coverage of σ_φ itself.", "",
+                  "| row | σ | Spearman | ±1 s_x0 | ±2 s_x0 | NLL gain | floored | ±1σ_φ |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r, c in cal:
             for s, v in c.items():
                 lines.append(f"| {r} | {s.split('=')[1]} | {f(v['spearman'])} | {100 * v['coverage_1sigma']:.1f}% | "
-                             f"{100 * v['coverage_2sigma']:.1f}% | {f(v['nll_gain'])} |")
+                             f"{100 * v['coverage_2sigma']:.1f}% | {f(v['nll_gain'])} | "
+                             f"{100 * v.get('excess_floored', float('nan')):.1f}% | "
+                             f"{100 * v.get('sigma_phi_coverage_1sigma', float('nan')):.1f}% |")
     return "\n".join(lines) + "\n"

@@ -194,3 +194,22 @@ def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
     from gendiff.image_runs import train_image_run
     m = train_image_run(tiny(blobs, "learned-variance"), str(tmp_path / "gpu"), progress=False, device="cuda")
     assert np.isfinite(m["samples"]["fid"]) and np.isfinite(m["bpd_ddpm_bound"])
+
+
+def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
+    """A head with σ_φ² = σ² + s² exactly (T8) predicts std s for the error of μ: calibrate reads s, not σ_φ."""
+    from gendiff.heads import Prediction
+    from gendiff.image_runs import calibrate
+
+    class Known(torch.nn.Module):
+        def predict(self, x, sigma):
+            s = torch.full_like(x, 0.3)
+            return Prediction(x, x0 + s * torch.randn(x.shape, generator=g), var=sigma ** 2 + s ** 2)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.zeros(64, 1, 28, 28)
+    res = calibrate(Known(), tiny(blobs, "confidence"), x0, str(tmp_path))
+    for v in res.values():
+        assert abs(v["coverage_1sigma"] - 0.6827) < 0.02 and abs(v["coverage_2sigma"] - 0.9545) < 0.01
+        assert v["excess_floored"] == 0.0
+    assert res["sigma=2"]["sigma_phi_coverage_1sigma"] > 0.99            # σ_φ itself counts the noise
+    assert os.path.exists(tmp_path / "uncertainty.png")
