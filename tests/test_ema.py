@@ -83,6 +83,9 @@ def test_training_writes_posthoc_snapshots_that_resume_exactly(tmp_path):
     ck = str(tmp_path / "ck")
     run(6, tmp_path / "part", ck)
     resumed = run(12, tmp_path / "part", ck)
+    assert {s for s, _, _ in resumed} == {4, 6, 8, 12}       # the stopped run's last step (6) was kept too
+    resumed = [x for x in resumed if x[0] != 6]
+    assert len(resumed) == len(full)
     for (s1, g1, a), (s2, g2, b) in zip(full, resumed):
         assert (s1, g1) == (s2, g2) and all(torch.equal(a[k], b[k]) for k in a)
     last = [s for s in full if s[0] == 12]
