@@ -137,9 +137,9 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
                           log=log, primary=primary)
     if not primary:
         return {}
-    imgs_per_s = len(res.losses) * cfg.train.batch / res.seconds if res.seconds else float("nan")
-    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=data.num_classes, log=log)
-    metrics.update(train_img_per_s=imgs_per_s, train_seconds=res.seconds, iterations=cfg.train.iterations,
+    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=data.num_classes, log=log, train=data)
+    metrics.update(train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
+                   train_seconds=res.seconds, iterations=cfg.train.iterations,
                    batch=cfg.train.batch, bad_steps=res.bad_steps, final_loss=_tail_mean(res.losses))
     save_json(metrics, os.path.join(out, "metrics.json"))
     return metrics
@@ -183,6 +183,7 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
     dev = next(model.parameters()).device
     calls, outs, start = [0], [], time.perf_counter()
     steps = ev.sampler_steps or (RESPACED if obj.sampler == "ddpm" else HEUN_STEPS)
+    ddpm = _ddpm().respaced(min(steps, DDPM_T)) if obj.sampler == "ddpm" else None
     for i in range(0, n, ev.batch):
         k = min(ev.batch, n - i)
         g = generator(seed, f"sample-batch-{i // ev.batch}")
@@ -192,7 +193,6 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
             counted = classifier_free(counted, y, num_classes, w) if w is not None else Conditioned(counted, y)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
             if obj.sampler == "ddpm":
-                ddpm = _ddpm().respaced(min(steps, DDPM_T))
                 z = torch.randn((k, *shape), generator=g).to(dev)
                 vfn = None
                 if obj.head == "v":
@@ -225,7 +225,7 @@ class _Counted(torch.nn.Module):
 
 # ---- evaluation ----------------------------------------------------------------------------------------
 
-def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print) -> dict:
+def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None) -> dict:
     """FID / precision / recall / class counts of generated images (our classifier's features), bits/dim,
     σ_φ calibration for confidence models; writes samples*.png and uncertainty.png into `out`."""
     from .data import images as im
@@ -238,7 +238,7 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
     metrics: dict = {"objective": cfg.objective, "data": test.name}
     clf = None
     if test.labels is not None:
-        train = load_images(cfg.data, "train")
+        train = load_images(cfg.data, "train") if train is None or cfg.data.subset else train
         cache = im.data_dir(cfg.data.name) if cfg.data.name in ("mnist", "fashion-mnist") else \
             os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
         key = cfg.data.name if cfg.data.name in ("mnist", "fashion-mnist") else \
