@@ -204,7 +204,14 @@ def _train(args) -> int:
         import torch.distributed as dist
         dist.barrier()
     kw = {"device": device} if image else {}
-    metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0, **kw)
+    try:
+        metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0, **kw)
+    finally:
+        if rank >= 0:   # leave the process group together (rank 0 evaluates last): no rank exits mid-teardown
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
     if rank > 0:
         return 0
     if not hasattr(cfg, "run"):   # an image run
