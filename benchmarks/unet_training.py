@@ -1,18 +1,25 @@
-"""Training throughput of gendiff's U-Net (gendiff/nets/unet.py) against diffusers' `UNet2DModel` at about
-the same parameter count, on 28×28 one-channel images (MNIST-sized), fp32 and bf16 autocast.
+"""Training throughput of gendiff's U-Net (gendiff/nets/unet.py) against diffusers' `UNet2DModel` at the same
+parameter count, on 28×28 one-channel images (MNIST-sized), fp32 and bf16 autocast.
 
-Both backbones sit in the same `gendiff.precond.Denoiser` (EDM preconditioning) and train with the same loop:
-EDM's loss (`losses.EDMLoss`), σ log-normal (P_mean −1.2, P_std 1.2), Adam. Steps of the two models alternate
-in one process, so both see the same machine load; the per-step median is reported as img/s (wall clock),
-with the process CPU time per step beside it (steadier than wall time on a shared machine).
+Three networks of ~1.74 M parameters:
+- `diffusers UNet2DModel`: the baseline, ADM's layout as diffusers builds it — widths 32·[1, 2, 2],
+  layers_per_block 2, attention at 7×7 and in the middle block, scale-shift time conditioning, conv
+  down/upsampling (its only choice in UNet2DModel);
+- `gendiff UNet, ADM layout`: our U-Net in that same layout (REFERENCE below): the implementation alone;
+- `gendiff UNet, fast layout` (FAST below): our U-Net at the same parameter count with the width moved to
+  where a convolution is cheap — 16 channels at 28×28 and 64 at 14×14 and 7×7 (16·[1, 4, 4]), blocks per
+  level [2, 2, 3], EDM2's parameter-free resampling (2×2 average / nearest, no 3×3 conv), a 128-wide noise
+  embedding. Its samples are compared with the baseline's at equal training by benchmarks/unet_quality.py.
 
-diffusers is an optional extra (`pip install -c constraints.txt diffusers`); without it only ours is timed.
-The diffusers model mirrors ours: block_out_channels = model_channels·channel_mult, layers_per_block =
-num_blocks, attention at the same resolutions and in the middle block, scale-shift time conditioning, the
-same GroupNorm group count where one fits every width, conv down/upsampling.
+All sit in the same `gendiff.precond.Denoiser` (EDM preconditioning) and train with the same loop: EDM's loss
+(`losses.EDMLoss`), σ log-normal (P_mean −1.2, P_std 1.2), Adam. Steps of the models alternate in one process,
+so all see the same machine load; the per-step median is reported as img/s (wall clock), with the process CPU
+time per step beside it (steadier than wall time on a shared machine).
 
-Usage: python benchmarks/unet_training.py [--steps 10] [--batch 128] [--threads N] [--model-channels 32]
-       [--precision fp32,bf16] [--profile]
+diffusers is an optional extra (`pip install -c constraints.txt -e ".[bench]"`); without it only ours are timed.
+
+Usage: python benchmarks/unet_training.py [--steps 10] [--batch 128] [--threads N] [--precision fp32,bf16]
+       [--profile]
 """
 import argparse
 import statistics
@@ -28,22 +35,33 @@ from gendiff.runtime import configure
 
 
 class DiffusersBackbone(nn.Module):
-    """diffusers' UNet2DModel behind the Denoiser contract `net(x, c_noise) -> F`."""
+    """diffusers' UNet2DModel behind the Denoiser contract `net(x, c_noise) -> F` (img_channels and
+    img_resolution as gendiff's UNet has them, for the image samplers)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.img_channels, self.img_resolution = model.config.in_channels, model.config.sample_size
 
     def forward(self, x, c_noise):
         return self.model(x, c_noise).sample
 
 
+REFERENCE = dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7,))
+FAST = dict(model_channels=16, channel_mult=(1, 4, 4), num_blocks=(2, 2, 3), attn_resolutions=(7,),
+            emb_channels=128, resample="plain")
+
+
 def diffusers_like(ours: UNet):
-    """A UNet2DModel shaped like `ours` (None when diffusers is not installed)."""
+    """A UNet2DModel shaped like `ours` (None when diffusers is not installed): same widths, levels, attention
+    and GroupNorm groups; `ours` must have the same block count at every level and conv resampling."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
         return None
+    if len(set(ours.num_blocks)) != 1 or ours.resample != "conv":
+        raise ValueError("diffusers' UNet2DModel has one layers_per_block and conv resampling; "
+                         f"got num_blocks={ours.num_blocks}, resample={ours.resample!r}")
     mc, mult = ours.model_channels, ours.channel_mult
     res = [ours.img_resolution >> i for i in range(len(mult))]
     attn = [r in ours.attn_resolutions for r in res]
@@ -57,9 +75,12 @@ def diffusers_like(ours: UNet):
         groups -= 1
     return UNet2DModel(sample_size=ours.img_resolution, in_channels=ours.img_channels,
                        out_channels=ours.img_channels, block_out_channels=tuple(widths),
-                       layers_per_block=ours.num_blocks, down_block_types=down, up_block_types=up,
+                       layers_per_block=ours.num_blocks[0], down_block_types=down, up_block_types=up,
                        attention_head_dim=head_dim, norm_num_groups=groups, resnet_time_scale_shift="scale_shift",
                        add_attention=attn[-1], dropout=0.0)
+
+
+BASELINE = "diffusers UNet2DModel"
 
 
 def n_params(m):
@@ -94,27 +115,25 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model-channels", type=int, default=32)
-    ap.add_argument("--num-blocks", type=int, default=2)
     ap.add_argument("--precision", default="fp32,bf16")
     ap.add_argument("--profile", action="store_true", help="print a torch profile of one step of each model")
     args = ap.parse_args()
     configure(args.threads)
 
-    ours = UNet(model_channels=args.model_channels, num_blocks=args.num_blocks)
-    nets = {"gendiff UNet": ours}
-    theirs = diffusers_like(ours)
+    ref = UNet(**REFERENCE)
+    nets = {"gendiff, fast layout": UNet(**FAST), "gendiff, ADM layout": ref}
+    theirs = diffusers_like(ref)
     if theirs is None:
-        print("diffusers is not installed: timing gendiff's UNet only "
-              "(pip install -c constraints.txt diffusers for the comparison)")
+        print("diffusers is not installed: timing gendiff's UNets only "
+              "(pip install -c constraints.txt -e \".[bench]\" for the comparison)")
     else:
-        nets["diffusers UNet2DModel"] = DiffusersBackbone(theirs)
+        nets[BASELINE] = DiffusersBackbone(theirs)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} × 1×28×28, "
           f"{args.steps} timed steps (+{args.warmup} warm-up) per model and precision")
     for name, net in nets.items():
         print(f"  {name:<22} {n_params(net) / 1e6:6.3f} M parameters")
 
-    print(f"{'precision':<10} {'model':<22} {'img/s':>8} {'s/step':>8} {'CPU s/step':>11}")
+    print(f"{'precision':<10} {'model':<22} {'img/s':>8} {'s/step':>8} {'CPU s/step':>11} {'ratio to baseline':>18}")
     for prec in args.precision.split(","):
         bf16 = {"fp32": False, "bf16": True}[prec]
         trainers = [Trainer(name, net, args.batch) for name, net in nets.items()]
@@ -126,14 +145,12 @@ def main():
                 wall, cpu = t.step(bf16)
                 t.times.append(wall)
                 t.cpu.append(cpu)
-        rate = {}
+        base = next((args.batch / statistics.median(t.times) for t in trainers if t.name == BASELINE), None)
         for t in trainers:
             med = statistics.median(t.times)
-            rate[t.name] = args.batch / med
-            print(f"{prec:<10} {t.name:<22} {rate[t.name]:8.1f} {med:8.3f} {statistics.median(t.cpu):11.3f}")
-        if len(rate) == 2:
-            ratio = rate["gendiff UNet"] / rate["diffusers UNet2DModel"]
-            print(f"{prec:<10} {'ratio ours/diffusers':<22} {ratio:8.2f}x")
+            ratio = f"{args.batch / med / base:17.2f}x" if base else ""
+            print(f"{prec:<10} {t.name:<22} {args.batch / med:8.1f} {med:8.3f} {statistics.median(t.cpu):11.3f} "
+                  f"{ratio}")
         if args.profile:
             for t in trainers:
                 with torch.profiler.profile() as p:

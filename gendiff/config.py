@@ -83,17 +83,28 @@ _VAR = {"variable_length": True}
 class UNetConfig:
     model_channels: int = 32
     channel_mult: tuple = field(default=(1, 2, 2), metadata=_VAR)
-    num_blocks: int = 2
+    num_blocks: int = field(default=2, metadata={"int_or_list": True})  # per level: one integer, or one per level
     attn_resolutions: tuple = field(default=(7,), metadata=_VAR)
     dropout: float = 0.0
+    resample: str = "conv"     # conv: ADM's 3×3 conv resampling | plain: EDM2's 2×2 average / nearest, no conv
+    emb_channels: int = 0      # width of the noise embedding (0: 4·model_channels, ADM)
 
     def validate(self):
         check_positive("model.model_channels", self.model_channels, integer=True)
-        check_positive("model.num_blocks", self.num_blocks, integer=True)
         if not self.channel_mult:
             raise ValueError("model.channel_mult=[] must list at least one level, e.g. [1, 2, 2]")
         for i, m in enumerate(self.channel_mult):
             check_positive(f"model.channel_mult[{i}]", m, integer=True)
+        if isinstance(self.num_blocks, int):
+            check_positive("model.num_blocks", self.num_blocks, integer=True)
+        else:
+            if len(self.num_blocks) != len(self.channel_mult):
+                raise ValueError(f"model.num_blocks={list(self.num_blocks)} must be one integer or one per level "
+                                 f"({len(self.channel_mult)} levels: model.channel_mult={list(self.channel_mult)})")
+            for i, b in enumerate(self.num_blocks):
+                check_positive(f"model.num_blocks[{i}]", b, integer=True)
+        check_choice("model.resample", self.resample, ("conv", "plain"))
+        check_positive("model.emb_channels", self.emb_channels, integer=True, allow_zero=True)
         for i, r in enumerate(self.attn_resolutions):
             check_positive(f"model.attn_resolutions[{i}]", r, integer=True)
         if not 0 <= self.dropout < 1:
@@ -169,14 +180,21 @@ def _type_name(v) -> str:
             tuple: "a list", list: "a list"}.get(type(v), type(v).__name__)
 
 
-def _coerce(key: str, old, value, variable: bool = False, item=0):
-    """`value` (from TOML or text) as the type of the field's current value `old`, or a ValueError."""
+def _coerce(key: str, old, value, variable: bool = False, item=0, int_or_list: bool = False):
+    """`value` (from TOML or text) as the type of the field's current value `old`, or a ValueError.
+    int_or_list: the field takes one integer or a list of integers (e.g. model.num_blocks)."""
     if isinstance(value, str) and not isinstance(old, str):
         text = value.strip()
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             raise ValueError(f"{key}={text!r} is not {_type_name(old)}") from None
+    if int_or_list:
+        if isinstance(value, (list, tuple)):
+            return _coerce(key, (0,), value, variable=True)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} is not an integer or a list of integers")
+        return value
     if isinstance(old, bool):
         ok = isinstance(value, bool)
     elif isinstance(old, int):
@@ -216,7 +234,7 @@ def _set(obj, dotted: str, value, prefix: str = ""):
         # object.__setattr__: some parts (SamplerConfig) are frozen; the tree being built is resolve()'s own
         meta = next(f for f in fields(obj) if f.name == head).metadata
         object.__setattr__(obj, head, _coerce(key, old, value, meta.get("variable_length", False),
-                                              meta.get("item", 0)))
+                                              meta.get("item", 0), meta.get("int_or_list", False)))
 
 
 def _flatten(table: dict, prefix: str = ""):

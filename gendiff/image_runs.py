@@ -73,16 +73,22 @@ def _ddpm():
     return DDPM(T=DDPM_T)
 
 
-def build_model(cfg, shape: tuple, num_classes: int):
+def build_model(cfg, shape: tuple, num_classes: int, backbone=None):
     """Denoiser(UNet) for images of `shape` (C, H, W): G channels for the diag and v heads; class embedding for
-    conditional objectives. DDPM rows use σ_data = 1, so that c_in·x̃ = z, the DDPM latent, is the net's input."""
+    conditional objectives. DDPM rows use σ_data = 1, so that c_in·x̃ = z, the DDPM latent, is the net's input.
+    backbone: None (the UNet of cfg.model) or a callable (shape, num_classes, g_channels) -> nn.Module honouring
+    the Denoiser contract, to train another network through the same recipe (benchmarks/unet_quality.py)."""
     from .nets.unet import UNet
     from .precond import PRECONDS, Denoiser
     obj, m = OBJECTIVES[cfg.objective], cfg.model
-    net = UNet(img_resolution=shape[1], img_channels=shape[0], model_channels=m.model_channels,
-               channel_mult=m.channel_mult, num_blocks=m.num_blocks, attn_resolutions=m.attn_resolutions,
-               dropout=m.dropout, num_classes=num_classes if obj.conditional else 0,
-               g_channels=shape[0] if obj.head != "none" else 0)
+    classes, g = (num_classes if obj.conditional else 0), (shape[0] if obj.head != "none" else 0)
+    if backbone is not None:
+        net = backbone(shape, classes, g)
+    else:
+        net = UNet(img_resolution=shape[1], img_channels=shape[0], model_channels=m.model_channels,
+                   channel_mult=m.channel_mult, num_blocks=m.num_blocks, attn_resolutions=m.attn_resolutions,
+                   dropout=m.dropout, num_classes=classes, g_channels=g, emb_channels=m.emb_channels or None,
+                   resample=m.resample)
     sigma_data = 1.0 if obj.density == "ddpm" else cfg.train.sigma_data
     return Denoiser(net, PRECONDS[obj.precond](sigma_data), obj.head)
 
@@ -112,10 +118,10 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool = True,
-                    device: str | None = None) -> dict:
+                    device: str | None = None, backbone=None) -> dict:
     """Train (or continue) the image run in `out` through train.train on `device` (resolve_device; the data, the
     model and the EMA live there, random draws come from the CPU training generator, so a seed fixes the run on
-    any device); evaluate its EMA; returns the metrics."""
+    any device); evaluate its EMA; returns the metrics. backbone: see build_model."""
     dev = resolve_device(device)
     from .run import train_in_folder
     from .train import DataSource
@@ -129,7 +135,7 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
     labels = torch.from_numpy(data.labels) if obj.conditional else None
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = build_model(cfg, tuple(x.shape[1:]), data.num_classes).to(dev)
+        model = build_model(cfg, tuple(x.shape[1:]), data.num_classes, backbone).to(dev)
     source = DataSource(x, labels, data.num_classes if obj.conditional else 0, obj.label_dropout,
                         shape=tuple(x.shape[1:]), name=f"data {data.name!r}", device=dev)
     density, loss = density_and_loss(cfg)
@@ -399,10 +405,14 @@ def logged_img_per_s(path: str, batch: int) -> float:
     return steps * batch / secs if secs else float("nan")
 
 
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 def table_markdown(results: dict, base) -> str:
     t = base.train
     lines = [f"Seed 004's table on {base.data.name}: U-Net {base.model.model_channels}×{list(base.model.channel_mult)}, "
-             f"{base.model.num_blocks} block(s)/level, {t.iterations} steps × batch {t.batch} ({t.precision}), "
+             f"{_as_list(base.model.num_blocks)} block(s)/level, {base.model.resample} resampling, {t.iterations} steps × batch {t.batch} ({t.precision}), "
              f"EMA {t.ema}; {base.eval.samples} samples per row; FID, precision and recall in our classifier's "
              "features (not Inception: compare orderings with seed 004, not values).", "",
              "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) through the "

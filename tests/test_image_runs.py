@@ -5,7 +5,9 @@ variance is what the DDPM sampler uses; the table is resumable; bad data gives c
 Breakages tried (the test that catches each): score-cfg without label dropout (null class never trained:
 the CFG test's conditional/unconditional outputs coincide at init... caught by the dropout count); a v head
 whose variance the sampler ignores (learned-variance sampler test); `_LastG` re-evaluating the network
-(NFE test); run_table not reading finished rows (table resume test); DDPM rows with σ_data 0.5 (c_in test).
+(NFE test); run_table not reading finished rows (table resume test); DDPM rows with σ_data 0.5 (c_in test);
+build_model dropping model.resample or model.emb_channels, or the config's int-or-list coercion of
+model.num_blocks removed (layout test).
 """
 import json
 import os
@@ -213,3 +215,51 @@ def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
         assert v["excess_floored"] == 0.0
     assert res["sigma=2"]["sigma_phi_coverage_1sigma"] > 0.99            # σ_φ itself counts the noise
     assert os.path.exists(tmp_path / "uncertainty.png")
+
+
+def test_unet_layout_options_reach_the_model(tmp_path):
+    """model.num_blocks (one integer or one per level), model.resample and model.emb_channels go from --set and
+    TOML through build_model into the UNet; an old config without them (num_blocks an integer) still loads as
+    before; bad values are one clear error naming the key."""
+    from gendiff.config import to_toml
+    from gendiff.nets.unet import UNet
+    cfg = resolve("mnist-cpu", sets=["objective=edm", "model.num_blocks=[2, 1, 3]", "model.resample=plain",
+                                     "model.emb_channels=40"])
+    assert cfg.model.num_blocks == (2, 1, 3)
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert "num_blocks = [2, 1, 3]" in path.read_text() and resolve(toml_path=str(path)) == cfg
+    net = build_model(cfg, (1, 28, 28), 10).net
+    want = UNet(num_blocks=(2, 1, 3), resample="plain", emb_channels=40)
+    assert (net.num_blocks, net.resample, net.emb1.out_features) == ((2, 1, 3), "plain", 40)
+    assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in want.parameters()]
+    path.write_text('objective = "edm"\n[model]\nnum_blocks = 1\n')              # a session-4 config
+    old = build_model(resolve(toml_path=str(path)), (1, 28, 28), 10).net
+    assert (old.num_blocks, old.resample, old.emb1.out_features) == ((1, 1, 1), "conv", 4 * 32)
+    for sets, match in ((["model.num_blocks=[1, 2]"], r"model.num_blocks=\[1, 2\] must be one integer or one per "
+                                                      r"level \(3 levels"),
+                        (["model.num_blocks=[1, 0, 1]"], r"model.num_blocks\[1\]=0 must be > 0"),
+                        (["model.num_blocks=1.5"], r"model.num_blocks=1.5 is not an integer or a list"),
+                        (["model.num_blocks=[1, true, 1]"], r"model.num_blocks\[1\]=True is not an integer"),
+                        (["model.resample=linear"], r"model.resample='linear' is not allowed"),
+                        (["model.emb_channels=-8"], r"model.emb_channels=-8 must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            resolve("mnist-cpu", sets=["objective=edm", *sets])
+
+
+def test_another_backbone_trains_through_the_same_recipe(blobs):
+    """build_model's backbone hook: the callable gets (shape, num_classes, g_channels) as the row needs them and
+    its network goes inside the row's Denoiser (precond and head)."""
+    from gendiff.nets.unet import UNet
+    calls = []
+
+    def backbone(shape, num_classes, g_channels):
+        calls.append((shape, num_classes, g_channels))
+        return UNet(img_resolution=shape[1], img_channels=shape[0], model_channels=12, channel_mult=(1, 2),
+                    num_blocks=1, attn_resolutions=(), num_classes=num_classes, g_channels=g_channels)
+    for objective, want in (("confidence", ((1, 28, 28), 0, 1)), ("score-cfg", ((1, 28, 28), 4, 0))):
+        cfg = tiny(blobs, objective)
+        model, ref = build_model(cfg, (1, 28, 28), 4, backbone), build_model(cfg, (1, 28, 28), 4)
+        assert calls[-1] == want and model.net.model_channels == 12 != ref.net.model_channels
+        assert type(model.head) is type(ref.head) and type(model.precond) is type(ref.precond)
+        assert model.precond.sigma_data == ref.precond.sigma_data

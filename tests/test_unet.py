@@ -22,6 +22,9 @@ Breakages tried on purpose (each made the tests named fail, then was reverted):
 - the output not cast back to x's dtype under autocast: test_bf16_autocast_close_to_fp32
 - attention output detached: test_gradients_reach_every_parameter
 - scale-shift computed from emb.detach(): test_gradients_reach_every_parameter
+- plain downsampling by a 2×2 max instead of the mean: test_plain_resampling
+- decoder levels given num_blocks blocks instead of num_blocks + 1, or the encoder's per-level counts read in
+  reverse: test_blocks_per_level
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def images(n=4, c=1, res=28, seed=0) -> torch.Tensor:
     (dict(g_channels=1), (3, 1, 28, 28)),
     (dict(img_channels=2, g_channels=2, num_classes=5), (2, 2, 28, 28)),
     (dict(img_resolution=16, channel_mult=(1, 2), attn_resolutions=(8,), num_blocks=2), (2, 1, 16, 16)),
+    (dict(num_blocks=(1, 2, 3), resample="plain", emb_channels=24, g_channels=1), (2, 1, 28, 28)),
 ])
 def test_output_shapes(kw, x_shape):
     net = tiny(**kw)
@@ -100,9 +104,10 @@ def test_denoiser_diag_head_at_init():
 
 # ---- what reaches the output ----------------------------------------------------------------------
 
-def test_skip_connections_carry_encoder_activations():
+@pytest.mark.parametrize("kw", [dict(num_blocks=2), dict(num_blocks=(2, 1, 3), resample="plain")])
+def test_skip_connections_carry_encoder_activations(kw):
     """Each decoder block's input ends with the matching encoder activation (last in, first out)."""
-    net = randomize_zero_inits(tiny(num_blocks=2))
+    net = randomize_zero_inits(tiny(**kw))
     enc_out, dec_in = [], []
     hooks = [net.conv_in.register_forward_hook(lambda m, i, o: enc_out.append(o))]
     hooks += [m.register_forward_hook(lambda m, i, o: enc_out.append(o)) for m in net.enc]
@@ -123,6 +128,40 @@ def test_skip_connections_carry_encoder_activations():
     assert len(dec_in) == len(stored)
     for inp, skip in zip(dec_in, reversed(stored)):
         torch.testing.assert_close(inp[:, -skip.shape[1]:], skip, rtol=0, atol=0)
+
+
+def test_blocks_per_level():
+    """num_blocks per level: that many ResBlocks at each resolution in the encoder, one more in the decoder
+    (ADM: the decoder also takes the skip of the level's input)."""
+    net = tiny(num_blocks=(1, 3, 2))
+    seen = {"enc": [], "dec": []}
+    hooks = [m.register_forward_pre_hook(lambda m, i, part=part: seen[part].append((m, i[0].shape[-1])))
+             for part in ("enc", "dec") for m in getattr(net, part) if isinstance(m, ResBlock)]
+    with torch.no_grad():
+        net(images(), torch.randn(4))
+    for h in hooks:
+        h.remove()
+    count = {part: {r: sum(1 for _, res in seen[part] if res == r) for r in (28, 14, 7)} for part in seen}
+    assert count == {"enc": {28: 1, 14: 3, 7: 2}, "dec": {28: 2, 14: 4, 7: 3}}
+    assert net.num_blocks == (1, 3, 2) and tiny(num_blocks=2).num_blocks == (2, 2, 2)
+
+
+def test_plain_resampling():
+    """resample="plain" (EDM2): down = the mean of each 2×2 patch, up = each pixel repeated 2×2, no parameters;
+    the U-Net then has exactly the resampling convs' parameters fewer (C·C·9 + C per conv)."""
+    from gendiff.nets.unet import Downsample, Upsample
+    x = images(2, 3, 8)
+    down = Downsample(3, conv=False)(x)
+    torch.testing.assert_close(down, x.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5)))
+    up = Upsample(3, conv=False)(x)
+    torch.testing.assert_close(up, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3), rtol=0, atol=0)
+    assert not list(Downsample(3, conv=False).parameters()) and not list(Upsample(3, conv=False).parameters())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    conv, plain = tiny(), tiny(resample="plain")
+    widths = [TINY["model_channels"] * m for m in TINY["channel_mult"]]    # 8, 16, 16
+    resample_convs = widths[:-1] + widths[1:]                               # down at 28, 14; up at 7→14, 14→28
+    assert n(conv) - n(plain) == sum(c * c * 9 + c for c in resample_convs)
+    assert plain.resample == "plain" and conv.resample == "conv"
 
 
 def test_noise_level_changes_output():
@@ -187,6 +226,10 @@ def test_bad_inputs():
     (dict(model_channels=0), r"model_channels=0 must be > 0"),
     (dict(channel_mult=()), r"channel_mult=\(\) must be a non-empty"),
     (dict(num_classes=-1), r"num_classes=-1 must be >= 0"),
+    (dict(num_blocks=(1, 2)), r"num_blocks=\(1, 2\) must be one integer or one per level \(3 levels"),
+    (dict(num_blocks=(1, 0, 1)), r"num_blocks\[1\]=0 must be > 0"),
+    (dict(num_blocks=0), r"num_blocks=0 must be > 0"),
+    (dict(resample="bilinear"), r"resample='bilinear' is not allowed; choose one of \['conv', 'plain'\]"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -234,10 +277,11 @@ def test_overfits_one_batch():
     assert loss_fn(den, batch).mean().item() < 0.5 * first
 
 
-def test_gradients_reach_every_parameter():
+@pytest.mark.parametrize("kw", [dict(num_blocks=2), dict(num_blocks=(1, 2, 2), resample="plain")])
+def test_gradients_reach_every_parameter(kw):
     """Through the diagonal head's NLL (T9), F and G both matter; after a few steps the zero-initialised
     layers have moved, so every parameter gets a non-zero gradient."""
-    den = Denoiser(tiny(g_channels=1, num_classes=2, num_blocks=2), "edm", "diag")
+    den = Denoiser(tiny(g_channels=1, num_classes=2, **kw), "edm", "diag")
     batch, loss_fn = _fixed_batch(), ConfidenceNLL()
     batch.labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     opt = torch.optim.Adam(den.parameters(), lr=1e-3)

@@ -11,16 +11,21 @@ Sources: ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", its `UNetMod
   out = x' + conv(dropout(h)), the last conv zero-initialised (ADM's `zero_module`) so every block starts
   as its skip path. Scale-shift rather than additive: ADM's ablation (§3, AdaGN against addition +
   GroupNorm) found the adaptive GroupNorm better, at the cost of one extra multiply per block;
-- downsampling by a 3×3 conv of stride 2 (ADM `Downsample`, conv_resample), upsampling by nearest ×2 then
-  a 3×3 conv (ADM `Upsample`): 28 → 14 → 7 → 14 → 28; encoder activations are concatenated into the
-  decoder (num_blocks + 1 decoder blocks per level, ADM);
+- resample="conv": downsampling by a 3×3 conv of stride 2 (ADM `Downsample`, conv_resample), upsampling by
+  nearest ×2 then a 3×3 conv (ADM `Upsample`); resample="plain": EDM2's parameter-free resampling (2×2
+  average, nearest ×2; Karras et al. 2024 resample with the box filter [1, 1]), the next block's convs doing
+  the mixing: 28 → 14 → 7 → 14 → 28; encoder activations are concatenated into the decoder (num_blocks + 1
+  decoder blocks per level, ADM); num_blocks is one count or one per level;
 - self-attention (multi-head, `attention` below) after every block at a resolution in
   `attn_resolutions`, and in the middle (block, attention, block) when the lowest resolution is one of them;
 - output: GN, SiLU, one zero-initialised 3×3 conv to C + g_channels channels, split into F and G, so
   training starts from μ = c_skip·x̃ and G = 0 (σ_φ = c_var for the diagonal head).
 
-Speed on CPU (benchmarks/unet_training.py; measured with torch 2.13, oneDNN, one thread): over 80% of a
-training step is convolution, so the layout follows what the rest costs. Plain NCHW is kept: channels_last
+Speed on CPU (benchmarks/unet_training.py; measured with torch 2.13, oneDNN): about 70–80% of a training
+step is convolution, so at a given parameter count the cost is set by where the width sits: a 3×3 conv at 28×28
+costs 16× the multiply-adds per parameter of one at 7×7. The fast layout of that benchmark (16·[1, 4, 4],
+blocks [2, 2, 3], plain resampling, 1.74 M parameters) trains ~1.55× faster than ADM's 32·[1, 2, 2] layout
+at the same size. The implementation follows what the rest costs. Plain NCHW is kept: channels_last
 makes the bf16 convolutions ~15% faster, but torch's channels_last GroupNorm is 10–15× slower than its
 NCHW kernel in bf16 (forward + backward), which more than eats the gain; torch.compile was slower still
 (and compiles for ~2 minutes). Attention at 7×7 uses two matmuls rather than the fused kernel (see
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from ..checks import check_positive
+from ..checks import check_choice, check_positive
 
 
 
@@ -127,25 +132,28 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3×3 conv, stride 2 (ADM's Downsample with conv_resample): [N, C, H, W] -> [N, C, H/2, W/2]."""
+    """[N, C, H, W] -> [N, C, H/2, W/2]: a 3×3 conv of stride 2 (ADM's Downsample with conv_resample), or with
+    conv=False a 2×2 average (EDM2's resampling with its box filter [1, 1]: no parameters)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if conv else None
 
     def forward(self, x):
-        return self.conv(x)
+        return nnf.avg_pool2d(x, 2) if self.conv is None else self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Nearest ×2 then a 3×3 conv (ADM's Upsample): [N, C, H, W] -> [N, C, 2H, 2W]."""
+    """[N, C, H, W] -> [N, C, 2H, 2W]: nearest ×2, then a 3×3 conv (ADM's Upsample) unless conv=False (EDM2:
+    the next block's convolutions do the mixing)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else None
 
     def forward(self, x):
-        return self.conv(nnf.interpolate(x, scale_factor=2, mode="nearest"))
+        x = nnf.interpolate(x, scale_factor=2, mode="nearest")
+        return x if self.conv is None else self.conv(x)
 
 
 class UNet(nn.Module):
@@ -153,7 +161,8 @@ class UNet(nn.Module):
     contract).
 
     img_resolution: H = W, divisible by 2^(len(channel_mult) − 1); model_channels · channel_mult: the widths
-    per level; num_blocks: residual blocks per encoder level (num_blocks + 1 per decoder level);
+    per level; num_blocks: residual blocks per encoder level (num_blocks + 1 per decoder level), one integer
+    for every level or one per level; resample: "conv" (ADM) or "plain" (EDM2, no parameters);
     attn_resolutions: resolutions with self-attention; num_classes: 0 = unconditional, else labels
     0 … num_classes − 1 plus the null class ∅ = num_classes; g_channels: channels of G (0 = none; the diagonal
     head or IDDPM's v take g_channels = img_channels); emb_channels: width of the noise embedding
@@ -163,12 +172,11 @@ class UNet(nn.Module):
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
                  channel_mult=(1, 2, 2), num_blocks: int = 2, attn_resolutions=(7,), dropout: float = 0.0,
                  num_classes: int = 0, g_channels: int = 0, emb_channels: int | None = None,
-                 num_groups: int | None = None):
+                 num_groups: int | None = None, resample: str = "conv"):
         super().__init__()
         check_positive("img_resolution", img_resolution, integer=True)
         check_positive("img_channels", img_channels, integer=True)
         check_positive("model_channels", model_channels, integer=True)
-        check_positive("num_blocks", num_blocks, integer=True)
         check_positive("num_classes", num_classes, integer=True, allow_zero=True)
         check_positive("g_channels", g_channels, integer=True, allow_zero=True)
         check_positive("dropout", dropout, allow_zero=True)
@@ -179,6 +187,16 @@ class UNet(nn.Module):
                                    for m in channel_mult):
             raise ValueError(f"channel_mult={channel_mult!r} must be a non-empty sequence of integers > 0")
         levels = len(channel_mult)
+        if isinstance(num_blocks, int) and not isinstance(num_blocks, bool):
+            check_positive("num_blocks", num_blocks, integer=True)
+            num_blocks = (num_blocks,) * levels
+        blocks = tuple(num_blocks)
+        if len(blocks) != levels:
+            raise ValueError(f"num_blocks={num_blocks!r} must be one integer or one per level ({levels} levels: "
+                             f"channel_mult={channel_mult})")
+        for i, b in enumerate(blocks):
+            check_positive(f"num_blocks[{i}]", b, integer=True)
+        check_choice("resample", resample, ("conv", "plain"))
         if img_resolution % 2 ** (levels - 1):
             raise ValueError(f"img_resolution={img_resolution} is not divisible by 2^(len(channel_mult) − 1)"
                              f" = {2 ** (levels - 1)} (channel_mult={channel_mult}: {levels - 1} "
@@ -210,7 +228,8 @@ class UNet(nn.Module):
 
         self.img_resolution, self.img_channels, self.g_channels = img_resolution, img_channels, g_channels
         self.num_classes, self.model_channels = num_classes, model_channels
-        self.channel_mult, self.num_blocks, self.attn_resolutions = channel_mult, num_blocks, attn_resolutions
+        self.channel_mult, self.num_blocks, self.attn_resolutions = channel_mult, blocks, attn_resolutions
+        self.resample = resample
 
         # noise (and class) embedding
         noise_channels = 2 * ((model_channels + 1) // 2)                    # cos and sin pairs
@@ -226,14 +245,14 @@ class UNet(nn.Module):
         skips = [ch]
         for lvl, mult in enumerate(channel_mult):
             res, cout = resolutions[lvl], model_channels * mult
-            for _ in range(num_blocks):
+            for _ in range(blocks[lvl]):
                 self.enc.append(ResBlock(ch, cout, emb_channels, groups(ch), groups(cout), dropout))
                 ch = cout
                 if res in attn_resolutions:
                     self.enc.append(Attention(ch, groups(ch)))
                 skips.append(ch)
             if lvl < levels - 1:
-                self.enc.append(Downsample(ch))
+                self.enc.append(Downsample(ch, resample == "conv"))
                 skips.append(ch)
 
         # middle: block, attention (if the lowest resolution has attention), block
@@ -246,14 +265,14 @@ class UNet(nn.Module):
         self.dec = nn.ModuleList()
         for lvl in reversed(range(levels)):
             res, cout = resolutions[lvl], model_channels * channel_mult[lvl]
-            for b in range(num_blocks + 1):
+            for b in range(blocks[lvl] + 1):
                 cin = ch + skips.pop()
                 self.dec.append(ResBlock(cin, cout, emb_channels, groups(cin), groups(cout), dropout))
                 ch = cout
                 if res in attn_resolutions:
                     self.dec.append(Attention(ch, groups(ch)))
             if lvl > 0:
-                self.dec.append(Upsample(ch))
+                self.dec.append(Upsample(ch, resample == "conv"))
 
         # output: F (img_channels) and G (g_channels) from one zero-initialised conv
         self.norm_out = nn.GroupNorm(groups(ch), ch)

@@ -1,0 +1,118 @@
+"""Sample quality of gendiff's fast-layout U-Net against diffusers' UNet2DModel at equal size and equal training
+(issue 10: "≥ 1.5× diffusers' img/s at equal size, with samples of equal quality").
+
+Each network (benchmarks/unet_training.py: FAST, REFERENCE mirrored by diffusers, optionally REFERENCE in
+gendiff) trains through gendiff's image loop (`image_runs.train_image_run`, the `backbone` hook) with one recipe:
+the mnist-cpu preset's (Adam, batch, steps, EMA, bf16) with the `edm` objective, one run per seed, on MNIST's
+training split. Each run is then measured as a table row is: FID, precision and recall of Heun-18 samples in
+our classifier's features, bits/dim (PF-ODE, Hutchinson) of test images. The runs are the same seed for each
+network: same data order, same σ draws; only the network differs.
+
+Resumable: each run folder under --out holds its metrics.json once done and is skipped on a rerun (a started
+run resumes from its checkpoint); results.json and results.md are rewritten after every run.
+
+Usage: python benchmarks/unet_quality.py [--out docs/results/unet-quality] [--seeds 0,1] [--samples 2000]
+       [--models fast,diffusers[,adm]] [--set key=value ...]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_params  # noqa: E402
+
+from gendiff.config import resolve  # noqa: E402
+from gendiff.image_runs import train_image_run  # noqa: E402
+from gendiff.io import save_json  # noqa: E402
+from gendiff.nets.unet import UNet  # noqa: E402
+from gendiff.runtime import configure  # noqa: E402
+
+
+def _unet(layout):
+    def build(shape, num_classes, g_channels):
+        return UNet(img_resolution=shape[1], img_channels=shape[0], num_classes=num_classes,
+                    g_channels=g_channels, **layout)
+    return build
+
+
+def _diffusers(shape, num_classes, g_channels):
+    if num_classes or g_channels:
+        raise ValueError("the diffusers baseline is unconditional and has no G head: use objective=edm")
+    theirs = diffusers_like(UNet(img_resolution=shape[1], img_channels=shape[0], **REFERENCE))
+    if theirs is None:
+        raise SystemExit('diffusers is not installed: pip install -c constraints.txt -e ".[bench]"')
+    return DiffusersBackbone(theirs)
+
+
+MODELS = {"fast": ("gendiff UNet, fast layout", _unet(FAST)),
+          "adm": ("gendiff UNet, ADM layout", _unet(REFERENCE)),
+          "diffusers": ("diffusers UNet2DModel (ADM layout)", _diffusers)}
+
+
+def summary(results: dict, models, seeds) -> str:
+    lines = ["| network | parameters | seed | FID ↓ | precision | recall | bits/dim PF-ODE | train img/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        fids = []
+        for s in seeds:
+            r = results.get(f"{m}-seed{s}")
+            if r is None:
+                continue
+            row = r["samples"]
+            fids.append(row["fid"])
+            lines.append(f"| {MODELS[m][0]} | {r['parameters'] / 1e6:.3f} M | {s} | {row['fid']:.2f} | "
+                         f"{row['precision']:.3f} | {row['recall']:.3f} | {r['bpd_ode']:.3f} ± {r['bpd_ode_se']:.3f} | "
+                         f"{r['train_img_per_s']:.1f} |")
+        if len(fids) > 1:
+            lines.append(f"| {MODELS[m][0]} | | mean ± sd | {statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f}"
+                         " | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="docs/results/unet-quality")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--samples", type=int, default=2000, help="generated images per run for FID / P / R")
+    ap.add_argument("--models", default="fast,diffusers", help=f"comma-separated, from {sorted(MODELS)}")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the recipe (mnist-cpu preset, objective edm), e.g. train.iterations=3000")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    configure(args.threads)
+    models = [m.strip() for m in args.models.split(",")]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        ap.error(f"--models={args.models!r}: {bad[0]!r} is not one of {sorted(MODELS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    for s in seeds:
+        for m in models:
+            key = f"{m}-seed{s}"
+            run = os.path.join(args.out, key)
+            done = os.path.join(run, "metrics.json")
+            if os.path.exists(done):
+                metrics = json.load(open(done))
+            else:
+                cfg = resolve("mnist-cpu", sets=["objective=edm", f"seed={s}", f"eval.samples={args.samples}",
+                                                 *args.set])
+                print(f"== {key}: {MODELS[m][0]}", flush=True)
+                metrics = train_image_run(cfg, run, progress=False, backbone=MODELS[m][1])
+            net = MODELS[m][1]((1, 28, 28), 0, 0)
+            results[key] = dict(parameters=n_params(net), samples=metrics["samples"],
+                                bpd_ode=metrics["bpd_pf_ode"], bpd_ode_se=metrics["bpd_pf_ode_se"],
+                                train_img_per_s=metrics["train_img_per_s"])
+            save_json(results, path)
+            with open(os.path.join(args.out, "results.md"), "w") as f:
+                f.write(summary(results, models, seeds))
+    print(open(os.path.join(args.out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()
