@@ -8,8 +8,10 @@ training split. Each run is then measured as a table row is: FID, precision and 
 our classifier's features, bits/dim (PF-ODE, Hutchinson) of test images. The runs are the same seed for each
 network: same data order, same σ draws; only the network differs.
 
-Resumable: each run folder under --out holds its metrics.json once done and is skipped on a rerun (a started
-run resumes from its checkpoint); results.json and results.md are rewritten after every run.
+Resumable: each run folder under --out holds its recipe (config.toml; a rerun with another recipe is refused)
+and its metrics.json once done, and is skipped on a rerun (a started run resumes from its checkpoint);
+results.json and results.md are rewritten after every run. The img/s column comes from runs made one after
+another, not side by side: benchmarks/unet_training.py is the speed measurement.
 
 Usage: python benchmarks/unet_quality.py [--out docs/results/unet-quality] [--seeds 0,1] [--samples 2000]
        [--models fast,diffusers[,adm]] [--set key=value ...]
@@ -25,21 +27,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_params  # noqa: E402
 
-from gendiff.config import resolve  # noqa: E402
-from gendiff.image_runs import train_image_run  # noqa: E402
-from gendiff.io import save_json  # noqa: E402
+from gendiff.config import resolve, to_toml  # noqa: E402
+from gendiff.image_runs import build_model, train_image_run  # noqa: E402
+from gendiff.io import atomic_path, save_json  # noqa: E402
 from gendiff.nets.unet import UNet  # noqa: E402
 from gendiff.runtime import configure  # noqa: E402
 
 
-def _unet(layout):
-    def build(shape, num_classes, g_channels):
-        return UNet(img_resolution=shape[1], img_channels=shape[0], num_classes=num_classes,
-                    g_channels=g_channels, **layout)
-    return build
+def _layout(layout: dict) -> list[str]:
+    """--set strings putting a unet_training layout into the run's model table."""
+    def value(v):
+        return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else v
+    return [f"model.{k}={value(v)}" for k, v in layout.items()]
 
 
 def _diffusers(shape, num_classes, g_channels):
+    """build_model's backbone hook: UNet2DModel mirroring the run's model table (the REFERENCE layout)."""
     if num_classes or g_channels:
         raise ValueError("the diffusers baseline is unconditional and has no G head: use objective=edm")
     theirs = diffusers_like(UNet(img_resolution=shape[1], img_channels=shape[0], **REFERENCE))
@@ -48,9 +51,10 @@ def _diffusers(shape, num_classes, g_channels):
     return DiffusersBackbone(theirs)
 
 
-MODELS = {"fast": ("gendiff UNet, fast layout", _unet(FAST)),
-          "adm": ("gendiff UNet, ADM layout", _unet(REFERENCE)),
-          "diffusers": ("diffusers UNet2DModel (ADM layout)", _diffusers)}
+# name -> (label, the run's model table, backbone hook: None = gendiff's UNet of that table)
+MODELS = {"fast": ("gendiff UNet, fast layout", _layout(FAST), None),
+          "adm": ("gendiff UNet, ADM layout", _layout(REFERENCE), None),
+          "diffusers": ("diffusers UNet2DModel (ADM layout)", _layout(REFERENCE), _diffusers)}
 
 
 def summary(results: dict, models, seeds) -> str:
@@ -97,14 +101,25 @@ def main():
             key = f"{m}-seed{s}"
             run = os.path.join(args.out, key)
             done = os.path.join(run, "metrics.json")
+            label, layout, backbone = MODELS[m]
+            cfg = resolve("mnist-cpu", sets=["objective=edm", f"seed={s}", f"eval.samples={args.samples}",
+                                             *layout, *args.set])
+            recipe = (f"# {label}" + (" (backbone hook; [model] is the layout it mirrors)" if backbone else "")
+                      + "\n" + to_toml(cfg))
+            cfg_path = os.path.join(run, "config.toml")
+            if os.path.exists(cfg_path) and open(cfg_path).read() != recipe:
+                raise SystemExit(f"{run} was made with another recipe (its config.toml differs): "
+                                 "use another --out or remove it")
+            os.makedirs(run, exist_ok=True)
+            if not os.path.exists(cfg_path):
+                with atomic_path(cfg_path) as tmp, open(tmp, "w") as f:
+                    f.write(recipe)
             if os.path.exists(done):
                 metrics = json.load(open(done))
             else:
-                cfg = resolve("mnist-cpu", sets=["objective=edm", f"seed={s}", f"eval.samples={args.samples}",
-                                                 *args.set])
-                print(f"== {key}: {MODELS[m][0]}", flush=True)
-                metrics = train_image_run(cfg, run, progress=False, backbone=MODELS[m][1])
-            net = MODELS[m][1]((1, 28, 28), 0, 0)
+                print(f"== {key}: {label}", flush=True)
+                metrics = train_image_run(cfg, run, progress=False, backbone=backbone)
+            net = build_model(cfg, (1, 28, 28), 10, backbone)
             results[key] = dict(parameters=n_params(net), samples=metrics["samples"],
                                 bpd_ode=metrics["bpd_pf_ode"], bpd_ode_se=metrics["bpd_pf_ode_se"],
                                 train_img_per_s=metrics["train_img_per_s"])

@@ -1,19 +1,22 @@
 """Training throughput of gendiff's U-Net (gendiff/nets/unet.py) against diffusers' `UNet2DModel` at the same
 parameter count, on 28×28 one-channel images (MNIST-sized), fp32 and bf16 autocast.
 
-Three networks of ~1.74 M parameters:
+The networks (~1.74 M parameters unless said):
 - `diffusers UNet2DModel`: the baseline, ADM's layout as diffusers builds it — widths 32·[1, 2, 2],
   layers_per_block 2, attention at 7×7 and in the middle block, scale-shift time conditioning, conv
   down/upsampling (its only choice in UNet2DModel);
-- `gendiff UNet, ADM layout`: our U-Net in that same layout (REFERENCE below): the implementation alone;
-- `gendiff UNet, fast layout` (FAST below): our U-Net at the same parameter count with the width moved to
+- `gendiff, ADM layout`: our U-Net in that same layout (REFERENCE below): the implementation alone;
+- `diffusers, 16·[1,4,4]`: diffusers given the fast layout's widths as far as UNet2DModel can take them
+  (2 layers per block, conv resampling, a 192-wide time embedding to reach 1.725 M parameters): what the
+  layout alone gives diffusers, so that the gain is split into layout and the rest;
+- `gendiff, fast layout` (FAST below): our U-Net at the same parameter count with the width moved to
   where a convolution is cheap — 16 channels at 28×28 and 64 at 14×14 and 7×7 (16·[1, 4, 4]), blocks per
   level [2, 2, 3], EDM2's parameter-free resampling (2×2 average / nearest, no 3×3 conv), a 128-wide noise
   embedding. Its samples are compared with the baseline's at equal training by benchmarks/unet_quality.py.
 
 All sit in the same `gendiff.precond.Denoiser` (EDM preconditioning) and train with the same loop: EDM's loss
 (`losses.EDMLoss`), σ log-normal (P_mean −1.2, P_std 1.2), Adam. Steps of the models alternate in one process,
-so all see the same machine load; the per-step median is reported as img/s (wall clock), with the process CPU
+in a rotating order, so all see the same machine load; the per-step median is reported as img/s (wall clock), with the process CPU
 time per step beside it (steadier than wall time on a shared machine).
 
 diffusers is an optional extra (`pip install -c constraints.txt -e ".[bench]"`); without it only ours are timed.
@@ -77,6 +80,7 @@ def diffusers_like(ours: UNet):
                        out_channels=ours.img_channels, block_out_channels=tuple(widths),
                        layers_per_block=ours.num_blocks[0], down_block_types=down, up_block_types=up,
                        attention_head_dim=head_dim, norm_num_groups=groups, resnet_time_scale_shift="scale_shift",
+                       time_embedding_dim=ours.emb1.out_features,
                        add_attention=attn[-1], dropout=0.0)
 
 
@@ -128,6 +132,10 @@ def main():
               "(pip install -c constraints.txt -e \".[bench]\" for the comparison)")
     else:
         nets[BASELINE] = DiffusersBackbone(theirs)
+        # what the layout alone gives diffusers at the same size (its conv resampling, one block count; the
+        # noise embedding widened to 192 to make up the parameters: 1.725 M)
+        nets["diffusers, 16·[1,4,4]"] = DiffusersBackbone(diffusers_like(UNet(**{
+            **FAST, "num_blocks": 2, "resample": "conv", "emb_channels": 192})))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} × 1×28×28, "
           f"{args.steps} timed steps (+{args.warmup} warm-up) per model and precision")
     for name, net in nets.items():
@@ -140,8 +148,8 @@ def main():
         for _ in range(args.warmup):
             for t in trainers:
                 t.step(bf16)
-        for _ in range(args.steps):  # alternate: both models see the same machine load
-            for t in trainers:
+        for i in range(args.steps):  # alternate, rotating the order: every model sees the same machine load
+            for t in trainers[i % len(trainers):] + trainers[:i % len(trainers)]:
                 wall, cpu = t.step(bf16)
                 t.times.append(wall)
                 t.cpu.append(cpu)

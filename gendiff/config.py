@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 from .checks import check_choice, check_positive
 from .evaluate import SamplerConfig
+from .nets.unet import RESAMPLE
 from .train import TrainConfig, ToyTrainConfig
 
 
@@ -83,7 +84,7 @@ _VAR = {"variable_length": True}
 class UNetConfig:
     model_channels: int = 32
     channel_mult: tuple = field(default=(1, 2, 2), metadata=_VAR)
-    num_blocks: int = field(default=2, metadata={"int_or_list": True})  # per level: one integer, or one per level
+    num_blocks: int | tuple = field(default=2, metadata={"int_or_list": True})  # one integer, or one per level
     attn_resolutions: tuple = field(default=(7,), metadata=_VAR)
     dropout: float = 0.0
     resample: str = "conv"     # conv: ADM's 3×3 conv resampling | plain: EDM2's 2×2 average / nearest, no conv
@@ -103,7 +104,7 @@ class UNetConfig:
                                  f"({len(self.channel_mult)} levels: model.channel_mult={list(self.channel_mult)})")
             for i, b in enumerate(self.num_blocks):
                 check_positive(f"model.num_blocks[{i}]", b, integer=True)
-        check_choice("model.resample", self.resample, ("conv", "plain"))
+        check_choice("model.resample", self.resample, RESAMPLE)
         check_positive("model.emb_channels", self.emb_channels, integer=True, allow_zero=True)
         for i, r in enumerate(self.attn_resolutions):
             check_positive(f"model.attn_resolutions[{i}]", r, integer=True)
@@ -193,7 +194,7 @@ def _coerce(key: str, old, value, variable: bool = False, item=0, int_or_list: b
         if isinstance(value, (list, tuple)):
             return _coerce(key, (0,), value, variable=True)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{key}={value!r} is not an integer or a list of integers")
+            raise ValueError(f"{key}={value!r} is not an integer or a list of integers (e.g. 2 or [2, 2, 3])")
         return value
     if isinstance(old, bool):
         ok = isinstance(value, bool)

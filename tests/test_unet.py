@@ -229,6 +229,8 @@ def test_bad_inputs():
     (dict(num_blocks=(1, 2)), r"num_blocks=\(1, 2\) must be one integer or one per level \(3 levels"),
     (dict(num_blocks=(1, 0, 1)), r"num_blocks\[1\]=0 must be > 0"),
     (dict(num_blocks=0), r"num_blocks=0 must be > 0"),
+    (dict(num_blocks=True), r"num_blocks=True must be an integer"),
+    (dict(num_blocks=1.5), r"num_blocks=1.5 must be an integer"),
     (dict(resample="bilinear"), r"resample='bilinear' is not allowed; choose one of \['conv', 'plain'\]"),
 ])
 def test_bad_config(kw, msg):

@@ -23,9 +23,10 @@ Sources: ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", its `UNetMod
 
 Speed on CPU (benchmarks/unet_training.py; measured with torch 2.13, oneDNN): about 70–80% of a training
 step is convolution, so at a given parameter count the cost is set by where the width sits: a 3×3 conv at 28×28
-costs 16× the multiply-adds per parameter of one at 7×7. The fast layout of that benchmark (16·[1, 4, 4],
-blocks [2, 2, 3], plain resampling, 1.74 M parameters) trains ~1.55× faster than ADM's 32·[1, 2, 2] layout
-at the same size. The implementation follows what the rest costs. Plain NCHW is kept: channels_last
+costs 16× the multiply-adds per parameter of one at 7×7. The benchmark's fast layout (16·[1, 4, 4], blocks
+[2, 2, 3], plain resampling, 1.74 M parameters) trains ~1.5× faster than ADM's 32·[1, 2, 2] layout of the same
+size (ours or diffusers' UNet2DModel; batch 128, 2 threads, fp32 and bf16; BENCHMARKS.md). The implementation
+follows what the rest costs. Plain NCHW is kept: channels_last
 makes the bf16 convolutions ~15% faster, but torch's channels_last GroupNorm is 10–15× slower than its
 NCHW kernel in bf16 (forward + backward), which more than eats the gain; torch.compile was slower still
 (and compiles for ~2 minutes). Attention at 7×7 uses two matmuls rather than the fused kernel (see
@@ -41,6 +42,9 @@ from torch import nn
 
 from ..checks import check_choice, check_positive
 
+
+
+RESAMPLE = ("conv", "plain")        # ADM's 3×3 conv resampling | EDM2's parameter-free 2×2 average / nearest
 
 
 def _divisors(n: int) -> list[int]:
@@ -170,7 +174,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
-                 channel_mult=(1, 2, 2), num_blocks: int = 2, attn_resolutions=(7,), dropout: float = 0.0,
+                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
                  num_classes: int = 0, g_channels: int = 0, emb_channels: int | None = None,
                  num_groups: int | None = None, resample: str = "conv"):
         super().__init__()
@@ -187,7 +191,7 @@ class UNet(nn.Module):
                                    for m in channel_mult):
             raise ValueError(f"channel_mult={channel_mult!r} must be a non-empty sequence of integers > 0")
         levels = len(channel_mult)
-        if isinstance(num_blocks, int) and not isinstance(num_blocks, bool):
+        if not isinstance(num_blocks, (list, tuple)):
             check_positive("num_blocks", num_blocks, integer=True)
             num_blocks = (num_blocks,) * levels
         blocks = tuple(num_blocks)
@@ -196,7 +200,7 @@ class UNet(nn.Module):
                              f"channel_mult={channel_mult})")
         for i, b in enumerate(blocks):
             check_positive(f"num_blocks[{i}]", b, integer=True)
-        check_choice("resample", resample, ("conv", "plain"))
+        check_choice("resample", resample, RESAMPLE)
         if img_resolution % 2 ** (levels - 1):
             raise ValueError(f"img_resolution={img_resolution} is not divisible by 2^(len(channel_mult) − 1)"
                              f" = {2 ** (levels - 1)} (channel_mult={channel_mult}: {levels - 1} "
