@@ -1,21 +1,34 @@
-"""Guidance as a denoiser wrapper (THEORY T33, T34; STYLE 6).
+"""Guidance as a denoiser wrapper (THEORY T32, T33, T34; STYLE 6).
 
 D̃ = D_guide + w·(D_main − D_guide): autoguidance when the guide is a weaker version of the
 same model, classifier-free guidance when the guide is the unconditional model. w = 1 is the
 main model, w = 0 the guide. In score space this is the same thing (T13 is linear in μ).
+
+Classifier guidance (T32) adds w·∇ₓ log p_σ(y | x) to the score; through T13 the denoiser moves by
+w·σ²·∇ₓ log p_σ(y | x) (`ClassifierGuided`), with a noise-aware classifier `classifier(x, σ) -> logits`
+(trained by `train_noisy_classifier` on x0 + σε, or the exact one of the toy mixture).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as nnf
+
+from .checks import as_sigma, check_positive
+from .io import generator
+
+
+def _check_weight(w, meaning: str) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"guidance weight w={w!r} must be a finite number >= 0 ({meaning})")
+    return float(w)
 
 
 class Guided(torch.nn.Module):
     def __init__(self, main, guide, w: float):
         super().__init__()
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
-            raise ValueError(f"guidance weight w={w!r} must be a finite number >= 0 (1 = no guidance)")
+        _check_weight(w, "1 = no guidance")
         self.main, self.guide, self.w = main, guide, float(w)
 
     def forward(self, x, sigma):
@@ -53,7 +66,92 @@ def classifier_free(denoiser, labels: torch.Tensor, null_label: int, w: float) -
     """Classifier-free guidance (T33) in seed 004's convention: s̃ = (1 + w)·s(x | y) − w·s(x | ∅), w ≥ 0,
     w = 0 the conditional model. T13 is linear in μ, so this is `Guided` with weight 1 + w and the null-class
     model as the guide (the same network with every label set to `null_label`)."""
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"cfg weight w={w!r} must be a finite number >= 0 (0 = the conditional model, T33)")
+    _check_weight(w, "0 = the conditional model, T33")
     null = torch.full_like(labels, null_label)
     return Guided(Conditioned(denoiser, labels), Conditioned(denoiser, null), 1 + w)
+
+
+def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
+    y = torch.as_tensor(labels)
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex() or y.ndim != 1 or len(y) != n:
+        raise ValueError(f"labels must be integer class indices of shape [{n}]; got dtype {y.dtype}, "
+                         f"shape {tuple(y.shape)}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels range over [{int(y.min())}, {int(y.max())}]; allowed: 0 … {num_classes - 1} "
+                         f"(the classifier has {num_classes} classes)")
+    return y.long()
+
+
+def class_log_prob_grad(classifier, x: torch.Tensor, sigma, labels: torch.Tensor) -> torch.Tensor:
+    """∇ₓ log p_σ(y | x) of a noise-aware classifier (`classifier(x, σ) -> logits [N, C]`), by autograd, in
+    x's shape. Works under torch.no_grad (the samplers' context)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        logits = classifier(xg, sigma)
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the classifier must return logits of shape [N, classes] = [{x.shape[0]}, C]; "
+                             f"got {tuple(logits.shape)}")
+        y = _check_labels(labels, x.shape[0], logits.shape[1]).to(logits.device)
+        lp = torch.log_softmax(logits.double(), -1).gather(1, y[:, None]).sum()
+        return torch.autograd.grad(lp, xg)[0].to(x.dtype)
+
+
+class ClassifierGuided(torch.nn.Module):
+    """Classifier guidance (T32): ∇ log p(x | y) = ∇ log p(x) + w·∇ log p_σ(y | x). Through Tweedie (T13,
+    D = x + σ²·∇ log p) the guided denoiser is D̃(x, σ) = D(x, σ) + w·σ²·∇ₓ log p_σ(y | x): w = 0 is the
+    denoiser, w = 1 with the exact p and classifier is exactly the class-conditional denoiser, w > 1 sharpens
+    (Dhariwal & Nichol's "scale"). σ: a scalar or one per example (isotropic noise). Guidance moves the mean
+    only: `predict` keeps the denoiser's confidence."""
+
+    def __init__(self, denoiser, classifier, labels: torch.Tensor, w: float):
+        super().__init__()
+        self.denoiser, self.classifier, self.labels = denoiser, classifier, labels
+        self.w = _check_weight(w, "0 = the unguided denoiser, T32")
+
+    def shift(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """w·σ²·∇ₓ log p_σ(y | x): the guided mean minus the denoiser's."""
+        s = as_sigma(sigma, x)
+        return self.w * s.square() * class_log_prob_grad(self.classifier, x, sigma, self.labels)
+
+    def forward(self, x, sigma):
+        d = self.denoiser(x, sigma)
+        return d if self.w == 0 else d + self.shift(x, sigma)
+
+    def predict(self, x, sigma):
+        p = self.denoiser.predict(x, sigma)
+        return p if self.w == 0 else p.with_mean(p.mu + self.shift(x, sigma))
+
+
+def train_noisy_classifier(classifier, x0: torch.Tensor, labels: torch.Tensor, sigma_density, *,
+                           steps: int = 2000, batch: int = 512, lr: float = 2e-3, seed: int = 0) -> list[float]:
+    """Fit a noise-aware classifier `classifier(x̃, σ) -> logits` by cross-entropy on x̃ = x0 + σε, σ drawn
+    from `sigma_density` (a schedules density: `.sample(n, generator)`), Adam with a cosine-decayed learning
+    rate. Deterministic under `seed` (batches, σ and ε from their own derived generator). Returns the
+    per-step losses; the classifier is left in eval mode."""
+    check_positive("steps", steps, integer=True)
+    check_positive("batch", batch, integer=True)
+    check_positive("lr", lr)
+    if x0.ndim < 2 or len(x0) == 0:
+        raise ValueError(f"x0 must be a non-empty batch [N, ...]; got shape {tuple(x0.shape)}")
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 holds NaN or infinite values")
+    g = generator(seed, "noisy-classifier")
+    opt = torch.optim.Adam(classifier.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    classifier.train()
+    y_all, losses = None, []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x0), (batch,), generator=g)
+        sigma = sigma_density.sample(batch, g).to(x0.dtype)
+        x = x0[idx] + sigma.view(-1, *[1] * (x0.ndim - 1)) * torch.randn(x0[idx].shape, generator=g, dtype=x0.dtype)
+        logits = classifier(x, sigma)
+        if y_all is None:
+            y_all = _check_labels(labels, len(x0), logits.shape[1])
+        loss = nnf.cross_entropy(logits, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    classifier.eval()
+    return losses

@@ -315,6 +315,36 @@ def tree(classes: str = "A", *, seed: int = 2, depth: int = 7, per_branch: int =
     return GaussianMixture(w, m, c)
 
 
+class ExactClassifier(torch.nn.Module):
+    """The exact noise-aware classifier of a labelled mixture: `forward(x, σ) -> logits [N, C]` with
+    logit_c = log π_c + log p_c(x; σ), so softmax gives p_σ(c | x) exactly (Bayes) and autograd gives
+    ∇ₓ log p_σ(c | x) = ∇ log p_c − ∇ log p (T32's guidance term). mixtures: one GaussianMixture per class;
+    priors: the class probabilities π_c (default equal)."""
+
+    def __init__(self, mixtures, priors=None):
+        super().__init__()
+        self.mixtures = list(mixtures)
+        if not self.mixtures or len({m.dim for m in self.mixtures}) != 1:
+            raise ValueError("ExactClassifier needs at least one mixture, all of one dimension")
+        p = np.full(len(self.mixtures), 1 / len(self.mixtures)) if priors is None else np.asarray(priors, float)
+        if p.shape != (len(self.mixtures),) or not np.all(p > 0):
+            raise ValueError(f"priors={priors!r} must be one probability > 0 per class ({len(self.mixtures)})")
+        self.log_priors = torch.as_tensor(np.log(p / p.sum()))
+        self.num_classes, self.dim = len(self.mixtures), self.mixtures[0].dim
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        return torch.stack([m.logp(x, s) for m in self.mixtures], 1) + self.log_priors.to(x)
+
+
+def tree_classifier(**kw) -> ExactClassifier:
+    """The exact p_σ(class | x) of `tree("AB", **kw)` (same keywords as `tree`): classes 0 = "A", 1 = "B", priors
+    the classes' shares of the component weights, so that Σ_c π_c p_c(x; σ) is the "AB" mixture's density."""
+    a, b, ab = tree("A", **kw), tree("B", **kw), tree("AB", **kw)
+    share_a = float(ab.weights64[:a.K].sum())                      # "AB" lists A's components first
+    return ExactClassifier([a, b], [share_a, 1 - share_a])
+
+
 # ---- classic 2-D toys -----------------------------------------------------------------------------
 
 def eight_gaussians(radius: float = 2.0, std: float = 0.1) -> GaussianMixture:

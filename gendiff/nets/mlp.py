@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_positive
+from ..checks import as_sigma, check_positive, per_example
 from ..heads import make_head
 from ..precond import Denoiser
 
@@ -48,3 +48,32 @@ def toy_denoiser(head="none", dim: int = 2, width: int = 64, hidden_layers: int 
     """A `Denoiser` around a `ToyMLP` whose G outputs match the head (declared once, here)."""
     head = make_head(head)
     return Denoiser(ToyMLP(dim, width, hidden_layers, head.outputs(dim)), precond, head)
+
+
+class ToyClassifier(nn.Module):
+    """A noise-aware classifier for classifier guidance (T32): logits of p_σ(y | x̃) from an MLP on
+    (c_in·x̃, c_noise, 1) with EDM's c_in = 1/√(σ² + σ_data²) and c_noise = ln(σ)/4 (T4), so its inputs
+    stay O(1) at every σ. SiLU between `hidden_layers + 1` linear layers of `width`, then a linear read-out."""
+
+    def __init__(self, dim: int = 2, num_classes: int = 2, width: int = 64, hidden_layers: int = 3,
+                 sigma_data: float = 0.5):
+        super().__init__()
+        check_positive("dim", dim, integer=True)
+        check_positive("num_classes", num_classes, integer=True)
+        check_positive("width", width, integer=True)
+        check_positive("hidden_layers", hidden_layers, integer=True)
+        check_positive("sigma_data", sigma_data)
+        self.dim, self.num_classes, self.sigma_data = dim, num_classes, float(sigma_data)
+        layers = [nn.Linear(dim + 2, width)]
+        for _ in range(hidden_layers):
+            layers += [nn.SiLU(), nn.Linear(width, width)]
+        self.net = nn.Sequential(*layers, nn.SiLU(), nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        # x: [N, d]; sigma: a scalar or [N] -> logits [N, num_classes]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"ToyClassifier expects x of shape [N, {self.dim}]; got {tuple(x.shape)}")
+        s = per_example(as_sigma(sigma, x), x.shape[0]).reshape(-1, 1)     # [N, 1]
+        c_in = torch.rsqrt(s.square() + self.sigma_data ** 2)
+        c = s.log() / 4
+        return self.net(torch.cat([c_in * x, c, torch.ones_like(c)], 1))
