@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_params  # noqa: E402

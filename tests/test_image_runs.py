@@ -263,3 +263,24 @@ def test_another_backbone_trains_through_the_same_recipe(blobs):
         assert calls[-1] == want and model.net.model_channels == 12 != ref.net.model_channels
         assert type(model.head) is type(ref.head) and type(model.precond) is type(ref.precond)
         assert model.precond.sigma_data == ref.precond.sigma_data
+
+
+@pytest.mark.parametrize("objective", ["confidence", "learned-variance", "score-cfg"])
+def test_every_image_preset_builds_and_takes_a_step(objective):
+    """The presets (mnist-gpu included, which no session has run on a GPU yet) resolve, build their U-Net and take
+    one finite training step on two images."""
+    from gendiff.config import IMAGE_PRESETS
+    for preset in IMAGE_PRESETS:
+        cfg = resolve(preset, sets=[f"objective={objective}"])
+        torch.manual_seed(0)
+        model = build_model(cfg, (1, 28, 28), 10)
+        density, loss = density_and_loss(cfg)
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.randint(0, 256, (2, 1, 28, 28), generator=g) * (2 / 255) - 1      # 8-bit (the hybrid loss's decoder)
+        sigma = density.sample(2, g)
+        batch = NoisyBatch(x0, x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g), sigma,
+                           labels=torch.tensor([3, 10]) if OBJECTIVES[objective].conditional else None)
+        value = loss(model, batch).mean()
+        value.backward()
+        assert torch.isfinite(value), preset
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), preset
