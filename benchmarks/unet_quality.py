@@ -28,7 +28,7 @@ from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_
 
 from gendiff.config import resolve, to_toml  # noqa: E402
 from gendiff.image_runs import build_model, train_image_run  # noqa: E402
-from gendiff.io import atomic_path, save_json  # noqa: E402
+from gendiff.io import save_json, save_text  # noqa: E402
 from gendiff.nets.unet import UNet  # noqa: E402
 from gendiff.runtime import configure  # noqa: E402
 
@@ -111,8 +111,7 @@ def main():
                                  "use another --out or remove it")
             os.makedirs(run, exist_ok=True)
             if not os.path.exists(cfg_path):
-                with atomic_path(cfg_path) as tmp, open(tmp, "w") as f:
-                    f.write(recipe)
+                save_text(recipe, cfg_path)
             if os.path.exists(done):
                 metrics = json.load(open(done))
             else:
@@ -123,8 +122,7 @@ def main():
                                 bpd_ode=metrics["bpd_pf_ode"], bpd_ode_se=metrics["bpd_pf_ode_se"],
                                 train_img_per_s=metrics["train_img_per_s"])
             save_json(results, path)
-            with open(os.path.join(args.out, "results.md"), "w") as f:
-                f.write(summary(results, models, seeds))
+            save_text(summary(results, models, seeds), os.path.join(args.out, "results.md"))
     print(open(os.path.join(args.out, "results.md")).read())
 
 

@@ -93,6 +93,22 @@ def build_model(cfg, shape: tuple, num_classes: int, backbone=None):
     return Denoiser(net, PRECONDS[obj.precond](sigma_data), obj.head)
 
 
+def load_image_model(out: str, weights: str = "model.safetensors"):
+    """(config, model) of a finished image run folder: its config.toml and the weights file (safetensors only),
+    in eval mode without gradients."""
+    from safetensors.torch import load_file
+    from .config import resolve
+    path, cfg_path = os.path.join(out, weights), os.path.join(out, "config.toml")
+    for f in (cfg_path, path):
+        if not os.path.exists(f):
+            raise ValueError(f"image run {out!r} has no {os.path.basename(f)} (not a finished image run?)")
+    cfg = resolve(toml_path=cfg_path)
+    test = load_images(cfg.data, "test")
+    model = build_model(cfg, tuple(test.to_tensor().shape[1:]), test.num_classes)
+    model.load_state_dict(load_file(path))
+    return cfg, model.eval().requires_grad_(False)
+
+
 def density_and_loss(cfg):
     from .losses import ConfidenceNLL, DDPMSimpleLoss, EDMLoss, HybridLoss
     from .schedules import DDPMSteps, LogNormalSigma
@@ -178,9 +194,12 @@ class _LastG(torch.nn.Module):
         return self.last[2]
 
 
-def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, seed: int = 0, num_classes: int = 0):
+def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, seed: int = 0, num_classes: int = 0,
+                  guide=None):
     """n images in [−1, 1] from the run's sampler, in batches of eval.batch, each batch's noise from its own
-    generator (a sample does not depend on the batch size's split). Returns (images, info: sampler, NFE, s)."""
+    generator (a sample does not depend on the batch size's split). Returns (images, info: sampler, NFE, s).
+    guide: None, or a callable (denoiser, labels of the batch) -> denoiser wrapping the model for each batch
+    (e.g. classifier guidance, guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls."""
     from .guidance import Conditioned, classifier_free
     from .samplers import sample_ddpm, sample_heun
     from .schedules import edm_sigmas
@@ -197,6 +216,10 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
         if obj.conditional:
             y = (labels[i:i + k] if labels is not None else torch.full((k,), num_classes)).to(dev)
             counted = classifier_free(counted, y, num_classes, w) if w is not None else Conditioned(counted, y)
+        if guide is not None:
+            if labels is None:
+                raise ValueError("sample_images(guide=...) needs labels: the class each sample is guided to")
+            counted = guide(counted, labels[i:i + k].to(dev))
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
             if obj.sampler == "ddpm":
                 z = torch.randn((k, *shape), generator=g).to(dev)
@@ -234,27 +257,16 @@ class _Counted(torch.nn.Module):
 def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None) -> dict:
     """FID / precision / recall / class counts of generated images (our classifier's features), bits/dim,
     σ_φ calibration for confidence models; writes samples*.png and uncertainty.png into `out`."""
-    from .data import images as im
-    from .image_metrics import class_counts, fid, image_grid, mode_coverage, precision_recall
-    from .nets.classifier import batched, load_or_train_classifier
+    from .image_metrics import image_grid
     obj, ev = OBJECTIVES[cfg.objective], cfg.eval
     model = model.eval()
     test = load_images(cfg.data, "test")
     xt = test.to_tensor()
     metrics: dict = {"objective": cfg.objective, "data": test.name}
-    clf = None
+    clf, real = None, None
     if test.labels is not None:
-        train = load_images(cfg.data, "train") if train is None or cfg.data.subset else train
-        cache = im.data_dir(cfg.data.name) if cfg.data.name in ("mnist", "fashion-mnist") else \
-            os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
-        key = cfg.data.name if cfg.data.name in ("mnist", "fashion-mnist") else \
-            "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(cfg.data.path.rstrip("/")))
-        clf, info = load_or_train_classifier(key, train.to_tensor(),
-                                             torch.from_numpy(train.labels), cache, xt, torch.from_numpy(test.labels),
-                                             steps=ev.classifier_steps)
-        metrics["classifier_test_accuracy"] = info.get("test_accuracy")
-        clf.eval()
-        real = batched(clf.features, xt)
+        clf, real, acc = feature_classifier(cfg, test, train)
+        metrics["classifier_test_accuracy"] = acc
     ws = list(cfg.cfg_weights) if obj.conditional else [None]
     labels = torch.arange(ev.samples) % num_classes if obj.conditional else None
     for w in ws:
@@ -262,15 +274,7 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
         key = "" if w is None else f"@w={w:g}"
         row = dict(info)
         if clf is not None:
-            with torch.no_grad():
-                fake = batched(clf.features, x)
-                g = torch.Generator().manual_seed(derive_seed(cfg.seed, "real-subset"))
-                ref = real[torch.randperm(len(real), generator=g)[:len(fake)]]
-                p, r = precision_recall(ref, fake)
-                counts = class_counts(clf, x, num_classes)
-            row.update(fid=fid(real, fake), precision=p, recall=r, class_counts=counts.tolist(),
-                       modes=mode_coverage(counts, torch.bincount(torch.from_numpy(test.labels),
-                                                                  minlength=num_classes).numpy()))
+            row.update(sample_metrics(clf, real, x, test, num_classes, cfg.seed))
         metrics[f"samples{key}"] = row
         image_grid(os.path.join(out, f"samples{key.replace('@', '-')}.png"), x[:64], nrow=8)
         log(f"{cfg.objective}{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
@@ -280,6 +284,46 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
     if obj.head == "diag" and ev.calibration_images:
         metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images].to(dev), out)
     return metrics
+
+
+def feature_classifier(cfg, test, train=None):
+    """(classifier, features of the test images, its test accuracy): the FID feature classifier of the run's
+    dataset (nets/classifier.py), trained on the training split once and cached in the data folder."""
+    from .data import images as im
+    from .nets.classifier import batched, load_or_train_classifier
+    train = load_images(cfg.data, "train") if train is None or cfg.data.subset else train
+    cache = im.data_dir(cfg.data.name) if cfg.data.name in ("mnist", "fashion-mnist") else \
+        os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
+    key = cfg.data.name if cfg.data.name in ("mnist", "fashion-mnist") else \
+        "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(cfg.data.path.rstrip("/")))
+    xt = test.to_tensor()
+    clf, info = load_or_train_classifier(key, train.to_tensor(), torch.from_numpy(train.labels), cache, xt,
+                                         torch.from_numpy(test.labels), steps=cfg.eval.classifier_steps)
+    clf.eval()
+    with torch.no_grad():
+        return clf, batched(clf.features, xt), info.get("test_accuracy")
+
+
+def sample_metrics(clf, real: torch.Tensor, x: torch.Tensor, test, num_classes: int, seed: int,
+                   labels: torch.Tensor | None = None) -> dict:
+    """FID, precision/recall (against as many real test images, a fixed random subset), per-class counts and
+    mode coverage of generated images x in the feature classifier's space; with `labels` (the class each
+    sample was asked for) also label_accuracy, the share the classifier assigns to the asked class."""
+    from .image_metrics import class_counts, fid, mode_coverage, precision_recall
+    from .nets.classifier import batched
+    with torch.no_grad():
+        fake = batched(clf.features, x)
+        g = torch.Generator().manual_seed(derive_seed(seed, "real-subset"))
+        ref = real[torch.randperm(len(real), generator=g)[:len(fake)]]
+        p, r = precision_recall(ref, fake)
+        counts = class_counts(clf, x, num_classes)
+        row = dict(fid=fid(real, fake), precision=p, recall=r, class_counts=counts.tolist(),
+                   modes=mode_coverage(counts, torch.bincount(torch.from_numpy(test.labels),
+                                                              minlength=num_classes).numpy()))
+        if labels is not None:
+            pred = batched(clf, x).argmax(1)
+            row["label_accuracy"] = float((pred == labels.to(pred.device)).double().mean())
+    return row
 
 
 def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:

@@ -90,7 +90,7 @@ def test_learned_classifier_nears_bayes_and_guides(mixtures):
     x0, _, k = _points(ab, 20000, seed=2)
     labels = (k >= a.K).long()                                 # "AB" lists A's components first: 0 = A
     torch.manual_seed(0)
-    net = ToyClassifier(num_classes=2).double()
+    net = ToyClassifier(classes=2).double()
     train_noisy_classifier(net, x0, labels, LogNormalSigma(-1.0, 1.5), steps=600, batch=512, lr=3e-3, seed=0)
     xt, g, kt = _points(ab, 4000, seed=3)
     yt = (kt >= a.K).long()

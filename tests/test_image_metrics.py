@@ -266,7 +266,7 @@ def test_classifier_cache_round_trip_corruption_and_no_pickle(tmp_path):
     # weights replaced by a pickle whose checksum is recorded: still refused (safetensors cannot parse it)
     with open(path, "wb") as f:
         pickle.dump(_Boom(), f)
-    rec = os.path.join(d, "classifier-blobs.json")
+    rec = path[:-len(".safetensors")] + ".json"
     info = json.load(open(rec))
     info["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     json.dump(info, open(rec, "w"))
@@ -274,13 +274,28 @@ def test_classifier_cache_round_trip_corruption_and_no_pickle(tmp_path):
         _, info4 = load_or_train_classifier("blobs", x, y, d, **kw)
     assert not info4["cached"]
 
-    with pytest.warns(UserWarning, match="another configuration"):
-        _, info5 = load_or_train_classifier("blobs", x, y, d, **dict(kw, steps=4))
-    assert not info5["cached"]
+    with pytest.warns(UserWarning, match="another configuration"):             # other training data
+        _, info5 = load_or_train_classifier("blobs", xt, yt, d, **kw)
+    assert not info5["cached"] and info5["path"] == path
+    # another recipe gets its own files: it never replaces the default one (the classifier FIDs were measured
+    # with), which keeps the plain name
+    _, info6 = load_or_train_classifier("blobs", x, y, d, **dict(kw, steps=4))
+    _, info7 = load_or_train_classifier("blobs", xt, yt, d, **kw)
+    assert not info6["cached"] and info6["path"] != path and info7["cached"]
     with pytest.raises(ValueError, match="unknown training options"):
         load_or_train_classifier("blobs", x, y, d, stepz=3)
-    assert sorted(os.listdir(d)) == ["classifier-blobs.json", "classifier-blobs.pt",
-                                     "classifier-blobs.safetensors"]
+    tags = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert len(tags) == 2 and all(f.startswith("classifier-blobs-") for f in tags)
+    assert "classifier-blobs.pt" in os.listdir(d)
+
+
+def test_the_default_recipe_keeps_the_plain_cache_name(tmp_path, monkeypatch):
+    import gendiff.nets.classifier as C
+    x, y = blobs(16, 0)
+    quick = C.train_classifier
+    monkeypatch.setattr(C, "train_classifier", lambda *a, **k: quick(*a, **dict(k, steps=1)))
+    _, info = C.load_or_train_classifier("blobs", x, y, str(tmp_path))
+    assert os.path.basename(info["path"]) == "classifier-blobs.safetensors"
 
 
 # ---------------------------------------------------------------- grids

@@ -176,8 +176,8 @@ def load_or_train_classifier(data_name: str, images: torch.Tensor, labels: torch
     _check_data(images, labels)
     if (test_images is None) != (test_labels is None):
         raise ValueError("test_images and test_labels must be given together")
-    kw = dict(steps=1500, batch=128, lr=2e-3, seed=0, augment=True, feature_dim=128,
-              num_classes=int(labels.max()) + 1)
+    defaults = dict(steps=1500, batch=128, lr=2e-3, seed=0, augment=True, feature_dim=128)
+    kw = dict(defaults, num_classes=int(labels.max()) + 1)
     unknown = set(train_kw) - set(kw) - {"progress"}
     if unknown:
         raise ValueError(f"unknown training options {sorted(unknown)}; allowed: {sorted(kw) + ['progress']}")
@@ -186,8 +186,12 @@ def load_or_train_classifier(data_name: str, images: torch.Tensor, labels: torch
     config = dict(kw, img_channels=images.shape[1], img_resolution=images.shape[2], n_train=len(images),
                   train_data_sha256=_fingerprint(images, labels))
     os.makedirs(cache_dir, exist_ok=True)
-    weights = os.path.join(cache_dir, f"classifier-{data_name}.safetensors")
-    record = os.path.join(cache_dir, f"classifier-{data_name}.json")
+    # the default recipe keeps the plain name; another one (a smoke test's few steps) gets its own files, so
+    # that it never replaces the classifier every FID so far was measured with
+    changed = {k: kw[k] for k in defaults if kw[k] != defaults[k]}
+    tag = "" if not changed else "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    weights = os.path.join(cache_dir, f"classifier-{data_name}{tag}.safetensors")
+    record = os.path.join(cache_dir, f"classifier-{data_name}{tag}.json")
     cached = _load_cached(weights, record, config)
     if cached is not None:
         model, info = cached

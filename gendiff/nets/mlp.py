@@ -55,22 +55,22 @@ class ToyClassifier(nn.Module):
     (c_in·x̃, c_noise, 1) with EDM's c_in = 1/√(σ² + σ_data²) and c_noise = ln(σ)/4 (T4), so its inputs
     stay O(1) at every σ. SiLU between `hidden_layers + 1` linear layers of `width`, then a linear read-out."""
 
-    def __init__(self, dim: int = 2, num_classes: int = 2, width: int = 64, hidden_layers: int = 3,
+    def __init__(self, dim: int = 2, classes: int = 2, width: int = 64, hidden_layers: int = 3,
                  sigma_data: float = 0.5):
         super().__init__()
         check_positive("dim", dim, integer=True)
-        check_positive("num_classes", num_classes, integer=True)
+        check_positive("classes", classes, integer=True)
         check_positive("width", width, integer=True)
         check_positive("hidden_layers", hidden_layers, integer=True)
         check_positive("sigma_data", sigma_data)
-        self.dim, self.num_classes, self.sigma_data = dim, num_classes, float(sigma_data)
+        self.dim, self.classes, self.sigma_data = dim, classes, float(sigma_data)
         layers = [nn.Linear(dim + 2, width)]
         for _ in range(hidden_layers):
             layers += [nn.SiLU(), nn.Linear(width, width)]
-        self.net = nn.Sequential(*layers, nn.SiLU(), nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers, nn.SiLU(), nn.Linear(width, classes))
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        # x: [N, d]; sigma: a scalar or [N] -> logits [N, num_classes]
+        # x: [N, d]; sigma: a scalar or [N] -> logits [N, classes]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"ToyClassifier expects x of shape [N, {self.dim}]; got {tuple(x.shape)}")
         s = per_example(as_sigma(sigma, x), x.shape[0]).reshape(-1, 1)     # [N, 1]

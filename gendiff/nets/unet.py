@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from ..checks import check_choice, check_positive
+from ..checks import as_sigma, check_choice, check_positive, per_example
 
 
 
@@ -160,29 +160,20 @@ class Upsample(nn.Module):
         return x if self.conv is None else self.conv(x)
 
 
-class UNet(nn.Module):
-    """ADM/EDM-style U-Net: `net(c_in·x̃, c_noise, class_labels=None) -> F` or `(F, G)` (the `Denoiser`
-    contract).
-
-    img_resolution: H = W, divisible by 2^(len(channel_mult) − 1); model_channels · channel_mult: the widths
-    per level; num_blocks: residual blocks per encoder level (num_blocks + 1 per decoder level), one integer
-    for every level or one per level; resample: "conv" (ADM) or "plain" (EDM2, no parameters);
-    attn_resolutions: resolutions with self-attention; num_classes: 0 = unconditional, else labels
-    0 … num_classes − 1 plus the null class ∅ = num_classes; g_channels: channels of G (0 = none; the diagonal
-    head or IDDPM's v take g_channels = img_channels); emb_channels: width of the noise embedding
-    (default 4·model_channels, ADM); num_groups: GroupNorm groups (None: EDM's min(32, C/4) rule, per width).
-    """
+class _Trunk(nn.Module):
+    """The noise (and class) embedding, the encoder and the middle of the U-Net: shared by `UNet`, which adds
+    the decoder, and `NoisyClassifier`, which adds a pooled read-out (ADM's EncoderUNetModel). Arguments as
+    `UNet`'s."""
 
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
                  channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
-                 num_classes: int = 0, g_channels: int = 0, emb_channels: int | None = None,
+                 num_classes: int = 0, emb_channels: int | None = None,
                  num_groups: int | None = None, resample: str = "conv"):
         super().__init__()
         check_positive("img_resolution", img_resolution, integer=True)
         check_positive("img_channels", img_channels, integer=True)
         check_positive("model_channels", model_channels, integer=True)
         check_positive("num_classes", num_classes, integer=True, allow_zero=True)
-        check_positive("g_channels", g_channels, integer=True, allow_zero=True)
         check_positive("dropout", dropout, allow_zero=True)
         if dropout >= 1:
             raise ValueError(f"dropout={dropout!r} must be < 1; allowed: 0 <= dropout < 1")
@@ -230,10 +221,10 @@ class UNet(nn.Module):
                                  f"{g}: {_divisors(g)}, or None for the automatic rule")
             return num_groups
 
-        self.img_resolution, self.img_channels, self.g_channels = img_resolution, img_channels, g_channels
+        self.img_resolution, self.img_channels = img_resolution, img_channels
         self.num_classes, self.model_channels = num_classes, model_channels
         self.channel_mult, self.num_blocks, self.attn_resolutions = channel_mult, blocks, attn_resolutions
-        self.resample = resample
+        self.resample, self.emb_channels, self._groups = resample, emb_channels, groups
 
         # noise (and class) embedding
         noise_channels = 2 * ((model_channels + 1) // 2)                    # cos and sin pairs
@@ -264,25 +255,7 @@ class UNet(nn.Module):
         if resolutions[-1] in attn_resolutions:
             self.mid.append(Attention(ch, groups(ch)))
         self.mid.append(ResBlock(ch, ch, emb_channels, groups(ch), groups(ch), dropout))
-
-        # decoder: per level num_blocks + 1 ResBlocks on [h, skip] (+ attention), then an upsampling
-        self.dec = nn.ModuleList()
-        for lvl in reversed(range(levels)):
-            res, cout = resolutions[lvl], model_channels * channel_mult[lvl]
-            for b in range(blocks[lvl] + 1):
-                cin = ch + skips.pop()
-                self.dec.append(ResBlock(cin, cout, emb_channels, groups(cin), groups(cout), dropout))
-                ch = cout
-                if res in attn_resolutions:
-                    self.dec.append(Attention(ch, groups(ch)))
-            if lvl > 0:
-                self.dec.append(Upsample(ch, resample == "conv"))
-
-        # output: F (img_channels) and G (g_channels) from one zero-initialised conv
-        self.norm_out = nn.GroupNorm(groups(ch), ch)
-        self.conv_out = nn.Conv2d(ch, img_channels + g_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self._skip_channels, self._channels, self._resolutions, self._dropout = skips, ch, resolutions, dropout
 
     # ---- input checks -----------------------------------------------------------------------------
 
@@ -290,14 +263,14 @@ class UNet(nn.Module):
         want = (self.img_channels, self.img_resolution, self.img_resolution)
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"UNet expects x of shape [N, {want[0]}, {want[1]}, {want[2]}] "
+            raise ValueError(f"{type(self).__name__} expects x of shape [N, {want[0]}, {want[1]}, {want[2]}] "
                              f"(img_channels={want[0]}, img_resolution={want[1]}); got {shape}")
 
     def _noise(self, c_noise, x: torch.Tensor) -> torch.Tensor:
         c = torch.as_tensor(c_noise, device=x.device)
         if c.ndim > 1 or c.numel() not in (1, x.shape[0]):
-            raise ValueError(f"UNet takes one noise level per example: c_noise of shape [{x.shape[0]}] or a "
-                             f"scalar; got shape {tuple(c.shape)}")
+            raise ValueError(f"{type(self).__name__} takes one noise level per example: c_noise of shape "
+                             f"[{x.shape[0]}] or a scalar; got shape {tuple(c.shape)}")
         return c.float().reshape(-1).expand(x.shape[0])                       # [N]
 
     def _labels(self, class_labels, n: int, device) -> torch.Tensor | None:
@@ -330,10 +303,9 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(labels)
         return nnf.silu(emb)
 
-    def forward(self, x: torch.Tensor, c_noise, class_labels=None):
-        # x: [N, C, H, W]; c_noise: [N] or a scalar; class_labels: [N] ints in 0 … num_classes, or None (∅)
-        self._check_x(x)
-        emb = self.embedding(self._noise(c_noise, x), self._labels(class_labels, x.shape[0], x.device))
+    def encode(self, x: torch.Tensor, emb: torch.Tensor):
+        """conv_in, the encoder and the middle: x [N, C, H, W], emb [N, E] -> (h [N, ch, H/2^(L−1), W/2^(L−1)],
+        the activations stored for the decoder's skip connections, in order)."""
         h = self.conv_in(x)          # [N, mc·m0, H, W]
         skips = [h]
         for m in self.enc:
@@ -347,6 +319,57 @@ class UNet(nn.Module):
                 skips.append(h)
         for m in self.mid:
             h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+        return h, skips
+
+
+class UNet(_Trunk):
+    """ADM/EDM-style U-Net: `net(c_in·x̃, c_noise, class_labels=None) -> F` or `(F, G)` (the `Denoiser`
+    contract).
+
+    img_resolution: H = W, divisible by 2^(len(channel_mult) − 1); model_channels · channel_mult: the widths
+    per level; num_blocks: residual blocks per encoder level (num_blocks + 1 per decoder level), one integer
+    for every level or one per level; resample: "conv" (ADM) or "plain" (EDM2, no parameters);
+    attn_resolutions: resolutions with self-attention; num_classes: 0 = unconditional, else labels
+    0 … num_classes − 1 plus the null class ∅ = num_classes; g_channels: channels of G (0 = none; the diagonal
+    head or IDDPM's v take g_channels = img_channels); emb_channels: width of the noise embedding
+    (default 4·model_channels, ADM); num_groups: GroupNorm groups (None: EDM's min(32, C/4) rule, per width).
+    """
+
+    def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
+                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
+                 num_classes: int = 0, g_channels: int = 0, emb_channels: int | None = None,
+                 num_groups: int | None = None, resample: str = "conv"):
+        check_positive("g_channels", g_channels, integer=True, allow_zero=True)
+        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                         dropout, num_classes, emb_channels, num_groups, resample)
+        self.g_channels = g_channels
+        groups, emb_channels, dropout = self._groups, self.emb_channels, self._dropout
+        skips, ch = list(self._skip_channels), self._channels
+
+        # decoder: per level num_blocks + 1 ResBlocks on [h, skip] (+ attention), then an upsampling
+        self.dec = nn.ModuleList()
+        for lvl in reversed(range(len(self.channel_mult))):
+            res, cout = self._resolutions[lvl], model_channels * self.channel_mult[lvl]
+            for _ in range(self.num_blocks[lvl] + 1):
+                cin = ch + skips.pop()
+                self.dec.append(ResBlock(cin, cout, emb_channels, groups(cin), groups(cout), dropout))
+                ch = cout
+                if res in self.attn_resolutions:
+                    self.dec.append(Attention(ch, groups(ch)))
+            if lvl > 0:
+                self.dec.append(Upsample(ch, self.resample == "conv"))
+
+        # output: F (img_channels) and G (g_channels) from one zero-initialised conv
+        self.norm_out = nn.GroupNorm(groups(ch), ch)
+        self.conv_out = nn.Conv2d(ch, img_channels + g_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, c_noise, class_labels=None):
+        # x: [N, C, H, W]; c_noise: [N] or a scalar; class_labels: [N] ints in 0 … num_classes, or None (∅)
+        self._check_x(x)
+        emb = self.embedding(self._noise(c_noise, x), self._labels(class_labels, x.shape[0], x.device))
+        h, skips = self.encode(x, emb)
         for m in self.dec:
             if isinstance(m, ResBlock):
                 h = m(torch.cat([h, skips.pop()], dim=1), emb)
@@ -359,4 +382,33 @@ class UNet(nn.Module):
         return F, out[:, self.img_channels:].to(x.dtype).contiguous()
 
 
-__all__ = ["UNet"]
+class NoisyClassifier(_Trunk):
+    """A noise-aware image classifier for classifier guidance (T32), ADM's EncoderUNetModel: the U-Net's
+    embedding, encoder and middle, then GroupNorm, SiLU, global average pooling and a linear read-out:
+    `net(x̃, σ) -> logits [N, classes]` of p_σ(y | x̃). The input is scaled as the EDM denoiser's (c_in =
+    1/√(σ² + σ_data²), c_noise = ln(σ)/4, T4), so one network serves every σ. σ: a scalar or one per example.
+    classes: the classes predicted; the other arguments as `UNet`'s (the trunk is unconditional)."""
+
+    def __init__(self, classes: int = 10, img_resolution: int = 28, img_channels: int = 1,
+                 model_channels: int = 32, channel_mult=(1, 2, 2), num_blocks: int | tuple = 1,
+                 attn_resolutions=(7,), dropout: float = 0.0, emb_channels: int | None = None,
+                 num_groups: int | None = None, resample: str = "conv", sigma_data: float = 0.5):
+        check_positive("classes", classes, integer=True)
+        check_positive("sigma_data", sigma_data)
+        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                         dropout, 0, emb_channels, num_groups, resample)
+        self.classes, self.sigma_data = classes, float(sigma_data)
+        ch = self._channels
+        self.norm_out = nn.GroupNorm(self._groups(ch), ch)
+        self.head = nn.Linear(ch, classes)
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        # x: [N, C, H, W] noisy images; sigma: a scalar or [N] -> logits [N, classes]
+        self._check_x(x)
+        s = per_example(as_sigma(sigma, x), x.shape[0])                        # [N]
+        c_in = torch.rsqrt(s.square() + self.sigma_data ** 2).view(-1, 1, 1, 1)
+        h, _ = self.encode(c_in * x, self.embedding(s.log() / 4, None))
+        return self.head(nnf.silu(self.norm_out(h)).mean((2, 3))).to(x.dtype)
+
+
+__all__ = ["NoisyClassifier", "UNet"]
