@@ -117,6 +117,14 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
     assert m["bpd_pf_ode"] > 0 and m["classifier_test_accuracy"] > 0.9
     assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing left to train
     assert json.load(open(os.path.join(out, "metrics.json")))["samples"]["fid"] == m["samples"]["fid"]
+    from safetensors.torch import load_file
+    from gendiff.image_runs import load_image_model
+    cfg, model = load_image_model(out)                               # the run back: config and EMA weights
+    assert cfg.objective == "confidence" and model.head.__class__.__name__ == "DiagonalHead"
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="has no config.toml"):
+        load_image_model(str(tmp_path))
 
 
 def test_table_is_resumable(blobs, tmp_path, monkeypatch):
@@ -291,7 +299,6 @@ def test_classifier_guidance_on_images(blobs):
     beats chance at small σ; sample_images(guide=ClassifierGuided) at w = 0 gives the unguided samples exactly,
     at w = 4 other samples, with the classifier's gradient in x's shape; guide without labels is an error."""
     from gendiff.guidance import ClassifierGuided, class_log_prob_grad, train_noisy_classifier
-    from gendiff.image_runs import load_images
     from gendiff.nets.unet import NoisyClassifier
     from gendiff.schedules import LogNormalSigma
     cfg = tiny(blobs, "edm", "eval.batch=8")
