@@ -13,7 +13,8 @@
    (a separate network, 99.4% on clean test digits) assigns to the class asked for. w = 0 is the unguided
    model: its label accuracy is the chance baseline.
 
-Resumable: each finished w is stored in OUT/results.json and skipped on a rerun.
+Resumable: each finished w is stored in OUT/results.json with the recipe (denoiser folder, classifier recipe,
+number of samples) and skipped on a rerun of the same recipe; another recipe starts the table afresh.
 
 Usage: python benchmarks/classifier_guidance_mnist.py [--out docs/results/classifier-guidance]
        [--denoiser RUN] [--weights 0,1,2,4] [--samples 1000] [--classifier-steps 1500] [--threads N]
@@ -132,20 +133,25 @@ def main():
     clf.requires_grad_(False)
     fid_clf, real, _ = feature_classifier(cfg, test, train)
     path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    recipe = dict(denoiser=os.path.abspath(args.denoiser or os.path.join(args.out, "denoiser")),
+                  classifier=info["recipe"], samples=args.samples)
+    stored = json.load(open(path)) if os.path.exists(path) else {}
+    if stored and stored.get("recipe") != json.loads(json.dumps(recipe)):
+        print("results.json was made with another recipe (denoiser, classifier or samples): starting afresh")
+        stored = {}
+    results = stored.get("rows", {})
     labels = torch.arange(args.samples) % train.num_classes
     for w in weights:
         key = f"w={w:g}"
-        if key in results and results[key]["samples"] == args.samples:
+        if key in results:
             continue
         print(f"== sampling with {key}", flush=True)
         x, row = sample_images(model, cfg, args.samples, labels=labels, seed=cfg.seed,
                                guide=lambda d, y: ClassifierGuided(d, clf, y, w))
-        row.update(sample_metrics(fid_clf, real, x, test, train.num_classes, cfg.seed, labels=labels),
-                   samples=args.samples)
+        row.update(sample_metrics(fid_clf, real, x, test, train.num_classes, cfg.seed, labels=labels))
         results[key] = row
         image_grid(os.path.join(args.out, f"samples-{key}.png"), x[:100], nrow=10)
-        save_json(results, path)
+        save_json(dict(recipe=recipe, rows=results), path)
         save_text(markdown(results, info, cfg), os.path.join(args.out, "results.md"))
     save_text(markdown(results, info, cfg), os.path.join(args.out, "results.md"))
     print(open(os.path.join(args.out, "results.md")).read())

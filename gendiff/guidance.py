@@ -84,16 +84,28 @@ def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
 
 def class_log_prob_grad(classifier, x: torch.Tensor, sigma, labels: torch.Tensor) -> torch.Tensor:
     """∇ₓ log p_σ(y | x) of a noise-aware classifier (`classifier(x, σ) -> logits [N, C]`), by autograd, in
-    x's shape. Works under torch.no_grad (the samplers' context)."""
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        logits = classifier(xg, sigma)
+    x's shape. Works under torch.no_grad (the samplers' context); the classifier runs in float32 even inside a
+    bf16 autocast region (it was trained and tested in float32). When the caller itself differentiates through
+    x (x.requires_grad with gradients enabled: a PF-ODE divergence, a JVP), the gradient is built with
+    create_graph, so that the shift's own Jacobian is not dropped. A classifier in training mode (dropout,
+    batch statistics: random guidance) or a non-finite gradient is a ValueError."""
+    if isinstance(classifier, torch.nn.Module) and classifier.training:
+        raise ValueError(f"the classifier ({type(classifier).__name__}) is in training mode; call .eval() first "
+                         "(dropout or batch statistics would make the guidance random)")
+    outer = torch.is_grad_enabled() and x.requires_grad
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        xg = x if outer else x.detach().requires_grad_(True)
+        logits = classifier(xg.float() if xg.dtype in (torch.float16, torch.bfloat16) else xg, sigma)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"the classifier must return logits of shape [N, classes] = [{x.shape[0]}, C]; "
                              f"got {tuple(logits.shape)}")
         y = _check_labels(labels, x.shape[0], logits.shape[1]).to(logits.device)
         lp = torch.log_softmax(logits.double(), -1).gather(1, y[:, None]).sum()
-        return torch.autograd.grad(lp, xg)[0].to(x.dtype)
+        grad = torch.autograd.grad(lp, xg, create_graph=outer)[0]
+    if not torch.isfinite(grad).all():
+        raise ValueError("the classifier's ∇ₓ log p_σ(y | x) is not finite (NaN or inf): check the classifier's "
+                         "weights and its input scaling at this σ")
+    return grad.to(x.dtype)
 
 
 class ClassifierGuided(torch.nn.Module):
@@ -135,19 +147,23 @@ def train_noisy_classifier(classifier, x0: torch.Tensor, labels: torch.Tensor, s
         raise ValueError(f"x0 must be a non-empty batch [N, ...]; got shape {tuple(x0.shape)}")
     if not torch.isfinite(x0).all():
         raise ValueError("x0 holds NaN or infinite values")
-    g = generator(seed, "noisy-classifier")
+    g = generator(seed, "noisy-classifier")                 # draws on the CPU, moved to x0's device: any device
     opt = torch.optim.Adam(classifier.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     classifier.train()
-    y_all, losses = None, []
-    for _ in range(steps):
+    y_all, losses, dev = None, [], x0.device
+    for step in range(steps):
         idx = torch.randint(0, len(x0), (batch,), generator=g)
-        sigma = sigma_density.sample(batch, g).to(x0.dtype)
-        x = x0[idx] + sigma.view(-1, *[1] * (x0.ndim - 1)) * torch.randn(x0[idx].shape, generator=g, dtype=x0.dtype)
+        sigma = sigma_density.sample(batch, g).to(device=dev, dtype=x0.dtype)
+        eps = torch.randn((batch, *x0.shape[1:]), generator=g, dtype=x0.dtype).to(dev)
+        x = x0[idx.to(dev)] + sigma.view(-1, *[1] * (x0.ndim - 1)) * eps
         logits = classifier(x, sigma)
         if y_all is None:
-            y_all = _check_labels(labels, len(x0), logits.shape[1])
-        loss = nnf.cross_entropy(logits, y_all[idx])
+            y_all = _check_labels(labels, len(x0), logits.shape[1]).to(dev)
+        loss = nnf.cross_entropy(logits, y_all[idx.to(dev)])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_noisy_classifier: the loss is {loss.item()} at step {step}; "
+                                     f"lower lr={lr} or check the classifier's input scaling")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

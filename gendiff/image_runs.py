@@ -101,7 +101,8 @@ def load_image_model(out: str, weights: str = "model.safetensors"):
     path, cfg_path = os.path.join(out, weights), os.path.join(out, "config.toml")
     for f in (cfg_path, path):
         if not os.path.exists(f):
-            raise ValueError(f"image run {out!r} has no {os.path.basename(f)} (not a finished image run?)")
+            raise ValueError(f"image run {out!r} has no {os.path.basename(f)}: a finished image run folder holds "
+                             f"config.toml and {weights} (`gendiff train --out DIR` writes both)")
     cfg = resolve(toml_path=cfg_path)
     test = load_images(cfg.data, "test")
     model = build_model(cfg, tuple(test.to_tensor().shape[1:]), test.num_classes)
@@ -204,6 +205,9 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
     from .samplers import sample_ddpm, sample_heun
     from .schedules import edm_sigmas
     obj, ev = OBJECTIVES[cfg.objective], cfg.eval
+    if guide is not None and (labels is None or len(labels) < n):
+        raise ValueError(f"sample_images(guide=...) needs labels, one class per sample ({n}); got "
+                         f"{'none' if labels is None else len(labels)}")
     shape = (model.net.img_channels, model.net.img_resolution, model.net.img_resolution)
     dev = next(model.parameters()).device
     calls, outs, start = [0], [], time.perf_counter()
@@ -217,8 +221,6 @@ def sample_images(model, cfg, n: int, *, labels=None, w: float | None = None, se
             y = (labels[i:i + k] if labels is not None else torch.full((k,), num_classes)).to(dev)
             counted = classifier_free(counted, y, num_classes, w) if w is not None else Conditioned(counted, y)
         if guide is not None:
-            if labels is None:
-                raise ValueError("sample_images(guide=...) needs labels: the class each sample is guided to")
             counted = guide(counted, labels[i:i + k].to(dev))
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
             if obj.sampler == "ddpm":

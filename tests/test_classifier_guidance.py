@@ -12,6 +12,9 @@ Breakages tried on purpose (each made the tests named fail, then was reverted):
   invariance at large σ, not claimed by a test
 - train_noisy_classifier training on clean x0 (σ ignored): test_learned_classifier_nears_bayes_and_guides
 - labels range check removed: test_bad_inputs_are_clear_errors
+- the classifier's gradient taken on x.detach() always (no create_graph for an outer derivative):
+  test_guidance_keeps_its_jacobian_for_an_outer_derivative
+- the training-mode or finiteness check removed: test_guidance_refuses_a_classifier_in_training_mode_...
 """
 import math
 
@@ -74,6 +77,35 @@ def test_exact_guidance_is_the_class_conditional_denoiser(mixtures, label):
         p, p0 = guided.predict(xs, sigma), ab.denoiser().predict(xs, sigma)
     torch.testing.assert_close(p.mu, target(xs, sigma), rtol=0, atol=1e-9)
     torch.testing.assert_close(p.cov, p0.cov)
+
+
+def test_guidance_keeps_its_jacobian_for_an_outer_derivative(mixtures):
+    """When the caller differentiates the guided denoiser (a PF-ODE divergence, a JVP), the shift's own Jacobian
+    is kept (create_graph): ∂D̃/∂x at w = 1 with the exact pieces equals ∂D_A/∂x."""
+    a, _, ab, clf = mixtures
+    x, g, _ = _points(ab, 3, seed=5)
+    guided = ClassifierGuided(ab.denoiser(), clf, torch.zeros(1, dtype=torch.long), 1.0)
+    for i, s in enumerate((0.1, 0.5, 2.0)):
+        xi = x[i:i + 1] + s * torch.randn(1, 2, generator=g, dtype=x.dtype)
+        jg = torch.autograd.functional.jacobian(lambda z: guided(z, s), xi)
+        ja = torch.autograd.functional.jacobian(lambda z: a.denoiser()(z, s), xi)
+        torch.testing.assert_close(jg, ja, rtol=1e-6, atol=1e-9)
+
+
+def test_guidance_refuses_a_classifier_in_training_mode_and_non_finite_gradients(mixtures):
+    _, _, ab, clf = mixtures
+    x, y = torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    net = ToyClassifier().double()                                   # a fresh module is in training mode
+    with pytest.raises(ValueError, match=r"ToyClassifier\) is in training mode; call .eval\(\)"):
+        class_log_prob_grad(net, x, 0.5, y)
+    with torch.no_grad():
+        net.net[0].weight.fill_(math.nan)
+    with pytest.raises(ValueError, match=r"not finite"):
+        class_log_prob_grad(net.eval(), x, 0.5, y)
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 0"):
+        train_noisy_classifier(net, x, y, LogNormalSigma(), steps=2, batch=4)
+    with pytest.raises(ValueError, match=r"ToyClassifier needs one σ per example"):
+        ToyClassifier().eval()(x, torch.tensor([[0.1, 0.2]] * 4, dtype=torch.float64))
 
 
 def _bayes_ce(clf, x, y, s):

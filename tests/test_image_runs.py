@@ -298,7 +298,7 @@ def test_classifier_guidance_on_images(blobs):
     """A NoisyClassifier (the U-Net's trunk + pooled read-out) trained by train_noisy_classifier on the blobs
     beats chance at small σ; sample_images(guide=ClassifierGuided) at w = 0 gives the unguided samples exactly,
     at w = 4 other samples, with the classifier's gradient in x's shape; guide without labels is an error."""
-    from gendiff.guidance import ClassifierGuided, class_log_prob_grad, train_noisy_classifier
+    from gendiff.guidance import ClassifierGuided, train_noisy_classifier
     from gendiff.nets.unet import NoisyClassifier
     from gendiff.schedules import LogNormalSigma
     cfg = tiny(blobs, "edm", "eval.batch=8")
@@ -318,15 +318,33 @@ def test_classifier_guidance_on_images(blobs):
     with torch.no_grad():
         acc = float((clf(x + 0.1 * torch.randn_like(x), 0.1).argmax(1) == y).double().mean())
     assert acc > 0.6, acc                                                 # chance: ~0.25
-    assert class_log_prob_grad(clf, x[:3], torch.tensor([0.1, 1.0, 5.0]), y[:3]).shape == x[:3].shape
-
+    # one σ per image: each image's shift is the one it gets alone at its σ (σ² broadcast over [C, H, W])
     model = build_model(cfg, (1, 28, 28), 4)
-    labels = torch.arange(8) % 4
-    plain, _ = sample_images(model, cfg, 8, seed=1)
-    guided = lambda w: sample_images(model, cfg, 8, seed=1, labels=labels,  # noqa: E731
-                                     guide=lambda d, lab: ClassifierGuided(d, clf, lab, w))[0]
-    assert torch.equal(guided(0.0), plain)
-    assert not torch.allclose(guided(4.0), plain)
+    sig = torch.tensor([0.1, 1.0, 5.0])
+    guided = ClassifierGuided(model, clf, y[:3], 2.0)
+    both = guided.shift(x[:3], sig)
+    for i in range(3):
+        alone = ClassifierGuided(model, clf, y[i:i + 1], 2.0).shift(x[i:i + 1], float(sig[i]))
+        torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-5, atol=1e-7)
+        assert both[i].abs().max() > 0
+    # under the samplers' bf16 autocast the classifier still runs in float32: the same shift
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(guided.shift(x[:3], sig), both)
+
+    labels = torch.arange(16) % 4
+    plain, _ = sample_images(model, cfg, 16, seed=1)
+    sampled = lambda w: sample_images(model, cfg, 16, seed=1, labels=labels,  # noqa: E731
+                                      guide=lambda d, lab: ClassifierGuided(d, clf, lab, w))[0]
+    assert torch.equal(sampled(0.0), plain)
+
+    assert not torch.allclose(sampled(4.0), plain)
+    # the shift points uphill in log p_σ(y | x) for every image (a sign error or a wrong log-probability would not)
+    with torch.no_grad():
+        xs = x[:8] + torch.randn(x[:8].shape, generator=g)
+        logp = lambda z: torch.log_softmax(clf(z, 1.0), 1)[torch.arange(8), y[:8]]  # noqa: E731
+        step = ClassifierGuided(model, clf, y[:8], 1.0).shift(xs, 1.0)
+        step = step / step.flatten(1).norm(dim=1).view(-1, 1, 1, 1)            # a unit step per image
+        assert (logp(xs + 0.5 * step) > logp(xs) + 1e-4).all(), logp(xs + 0.5 * step) - logp(xs)
     with pytest.raises(ValueError, match="needs labels"):
         sample_images(model, cfg, 8, guide=lambda d, lab: d)
     with pytest.raises(ValueError, match=r"NoisyClassifier expects x of shape \[N, 1, 28, 28\]"):

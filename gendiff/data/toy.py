@@ -331,6 +331,7 @@ class ExactClassifier(torch.nn.Module):
             raise ValueError(f"priors={priors!r} must be one probability > 0 per class ({len(self.mixtures)})")
         self.log_priors = torch.as_tensor(np.log(p / p.sum()))
         self.num_classes, self.dim = len(self.mixtures), self.mixtures[0].dim
+        self.eval()                                         # nothing to train: always in evaluation mode
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

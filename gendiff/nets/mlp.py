@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import as_sigma, check_positive, per_example
+from ..checks import as_sigma, check_positive, one_per_example
 from ..heads import make_head
 from ..precond import Denoiser
 
@@ -73,7 +73,7 @@ class ToyClassifier(nn.Module):
         # x: [N, d]; sigma: a scalar or [N] -> logits [N, classes]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"ToyClassifier expects x of shape [N, {self.dim}]; got {tuple(x.shape)}")
-        s = per_example(as_sigma(sigma, x), x.shape[0]).reshape(-1, 1)     # [N, 1]
+        s = one_per_example(as_sigma(sigma, x), x.shape, "ToyClassifier").reshape(-1, 1)     # [N, 1]
         c_in = torch.rsqrt(s.square() + self.sigma_data ** 2)
         c = s.log() / 4
         return self.net(torch.cat([c_in * x, c, torch.ones_like(c)], 1))

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from ..checks import as_sigma, check_choice, check_positive, per_example
+from ..checks import as_sigma, check_choice, check_positive, one_per_example
 
 
 
@@ -405,7 +405,7 @@ class NoisyClassifier(_Trunk):
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         # x: [N, C, H, W] noisy images; sigma: a scalar or [N] -> logits [N, classes]
         self._check_x(x)
-        s = per_example(as_sigma(sigma, x), x.shape[0])                        # [N]
+        s = one_per_example(as_sigma(sigma, x), x.shape, "NoisyClassifier")                        # [N]
         c_in = torch.rsqrt(s.square() + self.sigma_data ** 2).view(-1, 1, 1, 1)
         h, _ = self.encode(c_in * x, self.embedding(s.log() / 4, None))
         return self.head(nnf.silu(self.norm_out(h)).mean((2, 3))).to(x.dtype)
