@@ -19,9 +19,9 @@ from .checks import as_sigma, check_positive
 from .io import generator
 
 
-def _check_weight(w, meaning: str) -> float:
+def _check_weight(w, meaning: str, name: str = "guidance weight") -> float:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"guidance weight w={w!r} must be a finite number >= 0 ({meaning})")
+        raise ValueError(f"{name} w={w!r} must be a finite number >= 0 ({meaning})")
     return float(w)
 
 
@@ -66,7 +66,7 @@ def classifier_free(denoiser, labels: torch.Tensor, null_label: int, w: float) -
     """Classifier-free guidance (T33) in seed 004's convention: s̃ = (1 + w)·s(x | y) − w·s(x | ∅), w ≥ 0,
     w = 0 the conditional model. T13 is linear in μ, so this is `Guided` with weight 1 + w and the null-class
     model as the guide (the same network with every label set to `null_label`)."""
-    _check_weight(w, "0 = the conditional model, T33")
+    _check_weight(w, "0 = the conditional model, T33", "cfg weight")
     null = torch.full_like(labels, null_label)
     return Guided(Conditioned(denoiser, labels), Conditioned(denoiser, null), 1 + w)
 
