@@ -153,14 +153,14 @@ def train_noisy_classifier(classifier, x0: torch.Tensor, labels: torch.Tensor, s
     classifier.train()
     y_all, losses, dev = None, [], x0.device
     for step in range(steps):
-        idx = torch.randint(0, len(x0), (batch,), generator=g)
+        idx = torch.randint(0, len(x0), (batch,), generator=g).to(dev)
         sigma = sigma_density.sample(batch, g).to(device=dev, dtype=x0.dtype)
         eps = torch.randn((batch, *x0.shape[1:]), generator=g, dtype=x0.dtype).to(dev)
-        x = x0[idx.to(dev)] + sigma.view(-1, *[1] * (x0.ndim - 1)) * eps
+        x = x0[idx] + sigma.view(-1, *[1] * (x0.ndim - 1)) * eps
         logits = classifier(x, sigma)
         if y_all is None:
             y_all = _check_labels(labels, len(x0), logits.shape[1]).to(dev)
-        loss = nnf.cross_entropy(logits, y_all[idx.to(dev)])
+        loss = nnf.cross_entropy(logits, y_all[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train_noisy_classifier: the loss is {loss.item()} at step {step}; "
                                      f"lower lr={lr} or check the classifier's input scaling")
