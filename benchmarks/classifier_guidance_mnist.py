@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from gendiff.config import resolve, to_toml
+from gendiff.experiments.config import resolve, to_toml
 from gendiff.guidance import ClassifierGuided, train_noisy_classifier
 from gendiff.image_metrics import image_grid
-from gendiff.image_runs import (feature_classifier, load_image_model, load_images, sample_images, sample_metrics,
+from gendiff.experiments.images import (feature_classifier, load_image_model, load_images, sample_images, sample_metrics,
                                 train_image_run)
 from gendiff.io import save_json, save_state, save_text
 from gendiff.nets.unet import NoisyClassifier

@@ -16,7 +16,7 @@ import torch
 
 from gendiff.data.toy import tree, tree_classifier
 from gendiff.guidance import ClassifierGuided, train_noisy_classifier
-from gendiff.metrics import mmd, sample_nll
+from gendiff.mixture_metrics import mmd, sample_nll
 from gendiff.nets.mlp import ToyClassifier
 from gendiff.runtime import configure
 from gendiff.samplers import edm_sigmas, sample_heun

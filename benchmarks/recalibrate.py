@@ -10,7 +10,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from gendiff.ablate import RUNS, AblateConfig, make_denoiser, make_evaluator
+from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser, make_evaluator
 from gendiff.runtime import configured
 from gendiff.train import MODES
 

@@ -25,9 +25,9 @@ from dataclasses import replace
 
 import torch
 
-from gendiff.ablate import RUNS, AblateConfig, _train_model, make_denoiser
+from gendiff.experiments.ablate import RUNS, AblateConfig, _train_model, make_denoiser
 from gendiff.data.toy import tree
-from gendiff.evaluate import Evaluator, SamplerConfig
+from gendiff.mixture_eval import Evaluator, SamplerConfig
 from gendiff.io import generator, save_figure, save_state, save_text
 from gendiff.likelihood import continuous_elbo, ddpm_vlb, log_likelihood
 from gendiff.process import DDPM, VP

@@ -14,7 +14,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
 from gendiff.data.toy import tree
 from gendiff.losses import NoisyBatch
 from gendiff.runtime import configured

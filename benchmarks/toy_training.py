@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from gendiff import losses
-from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
 from gendiff.data.toy import tree
 from gendiff.runtime import configure
 from gendiff.train import BatchSource, ToyTrainConfig, train

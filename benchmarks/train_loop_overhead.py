@@ -13,7 +13,7 @@ import time
 import torch
 
 from gendiff import checkpoint as ckpt
-from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
 from gendiff.data.toy import tree
 from gendiff.io import generator
 from gendiff.runtime import configure

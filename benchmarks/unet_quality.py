@@ -26,8 +26,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_params  # noqa: E402
 
-from gendiff.config import resolve, to_toml  # noqa: E402
-from gendiff.image_runs import build_model, train_image_run  # noqa: E402
+from gendiff.experiments.config import resolve, to_toml  # noqa: E402
+from gendiff.experiments.images import build_model, train_image_run  # noqa: E402
 from gendiff.io import save_json, save_text  # noqa: E402
 from gendiff.nets.unet import UNet  # noqa: E402
 from gendiff.runtime import configure  # noqa: E402

@@ -6,7 +6,26 @@ import datetime
 import math
 import os
 import sys
+import time
 from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError
+from .data.images import fetch
+from .experiments.ablate import GUIDES, AblateConfig, quick, run_seeds
+from .experiments.config import PRESETS, resolve, to_toml
+from .experiments.html import write_report
+from .experiments.images import TABLE_ROWS, resolve_device, run_table
+from .experiments.kinds import kind_of, load_run
+from .experiments.recipes import IMAGE_RECIPES, MAIN_RUNS, SUITES, TOY_RECIPES
+from .experiments.report import calibration_markdown, metrics_markdown, rerender
+from .experiments.runfolder import posthoc_run, read_config, start_run
+from .mixture_eval import INITS
+from .runtime import configured
+from .samplers import GRID_SAMPLERS
+from .scores import HYBRID_SIGMA, SCORE_MODES
 
 
 def _number(name, cast, minimum):
@@ -42,21 +61,16 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .ablate import DEFAULT_RUNS, GUIDES, RUNS, SUITES
-    from .config import PRESETS
-    from .evaluate import INITS
-    from .image_runs import OBJECTIVES
-    from .scores import HYBRID_SIGMA
     p = argparse.ArgumentParser(prog="gendiff", description=__doc__)
     p.add_argument("--version", action="version", version="gendiff 0.1.0")
     sub = p.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, formatter_class=_DefaultsFormatter, **k)
-    a = sub.add_parser("ablate", help="the seed experiment on the 2-D tree, measured against the exact ground truth",
-                       description="Runs: " + "; ".join(f"{k}: {v.help}" for k, v in RUNS.items()))
+    a = sub.add_parser("ablate", help="the main experiment on the 2-D tree, measured against the exact ground truth",
+                       description="Toy recipes: " + "; ".join(f"{k}: {v.help}" for k, v in TOY_RECIPES.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
-    a.add_argument("--suite", choices=sorted([*SUITES, "images"]), default="seed",
-                   help="seed: the seed experiment (default runs: " + ",".join(DEFAULT_RUNS) + "); objectives: "
+    a.add_argument("--suite", choices=sorted([*SUITES, "images"]), default="main",
+                   help="main: the main experiment (runs: " + ",".join(MAIN_RUNS) + "); objectives: "
                    "parameterisations, weightings and training densities (T17–T21), " + str(len(SUITES["objectives"]))
                    + " runs; images: seed 004's MNIST table with the EDM and confidence rows (resumable: finished "
                    "rows are read, unfinished ones resume from their checkpoints)")
@@ -65,9 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--suite images: override a key of the preset (as gendiff train --set)")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="--suite images: where to train and sample (auto: the GPU when CUDA is there)")
-    a.add_argument("--rows", help="--suite images: comma-separated rows (default all: x0, eps, score, score-cfg, "
-                   "learned-variance, edm, confidence)")
-    a.add_argument("--runs", help="comma-separated runs (overrides --suite)")
+    a.add_argument("--rows", help="--suite images: comma-separated rows (default all: " + ", ".join(TABLE_ROWS) + ")")
+    a.add_argument("--runs", help="comma-separated toy recipes (overrides --suite)")
     a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
     a.add_argument("--seed", type=_number("--seed", int, 0), default=0)
     a.add_argument("--seeds", help="comma-separated seeds: one run each, plus a mean ± std summary")
@@ -90,22 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=("fetch",))
     d.add_argument("name", choices=("mnist", "fashion-mnist"))
     d.add_argument("--root", help="destination folder (default: the gendiff data folder, $GENDIFF_DATA)")
-    r = sub.add_parser("report", help="write FOLDER/index.html (self-contained: config, metrics, curves, plots, σ_φ "
-                       "maps) for a run folder of gendiff train or a results folder of gendiff ablate (whose "
-                       "metrics.md is re-rendered from metrics.json first, without retraining)")
+    r = sub.add_parser("report", help="write FOLDER/index.html (self-contained: config, metrics, curves, samples, "
+                       "σ_φ or uncertainty maps, eval and likelihood results) for a run folder of gendiff train or a "
+                       "results folder of gendiff ablate (whose metrics.md is re-rendered from metrics.json first)")
     r.add_argument("folder", help="a run folder (gendiff train) or a results folder (gendiff ablate)")
-    t = sub.add_parser("train", help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, checkpoints); "
-                       "resumable", description="Configuration: a preset, then --config FILE.toml, then each --set "
-                       "key=value (e.g. --set run=edm --set train.batch=512); the resolved config is written to "
-                       "RUN/config.toml. Keys and defaults: run `gendiff train --print-config`.")
+    t = sub.add_parser("train", help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, "
+                       "checkpoints); resumable", description="Configuration: a preset, then --config FILE.toml, then "
+                       "each --set key=value (e.g. --set recipe=edm --set train.batch=512); the resolved config is "
+                       "written to RUN/config.toml. Keys and defaults: `gendiff train --print-config`. Own images: "
+                       "--preset mnist-tiny --set data.name=folder --set data.path=DIR (see README, 'Your own data').")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named recipe (default: toy-reference, the seed experiment's; or mnist-cpu when --config is "
+                   help="named recipe (default: toy-reference, the main experiment's; or mnist-cpu when --config is "
                    "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on a CPU / "
-                   "GPU budget; mnist-tiny: an image smoke run. Image objectives (--set objective=…): "
-                   + "; ".join(f"{k}: {v.help}" for k, v in OBJECTIVES.items()))
+                   "GPU budget; mnist-tiny: an image smoke run. Toy recipes (--set recipe=…): see gendiff ablate "
+                   "--help. Image recipes (--set recipe=… on an image preset): "
+                   + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
     t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
-    t.add_argument("--out", help="run folder (default runs/<run>-<timestamp>)")
+    t.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest good checkpoint, with its config")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -113,49 +128,79 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the CPU; toy runs train on the CPU")
     t.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from .samplers import GRID_SAMPLERS
-    from .scores import SCORE_MODES
-    for name, text in (("sample", "sample a trained run's model and save the samples (RUN/eval-*.npz) with their "
-                        "metrics"), ("eval", "measure a trained run's samples against the exact ground truth")):
-        e = sub.add_parser(name, help=text)
-        e.add_argument("run", help="a run folder written by gendiff train")
-        e.add_argument("--sampler", choices=sorted(GRID_SAMPLERS), default="heun", help="default heun")
-        e.add_argument("--steps", type=_positive_int("--steps"), default=32, help="σ-grid steps (default 32)")
-        e.add_argument("--samples", type=_positive_int("--samples"), default=4096, help="default 4096")
-        e.add_argument("--score-mode", choices=SCORE_MODES, default="tweedie", help="T13 (tweedie, default) or T14")
-        e.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the initial noise")
-        e.add_argument("--weights", default="model.safetensors", help="weights file in the run folder (e.g. a "
+    s = sub.add_parser("sample", help="write N samples of a trained run to a folder (images: one PNG each, plus "
+                       "samples.npz and grid.png; toy: samples.npz and a plot); sample i always comes from seed "
+                       "(--seed, i), whatever the batch size")
+    s.add_argument("run", help="a run folder written by gendiff train")
+    s.add_argument("--samples", type=_positive_int("--samples"), default=64, help="how many (default 64)")
+    s.add_argument("--out", help="destination folder (default RUN/samples-seed<SEED>)")
+    s.add_argument("--batch", type=_positive_int("--batch"), help="samples per batch (default: eval.batch for "
+                   "images, 4096 for toy runs); does not change the samples")
+    e = sub.add_parser("eval", help="measure a trained run's samples: toy against the exact ground truth; images "
+                       "FID/precision/recall in the feature classifier's space")
+    e.add_argument("run", help="a run folder written by gendiff train")
+    e.add_argument("--samples", type=_positive_int("--samples"), help="default 4096 (toy) or eval.samples (images)")
+    for x in (s, e):
+        x.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the samples (default 0)")
+        x.add_argument("--steps", type=_positive_int("--steps"), help="sampler steps (default 32 for toy runs; the "
+                       "run's eval.sampler_steps or its recipe's default for images)")
+        x.add_argument("--sampler", choices=sorted(GRID_SAMPLERS), help="toy runs: any σ-grid sampler (default "
+                       "heun); image runs use their recipe's sampler")
+        x.add_argument("--score-mode", choices=SCORE_MODES, help="toy runs: T13 (tweedie, default) or T14")
+        x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"), help="class-conditional image runs: "
+                       "classifier-free guidance weight w (T33; default: the conditional model alone)")
+        x.add_argument("--weights", default="model.safetensors", help="weights file in the run folder (e.g. a "
                        "post-hoc EMA written by gendiff posthoc-ema)")
-        e.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+        x.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+    s.add_argument("--label", type=_number("--label", int, 0), help="class-conditional image runs: sample only "
+                   "this class (default: classes 0, 1, … in turn)")
     ph = sub.add_parser("posthoc-ema", help="EDM2's post-hoc EMA: reconstruct the EMA of any σ_rel from a run's "
                         "snapshots (train with --set 'train.ema_posthoc=[0.05, 0.1]')")
     ph.add_argument("run", help="a run folder written by gendiff train")
     ph.add_argument("--sigma-rel", type=_number("--sigma-rel", float, 1e-6), required=True,
                     help="relative std of the target EMA, in (0, 0.2887)")
     ph.add_argument("--step", type=_positive_int("--step"), help="training step (default: the last snapshot)")
-    lk = sub.add_parser("likelihood", help="bits/dim of held-out points: PF-ODE, continuous ELBO, exact")
+    lk = sub.add_parser("likelihood", help="bits/dim: toy runs of held-out points (PF-ODE, continuous ELBO, exact); "
+                        "image runs of test images (PF-ODE, DDPM bound)")
     lk.add_argument("run", help="a run folder written by gendiff train")
-    lk.add_argument("--points", type=_positive_int("--points"), default=512, help="default 512")
-    lk.add_argument("--method", choices=("exact", "hutchinson"), default="exact", help="divergence (default exact)")
+    lk.add_argument("--points", type=_positive_int("--points"), help="held-out points (toy, default 512) or test "
+                    "images (images, default eval.likelihood_images)")
+    lk.add_argument("--method", choices=("exact", "hutchinson"), help="divergence (default: exact for toy runs, "
+                    "hutchinson for images)")
     lk.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the held-out points")
     lk.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     return p
 
 
+def _given(args, *names) -> dict:
+    """The options among `names` that were given (not None): each kind fills in its own defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _sample(args) -> int:
+    cfg, model = load_run(args.run, args.weights)
+    dest = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
+    info = kind_of(cfg).sample_run(args.run, cfg, model, samples=args.samples, dest=dest, seed=args.seed,
+                                   **_given(args, "steps", "batch", "sampler", "score_mode", "cfg_weight", "label"))
+    print(f"{args.run}: {info['samples']} samples ({info['sampler']}, NFE {info['nfe']}, seed {args.seed}: "
+          f"sample i from seed ({args.seed}, i)) in {dest}")
+    return 0
+
+
 def _eval(args) -> int:
-    from .run import evaluate_run
-    m = evaluate_run(args.run, sampler=args.sampler, steps=args.steps, samples=args.samples, seed=args.seed,
-                     score_mode=args.score_mode, save_samples=args.command == "sample", weights=args.weights)
-    print(f"{args.run}: {m['sampler']} NFE {m['nfe']}: median NLL {m['median_nll']:.3f}, outliers "
-          f"{m['outlier_rate']:.4f}, MMD² {m['mmd']:.2e}")
+    cfg, model = load_run(args.run, args.weights)
+    kind = kind_of(cfg)
+    m = kind.eval_run(args.run, cfg, model, seed=args.seed, weights=args.weights,
+                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight"))
+    print(kind.eval_summary(args.run, m))
     return 0
 
 
 def _likelihood(args) -> int:
-    from .run import likelihood_run
-    m = likelihood_run(args.run, points=args.points, method=args.method, seed=args.seed)
-    print(f"{args.run}: bits/dim PF-ODE {m['pf_ode_bpd']:.4f} (NFE {m['pf_ode_nfe']}), ELBO {m['elbo_bpd']:.4f}, "
-          f"exact {m['exact_bpd']:.4f}")
+    cfg, model = load_run(args.run)
+    kind = kind_of(cfg)
+    m = kind.likelihood_run(args.run, cfg, model, seed=args.seed, **_given(args, "points", "method"))
+    print(kind.likelihood_summary(args.run, m))
     return 0
 
 
@@ -164,8 +209,6 @@ def _init_distributed(cuda: bool = False) -> int:
     cuda:$LOCAL_RANK), gloo on CPU. Returns this process's rank, or -1 when not distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return -1
-    import torch
-    import torch.distributed as dist
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -174,71 +217,38 @@ def _init_distributed(cuda: bool = False) -> int:
 
 
 def _train(args) -> int:
-    from .config import resolve, to_toml
-    from .run import resume_config, start_run, train_run
     if args.resume:
         if args.config or args.set or args.out or args.preset is not None:
             raise ValueError("--resume RUN continues RUN with its own config.toml; it takes no --preset, "
                              "--config, --set or --out")
-        cfg, out = resume_config(args.resume), args.resume
+        cfg, out = read_config(args.resume), args.resume
     else:
         cfg = resolve(args.preset, args.config, args.set)
         if args.print_config:
             print(to_toml(cfg), end="")
             return 0
-        name = getattr(cfg, "run", None) or cfg.objective
-        out = args.out or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    image = not hasattr(cfg, "run")
-    device = None
-    if image:
-        from .image_runs import resolve_device
-        device = resolve_device(args.device).type
-    elif args.device == "cuda":
-        raise ValueError("--device cuda: toy runs train on the CPU (the exact tree's batches are drawn there); "
-                         "use --device cpu or auto")
+        out = args.out or os.path.join("runs", f"{cfg.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    kind = kind_of(cfg)
+    device = resolve_device(args.device).type if cfg.kind == "images" else args.device
     rank = _init_distributed(cuda=device == "cuda")
+    setup = kind.prepare(cfg, device)       # data, model, loss: anything that rejects the run, before the folder
     if not args.resume and rank <= 0:
-        _check_writable(out)
+        _check_writable(out, create=False)
         start_run(cfg, out)
     if rank >= 0:
-        import torch.distributed as dist
         dist.barrier()
-    kw = {"device": device} if image else {}
     try:
-        metrics = train_run(cfg, out, progress=not args.no_progress and rank <= 0, primary=rank <= 0, **kw)
+        metrics = kind.train_run(cfg, out, setup, progress=not args.no_progress and rank <= 0, primary=rank <= 0)
     finally:
-        if rank >= 0:   # leave the process group together (rank 0 evaluates last): no rank exits mid-teardown
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-    if rank > 0:
-        return 0
-    if not hasattr(cfg, "run"):   # an image run
-        print(f"{cfg.objective}: " + ", ".join(f"{k} {v:.4g}" for k, v in _flat_numbers(metrics).items())
-              + f"; run folder {out}")
-        return 0
-    print(f"{cfg.run}: median NLL {metrics['median_nll']:.3f}, MMD² {metrics['mmd']:.2e}, score error "
-          f"{metrics['score_error']:.4f}; run folder {out}")
+        if rank >= 0 and dist.is_initialized():   # leave the group together (rank 0 evaluates last)
+            dist.barrier()
+            dist.destroy_process_group()
+    if rank <= 0:
+        print(f"{kind.summary(cfg, metrics)}; run folder {out}")
     return 0
 
 
-def _flat_numbers(m: dict, prefix: str = "") -> dict:
-    """The headline numbers of an image run's metrics (FID, precision, recall, bits/dim) for one line."""
-    out = {}
-    for k, v in m.items():
-        if isinstance(v, dict) and k.startswith("samples"):
-            out.update(_flat_numbers({kk: vv for kk, vv in v.items() if kk in ("fid", "precision", "recall")},
-                                     f"{k}."))
-        elif k.startswith("bpd_") and isinstance(v, float) and not k.endswith("seconds"):
-            out[prefix + k] = v
-        elif k in ("fid", "precision", "recall") and isinstance(v, float):
-            out[prefix + k] = v
-    return out
-
-
 def _data(args) -> int:
-    from .data.images import fetch
     print(f"{args.name}: verified files in {fetch(args.name, args.root)}")
     return 0
 
@@ -246,10 +256,8 @@ def _data(args) -> int:
 def _ablate(args) -> int:
     if args.suite == "images":
         return _ablate_images(args)
-    from .ablate import DEFAULT_RUNS, SUITES, AblateConfig, quick, run_seeds
-    from .report import calibration_markdown, metrics_markdown
     runs = (tuple(r.strip() for r in args.runs.split(",") if r.strip()) if args.runs is not None
-            else SUITES[args.suite] or DEFAULT_RUNS)
+            else SUITES[args.suite])
     cfg = AblateConfig(runs=runs, seed=args.seed)
     if args.quick:
         cfg = quick(cfg)
@@ -263,7 +271,7 @@ def _ablate(args) -> int:
     if args.lr:
         t = replace(t, lr=args.lr)
     over = {k: v for k, v in {"samples": args.samples, "guidance": args.guidance, "guide": args.guide,
-                                  "hybrid_sigma": args.hybrid_sigma}.items() if v is not None}
+                              "hybrid_sigma": args.hybrid_sigma}.items() if v is not None}
     smp = {k: v for k, v in {"steps": args.steps, "churn": args.churn, "init": args.init}.items() if v is not None}
     cfg = replace(cfg, train=t, sampler=replace(cfg.sampler, **smp), figures=not args.no_figures, **over)
     cfg.validate()
@@ -279,8 +287,6 @@ def _ablate(args) -> int:
 
 
 def _ablate_images(args) -> int:
-    from .config import resolve
-    from .image_runs import TABLE_ROWS, run_table
     if args.runs is not None or args.seeds is not None or args.quick:
         raise ValueError("--suite images takes --preset, --set, --rows and --out; not --runs, --seeds or --quick")
     base = resolve(args.preset or "mnist-cpu", None, args.set)
@@ -288,7 +294,6 @@ def _ablate_images(args) -> int:
     out = args.out or os.path.join("results", "images-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_writable(out)
     print(f"gendiff ablate --suite images: rows {', '.join(rows)} -> {out}")
-    import time
     start = time.perf_counter()
     table = run_table(base, rows, out, progress=not args.no_progress, device=args.device)
     print(table)
@@ -297,8 +302,6 @@ def _ablate_images(args) -> int:
 
 
 def _report(args) -> int:
-    from .html import write_report
-    from .report import calibration_markdown, metrics_markdown, rerender
     if os.path.isfile(os.path.join(args.folder, "config.toml")):
         print(f"wrote {write_report(args.folder)}")
         return 0
@@ -309,6 +312,11 @@ def _report(args) -> int:
     print(metrics_markdown(result))
     print(calibration_markdown(result))
     print(f"rewrote {os.path.join(args.folder, 'metrics.md')} and {write_report(args.folder)}")
+    return 0
+
+
+def _posthoc(args) -> int:
+    print(f"wrote {os.path.join(args.run, posthoc_run(args.run, args.sigma_rel, args.step))}")
     return 0
 
 
@@ -324,9 +332,17 @@ def _parse_seeds(text: str) -> list:
     return seeds
 
 
-def _check_writable(out: str) -> None:
-    """Create the results folder and prove it writable before hours of work, not after."""
+def _check_writable(out: str, create: bool = True) -> None:
+    """Prove the results folder writable before hours of work, not after. create=False leaves nothing behind:
+    the nearest existing folder on the path must be writable."""
     try:
+        if not create:
+            parent = os.path.abspath(out)
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(13, f"{parent} is not a writable folder")
+            return
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".gendiff-write-test")
         with open(probe, "w") as f:
@@ -336,38 +352,19 @@ def _check_writable(out: str) -> None:
         raise ValueError(f"--out={out!r} is not a writable folder ({e.strerror or e})") from None
 
 
+COMMANDS = {"ablate": _ablate, "report": _report, "train": _train, "sample": _sample, "eval": _eval,
+            "likelihood": _likelihood, "data": _data, "posthoc-ema": _posthoc}
+ERRORS = ((ValueError, 2), (FloatingPointError, 3), (CheckpointError, 4))   # bad input, diverged, disk
+
+
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError
-    from .runtime import configured
     args = build_parser().parse_args(argv)
     with configured(getattr(args, "threads", None)):
         try:
-            if args.command == "ablate":
-                return _ablate(args)
-            if args.command == "report":
-                return _report(args)
-            if args.command == "train":
-                return _train(args)
-            if args.command in ("sample", "eval"):
-                return _eval(args)
-            if args.command == "likelihood":
-                return _likelihood(args)
-            if args.command == "data":
-                return _data(args)
-            if args.command == "posthoc-ema":
-                from .run import posthoc_run
-                print(f"wrote {os.path.join(args.run, posthoc_run(args.run, args.sigma_rel, args.step))}")
-                return 0
-        except ValueError as e:
+            return COMMANDS[args.command](args)
+        except tuple(e for e, _ in ERRORS) as e:
             print(f"gendiff: error: {e}", file=sys.stderr)
-            return 2
-        except FloatingPointError as e:  # training diverged
-            print(f"gendiff: error: {e}", file=sys.stderr)
-            return 3
-        except CheckpointError as e:     # the run folder stopped taking writes (full disk, permissions)
-            print(f"gendiff: error: {e}", file=sys.stderr)
-            return 4
-    return 1
+            return next(code for kind, code in ERRORS if isinstance(e, kind))
 
 
 if __name__ == "__main__":

@@ -221,26 +221,31 @@ def image_grid(path: str, images: torch.Tensor, nrow: int = 8, pad: int = 2) -> 
 def uncertainty_grid(path: str, rows, row_labels=None, heat=None) -> None:
     """A PNG figure: one figure row per example, one column per panel.
 
-    rows: the panels as column title → tensor [N, 1, H, W] (a dict or a list of (title, tensor)), N examples
+    rows: the panels as column title → tensor [N, C, H, W] (a dict or a list of (title, tensor)), N examples
     each, e.g. noisy input, denoised μ, σ_φ, |μ − x0|, clean x0; stack examples at several σ into N and name
     them with `row_labels` (N strings, e.g. "σ=0.5"). Columns in `heat` (default: those whose values are all
     ≥ 0, i.e. σ_φ and error maps, since images in [−1, 1] have a −1 background) are drawn as heat maps sharing
-    one colour scale per row, so σ_φ and the actual error are comparable; the others are grey in [−1, 1]."""
+    one colour scale per row, so σ_φ and the actual error are comparable (one channel each); the others are images in
+    [−1, 1], grey (C = 1) or colour (C = 3)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = list(rows.items()) if isinstance(rows, dict) else list(rows)
     if not panels:
-        raise ValueError("rows is empty; allowed: one or more (title, tensor [N, 1, H, W])")
+        raise ValueError("rows is empty; allowed: one or more (title, tensor [N, C, H, W])")
     n = len(panels[0][1])
     for title, t in panels:
-        if t.ndim != 4 or t.shape[1] != 1 or len(t) != n:
-            raise ValueError(f"panel {title!r} has shape {tuple(t.shape)}; allowed: [{n}, 1, H, W] like "
+        if t.ndim != 4 or t.shape[1] not in (1, 3) or len(t) != n:
+            raise ValueError(f"panel {title!r} has shape {tuple(t.shape)}; allowed: [{n}, 1 or 3, H, W] like "
                              "the first")
     if row_labels is not None and len(row_labels) != n:
         raise ValueError(f"row_labels has {len(row_labels)} entries; allowed: one per example ({n})")
     heat = {t for t, v in panels if bool((v >= 0).all())} if heat is None else set(heat)
+    for title, t in panels:
+        if title in heat and t.shape[1] != 1:
+            raise ValueError(f"panel {title!r} is a heat map with {t.shape[1]} channels; allowed: one (e.g. the "
+                             "root mean square over channels)")
     fig, axes = plt.subplots(n, len(panels), figsize=(1.6 * len(panels) + 0.6, 1.6 * n), squeeze=False)
     try:
         for r in range(n):
@@ -248,11 +253,13 @@ def uncertainty_grid(path: str, rows, row_labels=None, heat=None) -> None:
             im = None
             for c, (title, v) in enumerate(panels):
                 ax = axes[r, c]
-                img = v[r, 0].detach().cpu().float().numpy()
+                img = v[r].detach().cpu().float().permute(1, 2, 0).numpy()
                 if title in heat:
-                    im = ax.imshow(img, cmap="magma", vmin=0, vmax=vmax)
+                    im = ax.imshow(img[..., 0], cmap="magma", vmin=0, vmax=vmax)
+                elif img.shape[-1] == 1:
+                    ax.imshow(img[..., 0], cmap="gray", vmin=-1, vmax=1)
                 else:
-                    ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+                    ax.imshow((img.clip(-1, 1) + 1) / 2)
                 ax.set_xticks([]), ax.set_yticks([])
                 if r == 0:
                     ax.set_title(title, fontsize=8)

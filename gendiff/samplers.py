@@ -16,6 +16,7 @@ import math
 import torch
 
 from .checks import check_choice, check_positive
+from .io import randn
 from .schedules import edm_sigmas  # noqa: F401 (the sampling grid lives in schedules.py)
 from .scores import HYBRID_SIGMA, with_score_mode
 
@@ -25,7 +26,7 @@ def _score_mode(denoiser, score_mode: str, hybrid_sigma: float):
 
 
 def _randn(x, generator):
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return randn(x.shape, generator, x.dtype).to(x.device)   # a torch.Generator or an io.StackedGenerator
 
 
 def _check_grid(sigmas) -> list:

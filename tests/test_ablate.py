@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gendiff import losses
-from gendiff.ablate import DEFAULT_RUNS, RUNS, AblateConfig, make_denoiser, make_evaluator, quick, run_ablation
+from gendiff.experiments.ablate import DEFAULT_RUNS, RUNS, AblateConfig, make_denoiser, make_evaluator, quick, run_ablation
 from gendiff.cli import main
 from gendiff.data.toy import tree
-from gendiff.evaluate import SamplerConfig
+from gendiff.mixture_eval import SamplerConfig
 from gendiff.schedules import LogNormalSigma
 from gendiff.train import BatchSource, ToyTrainConfig, train
 
@@ -152,8 +152,8 @@ def test_alternative_guides(guide):
 
 
 def test_several_seeds_give_mean_and_std(tmp_path):
-    from gendiff.ablate import run_seeds
-    from gendiff.report import metrics_markdown
+    from gendiff.experiments.ablate import run_seeds
+    from gendiff.experiments.report import metrics_markdown
     cfg = tiny(runs=("edm",))
     res = run_seeds(cfg, [0, 1], str(tmp_path), progress=False, log=lambda *_: None)
     one = [json.loads((tmp_path / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
@@ -205,7 +205,7 @@ def test_gaussian_init_option():
 def test_objectives_suite_runs_every_objective(tmp_path):
     """`gendiff ablate --suite objectives --quick`: every parameterisation, weighting and density of the grid
     trains, samples and is measured (finite metrics); the registry agrees with the suite."""
-    from gendiff.ablate import OBJECTIVE_RUNS, SUITES
+    from gendiff.experiments.ablate import OBJECTIVE_RUNS, SUITES
     out = tmp_path / "obj"
     assert main(["ablate", "--suite", "objectives", "--quick", "--no-figures", "--no-progress", "--out", str(out),
                  "--samples", "512"]) == 0

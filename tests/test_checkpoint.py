@@ -77,7 +77,7 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from safetensors.torch import save_file
-    from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+    from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
     from gendiff.data.toy import tree
     from gendiff.train import BatchSource, ToyTrainConfig, train
     run, ckdir, final = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -83,15 +83,15 @@ from torch import nn
 
 from gendiff.checks import as_sigma, per_example
 from gendiff.data.toy import tree
-from gendiff.evaluate import Evaluator, SamplerConfig
+from gendiff.mixture_eval import Evaluator, SamplerConfig
 from gendiff.guidance import Guided
 from gendiff.heads import (DiagonalHead, FullHead, NoHead, Prediction, f_target, nll_direct, nll_full,
                            nll_stable)
 from gendiff.losses import ConfidenceNLL, NoisyBatch
-from gendiff.metrics import calibration
+from gendiff.mixture_metrics import calibration
 from gendiff.nets.mlp import toy_denoiser
 from gendiff.precond import Denoiser, EDMPrecond, EpsPrecond, VPrecond, X0Precond
-from gendiff.report import summarize_seeds, write_metrics
+from gendiff.experiments.report import summarize_seeds, write_metrics
 from gendiff.schedules import LogNormalSigma
 from gendiff.scores import PhiScoreDenoiser, phi_score
 
@@ -895,7 +895,7 @@ def test_summarize_seeds_keeps_seeds_with_missing_values(tmp_path):
 
 def test_summarize_seeds_keeps_bins_that_differ_between_seeds():
     """Within-bin Spearman bins depend on the held-out σ of each seed: the summary keeps the union."""
-    from gendiff.report import summarize_seeds
+    from gendiff.experiments.report import summarize_seeds
 
     def res(s, bins):
         return {"runs": {"r": {"unguided": {"calibration": {"spearman_excess_by_bin": bins}, "nfe": 7}}},
@@ -920,7 +920,7 @@ def test_exact_denoiser_accepts_constant_per_element_sigma_in_any_dimension():
 
 def test_guidance_effect_survives_missing_values():
     """A diverged run's MMD² is written as null (strict JSON): the guidance effect reports None, no crash."""
-    from gendiff.report import guidance_effect, guidance_markdown
+    from gendiff.experiments.report import guidance_effect, guidance_markdown
     runs = {"r": {"unguided": {"mmd": None, "outlier_rate": 0.1, "sample_nll": 1.0, "median_nll": -1.0},
                   "autoguided": {"mmd": 2e-3, "outlier_rate": 0.05, "sample_nll": 0.5, "median_nll": -1.2}}}
     eff = guidance_effect(runs)["r"]
@@ -933,7 +933,7 @@ def test_guidance_effect_survives_missing_values():
 def test_run_registry_and_option_errors():
     from dataclasses import replace as dc_replace
 
-    from gendiff import ablate
+    from gendiff.experiments import ablate
     from gendiff.samplers import sample_heun
     from gendiff.schedules import edm_sigmas
     bad = dc_replace(ablate.RUNS["confidence-full-hybrid"], head="diag")

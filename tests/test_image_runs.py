@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from gendiff.config import resolve
-from gendiff.image_runs import OBJECTIVES, build_model, density_and_loss, run_table, sample_images
+from gendiff.experiments.config import resolve
+from gendiff.experiments.images import OBJECTIVES, build_model, density_and_loss, run_table, sample_images
 from gendiff.losses import NoisyBatch
 from gendiff.train import DataSource, train
 
@@ -45,7 +45,7 @@ def tiny(blobs, objective, *sets):
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_every_objective_trains_and_its_loss_falls(blobs, objective):
     cfg = tiny(blobs, objective, "train.iterations=40", "train.batch=16", "train.precision=fp32", "train.lr=5e-3")
-    from gendiff.image_runs import load_images
+    from gendiff.experiments.images import load_images
     data = load_images(cfg.data, "train")
     x = data.to_tensor()
     labels = torch.from_numpy(data.labels) if OBJECTIVES[objective].conditional else None
@@ -118,7 +118,7 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
     assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing left to train
     assert json.load(open(os.path.join(out, "metrics.json")))["samples"]["fid"] == m["samples"]["fid"]
     from safetensors.torch import load_file
-    from gendiff.image_runs import load_image_model
+    from gendiff.experiments.images import load_image_model
     cfg, model = load_image_model(out)                               # the run back: config and EMA weights
     assert cfg.objective == "confidence" and model.head.__class__.__name__ == "DiagonalHead"
     saved = load_file(os.path.join(out, "model.safetensors"))
@@ -128,7 +128,7 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
 
 
 def test_table_is_resumable(blobs, tmp_path, monkeypatch):
-    import gendiff.image_runs as ir
+    import gendiff.experiments.images as ir
     base = tiny(blobs, "eps", "eval.likelihood_images=0")
     out = str(tmp_path / "table")
     md = run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None)
@@ -148,7 +148,7 @@ def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
     path = tmp_path / "bad.npz"
     np.savez(path, images=images, **({} if labels is None else {"labels": labels}))
     with pytest.raises(ValueError, match=match):
-        from gendiff.image_runs import train_image_run
+        from gendiff.experiments.images import train_image_run
         train_image_run(resolve("mnist-tiny", sets=[f"data.path={path}", "data.name=npz", "objective=edm"]),
                         str(tmp_path / "run"), progress=False)
     assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={path}", "--set", "data.name=npz",
@@ -159,7 +159,7 @@ def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
 def test_pf_ode_starts_where_the_model_was_trained(blobs, objective, monkeypatch):
     """DDPM rows never saw σ̃ < σ̃_1 ≈ 0.01: their PF-ODE likelihood starts there; EDM rows at 0.002."""
     import gendiff.likelihood as lk
-    from gendiff.image_runs import bits_per_dim
+    from gendiff.experiments.images import bits_per_dim
     from gendiff.process import DDPM
     seen = {}
 
@@ -176,7 +176,7 @@ def test_pf_ode_starts_where_the_model_was_trained(blobs, objective, monkeypatch
 
 
 def test_logged_throughput_spans_sittings(tmp_path):
-    from gendiff.image_runs import logged_img_per_s
+    from gendiff.experiments.images import logged_img_per_s
     p = tmp_path / "metrics.jsonl"
     rows = [(16, 1.0), (32, 3.0), (48, 5.0), (48, 0.5), (64, 2.5)]     # a resume at step 48: seconds restart
     p.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n" for s, t in rows))
@@ -186,7 +186,7 @@ def test_logged_throughput_spans_sittings(tmp_path):
 
 def test_device_choice(blobs, tmp_path):
     from gendiff.cli import main
-    from gendiff.image_runs import resolve_device
+    from gendiff.experiments.images import resolve_device
     assert resolve_device("cpu").type == "cpu" and resolve_device(None).type == ("cuda" if torch.cuda.is_available()
                                                                                    else "cpu")
     with pytest.raises(ValueError, match="device"):
@@ -201,7 +201,7 @@ def test_device_choice(blobs, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device path)")
 def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
-    from gendiff.image_runs import train_image_run
+    from gendiff.experiments.images import train_image_run
     m = train_image_run(tiny(blobs, "learned-variance"), str(tmp_path / "gpu"), progress=False, device="cuda")
     assert np.isfinite(m["samples"]["fid"]) and np.isfinite(m["bpd_ddpm_bound"])
 
@@ -209,7 +209,7 @@ def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
 def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
     """A head with σ_φ² = σ² + s² exactly (T8) predicts std s for the error of μ: calibrate reads s, not σ_φ."""
     from gendiff.heads import Prediction
-    from gendiff.image_runs import calibrate
+    from gendiff.experiments.images import calibrate
 
     class Known(torch.nn.Module):
         def predict(self, x, sigma):
@@ -229,7 +229,7 @@ def test_unet_layout_options_reach_the_model(tmp_path):
     """model.num_blocks (one integer or one per level), model.resample and model.emb_channels go from --set and
     TOML through build_model into the UNet; an old config without them (num_blocks an integer) still loads as
     before; bad values are one clear error naming the key."""
-    from gendiff.config import to_toml
+    from gendiff.experiments.config import to_toml
     from gendiff.nets.unet import UNet
     cfg = resolve("mnist-cpu", sets=["objective=edm", "model.num_blocks=[2, 1, 3]", "model.resample=plain",
                                      "model.emb_channels=40"])
@@ -277,7 +277,7 @@ def test_another_backbone_trains_through_the_same_recipe(blobs):
 def test_every_image_preset_builds_and_takes_a_step(objective):
     """The presets (mnist-gpu included, which no session has run on a GPU yet) resolve, build their U-Net and take
     one finite training step on two images."""
-    from gendiff.config import IMAGE_PRESETS
+    from gendiff.experiments.config import IMAGE_PRESETS
     for preset in IMAGE_PRESETS:
         cfg = resolve(preset, sets=[f"objective={objective}"])
         torch.manual_seed(0)

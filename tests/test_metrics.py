@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gendiff.data.toy import GaussianMixture, tree
-from gendiff.metrics import calibration, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
+from gendiff.mixture_metrics import calibration, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
 
 F64 = torch.float64
 
@@ -110,7 +110,7 @@ def test_score_error_by_sigma_bins_partition_the_average():
     sigma = torch.rand(1000, generator=g, dtype=F64).mul(9).sub(6).exp()
     exact = torch.randn(1000, 2, generator=g, dtype=F64)
     model = exact + torch.randn(1000, 2, generator=g, dtype=F64) * 0.1
-    from gendiff.metrics import SIGMA_BINS, score_error_by_sigma
+    from gendiff.mixture_metrics import SIGMA_BINS, score_error_by_sigma
     bins = score_error_by_sigma(model, exact, sigma)
     counts = [int(((sigma >= lo) & (sigma < hi)).sum()) for lo, hi in zip(SIGMA_BINS[:-1], SIGMA_BINS[1:])]
     weighted = sum(c * v for c, v in zip(counts, bins.values()) if c)
@@ -120,7 +120,7 @@ def test_score_error_by_sigma_bins_partition_the_average():
 
 def test_median_nll_of_a_gaussian():
     """−log N(x; m, s²I) = log(2πs²) + r²/(2s²) with r² ~ s²·χ²₂, whose median is 2 ln 2."""
-    from gendiff.metrics import median_nll
+    from gendiff.mixture_metrics import median_nll
     s = 0.3
     g = gaussian(s)
     x, _ = g.sample(100_000, generator=torch.Generator().manual_seed(4), dtype=F64)
@@ -134,7 +134,7 @@ def test_partial_spearman_removes_what_sigma_alone_explains():
     """Within a σ bin the excess variance still rises with σ; a model that knows only σ ranks it (plain
     Spearman > 0) but scores exactly 0 once σ's rank-linear part is removed; a model that knows the excess
     itself keeps a positive partial correlation."""
-    from gendiff.metrics import partial_spearman
+    from gendiff.mixture_metrics import partial_spearman
     g = torch.Generator().manual_seed(3)
     s = torch.rand(2000, generator=g, dtype=F64) * 0.5 + 1.0            # one narrow σ bin
     extra = torch.rand(2000, generator=g, dtype=F64)

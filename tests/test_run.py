@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gendiff.cli import main
-from gendiff.config import resolve, to_toml
+from gendiff.experiments.config import resolve, to_toml
 
 QUICK = ["--preset", "toy-quick", "--set", "train.iterations=96", "--set", "train.batch=128",
          "--set", "checkpoint.every=8", "--set", "eval.samples=256", "--set", "eval.eval_points=256",
@@ -248,7 +248,7 @@ def test_report_html_renders_in_a_real_browser(finished_run, tmp_path):
     (results / "metrics.json").write_text("{}")
     (results / "metrics.md").write_text("# title\n\n| run | MMD² |\n|---|---|\n| edm | **1e-4** |\n")
     shutil.copy(os.path.join(finished_run, "samples.png"), results / "fig.png")
-    from gendiff.html import write_report
+    from gendiff.experiments.html import write_report
     assert "<td>edm</td><td>1e-4</td>" in open(write_report(str(results))).read()
     browser = _browser()
     if browser is None:

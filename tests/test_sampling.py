@@ -7,7 +7,7 @@ import torch
 
 from gendiff.data.toy import GaussianMixture, tree
 from gendiff.guidance import Guided
-from gendiff.metrics import mmd, sample_nll
+from gendiff.mixture_metrics import mmd, sample_nll
 from gendiff.samplers import edm_sigmas, heun_nfe, sample_heun
 
 

@@ -10,7 +10,7 @@ import torch
 from .checks import check_choice, check_positive
 from .data.toy import GaussianMixture
 from .io import derive_seed, generator
-from .metrics import (calibration, kernel_sum, median_nll, mmd, outlier_rate, outlier_threshold, sample_nll,
+from .mixture_metrics import (calibration, kernel_sum, median_nll, mmd, outlier_rate, outlier_threshold, sample_nll,
                       score_error, score_error_by_sigma)
 from .samplers import heun_nfe, sample_heun
 from .schedules import edm_sigmas

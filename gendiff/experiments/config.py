@@ -1,6 +1,7 @@
-"""Typed run configuration: dataclasses, named presets, TOML files and `--set key=value` overrides (issue 9).
+"""Typed run configuration: dataclasses, named presets, TOML files and `--set key=value` overrides.
 
-A `TrainRunConfig` is the whole recipe of one `gendiff train` run; `resolve(preset, toml_path, sets)` builds it
+A run config (`ToyRunConfig` for the exact 2-D tree, `ImageRunConfig` for images; its `kind` says which) is the
+whole description of one `gendiff train` run; `resolve(preset, toml_path, sets)` builds it
 in that order (preset, then the file, then each override) and validates it before anything touches the disk.
 Every error names the key, the value given and what is allowed. `to_toml` writes the fully resolved config,
 which `resolve(toml_path=...)` reads back to the same object (tested), so a run folder's `config.toml` is
@@ -13,10 +14,12 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 
-from .checks import check_choice, check_positive
-from .evaluate import SamplerConfig
-from .nets.unet import RESAMPLE
-from .train import TrainConfig, ToyTrainConfig
+from ..checks import check_choice, check_positive
+from ..data.toy import TREE_CLASSES
+from ..mixture_eval import SamplerConfig
+from ..nets.unet import RESAMPLE
+from ..train import TrainConfig, ToyTrainConfig
+from .recipes import IMAGE_RECIPES, TOY_RECIPES
 
 
 @dataclass
@@ -39,9 +42,16 @@ class EvalConfig:
         check_positive("eval.eval_points", self.eval_points, integer=True)
 
 
+def _check_kind(cfg, kind: str) -> None:
+    if cfg.kind != kind:
+        raise ValueError(f"kind={cfg.kind!r} does not match this config's tables (a {kind!r} run); "
+                         f"allowed: {KINDS}")
+
+
 @dataclass
-class TrainRunConfig:
-    run: str = "confidence"   # a recipe of `gendiff ablate --help` (head, batch mode, loss, precond, density)
+class ToyRunConfig:
+    kind: str = "toy"         # toy (the exact 2-D tree) | images
+    recipe: str = "confidence"   # a toy recipe of `gendiff ablate --help` (head, batch mode, loss, precond, density)
     classes: str = "A"        # tree classes of the data
     seed: int = 0
     train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
@@ -50,12 +60,11 @@ class TrainRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self):
-        from .ablate import RUNS
-        from .data.toy import TREE_CLASSES
-        check_choice("run", self.run, RUNS)
-        if RUNS[self.run].model is not None:
-            raise ValueError(f"run={self.run!r} reuses another run's model ({RUNS[self.run].model!r}); "
-                             f"train that run instead")
+        _check_kind(self, "toy")
+        check_choice("recipe", self.recipe, TOY_RECIPES)
+        if TOY_RECIPES[self.recipe].model is not None:
+            raise ValueError(f"recipe={self.recipe!r} reuses another recipe's model "
+                             f"({TOY_RECIPES[self.recipe].model!r}); train that recipe instead")
         check_choice("classes", self.classes, TREE_CLASSES)
         check_positive("seed", self.seed, integer=True, allow_zero=True)
         for part in (self.train, self.sampler, self.checkpoint, self.eval):
@@ -69,12 +78,19 @@ class ImageDataConfig:
     path: str = ""             # folder or .npz file; for mnist/fashion-mnist a root holding the IDX files
                                # ('' = the gendiff data folder, then Debian's fashion-mnist package)
     subset: int = 0            # train on a fixed random subset of this many training images (0: all)
+    size: int = 0              # folder/npz: resize every image to size×size (0: keep the images' own size)
+    channels: int = 0          # folder/npz: convert every image to 1 (grayscale) or 3 (RGB) channels (0: keep)
 
     def validate(self):
         check_choice("data.name", self.name, ("mnist", "fashion-mnist", "folder", "npz"))
         if self.name in ("folder", "npz") and not self.path:
             raise ValueError(f"data.name={self.name!r} needs data.path (the {self.name} to read)")
         check_positive("data.subset", self.subset, integer=True, allow_zero=True)
+        check_positive("data.size", self.size, integer=True, allow_zero=True)
+        check_choice("data.channels", self.channels, (0, 1, 3))
+        if self.name in ("mnist", "fashion-mnist") and (self.size or self.channels):
+            raise ValueError(f"data.size / data.channels apply to folder and npz data; data.name={self.name!r} "
+                             "is 28×28 grayscale")
 
 
 _VAR = {"variable_length": True}
@@ -115,7 +131,7 @@ class UNetConfig:
 @dataclass
 class ImageEvalConfig:
     samples: int = 1000        # generated images for FID / precision / recall / class counts
-    sampler_steps: int = 0     # 0: the objective's default (Heun 18 steps; DDPM respaced to 100 steps)
+    sampler_steps: int = 0     # 0: the recipe's default (Heun 18 steps; DDPM respaced to 100 steps)
     batch: int = 250           # images per sampler batch
     likelihood_images: int = 64   # test images for bits/dim (PF-ODE, Hutchinson; DDPM bound for DDPM rows)
     calibration_images: int = 256  # test images for σ_φ calibration (confidence rows)
@@ -130,7 +146,8 @@ class ImageEvalConfig:
 
 @dataclass
 class ImageRunConfig:
-    objective: str = "confidence"   # a row of seed 004's table: `gendiff train --print-config` lists them
+    kind: str = "images"      # toy | images (the exact 2-D tree, or an image dataset)
+    recipe: str = "confidence"   # an image recipe (a row of seed 004's table): `gendiff train --help` lists them
     seed: int = 0
     cfg_weights: tuple = field(default=(1.0, 5.0), metadata={**_VAR, "item": 0.0})   # T33 weights sampled for conditional rows
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
@@ -140,8 +157,8 @@ class ImageRunConfig:
     eval: ImageEvalConfig = field(default_factory=ImageEvalConfig)
 
     def validate(self):
-        from .image_runs import OBJECTIVES
-        check_choice("objective", self.objective, OBJECTIVES)
+        _check_kind(self, "images")
+        check_choice("recipe", self.recipe, IMAGE_RECIPES)
         check_positive("seed", self.seed, integer=True, allow_zero=True)
         for i, w in enumerate(self.cfg_weights):
             check_positive(f"cfg_weights[{i}]", w, allow_zero=True)
@@ -157,8 +174,8 @@ def _image(train: dict, model: dict | None = None, ev: dict | None = None, ck: i
 
 
 PRESETS = {
-    "toy-reference": lambda: TrainRunConfig(),
-    "toy-quick": lambda: TrainRunConfig(train=ToyTrainConfig(iterations=256, batch=512, lr_ref_iter=64,
+    "toy-reference": lambda: ToyRunConfig(),
+    "toy-quick": lambda: ToyRunConfig(train=ToyTrainConfig(iterations=256, batch=512, lr_ref_iter=64,
                                                              snapshot_every=128),
                                         checkpoint=CheckpointConfig(every=64), eval=EvalConfig(1024, 1024)),
     # MNIST, seed 004's table: a CPU budget (the whole table ≤ 2 h on 2 cores, bf16), a GPU budget, a smoke run
@@ -173,7 +190,9 @@ PRESETS = {
                          dict(samples=16, sampler_steps=4, batch=16, likelihood_images=4, calibration_images=8,
                               classifier_steps=30), ck=4),
 }
-IMAGE_PRESETS = tuple(k for k, f in PRESETS.items() if k.startswith("mnist"))
+IMAGE_PRESETS = tuple(k for k, f in PRESETS.items() if f().kind == "images")
+KINDS = ("toy", "images")
+DEFAULT_PRESET = {"toy": "toy-reference", "images": "mnist-cpu"}
 
 
 def _type_name(v) -> str:
@@ -222,7 +241,10 @@ def _set(obj, dotted: str, value, prefix: str = ""):
     names = [f.name for f in fields(obj)]
     key = prefix + head
     if head not in names:
-        raise ValueError(f"unknown key {key!r}; allowed: " + ", ".join(prefix + n for n in names))
+        hint = ""
+        if not prefix and head in ("data", "model") and getattr(obj, "kind", None) == "toy":
+            hint = f" ({head}.* keys belong to image runs: start from an image preset, e.g. --preset mnist-tiny)"
+        raise ValueError(f"unknown key {key!r}; allowed: " + ", ".join(prefix + n for n in names) + hint)
     old = getattr(obj, head)
     if is_dataclass(old):
         if not rest:
@@ -248,7 +270,7 @@ def _flatten(table: dict, prefix: str = ""):
 
 def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
     """Preset, then the TOML file, then each `key=value` of `sets`; validated. Pure: touches no disk but the
-    file it reads. preset None: toy-reference, or mnist-cpu when the file is an image run's (has `objective`)."""
+    file it reads. preset None: the file's `kind` picks the default preset (toy-reference or mnist-cpu)."""
     table = None
     if toml_path is not None:
         try:
@@ -259,9 +281,16 @@ def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"--config={toml_path!r} is not valid TOML ({e})") from None
     if preset is None:
-        preset = "mnist-cpu" if table is not None and "objective" in table else "toy-reference"
+        kind = "toy" if table is None else table.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"--config={toml_path!r} has kind={kind!r}; a run config starts with kind = \"toy\" "
+                             "or kind = \"images\" (or give --preset)")
+        preset = DEFAULT_PRESET[kind]
     check_choice("preset", preset, PRESETS)
     cfg = PRESETS[preset]()
+    if table is not None and table.get("kind", cfg.kind) != cfg.kind:
+        raise ValueError(f"--config={toml_path!r} is a {table['kind']!r} run but --preset={preset!r} is a "
+                         f"{cfg.kind!r} preset; choose one of {[k for k, f in PRESETS.items() if f().kind == table['kind']]}")
     if table is not None:
         for key, value in _flatten(table):
             _set(cfg, key, value)

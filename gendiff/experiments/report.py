@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from .heads import make_head
-from .io import save_figure, save_json, save_text
-from .metrics import CAL_BIN_DECADES, CAL_MIN_POINTS
+from ..heads import make_head
+from ..io import save_figure, save_json, save_text
+from ..mixture_metrics import CAL_BIN_DECADES, CAL_MIN_POINTS
 
 COLUMNS = [  # path, header, better ("min", "max", "zero" for closest to 0, None: no bold)
     (("sample_nll",), "sample NLL ↓", "min"),

@@ -1,0 +1,601 @@
+"""Real images (issue 10): seed 004's table on MNIST, plus the EDM and confidence-aware rows.
+
+Each row is an `ImageObjective` (parameterisation, loss, head, training density, sampler) trained through the
+one loop (train.py) on a `DataSource`, sampled by the library's samplers (respaced DDPM ancestral for the DDPM
+rows, EDM Heun for the EDM rows, CFG through guidance.classifier_free), and measured by image_metrics: FID,
+precision/recall and per-class counts in the features of our own classifier (nets/classifier.py, cached in the
+data folder), bits/dim (PF-ODE with Hutchinson on dequantised test images; DDPM's bound for DDPM rows), and for
+confidence rows the calibration of σ_φ per pixel with an uncertainty figure.
+"""
+"""Image runs: a recipe of seed 004's table (recipes.IMAGE_RECIPES) trained on an image dataset (MNIST,
+Fashion-MNIST, or a researcher's own folder or .npz) in a run folder, and the commands on such a folder.
+
+Training goes through the one loop (train.py) on a `DataSource`; sampling through the library's samplers
+(respaced DDPM ancestral for the DDPM recipes, EDM Heun for the EDM recipes, CFG through
+guidance.classifier_free), one seed per image; measurement through image_metrics: FID, precision/recall and
+per-class counts in the features of our own classifier (nets/classifier.py, cached beside the data; its test
+accuracy is reported with them, and near chance the sample metrics are marked unreliable), bits/dim (PF-ODE with
+Hutchinson on dequantised test images; DDPM's bound for DDPM recipes), and for confidence recipes the calibration
+of σ_φ per pixel with an uncertainty figure.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..checks import check_choice, check_positive
+from ..data import images as im
+from ..data.sources import DataSource
+from ..guidance import Conditioned, classifier_free
+from ..image_metrics import (calibration, class_counts, fid, image_grid, mode_coverage, precision_recall,
+                             uncertainty_grid)
+from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
+from ..likelihood import ddpm_vlb, dequantize, log_likelihood, nll_8bit_to_bits_per_dim
+from ..nets.classifier import batched, load_or_train_classifier
+from ..samplers import sample_ddpm, sample_heun
+from ..schedules import edm_sigmas
+from ..scores import CountCalls
+from .config import ImageRunConfig, to_toml
+from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
+from .runfolder import load_weights, read_json, start_run, train_in_folder, weights_tag
+
+CALIBRATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
+VAL_FRACTION = 0.1                 # folder/npz data: the share held out as the test split (seed 0)
+UNRELIABLE_MARGIN = 0.2            # classifier accuracy below chance + this share of (1 − chance): metrics unreliable
+
+
+# ---- data, model ---------------------------------------------------------------------------------------
+
+def load_images(dcfg, split: str):
+    """ImageData of the run's dataset. Folder/npz data is resized/converted as data.size/data.channels say and
+    split 90/10 into train/test, deterministically (seed 0); `describe_split` states the split."""
+    if dcfg.name in ("mnist", "fashion-mnist"):
+        return im.load_mnist(dcfg.name, split, root=dcfg.path or None)
+    data = _own_data(dcfg)
+    train, test = data.split(VAL_FRACTION, seed=0)
+    return train if split == "train" else test
+
+
+def _own_data(dcfg):
+    kw = {"size": dcfg.size or None, "channels": dcfg.channels or None}
+    return im.load_folder(dcfg.path, **kw) if dcfg.name == "folder" else im.load_npz(dcfg.path, **kw)
+
+
+def describe_split(dcfg, train, test) -> str:
+    """One line stating the data and its split, printed at the start of training and kept in the run folder."""
+    c, h, w = train.images.shape[1:]
+    labels = f"{train.num_classes} classes" if train.labels is not None else "no labels"
+    how = ("the dataset's own train/test split" if dcfg.name in ("mnist", "fashion-mnist") else
+           f"a fixed random {round(100 * (1 - VAL_FRACTION))}/{round(100 * VAL_FRACTION)} split (seed 0) of "
+           f"{dcfg.path}")
+    return (f"data {dcfg.name!r}: {len(train) + len(test)} images {c}×{h}×{w}, {labels}; {len(train)} train / "
+            f"{len(test)} test ({how})")
+
+
+class Setup(NamedTuple):
+    model: torch.nn.Module
+    loss: object
+    source: object
+    density: object
+    data: object                   # the training split (ImageData)
+    split: str                     # describe_split's line
+
+
+def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=None):
+    return IMAGE_RECIPES[cfg.recipe].build_model(cfg, shape, num_classes, backbone)
+
+
+def load_model(cfg: ImageRunConfig, out: str, weights: str = "model.safetensors"):
+    """The model of a finished image run folder with its weights (safetensors only), in eval mode."""
+    test = load_images(cfg.data, "test")
+    return load_weights(build_model(cfg, tuple(test.images.shape[1:]), test.num_classes), out, weights)
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """auto (None): this rank's GPU when CUDA is there (cuda:$LOCAL_RANK under torchrun), else the CPU."""
+    device = device or "auto"
+    check_choice("device", device, ("auto", "cpu", "cuda"))
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup:
+    """Everything that can reject an image run, before its folder exists: the data (read, checked, split), the
+    model (seeded initialisation; it must fit the images), the loss and the training density. The data, the model
+    and the EMA live on `device` (resolve_device); random draws come from the CPU training generator, so a seed
+    fixes the run on any device. backbone: see recipes.ImageRecipe.build_model."""
+    dev = resolve_device(device)
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    data = load_images(cfg.data, "train")
+    split = describe_split(cfg.data, data, load_images(cfg.data, "test"))
+    if cfg.data.subset:
+        data = data.subset(min(cfg.data.subset, len(data)), seed=cfg.seed)
+    if recipe.conditional and data.labels is None:
+        raise ValueError(f"recipe={cfg.recipe!r} is class-conditional; data {data.name!r} has no labels")
+    x = data.to_tensor()
+    labels = torch.from_numpy(data.labels) if recipe.conditional else None
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = build_model(cfg, tuple(x.shape[1:]), data.num_classes, backbone).to(dev)
+    source = DataSource(x, labels, data.num_classes if recipe.conditional else 0, recipe.label_dropout,
+                        shape=tuple(x.shape[1:]), name=f"data {data.name!r}", device=dev)
+    density = recipe.density(cfg.train)
+    return Setup(model, recipe.loss_fn(density), source, density, data, split)
+
+
+def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = True, log=print,
+              primary: bool = True) -> dict:
+    """Train (or continue) the image run in `out` through train.train; evaluate its EMA; returns the metrics."""
+    if primary:
+        log(setup.split)
+        save_text(setup.split + "\n", os.path.join(out, "data.txt"))
+    res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density, desc=cfg.recipe,
+                          progress=progress, log=log, primary=primary)
+    if not primary:
+        return {}
+    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log, train=setup.data)
+    metrics.update(train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
+                   train_seconds=res.seconds, iterations=cfg.train.iterations,
+                   batch=cfg.train.batch, bad_steps=res.bad_steps, final_loss=_tail_mean(res.losses))
+    save_json(metrics, os.path.join(out, "metrics.json"))
+    return metrics
+
+
+def summary(cfg: ImageRunConfig, metrics: dict) -> str:
+    return f"{cfg.recipe}: " + ", ".join(f"{k} {v:.4g}" for k, v in _flat_numbers(metrics).items())
+
+
+def _flat_numbers(m: dict, prefix: str = "") -> dict:
+    """The headline numbers of an image run's metrics (FID, precision, recall, bits/dim) for one line."""
+    out = {}
+    for k, v in m.items():
+        if isinstance(v, dict) and k.startswith("samples"):
+            out.update(_flat_numbers({kk: vv for kk, vv in v.items() if kk in ("fid", "precision", "recall")},
+                                     f"{k}."))
+        elif k.startswith("bpd_") and isinstance(v, float) and not k.endswith("seconds"):
+            out[prefix + k] = v
+        elif k in ("fid", "precision", "recall", "classifier_test_accuracy") and isinstance(v, float):
+            out[prefix + k] = v
+    if m.get("sample_metrics_unreliable"):
+        out["(sample metrics UNRELIABLE: classifier near chance) classifier_test_accuracy"] = \
+            m["classifier_test_accuracy"]
+    return out
+
+
+def _tail_mean(v, k=50):
+    return float(sum(v[-k:]) / len(v[-k:])) if v else float("nan")
+
+
+# ---- sampling: one seed per image ----------------------------------------------------------------------
+
+class _LastG(torch.nn.Module):
+    """A v-head denoiser for sample_ddpm: forward returns μ and keeps G, so the learned variance of the same
+    step (`v(z, t)`) costs no second network evaluation (T26)."""
+
+    def __init__(self, model, ddpm_process, head):
+        super().__init__()
+        self.model, self.ddpm, self.head, self.last = model, ddpm_process, head, None
+
+    def forward(self, x, sigma):
+        p = self.model.predict(x, sigma)
+        self.last = (float(torch.as_tensor(sigma).flatten()[0]), x.shape, self.head.interpolation(p))
+        return p.mu
+
+    def v(self, z, t):
+        ab, om = float(self.ddpm.alpha_bar[t]), float(self.ddpm.one_minus_alpha_bar[t])
+        s = math.sqrt(om / ab)
+        if self.last is None or self.last[1] != z.shape or abs(self.last[0] - s) > 1e-6 * s:
+            self.forward(z / math.sqrt(ab), s)
+        return self.last[2]
+
+
+def sampler_name(cfg: ImageRunConfig, steps: int = 0) -> str:
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    steps = steps or cfg.eval.sampler_steps or (RESPACED if recipe.sampler == "ddpm" else HEUN_STEPS)
+    return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" if recipe.sampler == "ddpm" else f"Heun {steps}"
+
+
+def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
+                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, first: int = 0):
+    """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
+    batches of `batch` (default eval.batch). Image i (counting from `first`) draws its start and all its noise
+    from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
+    (images, info: sampler, NFE, seconds).
+    labels: the class of each image for a conditional recipe (default: the null class ∅, unconditional), with
+    CFG weight `w` (T33; None: the conditional model alone). guide: None, or a callable (denoiser, labels of the
+    batch) -> denoiser wrapping the model for each batch (e.g. guidance.ClassifierGuided; needs `labels`); NFE
+    counts the model's calls."""
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    batch = batch or cfg.eval.batch
+    if guide is not None and (labels is None or len(labels) < n):
+        raise ValueError(f"sample_images(guide=...) needs labels, one class per sample ({n}); got "
+                         f"{'none' if labels is None else len(labels)}")
+    shape = (model.net.img_channels, model.net.img_resolution, model.net.img_resolution)
+    dev = next(model.parameters()).device
+    counted, outs, start = CountCalls(model), [], time.perf_counter()
+    steps = steps or cfg.eval.sampler_steps or (RESPACED if recipe.sampler == "ddpm" else HEUN_STEPS)
+    process = ddpm().respaced(min(steps, DDPM_T)) if recipe.sampler == "ddpm" else None
+    for i in range(0, n, batch):
+        k = min(batch, n - i)
+        g = StackedGenerator(seed, range(first + i, first + i + k))
+        den = counted
+        if recipe.conditional:
+            y = (labels[i:i + k] if labels is not None else torch.full((k,), num_classes)).to(dev)
+            den = classifier_free(den, y, num_classes, w) if w is not None else Conditioned(den, y)
+        if guide is not None:
+            den = guide(den, labels[i:i + k].to(dev))
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            z = g.randn((k, *shape)).to(dev)
+            if recipe.sampler == "ddpm":
+                vfn = None
+                if recipe.head == "v":
+                    den = _LastG(den, process, model.head)
+                    vfn = den.v
+                x = sample_ddpm(den, z, process, rule=recipe.rule, v=vfn, generator=g)
+            else:
+                x = sample_heun(den, z * 80.0, edm_sigmas(steps, 0.002, 80.0, 7.0), generator=g)
+        outs.append(x.float().clamp(-1, 1).cpu())
+    nfe = counted.calls // math.ceil(n / batch)
+    return torch.cat(outs), {"sampler": sampler_name(cfg, steps), "nfe": nfe,
+                             "sample_seconds": time.perf_counter() - start}
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str, seed: int = 0, steps: int = 0,
+               batch: int = 0, cfg_weight: float | None = None, label: int | None = None, sampler=None,
+               score_mode=None, **unused) -> dict:
+    """`gendiff sample` on an image run: dest/000000.png … (one PNG per image), dest/samples.npz (uint8 images
+    [N, C, H, W], their seeds and labels) and dest/grid.png (the first 64). A conditional run samples classes
+    0, 1, … in turn (or only `label`), with CFG weight `cfg_weight` (default: the conditional model alone)."""
+    for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
+        if v is not None:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes the "
+                             f"sampler: {sampler_name(cfg)}; --steps changes its steps)")
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    num_classes = _num_classes(model)
+    if not recipe.conditional and (cfg_weight is not None or label is not None):
+        raise ValueError(f"--cfg-weight / --label need a class-conditional recipe; recipe={cfg.recipe!r} is "
+                         "unconditional")
+    if label is not None and not 0 <= label < num_classes:
+        raise ValueError(f"--label={label} must be a class in 0..{num_classes - 1}")
+    labels = None
+    if recipe.conditional:
+        labels = torch.full((samples,), label) if label is not None else torch.arange(samples) % num_classes
+    x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed, num_classes=num_classes,
+                            steps=steps, batch=batch)
+    os.makedirs(dest, exist_ok=True)
+    u8 = _to_uint8(x)
+    for i, img in enumerate(u8):
+        with atomic_path(os.path.join(dest, f"{i:06d}.png")) as tmp:
+            Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
+    with atomic_path(os.path.join(dest, "samples.npz")) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=u8, seeds=np.arange(samples),
+                 **({"labels": labels.numpy()} if labels is not None else {}))
+    image_grid(os.path.join(dest, "grid.png"), x[:64], nrow=8)
+    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
+    save_json(info, os.path.join(dest, "samples.json"))
+    return info
+
+
+def _num_classes(model) -> int:
+    """Classes of a conditional model (its class embedding has num_classes + 1 rows, ∅ last); 0 otherwise."""
+    return getattr(model.net, "num_classes", 0) or 0
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None) -> dict:
+    """FID / precision / recall / class counts of generated images (our classifier's features), bits/dim,
+    σ_φ calibration for confidence models; writes samples*.png and uncertainty.png into `out`."""
+    obj, ev = IMAGE_RECIPES[cfg.recipe], cfg.eval
+    model = model.eval()
+    test = load_images(cfg.data, "test")
+    xt = test.to_tensor()
+    metrics: dict = {"recipe": cfg.recipe, "data": test.name}
+    clf, real = None, None
+    if test.labels is not None:
+        clf, real, acc = feature_classifier(cfg, test, train)
+        metrics.update(classifier_metrics(acc, test.num_classes))
+        if metrics["sample_metrics_unreliable"]:
+            log(f"the feature classifier's test accuracy is {acc:.3f} against chance {1 / test.num_classes:.3f}: "
+                "FID, precision and recall of this run are UNRELIABLE (marked so in metrics.json)")
+    ws = list(cfg.cfg_weights) if obj.conditional else [None]
+    labels = torch.arange(ev.samples) % num_classes if obj.conditional else None
+    for w in ws:
+        x, info = sample_images(model, cfg, ev.samples, labels=labels, w=w, seed=cfg.seed, num_classes=num_classes)
+        key = "" if w is None else f"@w={w:g}"
+        row = dict(info)
+        if clf is not None:
+            row.update(sample_metrics(clf, real, x, test, num_classes, cfg.seed))
+        metrics[f"samples{key}"] = row
+        image_grid(os.path.join(out, f"samples{key.replace('@', '-')}.png"), x[:64], nrow=8)
+        log(f"{cfg.recipe}{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                    if isinstance(v, float)))
+    dev = next(model.parameters()).device
+    metrics.update(bits_per_dim(model, cfg, xt[:ev.likelihood_images].to(dev), num_classes))
+    if obj.head == "diag" and ev.calibration_images:
+        metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images].to(dev), out)
+    return metrics
+
+
+def classifier_metrics(accuracy: float, num_classes: int) -> dict:
+    """The feature classifier's test accuracy beside chance; below chance + UNRELIABLE_MARGIN·(1 − chance) the
+    sample metrics (FID, precision, recall, class counts) measure nothing and are marked unreliable."""
+    chance = 1.0 / num_classes
+    return {"classifier_test_accuracy": accuracy, "classifier_chance": chance,
+            "sample_metrics_unreliable": bool(accuracy < chance + UNRELIABLE_MARGIN * (1 - chance))}
+
+
+def feature_classifier(cfg, test, train=None):
+    """(classifier, features of the test images, its test accuracy): the FID feature classifier of the run's
+    dataset (nets/classifier.py), trained on the training split once and cached in the data folder."""
+    train = load_images(cfg.data, "train") if train is None or cfg.data.subset else train
+    cache = im.data_dir(cfg.data.name) if cfg.data.name in ("mnist", "fashion-mnist") else \
+        os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
+    key = cfg.data.name if cfg.data.name in ("mnist", "fashion-mnist") else \
+        "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(cfg.data.path.rstrip("/")))
+    xt = test.to_tensor()
+    clf, info = load_or_train_classifier(key, train.to_tensor(), torch.from_numpy(train.labels), cache, xt,
+                                         torch.from_numpy(test.labels), steps=cfg.eval.classifier_steps)
+    clf.eval()
+    with torch.no_grad():
+        return clf, batched(clf.features, xt), info.get("test_accuracy")
+
+
+def sample_metrics(clf, real: torch.Tensor, x: torch.Tensor, test, num_classes: int, seed: int,
+                   labels: torch.Tensor | None = None) -> dict:
+    """FID, precision/recall (against as many real test images, a fixed random subset), per-class counts and
+    mode coverage of generated images x in the feature classifier's space; with `labels` (the class each
+    sample was asked for) also label_accuracy, the share the classifier assigns to the asked class."""
+    with torch.no_grad():
+        fake = batched(clf.features, x)
+        g = torch.Generator().manual_seed(derive_seed(seed, "real-subset"))
+        ref = real[torch.randperm(len(real), generator=g)[:len(fake)]]
+        p, r = precision_recall(ref, fake)
+        counts = class_counts(clf, x, num_classes)
+        row = dict(fid=fid(real, fake), precision=p, recall=r, class_counts=counts.tolist(),
+                   modes=mode_coverage(counts, torch.bincount(torch.from_numpy(test.labels),
+                                                              minlength=num_classes).numpy()))
+        if labels is not None:
+            pred = batched(clf, x).argmax(1)
+            row["label_accuracy"] = float((pred == labels.to(pred.device)).double().mean())
+    return row
+
+
+def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
+    """Bits/dim of 8-bit test images (± the standard error over images): PF-ODE (T31, Hutchinson) of the
+    dequantised images from σ_min (0.002 for EDM rows; σ̃_1 of the DDPM for DDPM rows, the lowest σ they were
+    trained at), plus DDPM's discretised bound (T27) for DDPM rows (50 of the T − 1 diffusion steps, unbiased;
+    the learned Σ for the v head). A conditional model is measured unconditionally (the null class ∅: p(x))."""
+    obj = IMAGE_RECIPES[cfg.recipe]
+    if not len(x8):
+        return {}
+    den = Conditioned(model, torch.full((len(x8),), num_classes, device=x8.device)) if obj.conditional else model
+    n, d = len(x8), x8[0].numel()
+    se = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
+    g = generator(cfg.seed, "likelihood")
+    y = dequantize(x8.double(), generator=g).float()
+    process = ddpm()
+    sigma_min = float(process.one_minus_alpha_bar[1] / process.alpha_bar[1]) ** 0.5 if obj.density_name == "ddpm" else 0.002
+    start = time.perf_counter()
+    logp, info = log_likelihood(den, y, sigma_min=sigma_min, method="hutchinson", rtol=1e-4, atol=1e-4,
+                                generator=g)
+    bpd = nll_8bit_to_bits_per_dim(-logp.double(), d)
+    out = {"bpd_pf_ode": float(bpd.mean()), "bpd_pf_ode_se": se(bpd), "bpd_pf_ode_nfe": info["nfe"],
+           "bpd_pf_ode_sigma_min": sigma_min, "bpd_pf_ode_seconds": time.perf_counter() - start, "bpd_images": n}
+    if obj.density_name == "ddpm":
+        v = None
+        if obj.head == "v":
+            lg = _LastG(den, process, model.head)
+            den, v = lg, lg.v
+        with torch.no_grad():
+            vlb = ddpm_vlb(den, x8, process, decoder="discretized", v=v, steps=50, generator=g)
+        out.update(bpd_ddpm_bound=float(vlb["bits_per_dim"].mean()), bpd_ddpm_bound_se=se(vlb["bits_per_dim"]))
+    return out
+
+
+@torch.no_grad()
+def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
+    """The confidence head's claim about x0 against the actual error, on held-out images at several σ.
+
+    q(x | x̃) = N(μ, σ_φ²) models a noisy sample x ~ N(x0, σ²) (T7), so its optimum is σ_φ² = σ² + E[(μ − x0)²]
+    (T8): the std it predicts for the error of μ itself is the excess s_x0 = √(σ_φ² − σ²) (floored at 1e-4).
+    Calibration (image_metrics.calibration) is of s_x0 against |μ − x0|; also recorded: the coverage of σ_φ
+    itself, which counts the noise σ and must over-cover. uncertainty.png: noisy input, μ, s_x0, |μ − x0|, x0
+    for 4 images at three σ."""
+    g = generator(cfg.seed, "calibration")
+    res, names = {}, []
+    panels = {k: [] for k in ("noisy x̃", "denoised μ", "predicted std of x0", "|μ − x0|", "clean x0")}
+    rms = lambda v: v.square().mean(1, keepdim=True).sqrt()  # noqa: E731  (maps of any channel count, per pixel)
+    for s in CALIBRATION_SIGMAS:
+        xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
+        p = model.predict(xn, torch.tensor(s, device=x0.device))
+        var = p.variance().float()
+        s_x0 = (var - s * s).clamp_min(1e-8).sqrt()
+        c = calibration(s_x0.cpu(), p.mu.cpu(), x0.cpu())
+        raw = calibration(var.sqrt().cpu(), p.mu.cpu(), x0.cpu())
+        c.update(sigma_phi_coverage_1sigma=raw["coverage_1sigma"], excess_floored=float((var <= s * s).float().mean()))
+        res[f"sigma={s:g}"] = c
+        if s in (0.2, 0.5, 1.0):
+            for k, v in zip(panels, (xn[:4].clamp(-1, 1), p.mu[:4], rms(s_x0[:4]), rms(p.mu - x0)[:4], x0[:4])):
+                panels[k].append(v)
+            names += [f"σ={s:g}"] * 4
+    uncertainty_grid(os.path.join(out, "uncertainty.png"), {k: torch.cat(v).cpu() for k, v in panels.items()},
+                     row_labels=names)
+    return res
+
+
+# ---- commands on a finished run folder ---------------------------------------------------------------
+
+def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: int = 0, seed: int = 0,
+             cfg_weight: float | None = None, weights: str = "model.safetensors", sampler=None, score_mode=None,
+             **unused) -> dict:
+    """FID / precision / recall / class counts of `samples` images (default eval.samples) of the run's model
+    against the test split, with the feature classifier's accuracy; writes RUN/eval-<steps>-<n>-<seed>.json."""
+    for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
+        if v is not None:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes the "
+                             f"sampler: {sampler_name(cfg)}; --steps changes its steps)")
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    if cfg_weight is not None and not recipe.conditional:
+        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is unconditional")
+    n = samples or cfg.eval.samples
+    test = load_images(cfg.data, "test")
+    if test.labels is None:
+        raise ValueError(f"gendiff eval measures samples in the features of a classifier of the data's classes; "
+                         f"data {cfg.data.path!r} has no labels (class subfolders or an npz 'labels' key): FID, "
+                         "precision and recall do not apply (samples: gendiff sample; bits/dim: gendiff likelihood)")
+    clf, real, acc = feature_classifier(cfg, test)
+    labels = torch.arange(n) % test.num_classes if recipe.conditional else None
+    x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed, num_classes=test.num_classes,
+                            steps=steps)
+    m = {**info, "samples": n, "seed": seed, "cfg_weight": cfg_weight, "weights": weights,
+         **classifier_metrics(acc, test.num_classes), **sample_metrics(clf, real, x, test, test.num_classes, seed)}
+    tag = f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}" + \
+        ("" if cfg_weight is None else f"-w{cfg_weight:g}") + weights_tag(weights)
+    save_json(m, os.path.join(out, tag + ".json"))
+    return m
+
+
+def eval_summary(out: str, m: dict) -> str:
+    flag = " (UNRELIABLE: the classifier is near chance)" if m["sample_metrics_unreliable"] else ""
+    return (f"{out}: {m['sampler']} NFE {m['nfe']}, {m['samples']} samples: FID {m['fid']:.2f} ↓, precision "
+            f"{m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier with test accuracy "
+            f"{m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
+
+
+def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, method: str = "hutchinson",
+                   seed: int = 0, **unused) -> dict:
+    """Bits/dim of `points` test images (default eval.likelihood_images, at least 1): PF-ODE with Hutchinson's
+    divergence (T31), plus DDPM's bound for DDPM recipes; writes RUN/likelihood.json."""
+    for name, v in unused.items():
+        if v is not None:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run")
+    if method != "hutchinson":
+        raise ValueError(f"--method={method!r}: the exact divergence of an image model costs one backward pass per "
+                         "pixel; image runs use --method hutchinson")
+    n = points or cfg.eval.likelihood_images or 64
+    x8 = load_images(cfg.data, "test").to_tensor()[:n].to(next(model.parameters()).device)
+    m = bits_per_dim(model, replace(cfg, seed=seed), x8, _num_classes(model))
+    save_json(m, os.path.join(out, "likelihood.json"))
+    return m
+
+
+def likelihood_summary(out: str, m: dict) -> str:
+    extra = f", DDPM bound {m['bpd_ddpm_bound']:.4f}" if "bpd_ddpm_bound" in m else ""
+    return (f"{out}: bits/dim ↓ of {m['bpd_images']} test images: PF-ODE {m['bpd_pf_ode']:.4f} ± "
+            f"{m['bpd_pf_ode_se']:.4f} (NFE {m['bpd_pf_ode_nfe']}){extra}")
+
+
+# ---- the table -----------------------------------------------------------------------------------------
+
+PAPER_004 = {"x0": (49.10, None), "eps": (15.75, 1.21), "score": (78.83, None), "score-cfg@w=1": (61.91, None),
+            "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (bits/dim)
+
+
+def run_table(base, rows, out: str, *, progress: bool = True, log=print, device: str | None = None) -> str:
+    """Train and evaluate each row (recipe) of seed 004's table at `base`'s budget into out/<row>/, a run folder
+    each. Resumable: a row whose metrics.json exists for the same config is read; an unfinished row resumes from
+    its newest checkpoint. Writes out/images.json and out/images.md; returns the markdown."""
+    for r in rows:
+        if r not in IMAGE_RECIPES:
+            raise ValueError(f"row {r!r} is not allowed; choose among {list(IMAGE_RECIPES)}")
+    results = {}
+    for r in rows:
+        cfg = replace(base, recipe=r).validate()
+        folder = os.path.join(out, r)
+        done = os.path.join(folder, "metrics.json")
+        fresh = not os.path.exists(os.path.join(folder, "config.toml"))
+        if not fresh:
+            with open(os.path.join(folder, "config.toml")) as f:
+                if f.read() != to_toml(cfg):
+                    raise ValueError(f"{folder} holds a run with another config; use another --out")
+        if not fresh and os.path.exists(done):
+            log(f"{r}: finished earlier, read {done}")
+            results[r] = read_json(done)
+            continue
+        setup = prepare(cfg, device, log=log)   # data and model checked before the row's folder exists
+        if fresh:
+            start_run(cfg, folder)
+        results[r] = train_run(cfg, folder, setup, progress=progress, log=log)
+    for r in results:   # throughput from the training log: every sitting of a resumed row, evaluation excluded
+        results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"), base.train.batch)
+    save_json({"preset_config": to_toml(base), "rows": results}, os.path.join(out, "images.json"))
+    md = table_markdown(results, base)
+    save_text(md, os.path.join(out, "images.md"))
+    return md
+
+
+def logged_img_per_s(path: str, batch: int) -> float:
+    """Training images per second from a run's metrics.jsonl: Σ Δstep·batch / Σ Δseconds over consecutive lines of
+    one sitting (seconds restart at 0 in each process, so a jump back marks a new sitting and is skipped)."""
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    steps = secs = 0.0
+    for a, b in zip(lines, lines[1:]):
+        if b["seconds"] > a["seconds"] and b["step"] > a["step"]:
+            steps, secs = steps + b["step"] - a["step"], secs + b["seconds"] - a["seconds"]
+    return steps * batch / secs if secs else float("nan")
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def table_markdown(results: dict, base) -> str:
+    t = base.train
+    lines = [f"Seed 004's table on {base.data.name}: U-Net {base.model.model_channels}×{list(base.model.channel_mult)}, "
+             f"{_as_list(base.model.num_blocks)} block(s)/level, {base.model.resample} resampling, {t.iterations} steps × batch {t.batch} ({t.precision}), "
+             f"EMA {t.ema}; {base.eval.samples} samples per row; FID, precision and recall in our classifier's "
+             "features (not Inception: compare orderings with seed 004, not values).", "",
+             "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) through the "
+             "null class).", "",
+             "| row | FID ↓ | precision | recall | classes hit | bits/dim PF-ODE | bits/dim DDPM bound | train img/s "
+             "| sampler | NFE | seed 004 FID | seed 004 NLL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, p=3: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
+    pm = lambda m, k: "–" if m.get(k) is None else f"{m[k]:.3f} ± {m.get(k + '_se') or 0:.3f}"  # noqa: E731
+    for r, m in results.items():
+        for key, s in m.items():
+            if not key.startswith("samples"):
+                continue
+            name = r + key[len("samples"):]
+            seed = PAPER_004.get(name, (None, None))
+            lines.append(f"| {name} | {f(s.get('fid'), 2)} | {f(s.get('precision'))} | {f(s.get('recall'))} | "
+                         f"{s.get('modes', {}).get('classes_hit', '–')} | {pm(m, 'bpd_pf_ode')} | "
+                         f"{pm(m, 'bpd_ddpm_bound')} | {f(m.get('train_img_per_s'), 1)} | {s['sampler']} | "
+                         f"{s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
+    cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]
+    if cal:
+        lines += ["", "Calibration of the confidence head on held-out test images, per pixel. The std it predicts "
+                  "for the error of μ is s_x0 = √(σ_φ² − σ²) (T8: σ_φ² = σ² + E[(μ − x0)²]). Spearman ρ(s_x0², "
+                  "(μ − x0)²); coverage of ±1 s_x0 / ±2 s_x0 (ideal 68.3% / 95.4%); NLL gain of N(μ, s_x0²) over "
+                  "the best single σ for all pixels (nats/pixel; > 0: s_x0 beats that trivial predictor); "
+                  "floored: share of pixels with σ_φ ≤ σ (s_x0 set to 1e-4); ±1σ_φ: coverage of σ_φ itself.", "",
+                  "| row | σ | Spearman | ±1 s_x0 | ±2 s_x0 | NLL gain | floored | ±1σ_φ |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r, c in cal:
+            for s, v in c.items():
+                lines.append(f"| {r} | {s.split('=')[1]} | {f(v['spearman'])} | {100 * v['coverage_1sigma']:.1f}% | "
+                             f"{100 * v['coverage_2sigma']:.1f}% | {f(v['nll_gain'])} | "
+                             f"{100 * v.get('excess_floored', float('nan')):.1f}% | "
+                             f"{100 * v.get('sigma_phi_coverage_1sigma', float('nan')):.1f}% |")
+    return "\n".join(lines) + "\n"
