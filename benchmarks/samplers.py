@@ -32,9 +32,9 @@ from gendiff.io import generator, save_figure, save_state, save_text
 from gendiff.likelihood import continuous_elbo, ddpm_vlb, log_likelihood
 from gendiff.process import DDPM, VP
 from gendiff.runtime import configured
-from gendiff.samplers import (edm_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                              sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
-from gendiff.schedules import LogNormalSigma
+from gendiff.samplers import (sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_maruyama,
+                              sample_heun, sample_langevin, sample_pc)
+from gendiff.schedules import LogNormalSigma, edm_sigmas
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 5.0, 7.0
 BUDGETS = (8, 16, 32, 64, 128, 1000)

@@ -1,8 +1,8 @@
 """Losses: small callables `loss(denoiser, batch) -> [N]`, unreduced per example (STYLE 3).
 
 The noise level is drawn outside (schedules.py) and arrives in the batch, so weighting and sampling
-density are ablated independently. THEORY §3 and §10. The formulas themselves live with the heads
-(heads.py) and are re-exported here.
+density are ablated independently. THEORY §3 and §10. The formulas themselves (T7–T12) live with the
+heads (heads.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import as_sigma, one_per_example
-from .heads import _sum_elements, f_target, log_q, nll_direct, nll_full, nll_stable, tril_factor  # noqa: F401
+from .heads import _sum_elements
 from .precond import Denoiser
 
 

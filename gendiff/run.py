@@ -174,8 +174,8 @@ def evaluate_run(out: str, *, sampler: str = "heun", steps: int = 32, samples: i
     from .data.toy import tree
     from .evaluate import Evaluator
     from .io import generator
-    from .samplers import GRID_SAMPLERS, edm_sigmas
-    from .schedules import LogNormalSigma
+    from .samplers import GRID_SAMPLERS
+    from .schedules import LogNormalSigma, edm_sigmas
     from .scores import with_score_mode
     check_choice("sampler", sampler, GRID_SAMPLERS)
     check_positive("steps", steps, integer=True)

@@ -16,7 +16,6 @@ import math
 import torch
 
 from .checks import check_choice, check_positive
-from .schedules import edm_sigmas  # noqa: F401 (the sampling grid lives in schedules.py)
 from .scores import HYBRID_SIGMA, with_score_mode
 
 

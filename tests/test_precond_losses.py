@@ -12,18 +12,8 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import nn
 
-from gendiff.losses import (
-    ConfidenceNLL,
-    EDMLoss,
-    NoisyBatch,
-    ScoreMatchingLoss,
-    f_target,
-    log_q,
-    nll_direct,
-    nll_full,
-    nll_stable,
-)
-from gendiff.heads import tril_factor
+from gendiff.heads import f_target, log_q, nll_direct, nll_full, nll_stable, tril_factor
+from gendiff.losses import ConfidenceNLL, EDMLoss, NoisyBatch, ScoreMatchingLoss
 from gendiff.precond import Denoiser, edm_scalings
 from gendiff.scores import (
     PhiScoreDenoiser,

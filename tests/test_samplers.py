@@ -25,8 +25,9 @@ import torch
 from gendiff.data.toy import GaussianMixture, eight_gaussians
 from gendiff.metrics import median_nll, mmd
 from gendiff.process import DDPM, VE, VP
-from gendiff.samplers import (edm_sigmas, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
+from gendiff.samplers import (ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
                               sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
+from gendiff.schedules import edm_sigmas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64

@@ -8,7 +8,8 @@ import torch
 from gendiff.data.toy import GaussianMixture, tree
 from gendiff.guidance import Guided
 from gendiff.metrics import mmd, sample_nll
-from gendiff.samplers import edm_sigmas, heun_nfe, sample_heun
+from gendiff.samplers import heun_nfe, sample_heun
+from gendiff.schedules import edm_sigmas
 
 
 @pytest.fixture(scope="module")
