@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import as_sigma, one_per_example
+from .checks import as_sigma, check_positive, one_per_example
 from .heads import _sum_elements
+from .likelihood import discretized_gaussian_log_prob
 from .precond import Denoiser
 
 
@@ -137,12 +138,10 @@ class HybridLoss:
     """
 
     def __init__(self, steps, lam: float = 0.001):
-        from .checks import check_positive
         check_positive("lam", lam, allow_zero=True)
         self.steps, self.lam = steps, float(lam)
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
-        from .likelihood import discretized_gaussian_log_prob
         p = batch.predict(denoiser)
         mu = p.mu
         s = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "HybridLoss")
