@@ -28,6 +28,7 @@ from gendiff.process import DDPM, VE, VP
 from gendiff.samplers import (ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
                               sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
 from gendiff.schedules import edm_sigmas
+from gendiff.scores import with_score_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -259,7 +260,7 @@ def test_stochastic_and_ddpm_samplers_match_the_gaussian_moments(gauss, name):
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, rule="bogus"), "rule"),
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, variance="bogus"), "variance"),
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, t_start=11), "t_start"),
-    (lambda D, x, z, dd: sample_heun(D, x, edm_sigmas(8), score_mode="bogus"), "score_mode"),
+    (lambda D, x, z, dd: sample_heun(with_score_mode(D, "bogus"), x, edm_sigmas(8)), "score_mode"),
     (lambda D, x, z, dd: ncsn_sigmas(x[:1]), "2 data points"),
 ])
 def test_bad_knobs_raise_a_clear_error(call, match, gauss):
@@ -268,20 +269,22 @@ def test_bad_knobs_raise_a_clear_error(call, match, gauss):
         call(D, x, x, DDPM(10))
 
 
-def test_every_sampler_takes_the_score_mode():
-    """T14 through the wrapper: with a head-less σ_φ = c_var denoiser the T14 score differs from T13."""
+def test_every_sampler_follows_the_score_mode_wrapper():
+    """T14 through the wrapper `with_score_mode`: with a head-less σ_φ = c_var denoiser the T14 score differs
+    from T13, so every sampler handed the wrapped denoiser moves differently."""
     from gendiff.nets.mlp import toy_denoiser
     torch.manual_seed(0)
     den = toy_denoiser("none").double()
     x = torch.randn(64, 2, dtype=F64, generator=_gen())
-    for f in (lambda m: sample_heun(den, x, edm_sigmas(4), score_mode=m),
-              lambda m: sample_dpmpp_2m(den, x, edm_sigmas(4), score_mode=m),
-              lambda m: sample_euler_maruyama(den, x, edm_sigmas(4), score_mode=m, generator=_gen()),
-              lambda m: sample_pc(den, x, edm_sigmas(4), score_mode=m, generator=_gen()),
-              lambda m: sample_langevin(den, x, [1.0, 0.1], steps_per_scale=2, score_mode=m, generator=_gen()),
-              lambda m: sample_ddpm(den, x, DDPM(10), score_mode=m, generator=_gen()),
-              lambda m: sample_ddim(den, x, DDPM(10), 5, score_mode=m)):
-        assert (f("tweedie") - f("phi")).abs().max() > 1e-6
+    for f in (lambda d: sample_heun(d, x, edm_sigmas(4)),
+              lambda d: sample_dpmpp_2m(d, x, edm_sigmas(4)),
+              lambda d: sample_euler_maruyama(d, x, edm_sigmas(4), generator=_gen()),
+              lambda d: sample_pc(d, x, edm_sigmas(4), generator=_gen()),
+              lambda d: sample_langevin(d, x, [1.0, 0.1], steps_per_scale=2, generator=_gen()),
+              lambda d: sample_ddpm(d, x, DDPM(10), generator=_gen()),
+              lambda d: sample_ddim(d, x, DDPM(10), 5)):
+        assert torch.equal(f(with_score_mode(den, "tweedie")), f(den))
+        assert (f(den) - f(with_score_mode(den, "phi"))).abs().max() > 1e-6
 
 
 def test_langevin_corrector_step_has_the_target_snr(gauss):
