@@ -19,8 +19,8 @@ from gendiff.guidance import ClassifierGuided, train_noisy_classifier
 from gendiff.mixture_metrics import mmd, sample_nll
 from gendiff.nets.mlp import ToyClassifier
 from gendiff.runtime import configure
-from gendiff.samplers import edm_sigmas, sample_heun
-from gendiff.schedules import LogNormalSigma
+from gendiff.samplers import sample_heun
+from gendiff.schedules import LogNormalSigma, edm_sigmas
 
 
 def main():

@@ -32,29 +32,14 @@ from gendiff.io import generator, save_figure, save_state, save_text
 from gendiff.likelihood import continuous_elbo, ddpm_vlb, log_likelihood
 from gendiff.process import DDPM, VP
 from gendiff.runtime import configured
-from gendiff.samplers import (edm_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                              sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
-from gendiff.schedules import LogNormalSigma
+from gendiff.samplers import (sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_maruyama,
+                              sample_heun, sample_langevin, sample_pc)
+from gendiff.schedules import LogNormalSigma, edm_sigmas
+from gendiff.scores import CountCalls, with_score_mode
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 5.0, 7.0
 BUDGETS = (8, 16, 32, 64, 128, 1000)
 DDPM_T = 1000
-
-
-class Counter(torch.nn.Module):
-    """Counts denoiser calls (NFE); forwards predict for the σ_φ score."""
-
-    def __init__(self, den):
-        super().__init__()
-        self.den, self.calls = den, 0
-
-    def forward(self, x, sigma):
-        self.calls += 1
-        return self.den(x, sigma)
-
-    def predict(self, x, sigma):
-        self.calls += 1
-        return self.den.predict(x, sigma)
 
 
 def _grid(steps):
@@ -154,9 +139,8 @@ def sampling_part(models, seeds, samples, rows_path, done, log):
                 continue
             den = models[m]
             if mode == "phi":
-                from gendiff.scores import with_score_mode
                 den = with_score_mode(den, "phi")
-            counter = Counter(den)
+            counter = CountCalls(den)
             start = time.perf_counter()
             with torch.no_grad():
                 x = fn(counter, ev.x_init, z_init, ddpm, t0, generator(seed, f"sampler-{s}-{b}"))
@@ -190,7 +174,7 @@ def likelihood_part(models, points, rows_path, done, log):
             row = {"part": "likelihood", "model": m, "sampler": method, "seed": 0}
             if key(row) in done:
                 continue
-            c = Counter(den)
+            c = CountCalls(den)
             start = time.perf_counter()
             nll = fn(c).double()
             row.update(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(len(nll))),

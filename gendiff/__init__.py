@@ -4,8 +4,8 @@ One rule: maximise a Gaussian log-likelihood. The network predicts a mean μ and
 per-element standard deviation σ_φ of the clean data (THEORY §2–§4).
 """
 from . import guidance, heads, losses, samplers, schedules, scores
-from .heads import DiagonalHead, FullHead, NoHead, Prediction
-from .precond import Denoiser, EDMPrecond, EpsPrecond, Precond, Scalings, VPrecond, X0Precond, edm_scalings
+from .heads import DiagonalHead, FullHead, NoHead, Prediction, Scalings
+from .precond import Denoiser, EDMPrecond, EpsPrecond, Precond, VPrecond, X0Precond, edm_scalings
 
 __all__ = ["Denoiser", "Prediction", "Scalings", "Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond",
            "edm_scalings", "NoHead", "DiagonalHead", "FullHead", "guidance", "heads", "losses", "samplers",

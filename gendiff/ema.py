@@ -8,7 +8,10 @@ profile over τ is closest in L² to the target profile.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+from safetensors import safe_open
 
 
 def power_ema_gamma(sigma_rel: float) -> float:
@@ -66,8 +69,6 @@ def posthoc_ema(snapshots, target_step: float, target_sigma_rel: float) -> dict:
 
 def load_posthoc(folder: str, max_step: int | None = None) -> list:
     """[(step, γ, state_dict), …] of the post-hoc snapshots in `folder` (safetensors only; steps ≤ max_step)."""
-    import os
-    from safetensors import safe_open
     out = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if not (name.startswith("posthoc-") and name.endswith(".safetensors")):

@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 
 from .checks import one_per_example
 
-if TYPE_CHECKING:  # annotations only: precond imports this module
-    from .precond import Scalings
-
 LOG_2PI = math.log(2 * math.pi)
+
+
+class Scalings(NamedTuple):
+    """The preconditioning coefficients at σ (T4–T6): D = c_skip·x̃ + c_out·F(c_in·x̃, c_noise); made by
+    `precond.Precond`, read by the formulas and heads below."""
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    c_in: torch.Tensor
+    c_noise: torch.Tensor
+    c_var: torch.Tensor
+    k: torch.Tensor  # c_out² / c_var², the weight in T9/T12 (EDM: σ_d² / (σ² + 2σ_d²))
 
 
 # ---- the formulas ------------------------------------------------------------------------------

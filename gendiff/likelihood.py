@@ -207,12 +207,18 @@ def _check_8bit(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return kr
 
 
-def dequantize(x: torch.Tensor, generator=None) -> torch.Tensor:
+def dequantize(x, generator=None) -> torch.Tensor:
     """Uniform dequantisation of 8-bit data x = 2k/255 − 1: y = x + (2/255)·u, u ~ U[0, 1) per element.
 
     Convention: the byte k owns the bin [x_k, x_k + 2/255) (the "(k + u)/256"-style shift, rescaled to
-    [−1, 1] by 2/255), so y ∈ [−1, 1 + 2/255). Any density p(y) then defines P(k) = ∫_bin p, bounded in
-    `nll_8bit_to_bits_per_dim`. Output in x's dtype (float64 noise)."""
+    [−1, 1] by 2/255), so y ∈ [−1, 1 + 2/255), E[y] = x + 1/255. Any density p(y) then defines P(k) = ∫_bin p,
+    bounded in `nll_8bit_to_bits_per_dim` (bits/dim = nll/(d·ln 2) + log₂ 127.5; the map (k + u)/128 − 1, bins
+    2/256, would give log₂ 128 = 7 instead: compare published bits/dim in one convention). x: floating data on
+    the grid (output in x's dtype, float64 noise), or the bytes k themselves as a uint8 tensor or array (x =
+    k/127.5 − 1 in float32 first, the same draw; any integer dtype). Anything off the grid is a ValueError."""
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():                                      # the bytes k (checked on the grid)
+        x = x.float() / 127.5 - 1.0
     _check_8bit(x)
     u = torch.rand(x.shape, generator=generator, dtype=F64).to(x.device)
     return (x.to(F64) + BIN * u).to(x.dtype)

@@ -1,8 +1,8 @@
 """Losses: small callables `loss(denoiser, batch) -> [N]`, unreduced per example (STYLE 3).
 
 The noise level is drawn outside (schedules.py) and arrives in the batch, so weighting and sampling
-density are ablated independently. THEORY §3 and §10. The formulas themselves live with the heads
-(heads.py) and are re-exported here.
+density are ablated independently. THEORY §3 and §10. The formulas themselves (T7–T12) live with the
+heads (heads.py).
 """
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import as_sigma, one_per_example
-from .heads import _sum_elements, f_target, log_q, nll_direct, nll_full, nll_stable, tril_factor  # noqa: F401
+from .checks import as_sigma, check_positive, one_per_example
+from .heads import _sum_elements
+from .likelihood import discretized_gaussian_log_prob
 from .precond import Denoiser
 
 
@@ -137,12 +138,10 @@ class HybridLoss:
     """
 
     def __init__(self, steps, lam: float = 0.001):
-        from .checks import check_positive
         check_positive("lam", lam, allow_zero=True)
         self.steps, self.lam = steps, float(lam)
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
-        from .likelihood import discretized_gaussian_log_prob
         p = batch.predict(denoiser)
         mu = p.mu
         s = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "HybridLoss")

@@ -9,22 +9,11 @@ or Σ_φ / Σ_φ⁻¹ for a full head (heads.py).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from .checks import as_sigma, check_positive, per_example
-from .heads import LOG_2PI, Head, NetPrediction, NoHead, Prediction, make_head  # noqa: F401 (re-exported)
-
-
-class Scalings(NamedTuple):
-    c_skip: torch.Tensor
-    c_out: torch.Tensor
-    c_in: torch.Tensor
-    c_noise: torch.Tensor
-    c_var: torch.Tensor
-    k: torch.Tensor  # c_out² / c_var², the weight in T9/T12 (EDM: σ_d² / (σ² + 2σ_d²))
+from .heads import Head, NetPrediction, Scalings, make_head
 
 
 class Precond:
@@ -168,5 +157,5 @@ class Denoiser(nn.Module):
         return self.predict(x, sigma, class_labels=class_labels).mu
 
 
-__all__ = ["Scalings", "Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond", "ScoreVPPrecond", "PRECONDS",
-           "edm_scalings", "Denoiser", "Prediction", "NetPrediction", "LOG_2PI"]
+__all__ = ["Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond", "ScoreVPPrecond", "PRECONDS",
+           "edm_scalings", "Denoiser"]

@@ -126,6 +126,17 @@ class VP(Process):
         return (self.lam_max - _t(lam)) / (self.lam_max - self.lam_min)
 
 
+def flow_matching_lam(t: torch.Tensor) -> torch.Tensor:
+    """Flow matching's log-SNR (α = 1 − t, σ = t; T18): λ = 2 log((1 − t)/t). The one formula, shared by
+    `FlowMatching` and `schedules.FlowMatchingSchedule`."""
+    return 2 * (torch.log1p(-t) - torch.log(t))
+
+
+def flow_matching_t_of_lam(lam: torch.Tensor) -> torch.Tensor:
+    """The inverse of `flow_matching_lam`: t = sigmoid(−λ/2)."""
+    return torch.sigmoid(-lam / 2)
+
+
 class FlowMatching(Process):
     """Rectified flow / OT path: α = 1 − t, σ = t, λ = 2 log((1 − t)/t), t = sigmoid(−λ/2) (THEORY §1.1, T18).
     The endpoints are singular (λ = ±∞; to_ve divides by α = 0 at t = 1): use t ∈ (0, 1)."""
@@ -137,11 +148,10 @@ class FlowMatching(Process):
         return _t(t).clone()
 
     def lam(self, t):
-        t = _t(t)
-        return 2 * (torch.log1p(-t) - torch.log(t))
+        return flow_matching_lam(_t(t))
 
     def t_of_lam(self, lam):
-        return torch.sigmoid(-_t(lam) / 2)
+        return flow_matching_t_of_lam(_t(lam))
 
 
 DDPM_SCHEDULES = ("linear", "cosine")

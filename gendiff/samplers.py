@@ -4,8 +4,9 @@
 samplers (Euler, Heun, DPM-Solver++(2M), Euler–Maruyama, predictor–corrector) take a strictly decreasing VE
 grid ending in 0 (`schedules.edm_sigmas`), with `x` at σ = sigmas[0]; annealed Langevin takes its noise
 scales σ_1 > … > σ_L (`ncsn_sigmas`); DDPM and DDIM take the DDPM latent z_T and a `process.DDPM`.
-Every sampler takes `score_mode` (tweedie: T13; phi: T14; hybrid: T14 below `hybrid_sigma`), applied through
-`scores.with_score_mode`, so "does σ_φ make a better score?" can be asked of each. Each docstring gives the
+Samplers know only the denoiser: the score they follow is chosen by wrapping it, `scores.with_score_mode(D,
+mode, hybrid_sigma)` (tweedie: T13; phi: T14; hybrid: T14 below `hybrid_sigma`), so "does σ_φ make a better
+score?" can be asked of each; `scores.CountCalls(D)` counts its evaluations. Each docstring gives the
 sampler's NFE (denoiser evaluations). Stochastic samplers draw all noise from `generator`.
 callback(i, x, sigma, denoised) is called after every step with the new x.
 """
@@ -17,12 +18,6 @@ import torch
 
 from .checks import check_choice, check_positive
 from .io import randn
-from .schedules import edm_sigmas  # noqa: F401 (the sampling grid lives in schedules.py)
-from .scores import HYBRID_SIGMA, with_score_mode
-
-
-def _score_mode(denoiser, score_mode: str, hybrid_sigma: float):
-    return with_score_mode(denoiser, score_mode, hybrid_sigma)
 
 
 def _randn(x, generator):
@@ -49,12 +44,10 @@ def _churn(x, sigma, steps, churn, s_tmin, s_tmax, s_noise, generator):
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-                s_noise: float = 1.0, second_order: bool = True, score_mode: str = "tweedie",
-                hybrid_sigma: float = HYBRID_SIGMA, generator=None, callback=None):
+                s_noise: float = 1.0, second_order: bool = True, generator=None, callback=None):
     """EDM Algorithm 2 (Karras et al. 2022): Heun's 2nd-order method on the PF-ODE dx/dσ = (x − D)/σ (T15),
     with optional stochastic churn. `second_order=False` gives Euler. NFE = 2·steps − 1 (Heun), steps (Euler).
     """
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     check_positive("churn", churn, allow_zero=True)
     check_positive("s_tmin", s_tmin, allow_zero=True)
     if not (isinstance(s_tmax, (int, float)) and not isinstance(s_tmax, bool) and s_tmax >= s_tmin):
@@ -84,14 +77,12 @@ def sample_euler(denoiser, x, sigmas, **knobs):
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, *, score_mode: str = "tweedie", hybrid_sigma: float = HYBRID_SIGMA,
-                    generator=None, callback=None):
+def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep data-prediction solver of the PF-ODE (T15) in VE
     space. With h_i = log(σ_i/σ_{i+1}) the exact solution of dx/dσ = (x − D)/σ for a D constant over the step
     is x_{i+1} = (σ_{i+1}/σ_i)·x_i + (1 − σ_{i+1}/σ_i)·D; 2M replaces D by the linear extrapolation in log σ
     D̂ = (1 + 1/(2r))·D_i − D_{i−1}/(2r), r = h_{i−1}/h_i, from the second step on; the first step uses D_0 and
     the last (to σ = 0) returns D_i (both first order). Deterministic (`generator` unused). NFE = steps."""
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     sigmas = _check_grid(sigmas)
     d_prev, h_prev = None, None
     for i in range(len(sigmas) - 1):
@@ -152,15 +143,13 @@ def _em_step(denoiser, x, s_cur, s_next, process, generator):
 
 
 @torch.no_grad()
-def sample_euler_maruyama(denoiser, x, sigmas, *, process=None, score_mode: str = "tweedie",
-                          hybrid_sigma: float = HYBRID_SIGMA, generator=None, callback=None):
+def sample_euler_maruyama(denoiser, x, sigmas, *, process=None, generator=None, callback=None):
     """Euler–Maruyama on the reverse SDE (T16) over the σ grid. process=None: the VE SDE in σ,
     x ← x + (σ_i² − σ_{i+1}²)·s + √(σ_i² − σ_{i+1}²)·z. A `process.Process` (VP, flow matching, …): the grid's
     σ̃ are mapped to that process's times t_i (λ = −2 log σ̃, T2) and the reverse SDE
     dz = [f·z − g²·s_z] dt + g dw̄ of its latent z = α·x̃ (f = d log α/dt, g² = dσ²/dt − 2fσ²; VP: f = −β/2,
     g² = β) is stepped in t, with s_z(z, t) = (α·D(z/α; σ/α) − z)/σ². `x` and the result are in VE space
     (x̃ = z/α). The last step (to σ = 0) returns D(x; σ_last) without noise. NFE = steps."""
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     sigmas = _check_grid(sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
@@ -191,8 +180,7 @@ def _langevin_snr_step(denoiser, x, sigma, snr, generator):
 
 @torch.no_grad()
 def sample_pc(denoiser, x, sigmas, *, snr: float = 0.16, corrector_steps: int = 1,
-              predictor: str = "reverse-diffusion", process=None, score_mode: str = "tweedie",
-              hybrid_sigma: float = HYBRID_SIGMA, generator=None, callback=None):
+              predictor: str = "reverse-diffusion", process=None, generator=None, callback=None):
     """Predictor–corrector (Song et al. 2021, T30): per step a predictor from σ_i to σ_{i+1} (reverse-diffusion:
     the VE step of `sample_euler_maruyama`; euler-maruyama: its step under `process`; none: only the
     corrector, i.e. annealed Langevin with the SNR rule), then `corrector_steps` Langevin steps at σ_{i+1}:
@@ -207,7 +195,6 @@ def sample_pc(denoiser, x, sigmas, *, snr: float = 0.16, corrector_steps: int = 
                          "for the VE SDE use predictor='reverse-diffusion'")
     if process is not None and predictor != "euler-maruyama":
         raise ValueError(f"process={process!r} is only used by predictor='euler-maruyama'; got predictor={predictor!r}")
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     sigmas = _check_grid(sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
@@ -242,8 +229,7 @@ def ncsn_sigmas(data: torch.Tensor, levels: int = 10, sigma_min: float = 0.01, m
 
 @torch.no_grad()
 def sample_langevin(denoiser, x, sigmas, *, steps_per_scale: int = 100, step_lr: float = 2e-5,
-                    final_denoise: bool = True, score_mode: str = "tweedie", hybrid_sigma: float = HYBRID_SIGMA,
-                    generator=None, callback=None):
+                    final_denoise: bool = True, generator=None, callback=None):
     """Annealed Langevin dynamics of NCSN (T29): for each noise scale σ_i of `sigmas` (decreasing, all > 0;
     `ncsn_sigmas`), `steps_per_scale` steps x ← x + (α_i/2)·s(x; σ_i) + √α_i·z with α_i = δ·σ_i²/σ_L²
     (δ = `step_lr`); `final_denoise` then returns D(x; σ_L) (NCSNv2's last denoising step, Tweedie T13).
@@ -253,7 +239,6 @@ def sample_langevin(denoiser, x, sigmas, *, steps_per_scale: int = 100, step_lr:
     s = [float(v) for v in sigmas]
     if len(s) < 1 or not all(math.isfinite(v) and v > 0 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
         raise ValueError(f"sigmas must be strictly decreasing noise scales > 0 (ncsn_sigmas(data)); got {s[:3]}…")
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     d = None
     for i, sigma in enumerate(s):
         alpha = step_lr * sigma**2 / s[-1] ** 2
@@ -277,7 +262,7 @@ def _ddpm_x0(denoiser, z, ddpm, t: int):
 
 @torch.no_grad()
 def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_tilde", v=None, t_start=None,
-                score_mode: str = "tweedie", hybrid_sigma: float = HYBRID_SIGMA, generator=None, callback=None):
+                generator=None, callback=None):
     """DDPM ancestral sampling (T25) from the latent z_T ~ N(0, I) of `ddpm` (a process.DDPM), t = T … 1
     (or from z at step `t_start` ≤ T, e.g. √ᾱ_t·x̃ with x̃ ~ p(x; σ̃_t), to start where the σ-grid samplers do):
     x_{t−1} = mean + √Σ_t·z (no noise at t = 1). The mean by seed 004's update for each parameterisation,
@@ -300,7 +285,6 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
     _check_int("t_start", t_start, 1)
     if t_start > ddpm.T:
         raise ValueError(f"t_start={t_start} must be <= T={ddpm.T}")
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     for t in range(t_start, 0, -1):
         ab, om = float(ddpm.alpha_bar[t]), float(ddpm.one_minus_alpha_bar[t])
         a, b = float(ddpm.alphas[t]), float(ddpm.betas[t])
@@ -354,8 +338,7 @@ def ddim_steps(ddpm, steps: int) -> list:
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, z, ddpm, steps, *, eta: float = 0.0, score_mode: str = "tweedie",
-                hybrid_sigma: float = HYBRID_SIGMA, generator=None, callback=None):
+def sample_ddim(denoiser, z, ddpm, steps, *, eta: float = 0.0, generator=None, callback=None):
     """DDIM (Song et al. 2021a) on any decreasing sub-sequence `steps` of the DDPM steps (an int: `ddim_steps`):
     with x̂0 = D, ε̂ = (z − √ᾱ·x̂0)/√(1 − ᾱ) and ᾱ' the next step's (1 after the last),
     z' = √ᾱ'·x̂0 + √(1 − ᾱ' − s²)·ε̂ + s·ξ, s = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ'). η = 0: deterministic
@@ -366,7 +349,6 @@ def sample_ddim(denoiser, z, ddpm, steps, *, eta: float = 0.0, score_mode: str =
     if not seq or any(not 1 <= s <= ddpm.T for s in seq) or any(a <= b for a, b in zip(seq, seq[1:])):
         raise ValueError(f"steps must be a strictly decreasing sequence of DDPM steps in [1, T={ddpm.T}]; "
                          f"got {seq[:4]}…")
-    denoiser = _score_mode(denoiser, score_mode, hybrid_sigma)
     for i, t in enumerate(seq):
         ab, om = float(ddpm.alpha_bar[t]), float(ddpm.one_minus_alpha_bar[t])
         t_next = seq[i + 1] if i + 1 < len(seq) else 0

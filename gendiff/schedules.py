@@ -10,6 +10,7 @@ import math
 import torch
 
 from .checks import check_positive
+from .process import flow_matching_lam, flow_matching_t_of_lam
 
 
 def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0, rho: float = 7.0,
@@ -154,11 +155,10 @@ class FlowMatchingSchedule(NoiseSchedule):
     """T18 flow matching (α = 1 − t, σ = t): λ = 2 log((1 − t)/t), p(λ) = sech²(λ/4)/8."""
 
     def lam(self, t):
-        t = _t(t)
-        return 2 * (torch.log1p(-t) - torch.log(t))
+        return flow_matching_lam(_t(t))
 
     def t_of_lam(self, lam):
-        return torch.sigmoid(-_t(lam) / 2)
+        return flow_matching_t_of_lam(_t(lam))
 
     def pdf(self, lam):
         return 1 / (8 * torch.cosh(_t(lam) / 4) ** 2)

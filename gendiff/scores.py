@@ -66,3 +66,37 @@ def with_score_mode(denoiser, score_mode: str, threshold: float = HYBRID_SIGMA):
     if score_mode in ("phi", "hybrid"):
         return PhiScoreDenoiser(denoiser, math.inf if score_mode == "phi" else threshold)
     raise ValueError(f"score_mode={score_mode!r} is not allowed; choose one of {list(SCORE_MODES)}")
+
+
+class CountCalls(torch.nn.Module):
+    """A denoiser that counts its evaluations (NFE): every `forward(x, σ, **kw)` and `predict(x, σ, **kw)`
+    adds one to `.calls` (set it to 0 to restart) and is passed on unchanged. `.head`, `.net` and `.precond`
+    are the wrapped denoiser's (an AttributeError where it has none).
+
+    Wrap the denoiser whose evaluations cost a network call: `CountCalls(D)` handed to a sampler counts its
+    NFE, inside `with_score_mode` too (T14 evaluates through predict); wrapped *inside* a guidance wrapper,
+    one classifier-free step counts 2 (conditional and null-class evaluations)."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser, self.calls = denoiser, 0
+
+    def forward(self, x, sigma, **kw):
+        self.calls += 1
+        return self.denoiser(x, sigma, **kw)
+
+    def predict(self, x, sigma, **kw):
+        self.calls += 1
+        return self.denoiser.predict(x, sigma, **kw)
+
+    @property
+    def head(self):
+        return self.denoiser.head
+
+    @property
+    def net(self):
+        return self.denoiser.net
+
+    @property
+    def precond(self):
+        return self.denoiser.precond

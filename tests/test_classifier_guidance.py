@@ -24,8 +24,8 @@ import torch
 from gendiff.data.toy import ExactClassifier, tree, tree_classifier
 from gendiff.guidance import ClassifierGuided, class_log_prob_grad, train_noisy_classifier
 from gendiff.nets.mlp import ToyClassifier
-from gendiff.samplers import edm_sigmas, sample_heun
-from gendiff.schedules import LogNormalSigma
+from gendiff.samplers import sample_heun
+from gendiff.schedules import LogNormalSigma, edm_sigmas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

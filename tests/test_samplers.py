@@ -25,8 +25,10 @@ import torch
 from gendiff.data.toy import GaussianMixture, eight_gaussians
 from gendiff.mixture_metrics import median_nll, mmd
 from gendiff.process import DDPM, VE, VP
-from gendiff.samplers import (edm_sigmas, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
+from gendiff.samplers import (GRID_SAMPLERS, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
                               sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
+from gendiff.schedules import edm_sigmas
+from gendiff.scores import with_score_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -258,7 +260,7 @@ def test_stochastic_and_ddpm_samplers_match_the_gaussian_moments(gauss, name):
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, rule="bogus"), "rule"),
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, variance="bogus"), "variance"),
     (lambda D, x, z, dd: sample_ddpm(D, z, dd, t_start=11), "t_start"),
-    (lambda D, x, z, dd: sample_heun(D, x, edm_sigmas(8), score_mode="bogus"), "score_mode"),
+    (lambda D, x, z, dd: sample_heun(with_score_mode(D, "bogus"), x, edm_sigmas(8)), "score_mode"),
     (lambda D, x, z, dd: ncsn_sigmas(x[:1]), "2 data points"),
 ])
 def test_bad_knobs_raise_a_clear_error(call, match, gauss):
@@ -267,20 +269,22 @@ def test_bad_knobs_raise_a_clear_error(call, match, gauss):
         call(D, x, x, DDPM(10))
 
 
-def test_every_sampler_takes_the_score_mode():
-    """T14 through the wrapper: with a head-less σ_φ = c_var denoiser the T14 score differs from T13."""
+def test_every_sampler_follows_the_score_mode_wrapper():
+    """T14 through the wrapper `with_score_mode`: with a head-less σ_φ = c_var denoiser the T14 score differs
+    from T13, so every sampler handed the wrapped denoiser moves differently."""
     from gendiff.nets.mlp import toy_denoiser
     torch.manual_seed(0)
     den = toy_denoiser("none").double()
     x = torch.randn(64, 2, dtype=F64, generator=_gen())
-    for f in (lambda m: sample_heun(den, x, edm_sigmas(4), score_mode=m),
-              lambda m: sample_dpmpp_2m(den, x, edm_sigmas(4), score_mode=m),
-              lambda m: sample_euler_maruyama(den, x, edm_sigmas(4), score_mode=m, generator=_gen()),
-              lambda m: sample_pc(den, x, edm_sigmas(4), score_mode=m, generator=_gen()),
-              lambda m: sample_langevin(den, x, [1.0, 0.1], steps_per_scale=2, score_mode=m, generator=_gen()),
-              lambda m: sample_ddpm(den, x, DDPM(10), score_mode=m, generator=_gen()),
-              lambda m: sample_ddim(den, x, DDPM(10), 5, score_mode=m)):
-        assert (f("tweedie") - f("phi")).abs().max() > 1e-6
+    for f in (lambda d: sample_heun(d, x, edm_sigmas(4)),
+              lambda d: sample_dpmpp_2m(d, x, edm_sigmas(4)),
+              lambda d: sample_euler_maruyama(d, x, edm_sigmas(4), generator=_gen()),
+              lambda d: sample_pc(d, x, edm_sigmas(4), generator=_gen()),
+              lambda d: sample_langevin(d, x, [1.0, 0.1], steps_per_scale=2, generator=_gen()),
+              lambda d: sample_ddpm(d, x, DDPM(10), generator=_gen()),
+              lambda d: sample_ddim(d, x, DDPM(10), 5)):
+        assert torch.equal(f(with_score_mode(den, "tweedie")), f(den))
+        assert (f(den) - f(with_score_mode(den, "phi"))).abs().max() > 1e-6
 
 
 def test_langevin_corrector_step_has_the_target_snr(gauss):
@@ -295,3 +299,53 @@ def test_langevin_corrector_step_has_the_target_snr(gauss):
     torch.testing.assert_close(out, x + eps * s + (2 * eps).sqrt() * z)
     snr = (eps * s).norm(dim=1).mean() / ((2 * eps).sqrt() * z).norm(dim=1).mean()
     assert float(snr) == pytest.approx(r, rel=1e-12)
+
+
+# ---- the registry harness: every entry of samplers.GRID_SAMPLERS meets an analytic oracle ------------------
+
+def _ode_endpoint_oracle(steps, tol):
+    """Deterministic: on N(m, C) the PF-ODE (T15) endpoint m + (C + σ_min²I)^½(C + σ_max²I)^(−½)(x_T − m) within
+    `tol` at `steps`, and the error shrinks when the steps double (a converging discretisation)."""
+    def check(sampler, D):
+        x_T = M + torch.randn(2000, 2, generator=_gen(), dtype=F64) @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64))
+        s_min = 1e-4
+        expect = M + (x_T - M) @ (_sqrtm(C + s_min**2 * torch.eye(2, dtype=F64))
+                                  @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64), -0.5)).T
+        err = [float((sampler(D, x_T, edm_sigmas(n, s_min, SMAX), generator=_gen()) - expect).abs().max())
+               for n in (steps // 2, steps)]
+        assert err[1] < tol and err[1] < err[0], err
+    return check
+
+
+def _moments_oracle(steps):
+    """Stochastic: from exact p(x; σ_max) the samples have N(m, C)'s mean and covariance (5 standard errors plus
+    0.01 for discretisation, as test_stochastic_and_ddpm_samplers_match_the_gaussian_moments)."""
+    def check(sampler, D):
+        n, g = 20000, torch.Generator().manual_seed(7)
+        x_T = M + torch.randn(n, 2, generator=g, dtype=F64) @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64))
+        x = sampler(D, x_T, edm_sigmas(steps, 0.002, SMAX), generator=_gen())
+        assert ((x.mean(0) - M).abs() < 5 * (C.diagonal() / n).sqrt() + 0.01).all(), (x.mean(0), M)
+        cov = torch.cov(x.T)
+        assert ((cov - C).abs() < 5 * C.diagonal().max() * math.sqrt(2 / n) + 0.01).all(), (cov, C)
+    return check
+
+
+GRID_ORACLES = {  # samplers.GRID_SAMPLERS name -> its analytic oracle on N(m, C)
+    "euler": _ode_endpoint_oracle(2048, 5e-3),      # first order: 0.0094 at 512 steps
+    "heun": _ode_endpoint_oracle(128, 2e-3),
+    "dpmpp_2m": _ode_endpoint_oracle(128, 2e-3),
+    "euler_maruyama": _moments_oracle(512),
+    "pc": _moments_oracle(256),
+}
+
+
+def test_every_grid_sampler_has_an_oracle():
+    """A new entry of GRID_SAMPLERS must bring its oracle (diffusers' SchedulerCommonTest, with analytic
+    references). Breakage tried: Heun's corrector averaging d and d_next with weights (1, 0) instead of ½ each
+    (i.e. Euler under Heun's name): test_grid_sampler_meets_its_oracle[heun] failed."""
+    assert set(GRID_ORACLES) == set(GRID_SAMPLERS)
+
+
+@pytest.mark.parametrize("name", sorted(GRID_SAMPLERS))
+def test_grid_sampler_meets_its_oracle(gauss, name):
+    GRID_ORACLES[name](GRID_SAMPLERS[name], gauss.denoiser("point"))

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from gendiff.data.toy import GaussianMixture, tree
-from gendiff.guidance import Guided
+from gendiff.guidance import Guided, classifier_free
 from gendiff.mixture_metrics import mmd, sample_nll
-from gendiff.samplers import edm_sigmas, heun_nfe, sample_heun
+from gendiff.nets.mlp import toy_denoiser
+from gendiff.samplers import heun_nfe, sample_euler, sample_heun
+from gendiff.schedules import edm_sigmas
+from gendiff.scores import CountCalls, with_score_mode
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,50 @@ def test_euler_and_heun_nfe_and_callback():
     calls.clear()
     sample_heun(counting, x, sig, second_order=False)
     assert len(calls) == heun_nfe(4, second_order=False)
+
+
+def test_count_calls_counts_every_evaluation(gt):
+    """CountCalls: a Heun run costs heun_nfe(steps) evaluations (EDM Algorithm 2: 2 per step, 1 on the last),
+    Euler `steps`; predict counts too, so a T14 sampler (which evaluates through predict) costs the same; a
+    classifier-free step costs 2 (conditional and null-class evaluations), 1 at guidance weight 0 (T33)."""
+    x = gt.sample(16, 5.0, generator=torch.Generator().manual_seed(0))[0].double()
+    for steps in (1, 2, 7):
+        den = CountCalls(gt.denoiser())
+        sample_heun(den, x, edm_sigmas(steps))
+        assert den.calls == heun_nfe(steps)
+        den.calls = 0
+        sample_euler(den, x, edm_sigmas(steps))
+        assert den.calls == heun_nfe(steps, second_order=False) == steps
+    den = CountCalls(gt.denoiser("point"))
+    plain = sample_heun(gt.denoiser("point"), x, edm_sigmas(5))
+    assert torch.equal(sample_heun(den, x, edm_sigmas(5)), plain)           # counting changes nothing
+    phi = CountCalls(gt.denoiser("point"))
+    sample_heun(with_score_mode(phi, "phi"), x, edm_sigmas(5))             # T14: every call is a predict
+    assert phi.calls == heun_nfe(5)
+    p = phi.predict(x, 0.3)
+    assert phi.calls == heun_nfe(5) + 1 and torch.equal(p.mu, gt.denoiser("point").predict(x, 0.3).mu)
+
+    class LabelNet(torch.nn.Module):                     # a class-conditional D(x, σ, y) = x/(1 + σ²) + y
+        def forward(self, x, sigma, class_labels=None):
+            return x / (1 + sigma ** 2) + class_labels.to(x.dtype)[:, None]
+
+    labels = torch.arange(len(x)) % 3
+    counted = CountCalls(LabelNet())
+    sample_euler(classifier_free(counted, labels, 3, 0.5), x, edm_sigmas(1))   # one step
+    assert counted.calls == 2
+    counted.calls = 0
+    out = sample_euler(classifier_free(counted, labels, 3, 0.0), x, edm_sigmas(1))
+    assert counted.calls == 1                             # w = 0: the conditional model alone; one step to σ = 0 is D
+    torch.testing.assert_close(out, LabelNet()(x, 5.0, class_labels=labels), rtol=1e-12, atol=1e-12)
+
+
+def test_count_calls_passes_the_denoiser_through():
+    den = toy_denoiser("diag")
+    c = CountCalls(den)
+    assert c.head is den.head and c.net is den.net and c.precond is den.precond
+    assert c.calls == 0 and set(dict(c.named_parameters())) == {"denoiser." + k for k, _ in den.named_parameters()}
+    with pytest.raises(AttributeError):
+        CountCalls(lambda x, s: x).head
 
 
 def test_churn_is_reproducible_with_generator(gt):

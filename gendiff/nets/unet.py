@@ -41,6 +41,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from ..checks import as_sigma, check_choice, check_positive, one_per_example
+from ..precond import EDMPrecond
 
 
 
@@ -385,8 +386,8 @@ class UNet(_Trunk):
 class NoisyClassifier(_Trunk):
     """A noise-aware image classifier for classifier guidance (T32), ADM's EncoderUNetModel: the U-Net's
     embedding, encoder and middle, then GroupNorm, SiLU, global average pooling and a linear read-out:
-    `net(x̃, σ) -> logits [N, classes]` of p_σ(y | x̃). The input is scaled as the EDM denoiser's (c_in =
-    1/√(σ² + σ_data²), c_noise = ln(σ)/4, T4), so one network serves every σ. σ: a scalar or one per example.
+    `net(x̃, σ) -> logits [N, classes]` of p_σ(y | x̃). The input is scaled as the EDM denoiser's, by
+    `precond.EDMPrecond`'s c_in and c_noise (1/√(σ² + σ_data²) and ln(σ)/4, T4), so one network serves every σ. σ: a scalar or one per example.
     classes: the classes predicted; the other arguments as `UNet`'s (the trunk is unconditional)."""
 
     def __init__(self, classes: int = 10, img_resolution: int = 28, img_channels: int = 1,
@@ -397,17 +398,21 @@ class NoisyClassifier(_Trunk):
         check_positive("sigma_data", sigma_data)
         super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
                          dropout, 0, emb_channels, num_groups, resample)
-        self.classes, self.sigma_data = classes, float(sigma_data)
+        self.classes, self.precond = classes, EDMPrecond(sigma_data)
         ch = self._channels
         self.norm_out = nn.GroupNorm(self._groups(ch), ch)
         self.head = nn.Linear(ch, classes)
+
+    @property
+    def sigma_data(self) -> float:
+        return self.precond.sigma_data
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         # x: [N, C, H, W] noisy images; sigma: a scalar or [N] -> logits [N, classes]
         self._check_x(x)
         s = one_per_example(as_sigma(sigma, x), x.shape, "NoisyClassifier")                        # [N]
-        c_in = torch.rsqrt(s.square() + self.sigma_data ** 2).view(-1, 1, 1, 1)
-        h, _ = self.encode(c_in * x, self.embedding(s.log() / 4, None))
+        sc = self.precond(s)                                                                        # T4
+        h, _ = self.encode(sc.c_in.view(-1, 1, 1, 1) * x, self.embedding(sc.c_noise, None))
         return self.head(nnf.silu(self.norm_out(h)).mean((2, 3))).to(x.dtype)
 
 
