@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import as_sigma, check_positive, one_per_example
+from .checks import as_sigma, check_choice, check_positive, one_per_example
 from .heads import _sum_elements
 from .likelihood import discretized_gaussian_log_prob
 from .precond import Denoiser
@@ -114,6 +114,14 @@ class DDPMSimpleLoss:
             raise ValueError(f"target={target!r} is not allowed; choose one of ['eps', 'x0']")
         self.target = target
 
+    @classmethod
+    def x0(cls):
+        return cls("x0")
+
+    @classmethod
+    def eps(cls):
+        return cls("eps")
+
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
         mu = batch.mean(denoiser)
         err = _sum_elements((mu - batch.x0).square())
@@ -165,8 +173,18 @@ class HybridLoss:
         return (simple.to(f64) + self.lam * ddpm.T * vlb).to(mu.dtype)
 
 
-LOSSES = {
+LOSSES = {   # name -> loss class; make_loss builds one for a training density
     "nll": ConfidenceNLL,
     "edm": EDMLoss,
     "score-matching": ScoreMatchingLoss,
+    "simple-x0": DDPMSimpleLoss.x0,
+    "simple-eps": DDPMSimpleLoss.eps,
+    "hybrid": HybridLoss,
 }
+
+
+def make_loss(name: str, density=None):
+    """The registered loss `name` for a run whose noise levels come from `density` (HybridLoss reads the DDPM
+    steps from it, schedules.DDPMSteps; the others take no argument)."""
+    check_choice("loss", name, LOSSES)
+    return LOSSES[name](density) if LOSSES[name] is HybridLoss else LOSSES[name]()

@@ -19,6 +19,13 @@ Breakages tried once each (each made at least one test here fail, then was undon
 - validate without the label range check: test_labels_out_of_range fails;
 - to_uint8 without the isfinite check: test_npz_float_nan_and_scale_refused fails;
 - locate falling through from an explicit root to the data folder: test_load_mnist_from_root fails.
+Robust loading (each made its test fail, then was undone): Pillow's errors not wrapped (at the header read or
+at the full decode), no missing-folder/file check, np.load or an array read unwrapped, .npy not told apart,
+the accepted keys left out of the message, mixed grayscale/colour or mixed sizes let through, NEAREST for
+Lanczos, size ≤ 0 or channels 0/2/4 accepted, the N×C×H×W layout check or the empty-npz check removed,
+describe's counts swapped, hidden folders read, images at top level and in subfolders accepted, 16-bit PNGs
+accepted, npz label errors not naming the file, npz size/channels ignored, split taking one index too many or
+another seed, the empty-folder check removed.
 """
 from __future__ import annotations
 
@@ -306,6 +313,248 @@ def test_validate_shapes():
         ImageData(x[:, 0]).validate()
     with pytest.raises(ValueError, match="uint8"):
         ImageData(x.astype(np.float32)).validate()
+
+
+# ---- robust loading: one-line errors that name the file or the option ---------------------------------
+
+def _one_line(e, *names):
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for name in names:
+        assert str(name) in msg, (name, msg)
+    return msg
+
+
+def _noise_png(path, size=32, mode="RGB", fmt=None):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    a = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(a).save(path, format=fmt)
+    return a
+
+
+@pytest.mark.parametrize("name, cut", [("half.png", 0.5), ("header.png", 20), ("empty.png", 0),
+                                       ("half.jpg", 0.5), ("text.png", None)])
+def test_corrupt_image_names_the_file(tmp_path, name, cut):
+    """A truncated PNG/JPEG (cut in half: the header reads, the pixels do not), a cut header, an empty file
+    and text named .png: each a one-line ValueError naming the file, at load time."""
+    _noise_png(str(tmp_path / "ok.png"))
+    bad = tmp_path / name
+    if cut is None:
+        bad.write_text("not an image\nsecond line\n")
+    else:
+        _noise_png(str(bad))
+        data = bad.read_bytes()
+        bad.write_bytes(data[:int(len(data) * cut) if isinstance(cut, float) else cut])
+    with pytest.raises(ValueError, match="cannot read image") as e:
+        I.load_folder(str(tmp_path))
+    _one_line(e, bad)
+
+
+def test_sixteen_bit_png_refused(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.full((4, 5), 4000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match="I;16") as e:
+        I.load_folder(str(tmp_path))
+    _one_line(e, tmp_path / "deep.png", "8-bit")
+
+
+def test_missing_paths_name_the_option(tmp_path):
+    (tmp_path / "f.npz").write_bytes(b"")
+    for load, path, what in ((I.load_folder, tmp_path / "nope", "no such folder"),
+                             (I.load_folder, tmp_path / "f.npz", "not a folder"),
+                             (I.load_npz, tmp_path / "nope.npz", "no such file"),
+                             (I.load_npz, tmp_path, "not an .npz file")):
+        with pytest.raises(ValueError, match=what) as e:
+            load(str(path))
+        _one_line(e, "data.path", path)
+
+
+def test_corrupt_npz_names_the_file(tmp_path):
+    np.savez(tmp_path / "good.npz", images=np.zeros((4, 8, 8), np.uint8))
+    data = (tmp_path / "good.npz").read_bytes()
+    cases = {"text.npz": (b"hello\nworld\n", "starts with b'hello"), "empty.npz": (b"", "is empty"),
+             "half.npz": (data[:len(data) // 2], "not a readable .npz")}
+    for name, (raw, what) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=what) as e:
+            I.load_npz(str(tmp_path / name))
+        _one_line(e, tmp_path / name)
+    np.save(tmp_path / "arr.npy", np.zeros((4, 8, 8), np.uint8))
+    os.rename(tmp_path / "arr.npy", tmp_path / "arr.npz")
+    with pytest.raises(ValueError, match="a single .npy array") as e:
+        I.load_npz(str(tmp_path / "arr.npz"))
+    _one_line(e, tmp_path / "arr.npz")
+    np.savez(tmp_path / "obj.npz", images=np.array([None, 1], dtype=object))
+    with pytest.raises(ValueError, match="cannot read the array") as e:
+        I.load_npz(str(tmp_path / "obj.npz"))
+    _one_line(e, tmp_path / "obj.npz")
+
+
+def test_npz_wrong_keys_lists_what_it_has_and_accepts(tmp_path):
+    np.savez(tmp_path / "k.npz", pixels=np.zeros((2, 4, 4), np.uint8), targets=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="no images array") as e:
+        I.load_npz(str(tmp_path / "k.npz"))
+    _one_line(e, tmp_path / "k.npz", "'pixels'", "'targets'", "'images'", "'x'", "'labels'", "'y'")
+    with pytest.raises(ValueError, match="no labels key 'lab'") as e:
+        I.load_npz(str(tmp_path / "k.npz"), images_key="pixels", labels_key="lab")
+    _one_line(e, tmp_path / "k.npz", "'targets'")
+    assert I.load_npz(str(tmp_path / "k.npz"), "pixels", "targets").labels.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (2, 2, 4, 4), (0, 4, 4), (0, 3, 4, 4), (3,), (1, 2, 1, 4, 4)])
+def test_npz_bad_layout_and_no_images(tmp_path, shape):
+    """RGBA channels-last, 2 channels, zero images, 1-D or 5-D: refused, naming the file and the shape."""
+    np.savez(tmp_path / "b.npz", images=np.zeros(shape, np.uint8))
+    with pytest.raises(ValueError, match="no images" if shape[0] == 0 else "not an accepted layout") as e:
+        I.load_npz(str(tmp_path / "b.npz"))
+    _one_line(e, tmp_path / "b.npz", str(shape))
+
+
+def test_npz_labels_errors_name_the_file(tmp_path):
+    np.savez(tmp_path / "l.npz", images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match="labels must be integers") as e:
+        I.load_npz(str(tmp_path / "l.npz"))
+    _one_line(e, tmp_path / "l.npz")
+
+
+def test_empty_folder_and_hidden_files(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    _png(str(tmp_path / ".ipynb_checkpoints" / "a.png"), 1)
+    (tmp_path / "._a.png").write_bytes(b"AppleDouble")                # macOS metadata, not an image
+    with pytest.raises(ValueError, match="no images") as e:
+        I.load_folder(str(tmp_path))
+    _one_line(e, tmp_path)
+    _png(str(tmp_path / "cls" / "b.png"), 9)
+    d = I.load_folder(str(tmp_path))
+    assert d.classes == ("cls",) and d.images.ravel().tolist() == [9] * 20
+
+
+def test_folder_top_level_and_subfolders_named(tmp_path):
+    _png(str(tmp_path / "top.png"), 1)
+    _png(str(tmp_path / "dogs" / "d.png"), 1)
+    with pytest.raises(ValueError, match="both directly") as e:
+        I.load_folder(str(tmp_path))
+    _one_line(e, tmp_path, "top.png", os.path.join("dogs", "d.png"))
+
+
+def test_nested_subfolders_label_by_first_level(tmp_path):
+    _png(str(tmp_path / "b" / "x" / "deep.png"), 3)
+    _png(str(tmp_path / "a" / "s.png"), 4)
+    d = I.load_folder(str(tmp_path))
+    assert d.classes == ("a", "b") and d.labels.tolist() == [0, 1] and d.images[:, 0, 0, 0].tolist() == [4, 3]
+
+
+def test_mixed_gray_and_rgb_needs_channels(tmp_path):
+    _png(str(tmp_path / "g.png"), 50)
+    _png(str(tmp_path / "c.png"), (255, 0, 0), mode="RGB")
+    with pytest.raises(ValueError, match="grayscale and colour") as e:
+        I.load_folder(str(tmp_path))
+    _one_line(e, "g.png", "c.png", "data.channels")
+    d3 = I.load_folder(str(tmp_path), channels=3)                      # sorted: c.png, g.png
+    assert d3.images.shape == (2, 3, 4, 5)
+    assert d3.images[0, :, 0, 0].tolist() == [255, 0, 0] and np.all(d3.images[1] == 50)
+    d1 = I.load_folder(str(tmp_path), channels=1)
+    assert d1.images.shape == (2, 1, 4, 5) and d1.images[:, 0, 0, 0].tolist() == [76, 50]   # 0.299·255
+
+
+def test_grayscale_png_folder_is_one_channel(tmp_path):
+    a = _noise_png(str(tmp_path / "n.png"), size=6, mode="L")
+    _png(str(tmp_path / "z.png"), 0, size=(6, 6))
+    d = I.load_folder(str(tmp_path))
+    assert d.images.shape == (2, 1, 6, 6) and np.array_equal(d.images[0, 0], a)
+    b = _noise_png(str(tmp_path / "rgb" / "n.png"), size=6)
+    assert np.array_equal(I.load_folder(str(tmp_path / "rgb")).images[0], b.transpose(2, 0, 1))
+
+
+def test_mixed_sizes_need_size(tmp_path):
+    _png(str(tmp_path / "a.png"), 7, size=(8, 8))
+    _png(str(tmp_path / "b.png"), 7, size=(16, 12))
+    with pytest.raises(ValueError, match="b.png is 12×16 but a.png is 8×8") as e:
+        I.load_folder(str(tmp_path))
+    _one_line(e, "data.size")
+    d = I.load_folder(str(tmp_path), size=4)
+    assert d.images.shape == (2, 1, 4, 4) and np.all(d.images == 7)
+
+
+def test_size_downsamples_with_an_antialiasing_filter(tmp_path):
+    """A one-pixel checkerboard halved: a good filter gives mid-gray everywhere, nearest gives 0 or 255."""
+    from PIL import Image
+    board = ((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8)
+    Image.fromarray(board).save(tmp_path / "board.png")
+    x = I.load_folder(str(tmp_path), size=8).images
+    assert x.shape == (1, 1, 8, 8) and x.dtype == np.uint8 and 110 < x.min() and x.max() < 145
+    np.savez(tmp_path / "b.npz", images=board[None])
+    assert np.array_equal(I.load_npz(str(tmp_path / "b.npz"), size=8).images, x)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "32", (4,), (4, 0)])
+def test_size_validated(tmp_path, bad):
+    _png(str(tmp_path / "a.png"), 1)
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4), np.uint8))
+    for load, p in ((I.load_folder, tmp_path), (I.load_npz, tmp_path / "a.npz")):
+        with pytest.raises(ValueError, match="data.size") as e:
+            load(str(p), size=bad)
+        _one_line(e, repr(bad))
+
+
+@pytest.mark.parametrize("bad", [0, 2, 4, True, "3"])
+def test_channels_validated(tmp_path, bad):
+    _png(str(tmp_path / "a.png"), 1)
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4), np.uint8))
+    for load, p in ((I.load_folder, tmp_path), (I.load_npz, tmp_path / "a.npz")):
+        with pytest.raises(ValueError, match="data.channels") as e:
+            load(str(p), channels=bad)
+        _one_line(e, repr(bad))
+
+
+@pytest.mark.parametrize("layout", ["NHW", "N1HW", "NHW1", "N3HW", "NHW3"])
+def test_npz_layouts_size_and_channels(tmp_path, layout):
+    rng = np.random.default_rng(5)
+    c = 3 if "3" in layout else 1
+    ref = rng.integers(0, 256, (3, c, 6, 6), dtype=np.uint8)          # N×C×H×W
+    stored = {"NHW": ref[:, 0], "N1HW": ref, "N3HW": ref, "NHW1": ref.transpose(0, 2, 3, 1),
+              "NHW3": ref.transpose(0, 2, 3, 1)}[layout]
+    np.savez(tmp_path / "d.npz", x=stored, y=np.array([2, 0, 1]))
+    d = I.load_npz(str(tmp_path / "d.npz"))
+    assert np.array_equal(d.images, ref) and d.labels.tolist() == [2, 0, 1] and d.num_classes == 3
+    r = I.load_npz(str(tmp_path / "d.npz"), size=3)
+    assert r.images.shape == (3, c, 3, 3) and r.images.dtype == np.uint8 and r.labels.tolist() == [2, 0, 1]
+    assert np.array_equal(I.load_npz(str(tmp_path / "d.npz"), size=6, channels=c).images, ref)   # no-op
+    other = I.load_npz(str(tmp_path / "d.npz"), channels=4 - c).images
+    assert other.shape == (3, 4 - c, 6, 6) and other.dtype == np.uint8
+    if c == 1:
+        assert np.array_equal(other, ref.repeat(3, 1))                 # gray → RGB repeats
+    else:
+        luma = np.rint(ref.astype(float).transpose(0, 2, 3, 1) @ [0.299, 0.587, 0.114])
+        assert np.abs(other[:, 0].astype(int) - luma).max() <= 1        # RGB → L: ITU-R 601-2 luma
+
+
+def test_describe_states_the_split():
+    x = np.zeros((2000, 3, 32, 32), np.uint8)
+    d = ImageData(x, np.arange(2000) % 2, 2, "d")
+    assert d.describe() == "2000 images 3×32×32, 2 classes"
+    assert d.describe(0.1, seed=0) == "2000 images 3×32×32, 2 classes: 1800 train / 200 test (seed 0)"
+    tr, va = d.split(0.1, seed=0)
+    assert (len(tr), len(va)) == (1800, 200)
+    assert (ImageData(x[:7, :1]).describe(0.3, 4, ("train", "val"))
+            == "7 images 1×32×32, unlabelled: 5 train / 2 val (seed 4)")
+    with pytest.raises(ValueError, match="val_fraction"):
+        d.describe(1.0)
+
+
+def test_split_unchanged():
+    """split is the permutation of default_rng(seed): val its first round(N·f) indices, train the rest, sorted."""
+    d = _data(37)
+    for f, seed in ((0.1, 0), (0.3, 5)):
+        perm = np.random.default_rng(seed).permutation(37)
+        n_val = round(37 * f)
+        tr, va = d.split(f, seed)
+        assert tr.images.ravel().tolist() == sorted(perm[n_val:].tolist())
+        assert va.images.ravel().tolist() == sorted(perm[:n_val].tolist())
+        assert d.describe(f, seed) == f"37 images 1×1×1, 3 classes: {len(tr)} train / {len(va)} test (seed {seed})"
 
 
 # ---- ImageData and dequantisation ---------------------------------------------------------------

