@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 
 from ..checks import check_choice, check_positive
+from ..data.images import check_channels, check_size
 from ..data.toy import TREE_CLASSES
 from ..mixture_eval import SamplerConfig
 from ..nets.unet import RESAMPLE
@@ -86,8 +87,10 @@ class ImageDataConfig:
         if self.name in ("folder", "npz") and not self.path:
             raise ValueError(f"data.name={self.name!r} needs data.path (the {self.name} to read)")
         check_positive("data.subset", self.subset, integer=True, allow_zero=True)
-        check_positive("data.size", self.size, integer=True, allow_zero=True)
-        check_choice("data.channels", self.channels, (0, 1, 3))
+        if self.size:
+            check_size(self.size)
+        if self.channels:
+            check_channels(self.channels)
         if self.name in ("mnist", "fashion-mnist") and (self.size or self.channels):
             raise ValueError(f"data.size / data.channels apply to folder and npz data; data.name={self.name!r} "
                              "is 28×28 grayscale")

@@ -72,11 +72,11 @@ def _own_data(dcfg):
 def describe_split(dcfg, train, test) -> str:
     """One line stating the data and its split, printed at the start of training and kept in the run folder."""
     c, h, w = train.images.shape[1:]
-    labels = f"{train.num_classes} classes" if train.labels is not None else "no labels"
-    how = ("the dataset's own train/test split" if dcfg.name in ("mnist", "fashion-mnist") else
-           f"a fixed random {round(100 * (1 - VAL_FRACTION))}/{round(100 * VAL_FRACTION)} split (seed 0) of "
+    labels = f"{train.num_classes} classes" if train.labels is not None else "unlabelled"
+    how = ("the dataset's own split" if dcfg.name in ("mnist", "fashion-mnist") else
+           f"a fixed random {round(100 * (1 - VAL_FRACTION))}/{round(100 * VAL_FRACTION)} split, seed 0, of "
            f"{dcfg.path}")
-    return (f"data {dcfg.name!r}: {len(train) + len(test)} images {c}×{h}×{w}, {labels}; {len(train)} train / "
+    return (f"data {dcfg.name!r}: {len(train) + len(test)} images {c}×{h}×{w}, {labels}: {len(train)} train / "
             f"{len(test)} test ({how})")
 
 
