@@ -10,9 +10,10 @@ import torch
 
 from gendiff import losses
 from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.data.sources import ToyBatches
 from gendiff.data.toy import tree
 from gendiff.runtime import configure
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.train import ToyTrainConfig, train
 
 
 def main():
@@ -29,13 +30,13 @@ def main():
         for comp in (False, True):
             torch.manual_seed(0)
             model = make_denoiser(spec, AblateConfig())
-            src, loss = BatchSource(tree("A"), spec.mode), losses.LOSSES[spec.loss]()
+            src, loss = ToyBatches(tree("A"), spec.mode), losses.LOSSES[spec.loss]()
             # train() builds its compiled view per call: warm up and time within one call, splitting by callback
             marks = {}
             cb = lambda done, r: marks.setdefault(done, time.perf_counter())  # noqa: E731
             t0 = time.perf_counter()
             train(model, loss, src, ToyTrainConfig(iterations=args.iterations + 5, batch=args.batch, compile=comp),
-                  progress=False, step_callback=cb)
+                  progress=False, callbacks=[cb])
             warm[comp] = marks[5] - t0
             rates[comp] = args.iterations / (marks[args.iterations + 5] - marks[5])
         print(f"{name:<12} {rates[False]:10.1f} {rates[True]:14.1f} {rates[True] / rates[False]:6.2f} "

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gendiff.ablate import RUNS, AblateConfig, make_denoiser, make_evaluator
 from gendiff.runtime import configured
-from gendiff.train import MODES
+from gendiff.data.sources import MODES
 
 
 def main():

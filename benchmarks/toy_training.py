@@ -1,6 +1,6 @@
 """Training speed of every run kind of `gendiff ablate` at the reference batch (4096), on this machine.
 
-Prints it/s per trained run kind and the ratio to the issue's target (30 it/s).
+Prints it/s per trained run kind and the ratio to the target (30 it/s).
 Baseline in the same process: score matching with the exact score from the one-shot einsum formulation
 of the mixture (benchmarks/mixture.py) instead of GaussianMixture.score.
 Usage: python benchmarks/toy_training.py [--iterations 200] [--batch 4096] [--threads N]
@@ -13,9 +13,10 @@ import torch
 
 from gendiff import losses
 from gendiff.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.data.sources import ToyBatches
 from gendiff.data.toy import tree
 from gendiff.runtime import configure
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.train import ToyTrainConfig, train
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
         spec = RUNS[name]
         torch.manual_seed(0)
         model = make_denoiser(spec, cfg)
-        src = BatchSource(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
+        src = ToyBatches(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
         loss = losses.LOSSES[spec.loss]()
         train(model, loss, src, ToyTrainConfig(iterations=5, batch=args.batch), progress=False)  # warm-up
         res = train(model, loss, src, tcfg, progress=False)
@@ -43,7 +44,7 @@ def main():
         if name == "score-matching":
             from mixture import EinsumBaseline  # benchmarks/mixture.py
 
-            class EinsumSource(BatchSource):
+            class EinsumSource(ToyBatches):
                 def draw(self, n, sigma, generator=None):
                     batch = super().draw(n, sigma, generator)
                     batch.score = base.logp_and_score(batch.x_noisy, sigma)[1]

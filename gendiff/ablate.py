@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .checks import check_choice, check_positive
+from .data.sources import MODES, ToyBatches
 from .data.toy import TREE_CLASSES, tree
 from .evaluate import Evaluator, SamplerConfig
 from .guidance import Guided
@@ -26,13 +27,13 @@ from .report import guidance_effect, summarize_seeds, write_figures, write_metri
 from .precond import PRECONDS
 from .schedules import AdaptiveSchedule, LearnedDensity, LogNormalSigma, make_schedule, make_weighting
 from .scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
-from .train import MODES, BatchSource, ToyTrainConfig, train
+from .train import Outputs, ToyTrainConfig, train
 
 
 @dataclass(frozen=True)
 class RunSpec:
     head: str                    # confidence head: none | diag | full (heads.py)
-    mode: str                    # training batches: point | source | point-cov (train.BatchSource)
+    mode: str                    # training batches: point | source | point-cov (data.sources.ToyBatches)
     loss: str                    # key of losses.LOSSES
     score_mode: str = "tweedie"  # sampling score: T13, T14, or the hybrid
     model: str | None = None     # reuse the trained model of another run
@@ -220,12 +221,12 @@ def _train_model(name, spec, cfg, classes, seed, out_dir, progress, width=None, 
         torch.manual_seed(derive_seed(seed, "init"))
         model = make_denoiser(spec, cfg, width)
     tcfg = replace(cfg.train, width=width or cfg.train.width, iterations=iterations or cfg.train.iterations)
-    source = BatchSource(tree(classes), spec.mode, need_score=spec.loss == "score-matching")
+    source = ToyBatches(tree(classes), spec.mode, need_score=spec.loss == "score-matching")
     keep = (cfg.guide_iter,) if cfg.guide == "snapshot" else ()
     snap_dir = None if out_dir is None else os.path.join(out_dir, "snapshots", name)
     density = spec.density(cfg)
-    return train(model, spec.loss_fn(density), source, tcfg, seed=seed, snapshot_dir=snap_dir,
-                 keep_snapshots=keep, progress=progress, desc=name, sigma_density=density)
+    return train(model, spec.loss_fn(density), source, tcfg, seed=seed, sigma_density=density,
+                 outputs=Outputs(snapshot_dir=snap_dir, keep_snapshots=keep), progress=progress, desc=name)
 
 
 def training_stats(res) -> dict:

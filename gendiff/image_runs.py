@@ -141,7 +141,7 @@ def train_image_run(cfg, out: str, *, progress: bool = True, log=print, primary:
     any device); evaluate its EMA; returns the metrics. backbone: see build_model."""
     dev = resolve_device(device)
     from .run import train_in_folder
-    from .train import DataSource
+    from .data.sources import DataSource
     obj = OBJECTIVES[cfg.objective]
     data = load_images(cfg.data, "train")
     if cfg.data.subset:

@@ -63,13 +63,14 @@ class RunLog:
 def train_in_folder(model, loss, source, cfg, out: str, *, density, desc: str, progress: bool, log, primary: bool):
     """train.train on a run folder: metrics.jsonl and TensorBoard (RunLog), checkpoints/ (resumed when there),
     posthoc/ snapshots; the primary process then writes the EMA to model.safetensors. Returns the TrainResult."""
-    from .train import train
+    from .train import Outputs, train
     runlog = RunLog(out, primary)
     try:
         res = train(model, loss, source, cfg.train, seed=cfg.seed, progress=progress, desc=desc,
-                    sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
-                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
+                    sigma_density=density, callbacks=[runlog.on_step],
+                    outputs=Outputs(checkpoint_dir=os.path.join(out, "checkpoints"),
+                                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
+                                    posthoc_dir=os.path.join(out, "posthoc")))
     finally:
         runlog.close()
     if primary:
@@ -88,7 +89,7 @@ def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool 
     from .data.toy import tree
     from .evaluate import Evaluator
     from .schedules import LogNormalSigma
-    from .train import BatchSource
+    from .data.sources import ToyBatches
     if isinstance(cfg, ImageRunConfig):
         from .image_runs import train_image_run
         return train_image_run(cfg, out, progress=progress, log=log, primary=primary, device=device)
@@ -97,7 +98,7 @@ def train_run(cfg, out: str, *, progress: bool = True, log=print, primary: bool 
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         model = make_denoiser(spec, _ablate_view(cfg))
     density = spec.density(_ablate_view(cfg))
-    source = BatchSource(tree(cfg.classes), spec.mode, need_score=spec.loss == "score-matching")
+    source = ToyBatches(tree(cfg.classes), spec.mode, need_score=spec.loss == "score-matching")
     res = train_in_folder(model, spec.loss_fn(density), source, cfg, out, density=density, desc=cfg.run,
                           progress=progress, log=log, primary=primary)
     if not primary:

@@ -1,4 +1,4 @@
-"""`gendiff ablate` end to end, training, determinism and option errors (issue: seed experiment)."""
+"""`gendiff ablate` end to end, training, determinism and option errors."""
 import json
 import os
 
@@ -11,7 +11,8 @@ from gendiff.cli import main
 from gendiff.data.toy import tree
 from gendiff.evaluate import SamplerConfig
 from gendiff.schedules import LogNormalSigma
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.data.sources import ToyBatches
+from gendiff.train import ToyTrainConfig, train
 
 
 def tiny(**kw) -> AblateConfig:
@@ -83,7 +84,7 @@ def test_short_training_lowers_the_loss(run):
     cfg = AblateConfig()
     torch.manual_seed(0)
     model = make_denoiser(spec, cfg)
-    source = BatchSource(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
+    source = ToyBatches(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
     loss = losses.LOSSES[spec.loss]()
     g = torch.Generator().manual_seed(5)
     sig = LogNormalSigma(-2.4, 1.5).sample(2048, g)
@@ -101,7 +102,7 @@ def test_same_seed_same_weights():
     def run(seed):
         torch.manual_seed(seed)
         m = make_denoiser(RUNS["confidence"], AblateConfig())
-        src = BatchSource(tree("A"), "point")
+        src = ToyBatches(tree("A"), "point")
         return train(m, losses.ConfidenceNLL(), src, ToyTrainConfig(iterations=20, batch=128), seed=seed,
                      progress=False).ema.state_dict()
     a, b, c = run(0), run(0), run(1)
