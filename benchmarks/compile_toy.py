@@ -9,10 +9,12 @@ import time
 import torch
 
 from gendiff import losses
-from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.data.sources import ToyBatches
+from gendiff.experiments.ablate import AblateConfig
+from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.data.toy import tree
 from gendiff.runtime import configure
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.train import ToyTrainConfig, train
 
 
 def main():
@@ -25,17 +27,17 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print(f"{'run kind':<12} {'eager it/s':>10} {'compiled it/s':>14} {'ratio':>6} {'compile s':>10}")
     for name in ("edm", "confidence"):
-        spec, rates, warm = RUNS[name], {}, {}
+        spec, rates, warm = TOY_RECIPES[name], {}, {}
         for comp in (False, True):
             torch.manual_seed(0)
-            model = make_denoiser(spec, AblateConfig())
-            src, loss = BatchSource(tree("A"), spec.mode), losses.LOSSES[spec.loss]()
+            model = spec.build_model(AblateConfig().train)
+            src, loss = ToyBatches(tree("A"), spec.mode), losses.make_loss(spec.loss)
             # train() builds its compiled view per call: warm up and time within one call, splitting by callback
             marks = {}
             cb = lambda done, r: marks.setdefault(done, time.perf_counter())  # noqa: E731
             t0 = time.perf_counter()
             train(model, loss, src, ToyTrainConfig(iterations=args.iterations + 5, batch=args.batch, compile=comp),
-                  progress=False, step_callback=cb)
+                  progress=False, callbacks=[cb])
             warm[comp] = marks[5] - t0
             rates[comp] = args.iterations / (marks[args.iterations + 5] - marks[5])
         print(f"{name:<12} {rates[False]:10.1f} {rates[True]:14.1f} {rates[True] / rates[False]:6.2f} "

@@ -10,23 +10,24 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser, make_evaluator
+from gendiff.experiments.ablate import AblateConfig, make_evaluator
+from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.runtime import configured
-from gendiff.train import MODES
+from gendiff.data.sources import MODES
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
-    ap.add_argument("run", choices=sorted(RUNS))
+    ap.add_argument("run", choices=sorted(TOY_RECIPES))
     args = ap.parse_args()
     with open(os.path.join(args.folder, "config.json")) as f:
         conf = json.load(f)
     cfg = AblateConfig(seed=conf["seed"])
     if conf["train"]["iterations"] != cfg.train.iterations or conf["eval_points"] != cfg.eval_points:
         raise SystemExit("this script re-evaluates default-config folders only")
-    spec = RUNS[args.run]
-    model = make_denoiser(spec, cfg)
+    spec = TOY_RECIPES[args.run]
+    model = spec.build_model(cfg.train)
     model.load_state_dict(load_file(os.path.join(args.folder, "snapshots", spec.model or args.run,
                                                  f"ema-{cfg.train.iterations:06d}.safetensors")))
     ev = make_evaluator(cfg)

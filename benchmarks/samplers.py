@@ -25,7 +25,8 @@ from dataclasses import replace
 
 import torch
 
-from gendiff.experiments.ablate import RUNS, AblateConfig, _train_model, make_denoiser
+from gendiff.experiments.ablate import AblateConfig, _train_model
+from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.data.toy import tree
 from gendiff.mixture_eval import Evaluator, SamplerConfig
 from gendiff.io import generator, save_figure, save_state, save_text
@@ -86,9 +87,9 @@ def load_or_train(name: str, out: str, quick: bool):
     cfg = AblateConfig(runs=(name,))
     if quick:
         cfg.train = replace(cfg.train, iterations=256, batch=512)
-    spec = RUNS[name]
+    spec = TOY_RECIPES[name]
     path = os.path.join(out, "models", f"{name}{'-quick' if quick else ''}.safetensors")
-    model = make_denoiser(spec, cfg)
+    model = spec.build_model(cfg.train)
     if os.path.exists(path):
         from safetensors.torch import load_file
         model.load_state_dict(load_file(path))

@@ -14,7 +14,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.experiments.ablate import AblateConfig
+from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.data.toy import tree
 from gendiff.losses import NoisyBatch
 from gendiff.runtime import configured
@@ -31,8 +32,8 @@ def main():
     ap.add_argument("--n", type=int, default=200000)
     args = ap.parse_args()
     cfg = AblateConfig()
-    spec = RUNS[args.run]
-    model = make_denoiser(spec, cfg)
+    spec = TOY_RECIPES[args.run]
+    model = spec.build_model(cfg.train)
     model.load_state_dict(load_file(os.path.join(args.folder, "snapshots", args.run,
                                                  f"ema-{cfg.train.iterations:06d}.safetensors")))
     gt = tree("A")

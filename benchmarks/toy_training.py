@@ -1,6 +1,6 @@
 """Training speed of every run kind of `gendiff ablate` at the reference batch (4096), on this machine.
 
-Prints it/s per trained run kind and the ratio to the issue's target (30 it/s).
+Prints it/s per trained run kind and the ratio to the target (30 it/s).
 Baseline in the same process: score matching with the exact score from the one-shot einsum formulation
 of the mixture (benchmarks/mixture.py) instead of GaussianMixture.score.
 Usage: python benchmarks/toy_training.py [--iterations 200] [--batch 4096] [--threads N]
@@ -12,10 +12,12 @@ from dataclasses import replace
 import torch
 
 from gendiff import losses
-from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.data.sources import ToyBatches
+from gendiff.experiments.ablate import AblateConfig
+from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.data.toy import tree
 from gendiff.runtime import configure
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.train import ToyTrainConfig, train
 
 
 def main():
@@ -32,18 +34,18 @@ def main():
           f"{args.iterations} iterations per kind")
     print(f"{'run kind':<18} {'it/s':>8} {'vs 30 it/s':>11}")
     for name in ("edm", "confidence-frozen", "confidence", "confidence-full", "seed-method", "score-matching"):
-        spec = RUNS[name]
+        spec = TOY_RECIPES[name]
         torch.manual_seed(0)
-        model = make_denoiser(spec, cfg)
-        src = BatchSource(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
-        loss = losses.LOSSES[spec.loss]()
+        model = spec.build_model(cfg.train)
+        src = ToyBatches(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
+        loss = losses.make_loss(spec.loss)
         train(model, loss, src, ToyTrainConfig(iterations=5, batch=args.batch), progress=False)  # warm-up
         res = train(model, loss, src, tcfg, progress=False)
         print(f"{name:<18} {res.it_per_s:8.1f} {res.it_per_s / 30:10.2f}x")
         if name == "score-matching":
             from mixture import EinsumBaseline  # benchmarks/mixture.py
 
-            class EinsumSource(BatchSource):
+            class EinsumSource(ToyBatches):
                 def draw(self, n, sigma, generator=None):
                     batch = super().draw(n, sigma, generator)
                     batch.score = base.logp_and_score(batch.x_noisy, sigma)[1]
@@ -55,7 +57,7 @@ def main():
             print(f"{'  einsum baseline':<18} {slow.it_per_s:8.1f}   ours/baseline {res.it_per_s / slow.it_per_s:.2f}x")
         if name == "edm":  # the network's cost: the seed's 5 linear layers against the 4 gendiff had before
             torch.manual_seed(0)
-            small = make_denoiser(spec, replace(cfg, train=replace(cfg.train, hidden_layers=3)))
+            small = spec.build_model(replace(cfg.train, hidden_layers=3))
             train(small, loss, src, ToyTrainConfig(iterations=5, batch=args.batch), progress=False)
             r4 = train(small, loss, src, tcfg, progress=False)
             print(f"{'  edm, 4 linear':<18} {r4.it_per_s:8.1f}   seed network (5 linear) / 4 linear: "

@@ -1,6 +1,6 @@
-"""Does the issue-9 training loop (checkpointable state, non-finite skipping, autocast switch, distributed hooks,
-step callback) slow the toy? Side by side in one process: `gendiff.train.train` against `legacy_train`, a copy
-of the loop as it was before issue 9 (commit 2f72794: sample σ, draw, loss, backward, Adam, EMA lerp), on the
+"""Does the full training loop (checkpointable state, non-finite skipping, autocast switch, distributed hooks,
+callbacks) slow the toy? Side by side in one process: `gendiff.train.train` against `legacy_train`, a copy
+of the bare loop of commit 2f72794 (sample σ, draw, loss, backward, Adam, EMA lerp), on the
 same model, data and batch, alternating the two three times per run kind; prints it/s and the ratio
 new/legacy (target ≥ 0.9), and the time to write one checkpoint of the reference model.
 Usage: python benchmarks/train_loop_overhead.py [--iterations 200] [--batch 4096] [--threads N]
@@ -13,16 +13,18 @@ import time
 import torch
 
 from gendiff import checkpoint as ckpt
-from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
+from gendiff.data.sources import ToyBatches
+from gendiff.experiments.ablate import AblateConfig
+from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.data.toy import tree
 from gendiff.io import generator
 from gendiff.runtime import configure
 from gendiff.schedules import LogNormalSigma, inverse_sqrt_lr
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.train import Outputs, ToyTrainConfig, train
 
 
 def legacy_train(denoiser, loss_fn, source, cfg, seed=0):
-    """The pre-issue-9 inner loop (the baseline; no checkpoints, no skipping, no hooks)."""
+    """The bare inner loop of commit 2f72794 (the baseline; no checkpoints, no skipping, no hooks)."""
     density = LogNormalSigma(cfg.p_mean, cfg.p_std)
     gen = generator(seed, "train-data")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
@@ -57,13 +59,13 @@ def main():
           f"{args.iterations} iterations per measurement, best of 3 alternations")
     print(f"{'run kind':<16} {'legacy it/s':>12} {'new it/s':>10} {'new/legacy':>11}")
     for name in ("edm", "confidence", "confidence-full"):
-        spec = RUNS[name]
-        src = BatchSource(tree("A"), spec.mode)
+        spec = TOY_RECIPES[name]
+        src = ToyBatches(tree("A"), spec.mode)
         best = {"legacy": 0.0, "new": 0.0}
         for _ in range(3):
             for kind in ("legacy", "new"):
                 torch.manual_seed(0)
-                model = make_denoiser(spec, cfg)
+                model = spec.build_model(cfg.train)
                 t = time.perf_counter()
                 if kind == "legacy":
                     legacy_train(model, spec.loss_fn(None), src, tcfg)
@@ -72,10 +74,11 @@ def main():
                 best[kind] = max(best[kind], args.iterations / (time.perf_counter() - t))
         print(f"{name:<16} {best['legacy']:12.1f} {best['new']:10.1f} {best['new'] / best['legacy']:11.3f}")
     torch.manual_seed(0)
-    model = make_denoiser(RUNS["confidence"], cfg)
+    model = TOY_RECIPES["confidence"].build_model(cfg.train)
     with tempfile.TemporaryDirectory() as d:
-        train(model, RUNS["confidence"].loss_fn(None), BatchSource(tree("A"), "point"),
-              ToyTrainConfig(iterations=1, batch=64, snapshot_every=10**9), progress=False, checkpoint_dir=d)
+        train(model, TOY_RECIPES["confidence"].loss_fn(None), ToyBatches(tree("A"), "point"),
+              ToyTrainConfig(iterations=1, batch=64, snapshot_every=10**9), progress=False,
+              outputs=Outputs(checkpoint_dir=d))
         step, tensors, meta = ckpt.latest(d)          # everything a checkpoint of this run holds
         n, t0 = 20, time.perf_counter()
         for i in range(n):

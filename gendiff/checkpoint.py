@@ -8,6 +8,10 @@ Each is written to a temporary name, fsync'ed and renamed (then the folder is fs
 so a checkpoint without its JSON is incomplete and ignored. `latest(folder)` walks back from the newest,
 verifies the checksum and falls back to the previous good one with a warning naming the bad file.
 Loading uses `safetensors` only: a pickle (or anything else) under a checkpoint name is refused unread.
+
+`save_objects` / `load_objects` checkpoint named state objects (EDM2 CheckpointIO style): anything with
+`state_dict()` / `load_state_dict()` whose state is a flat dict of tensors (stored as `<name>.<key>`) and
+JSON values (stored in the metadata under `<name>`).
 """
 from __future__ import annotations
 
@@ -134,21 +138,64 @@ def latest(folder: str):
     return None
 
 
-# ---- optimiser and RNG state as flat tensors + JSON (no pickle) ------------------------------------------
+# ---- named state objects -------------------------------------------------------------------------------
 
-def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+def save_objects(folder: str, step: int, objects: dict, keep: int = 3) -> str:
+    """Checkpoint `step` of `objects` = {name: object with state_dict()}: tensor values become `<name>.<key>` in
+    the safetensors file (host copies), other values JSON metadata under `<name>`. Returns the JSON path."""
+    tensors, meta = {}, {}
+    for name, obj in objects.items():
+        for key, value in obj.state_dict().items():
+            if torch.is_tensor(value):
+                tensors[f"{name}.{key}"] = value.detach().cpu()
+            else:
+                meta.setdefault(name, {})[key] = value
+    return save(folder, step, tensors, meta, keep)
+
+
+def load_objects(folder: str, objects: dict) -> int:
+    """Load the newest good checkpoint in `folder` into `objects` (as written by save_objects); returns its
+    step, or 0 (nothing loaded) when there is none."""
+    found = latest(folder)
+    if found is None:
+        return 0
+    step, tensors, meta = found
+    for name, obj in objects.items():
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        obj.load_state_dict({**state, **meta.get(name, {})})
+    return step
+
+
+class OptimizerState:
+    """An optimiser as a state object of flat tensors + JSON (no pickle): `state.<param>.<key>` tensors (Adam's
+    moments and step), `param_groups` and `state_keys` metadata."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+
+    def state_dict(self) -> dict:
+        return optimizer_to_flat(self.opt)
+
+    def load_state_dict(self, state: dict) -> None:
+        optimizer_from_flat(self.opt, state)
+
+
+# ---- optimiser state as flat tensors + JSON (no pickle) --------------------------------------------------
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> dict:
+    """The optimiser's state dict as one flat dict: tensors `state.<idx>.<key>`, plus `param_groups` and
+    `state_keys` (JSON)."""
     sd = opt.state_dict()
-    tensors, state_keys = {}, {}
+    flat, state_keys = {}, {}
     for idx, st in sd["state"].items():
         state_keys[str(idx)] = []
         for k, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
-            tensors[f"{prefix}.state.{idx}.{k}"] = t
+            flat[f"state.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
             state_keys[str(idx)].append(k)
-    return tensors, {"param_groups": sd["param_groups"], "state_keys": state_keys}
+    return {**flat, "param_groups": sd["param_groups"], "state_keys": state_keys}
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
-    state = {int(idx): {k: tensors[f"{prefix}.state.{idx}.{k}"] for k in keys}
-             for idx, keys in meta["state_keys"].items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def optimizer_from_flat(opt: torch.optim.Optimizer, flat: dict) -> None:
+    state = {int(idx): {k: flat[f"state.{idx}.{k}"] for k in keys} for idx, keys in flat["state_keys"].items()}
+    opt.load_state_dict({"state": state, "param_groups": flat["param_groups"]})

@@ -1,17 +1,25 @@
-"""EMA of the weights (EDM2, Karras et al. 2024): the power-function EMA and its post-hoc reconstruction.
+"""EMA of the weights (EDM2, Karras et al. 2024): the classic and the power-function EMA as objects, and the
+power EMA's post-hoc reconstruction.
 
 A power EMA with exponent γ averages the training trajectory θ_τ, τ ≤ t, with weights ∝ τ^γ; its relative
 standard deviation σ_rel (the averaging length as a fraction of training) fixes γ (`power_ema_gamma`). Storing
 snapshots of two such EMAs during training lets any other (t, σ_rel) be reconstructed afterwards as a linear
 combination of the snapshots (`posthoc_coefficients`, EDM2 §3.2 and App. C.2): the combination whose weight
 profile over τ is closest in L² to the target profile.
+
+`EMA(model, decay)` and `PowerEMA(model, sigma_rel)` hold an averaged copy of the model (`.module`), updated
+after each optimiser step by `update(model, step)` and checkpointed through `state_dict` / `load_state_dict`.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
+import torch
 from safetensors import safe_open
+
+from .io import save_state
 
 
 def power_ema_gamma(sigma_rel: float) -> float:
@@ -29,6 +37,43 @@ def power_ema_gamma(sigma_rel: float) -> float:
 def power_ema_decay(t: int, gamma: float) -> float:
     """The decay of step t ≥ 1, β_t = (1 − 1/t)^(γ + 1): the EMA then averages θ_τ with weights ∝ τ^γ."""
     return (1 - 1 / t) ** (gamma + 1)
+
+
+class EMA:
+    """θ_ema ← d·θ_ema + (1 − d)·θ after every step, with the constant decay d = `decay` (`decay_at` gives the
+    decay of a step; subclasses change only that). `.module` is the averaged copy, in eval mode, without grads."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    def decay_at(self, step: int) -> float:
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Average in `model`'s parameters after optimiser step `step` ≥ 1 (the model the copy was made from)."""
+        d = self.decay_at(step)
+        for p_ema, p in zip(self.module.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1 - d)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+
+class PowerEMA(EMA):
+    """EDM2's power-function EMA (phema.PowerFunctionEMA with one σ_rel): decay β_t = (1 − 1/t)^(γ + 1) at step t,
+    averaging the trajectory with weights ∝ τ^γ, γ = power_ema_gamma(sigma_rel)."""
+
+    def __init__(self, model: torch.nn.Module, sigma_rel: float):
+        self.sigma_rel, self.gamma = sigma_rel, power_ema_gamma(sigma_rel)
+        super().__init__(model, decay=float("nan"))
+
+    def decay_at(self, step: int) -> float:
+        return power_ema_decay(step, self.gamma)
 
 
 def _log_dot(t_a, g_a, t_b, g_b):
@@ -65,6 +110,14 @@ def posthoc_ema(snapshots, target_step: float, target_sigma_rel: float) -> dict:
     keys = snapshots[0][2].keys()
     return {k: sum(float(w) * snap[2][k].double() for w, snap in zip(x, snapshots)).to(snapshots[0][2][k].dtype)
             for k in keys}
+
+
+def save_posthoc(folder: str, step: int, emas) -> None:
+    """posthoc-<k>-<step>.safetensors: PowerEMA k of `emas` at `step`, with step, γ and σ_rel in its metadata."""
+    os.makedirs(folder, exist_ok=True)
+    for k, ema in enumerate(emas):
+        save_state(ema.state_dict(), os.path.join(folder, f"posthoc-{k}-{step:08d}.safetensors"),
+                   metadata={"step": str(step), "gamma": repr(ema.gamma), "sigma_rel": repr(ema.sigma_rel)})
 
 
 def load_posthoc(folder: str, max_step: int | None = None) -> list:

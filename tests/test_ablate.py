@@ -1,4 +1,4 @@
-"""`gendiff ablate` end to end, training, determinism and option errors (issue: seed experiment)."""
+"""`gendiff ablate` end to end, training, determinism and option errors."""
 import json
 import os
 
@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from gendiff import losses
-from gendiff.experiments.ablate import DEFAULT_RUNS, RUNS, AblateConfig, make_denoiser, make_evaluator, quick, run_ablation
+from gendiff.experiments.ablate import AblateConfig, make_evaluator, quick, run_ablation
+from gendiff.experiments.recipes import MAIN_RUNS, TOY_RECIPES
 from gendiff.cli import main
 from gendiff.data.toy import tree
 from gendiff.mixture_eval import SamplerConfig
 from gendiff.schedules import LogNormalSigma
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.data.sources import ToyBatches
+from gendiff.train import ToyTrainConfig, train
 
 
 def tiny(**kw) -> AblateConfig:
@@ -31,7 +33,7 @@ def quick_out(tmp_path_factory):
 def test_quick_ablate_writes_everything(quick_out):
     m = json.loads((quick_out / "metrics.json").read_text())
     assert set(m) >= {"runs", "config", "timings"}
-    runs = list(DEFAULT_RUNS)
+    runs = list(MAIN_RUNS)
     assert list(m["runs"]) == runs
     assert {"edm", "confidence-frozen", "confidence", "seed-method", "confidence-full-hybrid"} <= set(runs)
     for r in runs:
@@ -43,7 +45,7 @@ def test_quick_ablate_writes_everything(quick_out):
     # calibration for every trained model, the head-less ones (σ_φ = c_var) included as the σ-alone baseline
     for r in runs:
         cal = m["runs"][r]["unguided"].get("calibration")
-        assert (cal is None) == (RUNS[r].score_mode != "tweedie"), r
+        assert (cal is None) == (TOY_RECIPES[r].score_mode != "tweedie"), r
         if cal:
             assert {"spearman", "median_rel_error", "p90_rel_error", "spearman_excess", "spearman_excess_by_bin",
                     "median_rel_error_excess", "p90_rel_error_excess", "ratio", "ratio_by_sigma"} <= set(cal)
@@ -64,7 +66,7 @@ def test_quick_ablate_writes_everything(quick_out):
 def test_snapshots_load_without_pickle(quick_out):
     from safetensors.torch import load_file
     state = load_file(str(quick_out / "snapshots" / "confidence-full" / "ema-000256.safetensors"))
-    model = make_denoiser(RUNS["confidence-full"], AblateConfig())
+    model = TOY_RECIPES["confidence-full"].build_model(AblateConfig().train)
     model.load_state_dict(state)
 
 
@@ -79,12 +81,12 @@ def test_same_seed_same_metrics():
 @pytest.mark.parametrize("run", ["edm", "confidence-frozen", "confidence", "confidence-full", "seed-method",
                                  "score-matching"])
 def test_short_training_lowers_the_loss(run):
-    spec = RUNS[run]
+    spec = TOY_RECIPES[run]
     cfg = AblateConfig()
     torch.manual_seed(0)
-    model = make_denoiser(spec, cfg)
-    source = BatchSource(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
-    loss = losses.LOSSES[spec.loss]()
+    model = spec.build_model(cfg.train)
+    source = ToyBatches(tree("A"), spec.mode, need_score=spec.loss == "score-matching")
+    loss = losses.make_loss(spec.loss)
     g = torch.Generator().manual_seed(5)
     sig = LogNormalSigma(-2.4, 1.5).sample(2048, g)
     batch = source.draw(2048, sig, g)
@@ -100,8 +102,8 @@ def test_short_training_lowers_the_loss(run):
 def test_same_seed_same_weights():
     def run(seed):
         torch.manual_seed(seed)
-        m = make_denoiser(RUNS["confidence"], AblateConfig())
-        src = BatchSource(tree("A"), "point")
+        m = TOY_RECIPES["confidence"].build_model(AblateConfig().train)
+        src = ToyBatches(tree("A"), "point")
         return train(m, losses.ConfidenceNLL(), src, ToyTrainConfig(iterations=20, batch=128), seed=seed,
                      progress=False).ema.state_dict()
     a, b, c = run(0), run(0), run(1)

@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume (issue 9): atomic, checksummed, pickle-free; a training run killed (SIGKILL) or
+"""Checkpoints and exact resume: atomic, checksummed, pickle-free; a training run killed (SIGKILL) or
 interrupted (SIGINT) at an arbitrary step and resumed ends with weights bitwise equal to the uninterrupted run.
 
 Breakages tried (each fails here): data generator state not restored (resume differs); Adam moments not
@@ -77,19 +77,21 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from safetensors.torch import save_file
-    from gendiff.experiments.ablate import RUNS, AblateConfig, make_denoiser
+    from gendiff.experiments.ablate import AblateConfig
+    from gendiff.experiments.recipes import TOY_RECIPES
     from gendiff.data.toy import tree
-    from gendiff.train import BatchSource, ToyTrainConfig, train
+    from gendiff.data.sources import ToyBatches
+    from gendiff.train import Outputs, ToyTrainConfig, train
     run, ckdir, final = sys.argv[1], sys.argv[2], sys.argv[3]
     cfg = AblateConfig(runs=(run,))
     cfg.train = ToyTrainConfig(iterations=120, batch=256, lr_ref_iter=32, snapshot_every=10**6)
-    spec = RUNS[run]
+    spec = TOY_RECIPES[run]
     torch.manual_seed(0)
-    model = make_denoiser(spec, cfg)
+    model = spec.build_model(cfg.train)
     density = spec.density(cfg)
-    res = train(model, spec.loss_fn(density), BatchSource(tree("A"), spec.mode), cfg.train, seed=3, progress=False,
-                sigma_density=density, checkpoint_dir=ckdir, checkpoint_every=10, keep_snapshots=(40,),
-                step_callback=lambda d, r: print(d, flush=True))
+    res = train(model, spec.loss_fn(density), ToyBatches(tree("A"), spec.mode), cfg.train, seed=3, progress=False,
+                sigma_density=density, outputs=Outputs(checkpoint_dir=ckdir, checkpoint_every=10, keep_snapshots=(40,)),
+                callbacks=[lambda d, r: print(d, flush=True)])
     state = {f"m.{k}": v for k, v in model.state_dict().items()}
     state.update({f"e.{k}": v for k, v in res.ema.state_dict().items()})
     state.update({f"s.{k}": v for k, v in res.snapshots[40].items()})
@@ -136,7 +138,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     from gendiff.data.toy import tree
     from gendiff.losses import EDMLoss
     from gendiff.nets.mlp import toy_denoiser
-    from gendiff.train import BatchSource, ToyTrainConfig, train
+    from gendiff.data.sources import ToyBatches
+    from gendiff.train import Outputs, ToyTrainConfig, train
     calls = {"n": 0}
 
     def flaky(den, batch):
@@ -146,12 +149,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     torch.manual_seed(0)
     den = toy_denoiser("none")
     cfg = ToyTrainConfig(iterations=10, batch=64, snapshot_every=10**6, max_bad_steps=3)
-    res = train(den, flaky, BatchSource(tree("A"), "point"), cfg, progress=False)
+    res = train(den, flaky, ToyBatches(tree("A"), "point"), cfg, progress=False)
     assert res.bad_steps == 2 and len(res.losses) == 8
     assert all(torch.isfinite(p).all() for p in den.parameters())
     with pytest.raises(FloatingPointError, match="3 non-finite steps in a row.*max_bad_steps=3"):
-        train(den, lambda d, b: EDMLoss()(d, b) * float("inf"), BatchSource(tree("A"), "point"), cfg,
-              progress=False, checkpoint_dir=str(tmp_path))
+        train(den, lambda d, b: EDMLoss()(d, b) * float("inf"), ToyBatches(tree("A"), "point"), cfg,
+              progress=False, outputs=Outputs(checkpoint_dir=str(tmp_path)))
     step, t, _ = ckpt.latest(str(tmp_path))
     assert step == 3 and all(torch.isfinite(v).all() for k, v in t.items() if k.startswith("model."))
 
@@ -162,21 +165,22 @@ def test_soak_thousands_of_steps_with_checkpoints_and_a_resume_keep_memory_flat(
     from gendiff.data.toy import tree
     from gendiff.losses import ConfidenceNLL
     from gendiff.nets.mlp import toy_denoiser
-    from gendiff.train import BatchSource, ToyTrainConfig, train
+    from gendiff.data.sources import ToyBatches
+    from gendiff.train import Outputs, ToyTrainConfig, train
 
     def rss_mb():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     torch.manual_seed(0)
-    den, src, marks = toy_denoiser("diag"), BatchSource(tree("A"), "point"), {}
+    den, src, marks = toy_denoiser("diag"), ToyBatches(tree("A"), "point"), {}
 
     def mark(done, result):
         if done in (500, 3000):
             marks[done] = rss_mb()
     for iters in (1500, 3000):
         cfg = ToyTrainConfig(iterations=iters, batch=32, snapshot_every=10**6)
-        res = train(den, ConfidenceNLL(), src, cfg, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=50,
-                    step_callback=mark)
+        res = train(den, ConfidenceNLL(), src, cfg, progress=False, callbacks=[mark],
+                    outputs=Outputs(checkpoint_dir=str(tmp_path), checkpoint_every=50))
     assert res.resumed_from == 1500 and ckpt.steps(str(tmp_path))[-1] == 3000
     assert marks[3000] - marks[500] < 20, marks
 

@@ -936,14 +936,14 @@ def test_run_registry_and_option_errors():
     from gendiff.experiments import ablate
     from gendiff.samplers import sample_heun
     from gendiff.schedules import edm_sigmas
-    bad = dc_replace(ablate.RUNS["confidence-full-hybrid"], head="diag")
-    old = ablate.RUNS["confidence-full-hybrid"]
-    ablate.RUNS["confidence-full-hybrid"] = bad
+    bad = dc_replace(ablate.TOY_RECIPES["confidence-full-hybrid"], head="diag")
+    old = ablate.TOY_RECIPES["confidence-full-hybrid"]
+    ablate.TOY_RECIPES["confidence-full-hybrid"] = bad
     try:
         with pytest.raises(ValueError, match="reuses model 'confidence-full'"):
             ablate.AblateConfig(runs=("confidence-full-hybrid",)).validate()
     finally:
-        ablate.RUNS["confidence-full-hybrid"] = old
+        ablate.TOY_RECIPES["confidence-full-hybrid"] = old
     assert isinstance(Denoiser(torch.nn.Identity(), "eps").precond, EpsPrecond)
     with pytest.raises(ValueError, match="precond='bogus' is not allowed"):
         Denoiser(torch.nn.Identity(), "bogus")

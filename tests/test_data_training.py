@@ -1,4 +1,4 @@
-"""The training loop on datasets (issues 9 and 10): DataSource (epoch order, exact resume, label dropout,
+"""The training loop on datasets: DataSource (epoch order, exact resume, label dropout,
 validation before training), class labels through the one denoiser contract, classifier-free guidance (T33),
 seed 004's objectives (score-vp parameterisation, simplified losses, IDDPM's hybrid loss, T21, T24, T26).
 
@@ -23,7 +23,8 @@ from gendiff.parameterizations import to_x0
 from gendiff.precond import Denoiser, ScoreVPPrecond
 from gendiff.process import DDPM
 from gendiff.schedules import DDPMSteps, LogNormalSigma
-from gendiff.train import DataSource, ToyTrainConfig, check_data, train
+from gendiff.data.sources import DataSource, check_data
+from gendiff.train import Outputs, ToyTrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -233,7 +234,7 @@ def test_train_loop_on_a_dataset_resumes_bit_for_bit(tmp_path):
         den = toy_denoiser("none", 2, 8, 1)
         c = ToyTrainConfig(**{**cfg.__dict__, "iterations": stop or cfg.iterations})
         train(den, EDMLoss(), DataSource(data), c, seed=0, progress=False, sigma_density=LogNormalSigma(),
-              checkpoint_dir=ckdir, checkpoint_every=5)
+              outputs=Outputs(checkpoint_dir=ckdir, checkpoint_every=5))
         return den
     full = run()
     run(stop=7, ckdir=str(tmp_path))

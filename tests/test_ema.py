@@ -59,7 +59,8 @@ def test_training_writes_posthoc_snapshots_that_resume_exactly(tmp_path):
     from gendiff.losses import EDMLoss
     from gendiff.nets.mlp import toy_denoiser
     from gendiff.schedules import LogNormalSigma
-    from gendiff.train import DataSource, ToyTrainConfig, train
+    from gendiff.data.sources import DataSource
+    from gendiff.train import Outputs, ToyTrainConfig, train
     data = torch.randn(64, 2) * 0.5
 
     trajectory = []
@@ -70,8 +71,8 @@ def test_training_writes_posthoc_snapshots_that_resume_exactly(tmp_path):
         cfg = ToyTrainConfig(iterations=iters, batch=16, snapshot_every=4, width=8, hidden_layers=1,
                              ema_posthoc=(0.05, 0.1))
         train(den, EDMLoss(), DataSource(data), cfg, progress=False, sigma_density=LogNormalSigma(),
-              posthoc_dir=str(folder), checkpoint_dir=ck, checkpoint_every=4,
-              step_callback=lambda done, r: trajectory.append({k: v.clone() for k, v in den.state_dict().items()}))
+              outputs=Outputs(posthoc_dir=str(folder), checkpoint_dir=ck, checkpoint_every=4),
+              callbacks=[lambda done, r: trajectory.append({k: v.clone() for k, v in den.state_dict().items()})])
         return load_posthoc(str(folder))
     full = run(12, tmp_path / "full")
     for step, gamma, snap in full:                       # each snapshot is the power EMA of the weights (γ)

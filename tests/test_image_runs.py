@@ -1,4 +1,4 @@
-"""Image runs end to end on tiny data the tests make (issue 10): every objective of seed 004's table trains
+"""Image runs end to end on tiny data the tests make: every objective of seed 004's table trains
 through the one loop and its loss falls; runs write their folder and resume; CFG with the U-Net; the learned
 variance is what the DDPM sampler uses; the table is resumable; bad data gives clear errors.
 
@@ -19,7 +19,8 @@ import torch
 from gendiff.experiments.config import resolve
 from gendiff.experiments.images import OBJECTIVES, build_model, density_and_loss, run_table, sample_images
 from gendiff.losses import NoisyBatch
-from gendiff.train import DataSource, train
+from gendiff.data.sources import DataSource
+from gendiff.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -263,7 +263,8 @@ def test_training_the_learned_density_lowers_the_loss_variance():
     the shape-free ∫½wℓ dλ (VDM: only the endpoints enter the objective)."""
     from gendiff.data.toy import GaussianMixture
     from gendiff.schedules import LearnedDensity
-    from gendiff.train import BatchSource, ToyTrainConfig, train
+    from gendiff.data.sources import ToyBatches
+    from gendiff.train import ToyTrainConfig, train
     s = 0.7
     mix = GaussianMixture([1.0], [[0.0, 0.0]], [[[s * s, 0.0], [0.0, s * s]]])
     w = SigmoidWeighting(2.0)
@@ -276,7 +277,7 @@ def test_training_the_learned_density_lowers_the_loss_variance():
             ld.schedule.requires_grad_(False)
         den = _GaussianDenoiser(s)
         cfg = ToyTrainConfig(iterations=iterations, batch=2048, lr=lr, ema=0.0, snapshot_every=10**6)
-        res = train(den, WeightedLoss(w, ld), BatchSource(mix, "point"), cfg, seed=1, progress=False,
+        res = train(den, WeightedLoss(w, ld), ToyBatches(mix, "point"), cfg, seed=1, progress=False,
                     sigma_density=ld)
         return den, ld, res
     _, ld, res = run(200, trainable=False)   # γ_η frozen at its initial shape: the baseline variance

@@ -4,7 +4,7 @@ Each test asserts against a closed form or an independent recomputation (never n
 a run), with seeded generators, so it is deterministic. Breakages each test was checked against
 (each one applied by hand in a scratch copy; the named test fails, all pass on the unbroken code):
 
- 1. train.py `BatchSource.draw` forms x_noisy from `self.means[k]` instead of `sample` (no Σ_k^½ε₁)
+ 1. data/sources.py `ToyBatches.draw` forms x_noisy from `self.means[k]` instead of `sample` (no Σ_k^½ε₁)
     -> test_batch_source_noise_covariance[point|source|point-cov]
  2. losses.py `ScoreMatchingLoss` with a wrong σ power (`s2 *` -> `s2.sqrt() *`, or `/ s2` -> `/ s2.sqrt()`)
     -> test_score_matching_loss_is_sigma2_weighted_score_error
@@ -41,7 +41,8 @@ from gendiff.nets.mlp import toy_denoiser
 from gendiff.samplers import _churn, sample_heun
 from gendiff.schedules import LogNormalSigma, edm_sigmas
 from gendiff.scores import PhiScoreDenoiser
-from gendiff.train import BatchSource, ToyTrainConfig, train
+from gendiff.data.sources import ToyBatches
+from gendiff.train import Outputs, ToyTrainConfig, train
 
 F64 = torch.float64
 
@@ -53,7 +54,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# ---- 1. BatchSource: x̃ = m_k + Σ_k^½ε₁ + σε₂ (T3) ------------------------------------------------
+# ---- 1. ToyBatches: x̃ = m_k + Σ_k^½ε₁ + σε₂ (T3) ------------------------------------------------
 
 # Two far-apart components (so the component of a point is its nearest mean, whatever the draw order
 # inside `draw`) with clearly anisotropic, correlated covariances and unequal weights.
@@ -87,7 +88,7 @@ def test_batch_source_noise_covariance(mode):
     clean sample (x̃ − x0 ~ N(0, σ²I) independent of x0 − m_k ~ N(0, Σ_k)) in point / point-cov modes;
     source_cov = Σ_k in source and point-cov modes, None in point mode."""
     mixture = GaussianMixture(MIX_WEIGHTS, MIX_MEANS, MIX_COVS)
-    src = BatchSource(mixture, mode)
+    src = ToyBatches(mixture, mode)
     n, sigma = 60_000, 0.3
     batch = src.draw(n, torch.full((n,), sigma), _gen(11))
     assert batch.x0.shape == batch.x_noisy.shape == (n, 2)
@@ -125,7 +126,7 @@ def test_batch_source_per_example_sigma_and_score():
     mixture = GaussianMixture(MIX_WEIGHTS, MIX_MEANS, MIX_COVS)
     n = 40_000
     sigma = torch.where(torch.arange(n) % 2 == 0, torch.tensor(0.1), torch.tensor(2.0))
-    batch = BatchSource(mixture, "point", need_score=True).draw(n, sigma, _gen(12))
+    batch = ToyBatches(mixture, "point", need_score=True).draw(n, sigma, _gen(12))
     for s in (0.1, 2.0):
         _assert_cov(batch.x_noisy[sigma == s] - batch.x0[sigma == s], s**2 * np.eye(2))
     torch.testing.assert_close(batch.score, mixture.score(batch.x_noisy, sigma), rtol=0, atol=0)
@@ -251,7 +252,8 @@ def test_train_ema_follows_parameter_trajectory():
         seen.append(_params(d))
         return edm(d, batch)
 
-    res = train(den, loss, BatchSource(tree("A"), "point"), cfg, seed=1, progress=False, keep_snapshots=(1, 2))
+    res = train(den, loss, ToyBatches(tree("A"), "point"), cfg, seed=1, progress=False,
+                outputs=Outputs(keep_snapshots=(1, 2)))
     traj = seen + [_params(den)]
     assert len(traj) == cfg.iterations + 1
     moved = max((a - b).abs().max().item() for a, b in zip(traj[-1], traj[0]))
@@ -286,7 +288,7 @@ def test_train_lr_inverse_sqrt_decay(monkeypatch):
     cfg = _tiny_cfg(iterations=8, lr_ref_iter=2, lr=1e-2, batch=16)
     torch.manual_seed(8)
     den = toy_denoiser("none", width=cfg.width, hidden_layers=cfg.hidden_layers, precond=cfg.sigma_data)
-    res = train(den, EDMLoss(), BatchSource(tree("A"), "point"), cfg, seed=2, progress=False)
+    res = train(den, EDMLoss(), ToyBatches(tree("A"), "point"), cfg, seed=2, progress=False)
     expect = [cfg.lr / math.sqrt(max(i / cfg.lr_ref_iter, 1)) for i in range(cfg.iterations)]
     assert expect[-1] < expect[0] / 1.8               # the decay is visible over the run
     assert len(used) == len(res.lrs) == cfg.iterations
@@ -320,7 +322,7 @@ def test_train_draws_sigma_from_cfg_density():
 
     torch.manual_seed(10)
     den = toy_denoiser("none", width=cfg.width, hidden_layers=cfg.hidden_layers, precond=cfg.sigma_data)
-    train(den, loss, BatchSource(tree("A"), "point"), cfg, seed=3, progress=False)
+    train(den, loss, ToyBatches(tree("A"), "point"), cfg, seed=3, progress=False)
     z = torch.cat(seen).double().log().numpy()
     assert len(z) == cfg.iterations * cfg.batch
     assert stats.kstest(z, "norm", args=(cfg.p_mean, cfg.p_std)).pvalue > 1e-3
@@ -352,7 +354,7 @@ def test_train_uses_given_sigma_density():
 
     torch.manual_seed(11)
     den = toy_denoiser("none", width=cfg.width, hidden_layers=cfg.hidden_layers, precond=cfg.sigma_data)
-    train(den, loss, BatchSource(tree("A"), "point"), cfg, seed=4, progress=False, sigma_density=dens)
+    train(den, loss, ToyBatches(tree("A"), "point"), cfg, seed=4, progress=False, sigma_density=dens)
     assert len(dens.drawn) == len(seen) == cfg.iterations
     for a, b in zip(dens.drawn, seen):
         assert torch.equal(a, b)
