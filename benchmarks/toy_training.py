@@ -17,7 +17,8 @@ from gendiff.experiments.ablate import AblateConfig
 from gendiff.experiments.recipes import TOY_RECIPES
 from gendiff.data.toy import tree
 from gendiff.runtime import configure
-from gendiff.train import ToyTrainConfig, train
+from gendiff.experiments.config import ToyTrainConfig
+from gendiff.train import train
 
 
 def main():

@@ -20,7 +20,8 @@ from gendiff.data.toy import tree
 from gendiff.io import generator
 from gendiff.runtime import configure
 from gendiff.schedules import LogNormalSigma, inverse_sqrt_lr
-from gendiff.train import Outputs, ToyTrainConfig, train
+from gendiff.experiments.config import ToyTrainConfig
+from gendiff.train import Outputs, train
 
 
 def legacy_train(denoiser, loss_fn, source, cfg, seed=0):

@@ -17,9 +17,9 @@ from .data.images import fetch
 from .experiments.ablate import GUIDES, AblateConfig, quick, run_seeds
 from .experiments.config import PRESETS, resolve, to_toml
 from .experiments.html import write_report
-from .experiments.images import TABLE_ROWS, resolve_device, run_table
+from .experiments.images import resolve_device, run_table
 from .experiments.kinds import kind_of, load_run
-from .experiments.recipes import IMAGE_RECIPES, MAIN_RUNS, SUITES, TOY_RECIPES
+from .experiments.recipes import IMAGE_RECIPES, MAIN_RUNS, SUITES, TABLE_ROWS, TOY_RECIPES
 from .experiments.report import calibration_markdown, metrics_markdown, rerender
 from .experiments.runfolder import posthoc_run, read_config, start_run
 from .mixture_eval import INITS

@@ -23,6 +23,7 @@ from .checks import check_choice, check_positive
 from .ema import EMA, PowerEMA, power_ema_gamma, save_posthoc
 from .io import generator, save_state
 from .losses import NoisyBatch
+from .precond import Denoiser
 from .schedules import LogNormalSigma, inverse_sqrt_lr
 
 PRECISIONS = ("fp32", "bf16")
@@ -64,20 +65,6 @@ class TrainConfig:
         for v in (self.ema_sigma_rel or None, *self.ema_posthoc):
             if v is not None:
                 power_ema_gamma(v)
-        return self
-
-
-@dataclass
-class ToyTrainConfig(TrainConfig):
-    """TrainConfig plus the toy MLP's size (THEORY §10: the seed's five linear layers of width 64); `train`
-    reads only the TrainConfig part."""
-    width: int = 64
-    hidden_layers: int = 4
-
-    def validate(self):
-        super().validate()
-        for name in ("width", "hidden_layers"):
-            check_positive(name, getattr(self, name), integer=True)
         return self
 
 
@@ -307,7 +294,6 @@ class _Step:
 def _compiled(denoiser):
     """The denoiser with a torch.compile'd backbone sharing its parameters (a `Denoiser`; state dicts, EMA and
     checkpoints keep reading the plain module)."""
-    from .precond import Denoiser
     if not isinstance(denoiser, Denoiser):
         raise ValueError(f"compile=true needs a precond.Denoiser around a backbone; got {type(denoiser).__name__}")
     return Denoiser(torch.compile(denoiser.net), denoiser.precond, denoiser.head)

@@ -13,7 +13,8 @@ from gendiff.data.toy import tree
 from gendiff.mixture_eval import SamplerConfig
 from gendiff.schedules import LogNormalSigma
 from gendiff.data.sources import ToyBatches
-from gendiff.train import ToyTrainConfig, train
+from gendiff.experiments.config import ToyTrainConfig
+from gendiff.train import train
 
 
 def tiny(**kw) -> AblateConfig:

@@ -81,7 +81,8 @@ SCRIPT = textwrap.dedent("""
     from gendiff.experiments.recipes import TOY_RECIPES
     from gendiff.data.toy import tree
     from gendiff.data.sources import ToyBatches
-    from gendiff.train import Outputs, ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import Outputs, train
     run, ckdir, final = sys.argv[1], sys.argv[2], sys.argv[3]
     cfg = AblateConfig(runs=(run,))
     cfg.train = ToyTrainConfig(iterations=120, batch=256, lr_ref_iter=32, snapshot_every=10**6)
@@ -139,7 +140,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     from gendiff.losses import EDMLoss
     from gendiff.nets.mlp import toy_denoiser
     from gendiff.data.sources import ToyBatches
-    from gendiff.train import Outputs, ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import Outputs, train
     calls = {"n": 0}
 
     def flaky(den, batch):
@@ -166,7 +168,8 @@ def test_soak_thousands_of_steps_with_checkpoints_and_a_resume_keep_memory_flat(
     from gendiff.losses import ConfidenceNLL
     from gendiff.nets.mlp import toy_denoiser
     from gendiff.data.sources import ToyBatches
-    from gendiff.train import Outputs, ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import Outputs, train
 
     def rss_mb():
         with open("/proc/self/status") as f:

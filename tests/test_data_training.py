@@ -24,7 +24,8 @@ from gendiff.precond import Denoiser, ScoreVPPrecond
 from gendiff.process import DDPM
 from gendiff.schedules import DDPMSteps, LogNormalSigma
 from gendiff.data.sources import DataSource, check_data
-from gendiff.train import Outputs, ToyTrainConfig, train
+from gendiff.experiments.config import ToyTrainConfig
+from gendiff.train import Outputs, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64

@@ -60,7 +60,8 @@ def test_training_writes_posthoc_snapshots_that_resume_exactly(tmp_path):
     from gendiff.nets.mlp import toy_denoiser
     from gendiff.schedules import LogNormalSigma
     from gendiff.data.sources import DataSource
-    from gendiff.train import Outputs, ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import Outputs, train
     data = torch.randn(64, 2) * 0.5
 
     trajectory = []

@@ -172,7 +172,8 @@ def test_bf16_autocast_trains_and_keeps_the_loss_in_float32():
     from gendiff.losses import ConfidenceNLL
     from gendiff.nets.mlp import toy_denoiser
     from gendiff.data.sources import ToyBatches
-    from gendiff.train import ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import train
     out = {}
     for prec in ("fp32", "bf16"):
         torch.manual_seed(0)
@@ -196,7 +197,8 @@ def test_power_function_ema_matches_edm2():
     from gendiff.nets.mlp import toy_denoiser
     from gendiff.data.sources import ToyBatches
     from gendiff.ema import power_ema_decay, power_ema_gamma
-    from gendiff.train import ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import train
     assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
     for sr in (0.02, 0.1, 0.25):
         g = power_ema_gamma(sr)

@@ -264,7 +264,8 @@ def test_training_the_learned_density_lowers_the_loss_variance():
     from gendiff.data.toy import GaussianMixture
     from gendiff.schedules import LearnedDensity
     from gendiff.data.sources import ToyBatches
-    from gendiff.train import ToyTrainConfig, train
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.train import train
     s = 0.7
     mix = GaussianMixture([1.0], [[0.0, 0.0]], [[[s * s, 0.0], [0.0, s * s]]])
     w = SigmoidWeighting(2.0)

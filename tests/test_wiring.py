@@ -42,7 +42,8 @@ from gendiff.samplers import _churn, sample_heun
 from gendiff.schedules import LogNormalSigma, edm_sigmas
 from gendiff.scores import PhiScoreDenoiser
 from gendiff.data.sources import ToyBatches
-from gendiff.train import Outputs, ToyTrainConfig, train
+from gendiff.experiments.config import ToyTrainConfig
+from gendiff.train import Outputs, train
 
 F64 = torch.float64
 

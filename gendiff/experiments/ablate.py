@@ -26,7 +26,8 @@ from ..mixture_eval import Evaluator, SamplerConfig
 from ..precond import PRECONDS
 from ..schedules import LogNormalSigma
 from ..scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
-from ..train import ToyTrainConfig, train
+from ..train import Outputs, train
+from .config import ToyTrainConfig
 from .recipes import MAIN_RUNS, TOY_RECIPES
 from .report import guidance_effect, summarize_seeds, write_figures, write_metrics
 
@@ -108,8 +109,8 @@ def _train_model(name, spec, cfg, classes, seed, out_dir, progress, width=None, 
     keep = (cfg.guide_iter,) if cfg.guide == "snapshot" else ()
     snap_dir = None if out_dir is None else os.path.join(out_dir, "snapshots", name)
     density = spec.density(cfg.train)
-    return train(model, spec.loss_fn(density), source, tcfg, seed=seed, snapshot_dir=snap_dir,
-                 keep_snapshots=keep, progress=progress, desc=name, sigma_density=density)
+    return train(model, spec.loss_fn(density), source, tcfg, seed=seed, sigma_density=density,
+                 outputs=Outputs(snapshot_dir=snap_dir, keep_snapshots=keep), progress=progress, desc=name)
 
 
 def training_stats(res) -> dict:

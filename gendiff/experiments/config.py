@@ -19,8 +19,22 @@ from ..data.images import check_channels, check_size
 from ..data.toy import TREE_CLASSES
 from ..mixture_eval import SamplerConfig
 from ..nets.unet import RESAMPLE
-from ..train import TrainConfig, ToyTrainConfig
+from ..train import TrainConfig
 from .recipes import IMAGE_RECIPES, TOY_RECIPES
+
+
+@dataclass
+class ToyTrainConfig(TrainConfig):
+    """TrainConfig plus the toy MLP's size (THEORY §10: the seed's five linear layers of width 64); `train`
+    reads only the TrainConfig part."""
+    width: int = 64
+    hidden_layers: int = 4
+
+    def validate(self):
+        super().validate()
+        for name in ("width", "hidden_layers"):
+            check_positive(name, getattr(self, name), integer=True)
+        return self
 
 
 @dataclass

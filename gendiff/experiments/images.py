@@ -1,12 +1,3 @@
-"""Real images (issue 10): seed 004's table on MNIST, plus the EDM and confidence-aware rows.
-
-Each row is an `ImageObjective` (parameterisation, loss, head, training density, sampler) trained through the
-one loop (train.py) on a `DataSource`, sampled by the library's samplers (respaced DDPM ancestral for the DDPM
-rows, EDM Heun for the EDM rows, CFG through guidance.classifier_free), and measured by image_metrics: FID,
-precision/recall and per-class counts in the features of our own classifier (nets/classifier.py, cached in the
-data folder), bits/dim (PF-ODE with Hutchinson on dequantised test images; DDPM's bound for DDPM rows), and for
-confidence rows the calibration of σ_φ per pixel with an uncertainty figure.
-"""
 """Image runs: a recipe of seed 004's table (recipes.IMAGE_RECIPES) trained on an image dataset (MNIST,
 Fashion-MNIST, or a researcher's own folder or .npz) in a run folder, and the commands on such a folder.
 

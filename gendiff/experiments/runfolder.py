@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..ema import load_posthoc, posthoc_ema
 from ..io import save_json, save_state, save_text
-from ..train import train
+from ..train import Outputs, train
 from .config import resolve, to_dict, to_toml
 
 LOG_EVERY = 16
@@ -75,9 +75,10 @@ def train_in_folder(model, loss, source, cfg, out: str, *, density, desc: str, p
     runlog = RunLog(out, primary)
     try:
         res = train(model, loss, source, cfg.train, seed=cfg.seed, progress=progress, desc=desc,
-                    sigma_density=density, checkpoint_dir=os.path.join(out, "checkpoints"),
-                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
-                    step_callback=runlog.on_step, posthoc_dir=os.path.join(out, "posthoc"))
+                    sigma_density=density, callbacks=[runlog.on_step],
+                    outputs=Outputs(checkpoint_dir=os.path.join(out, "checkpoints"),
+                                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
+                                    posthoc_dir=os.path.join(out, "posthoc")))
     finally:
         runlog.close()
     if primary:
