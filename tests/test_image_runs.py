@@ -17,12 +17,19 @@ import pytest
 import torch
 
 from gendiff.experiments.config import resolve
-from gendiff.experiments.images import OBJECTIVES, build_model, density_and_loss, run_table, sample_images
+from gendiff.experiments.images import build_model, run_table, sample_images
+from gendiff.experiments.recipes import IMAGE_RECIPES
 from gendiff.losses import NoisyBatch
 from gendiff.data.sources import DataSource
 from gendiff.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def density_and_loss(cfg):
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    density = recipe.density(cfg.train)
+    return density, recipe.loss_fn(density)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +47,16 @@ def blobs(tmp_path_factory):
 
 
 def tiny(blobs, objective, *sets):
-    return resolve("mnist-tiny", sets=[f"data.path={blobs}", "data.name=npz", f"objective={objective}", *sets])
+    return resolve("mnist-tiny", sets=[f"data.path={blobs}", "data.name=npz", f"recipe={objective}", *sets])
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("objective", sorted(IMAGE_RECIPES))
 def test_every_objective_trains_and_its_loss_falls(blobs, objective):
     cfg = tiny(blobs, objective, "train.iterations=40", "train.batch=16", "train.precision=fp32", "train.lr=5e-3")
     from gendiff.experiments.images import load_images
     data = load_images(cfg.data, "train")
     x = data.to_tensor()
-    labels = torch.from_numpy(data.labels) if OBJECTIVES[objective].conditional else None
+    labels = torch.from_numpy(data.labels) if IMAGE_RECIPES[objective].conditional else None
     torch.manual_seed(0)
     model = build_model(cfg, tuple(x.shape[1:]), data.num_classes)
     density, loss = density_and_loss(cfg)
@@ -64,7 +71,7 @@ def test_every_objective_trains_and_its_loss_falls(blobs, objective):
             return loss(model, probe).mean().item()
     before = held_out()
     train(model, loss, DataSource(x, labels, data.num_classes if labels is not None else 0,
-                                  OBJECTIVES[objective].label_dropout),
+                                  IMAGE_RECIPES[objective].label_dropout),
           cfg.train, seed=0, progress=False, sigma_density=density)
     after = held_out()
     assert after < 0.8 * before, (objective, before, after)
@@ -107,7 +114,7 @@ def test_learned_variance_is_what_the_sampler_uses(blobs):
 def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
     from gendiff.cli import main
     out = str(tmp_path / "run")
-    sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "objective=confidence"]
+    sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "recipe=confidence"]
     assert main(["train", "--preset", "mnist-tiny", *sets, "--set", "train.iterations=16", "--out", out,
                  "--no-progress"]) == 0
     for f in ("config.toml", "metrics.json", "model.safetensors", "samples.png", "uncertainty.png", "metrics.jsonl"):
@@ -119,13 +126,13 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
     assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing left to train
     assert json.load(open(os.path.join(out, "metrics.json")))["samples"]["fid"] == m["samples"]["fid"]
     from safetensors.torch import load_file
-    from gendiff.experiments.images import load_image_model
-    cfg, model = load_image_model(out)                               # the run back: config and EMA weights
-    assert cfg.objective == "confidence" and model.head.__class__.__name__ == "DiagonalHead"
+    from gendiff.experiments import load_run
+    cfg, model = load_run(out)                                       # the run back: config and EMA weights
+    assert cfg.recipe == "confidence" and model.head.__class__.__name__ == "DiagonalHead"
     saved = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="has no config.toml"):
-        load_image_model(str(tmp_path))
+    with pytest.raises(ValueError, match="no config.toml"):
+        load_run(str(tmp_path))
 
 
 def test_table_is_resumable(blobs, tmp_path, monkeypatch):
@@ -134,7 +141,7 @@ def test_table_is_resumable(blobs, tmp_path, monkeypatch):
     out = str(tmp_path / "table")
     md = run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None)
     assert "| eps |" in md and "| edm |" in md and os.path.exists(os.path.join(out, "images.json"))
-    monkeypatch.setattr(ir, "train_image_run", lambda *a, **k: pytest.fail("a finished row was retrained"))
+    monkeypatch.setattr(ir, "train_run", lambda *a, **k: pytest.fail("a finished row was retrained"))
     assert run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None) == md
     with pytest.raises(ValueError, match="another config"):
         run_table(tiny(blobs, "eps", "train.lr=0.1", "eval.likelihood_images=0"), ("eps",), out, progress=False)
@@ -148,18 +155,18 @@ def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
     from gendiff.cli import main
     path = tmp_path / "bad.npz"
     np.savez(path, images=images, **({} if labels is None else {"labels": labels}))
+    from gendiff.experiments.images import prepare
     with pytest.raises(ValueError, match=match):
-        from gendiff.experiments.images import train_image_run
-        train_image_run(resolve("mnist-tiny", sets=[f"data.path={path}", "data.name=npz", "objective=edm"]),
-                        str(tmp_path / "run"), progress=False)
+        prepare(resolve("mnist-tiny", sets=[f"data.path={path}", "data.name=npz", "recipe=edm"]))
     assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={path}", "--set", "data.name=npz",
                  "--out", str(tmp_path / "run2"), "--no-progress"]) == 2
+    assert not (tmp_path / "run2").exists()                             # a failed start creates nothing
 
 
 @pytest.mark.parametrize("objective", ["eps", "edm"])
 def test_pf_ode_starts_where_the_model_was_trained(blobs, objective, monkeypatch):
     """DDPM rows never saw σ̃ < σ̃_1 ≈ 0.01: their PF-ODE likelihood starts there; EDM rows at 0.002."""
-    import gendiff.likelihood as lk
+    import gendiff.experiments.images as lk
     from gendiff.experiments.images import bits_per_dim
     from gendiff.process import DDPM
     seen = {}
@@ -202,8 +209,11 @@ def test_device_choice(blobs, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device path)")
 def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
-    from gendiff.experiments.images import train_image_run
-    m = train_image_run(tiny(blobs, "learned-variance"), str(tmp_path / "gpu"), progress=False, device="cuda")
+    from gendiff.experiments.images import prepare, train_run
+    from gendiff.experiments.runfolder import start_run
+    cfg = tiny(blobs, "learned-variance")
+    start_run(cfg, str(tmp_path / "gpu"))
+    m = train_run(cfg, str(tmp_path / "gpu"), prepare(cfg, "cuda"), progress=False)
     assert np.isfinite(m["samples"]["fid"]) and np.isfinite(m["bpd_ddpm_bound"])
 
 
@@ -232,7 +242,7 @@ def test_unet_layout_options_reach_the_model(tmp_path):
     before; bad values are one clear error naming the key."""
     from gendiff.experiments.config import to_toml
     from gendiff.nets.unet import UNet
-    cfg = resolve("mnist-cpu", sets=["objective=edm", "model.num_blocks=[2, 1, 3]", "model.resample=plain",
+    cfg = resolve("mnist-cpu", sets=["recipe=edm", "model.num_blocks=[2, 1, 3]", "model.resample=plain",
                                      "model.emb_channels=40"])
     assert cfg.model.num_blocks == (2, 1, 3)
     path = tmp_path / "c.toml"
@@ -242,7 +252,7 @@ def test_unet_layout_options_reach_the_model(tmp_path):
     want = UNet(num_blocks=(2, 1, 3), resample="plain", emb_channels=40)
     assert (net.num_blocks, net.resample, net.emb1.out_features) == ((2, 1, 3), "plain", 40)
     assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in want.parameters()]
-    path.write_text('objective = "edm"\n[model]\nnum_blocks = 1\n')              # a session-4 config
+    path.write_text('kind = "images"\nrecipe = "edm"\n[model]\nnum_blocks = 1\n')              # a session-4 config
     old = build_model(resolve(toml_path=str(path)), (1, 28, 28), 10).net
     assert (old.num_blocks, old.resample, old.emb1.out_features) == ((1, 1, 1), "conv", 4 * 32)
     for sets, match in ((["model.num_blocks=[1, 2]"], r"model.num_blocks=\[1, 2\] must be one integer or one per "
@@ -253,7 +263,7 @@ def test_unet_layout_options_reach_the_model(tmp_path):
                         (["model.resample=linear"], r"model.resample='linear' is not allowed"),
                         (["model.emb_channels=-8"], r"model.emb_channels=-8 must be >= 0")):
         with pytest.raises(ValueError, match=match):
-            resolve("mnist-cpu", sets=["objective=edm", *sets])
+            resolve("mnist-cpu", sets=["recipe=edm", *sets])
 
 
 def test_another_backbone_trains_through_the_same_recipe(blobs):
@@ -280,7 +290,7 @@ def test_every_image_preset_builds_and_takes_a_step(objective):
     one finite training step on two images."""
     from gendiff.experiments.config import IMAGE_PRESETS
     for preset in IMAGE_PRESETS:
-        cfg = resolve(preset, sets=[f"objective={objective}"])
+        cfg = resolve(preset, sets=[f"recipe={objective}"])
         torch.manual_seed(0)
         model = build_model(cfg, (1, 28, 28), 10)
         density, loss = density_and_loss(cfg)
@@ -288,7 +298,7 @@ def test_every_image_preset_builds_and_takes_a_step(objective):
         x0 = torch.randint(0, 256, (2, 1, 28, 28), generator=g) * (2 / 255) - 1      # 8-bit (the hybrid loss's decoder)
         sigma = density.sample(2, g)
         batch = NoisyBatch(x0, x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g), sigma,
-                           labels=torch.tensor([3, 10]) if OBJECTIVES[objective].conditional else None)
+                           labels=torch.tensor([3, 10]) if IMAGE_RECIPES[objective].conditional else None)
         value = loss(model, batch).mean()
         value.backward()
         assert torch.isfinite(value), preset
