@@ -199,3 +199,29 @@ def test_checkpoints_past_the_resumed_step_are_removed_not_kept_over_the_new_one
         assert ckpt.latest(str(tmp_path))[0] == 200
     ckpt.save(str(tmp_path), 210, {"w": torch.ones(8) * 2}, {}, keep=1)
     assert ckpt.steps(str(tmp_path)) == [210] and ckpt.latest(str(tmp_path))[0] == 210
+
+
+def test_named_state_objects_round_trip_with_readable_keys(tmp_path):
+    """save_objects writes `<name>.<key>` tensors and JSON values under `<name>`; load_objects restores each object
+    (a module, an EMA, an optimiser) and returns the step; an empty folder loads nothing (step 0)."""
+    from gendiff.ema import EMA
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 2)).sum().backward()
+    opt.step()
+    ema = EMA(model, 0.5)
+
+    def objects(m, e, o):
+        return {"model": m, "ema": e, "opt0": ckpt.OptimizerState(o)}
+    assert ckpt.load_objects(str(tmp_path), objects(model, ema, opt)) == 0
+    ckpt.save_objects(str(tmp_path), 7, objects(model, ema, opt))
+    step, t, meta = ckpt.latest(str(tmp_path))
+    assert step == 7 and {"model.weight", "ema.bias", "opt0.state.0.exp_avg"} <= set(t)
+    assert meta["opt0"]["param_groups"][0]["lr"] == 0.1
+    m2 = torch.nn.Linear(2, 2)
+    o2, e2 = torch.optim.Adam(m2.parameters(), lr=1.0), EMA(m2, 0.5)
+    assert ckpt.load_objects(str(tmp_path), objects(m2, e2, o2)) == 7
+    assert torch.equal(m2.weight, model.weight) and torch.equal(e2.module.bias, ema.module.bias)
+    assert o2.param_groups[0]["lr"] == 0.1
+    assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

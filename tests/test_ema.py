@@ -116,3 +116,26 @@ def test_posthoc_ema_from_the_cli(tmp_path):
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)   # another average of the run
     assert main(["posthoc-ema", str(tmp_path), "--sigma-rel", "0.08"]) == 2     # not a run folder
     assert main(["posthoc-ema", out, "--sigma-rel", "0.5"]) == 2               # σ_rel out of range
+
+
+def test_ema_objects_update_by_lerp_and_round_trip_their_state():
+    """EMA(decay) and PowerEMA(σ_rel) average `model` with θ ← d·θ + (1 − d)·θ_model, d = their decay of the step;
+    `.module` is a frozen copy; state_dict / load_state_dict restore it exactly."""
+    from gendiff.ema import EMA, PowerEMA
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    for ema, decay in ((EMA(model, 0.9), lambda t: 0.9),
+                       (PowerEMA(model, 0.1), lambda t: power_ema_decay(t, power_ema_gamma(0.1)))):
+        assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+        want = [p.detach().clone() for p in model.parameters()]
+        for t in (1, 2, 3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            ema.update(model, t)
+            want = [w * decay(t) + p.detach() * (1 - decay(t)) for w, p in zip(want, model.parameters())]
+        for a, b in zip(ema.module.parameters(), want):
+            torch.testing.assert_close(a, b)
+        other = type(ema)(torch.nn.Linear(3, 2), 0.1 if isinstance(ema, PowerEMA) else 0.9)
+        other.load_state_dict(ema.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(other.module.parameters(), ema.module.parameters()))
