@@ -85,11 +85,13 @@ from gendiff.checks import as_sigma, per_example
 from gendiff.data.toy import tree
 from gendiff.mixture_eval import Evaluator, SamplerConfig
 from gendiff.guidance import Guided
-from gendiff.heads import (DiagonalHead, FullHead, NoHead, Prediction, f_target, nll_direct, nll_full,
-                           nll_stable)
+from gendiff.heads import HEADS as HEAD_REGISTRY
+from gendiff.heads import (DiagonalHead, FullHead, LearnedVarianceHead, NoHead, Prediction, f_target, make_head,
+                           nll_direct, nll_full, nll_stable)
 from gendiff.losses import ConfidenceNLL, NoisyBatch
 from gendiff.mixture_metrics import calibration
 from gendiff.nets.mlp import toy_denoiser
+from gendiff.precond import PRECONDS as PRECOND_REGISTRY
 from gendiff.precond import Denoiser, EDMPrecond, EpsPrecond, VPrecond, X0Precond
 from gendiff.experiments.report import summarize_seeds, write_metrics
 from gendiff.schedules import LogNormalSigma
@@ -379,6 +381,101 @@ def test_full_nll_with_diagonal_factor_is_T9_summed():
     Fs = f_target(x0, x_noisy, sc)
     torch.testing.assert_close(nll_full(F, Gfull, Fs, sc), nll_stable(F, Gd, Fs, sc).sum(1),
                                rtol=1e-12, atol=1e-12)
+
+
+# ---- 2b. the registry harness: every precond.PRECONDS and every heads.make_head name meets its oracle ----
+# (diffusers' SchedulerCommonTest with analytic references: a new entry without an oracle fails the
+# `test_every_registered_*` key check and its parametrised case.)
+
+PRECOND_ORACLES = {  # precond.PRECONDS name -> (c_skip, c_out)(σ) from the parameterisation's definition
+    "edm": lambda s: skip_out(EDMPrecond, s),
+    "eps": lambda s: skip_out(EpsPrecond, s),
+    "x0": lambda s: skip_out(X0Precond, s),
+    "v": lambda s: skip_out(VPrecond, s),
+    # score of the VP latent z = αx̃ (α = 1/√(1 + σ²)): D = x̃ + σ²·∇_x̃ log p = x̃ + σ²·α·F (T13, T21)
+    "score-vp": lambda s: (torch.ones_like(s), s ** 2 / torch.sqrt(1 + s ** 2)),
+}
+
+
+def test_every_registered_precond_has_an_oracle():
+    """Breakage tried: ScoreVPPrecond with c_out = σ²/√(σ² + σ_d²) (the input scaling's root):
+    test_registered_precond_meets_its_oracle[score-vp] failed (the older tests do not list score-vp)."""
+    assert set(PRECOND_ORACLES) == set(PRECOND_REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(PRECOND_REGISTRY))
+def test_registered_precond_meets_its_oracle(name):
+    """c_skip, c_out from the definition; c_var² = σ² + c_out², k = c_out²/c_var², c_in = 1/√(σ² + σ_d²),
+    c_noise = ¼ log σ (T5 generalised); the Denoiser's mean is c_skip·x̃ + c_out·F(c_in·x̃, c_noise); T9 = T7."""
+    pre = PRECOND_REGISTRY[name](SD)
+    assert pre.name == name
+    sc = pre(SIGMAS)
+    c_skip, c_out = PRECOND_ORACLES[name](SIGMAS)
+    torch.testing.assert_close(sc.c_skip, c_skip, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.c_out, c_out, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.c_var ** 2, SIGMAS ** 2 + c_out ** 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.k, c_out ** 2 / (SIGMAS ** 2 + c_out ** 2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.c_in, 1 / torch.sqrt(SIGMAS ** 2 + SD ** 2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sc.c_noise, SIGMAS.log() / 4, rtol=1e-12, atol=0)
+    x0, _, _ = points(n=9, d=3)
+    sigma = torch.logspace(-4, 4, 9, dtype=F64)
+    x_noisy = x0 + sigma[:, None] * torch.randn(x0.shape, generator=gen(2), dtype=F64)
+    net = FixedNet()
+    mu = Denoiser(net, pre)(x_noisy, sigma)
+    F = net(x_noisy / torch.sqrt(sigma[:, None] ** 2 + SD ** 2), sigma.log() / 4)
+    c_skip, c_out = PRECOND_ORACLES[name](sigma[:, None])
+    torch.testing.assert_close(mu, c_skip * x_noisy + c_out * F, rtol=1e-10, atol=1e-12)
+    s = sigma[:, None]
+    G = 1.5 * torch.randn(x0.shape, generator=gen(1), dtype=F64)
+    sc = pre(s)
+    torch.testing.assert_close(nll_stable(F, G, f_target(x0, x_noisy, sc), sc),
+                               nll_direct(mu, torch.sqrt(s ** 2 + c_out ** 2) * torch.exp(G / 2), x0, s),
+                               rtol=1e-9, atol=1e-9)
+
+
+def _cov_none(pred, sigma, d):
+    return torch.diag_embed((edm_T4_T5(sigma)["c_var"].view(-1, 1) ** 2).expand(-1, d))
+
+
+HEAD_ORACLES = {  # heads.make_head name -> (backbone G, Σ_φ oracle, has a Gaussian NLL)
+    "none": (None, _cov_none, True),                                          # σ_φ = c_var (T11)
+    "diag": ("like", lambda p, s, d: torch.diag_embed(edm_T4_T5(s)["c_var"].view(-1, 1) ** 2 * torch.exp(p.G)),
+             True),                                                           # c_var²·e^G (T6)
+    "full": ("full", lambda p, s, d: edm_T4_T5(s)["c_var"].view(-1, 1, 1) ** 2
+             * torch.linalg.inv(factor_oracle(p.G, d) @ factor_oracle(p.G, d).transpose(1, 2)), True),  # T12
+    "v": ("like", _cov_none, False),   # IDDPM's v (T26): σ_φ = c_var, v = (G + 1)/2, no confidence NLL
+}
+
+
+def test_every_registered_head_has_an_oracle():
+    """Breakage tried: LearnedVarianceHead.variance = c_var (unsquared): test_registered_head_meets_its_oracle[v]
+    failed (the older head tests do not list 'v')."""
+    assert set(HEAD_ORACLES) == set(HEAD_REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_REGISTRY))
+def test_registered_head_meets_its_oracle(name):
+    """Σ_φ, Σ_φ⁻¹, σ_φ and the T14 score of make_head(name) against the head's definition; its NLL against the
+    closed-form Gaussian expectation (or a ValueError for a head without one)."""
+    g, cov_fn, has_nll = HEAD_ORACLES[name]
+    head, d = make_head(name), 3
+    assert head.name == name
+    x0, x_noisy, sigma = points(d=d)
+    net = FixedNet(head.outputs(d) if g == "full" else g)
+    pred = Denoiser(net, EDMPrecond(SD), head).predict(x_noisy, sigma)
+    want = cov_fn(pred, sigma, d)
+    torch.testing.assert_close(pred.covariance(), want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(pred.precision(), torch.linalg.inv(want), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(pred.sigma_phi, want.diagonal(0, -2, -1).sqrt(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(pred.phi_score(), torch.linalg.solve(want, pred.mu - x_noisy), rtol=1e-9, atol=1e-12)
+    if has_nll:
+        torch.testing.assert_close(head.nll(pred, x0), gaussian_expected_nll(pred.mu, want, x0, sigma),
+                                   rtol=1e-10, atol=1e-10)
+    else:
+        with pytest.raises(ValueError, match="no confidence NLL"):
+            head.nll(pred, x0)
+    if isinstance(head, LearnedVarianceHead):
+        torch.testing.assert_close(head.interpolation(pred), (pred.G + 1) / 2, rtol=0, atol=0)
 
 
 # ---- 3. σ shapes --------------------------------------------------------------------------------
