@@ -1,6 +1,6 @@
 """Classifier guidance (THEORY T32) on MNIST: an unconditional EDM denoiser steered by a noise-aware classifier.
 
-1. The denoiser: the image table's `edm` row recipe (mnist-cpu preset, objective edm), trained in OUT/denoiser
+1. The denoiser: the image table's `edm` row recipe (mnist-cpu preset, recipe edm), trained in OUT/denoiser
    through gendiff's image loop (skipped when that folder holds model.safetensors); or --denoiser RUN, any
    finished unconditional image run folder.
 2. The classifier: `nets.unet.NoisyClassifier` (the U-Net's embedding, encoder and middle + a pooled linear
@@ -29,8 +29,9 @@ import torch
 from gendiff.experiments.config import resolve, to_toml
 from gendiff.guidance import ClassifierGuided, train_noisy_classifier
 from gendiff.image_metrics import image_grid
-from gendiff.experiments.images import (feature_classifier, load_image_model, load_images, sample_images, sample_metrics,
-                                train_image_run)
+from gendiff.experiments.images import (feature_classifier, load_images, prepare, sample_images, sample_metrics,
+                                        train_run)
+from gendiff.experiments.kinds import load_run
 from gendiff.io import save_json, save_state, save_text
 from gendiff.nets.unet import NoisyClassifier
 from gendiff.runtime import configure
@@ -43,7 +44,7 @@ TEST_SIGMAS = (0.1, 0.5, 1.0, 2.0, 5.0)
 def denoiser(out: str, run: str | None, samples: int):
     if run is None:
         run = os.path.join(out, "denoiser")
-        cfg = resolve("mnist-cpu", sets=["objective=edm", f"eval.samples={samples}", "eval.likelihood_images=0"])
+        cfg = resolve("mnist-cpu", sets=["recipe=edm", f"eval.samples={samples}", "eval.likelihood_images=0"])
         os.makedirs(run, exist_ok=True)
         path = os.path.join(run, "config.toml")
         if os.path.exists(path) and open(path).read() != to_toml(cfg):
@@ -52,10 +53,10 @@ def denoiser(out: str, run: str | None, samples: int):
             save_text(to_toml(cfg), path)
         if not os.path.exists(os.path.join(run, "model.safetensors")):
             print(f"== training the denoiser in {run}", flush=True)
-            train_image_run(cfg, run, progress=False)
-    cfg, model = load_image_model(run)
-    if cfg.objective not in ("edm", "confidence"):
-        raise SystemExit(f"--denoiser {run}: objective {cfg.objective!r}; classifier guidance here needs an "
+            train_run(cfg, run, prepare(cfg), progress=False)
+    cfg, model = load_run(run)
+    if cfg.recipe not in ("edm", "confidence"):
+        raise SystemExit(f"--denoiser {run}: recipe {cfg.recipe!r}; classifier guidance here needs an "
                          "unconditional EDM-sampled run (edm or confidence)")
     return cfg, model
 

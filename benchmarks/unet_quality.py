@@ -2,8 +2,8 @@
 (issue 10: "≥ 1.5× diffusers' img/s at equal size, with samples of equal quality").
 
 Each network (benchmarks/unet_training.py: FAST, REFERENCE mirrored by diffusers, optionally REFERENCE in
-gendiff) trains through gendiff's image loop (`image_runs.train_image_run`, the `backbone` hook) with one recipe:
-the mnist-cpu preset's (Adam, batch, steps, EMA, bf16) with the `edm` objective, one run per seed, on MNIST's
+gendiff) trains through gendiff's image loop (`experiments.images.prepare`'s `backbone` hook) with one recipe:
+the mnist-cpu preset's (Adam, batch, steps, EMA, bf16) with the `edm` recipe, one run per seed, on MNIST's
 training split. Each run is then measured as a table row is: FID, precision and recall of Heun-18 samples in
 our classifier's features, bits/dim (PF-ODE, Hutchinson) of test images. The runs are the same seed for each
 network: same data order, same σ draws; only the network differs.
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_params  # noqa: E402
 
 from gendiff.experiments.config import resolve, to_toml  # noqa: E402
-from gendiff.experiments.images import build_model, train_image_run  # noqa: E402
+from gendiff.experiments.images import build_model, prepare, train_run  # noqa: E402
 from gendiff.io import save_json, save_text  # noqa: E402
 from gendiff.nets.unet import UNet  # noqa: E402
 from gendiff.runtime import configure  # noqa: E402
@@ -43,7 +43,7 @@ def _layout(layout: dict) -> list[str]:
 def _diffusers(shape, num_classes, g_channels):
     """build_model's backbone hook: UNet2DModel mirroring the run's model table (the REFERENCE layout)."""
     if num_classes or g_channels:
-        raise ValueError("the diffusers baseline is unconditional and has no G head: use objective=edm")
+        raise ValueError("the diffusers baseline is unconditional and has no G head: use recipe=edm")
     theirs = diffusers_like(UNet(img_resolution=shape[1], img_channels=shape[0], **REFERENCE))
     if theirs is None:
         raise SystemExit('diffusers is not installed: pip install -c constraints.txt -e ".[bench]"')
@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--samples", type=int, default=2000, help="generated images per run for FID / P / R")
     ap.add_argument("--models", default="fast,diffusers", help=f"comma-separated, from {sorted(MODELS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override the recipe (mnist-cpu preset, objective edm), e.g. train.iterations=3000")
+                    help="override the recipe (mnist-cpu preset, recipe edm), e.g. train.iterations=3000")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     configure(args.threads)
@@ -102,7 +102,7 @@ def main():
             run = os.path.join(args.out, key)
             done = os.path.join(run, "metrics.json")
             label, layout, backbone = MODELS[m]
-            cfg = resolve("mnist-cpu", sets=["objective=edm", f"seed={s}", f"eval.samples={args.samples}",
+            cfg = resolve("mnist-cpu", sets=["recipe=edm", f"seed={s}", f"eval.samples={args.samples}",
                                              *layout, *args.set])
             recipe = (f"# {label}" + (" (backbone hook; [model] is the layout it mirrors)" if backbone else "")
                       + "\n" + to_toml(cfg))
@@ -117,7 +117,7 @@ def main():
                 metrics = json.load(open(done))
             else:
                 print(f"== {key}: {label}", flush=True)
-                metrics = train_image_run(cfg, run, progress=False, backbone=backbone)
+                metrics = train_run(cfg, run, prepare(cfg, backbone=backbone), progress=False)
             net = build_model(cfg, (1, 28, 28), 10, backbone)
             results[key] = dict(parameters=n_params(net), samples=metrics["samples"],
                                 bpd_ode=metrics["bpd_pf_ode"], bpd_ode_se=metrics["bpd_pf_ode_se"],

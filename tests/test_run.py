@@ -23,14 +23,14 @@ QUICK = ["--preset", "toy-quick", "--set", "train.iterations=96", "--set", "trai
 
 
 def test_config_resolves_in_order_and_round_trips_through_toml(tmp_path):
-    cfg = resolve("toy-quick", sets=["run=edm", "train.betas=[0.8, 0.95]", "sampler.init=gaussian",
+    cfg = resolve("toy-quick", sets=["recipe=edm", "train.betas=[0.8, 0.95]", "sampler.init=gaussian",
                                      "train.lr=0.003"])
-    assert cfg.run == "edm" and cfg.train.betas == (0.8, 0.95) and cfg.sampler.init == "gaussian"
+    assert cfg.recipe == "edm" and cfg.train.betas == (0.8, 0.95) and cfg.sampler.init == "gaussian"
     assert cfg.train.iterations == 256 and cfg.train.lr == 0.003
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert resolve(toml_path=str(path)) == cfg
-    path.write_text('run = "edm"\n[train]\nbatch = 64\n')
+    path.write_text('recipe = "edm"\n[train]\nbatch = 64\n')
     assert resolve("toy-quick", str(path), ["train.batch=32"]).train.batch == 32     # --set after the file
 
 
@@ -43,8 +43,10 @@ def test_config_resolves_in_order_and_round_trips_through_toml(tmp_path):
     (["train.lr=nan"], "train.lr=nan is not a number"),
     (["train.betas=[0.9]"], "train.betas.*of length 2"),
     (["train=3"], "train is a table"),
-    (["run=bogus"], "run='bogus'.*edm"),
-    (["run=obj-F-edm"], "reuses another run's model"),
+    (["recipe=bogus"], "recipe='bogus'.*edm"),
+    (["recipe=obj-F-edm"], "reuses another recipe's model"),
+    (["kind=images"], "kind='images' does not match"),
+    (["data.name=folder"], r"unknown key 'data'.*image runs: start from an image preset"),
     (["sampler.init=bogus"], "init='bogus'"),
     (["noequals"], "key=value"),
 ])
@@ -107,7 +109,7 @@ def test_train_killed_and_resumed_from_the_cli_is_bitwise_the_uninterrupted_run(
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([x["loss"] for x in lines], rel=1e-6)
     cfg = open(os.path.join(run, "config.toml")).read()
-    assert "iterations = 96" in cfg and 'run = "confidence"' in cfg
+    assert "iterations = 96" in cfg and 'recipe = "confidence"' in cfg and 'kind = "toy"' in cfg
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,11 @@ def test_sample_eval_and_likelihood_commands_on_a_run_folder(finished_run, capsy
     assert m["nfe"] == 15 and np.isfinite(m["median_nll"])
     assert main(["sample", finished_run, "--samples", "128", "--sampler", "pc", "--steps", "4",
                  "--score-mode", "phi", "--threads", "1"]) == 0
-    assert np.load(os.path.join(finished_run, "eval-pc-4-phi.npz"))["samples"].shape == (128, 2)
+    assert np.load(os.path.join(finished_run, "samples-seed0", "samples.npz"))["samples"].shape == (128, 2)
+    assert os.path.exists(os.path.join(finished_run, "samples-seed0", "samples.png"))
+    capsys.readouterr()
+    assert main(["sample", finished_run, "--cfg-weight", "2"]) == 2
+    assert "--cfg-weight does not apply to a toy run" in capsys.readouterr().err
     assert main(["likelihood", finished_run, "--points", "32", "--threads", "1"]) == 0
     lk = json.load(open(os.path.join(finished_run, "likelihood.json")))
     assert all(np.isfinite(lk[k]) for k in ("pf_ode_bpd", "elbo_bpd", "exact_bpd")) and lk["pf_ode_nfe"] > 10

@@ -81,7 +81,18 @@ class Setup(NamedTuple):
 
 
 def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=None):
-    return IMAGE_RECIPES[cfg.recipe].build_model(cfg, shape, num_classes, backbone)
+    """The recipe's denoiser for images of `shape` (C, H, W); images the U-Net of cfg.model cannot take are one
+    error naming the config keys that fix it."""
+    c, h, w = shape
+    if h != w:
+        raise ValueError(f"the images are {h}×{w}; the U-Net takes square images: set data.size (e.g. "
+                         f"data.size={min(h, w)}) to resize them")
+    try:
+        return IMAGE_RECIPES[cfg.recipe].build_model(cfg, shape, num_classes, backbone)
+    except ValueError as e:
+        raise ValueError(f"the U-Net of this config does not fit {c}×{h}×{w} images ({e}); change "
+                         f"model.attn_resolutions or model.channel_mult, or resize the images with data.size"
+                         ) from None
 
 
 def load_model(cfg: ImageRunConfig, out: str, weights: str = "model.safetensors"):
