@@ -35,12 +35,19 @@ def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
+def _imaginary(root) -> float:
+    """The largest imaginary part of a matrix root relative to its real scale (0 for a real root)."""
+    if not np.iscomplexobj(root) or not np.isfinite(root).all():
+        return 0.0
+    return float(np.abs(root.imag).max() / max(np.abs(root.real).max(), 1e-12))
+
+
 def frechet_distance(mu1, cov1, mu2, cov2, eps: float = FD_EPS) -> float:
     """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2): ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) (Heusel et al.
     2017), in float64 with scipy's `sqrtm`. When Σ1Σ2 is singular (fewer samples than dimensions) and the root
-    comes out non-finite, it is recomputed with ε·I added to both covariances. Round-off gives the root tiny
-    imaginary parts, which are dropped; an imaginary part above 1e-3 of the root's scale is a ValueError. Not
-    clipped at 0: identical statistics give ±round-off."""
+    comes out non-finite or with an imaginary part above 1e-3 of its scale, it is recomputed with ε·I added to
+    both covariances. Round-off gives the root tiny imaginary parts, which are dropped; an imaginary part above
+    1e-3 of the root's scale even then is a ValueError. Not clipped at 0: identical statistics give ±round-off."""
     mu1, mu2, cov1, cov2 = _f64(mu1), _f64(mu2), _f64(cov1), _f64(cov2)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
     for name, v, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)), ("cov1", cov1, (d, d)),
@@ -51,12 +58,12 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps: float = FD_EPS) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # singular products: handled below
         root = linalg.sqrtm(cov1 @ cov2)
-        if not np.isfinite(root).all():
+        if not np.isfinite(root).all() or _imaginary(root) > 1e-3:
             off = eps * np.eye(d)
             root = linalg.sqrtm((cov1 + off) @ (cov2 + off))
     if np.iscomplexobj(root):
         imag = np.abs(root.imag).max()
-        if imag > 1e-3 * max(np.abs(root.real).max(), 1e-12):
+        if _imaginary(root) > 1e-3:
             raise ValueError(f"sqrtm(cov1 @ cov2) has an imaginary part {imag:.3g}: the covariances are not "
                              "positive semi-definite")
         root = root.real

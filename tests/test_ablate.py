@@ -208,13 +208,13 @@ def test_gaussian_init_option():
 def test_objectives_suite_runs_every_objective(tmp_path):
     """`gendiff ablate --suite objectives --quick`: every parameterisation, weighting and density of the grid
     trains, samples and is measured (finite metrics); the registry agrees with the suite."""
-    from gendiff.experiments.ablate import OBJECTIVE_RUNS, SUITES
+    from gendiff.experiments.recipes import OBJECTIVE_GRID, SUITES
     out = tmp_path / "obj"
     assert main(["ablate", "--suite", "objectives", "--quick", "--no-figures", "--no-progress", "--out", str(out),
                  "--samples", "512"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["runs"]) == list(SUITES["objectives"]) and len(m["runs"]) >= 16
-    assert set(OBJECTIVE_RUNS) - set(m["runs"]) == {"w-v"}   # left out: the same model as obj-v-cosine
+    assert set(OBJECTIVE_GRID) - set(m["runs"]) == {"w-v"}   # left out: the same model as obj-v-cosine
     assert m["training"]["p-learned"]["loss_var"] > 0 and set(m["training"]) >= {"p-adaptive", "w-edm-monotonic"}
     for name, per in m["runs"].items():
         assert all(isinstance(per[g]["median_nll"], float) for g in ("unguided", "autoguided")), name

@@ -89,7 +89,7 @@ SCRIPT = textwrap.dedent("""
     spec = TOY_RECIPES[run]
     torch.manual_seed(0)
     model = spec.build_model(cfg.train)
-    density = spec.density(cfg)
+    density = spec.density(cfg.train)
     res = train(model, spec.loss_fn(density), ToyBatches(tree("A"), spec.mode), cfg.train, seed=3, progress=False,
                 sigma_density=density, outputs=Outputs(checkpoint_dir=ckdir, checkpoint_every=10, keep_snapshots=(40,)),
                 callbacks=[lambda d, r: print(d, flush=True)])

@@ -102,7 +102,7 @@ def test_posthoc_ema_from_the_cli(tmp_path):
     import os
     from gendiff.cli import main
     out = str(tmp_path / "run")
-    assert main(["train", "--preset", "toy-quick", "--set", "run=edm", "--set", "train.iterations=64",
+    assert main(["train", "--preset", "toy-quick", "--set", "recipe=edm", "--set", "train.iterations=64",
                  "--set", "train.snapshot_every=16", "--set", "train.ema_posthoc=[0.05, 0.1]",
                  "--set", "eval.samples=256", "--set", "eval.eval_points=256", "--out", out, "--no-progress"]) == 0
     assert len(os.listdir(os.path.join(out, "posthoc"))) == 8        # 4 snapshots × 2 σ_rel
