@@ -1,17 +1,18 @@
-"""Classifier guidance (THEORY T32) on MNIST: an unconditional EDM denoiser steered by a noise-aware classifier.
+"""Classifier guidance (THEORY T32) on MNIST: an unconditional EDM denoiser steered by a noise-aware
+classifier.
 
 1. The denoiser: the image table's `edm` row recipe (mnist-cpu preset, recipe edm), trained in OUT/denoiser
    through gendiff's image loop (skipped when that folder holds model.safetensors); or --denoiser RUN, any
    finished unconditional image run folder.
 2. The classifier: `nets.unet.NoisyClassifier` (the U-Net's embedding, encoder and middle + a pooled linear
    read-out, ADM's EncoderUNetModel) trained by `guidance.train_noisy_classifier` on x0 + σε of the training
-   split, σ from the denoiser's training density; saved as OUT/noisy-classifier.safetensors (reused when there).
-   Its test accuracy at several σ is reported against chance (10%).
+   split, σ from the denoiser's training density; saved as OUT/noisy-classifier.safetensors
+   (reused when there). Its test accuracy at several σ is reported against chance (10%).
 3. For each guidance weight w: `image_runs.sample_images` (Heun 18, the row's sampler) with
-   `guidance.ClassifierGuided` (D + w·σ²·∇ log p_σ(y | x)), labels 0…9 in turn; measured in the FID classifier's
-   features (FID, precision, recall, classes hit) plus label accuracy: the share of samples the FID classifier
-   (a separate network, 99.4% on clean test digits) assigns to the class asked for. w = 0 is the unguided
-   model: its label accuracy is the chance baseline.
+   `guidance.ClassifierGuided` (D + w·σ²·∇ log p_σ(y | x)), labels 0…9 in turn; measured in the FID
+   classifier's features (FID, precision, recall, classes hit) plus label accuracy: the share of samples the
+   FID classifier (a separate network, 99.4% on clean test digits) assigns to the class asked for. w = 0 is
+   the unguided model: its label accuracy is the chance baseline.
 
 Resumable: each finished w is stored in OUT/results.json with the recipe (denoiser folder, classifier recipe,
 number of samples) and skipped on a rerun of the same recipe; another recipe starts the table afresh.

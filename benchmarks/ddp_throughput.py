@@ -1,7 +1,8 @@
-"""Data-parallel throughput on this machine: `torchrun --nproc_per_node 2` (gloo, 1 thread per process) against one
-process with 1 and with 2 threads, the same toy run, global batch and steps (`gendiff train`, toy-quick recipe).
-Prints training it/s of each (from the run's metrics.jsonl: steps / seconds of the loop, evaluation excluded)
-and the ratios against one process. Usage: python benchmarks/ddp_throughput.py [--iterations 512] [--batch 4096]
+"""Data-parallel throughput on this machine: `torchrun --nproc_per_node 2` (gloo, 1 thread per process)
+against one process with 1 and with 2 threads, the same toy run, global batch and steps
+(`gendiff train`, toy-quick recipe). Prints training it/s of each (from the run's metrics.jsonl:
+steps / seconds of the loop, evaluation excluded) and the ratios against one process. Usage: python
+benchmarks/ddp_throughput.py [--iterations 512] [--batch 4096]
 """
 import argparse
 import json

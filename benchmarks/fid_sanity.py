@@ -1,4 +1,4 @@
-"""Sanity of FID / precision / recall in our classifier's features (issue 10), on real MNIST:
+"""Sanity of FID / precision / recall in our classifier's features, on real MNIST:
 FID(train, test) against the same test images blurred or noised by growing amounts (FID must grow
 monotonically), plus the classifier's test accuracy. The classifier is the cached one of `gendiff ablate
 --suite images` (trained on first use). Usage: python benchmarks/fid_sanity.py [--n 10000] [--data mnist]

@@ -5,7 +5,8 @@ Models: `exact` (the tree's posterior mean, a perfect denoiser: only the sampler
 sampler starts from exact samples of p(x; σ_max = 5) as `gendiff ablate` does; DDPM (linear β, T = 1000) and
 DDIM start at the largest step whose σ̃ ≤ 5, from the exact p(x; σ̃) mapped to the DDPM latent (T2), so every
 sampler covers the same σ range. NFE is counted (a wrapper counts denoiser calls), not computed.
-Metrics (`Evaluator.sample_metrics`): median NLL and outlier rate under the true density, MMD² to a reference set.
+Metrics (`Evaluator.sample_metrics`): median NLL and outlier rate under the true density, MMD² to a reference
+set.
 
 Usage: python benchmarks/samplers.py [--out docs/results/samplers] [--samples 8192] [--seeds 0,1,2]
        [--threads 1] [--quick]

@@ -1,5 +1,5 @@
-"""Sample quality of gendiff's fast-layout U-Net against diffusers' UNet2DModel at equal size and equal training
-(issue 10: "≥ 1.5× diffusers' img/s at equal size, with samples of equal quality").
+"""Sample quality of gendiff's fast-layout U-Net against diffusers' UNet2DModel at equal size and equal
+training (the target: "≥ 1.5× diffusers' img/s at equal size, with samples of equal quality").
 
 Each network (benchmarks/unet_training.py: FAST, REFERENCE mirrored by diffusers, optionally REFERENCE in
 gendiff) trains through gendiff's image loop (`experiments.images.prepare`'s `backbone` hook) with one recipe:

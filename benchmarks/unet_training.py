@@ -16,10 +16,11 @@ The networks (~1.74 M parameters unless said):
 
 All sit in the same `gendiff.precond.Denoiser` (EDM preconditioning) and train with the same loop: EDM's loss
 (`losses.EDMLoss`), σ log-normal (P_mean −1.2, P_std 1.2), Adam. Steps of the models alternate in one process,
-in a rotating order, so all see the same machine load; the per-step median is reported as img/s (wall clock), with the process CPU
-time per step beside it (steadier than wall time on a shared machine).
+in a rotating order, so all see the same machine load; the per-step median is reported as img/s (wall clock),
+with the process CPU time per step beside it (steadier than wall time on a shared machine).
 
-diffusers is an optional extra (`pip install -c constraints.txt -e ".[bench]"`); without it only ours are timed.
+diffusers is an optional extra (`pip install -c constraints.txt -e ".[bench]"`); without it only ours are
+timed.
 
 Usage: python benchmarks/unet_training.py [--steps 10] [--batch 128] [--threads N] [--precision fp32,bf16]
        [--profile]

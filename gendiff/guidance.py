@@ -40,7 +40,8 @@ class Guided(torch.nn.Module):
         return torch.lerp(d_guide, self.main(x, sigma), self.w)
 
     def predict(self, x, sigma):
-        """The guided mean with the main model's confidence (guidance moves the mean only); w = 0 is the guide."""
+        """The guided mean with the main model's confidence (guidance moves the mean only); w = 0 is the
+        guide."""
         if self.w == 0:
             return self.guide.predict(x, sigma)
         p = self.main.predict(x, sigma)

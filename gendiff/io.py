@@ -81,9 +81,9 @@ def generator(seed: int, purpose: str) -> torch.Generator:
 
 class StackedGenerator:
     """One generator per sample, stacked (EDM2's StackedRandomGenerator): sample `i` of a run draws all of its
-    noise from its own generator, seeded by (seed, i), so a sample does not depend on how the samples are split
-    into batches. `randn(shape)` draws shape[1:] from each generator in turn; samplers accept it wherever they
-    take a `generator`."""
+    noise from its own generator, seeded by (seed, i), so a sample does not depend on how the samples are
+    split into batches. `randn(shape)` draws shape[1:] from each generator in turn; samplers accept it
+    wherever they take a `generator`."""
 
     def __init__(self, seed: int, indices, purpose: str = "sample"):
         self.generators = [generator(seed, f"{purpose}-{int(i)}") for i in indices]

@@ -18,7 +18,8 @@ from .heads import Head, NetPrediction, Scalings, make_head
 
 class Precond:
     """D(x̃; σ) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise) (T6). A subclass gives c_skip, c_out, c_in, c_noise;
-    c_var² = σ² + c_out² for every one of them (T5 generalised), so T9 holds for each with k = c_out²/c_var²."""
+    c_var² = σ² + c_out² for every one of them (T5 generalised), so T9 holds for each with
+    k = c_out²/c_var²."""
 
     def __init__(self, sigma_data: float = 0.5):
         check_positive("sigma_data", sigma_data)

@@ -109,7 +109,8 @@ class Outputs:
 
 def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed: int = 0, sigma_density=None,
           outputs: Outputs | None = None, callbacks=(), progress: bool = True, desc: str = "train") -> TrainResult:
-    """Train `denoiser` in place on batches from `source`; returns its EMA, the kept snapshots and per-step stats.
+    """Train `denoiser` in place on batches from `source`; returns its EMA, the kept snapshots and per-step
+    stats.
 
     Same seed ⇒ identical weights: initialisation uses torch.manual_seed(seed) (set by the caller
     when it builds the model) and data a dedicated generator seeded from `seed`.
@@ -122,11 +123,11 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     callbacks: each `callback(done, result)` runs after every finished step.
 
     Checkpoints (`checkpoint.py`): with `outputs.checkpoint_dir`, the newest good checkpoint there is resumed
-    (the state objects of `_state_objects`: model, EMAs, optimisers, RNGs, the density's and the source's state,
-    kept snapshots) and a new one is written every `checkpoint_every` steps, at the end, on Ctrl-C (then
-    KeyboardInterrupt propagates) and before a stop for non-finite steps: a run killed at any step and resumed
-    ends bit for bit where the uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover the steps
-    this call ran. A non-finite loss or gradient skips the step (no update, counted in `bad_steps`);
+    (the state objects of `_state_objects`: model, EMAs, optimisers, RNGs, the density's and the source's
+    state, kept snapshots) and a new one is written every `checkpoint_every` steps, at the end, on Ctrl-C
+    (then KeyboardInterrupt propagates) and before a stop for non-finite steps: a run killed at any step and
+    resumed ends bit for bit where the uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover
+    the steps this call ran. A non-finite loss or gradient skips the step (no update, counted in `bad_steps`);
     `cfg.max_bad_steps` in a row stop the run with FloatingPointError.
     The EMA is `EMA(cfg.ema)`, or `PowerEMA(cfg.ema_sigma_rel)` when that is > 0; with `cfg.ema_posthoc`, one
     PowerEMA per σ_rel is kept too and written to `outputs.posthoc_dir` every `snapshot_every` steps
@@ -253,11 +254,11 @@ def _learned_parameters(density) -> list:
 
 
 class _Step:
-    """One optimisation step: `__call__(i)` draws σ and a batch, takes the loss (autocast for bf16), backpropagates
-    and, when loss and gradients are finite, steps the optimisers; returns (finite, mean loss, per-example loss).
-    With several processes every rank draws the same global batch (same generator) and trains on its contiguous
-    shard; gradients are averaged by all-reduce, so the update equals one process's on the whole batch (to
-    float rounding)."""
+    """One optimisation step: `__call__(i)` draws σ and a batch, takes the loss (autocast for bf16),
+    backpropagates and, when loss and gradients are finite, steps the optimisers; returns
+    (finite, mean loss, per-example loss). With several processes every rank draws the same global batch
+    (same generator) and trains on its contiguous shard; gradients are averaged by all-reduce, so the update
+    equals one process's on the whole batch (to float rounding)."""
 
     def __init__(self, cfg: TrainConfig, loss_fn, model: torch.nn.Module, *, opts: list, density, source,
                  gen: torch.Generator, world: _World):
@@ -309,7 +310,8 @@ def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
 
 
 class _World:
-    """This process's place in a torch.distributed run (torchrun: gloo on CPU, NCCL on GPU); size 1 without."""
+    """This process's place in a torch.distributed run (torchrun: gloo on CPU, NCCL on GPU); size 1
+    without."""
 
     def __init__(self):
         import torch.distributed as dist

@@ -1,5 +1,6 @@
 """Checkpoints and exact resume: atomic, checksummed, pickle-free; a training run killed (SIGKILL) or
-interrupted (SIGINT) at an arbitrary step and resumed ends with weights bitwise equal to the uninterrupted run.
+interrupted (SIGINT) at an arbitrary step and resumed ends with weights bitwise equal to the uninterrupted
+run.
 
 Breakages tried (each fails here): data generator state not restored (resume differs); Adam moments not
 restored (differs); EMA not restored (differs); the adaptive density's histogram not restored (p-adaptive
@@ -162,8 +163,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
 
 
 def test_soak_thousands_of_steps_with_checkpoints_and_a_resume_keep_memory_flat(tmp_path):
-    """3000 tiny steps, a checkpoint every 50, a resume half-way: resident memory after the warm-up and at the end
-    differ by less than 20 MB (a leak of one batch or one checkpoint per step would be far more)."""
+    """3000 tiny steps, a checkpoint every 50, a resume half-way: resident memory after the warm-up and at the
+    end differ by less than 20 MB (a leak of one batch or one checkpoint per step would be far more)."""
     from gendiff.data.toy import tree
     from gendiff.losses import ConfidenceNLL
     from gendiff.nets.mlp import toy_denoiser
@@ -202,8 +203,8 @@ def test_checkpoints_past_the_resumed_step_are_removed_not_kept_over_the_new_one
 
 
 def test_named_state_objects_round_trip_with_readable_keys(tmp_path):
-    """save_objects writes `<name>.<key>` tensors and JSON values under `<name>`; load_objects restores each object
-    (a module, an EMA, an optimiser) and returns the step; an empty folder loads nothing (step 0)."""
+    """save_objects writes `<name>.<key>` tensors and JSON values under `<name>`; load_objects restores each
+    object (a module, an EMA, an optimiser) and returns the step; an empty folder loads nothing (step 0)."""
     from gendiff.ema import EMA
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)

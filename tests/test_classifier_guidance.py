@@ -3,7 +3,8 @@ rule, classifier guidance with the exact pieces at w = 1 *is* the class-conditio
 noise-aware classifier approaches the Bayes cross-entropy and guides samples into its class.
 
 Breakages tried on purpose (each made the tests named fail, then was reverted):
-- the shift without σ² (w·∇ log p(y|x) added to D directly): test_exact_guidance_is_the_class_conditional_denoiser
+- the shift without σ² (w·∇ log p(y|x) added to D directly):
+  test_exact_guidance_is_the_class_conditional_denoiser
 - σ instead of σ² in the shift: the same test
 - log p(y | x) taken as the logit itself (no log-softmax: the class's joint, not its posterior):
   test_exact_guidance_is_the_class_conditional_denoiser (the shift then includes ∇ log p(x))
@@ -80,8 +81,8 @@ def test_exact_guidance_is_the_class_conditional_denoiser(mixtures, label):
 
 
 def test_guidance_keeps_its_jacobian_for_an_outer_derivative(mixtures):
-    """When the caller differentiates the guided denoiser (a PF-ODE divergence, a JVP), the shift's own Jacobian
-    is kept (create_graph): ∂D̃/∂x at w = 1 with the exact pieces equals ∂D_A/∂x."""
+    """When the caller differentiates the guided denoiser (a PF-ODE divergence, a JVP), the shift's own
+    Jacobian is kept (create_graph): ∂D̃/∂x at w = 1 with the exact pieces equals ∂D_A/∂x."""
     a, _, ab, clf = mixtures
     x, g, _ = _points(ab, 3, seed=5)
     guided = ClassifierGuided(ab.denoiser(), clf, torch.zeros(1, dtype=torch.long), 1.0)
@@ -114,10 +115,10 @@ def _bayes_ce(clf, x, y, s):
 
 
 def test_learned_classifier_nears_bayes_and_guides(mixtures):
-    """A ToyClassifier trained by train_noisy_classifier on noised tree samples: at every σ its cross-entropy is
-    within 0.02 nats of the exact (Bayes) classifier's, and at σ ≤ 0.3 below half the prior's; guiding the exact "AB"
-    denoiser with it (Heun, 32 steps, w = 1) puts ≥ 90% of samples in class A by the exact posterior at
-    σ = 0.01, against the unguided ~48% (A's prior share) and ~100% with the exact classifier."""
+    """A ToyClassifier trained by train_noisy_classifier on noised tree samples: at every σ its cross-entropy
+    is within 0.02 nats of the exact (Bayes) classifier's, and at σ ≤ 0.3 below half the prior's; guiding the
+    exact "AB" denoiser with it (Heun, 32 steps, w = 1) puts ≥ 90% of samples in class A by the exact
+    posterior at σ = 0.01, against the unguided ~48% (A's prior share) and ~100% with the exact classifier."""
     a, _, ab, clf = mixtures
     x0, _, k = _points(ab, 20000, seed=2)
     labels = (k >= a.K).long()                                 # "AB" lists A's components first: 0 = A

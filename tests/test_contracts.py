@@ -406,7 +406,8 @@ def test_every_registered_precond_has_an_oracle():
 @pytest.mark.parametrize("name", sorted(PRECOND_REGISTRY))
 def test_registered_precond_meets_its_oracle(name):
     """c_skip, c_out from the definition; c_var² = σ² + c_out², k = c_out²/c_var², c_in = 1/√(σ² + σ_d²),
-    c_noise = ¼ log σ (T5 generalised); the Denoiser's mean is c_skip·x̃ + c_out·F(c_in·x̃, c_noise); T9 = T7."""
+    c_noise = ¼ log σ (T5 generalised); the Denoiser's mean is c_skip·x̃ + c_out·F(c_in·x̃, c_noise);
+    T9 = T7."""
     pre = PRECOND_REGISTRY[name](SD)
     assert pre.name == name
     sc = pre(SIGMAS)
@@ -448,8 +449,8 @@ HEAD_ORACLES = {  # heads.make_head name -> (backbone G, Σ_φ oracle, has a Gau
 
 
 def test_every_registered_head_has_an_oracle():
-    """Breakage tried: LearnedVarianceHead.variance = c_var (unsquared): test_registered_head_meets_its_oracle[v]
-    failed (the older head tests do not list 'v')."""
+    """Breakage tried: LearnedVarianceHead.variance = c_var (unsquared):
+    test_registered_head_meets_its_oracle[v] failed (the older head tests do not list 'v')."""
     assert set(HEAD_ORACLES) == set(HEAD_REGISTRY)
 
 

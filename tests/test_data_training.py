@@ -166,8 +166,9 @@ def _eight_bit(n, d, g):
 
 @pytest.mark.parametrize("G", [1.0, -0.2])
 def test_hybrid_vlb_term_is_an_unbiased_estimate_of_ddpm_vlb(G):
-    """E_t[T·L_t] over uniform t = the bound's diffusion + reconstruction terms of ddpm_vlb with the same learned
-    v = (G + 1)/2 (G = 1: Σ = β, where the t = 1 decoders of both coincide even without the β̃_2 clipping)."""
+    """E_t[T·L_t] over uniform t = the bound's diffusion + reconstruction terms of ddpm_vlb with the same
+    learned v = (G + 1)/2 (G = 1: Σ = β, where the t = 1 decoders of both coincide even without the β̃_2
+    clipping)."""
     torch.manual_seed(0)
     ddpm, g = DDPM(T=8, beta_start=0.01, beta_end=0.2), torch.Generator().manual_seed(3)
     den = Denoiser(LabelNet(num_classes=1, dim=3, g=G), 1.0, head=LearnedVarianceHead()).double()
@@ -245,8 +246,9 @@ def test_train_loop_on_a_dataset_resumes_bit_for_bit(tmp_path):
 
 
 def test_hybrid_vlb_term_per_step_against_t24_posteriors():
-    """(hybrid − simple)/(λT) at each example's step = KL(q(x_{t−1}|x_t,x0) ‖ N(μ_θ, Σ_θ)) with both means from
-    DDPM.posterior at the latent z_t = √ᾱ_t·x̃ (T24), Σ_θ of T26 at v = (G + 1)/2; t = 1: the decoder (T27)."""
+    """(hybrid − simple)/(λT) at each example's step = KL(q(x_{t−1}|x_t,x0) ‖ N(μ_θ, Σ_θ)) with both means
+    from DDPM.posterior at the latent z_t = √ᾱ_t·x̃ (T24), Σ_θ of T26 at v = (G + 1)/2; t = 1: the decoder
+    (T27)."""
     from gendiff.likelihood import discretized_gaussian_log_prob
     ddpm, g = DDPM(T=6, beta_start=0.02, beta_end=0.3), torch.Generator().manual_seed(5)
     steps = DDPMSteps(ddpm)
@@ -290,8 +292,8 @@ def test_respaced_ddpm_keeps_alpha_bar_at_its_steps():
 
 
 def test_compile_option_trains_through_the_compiled_backbone(monkeypatch):
-    """train.compile wraps the backbone with torch.compile (here a recording stand-in, no compiler in the suite):
-    the forward passes go through it, and the weights equal an eager run's (same parameters)."""
+    """train.compile wraps the backbone with torch.compile (here a recording stand-in, no compiler in the
+    suite): the forward passes go through it, and the weights equal an eager run's (same parameters)."""
     from gendiff.losses import EDMLoss
     from gendiff.nets.mlp import toy_denoiser
     calls = []

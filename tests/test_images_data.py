@@ -546,7 +546,8 @@ def test_describe_states_the_split():
 
 
 def test_split_unchanged():
-    """split is the permutation of default_rng(seed): val its first round(N·f) indices, train the rest, sorted."""
+    """split is the permutation of default_rng(seed): val its first round(N·f) indices, train the rest,
+    sorted."""
     d = _data(37)
     for f, seed in ((0.1, 0), (0.3, 5)):
         perm = np.random.default_rng(seed).permutation(37)

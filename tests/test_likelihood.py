@@ -4,7 +4,7 @@
 Breakages tried (each fails here): diffusion term without the ½; λ'(t) sign flipped; prior KL with
 α₁ instead of α₁²; reconstruction with +λ_0; LearnedSchedule without the (ĝ − ĝ(0))/(ĝ(1) − ĝ(0)) rescaling
 (endpoints drift).
-Issue 8 (the test that catches each): PF-ODE divergence sign flipped, prior dropped, prior with σ_max
+Also tried (the test that catches each): PF-ODE divergence sign flipped, prior dropped, prior with σ_max
 instead of σ_max², exact divergence missing the last dimension, σ-time divergence not divided by σ
 (Gaussian PF-ODE, tree PF-ODE; most also the ELBO ≥ PF-ODE test); Gaussian instead of Rademacher probes
 (Gaussian PF-ODE with Hutchinson, exact only for Rademacher); β and β̃ swapped (closed-form VLB terms,
@@ -87,7 +87,7 @@ def test_learned_schedule_is_monotone_with_fixed_endpoints():
 
 
 # =================================================================================================
-# Issue 8: PF-ODE likelihood (T15, T31), bits/dim and dequantisation (T27), the DDPM bound (T23, T24,
+# PF-ODE likelihood (T15, T31), bits/dim and dequantisation (T27), the DDPM bound (T23, T24,
 # T26, T27), the confidence NLL curve (T8, T10).
 # =================================================================================================
 
@@ -96,7 +96,8 @@ S2 = torch.tensor([0.5, 0.8], dtype=F64)
 
 
 class CountingGaussian:
-    """D(x̃, σ) = m + s²/(s² + σ²)·(x̃ − m) per dimension: the exact posterior mean for data N(m, diag(s²))."""
+    """D(x̃, σ) = m + s²/(s² + σ²)·(x̃ − m) per dimension: the exact posterior mean for data
+    N(m, diag(s²))."""
 
     def __init__(self, m=M2, s=S2):
         self.m, self.s, self.calls = m, s, 0
@@ -252,7 +253,8 @@ def test_ddpm_vlb_bounds_the_tree_mixture_nll(tree_a):
 
 
 class KnowsX0:
-    """A 'denoiser' that returns the true x0 of its batch: μ_θ = μ_q, so each KL is the variance mismatch only."""
+    """A 'denoiser' that returns the true x0 of its batch: μ_θ = μ_q, so each KL is the variance mismatch
+    only."""
 
     def __init__(self, x0):
         self.x0 = x0
@@ -264,9 +266,9 @@ class KnowsX0:
 @pytest.mark.parametrize("variance,v", [("beta_tilde", None), ("beta", None), ("beta_tilde", 1.0),
                                         ("beta", 0.0), ("beta", 0.3)])
 def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
-    """With x̂0 = x0: KL_t = ½d[log(Σ/β̃) + β̃/Σ − 1] (T24), Σ = β, β̃, or exp(v log β + (1 − v) log β̃) (T26);
-    reconstruction ½d·log 2πΣ_1 (T27 with the Gaussian decoder; Σ_1 = β_1, or the learned one with β̃_2 in place
-    of β̃_1 = 0); all exact, no Monte Carlo left."""
+    """With x̂0 = x0: KL_t = ½d[log(Σ/β̃) + β̃/Σ − 1] (T24), Σ = β, β̃, or exp(v log β + (1 − v) log β̃)
+    (T26); reconstruction ½d·log 2πΣ_1 (T27 with the Gaussian decoder; Σ_1 = β_1, or the learned one with β̃_2
+    in place of β̃_1 = 0); all exact, no Monte Carlo left."""
     ddpm = DDPM(50, "cosine")
     x, g = gaussian_data(4, 1)
     vfun = None if v is None else (lambda z, t: torch.full_like(z, v))
@@ -295,7 +297,8 @@ def test_ddpm_vlb_prior_is_the_kl_of_the_last_latent():
 
 
 class RecordsVE:
-    """Records what the bound feeds the VE denoiser (T2): x̃ = z_t/√ᾱ_t must be x0 + σ̃ε, σ̃² = (1 − ᾱ_t)/ᾱ_t."""
+    """Records what the bound feeds the VE denoiser (T2): x̃ = z_t/√ᾱ_t must be x0 + σ̃ε,
+    σ̃² = (1 − ᾱ_t)/ᾱ_t."""
 
     def __init__(self, x0):
         self.x0, self.calls = x0, []

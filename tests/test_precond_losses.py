@@ -323,7 +323,8 @@ def test_nll_full_with_diagonal_factor_is_T9_summed(sigma_kind):
 
 
 def _direct_full_two_L(F, G, F_star, sc, source_cov, sigma):
-    """2L = −log det Σ_φ⁻¹ + tr(Σ_φ⁻¹(σ²I + Σ_src)) + (μ−x0)ᵀΣ_φ⁻¹(μ−x0) + d log 2π, the Gaussian expectation."""
+    """2L = −log det Σ_φ⁻¹ + tr(Σ_φ⁻¹(σ²I + Σ_src)) + (μ−x0)ᵀΣ_φ⁻¹(μ−x0) + d log 2π, the Gaussian
+    expectation."""
     N, d = F.shape
     S = tril_factor(G, d)
     c_var = torch.broadcast_to(sc.c_var, (N, d))[:, :1, None]
@@ -441,7 +442,8 @@ def test_loss_sigma_forms_agree(loss):
 
 
 def test_confidence_nll_per_element_sigma_is_T7_per_element():
-    """A σ that varies within each example (T3): ConfidenceNLL = Σ over elements of T7 with that element's σ."""
+    """A σ that varies within each example (T3): ConfidenceNLL = Σ over elements of T7 with that element's
+    σ."""
     shape = (4, 3, 5)
     sigma = torch.logspace(-3, 2, 60, dtype=F64).view(shape)
     x0, _, xn = random_batch(shape, sigma, seed=26)
@@ -590,9 +592,10 @@ def test_head_output_shapes_are_checked():
 
 
 # ---- the registry harness: every entry of losses.LOSSES meets an analytic oracle --------------------------
-# Data x0 ~ N(0, σ_d²I): the exact posterior mean is D* = σ_d²/(σ² + σ_d²)·x̃ = c_skip·x̃ (T4), i.e. F ≡ 0 under
-# EDM's preconditioning, with E[(D* − x0)² | x̃] = σ²σ_d²/(σ² + σ_d²) = c_out². The backbone F ≡ δ gives
-# μ = D* + c_out·δ, so each loss's expectation over (x0, ε) is a closed form in (σ, δ), per example (d elements).
+# Data x0 ~ N(0, σ_d²I): the exact posterior mean is D* = σ_d²/(σ² + σ_d²)·x̃ = c_skip·x̃ (T4), i.e. F ≡ 0
+# under EDM's preconditioning, with E[(D* − x0)² | x̃] = σ²σ_d²/(σ² + σ_d²) = c_out². The backbone F ≡ δ gives
+# μ = D* + c_out·δ, so each loss's expectation over (x0, ε) is a closed form in (σ, δ), per example
+# (d elements).
 
 class ConstNet(nn.Module):
     def __init__(self, delta: float):
@@ -631,8 +634,8 @@ def test_every_loss_has_an_oracle():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_meets_its_oracle(name):
-    """The batch mean of each registered loss at the optimum (δ = 0) and off it (δ = 0.7) equals its closed-form
-    expectation within 5 standard errors, at σ from 0.05 to 5."""
+    """The batch mean of each registered loss at the optimum (δ = 0) and off it (δ = 0.7) equals its
+    closed-form expectation within 5 standard errors, at σ from 0.05 to 5."""
     n, d = 40000, 4
     for sigma in (0.05, 0.5, 5.0):
         x0, _, x_noisy = random_batch((n, d), sigma, seed=3)

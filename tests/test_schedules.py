@@ -214,8 +214,8 @@ class _GaussianDenoiser(torch.nn.Module):
 
 
 def test_learned_density_is_a_density_with_the_fixed_t_derivative():
-    """T22 as a density: ∫p = 1, λ(t(λ)) = λ, KS; the importance weight w/p = w·|λ'_η(t)| differentiates in η at
-    fixed t (checked against central differences in both t and η)."""
+    """T22 as a density: ∫p = 1, λ(t(λ)) = λ, KS; the importance weight w/p = w·|λ'_η(t)| differentiates in η
+    at fixed t (checked against central differences in both t and η)."""
     from gendiff.schedules import LearnedDensity
     ld = LearnedDensity(0.002, 80.0, hidden=16)
     lam = torch.linspace(ld.lam_min, ld.lam_max, 200001, dtype=F64)
@@ -259,8 +259,8 @@ def test_one_step_gives_the_denoiser_the_mean_gradient_and_the_density_the_secon
 
 
 def test_training_the_learned_density_lowers_the_loss_variance():
-    """train() with a LearnedDensity: η descends E[L²], so the T17 estimator's variance falls while its mean stays
-    the shape-free ∫½wℓ dλ (VDM: only the endpoints enter the objective)."""
+    """train() with a LearnedDensity: η descends E[L²], so the T17 estimator's variance falls while its mean
+    stays the shape-free ∫½wℓ dλ (VDM: only the endpoints enter the objective)."""
     from gendiff.data.toy import GaussianMixture
     from gendiff.schedules import LearnedDensity
     from gendiff.data.sources import ToyBatches

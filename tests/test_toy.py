@@ -46,8 +46,9 @@ ORIGIN, SCALE = np.array([0.0030, 0.0325]), np.array([1.3136, 1.3844])
 @pytest.mark.parametrize("classes,count", [("A", 1016), ("B", 1016), ("AB", 2032)])
 def test_tree_is_the_autoguidance_construction(classes, count):
     """Structure of the paper's tree (§10): 127 branches per class, each 8 equal-weight components
-    evenly spaced on a segment (t = 0.07 … 0.93), with the segment as a principal axis; class A's trunk leaves the origin
-    at 45°, B's at 225° (before the anisotropic scale), with length 0.292 jittered by N(0, 0.2²)."""
+    evenly spaced on a segment (t = 0.07 … 0.93), with the segment as a principal axis; class A's trunk leaves
+    the origin at 45°, B's at 225° (before the anisotropic scale), with length 0.292 jittered by
+    N(0, 0.2²)."""
     g = tree(classes)
     assert g.K == count == 8 * (2**7 - 1) * len(classes) and g.dim == 2
     m = g.means64.numpy().reshape(-1, 8, 2) / SCALE                 # unscaled branch coordinates

