@@ -39,7 +39,8 @@ def main():
             marks = {}
             cb = lambda done, r: marks.setdefault(done, time.perf_counter())  # noqa: E731
             t0 = time.perf_counter()
-            train(model, loss, src, ToyTrainConfig(iterations=args.iterations + 5, batch=args.batch, compile=comp),
+            train(model, loss, src,
+                  ToyTrainConfig(iterations=args.iterations + 5, batch=args.batch, compile=comp),
                   progress=False, callbacks=[cb])
             warm[comp] = marks[5] - t0
             rates[comp] = args.iterations / (marks[args.iterations + 5] - marks[5])

@@ -26,12 +26,14 @@ def main():
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--run", default="confidence")
     args = ap.parse_args()
-    sets = ["--preset", "toy-quick", "--set", f"run={args.run}", "--set", f"train.iterations={args.iterations}",
+    sets = ["--preset", "toy-quick", "--set", f"run={args.run}", "--set",
+            f"train.iterations={args.iterations}",
             "--set", f"train.batch={args.batch}", "--set", "checkpoint.every=0", "--set", "eval.samples=256",
             "--set", "eval.eval_points=256", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     gendiff = [sys.executable, "-m", "gendiff.cli", "train"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gendiff.cli", "train"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                "gendiff.cli", "train"]
     print(f"toy run {args.run!r}, global batch {args.batch}, {args.iterations} steps")
     with tempfile.TemporaryDirectory() as tmp:
         res = {}
@@ -42,7 +44,8 @@ def main():
             print(f"{name:<36} {res[name]:8.1f} it/s", flush=True)
         base1, base2 = res["1 process, 1 thread"], res["1 process, 2 threads"]
         ddp = res["2 processes (gloo), 1 thread each"]
-        print(f"2 processes / 1 process 1 thread: {ddp / base1:.2f}x; / 1 process 2 threads: {ddp / base2:.2f}x")
+        print(f"2 processes / 1 process 1 thread: {ddp / base1:.2f}x; / 1 process 2 threads: "
+              f"{ddp / base2:.2f}x")
 
 
 if __name__ == "__main__":

@@ -69,11 +69,12 @@ def summary(results: dict) -> str:
             fids.append(row["fid"])
             bpds.append(r["bpd_ode"])
             lines.append(f"| {MODELS[m][0]} | {r['parameters'] / 1e6:.3f} M | {s} | {row['fid']:.2f} | "
-                         f"{row['precision']:.3f} | {row['recall']:.3f} | {r['bpd_ode']:.3f} ± {r['bpd_ode_se']:.3f} | "
-                         f"{r['train_img_per_s']:.1f} |")
+                         f"{row['precision']:.3f} | {row['recall']:.3f} | {r['bpd_ode']:.3f} ± "
+                         f"{r['bpd_ode_se']:.3f} | {r['train_img_per_s']:.1f} |")
         if len(fids) > 1:
-            lines.append(f"| {MODELS[m][0]} | | mean ± sd | {statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f}"
-                         f" | | | {statistics.mean(bpds):.3f} ± {statistics.stdev(bpds):.3f} | |")
+            lines.append(f"| {MODELS[m][0]} | | mean ± sd | {statistics.mean(fids):.2f} ± "
+                         f"{statistics.stdev(fids):.2f} | | | {statistics.mean(bpds):.3f} ± "
+                         f"{statistics.stdev(bpds):.3f} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -96,7 +96,8 @@ def posthoc_coefficients(steps, gammas, target_step: float, target_sigma_rel: fl
     t = np.asarray(steps, dtype=np.float64)
     g = np.asarray(gammas, dtype=np.float64)
     if t.ndim != 1 or len(t) == 0 or t.shape != g.shape or not np.all(t > 0):
-        raise ValueError(f"steps={list(t)} and gammas={list(g)} must be equally long non-empty lists with steps > 0")
+        raise ValueError(f"steps={list(t)} and gammas={list(g)} must be equally long non-empty lists with "
+                         "steps > 0")
     if not target_step > 0:
         raise ValueError(f"target_step={target_step!r} must be > 0")
     g_t = power_ema_gamma(target_sigma_rel)
@@ -108,8 +109,10 @@ def posthoc_coefficients(steps, gammas, target_step: float, target_sigma_rel: fl
 def posthoc_ema(snapshots, target_step: float, target_sigma_rel: float) -> dict:
     """The reconstructed EMA state dict from `snapshots` = [(step, γ, state_dict), …] (EDM2 post-hoc EMA)."""
     if not snapshots:
-        raise ValueError("no post-hoc EMA snapshots: train with train.ema_posthoc = [σ_rel, …] (e.g. [0.05, 0.1])")
-    x = posthoc_coefficients([s[0] for s in snapshots], [s[1] for s in snapshots], target_step, target_sigma_rel)
+        raise ValueError("no post-hoc EMA snapshots: train with train.ema_posthoc = [σ_rel, …] (e.g. [0.05, "
+                         "0.1])")
+    x = posthoc_coefficients([s[0] for s in snapshots], [s[1] for s in snapshots], target_step,
+                             target_sigma_rel)
     keys = snapshots[0][2].keys()
     return {k: sum(float(w) * snap[2][k].double() for w, snap in zip(x, snapshots)).to(snapshots[0][2][k].dtype)
             for k in keys}

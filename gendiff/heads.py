@@ -207,13 +207,15 @@ class Head:
     def check(self, G, x: torch.Tensor) -> None:
         want = self.g_shape(tuple(x.shape))
         if want is None and G is not None:
-            raise ValueError(f"head={self.name!r} takes no G, but the backbone returned one of shape {tuple(G.shape)}; "
-                             "build the backbone with head.outputs(dim) extra outputs, or use a head that reads them")
+            raise ValueError(f"head={self.name!r} takes no G, but the backbone returned one of shape "
+                             f"{tuple(G.shape)}; build the backbone with head.outputs(dim) extra outputs, or "
+                             "use a head that reads them")
         if want is not None and G is None:
             raise ValueError(f"head={self.name!r} needs a backbone returning (F, G) with G of shape {want}; "
                              "it returned F only")
         if want is not None and tuple(G.shape) != want:
-            raise ValueError(f"head={self.name!r}: backbone output G has shape {tuple(G.shape)}, expected {want}")
+            raise ValueError(f"head={self.name!r}: backbone output G has shape {tuple(G.shape)}, expected "
+                             f"{want}")
 
     def factor(self, p: NetPrediction) -> torch.Tensor:
         G = torch.zeros_like(p.mu) if p.G is None else p.G

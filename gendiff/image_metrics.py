@@ -244,8 +244,8 @@ def uncertainty_grid(path: str, rows, row_labels=None, heat=None) -> None:
     heat = {t for t, v in panels if bool((v >= 0).all())} if heat is None else set(heat)
     for title, t in panels:
         if title in heat and t.shape[1] != 1:
-            raise ValueError(f"panel {title!r} is a heat map with {t.shape[1]} channels; allowed: one (e.g. the "
-                             "root mean square over channels)")
+            raise ValueError(f"panel {title!r} is a heat map with {t.shape[1]} channels; allowed: one (e.g. "
+                             "the root mean square over channels)")
     fig, axes = plt.subplots(n, len(panels), figsize=(1.6 * len(panels) + 0.6, 1.6 * n), squeeze=False)
     try:
         for r in range(n):

@@ -90,7 +90,8 @@ class StackedGenerator:
 
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
         if shape[0] != len(self.generators):
-            raise ValueError(f"StackedGenerator of {len(self.generators)} samples asked for a batch of {shape[0]}")
+            raise ValueError(f"StackedGenerator of {len(self.generators)} samples asked for a batch of "
+                             f"{shape[0]}")
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in self.generators])
 
     def __len__(self) -> int:

@@ -196,7 +196,8 @@ def sample_pc(denoiser, x, sigmas, *, snr: float = 0.16, corrector_steps: int = 
         raise ValueError("predictor='euler-maruyama' needs process= (a process.Process); "
                          "for the VE SDE use predictor='reverse-diffusion'")
     if process is not None and predictor != "euler-maruyama":
-        raise ValueError(f"process={process!r} is only used by predictor='euler-maruyama'; got predictor={predictor!r}")
+        raise ValueError(f"process={process!r} is only used by predictor='euler-maruyama'; got "
+                         f"predictor={predictor!r}")
     sigmas = _check_grid(sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
@@ -225,7 +226,8 @@ def ncsn_sigmas(data: torch.Tensor, levels: int = 10, sigma_min: float = 0.01, m
         raise ValueError(f"ncsn_sigmas needs at least 2 data points; got {len(x)}")
     sigma_max = float(torch.cdist(x, x).max())
     if not sigma_max > sigma_min:
-        raise ValueError(f"sigma_min={sigma_min} must be below the data's maximum pairwise distance {sigma_max:.4g}")
+        raise ValueError(f"sigma_min={sigma_min} must be below the data's maximum pairwise distance "
+                         f"{sigma_max:.4g}")
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), levels, dtype=torch.float64))
 
 
@@ -240,7 +242,8 @@ def sample_langevin(denoiser, x, sigmas, *, steps_per_scale: int = 100, step_lr:
     check_positive("step_lr", step_lr)
     s = [float(v) for v in sigmas]
     if len(s) < 1 or not all(math.isfinite(v) and v > 0 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
-        raise ValueError(f"sigmas must be strictly decreasing noise scales > 0 (ncsn_sigmas(data)); got {s[:3]}…")
+        raise ValueError("sigmas must be strictly decreasing noise scales > 0 (ncsn_sigmas(data)); got "
+                         f"{s[:3]}…")
     d = None
     for i, sigma in enumerate(s):
         alpha = step_lr * sigma**2 / s[-1] ** 2
@@ -316,7 +319,8 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
             except RuntimeError:
                 ok = False
             if not ok:
-                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a scalar")
+                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a "
+                                 "scalar")
             var = torch.exp(vt * math.log(b) + (1 - vt) * math.log(max(beta_tilde, 1e-300)))
         elif variance == "beta":
             var = b

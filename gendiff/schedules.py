@@ -50,7 +50,8 @@ class NoiseSchedule:
         """P(Λ ≤ λ) = 1 − t(λ) (λ decreases with t)."""
         return 1 - self.t_of_lam(lam)
 
-    def sample_lam(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
+    def sample_lam(self, n: int, generator=None, dtype=torch.float32,
+                   stratified: bool = False) -> torch.Tensor:
         check_positive("n", n, integer=True)
         if stratified:
             u = torch.rand(1, generator=generator, dtype=torch.float64)
@@ -503,7 +504,8 @@ class LearnedDensity(NoiseSchedule):
         check_positive("grid", grid, integer=True)
         if grid < 2:
             raise ValueError(f"grid={grid} must be >= 2")
-        self.schedule = schedule or LearnedSchedule(-2 * math.log(sigma_max), -2 * math.log(sigma_min), hidden)
+        self.schedule = schedule or LearnedSchedule(-2 * math.log(sigma_max),
+                                                    -2 * math.log(sigma_min), hidden)
         self.grid = int(grid)
 
     @property

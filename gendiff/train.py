@@ -108,7 +108,8 @@ class Outputs:
 
 
 def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed: int = 0, sigma_density=None,
-          outputs: Outputs | None = None, callbacks=(), progress: bool = True, desc: str = "train") -> TrainResult:
+          outputs: Outputs | None = None, callbacks=(), progress: bool = True,
+          desc: str = "train") -> TrainResult:
     """Train `denoiser` in place on batches from `source`; returns its EMA, the kept snapshots and per-step
     stats.
 
@@ -149,10 +150,11 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     world = _World()
     if world.size > 1:
         if cfg.batch % world.size:
-            raise ValueError(f"batch={cfg.batch} must be divisible by the world size {world.size} (torchrun processes)")
+            raise ValueError(f"batch={cfg.batch} must be divisible by the world size {world.size} (torchrun "
+                             "processes)")
         if hasattr(density, "update") or eta:
-            raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes it "
-                             "would see one shard only: not supported, train it in one process")
+            raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes "
+                             "it would see one shard only: not supported, train it in one process")
     state = _state_objects(denoiser, emas, opts, gen, density, source, result)
     first = ckpt.load_objects(out.checkpoint_dir, state) if out.checkpoint_dir is not None else 0
     result.resumed_from = first
@@ -209,7 +211,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
             if world.any(interrupted()):  # Ctrl-C on any rank: finish the step, checkpoint it, then stop
                 save(done)
                 bar.close()
-                raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in {out.checkpoint_dir}")
+                raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in "
+                                        f"{out.checkpoint_dir}")
     if cfg.iterations % cfg.snapshot_every:
         save_power_emas(cfg.iterations)   # the last step too
     save(cfg.iterations)
@@ -272,8 +275,8 @@ class _Step:
             group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
         sigma = self.density.sample(cfg.batch, self.gen)
         batch = self.world.shard(self.source.draw(cfg.batch, sigma, self.gen))
-        with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type, dtype=torch.bfloat16,
-                            enabled=cfg.precision == "bf16"):
+        with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type,
+                            dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             per_example = self.loss_fn(self.model, batch).float()
         loss = per_example.mean()
         for o in self.opts:
@@ -296,7 +299,8 @@ def _compiled(denoiser):
     """The denoiser with a torch.compile'd backbone sharing its parameters (a `Denoiser`; state dicts, EMA and
     checkpoints keep reading the plain module)."""
     if not isinstance(denoiser, Denoiser):
-        raise ValueError(f"compile=true needs a precond.Denoiser around a backbone; got {type(denoiser).__name__}")
+        raise ValueError("compile=true needs a precond.Denoiser around a backbone; got "
+                         f"{type(denoiser).__name__}")
     return Denoiser(torch.compile(denoiser.net), denoiser.precond, denoiser.head)
 
 

@@ -52,7 +52,8 @@ def test_a_pickle_under_a_checkpoint_name_is_refused_unread(tmp_path, monkeypatc
     monkeypatch.setenv("GENDIFF_EVIL_MARK", str(mark))
     bad = tmp_path / "ckpt-00000005.safetensors"
     bad.write_bytes(pickle.dumps({"w": _Evil()}))
-    (tmp_path / "ckpt-00000005.json").write_text(json.dumps({"step": 5, "sha256": file_sha256(str(bad)), "meta": {}}))
+    (tmp_path / "ckpt-00000005.json").write_text(json.dumps({"step": 5, "sha256": file_sha256(str(bad)),
+                                                             "meta": {}}))
     with pytest.raises(ValueError, match="not a safetensors file"):
         ckpt.load(str(tmp_path / "ckpt-00000005.json"))
     with pytest.warns(RuntimeWarning):

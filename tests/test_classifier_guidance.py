@@ -72,7 +72,8 @@ def test_exact_guidance_is_the_class_conditional_denoiser(mixtures, label):
         guided = ClassifierGuided(ab.denoiser(), clf, y, 1.0)
         torch.testing.assert_close(guided(xs, sigma), target(xs, sigma), rtol=0, atol=1e-9)
         assert (ab.denoiser()(xs, sigma) - target(xs, sigma)).abs().max() > 0.1         # guidance did something
-        torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 0.0)(xs, sigma), ab.denoiser()(xs, sigma))
+        torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 0.0)(xs, sigma),
+                                   ab.denoiser()(xs, sigma))
         torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 3.0).shift(xs, sigma),
                                    3 * guided.shift(xs, sigma))
         p, p0 = guided.predict(xs, sigma), ab.denoiser().predict(xs, sigma)
@@ -140,8 +141,8 @@ def test_learned_classifier_nears_bayes_and_guides(mixtures):
     grid = edm_sigmas(32, 0.002, 10.0)
     share_a = {}
     for name, c in (("none", None), ("learned", net), ("exact", clf)):
-        den = ab.denoiser() if c is None else ClassifierGuided(ab.denoiser(), c, torch.zeros(n, dtype=torch.long),
-                                                               1.0)
+        den = ab.denoiser() if c is None else ClassifierGuided(ab.denoiser(), c,
+                                                               torch.zeros(n, dtype=torch.long), 1.0)
         with torch.no_grad():
             xs = sample_heun(den, x_T, grid)
             share_a[name] = float(torch.softmax(clf(xs, 0.01), 1)[:, 0].gt(0.5).double().mean())
@@ -163,8 +164,8 @@ def test_bad_inputs_are_clear_errors(mixtures):
     with pytest.raises(ValueError, match=r"w=-1.0 must be a finite number >= 0 \(0 = the unguided denoiser"):
         ClassifierGuided(ab.denoiser(), clf, torch.zeros(4, dtype=torch.long), -1.0)
     with pytest.raises(ValueError, match=r"x0 holds NaN"):
-        train_noisy_classifier(ToyClassifier(), torch.full((8, 2), math.nan), torch.zeros(8, dtype=torch.long),
-                               LogNormalSigma(), steps=1)
+        train_noisy_classifier(ToyClassifier(), torch.full((8, 2), math.nan),
+                               torch.zeros(8, dtype=torch.long), LogNormalSigma(), steps=1)
     with pytest.raises(ValueError, match=r"steps=0 must be > 0"):
         train_noisy_classifier(ToyClassifier(), torch.zeros(8, 2), torch.zeros(8, dtype=torch.long),
                                LogNormalSigma(), steps=0)

@@ -61,7 +61,8 @@ def test_bound_is_tight_for_the_exact_model_on_a_gaussian():
 
 
 @pytest.mark.parametrize("schedule", [VP(-12.0, 12.0), LearnedSchedule(-12.0, 12.0),
-                                      LearnedSchedule(-12.0, 12.0, hidden=8)], ids=["vp-linear", "learned", "learned-8"])
+                                      LearnedSchedule(-12.0, 12.0, hidden=8)],
+                         ids=["vp-linear", "learned", "learned-8"])
 def test_monte_carlo_elbo_matches_the_closed_form_whatever_the_shape(schedule):
     """Only the endpoints matter (VDM++ §2): linear-λ VP and two random monotone shapes, same endpoints."""
     g = torch.Generator().manual_seed(1)
@@ -115,7 +116,8 @@ def log_normal_diag(x, m, var):
 
 
 @pytest.mark.parametrize("method,time,dtype", [("exact", "sigma", F64), ("exact", "log_sigma", F64),
-                                               ("hutchinson", "sigma", F64), ("exact", "sigma", torch.float32)])
+                                               ("hutchinson", "sigma", F64),
+                                               ("exact", "sigma", torch.float32)])
 def test_pf_ode_likelihood_of_a_gaussian_is_the_smoothed_density(method, time, dtype):
     """Data N(m, diag(s²)), exact D: the PF-ODE maps p_σmin = N(m, s² + σ_min²) onto p_σmax exactly, along
     x(σ) = m + (x − m)·√((s² + σ²)/(s² + σ_min²)), with ∫∇·f dσ = Σ_i ½ log((s_i² + σ_max²)/(s_i² + σ_min²)).
@@ -282,7 +284,8 @@ def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     var1 = ddpm.betas[1]                                                   # t = 1: β_1, or the learned Σ_θ(1) with
     if v is not None:                                                      # log β̃_1 clipped to log β̃_2 (T26)
         var1 = torch.exp(v * ddpm.betas[1].log() + (1 - v) * bt[0].log())
-    torch.testing.assert_close(r["reconstruction"], torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
+    torch.testing.assert_close(r["reconstruction"],
+                               torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
 
 
 def test_ddpm_vlb_prior_is_the_kl_of_the_last_latent():
@@ -391,7 +394,8 @@ def test_discretized_decoder_vlb_is_the_density_vlb_minus_the_bin_volume():
     ddpm = DDPM(20, "cosine")
     assert math.sqrt(float(ddpm.betas[1])) > 10 * 2 / 255
     cont = ddpm_vlb(CountingGaussian(), x, ddpm, generator=torch.Generator().manual_seed(0))
-    disc = ddpm_vlb(CountingGaussian(), x, ddpm, decoder="discretized", generator=torch.Generator().manual_seed(0))
+    disc = ddpm_vlb(CountingGaussian(), x, ddpm, decoder="discretized",
+                    generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(disc["diffusion"], cont["diffusion"])
     torch.testing.assert_close(disc["prior"], cont["prior"])
     shift = 2 * math.log(255 / 2)
@@ -477,8 +481,9 @@ def test_log_likelihood_rejects_bad_options(kw, match):
         log_likelihood(CountingGaussian(), torch.zeros(2, 2, dtype=F64), **kw)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(variance="learned"), "variance"), (dict(decoder="bernoulli"), "decoder"),
-                                      (dict(steps=0), "steps"), (dict(steps=10), "steps"), (dict(v=0.5), "v=")])
+@pytest.mark.parametrize("kw,match", [(dict(variance="learned"), "variance"),
+                                      (dict(decoder="bernoulli"), "decoder"), (dict(steps=0), "steps"),
+                                      (dict(steps=10), "steps"), (dict(v=0.5), "v=")])
 def test_ddpm_vlb_rejects_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         ddpm_vlb(CountingGaussian(), torch.zeros(2, 2, dtype=F64), DDPM(10), **kw)

@@ -48,7 +48,8 @@ def test_F_is_the_edm_denoiser_output():
     sigma = torch.logspace(-3, 2, 6, dtype=F64)[:, None]
     z = X0 + sigma * EPS
     F = from_x0("F", X0, z, 1.0, sigma)
-    torch.testing.assert_close(F, (sigma * X0 - 0.25 * EPS) / (0.5 * (sigma**2 + 0.25).sqrt()), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(F, (sigma * X0 - 0.25 * EPS) / (0.5 * (sigma**2 + 0.25).sqrt()),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_unknown_kind():

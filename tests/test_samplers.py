@@ -26,8 +26,8 @@ import torch
 from gendiff.data.toy import GaussianMixture, eight_gaussians
 from gendiff.mixture_metrics import median_nll, mmd
 from gendiff.process import DDPM, VE, VP
-from gendiff.samplers import (GRID_SAMPLERS, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                              sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
+from gendiff.samplers import (GRID_SAMPLERS, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m,
+                              sample_euler, sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
 from gendiff.schedules import edm_sigmas
 from gendiff.scores import with_score_mode
 
@@ -60,7 +60,8 @@ def _gen():
 SAMPLERS = {  # name -> (sampler on the harness); generous steps
     "euler": lambda h: sample_euler(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX)),
     "heun": lambda h: sample_heun(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX)),
-    "heun-churn": lambda h: sample_heun(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX), churn=20, generator=_gen()),
+    "heun-churn": lambda h: sample_heun(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX), churn=20,
+                                        generator=_gen()),
     "dpmpp_2m": lambda h: sample_dpmpp_2m(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX)),
     "euler_maruyama-ve": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                          generator=_gen()),
@@ -69,10 +70,10 @@ SAMPLERS = {  # name -> (sampler on the harness); generous steps
     "euler_maruyama-ve-process": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                                  process=VE(0.002, 80.0), generator=_gen()),
     "pc": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), generator=_gen()),
-    "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), predictor="euler-maruyama",
-                                    process=VPE, generator=_gen()),
-    "langevin": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01), steps_per_scale=100,
-                                          generator=_gen()),
+    "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX),
+                                    predictor="euler-maruyama", process=VPE, generator=_gen()),
+    "langevin": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01),
+                                          steps_per_scale=100, generator=_gen()),
     # annealed Langevin mixes slowly: with 100 steps per scale a single broad Gaussian keeps ~10% of extra
     # covariance from the larger scales (measured; not a bug), 500 steps per scale remove it
     "langevin-long": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01),

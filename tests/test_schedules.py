@@ -91,7 +91,8 @@ def test_edm_monotonic_is_edm_above_its_peak_and_flat_below():
         assert abs(mono.lam_peak - lam[w.argmax()].item()) < 2e-4
         above, below = lam > mono.lam_peak, lam < mono.lam_peak
         torch.testing.assert_close(mono(lam[above]), w[above], rtol=0, atol=0)
-        torch.testing.assert_close(mono(lam[below]), torch.full_like(lam[below], w.max().item()), rtol=1e-9, atol=0)
+        torch.testing.assert_close(mono(lam[below]), torch.full_like(lam[below], w.max().item()),
+                                   rtol=1e-9, atol=0)
 
 
 def _gaussian_loss(lam, s=0.7, d=2):
@@ -154,12 +155,14 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="weighting='bogus'.*elbo"):
         make_weighting("bogus")
     with pytest.raises(ValueError, match="one σ per example"):
-        WeightedLoss(SigmoidWeighting(), Cosine())(lambda x, s: x, NoisyBatch(torch.zeros(2, 2), torch.zeros(2, 2),
-                                                                              torch.tensor([[0.1, 0.2], [0.1, 0.1]])))
+        WeightedLoss(SigmoidWeighting(), Cosine())(lambda x, s: x,
+                                                   NoisyBatch(torch.zeros(2, 2), torch.zeros(2, 2),
+                                                              torch.tensor([[0.1, 0.2], [0.1, 0.1]])))
     assert set(SCHEDULES) >= {"cosine", "edm-training", "edm-sampling", "flow-matching", "log-uniform"}
 
 
-@pytest.mark.parametrize("base", [Cosine(), Cosine(shift=1.0), FlowMatchingSchedule(), LogNormalSigma(-1.2, 1.2)],
+@pytest.mark.parametrize("base",
+                         [Cosine(), Cosine(shift=1.0), FlowMatchingSchedule(), LogNormalSigma(-1.2, 1.2)],
                          ids=repr)
 def test_truncated_density_is_the_renormalised_restriction(base):
     from gendiff.schedules import Truncated

@@ -132,7 +132,8 @@ def test_scalar_and_per_point_paths_agree(tree_a, sigma):
     torch.testing.assert_close(lp_s, lp_p, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(sc_s, sc_p, rtol=1e-9, atol=1e-8)
     # chunking does not change anything
-    small = GaussianMixture(tree_a.weights64.numpy(), tree_a.means64.numpy(), tree_a.covs64.numpy(), chunk_size=7)
+    small = GaussianMixture(tree_a.weights64.numpy(), tree_a.means64.numpy(), tree_a.covs64.numpy(),
+                            chunk_size=7)
     torch.testing.assert_close(small.logp_and_score(x, sigma)[1], sc_s, rtol=1e-10, atol=1e-10)
     # float32 (either path) agrees with float64
     x32 = x.float()
@@ -168,7 +169,8 @@ def test_posterior_cov_is_second_order_tweedie(tree_a, sigma):
     sig = torch.tensor([0.03, 0.1, 0.2, 0.35, 0.05], dtype=F64)
     pp = tree_a.posterior(x, sig)
     for i in range(len(x)):
-        torch.testing.assert_close(pp.cov[i], tree_a.posterior(x[i:i + 1], sig[i].item()).cov[0], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(pp.cov[i], tree_a.posterior(x[i:i + 1], sig[i].item()).cov[0],
+                                   rtol=1e-10, atol=1e-14)
 
 
 # ---- a hand-made mixture against scipy -------------------------------------------------------------

@@ -121,7 +121,8 @@ def test_batch_source_noise_covariance(mode):
         else:
             assert batch.source_cov.shape == (n, 2, 2)
             expect = torch.as_tensor(MIX_COVS[j], dtype=batch.source_cov.dtype)
-            assert torch.allclose(batch.source_cov[sel], expect.expand(int(sel.sum()), 2, 2), rtol=1e-6, atol=0)
+            assert torch.allclose(batch.source_cov[sel], expect.expand(int(sel.sum()), 2, 2),
+                                  rtol=1e-6, atol=0)
 
 
 def test_batch_source_per_example_sigma_and_score():
@@ -378,8 +379,10 @@ def test_guided_sampling_end_to_end(guided_setup):
     main, guide, x_init, sigmas = guided_setup
     ref_main = sample_heun(main, x_init, sigmas)
     ref_guide = sample_heun(guide, x_init, sigmas)
-    torch.testing.assert_close(sample_heun(Guided(main, guide, 1.0), x_init, sigmas), ref_main, rtol=0, atol=1e-12)
-    torch.testing.assert_close(sample_heun(Guided(main, guide, 0.0), x_init, sigmas), ref_guide, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sample_heun(Guided(main, guide, 1.0), x_init, sigmas), ref_main,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(sample_heun(Guided(main, guide, 0.0), x_init, sigmas), ref_guide,
+                               rtol=0, atol=1e-12)
     w2 = sample_heun(Guided(main, guide, 2.0), x_init, sigmas)
     oracle = sample_heun(lambda x, s: guide(x, s) + 2.0 * (main(x, s) - guide(x, s)), x_init, sigmas)
     torch.testing.assert_close(w2, oracle, rtol=0, atol=1e-9)

@@ -365,14 +365,15 @@ def check_size(size):
 def check_channels(channels):
     """`channels` if it is None, 1 or 3; ValueError naming `data.channels` otherwise."""
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
-        raise ValueError(f"data.channels={channels!r} is not allowed; choose 1 (grayscale) or 3 (RGB), or leave "
-                         "it unset to keep the images' own channels")
+        raise ValueError(f"data.channels={channels!r} is not allowed; choose 1 (grayscale) or 3 (RGB), or "
+                         "leave it unset to keep the images' own channels")
     return channels
 
 
 def _pil_errors():
     from PIL import Image
-    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+            Image.DecompressionBombError)
 
 
 def _pixels(im, channels: int, hw) -> np.ndarray:
@@ -424,8 +425,9 @@ def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
     top = [f for f in files if os.sep not in f]
     if top and len(top) < len(files):
         sub = next(f for f in files if os.sep in f)
-        raise ValueError(f"{path}: images both directly in the folder ({top[0]}) and in subfolders ({sub}); put "
-                         "all of them in class subfolders (labels) or all directly in the folder (no labels)")
+        raise ValueError(f"{path}: images both directly in the folder ({top[0]}) and in subfolders ({sub}); "
+                         "put all of them in class subfolders (labels) or all directly in the folder (no "
+                         "labels)")
     errors, heads = _pil_errors(), {}
     for f in files:                                                 # headers first: mixes fail fast
         try:
@@ -435,14 +437,15 @@ def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
             raise ValueError(f"{os.path.join(path, f)}: cannot read image ({_reason(e)})") from None
     for f, (mode, _) in heads.items():
         if mode not in GRAY_MODES + COLOUR_MODES:
-            raise ValueError(f"{os.path.join(path, f)}: image mode {mode} (16-bit or float) is not supported; "
-                             "save 8-bit grayscale or RGB images")
+            raise ValueError(f"{os.path.join(path, f)}: image mode {mode} (16-bit or float) is not "
+                             "supported; save 8-bit grayscale or RGB images")
     if channels is None:
         gray = next((f for f, (m, _) in heads.items() if m in GRAY_MODES), None)
         colour = next((f for f, (m, _) in heads.items() if m in COLOUR_MODES), None)
         if gray and colour:
-            raise ValueError(f"{path}: grayscale and colour images mixed ({gray} is {heads[gray][0]}, {colour} "
-                             f"is {heads[colour][0]}); set data.channels=1 or data.channels=3 to convert all")
+            raise ValueError(f"{path}: grayscale and colour images mixed ({gray} is {heads[gray][0]}, "
+                             f"{colour} is {heads[colour][0]}); set data.channels=1 or data.channels=3 to "
+                             "convert all")
         channels = 1 if gray else 3
     if hw is None:
         first = files[0]
@@ -450,7 +453,8 @@ def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
         if other:
             (w0, h0), (w1, h1) = heads[first][1], heads[other][1]
             raise ValueError(f"{path}: {other} is {h1}×{w1} but {first} is {h0}×{w0} (H×W); all images must "
-                             f"have one size, or set data.size to resize them all (e.g. data.size={min(h0, w0)})")
+                             "have one size, or set data.size to resize them all (e.g. "
+                             f"data.size={min(h0, w0)})")
     arrays = []
     for f in files:
         try:

@@ -63,10 +63,12 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [N, {self.dim}]; got {tuple(x.shape)}")
         if s.ndim > 1 or (s.ndim == 1 and s.shape[0] not in (1, x.shape[0])):
-            raise ValueError(f"sigma must be a scalar or one value per point [{x.shape[0]}]; got shape {tuple(s.shape)}")
+            raise ValueError(f"sigma must be a scalar or one value per point [{x.shape[0]}]; got shape "
+                             f"{tuple(s.shape)}")
         ok = (s >= 0) if allow_zero else (s > 0)
         if not torch.all(ok & torch.isfinite(s)):
-            raise ValueError(f"sigma must be finite and {'>= 0' if allow_zero else '> 0'}; got {s.min().item()}")
+            raise ValueError(f"sigma must be finite and {'>= 0' if allow_zero else '> 0'}; got "
+                             f"{s.min().item()}")
         return s
 
     def _chunks(self, x, s):

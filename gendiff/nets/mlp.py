@@ -34,8 +34,8 @@ class ToyMLP(nn.Module):
         # x: [N, d]; c_noise: [N] (one per example, the Denoiser's contract) or a scalar
         c = torch.as_tensor(c_noise, dtype=x.dtype, device=x.device)
         if c.numel() not in (1, x.shape[0]):
-            raise ValueError(f"ToyMLP takes one noise level per example: c_noise of shape [{x.shape[0]}] or a "
-                             f"scalar; got shape {tuple(c.shape)}")
+            raise ValueError(f"ToyMLP takes one noise level per example: c_noise of shape [{x.shape[0]}] or "
+                             f"a scalar; got shape {tuple(c.shape)}")
         c = c.reshape(-1, 1).expand(x.shape[0], 1)
         h = self.out(self.body(torch.cat([x, c, torch.ones_like(c)], 1)))
         F = h[:, :self.dim] * self.gain[0]

@@ -167,8 +167,8 @@ class _Trunk(nn.Module):
     `UNet`'s."""
 
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
-                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
-                 num_classes: int = 0, emb_channels: int | None = None,
+                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,),
+                 dropout: float = 0.0, num_classes: int = 0, emb_channels: int | None = None,
                  num_groups: int | None = None, resample: str = "conv"):
         super().__init__()
         check_positive("img_resolution", img_resolution, integer=True)
@@ -188,8 +188,8 @@ class _Trunk(nn.Module):
             num_blocks = (num_blocks,) * levels
         blocks = tuple(num_blocks)
         if len(blocks) != levels:
-            raise ValueError(f"num_blocks={num_blocks!r} must be one integer or one per level ({levels} levels: "
-                             f"channel_mult={channel_mult})")
+            raise ValueError(f"num_blocks={num_blocks!r} must be one integer or one per level ({levels} "
+                             f"levels: channel_mult={channel_mult})")
         for i, b in enumerate(blocks):
             check_positive(f"num_blocks[{i}]", b, integer=True)
         check_choice("resample", resample, RESAMPLE)
@@ -337,12 +337,13 @@ class UNet(_Trunk):
     """
 
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
-                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
+                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,),
+                 dropout: float = 0.0,
                  num_classes: int = 0, g_channels: int = 0, emb_channels: int | None = None,
                  num_groups: int | None = None, resample: str = "conv"):
         check_positive("g_channels", g_channels, integer=True, allow_zero=True)
-        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
-                         dropout, num_classes, emb_channels, num_groups, resample)
+        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks,
+                         attn_resolutions, dropout, num_classes, emb_channels, num_groups, resample)
         self.g_channels = g_channels
         groups, emb_channels, dropout = self._groups, self.emb_channels, self._dropout
         skips, ch = list(self._skip_channels), self._channels
@@ -397,8 +398,8 @@ class NoisyClassifier(_Trunk):
                  num_groups: int | None = None, resample: str = "conv", sigma_data: float = 0.5):
         check_positive("classes", classes, integer=True)
         check_positive("sigma_data", sigma_data)
-        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
-                         dropout, 0, emb_channels, num_groups, resample)
+        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks,
+                         attn_resolutions, dropout, 0, emb_channels, num_groups, resample)
         self.classes, self.precond = classes, EDMPrecond(sigma_data)
         ch = self._channels
         self.norm_out = nn.GroupNorm(self._groups(ch), ch)
