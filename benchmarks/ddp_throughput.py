@@ -16,7 +16,7 @@ def run(cmd, out, env):
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f if line.strip()]
-    first, last = lines[0], lines[-1]       # from the first logged step: excludes start-up and process-group setup
+    first, last = lines[0], lines[-1]  # from the first logged step: excludes start-up and process-group setup
     return (last["step"] - first["step"]) / (last["seconds"] - first["seconds"])
 
 

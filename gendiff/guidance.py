@@ -149,7 +149,7 @@ def train_noisy_classifier(classifier, x0: torch.Tensor, labels: torch.Tensor, s
         raise ValueError(f"x0 must be a non-empty batch [N, ...]; got shape {tuple(x0.shape)}")
     if not torch.isfinite(x0).all():
         raise ValueError("x0 holds NaN or infinite values")
-    g = generator(seed, "noisy-classifier")                 # draws on the CPU, moved to x0's device: any device
+    g = generator(seed, "noisy-classifier")               # draws on the CPU, moved to x0's device: any device
     opt = torch.optim.Adam(classifier.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     classifier.train()

@@ -360,7 +360,8 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
     x0_hat = _ddpm_x0_hat(denoiser, z1, ddpm, 1, model_dtype)      # μ_θ(x_1, 1) (T24 with ᾱ_0 = 1)
     beta1 = ddpm.betas[1].item()
     var1 = torch.full_like(x0_hat, beta1)
-    if v is not None and T >= 2:   # the learned Σ_θ(1) the hybrid loss trains: log β̃_1 clipped to log β̃_2 (T26)
+    # the learned Σ_θ(1) the hybrid loss trains: log β̃_1 clipped to log β̃_2 (T26)
+    if v is not None and T >= 2:
         bt2 = ddpm.betas[2].item() * ddpm.one_minus_alpha_bar[1].item() / ddpm.one_minus_alpha_bar[2].item()
         v1 = torch.as_tensor(v(z1, 1)).to(F64)
         var1 = torch.exp(v1 * math.log(beta1) + (1 - v1) * math.log(bt2)).expand_as(x0_hat)

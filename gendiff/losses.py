@@ -99,7 +99,8 @@ class WeightedLoss:
         mu = batch.mean(denoiser)
         s_ex = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "WeightedLoss (λ per example, T17)")
         eps_loss = _sum_elements((mu - batch.x0).square()) / s_ex.square()     # ‖ε̂ − ε‖² (T2)
-        self.last = (s_ex.detach(), eps_loss.detach())   # for an adaptive density (T20): train.py feeds it back
+        # for an adaptive density (T20): train.py feeds it back
+        self.last = (s_ex.detach(), eps_loss.detach())
         return 0.5 * self.importance(s_ex) * eps_loss
 
 
@@ -156,7 +157,8 @@ class HybridLoss:
         simple = _sum_elements((mu - batch.x0).square()) / s.square()
         ddpm, f64 = self.steps.ddpm, torch.float64
         t = self.steps.steps(s).to(mu.device)
-        at = lambda table, i: table.to(mu.device)[i].view(-1, *([1] * (mu.ndim - 1)))  # noqa: E731 [N, 1, ...]
+        # [N, 1, ...]
+        at = lambda table, i: table.to(mu.device)[i].view(-1, *([1] * (mu.ndim - 1)))  # noqa: E731
         beta, ab_prev = at(ddpm.betas, t), at(ddpm.alpha_bar, t - 1)
         om, om_prev = at(ddpm.one_minus_alpha_bar, t), at(ddpm.one_minus_alpha_bar, t - 1)
         beta_tilde = beta * om_prev / om                               # T24; β̃_1 = 0, clipped to β̃_2 below

@@ -214,7 +214,8 @@ class DDPM(Process):
             raise ValueError(f"steps={steps} must be <= T={self.T}")
         if steps == self.T:
             return self
-        keep = torch.linspace(self.T, 1, steps, dtype=torch.float64).round().long().flip(0)  # increasing, ends at T
+        # increasing, ends at T
+        keep = torch.linspace(self.T, 1, steps, dtype=torch.float64).round().long().flip(0)
         ab = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[keep]])
         out = DDPM.__new__(DDPM)
         out.T, out.schedule = steps, f"{self.schedule}, respaced {self.T}->{steps}"

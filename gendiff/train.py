@@ -44,9 +44,9 @@ class TrainConfig:
     ema: float = 0.99               # classic EMA decay (ema_sigma_rel = 0)
     ema_sigma_rel: float = 0.0      # > 0: EDM2's power-function EMA with this relative std (replaces `ema`)
     snapshot_every: int = 256
-    max_bad_steps: int = 8          # consecutive non-finite losses/gradients skipped before the run stops
-    precision: str = "fp32"         # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
-    compile: bool = False           # torch.compile the backbone for training (BENCHMARKS: no gain on this CPU)
+    max_bad_steps: int = 8         # consecutive non-finite losses/gradients skipped before the run stops
+    precision: str = "fp32"        # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
+    compile: bool = False          # torch.compile the backbone for training (BENCHMARKS: no gain on this CPU)
     ema_posthoc: tuple = field(default=(), metadata={"variable_length": True, "item": 0.0})
                                     # σ_rel of power EMAs whose snapshots (every snapshot_every steps) allow a
                                     # post-hoc EMA of any σ_rel (EDM2; ema.posthoc_ema), e.g. [0.05, 0.1]
@@ -99,7 +99,8 @@ class TrainResult:
 @dataclass
 class Outputs:
     """What a run keeps beyond its TrainResult; every part is off by default."""
-    checkpoint_dir: str | None = None   # resumed from when it holds a checkpoint; written every checkpoint_every
+    # resumed from when it holds a checkpoint; written every checkpoint_every steps
+    checkpoint_dir: str | None = None
     checkpoint_every: int = 0           # steps (0: only at the end, on Ctrl-C and before a non-finite stop)
     keep_checkpoints: int = 3           # newest checkpoints kept
     snapshot_dir: str | None = None     # ema-<step>.safetensors every cfg.snapshot_every steps

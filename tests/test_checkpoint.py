@@ -124,10 +124,10 @@ def test_killed_and_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path, 
     rc, err = _run(str(script), [run, str(tmp_path / "ref"), str(tmp_path / "ref.safetensors")])
     assert rc == 0, err
     ck = str(tmp_path / "ck")
-    rc, _ = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")], kill_at=37)      # between checkpoints
+    rc, _ = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")], kill_at=37)    # between checkpoints
     assert rc == -signal.SIGKILL
     rc, _ = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")], kill_at=85, sig=signal.SIGINT)
-    assert rc != 0 and max(ckpt.steps(ck)) >= 85                    # Ctrl-C wrote a checkpoint where it stopped
+    assert rc != 0 and max(ckpt.steps(ck)) >= 85                  # Ctrl-C wrote a checkpoint where it stopped
     rc, err = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")])
     assert rc == 0, err
     assert int(err.split("resumed ")[1].split()[0]) >= 85          # continued from the Ctrl-C checkpoint

@@ -71,7 +71,7 @@ def test_exact_guidance_is_the_class_conditional_denoiser(mixtures, label):
     with torch.no_grad():
         guided = ClassifierGuided(ab.denoiser(), clf, y, 1.0)
         torch.testing.assert_close(guided(xs, sigma), target(xs, sigma), rtol=0, atol=1e-9)
-        assert (ab.denoiser()(xs, sigma) - target(xs, sigma)).abs().max() > 0.1         # guidance did something
+        assert (ab.denoiser()(xs, sigma) - target(xs, sigma)).abs().max() > 0.1       # guidance did something
         torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 0.0)(xs, sigma),
                                    ab.denoiser()(xs, sigma))
         torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 3.0).shift(xs, sigma),

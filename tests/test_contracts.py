@@ -1027,7 +1027,8 @@ def test_guidance_effect_survives_missing_values():
     assert eff["mmd_change"] is None and eff["outlier_change"] == pytest.approx(-0.5)
     assert eff["median_nll_change"] == pytest.approx(-0.2)
     md = guidance_markdown({"runs": runs, "guidance_effect": {"r": eff}})
-    assert "| r | autoguided vs unguided |" in md and "MMD² change" not in md   # an all-missing column is hidden
+    # an all-missing column is hidden
+    assert "| r | autoguided vs unguided |" in md and "MMD² change" not in md
 
 
 def test_run_registry_and_option_errors():

@@ -119,7 +119,7 @@ def test_classifier_free_guidance_is_t33():
     cond, uncond = den(x, s, class_labels=y), den(x, s, class_labels=torch.full((3,), 3))
     assert torch.equal(classifier_free(den, y, 3, 0.0)(x, s), cond)        # w = 0: the conditional model
     assert torch.equal(Conditioned(den, y)(x, s), cond)
-    for w in (1.0, 5.0):                                                   # (1 + w)·D(y) − w·D(∅) (T13 linear)
+    for w in (1.0, 5.0):                                                  # (1 + w)·D(y) − w·D(∅) (T13 linear)
         torch.testing.assert_close(classifier_free(den, y, 3, w)(x, s), (1 + w) * cond - w * uncond)
     p = classifier_free(den, y, 3, 2.0).predict(x, s)
     torch.testing.assert_close(p.mu, 3 * cond - 2 * uncond)
@@ -266,7 +266,8 @@ def test_hybrid_vlb_term_per_step_against_t24_posteriors():
         ti = int(t[i])
         ab = ddpm.alpha_bar[ti]
         z = ab.sqrt() * xn[i:i + 1]
-        bt = lambda k: ddpm.betas[k] * ddpm.one_minus_alpha_bar[k - 1] / ddpm.one_minus_alpha_bar[k]  # noqa: E731
+        bt = lambda k: (ddpm.betas[k] * ddpm.one_minus_alpha_bar[k - 1]  # noqa: E731
+                        / ddpm.one_minus_alpha_bar[k])
         var_p = torch.exp(v * ddpm.betas[ti].log() + (1 - v) * bt(max(ti, 2)).log())
         if ti == 1:
             want = -discretized_gaussian_log_prob(x0[i:i + 1], x0_hat[i:i + 1], var_p.sqrt()).sum()
@@ -284,7 +285,8 @@ def test_respaced_ddpm_keeps_alpha_bar_at_its_steps():
     assert keep[0] == 1 and keep[-1] == 1000 and len(keep.unique()) == 50
     torch.testing.assert_close(r.alpha_bar[1:], d.alpha_bar[keep], rtol=1e-10, atol=0)
     assert r.T == 50 and d.respaced(1000) is d
-    torch.testing.assert_close(d.respaced(1).alpha_bar[1], d.alpha_bar[1000])   # one step: from T straight to 0
+    # one step: from T straight to 0
+    torch.testing.assert_close(d.respaced(1).alpha_bar[1], d.alpha_bar[1000])
     torch.testing.assert_close(r.alphas[1:] * torch.cat([torch.ones(1, dtype=F64), r.alpha_bar[1:-1]]),
                                r.alpha_bar[1:])                             # T23: ᾱ_t = ∏ α_i
     with pytest.raises(ValueError, match="steps"):

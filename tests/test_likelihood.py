@@ -281,8 +281,8 @@ def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     var = torch.exp(w * b.log() + (1 - w) * bt.log())
     want = float((torch.log(var / bt) + bt / var - 1).sum())               # ½·d with d = 2
     torch.testing.assert_close(r["diffusion"], torch.full((4,), want, dtype=F64))
-    var1 = ddpm.betas[1]                                                   # t = 1: β_1, or the learned Σ_θ(1) with
-    if v is not None:                                                      # log β̃_1 clipped to log β̃_2 (T26)
+    var1 = ddpm.betas[1]                                              # t = 1: β_1, or the learned Σ_θ(1) with
+    if v is not None:                                                 # log β̃_1 clipped to log β̃_2 (T26)
         var1 = torch.exp(v * ddpm.betas[1].log() + (1 - v) * bt[0].log())
     torch.testing.assert_close(r["reconstruction"],
                                torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
@@ -318,7 +318,7 @@ def test_ddpm_vlb_feeds_the_denoiser_the_ve_map_of_the_latent():
     den = RecordsVE(x)
     ddpm_vlb(den, x, ddpm, generator=g)
     sig = (ddpm.one_minus_alpha_bar / ddpm.alpha_bar).sqrt()
-    order = list(range(2, 21)) + [1]                                       # steps 2..T, then the decoder's x_1
+    order = list(range(2, 21)) + [1]                                      # steps 2..T, then the decoder's x_1
     torch.testing.assert_close(torch.tensor([c[0] for c in den.calls], dtype=F64), sig[order])
     assert all(abs(ms - 1) < 0.1 for _, ms in den.calls)                  # (x̃ − x0)/σ̃ ~ N(0, I)
 
@@ -379,9 +379,9 @@ def test_discretized_gaussian_is_exact_far_in_the_tails():
     x = torch.tensor([GRID[200].item(), GRID[40].item(), 1.0], dtype=F64)
     mean = torch.tensor([x[0] - 40 * std, x[1] + 40 * std, -1.0], dtype=F64)
     logp = discretized_gaussian_log_prob(x, mean, std)
-    a0 = float((x[0] - 1 / 255 - mean[0]) / std)                           # upper tail: P = ∫_{a0}^{a0 + Δ/s} φ
-    a1 = -float((x[1] + 1 / 255 - mean[1]) / std)                          # lower tail, mirrored
-    a2 = float((x[2] - 1 / 255 - mean[2]) / std)                           # edge bin: P = ∫_{a2}^∞ φ
+    a0 = float((x[0] - 1 / 255 - mean[0]) / std)                         # upper tail: P = ∫_{a0}^{a0 + Δ/s} φ
+    a1 = -float((x[1] + 1 / 255 - mean[1]) / std)                        # lower tail, mirrored
+    a2 = float((x[2] - 1 / 255 - mean[2]) / std)                         # edge bin: P = ∫_{a2}^∞ φ
     want = torch.tensor([oracle(a0, a0 + 2 / 255 / std), oracle(a1, a1 + 2 / 255 / std), oracle(a2, a2 + 1.0)], dtype=F64)
     torch.testing.assert_close(logp, want, rtol=1e-7, atol=0)
 

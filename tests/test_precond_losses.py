@@ -649,7 +649,8 @@ def test_loss_meets_its_oracle(name):
     for sigma in (0.05, 0.5, 5.0):
         x0, _, x_noisy = random_batch((n, d), sigma, seed=3)
         s = torch.full((n,), sigma, dtype=F64)
-        batch = NoisyBatch(x0, x_noisy, s, score=-x_noisy / (SIGMA_D**2 + sigma**2))   # exact score of N(0, (σ_d² + σ²)I)
+        # exact score of N(0, (σ_d² + σ²)I)
+        batch = NoisyBatch(x0, x_noisy, s, score=-x_noisy / (SIGMA_D**2 + sigma**2))
         if isinstance(LOSS_ORACLES[name], str):
             pytest.skip(f"{name}: its analytic oracle is {LOSS_ORACLES[name]}")
         for delta in (0.0, 0.7):

@@ -159,7 +159,7 @@ def test_plain_resampling():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     conv, plain = tiny(), tiny(resample="plain")
     widths = [TINY["model_channels"] * m for m in TINY["channel_mult"]]    # 8, 16, 16
-    resample_convs = widths[:-1] + widths[1:]                               # down at 28, 14; up at 7→14, 14→28
+    resample_convs = widths[:-1] + widths[1:]                              # down at 28, 14; up at 7→14, 14→28
     assert n(conv) - n(plain) == sum(c * c * 9 + c for c in resample_convs)
     assert plain.resample == "plain" and conv.resample == "conv"
 

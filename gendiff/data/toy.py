@@ -104,8 +104,8 @@ class GaussianMixture:
             const = (self.weights64.log() - 0.5 * (self.means64 * Pm).sum(1)
                      - 0.5 * torch.logdet(self.covs64 + s * s * torch.eye(d, dtype=torch.float64))
                      - 0.5 * d * math.log(2 * math.pi))
-            W = torch.cat([quad, Pm, const[:, None]], 1).T.contiguous()                 # [d(d+1)/2 + d + 1, K]
-            V = torch.cat([Pm, P.reshape(K, d * d)], 1)                                 # [K, d + d²]
+            W = torch.cat([quad, Pm, const[:, None]], 1).T.contiguous()                # [d(d+1)/2 + d + 1, K]
+            V = torch.cat([Pm, P.reshape(K, d * d)], 1)                                # [K, d + d²]
             if len(self._cache) > 64:
                 self._cache = {k: v for k, v in self._cache.items() if k[0] != "expanded"}
             self._cache[key] = (W.to(dtype=dtype, device=device), V.to(dtype=dtype, device=device),
@@ -178,7 +178,7 @@ class GaussianMixture:
             z = z.transpose(1, 2)                                                  # [n, K, d]
             r = torch.softmax(logits, -1)                                          # [n, K]
             s2 = (sc.square() if sc.ndim == 0 else sc.square().view(-1, 1, 1))
-            off = s2 * torch.einsum("nkj,kij->nki", z, p["Q"])                     # E[x0|x̃,k] − x̃: [n, K, d]
+            off = s2 * torch.einsum("nkj,kij->nki", z, p["Q"])                    # E[x0|x̃,k] − x̃: [n, K, d]
             mean_off = torch.einsum("nk,nki->ni", r, off)
             L = p["L"].T                                                           # [K, d]
             shrink = s2 * L / (L + s2)                                             # eigenvalues of Cov_k
