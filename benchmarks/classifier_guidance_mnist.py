@@ -1,17 +1,18 @@
-"""Classifier guidance (THEORY T32) on MNIST: an unconditional EDM denoiser steered by a noise-aware classifier.
+"""Classifier guidance (THEORY T32) on MNIST: an unconditional EDM denoiser steered by a noise-aware
+classifier.
 
 1. The denoiser: the image table's `edm` row recipe (mnist-cpu preset, recipe edm), trained in OUT/denoiser
    through gendiff's image loop (skipped when that folder holds model.safetensors); or --denoiser RUN, any
    finished unconditional image run folder.
 2. The classifier: `nets.unet.NoisyClassifier` (the U-Net's embedding, encoder and middle + a pooled linear
    read-out, ADM's EncoderUNetModel) trained by `guidance.train_noisy_classifier` on x0 + σε of the training
-   split, σ from the denoiser's training density; saved as OUT/noisy-classifier.safetensors (reused when there).
-   Its test accuracy at several σ is reported against chance (10%).
+   split, σ from the denoiser's training density; saved as OUT/noisy-classifier.safetensors
+   (reused when there). Its test accuracy at several σ is reported against chance (10%).
 3. For each guidance weight w: `image_runs.sample_images` (Heun 18, the row's sampler) with
-   `guidance.ClassifierGuided` (D + w·σ²·∇ log p_σ(y | x)), labels 0…9 in turn; measured in the FID classifier's
-   features (FID, precision, recall, classes hit) plus label accuracy: the share of samples the FID classifier
-   (a separate network, 99.4% on clean test digits) assigns to the class asked for. w = 0 is the unguided
-   model: its label accuracy is the chance baseline.
+   `guidance.ClassifierGuided` (D + w·σ²·∇ log p_σ(y | x)), labels 0…9 in turn; measured in the FID
+   classifier's features (FID, precision, recall, classes hit) plus label accuracy: the share of samples the
+   FID classifier (a separate network, 99.4% on clean test digits) assigns to the class asked for. w = 0 is
+   the unguided model: its label accuracy is the chance baseline.
 
 Resumable: each finished w is stored in OUT/results.json with the recipe (denoiser folder, classifier recipe,
 number of samples) and skipped on a rerun of the same recipe; another recipe starts the table afresh.
@@ -29,8 +30,8 @@ import torch
 from gendiff.experiments.config import resolve, to_toml
 from gendiff.guidance import ClassifierGuided, train_noisy_classifier
 from gendiff.image_metrics import image_grid
-from gendiff.experiments.images import (feature_classifier, load_images, prepare, sample_images, sample_metrics,
-                                        train_run)
+from gendiff.experiments.images import (feature_classifier, load_images, prepare, sample_images,
+                                        sample_metrics, train_run)
 from gendiff.experiments.kinds import load_run
 from gendiff.io import save_json, save_state, save_text
 from gendiff.nets.unet import NoisyClassifier
@@ -75,8 +76,8 @@ def classifier(out: str, cfg, train, test, steps: int, batch: int) -> tuple[Nois
     print(f"== training the noise-aware classifier ({steps} steps × {batch})", flush=True)
     start = time.perf_counter()
     losses = train_noisy_classifier(clf, train.to_tensor(), torch.from_numpy(train.labels),
-                                    LogNormalSigma(cfg.train.p_mean, cfg.train.p_std), steps=steps, batch=batch,
-                                    lr=recipe["lr"], seed=recipe["seed"])
+                                    LogNormalSigma(cfg.train.p_mean, cfg.train.p_std), steps=steps,
+                                    batch=batch, lr=recipe["lr"], seed=recipe["seed"])
     xt, yt = test.to_tensor(), torch.from_numpy(test.labels)
     g = torch.Generator().manual_seed(1)
     acc = {}
@@ -95,12 +96,13 @@ def classifier(out: str, cfg, train, test, steps: int, batch: int) -> tuple[Nois
 def markdown(results: dict, info: dict, cfg) -> str:
     acc = ", ".join(f"σ = {k.split('=')[1]}: {100 * v:.1f}%" for k, v in info["test_accuracy"].items())
     sampler = next(iter(results.values()))["sampler"] if results else "?"
-    lines = [f"Classifier guidance (T32) on MNIST: the `edm` row's recipe ({cfg.train.iterations} steps × batch "
-             f"{cfg.train.batch}, U-Net {cfg.model.model_channels}×{list(cfg.model.channel_mult)}) steered by a "
-             f"NoisyClassifier ({info['parameters'] / 1e6:.2f} M parameters, {info['recipe']['steps']} steps × "
-             f"{info['recipe']['batch']}; test accuracy on noised digits {acc}; chance 10%). Samples: {sampler}, "
-             "labels 0…9 in turn; metrics in the FID classifier's features; label accuracy = share of samples the "
-             "FID classifier assigns to the class asked for (chance: 10%).", "",
+    lines = [f"Classifier guidance (T32) on MNIST: the `edm` row's recipe ({cfg.train.iterations} steps × "
+             f"batch {cfg.train.batch}, U-Net {cfg.model.model_channels}×{list(cfg.model.channel_mult)}) "
+             f"steered by a NoisyClassifier ({info['parameters'] / 1e6:.2f} M parameters, "
+             f"{info['recipe']['steps']} steps × {info['recipe']['batch']}; test accuracy on noised digits "
+             f"{acc}; chance 10%). Samples: {sampler}, labels 0…9 in turn; metrics in the FID classifier's "
+             "features; label accuracy = share of samples the FID classifier assigns to the class asked for "
+             "(chance: 10%).", "",
              "| w | label accuracy | FID ↓ | precision | recall | classes hit | NFE | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=lambda k: float(k.split("=")[1])):
@@ -114,8 +116,9 @@ def markdown(results: dict, info: dict, cfg) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/results/classifier-guidance")
-    ap.add_argument("--denoiser", default=None, help="a finished unconditional image run folder (default: train "
-                                                     "the edm row's recipe in OUT/denoiser)")
+    ap.add_argument("--denoiser", default=None,
+                    help="a finished unconditional image run folder (default: train the edm row's recipe "
+                         "in OUT/denoiser)")
     ap.add_argument("--weights", default="0,1,2,4")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--classifier-steps", type=int, default=1500)

@@ -35,12 +35,13 @@ def main():
     x0, _, k = ab.sample(20000, generator=g, dtype=torch.float64, return_index=True)
     torch.manual_seed(0)
     learned = ToyClassifier(classes=2).double()
-    train_noisy_classifier(learned, x0, (k >= a.K).long(), LogNormalSigma(-1.0, 1.5), steps=args.steps, batch=512,
-                           lr=3e-3, seed=0)
+    train_noisy_classifier(learned, x0, (k >= a.K).long(), LogNormalSigma(-1.0, 1.5),
+                           steps=args.steps, batch=512, lr=3e-3, seed=0)
     prior_ce = -float((exact.log_priors.exp() * exact.log_priors).sum())
     xt, _, kt = ab.sample(8000, generator=g, dtype=torch.float64, return_index=True)
     yt = (kt >= a.K).long()
-    print(f"1. cross-entropy of p_σ(class | x̃) on 8000 held-out noised tree samples (prior alone: {prior_ce:.4f})")
+    print("1. cross-entropy of p_σ(class | x̃) on 8000 held-out noised tree samples (prior alone: "
+          f"{prior_ce:.4f})")
     print(f"{'σ':>6} {'Bayes (exact)':>14} {'learned':>9}")
     with torch.no_grad():
         for s in (0.02, 0.1, 0.3, 1.0, 3.0):
@@ -65,8 +66,8 @@ def main():
         row("unguided (exact AB denoiser)", sample_heun(ab.denoiser(), x_T, grid))
         for w in (1.0, 2.0, 4.0):
             for name, c in (("exact", exact), ("learned", learned)):
-                row(f"guided, {name} classifier, w = {w:g}", sample_heun(ClassifierGuided(ab.denoiser(), c, y, w),
-                                                                          x_T, grid))
+                row(f"guided, {name} classifier, w = {w:g}",
+                    sample_heun(ClassifierGuided(ab.denoiser(), c, y, w), x_T, grid))
 
 
 if __name__ == "__main__":

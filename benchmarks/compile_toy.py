@@ -1,7 +1,8 @@
 """Does `train.compile = true` (torch.compile of the backbone) speed up training here? Side by side in one
 process on the toy's reference batch: the same run kind trained without and with compile (each after its own
-warm-up, which for compile includes the compilation), it/s of the timed steps and the ratio compiled/eager, plus
-the compilation time. Usage: python benchmarks/compile_toy.py [--iterations 200] [--batch 4096] [--threads N]
+warm-up, which for compile includes the compilation), it/s of the timed steps and the ratio compiled/eager,
+plus the compilation time. Usage: python benchmarks/compile_toy.py [--iterations 200] [--batch 4096]
+[--threads N]
 """
 import argparse
 import time
@@ -33,11 +34,13 @@ def main():
             torch.manual_seed(0)
             model = spec.build_model(AblateConfig().train)
             src, loss = ToyBatches(tree("A"), spec.mode), losses.make_loss(spec.loss)
-            # train() builds its compiled view per call: warm up and time within one call, splitting by callback
+            # train() builds its compiled view per call: warm up and time within one call, splitting by
+            # callback
             marks = {}
             cb = lambda done, r: marks.setdefault(done, time.perf_counter())  # noqa: E731
             t0 = time.perf_counter()
-            train(model, loss, src, ToyTrainConfig(iterations=args.iterations + 5, batch=args.batch, compile=comp),
+            train(model, loss, src,
+                  ToyTrainConfig(iterations=args.iterations + 5, batch=args.batch, compile=comp),
                   progress=False, callbacks=[cb])
             warm[comp] = marks[5] - t0
             rates[comp] = args.iterations / (marks[args.iterations + 5] - marks[5])

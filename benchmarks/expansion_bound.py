@@ -14,4 +14,5 @@ for dtype in (torch.float32, torch.float64):
     eps = torch.finfo(dtype).eps
     for s in (0.0, 0.002, 0.01, 0.03, 0.1, 1.0):
         bound = eps * 4 / (lam_min + s * s)
-        print(f"{str(dtype):>14} σ={s:<6g} bound {bound:9.2e} nats -> {'expansion' if bound < 1e-4 else 'exact rotated form'}")
+        print(f"{str(dtype):>14} σ={s:<6g} bound {bound:9.2e} nats -> "
+              f"{'expansion' if bound < 1e-4 else 'exact rotated form'}")

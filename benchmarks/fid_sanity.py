@@ -1,4 +1,4 @@
-"""Sanity of FID / precision / recall in our classifier's features (issue 10), on real MNIST:
+"""Sanity of FID / precision / recall in our classifier's features, on real MNIST:
 FID(train, test) against the same test images blurred or noised by growing amounts (FID must grow
 monotonically), plus the classifier's test accuracy. The classifier is the cached one of `gendiff ablate
 --suite images` (trained on first use). Usage: python benchmarks/fid_sanity.py [--n 10000] [--data mnist]
@@ -31,7 +31,8 @@ def main():
     xtr, xte = train.to_tensor(), test.to_tensor()
     clf, info = load_or_train_classifier(args.data, xtr, torch.from_numpy(train.labels), data_dir(args.data),
                                          xte, torch.from_numpy(test.labels))
-    print(f"classifier test accuracy {info['test_accuracy']:.4f} ({'cached' if info['cached'] else 'trained'})")
+    print(f"classifier test accuracy {info['test_accuracy']:.4f} "
+          f"({'cached' if info['cached'] else 'trained'})")
     g = torch.Generator().manual_seed(0)
     ref = batched(clf.features, xtr[torch.randperm(len(xtr), generator=g)[:args.n]])
     real = xte[:args.n]

@@ -89,7 +89,8 @@ def main() -> None:
         print(f"  ours logp_and_score        {t_both:9.2f} ms")
         print(f"  ours logp, then score      {t_sep:9.2f} ms")
         print(f"  baseline einsum (both)     {t_base:9.2f} ms")
-        print(f"  ratio baseline/ours: {t_base / t_both:.2f}x (logp_and_score), {t_base / t_sep:.2f}x (separate)")
+        print(f"  ratio baseline/ours: {t_base / t_both:.2f}x (logp_and_score), {t_base / t_sep:.2f}x "
+              "(separate)")
 
         lp, sc = g.logp_and_score(x, sigma)
         lp_b, sc_b = base.logp_and_score(x, sigma)

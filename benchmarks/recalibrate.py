@@ -34,13 +34,15 @@ def main():
     with torch.no_grad():
         learned = torch.cat([p.covariance() for p in ev._held_out(model.predict)]).double()
     print(f"{args.run} (trained in mode {spec.mode}), seed {cfg.seed}, {len(learned)} held-out points")
-    print(f"{'against':<10} {'ratio':>7} {'excess med rel err':>19} {'median tr(Σ_φ − σ²I) / tr(Σ* − σ²I)':>38}")
+    print(f"{'against':<10} {'ratio':>7} {'excess med rel err':>19} "
+          f"{'median tr(Σ_φ − σ²I) / tr(Σ* − σ²I)':>38}")
     floor = ev.sigma.square()[:, None, None] * torch.eye(2, dtype=torch.float64)
     tr = lambda m: torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
     for mode in MODES:
         cal = ev.calibration(model, mode)
         excess = tr(learned - floor) / tr(ev.optimum(mode) - floor)
-        print(f"{mode:<10} {cal['ratio']:7.3f} {cal['median_rel_error_excess']:19.3f} {float(excess.median()):38.3f}")
+        print(f"{mode:<10} {cal['ratio']:7.3f} {cal['median_rel_error_excess']:19.3f} "
+              f"{float(excess.median()):38.3f}")
 
 
 if __name__ == "__main__":

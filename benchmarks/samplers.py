@@ -5,7 +5,8 @@ Models: `exact` (the tree's posterior mean, a perfect denoiser: only the sampler
 sampler starts from exact samples of p(x; σ_max = 5) as `gendiff ablate` does; DDPM (linear β, T = 1000) and
 DDIM start at the largest step whose σ̃ ≤ 5, from the exact p(x; σ̃) mapped to the DDPM latent (T2), so every
 sampler covers the same σ range. NFE is counted (a wrapper counts denoiser calls), not computed.
-Metrics (`Evaluator.sample_metrics`): median NLL and outlier rate under the true density, MMD² to a reference set.
+Metrics (`Evaluator.sample_metrics`): median NLL and outlier rate under the true density, MMD² to a reference
+set.
 
 Usage: python benchmarks/samplers.py [--out docs/results/samplers] [--samples 8192] [--seeds 0,1,2]
        [--threads 1] [--quick]
@@ -72,7 +73,8 @@ def plan(name: str, nfe: int):
                                                           generator=g)
     if name == "ddim":
         def run(d, x, z, dd, t0, g):
-            steps = sorted({int(round(v)) for v in torch.linspace(t0, 1, min(nfe, t0)).tolist()}, reverse=True)
+            steps = sorted({int(round(v)) for v in torch.linspace(t0, 1, min(nfe, t0)).tolist()},
+                           reverse=True)
             return sample_ddim(d, z, dd, steps)
         return run if nfe < 1000 else None
     if name == "ddpm":  # the full ancestral chain only (its NFE is fixed by the start step)
@@ -109,7 +111,8 @@ def read_rows(path):
 
 
 def key(r):
-    return (r["part"], r["model"], r["sampler"], r.get("score_mode", "tweedie"), r.get("budget"), r.get("seed"))
+    return (r["part"], r["model"], r["sampler"], r.get("score_mode", "tweedie"), r.get("budget"),
+            r.get("seed"))
 
 
 def append(path, row):
@@ -134,7 +137,8 @@ def sampling_part(models, seeds, samples, rows_path, done, log):
         for m, s, mode, b in jobs:
             if m != "exact" and seed != seeds[0]:
                 continue
-            row = {"part": "sampling", "model": m, "sampler": s, "score_mode": mode, "budget": b, "seed": seed}
+            row = {"part": "sampling", "model": m, "sampler": s, "score_mode": mode, "budget": b,
+                   "seed": seed}
             fn = plan(s, b)
             if fn is None or key(row) in done:
                 continue
@@ -179,7 +183,8 @@ def likelihood_part(models, points, rows_path, done, log):
             start = time.perf_counter()
             nll = fn(c).double()
             row.update(nll=float(nll.mean()), nll_se=float(nll.std() / math.sqrt(len(nll))),
-                       bpd=float(nll.mean()) / (d * math.log(2)), nfe=c.calls, seconds=time.perf_counter() - start)
+                       bpd=float(nll.mean()) / (d * math.log(2)), nfe=c.calls,
+                       seconds=time.perf_counter() - start)
             append(rows_path, row)
             done.add(key(row))
             log(f"{m:10s} {method:45s} NLL {row['nll']:.3f} ± {row['nll_se']:.3f} nats  NFE {row['nfe']}  "
@@ -202,27 +207,29 @@ def _fmt(vals, digits=3, sci=False):
 
 def render(rows, out, fig_path):
     lines = ["# Samplers on the exact tree (benchmarks/samplers.py)\n",
-             "Command: `python benchmarks/samplers.py` (see its docstring). Mean ± std over seeds where several "
-             "seeds ran (the exact model); trained models: seed 0. MMD² is unbiased (can be < 0).\n"]
+             "Command: `python benchmarks/samplers.py` (see its docstring). Mean ± std over seeds where "
+             "several seeds ran (the exact model); trained models: seed 0. MMD² is unbiased (can be < 0).\n"]
     samp = [r for r in rows if r["part"] == "sampling"]
     for model in ("exact", "edm", "confidence"):
         rs = [r for r in samp if r["model"] == model and r["score_mode"] == "tweedie"]
         if not rs:
             continue
-        lines += [f"\n## {model}: quality versus NFE\n", "| sampler | budget | NFE | median NLL ↓ | outliers ↓ | MMD² | "
+        lines += [f"\n## {model}: quality versus NFE\n",
+                  "| sampler | budget | NFE | median NLL ↓ | outliers ↓ | MMD² | "
                   "seconds | seeds |", "|---|---|---|---|---|---|---|---|"]
         for s in SAMPLERS:
             for b in BUDGETS:
                 cell = [r for r in rs if r["sampler"] == s and r["budget"] == b]
                 if cell:
-                    lines.append(f"| {s} | {b} | {cell[0]['nfe']} | {_fmt([r['median_nll'] for r in cell])} | "
-                                 f"{_fmt([r['outlier_rate'] for r in cell], 4)} | "
+                    lines.append(f"| {s} | {b} | {cell[0]['nfe']} | {_fmt([r['median_nll'] for r in cell])} "
+                                 f"| {_fmt([r['outlier_rate'] for r in cell], 4)} | "
                                  f"{_fmt([r['mmd'] for r in cell], sci=True)} | "
                                  f"{_fmt([r['seconds'] for r in cell], 1)} | {len(cell)} |")
     phi = [r for r in samp if r["model"] == "confidence" and r["budget"] == 32]
     if any(r["score_mode"] == "phi" for r in phi):
         lines += ["\n## T13 versus T14 (confidence model, budget 32)\n",
-                  "| sampler | NFE | median NLL T13 | median NLL T14 | outliers T13 | outliers T14 | MMD² T13 | MMD² T14 |",
+                  "| sampler | NFE | median NLL T13 | median NLL T14 | outliers T13 | outliers T14 | MMD² "
+                  "T13 | MMD² T14 |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in SAMPLERS:
             a = [r for r in phi if r["sampler"] == s and r["score_mode"] == "tweedie"]
@@ -230,15 +237,16 @@ def render(rows, out, fig_path):
             if a and b:
                 a, b = a[0], b[0]
                 lines.append(f"| {s} | {a['nfe']} | {a['median_nll']:.3f} | {b['median_nll']:.3f} | "
-                             f"{a['outlier_rate']:.4f} | {b['outlier_rate']:.4f} | {a['mmd']:.2e} | {b['mmd']:.2e} |")
+                             f"{a['outlier_rate']:.4f} | {b['outlier_rate']:.4f} | {a['mmd']:.2e} | "
+                             f"{b['mmd']:.2e} |")
     lik = [r for r in rows if r["part"] == "likelihood"]
     if lik:
         lines += ["\n## Likelihood of held-out ground-truth points (2-D, nats and bits/dim)\n",
                   "| model | method | NLL (nats) ↓ | bits/dim | NFE | seconds |", "|---|---|---|---|---|---|"]
         for r in lik:
             se = f" ± {r['nll_se']:.3f}" if "nll_se" in r else ""
-            lines.append(f"| {r['model']} | {r['sampler']} | {r['nll']:.3f}{se} | {r['bpd']:.3f} | {r['nfe']} | "
-                         f"{r['seconds']:.1f} |")
+            lines.append(f"| {r['model']} | {r['sampler']} | {r['nll']:.3f}{se} | {r['bpd']:.3f} | "
+                         f"{r['nfe']} | {r['seconds']:.1f} |")
     save_text("\n".join(lines) + "\n", os.path.join(out, "samplers.md"))
     _figure(samp, fig_path)
 

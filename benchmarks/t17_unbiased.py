@@ -22,7 +22,8 @@ from gendiff.runtime import configured
 from gendiff.schedules import AdaptiveSchedule, make_schedule, make_weighting
 
 DENSITIES = [("cosine", {}), ("cosine", {"shift": 1.0}), ("cosine", {"shift": -1.0}), ("flow-matching", {}),
-             ("edm-training", {"p_mean": -1.2, "p_std": 1.2}), ("log-uniform", {"sigma_min": 0.002, "sigma_max": 80.0})]
+             ("edm-training", {"p_mean": -1.2, "p_std": 1.2}),
+             ("log-uniform", {"sigma_min": 0.002, "sigma_max": 80.0})]
 
 
 def main():
@@ -48,7 +49,8 @@ def main():
                 for _ in range(100):
                     sigma = dens.sample(8192, g)
                     x0, _ = gt.sample(8192, generator=g)
-                    loss(model, NoisyBatch(x0, x0 + sigma[:, None] * torch.randn(x0.shape, generator=g), sigma))
+                    loss(model,
+                         NoisyBatch(x0, x0 + sigma[:, None] * torch.randn(x0.shape, generator=g), sigma))
                     dens.update(*loss.last)
         else:
             truncate = None if name == "log-uniform" else (0.002, 80.0)
@@ -64,7 +66,8 @@ def main():
                 vals.append(loss(model, NoisyBatch(x0, xn, sigma)).double())
         v = torch.cat(vals)
         label = f"{name} {kw}" if kw else name
-        print(f"{label:<34} {float(v.mean()):9.4f} {float(v.std()) / math.sqrt(len(v)):9.4f} {float(v.var()):10.3f}")
+        print(f"{label:<34} {float(v.mean()):9.4f} {float(v.std()) / math.sqrt(len(v)):9.4f} "
+              f"{float(v.var()):10.3f}")
 
 
 if __name__ == "__main__":

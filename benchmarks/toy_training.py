@@ -34,7 +34,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.iterations} iterations per kind")
     print(f"{'run kind':<18} {'it/s':>8} {'vs 30 it/s':>11}")
-    for name in ("edm", "confidence-frozen", "confidence", "confidence-full", "seed-method", "score-matching"):
+    for name in ("edm", "confidence-frozen", "confidence", "confidence-full", "seed-method",
+                 "score-matching"):
         spec = TOY_RECIPES[name]
         torch.manual_seed(0)
         model = spec.build_model(cfg.train)
@@ -55,7 +56,8 @@ def main():
             esrc = EinsumSource(src.mixture, "point")
             slow = train(model, loss, esrc, ToyTrainConfig(iterations=max(args.iterations // 5, 10),
                                                            batch=args.batch), progress=False)
-            print(f"{'  einsum baseline':<18} {slow.it_per_s:8.1f}   ours/baseline {res.it_per_s / slow.it_per_s:.2f}x")
+            print(f"{'  einsum baseline':<18} {slow.it_per_s:8.1f}   ours/baseline "
+                  f"{res.it_per_s / slow.it_per_s:.2f}x")
         if name == "edm":  # the network's cost: the seed's 5 linear layers against the 4 gendiff had before
             torch.manual_seed(0)
             small = spec.build_model(replace(cfg.train, hidden_layers=3))

@@ -1,5 +1,5 @@
-"""Sample quality of gendiff's fast-layout U-Net against diffusers' UNet2DModel at equal size and equal training
-(issue 10: "≥ 1.5× diffusers' img/s at equal size, with samples of equal quality").
+"""Sample quality of gendiff's fast-layout U-Net against diffusers' UNet2DModel at equal size and equal
+training (the target: "≥ 1.5× diffusers' img/s at equal size, with samples of equal quality").
 
 Each network (benchmarks/unet_training.py: FAST, REFERENCE mirrored by diffusers, optionally REFERENCE in
 gendiff) trains through gendiff's image loop (`experiments.images.prepare`'s `backbone` hook) with one recipe:
@@ -69,11 +69,12 @@ def summary(results: dict) -> str:
             fids.append(row["fid"])
             bpds.append(r["bpd_ode"])
             lines.append(f"| {MODELS[m][0]} | {r['parameters'] / 1e6:.3f} M | {s} | {row['fid']:.2f} | "
-                         f"{row['precision']:.3f} | {row['recall']:.3f} | {r['bpd_ode']:.3f} ± {r['bpd_ode_se']:.3f} | "
-                         f"{r['train_img_per_s']:.1f} |")
+                         f"{row['precision']:.3f} | {row['recall']:.3f} | {r['bpd_ode']:.3f} ± "
+                         f"{r['bpd_ode_se']:.3f} | {r['train_img_per_s']:.1f} |")
         if len(fids) > 1:
-            lines.append(f"| {MODELS[m][0]} | | mean ± sd | {statistics.mean(fids):.2f} ± {statistics.stdev(fids):.2f}"
-                         f" | | | {statistics.mean(bpds):.3f} ± {statistics.stdev(bpds):.3f} | |")
+            lines.append(f"| {MODELS[m][0]} | | mean ± sd | {statistics.mean(fids):.2f} ± "
+                         f"{statistics.stdev(fids):.2f} | | | {statistics.mean(bpds):.3f} ± "
+                         f"{statistics.stdev(bpds):.3f} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,10 +16,11 @@ The networks (~1.74 M parameters unless said):
 
 All sit in the same `gendiff.precond.Denoiser` (EDM preconditioning) and train with the same loop: EDM's loss
 (`losses.EDMLoss`), σ log-normal (P_mean −1.2, P_std 1.2), Adam. Steps of the models alternate in one process,
-in a rotating order, so all see the same machine load; the per-step median is reported as img/s (wall clock), with the process CPU
-time per step beside it (steadier than wall time on a shared machine).
+in a rotating order, so all see the same machine load; the per-step median is reported as img/s (wall clock),
+with the process CPU time per step beside it (steadier than wall time on a shared machine).
 
-diffusers is an optional extra (`pip install -c constraints.txt -e ".[bench]"`); without it only ours are timed.
+diffusers is an optional extra (`pip install -c constraints.txt -e ".[bench]"`); without it only ours are
+timed.
 
 Usage: python benchmarks/unet_training.py [--steps 10] [--batch 128] [--threads N] [--precision fp32,bf16]
        [--profile]
@@ -79,8 +80,8 @@ def diffusers_like(ours: UNet):
     return UNet2DModel(sample_size=ours.img_resolution, in_channels=ours.img_channels,
                        out_channels=ours.img_channels, block_out_channels=tuple(widths),
                        layers_per_block=ours.num_blocks[0], down_block_types=down, up_block_types=up,
-                       attention_head_dim=head_dim, norm_num_groups=groups, resnet_time_scale_shift="scale_shift",
-                       time_embedding_dim=ours.emb1.out_features,
+                       attention_head_dim=head_dim, norm_num_groups=groups,
+                       resnet_time_scale_shift="scale_shift", time_embedding_dim=ours.emb1.out_features,
                        add_attention=attn[-1], dropout=0.0)
 
 
@@ -141,7 +142,8 @@ def main():
     for name, net in nets.items():
         print(f"  {name:<22} {n_params(net) / 1e6:6.3f} M parameters")
 
-    print(f"{'precision':<10} {'model':<22} {'img/s':>8} {'s/step':>8} {'CPU s/step':>11} {'ratio to baseline':>18}")
+    print(f"{'precision':<10} {'model':<22} {'img/s':>8} {'s/step':>8} {'CPU s/step':>11} "
+          f"{'ratio to baseline':>18}")
     for prec in args.precision.split(","):
         bf16 = {"fp32": False, "bf16": True}[prec]
         trainers = [Trainer(name, net, args.batch) for name, net in nets.items()]
@@ -157,8 +159,8 @@ def main():
         for t in trainers:
             med = statistics.median(t.times)
             ratio = f"{args.batch / med / base:17.2f}x" if base else ""
-            print(f"{prec:<10} {t.name:<22} {args.batch / med:8.1f} {med:8.3f} {statistics.median(t.cpu):11.3f} "
-                  f"{ratio}")
+            print(f"{prec:<10} {t.name:<22} {args.batch / med:8.1f} {med:8.3f} "
+                  f"{statistics.median(t.cpu):11.3f} {ratio}")
         if args.profile:
             for t in trainers:
                 with torch.profiler.profile() as p:

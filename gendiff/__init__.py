@@ -7,7 +7,8 @@ from . import guidance, heads, losses, samplers, schedules, scores
 from .heads import DiagonalHead, FullHead, NoHead, Prediction, Scalings
 from .precond import Denoiser, EDMPrecond, EpsPrecond, Precond, VPrecond, X0Precond, edm_scalings
 
-__all__ = ["Denoiser", "Prediction", "Scalings", "Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond",
+__all__ = ["Denoiser", "Prediction", "Scalings", "Precond", "EDMPrecond", "EpsPrecond",
+           "X0Precond", "VPrecond",
            "edm_scalings", "NoHead", "DiagonalHead", "FullHead", "guidance", "heads", "losses", "samplers",
            "schedules", "scores"]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""Training checkpoints: everything a run needs to continue bit for bit, written so that a crash never leaves a
-half-written checkpoint as the newest, and read without pickle.
+"""Training checkpoints: everything a run needs to continue bit for bit, written so that a crash never leaves
+a half-written checkpoint as the newest, and read without pickle.
 
 A checkpoint at step s is two files in the run's checkpoint folder:
 - `ckpt-<s>.safetensors`: every tensor (model, EMA, optimiser moments, RNG states, kept snapshots, …);
@@ -104,7 +104,8 @@ def steps(folder: str) -> list:
 
 
 def load(json_path: str):
-    """(step, tensors, meta) of one checkpoint, verified; ValueError if truncated, corrupted or not safetensors."""
+    """(step, tensors, meta) of one checkpoint, verified; ValueError if truncated, corrupted or not
+    safetensors."""
     base = json_path[: -len(".json")]
     try:
         with open(json_path) as f:
@@ -141,8 +142,9 @@ def latest(folder: str):
 # ---- named state objects -------------------------------------------------------------------------------
 
 def save_objects(folder: str, step: int, objects: dict, keep: int = 3) -> str:
-    """Checkpoint `step` of `objects` = {name: object with state_dict()}: tensor values become `<name>.<key>` in
-    the safetensors file (host copies), other values JSON metadata under `<name>`. Returns the JSON path."""
+    """Checkpoint `step` of `objects` = {name: object with state_dict()}: tensor values become `<name>.<key>`
+    in the safetensors file (host copies), other values JSON metadata under `<name>`. Returns the JSON
+    path."""
     tensors, meta = {}, {}
     for name, obj in objects.items():
         for key, value in obj.state_dict().items():
@@ -168,8 +170,8 @@ def load_objects(folder: str, objects: dict) -> int:
 
 
 class OptimizerState:
-    """An optimiser as a state object of flat tensors + JSON (no pickle): `state.<param>.<key>` tensors (Adam's
-    moments and step), `param_groups` and `state_keys` metadata."""
+    """An optimiser as a state object of flat tensors + JSON (no pickle): `state.<param>.<key>` tensors
+    (Adam's moments and step), `param_groups` and `state_keys` metadata."""
 
     def __init__(self, opt: torch.optim.Optimizer):
         self.opt = opt

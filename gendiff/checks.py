@@ -20,8 +20,8 @@ def as_sigma(sigma, like: torch.Tensor, name: str = "sigma") -> torch.Tensor:
                f"or a per-element tensor with {like.ndim} dimensions broadcastable to x")
     if s.ndim == 1 and like.ndim > 1:
         if s.shape[0] != like.shape[0]:
-            raise ValueError(f"{name} has shape {tuple(s.shape)}: a 1-D sigma is one value per example, but x has "
-                             f"{like.shape[0]} examples (shape {tuple(like.shape)}); {allowed}")
+            raise ValueError(f"{name} has shape {tuple(s.shape)}: a 1-D sigma is one value per example, but "
+                             f"x has {like.shape[0]} examples (shape {tuple(like.shape)}); {allowed}")
         s = s.reshape(-1, *([1] * (like.ndim - 1)))
     elif s.ndim not in (0, like.ndim):
         raise ValueError(f"{name} has shape {tuple(s.shape)} for x of shape {tuple(like.shape)}; {allowed}")

@@ -41,7 +41,8 @@ def power_ema_decay(t: int, gamma: float) -> float:
 
 class EMA:
     """θ_ema ← d·θ_ema + (1 − d)·θ after every step, with the constant decay d = `decay` (`decay_at` gives the
-    decay of a step; subclasses change only that). `.module` is the averaged copy, in eval mode, without grads."""
+    decay of a step; subclasses change only that). `.module` is the averaged copy, in eval mode, without
+    grads."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -52,7 +53,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        """Average in `model`'s parameters after optimiser step `step` ≥ 1 (the model the copy was made from)."""
+        """Average in `model`'s parameters after optimiser step `step` ≥ 1 (the model the copy was made
+        from)."""
         d = self.decay_at(step)
         for p_ema, p in zip(self.module.parameters(), model.parameters()):
             p_ema.lerp_(p, 1 - d)
@@ -65,8 +67,8 @@ class EMA:
 
 
 class PowerEMA(EMA):
-    """EDM2's power-function EMA (phema.PowerFunctionEMA with one σ_rel): decay β_t = (1 − 1/t)^(γ + 1) at step t,
-    averaging the trajectory with weights ∝ τ^γ, γ = power_ema_gamma(sigma_rel)."""
+    """EDM2's power-function EMA (phema.PowerFunctionEMA with one σ_rel): decay β_t = (1 − 1/t)^(γ + 1) at
+    step t, averaging the trajectory with weights ∝ τ^γ, γ = power_ema_gamma(sigma_rel)."""
 
     def __init__(self, model: torch.nn.Module, sigma_rel: float):
         self.sigma_rel, self.gamma = sigma_rel, power_ema_gamma(sigma_rel)
@@ -78,22 +80,24 @@ class PowerEMA(EMA):
 
 def _log_dot(t_a, g_a, t_b, g_b):
     """log ⟨p_a, p_b⟩ of the continuous power profiles p(τ) = (γ + 1)·τ^γ/t^(γ+1) on [0, t]:
-    ∫_0^m p_a p_b dτ = (γ_a + 1)(γ_b + 1)·m^(γ_a + γ_b + 1) / ((γ_a + γ_b + 1)·t_a^(γ_a + 1)·t_b^(γ_b + 1)), m = min."""
+    ∫_0^m p_a p_b dτ = (γ_a + 1)(γ_b + 1)·m^(γ_a + γ_b + 1) / ((γ_a + γ_b + 1)·t_a^(γ_a + 1)·t_b^(γ_b + 1)),
+    m = min."""
     m = np.minimum(t_a, t_b)
     return (np.log(g_a + 1) + np.log(g_b + 1) + (g_a + g_b + 1) * np.log(m) - np.log(g_a + g_b + 1)
             - (g_a + 1) * np.log(t_a) - (g_b + 1) * np.log(t_b))
 
 
 def posthoc_coefficients(steps, gammas, target_step: float, target_sigma_rel: float) -> np.ndarray:
-    """Weights x of stored power-EMA snapshots (snapshot i: step t_i, exponent γ_i) whose combination Σ x_i·p_i
-    best matches, in L², the profile of a power EMA with σ_rel = target_sigma_rel at target_step (EDM2 App. C.2):
-    the normal equations A·x = b, A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_target⟩, solved by least squares (A is
-    ill-conditioned when snapshots are dense). Profiles are the continuous ones; the discrete EMA of
-    `power_ema_decay` follows them up to O(1/t)."""
+    """Weights x of stored power-EMA snapshots (snapshot i: step t_i, exponent γ_i) whose combination Σ
+    x_i·p_i best matches, in L², the profile of a power EMA with σ_rel = target_sigma_rel at target_step
+    (EDM2 App. C.2): the normal equations A·x = b, A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p_target⟩, solved by least
+    squares (A is ill-conditioned when snapshots are dense). Profiles are the continuous ones; the discrete
+    EMA of `power_ema_decay` follows them up to O(1/t)."""
     t = np.asarray(steps, dtype=np.float64)
     g = np.asarray(gammas, dtype=np.float64)
     if t.ndim != 1 or len(t) == 0 or t.shape != g.shape or not np.all(t > 0):
-        raise ValueError(f"steps={list(t)} and gammas={list(g)} must be equally long non-empty lists with steps > 0")
+        raise ValueError(f"steps={list(t)} and gammas={list(g)} must be equally long non-empty lists with "
+                         "steps > 0")
     if not target_step > 0:
         raise ValueError(f"target_step={target_step!r} must be > 0")
     g_t = power_ema_gamma(target_sigma_rel)
@@ -105,15 +109,18 @@ def posthoc_coefficients(steps, gammas, target_step: float, target_sigma_rel: fl
 def posthoc_ema(snapshots, target_step: float, target_sigma_rel: float) -> dict:
     """The reconstructed EMA state dict from `snapshots` = [(step, γ, state_dict), …] (EDM2 post-hoc EMA)."""
     if not snapshots:
-        raise ValueError("no post-hoc EMA snapshots: train with train.ema_posthoc = [σ_rel, …] (e.g. [0.05, 0.1])")
-    x = posthoc_coefficients([s[0] for s in snapshots], [s[1] for s in snapshots], target_step, target_sigma_rel)
+        raise ValueError("no post-hoc EMA snapshots: train with train.ema_posthoc = [σ_rel, …] (e.g. [0.05, "
+                         "0.1])")
+    x = posthoc_coefficients([s[0] for s in snapshots], [s[1] for s in snapshots], target_step,
+                             target_sigma_rel)
     keys = snapshots[0][2].keys()
     return {k: sum(float(w) * snap[2][k].double() for w, snap in zip(x, snapshots)).to(snapshots[0][2][k].dtype)
             for k in keys}
 
 
 def save_posthoc(folder: str, step: int, emas) -> None:
-    """posthoc-<k>-<step>.safetensors: PowerEMA k of `emas` at `step`, with step, γ and σ_rel in its metadata."""
+    """posthoc-<k>-<step>.safetensors: PowerEMA k of `emas` at `step`, with step, γ and σ_rel in its
+    metadata."""
     os.makedirs(folder, exist_ok=True)
     for k, ema in enumerate(emas):
         save_state(ema.state_dict(), os.path.join(folder, f"posthoc-{k}-{step:08d}.safetensors"),
@@ -121,7 +128,8 @@ def save_posthoc(folder: str, step: int, emas) -> None:
 
 
 def load_posthoc(folder: str, max_step: int | None = None) -> list:
-    """[(step, γ, state_dict), …] of the post-hoc snapshots in `folder` (safetensors only; steps ≤ max_step)."""
+    """[(step, γ, state_dict), …] of the post-hoc snapshots in `folder` (safetensors only;
+    steps ≤ max_step)."""
     out = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if not (name.startswith("posthoc-") and name.endswith(".safetensors")):

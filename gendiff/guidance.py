@@ -40,7 +40,8 @@ class Guided(torch.nn.Module):
         return torch.lerp(d_guide, self.main(x, sigma), self.w)
 
     def predict(self, x, sigma):
-        """The guided mean with the main model's confidence (guidance moves the mean only); w = 0 is the guide."""
+        """The guided mean with the main model's confidence (guidance moves the mean only); w = 0 is the
+        guide."""
         if self.w == 0:
             return self.guide.predict(x, sigma)
         p = self.main.predict(x, sigma)
@@ -77,8 +78,8 @@ def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
         raise ValueError(f"labels must be integer class indices of shape [{n}]; got dtype {y.dtype}, "
                          f"shape {tuple(y.shape)}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels range over [{int(y.min())}, {int(y.max())}]; allowed: 0 … {num_classes - 1} "
-                         f"(the classifier has {num_classes} classes)")
+        raise ValueError(f"labels range over [{int(y.min())}, {int(y.max())}]; allowed: 0 … "
+                         f"{num_classes - 1} (the classifier has {num_classes} classes)")
     return y.long()
 
 
@@ -90,8 +91,8 @@ def class_log_prob_grad(classifier, x: torch.Tensor, sigma, labels: torch.Tensor
     create_graph, so that the shift's own Jacobian is not dropped. A classifier in training mode (dropout,
     batch statistics: random guidance) or a non-finite gradient is a ValueError."""
     if isinstance(classifier, torch.nn.Module) and classifier.training:
-        raise ValueError(f"the classifier ({type(classifier).__name__}) is in training mode; call .eval() first "
-                         "(dropout or batch statistics would make the guidance random)")
+        raise ValueError(f"the classifier ({type(classifier).__name__}) is in training mode; call .eval() "
+                         "first (dropout or batch statistics would make the guidance random)")
     outer = torch.is_grad_enabled() and x.requires_grad
     with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
         xg = x if outer else x.detach().requires_grad_(True)
@@ -103,8 +104,8 @@ def class_log_prob_grad(classifier, x: torch.Tensor, sigma, labels: torch.Tensor
         lp = torch.log_softmax(logits.double(), -1).gather(1, y[:, None]).sum()
         grad = torch.autograd.grad(lp, xg, create_graph=outer)[0]
     if not torch.isfinite(grad).all():
-        raise ValueError("the classifier's ∇ₓ log p_σ(y | x) is not finite (NaN or inf): check the classifier's "
-                         "weights and its input scaling at this σ")
+        raise ValueError("the classifier's ∇ₓ log p_σ(y | x) is not finite (NaN or inf): check the "
+                         "classifier's weights and its input scaling at this σ")
     return grad.to(x.dtype)
 
 
@@ -135,7 +136,8 @@ class ClassifierGuided(torch.nn.Module):
 
 
 def train_noisy_classifier(classifier, x0: torch.Tensor, labels: torch.Tensor, sigma_density, *,
-                           steps: int = 2000, batch: int = 512, lr: float = 2e-3, seed: int = 0) -> list[float]:
+                           steps: int = 2000, batch: int = 512, lr: float = 2e-3,
+                           seed: int = 0) -> list[float]:
     """Fit a noise-aware classifier `classifier(x̃, σ) -> logits` by cross-entropy on x̃ = x0 + σε, σ drawn
     from `sigma_density` (a schedules density: `.sample(n, generator)`), Adam with a cosine-decayed learning
     rate. Deterministic under `seed` (batches, σ and ε from their own derived generator). Returns the
@@ -147,7 +149,7 @@ def train_noisy_classifier(classifier, x0: torch.Tensor, labels: torch.Tensor, s
         raise ValueError(f"x0 must be a non-empty batch [N, ...]; got shape {tuple(x0.shape)}")
     if not torch.isfinite(x0).all():
         raise ValueError("x0 holds NaN or infinite values")
-    g = generator(seed, "noisy-classifier")                 # draws on the CPU, moved to x0's device: any device
+    g = generator(seed, "noisy-classifier")               # draws on the CPU, moved to x0's device: any device
     opt = torch.optim.Adam(classifier.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     classifier.train()

@@ -60,7 +60,8 @@ def nll_stable(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
 
 
 def log_q(x, F, G, x_noisy, sc: Scalings) -> torch.Tensor:
-    """THEORY T10, per element: log q(x | x̃) = −½[G + e^(−G)·k·(F − (x − c_skip·x̃)/c_out)² + log 2πc_var²]."""
+    """THEORY T10, per element: log q(x | x̃) = −½[G + e^(−G)·k·(F − (x − c_skip·x̃)/c_out)² + log
+    2πc_var²]."""
     G = torch.zeros_like(F) if G is None else G
     r = F - (x - sc.c_skip * x_noisy) / sc.c_out
     return -0.5 * (G + torch.exp(-G) * sc.k * r.square() + LOG_2PI + 2 * torch.log(sc.c_var))
@@ -161,7 +162,8 @@ class Prediction:
 
 @dataclass
 class NetPrediction(Prediction):
-    """One preconditioned network evaluation (T6): raw outputs F, G, the scalings, and the head that reads G."""
+    """One preconditioned network evaluation (T6): raw outputs F, G, the scalings, and the head that reads
+    G."""
     F: torch.Tensor | None = None
     G: torch.Tensor | None = None
     scalings: Scalings | None = None
@@ -205,13 +207,15 @@ class Head:
     def check(self, G, x: torch.Tensor) -> None:
         want = self.g_shape(tuple(x.shape))
         if want is None and G is not None:
-            raise ValueError(f"head={self.name!r} takes no G, but the backbone returned one of shape {tuple(G.shape)}; "
-                             "build the backbone with head.outputs(dim) extra outputs, or use a head that reads them")
+            raise ValueError(f"head={self.name!r} takes no G, but the backbone returned one of shape "
+                             f"{tuple(G.shape)}; build the backbone with head.outputs(dim) extra outputs, or "
+                             "use a head that reads them")
         if want is not None and G is None:
             raise ValueError(f"head={self.name!r} needs a backbone returning (F, G) with G of shape {want}; "
                              "it returned F only")
         if want is not None and tuple(G.shape) != want:
-            raise ValueError(f"head={self.name!r}: backbone output G has shape {tuple(G.shape)}, expected {want}")
+            raise ValueError(f"head={self.name!r}: backbone output G has shape {tuple(G.shape)}, expected "
+                             f"{want}")
 
     def factor(self, p: NetPrediction) -> torch.Tensor:
         G = torch.zeros_like(p.mu) if p.G is None else p.G

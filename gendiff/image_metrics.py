@@ -232,8 +232,8 @@ def uncertainty_grid(path: str, rows, row_labels=None, heat=None) -> None:
     each, e.g. noisy input, denoised μ, σ_φ, |μ − x0|, clean x0; stack examples at several σ into N and name
     them with `row_labels` (N strings, e.g. "σ=0.5"). Columns in `heat` (default: those whose values are all
     ≥ 0, i.e. σ_φ and error maps, since images in [−1, 1] have a −1 background) are drawn as heat maps sharing
-    one colour scale per row, so σ_φ and the actual error are comparable (one channel each); the others are images in
-    [−1, 1], grey (C = 1) or colour (C = 3)."""
+    one colour scale per row, so σ_φ and the actual error are comparable (one channel each); the others are
+    images in [−1, 1], grey (C = 1) or colour (C = 3)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,8 +251,8 @@ def uncertainty_grid(path: str, rows, row_labels=None, heat=None) -> None:
     heat = {t for t, v in panels if bool((v >= 0).all())} if heat is None else set(heat)
     for title, t in panels:
         if title in heat and t.shape[1] != 1:
-            raise ValueError(f"panel {title!r} is a heat map with {t.shape[1]} channels; allowed: one (e.g. the "
-                             "root mean square over channels)")
+            raise ValueError(f"panel {title!r} is a heat map with {t.shape[1]} channels; allowed: one (e.g. "
+                             "the root mean square over channels)")
     fig, axes = plt.subplots(n, len(panels), figsize=(1.6 * len(panels) + 0.6, 1.6 * n), squeeze=False)
     try:
         for r in range(n):

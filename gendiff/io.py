@@ -81,16 +81,17 @@ def generator(seed: int, purpose: str) -> torch.Generator:
 
 class StackedGenerator:
     """One generator per sample, stacked (EDM2's StackedRandomGenerator): sample `i` of a run draws all of its
-    noise from its own generator, seeded by (seed, i), so a sample does not depend on how the samples are split
-    into batches. `randn(shape)` draws shape[1:] from each generator in turn; samplers accept it wherever they
-    take a `generator`."""
+    noise from its own generator, seeded by (seed, i), so a sample does not depend on how the samples are
+    split into batches. `randn(shape)` draws shape[1:] from each generator in turn; samplers accept it
+    wherever they take a `generator`."""
 
     def __init__(self, seed: int, indices, purpose: str = "sample"):
         self.generators = [generator(seed, f"{purpose}-{int(i)}") for i in indices]
 
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
         if shape[0] != len(self.generators):
-            raise ValueError(f"StackedGenerator of {len(self.generators)} samples asked for a batch of {shape[0]}")
+            raise ValueError(f"StackedGenerator of {len(self.generators)} samples asked for a batch of "
+                             f"{shape[0]}")
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in self.generators])
 
     def __len__(self) -> int:

@@ -1,5 +1,6 @@
 """Likelihoods and bounds: VDM's continuous ELBO (T17, T22), the exact PF-ODE likelihood (T15, T31), DDPM's
-discrete bound (T23, T24, T26, T27), bits/dim with 8-bit dequantisation (T27), the confidence NLL curve (T8, T10).
+discrete bound (T23, T24, T26, T27), bits/dim with 8-bit dequantisation (T27), the confidence NLL curve
+(T8, T10).
 
 `continuous_elbo(denoiser, x, schedule)`: VDM's continuous-time variational bound on −log p(x), per example,
 split into its three terms, for any VE-space denoiser D(x̃, σ̃) (T2) and any schedule with `lam(t)`
@@ -56,8 +57,8 @@ def continuous_elbo(denoiser, x: torch.Tensor, schedule, *, generator=None, stra
 
 
 # =================================================================================================
-# Issue 8: exact likelihood through the probability-flow ODE (T15, T31), bits/dim and dequantisation
-# (T27), the discrete DDPM bound (T23, T24, T26, T27), and the confidence NLL curve (T8, T10).
+# Exact likelihood through the probability-flow ODE (T15, T31), bits/dim and dequantisation (T27),
+# the discrete DDPM bound (T23, T24, T26, T27), and the confidence NLL curve (T8, T10).
 # =================================================================================================
 
 F64 = torch.float64
@@ -310,8 +311,8 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
       `steps=k` (1 <= k <= T − 1): then k distinct steps S ⊂ {2..T} are drawn uniformly (the same for the
       batch) and the sum is estimated by (T − 1)/k·Σ_{t∈S}, unbiased;
     - reconstruction: −log p(x0 | x_1) at one x_1 ~ q(x_1 | x0), with mean μ_θ(x_1, 1) = x̂0 (T24 at t = 1:
-      ᾱ_0 = 1) and std √β_1 (T27; β̃_1 = 0), or with a learned v the Σ_θ(1) = exp(v·log β_1 + (1 − v)·log β̃_2)
-      that `losses.HybridLoss` trains (IDDPM clips log β̃_1 to log β̃_2):
+      ᾱ_0 = 1) and std √β_1 (T27; β̃_1 = 0), or with a learned v the Σ_θ(1) = exp(v·log β_1 + (1 − v)·log
+      β̃_2) that `losses.HybridLoss` trains (IDDPM clips log β̃_1 to log β̃_2):
       decoder="gaussian": the density N(x0; x̂0, β_1) (continuous data, e.g. the 2-D toys);
       "discretized": the 8-bit probability `discretized_gaussian_log_prob` (x0 = 2k/255 − 1).
     Plus `total` (the sum, ≥ −log p_θ(x0)) and `bits_per_dim` = total/(d·ln 2) (a density for "gaussian",
@@ -359,7 +360,8 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
     x0_hat = _ddpm_x0_hat(denoiser, z1, ddpm, 1, model_dtype)      # μ_θ(x_1, 1) (T24 with ᾱ_0 = 1)
     beta1 = ddpm.betas[1].item()
     var1 = torch.full_like(x0_hat, beta1)
-    if v is not None and T >= 2:   # the learned Σ_θ(1) the hybrid loss trains: log β̃_1 clipped to log β̃_2 (T26)
+    # the learned Σ_θ(1) the hybrid loss trains: log β̃_1 clipped to log β̃_2 (T26)
+    if v is not None and T >= 2:
         bt2 = ddpm.betas[2].item() * ddpm.one_minus_alpha_bar[1].item() / ddpm.one_minus_alpha_bar[2].item()
         v1 = torch.as_tensor(v(z1, 1)).to(F64)
         var1 = torch.exp(v1 * math.log(beta1) + (1 - v1) * math.log(bt2)).expand_as(x0_hat)

@@ -99,15 +99,16 @@ class WeightedLoss:
         mu = batch.mean(denoiser)
         s_ex = one_per_example(as_sigma(batch.sigma, mu), mu.shape, "WeightedLoss (λ per example, T17)")
         eps_loss = _sum_elements((mu - batch.x0).square()) / s_ex.square()     # ‖ε̂ − ε‖² (T2)
-        self.last = (s_ex.detach(), eps_loss.detach())   # for an adaptive density (T20): train.py feeds it back
+        # for an adaptive density (T20): train.py feeds it back
+        self.last = (s_ex.detach(), eps_loss.detach())
         return 0.5 * self.importance(s_ex) * eps_loss
 
 
 class DDPMSimpleLoss:
     """Seed 004's simplified losses (Ho et al. 2020 L_simple), per example, in VE space (T2):
-    target "eps": ‖ε̂ − ε‖² = ‖D − x0‖²/σ̃² (also the score loss (1 − ᾱ_t)‖s − s_θ‖², which is the same number,
-    T21); "x0": ‖x̂0 − x0‖². The parameterisation is the denoiser's precond (eps, x0, score-vp), the step density
-    `schedules.DDPMSteps` (t uniform)."""
+    target "eps": ‖ε̂ − ε‖² = ‖D − x0‖²/σ̃² (also the score loss (1 − ᾱ_t)‖s − s_θ‖², which is the same
+    number, T21); "x0": ‖x̂0 − x0‖². The parameterisation is the denoiser's precond (eps, x0, score-vp), the
+    step density `schedules.DDPMSteps` (t uniform)."""
 
     def __init__(self, target: str = "eps"):
         if target not in ("eps", "x0"):
@@ -137,12 +138,12 @@ class HybridLoss:
     bound (t uniform, `schedules.DDPMSteps`), in nats summed over elements, with the mean's gradient stopped
     (only the variance head learns from it): for t ≥ 2, L_t = KL(q(x_{t−1} | x_t, x0) ‖ N(μ_θ, Σ_θ)) (T24),
     μ_θ = T24's posterior mean at x̂0 = D.detach(); for t = 1 the discretised decoder −log p(x0 | x_1) (T27)
-    with Σ_θ(t = 1), log β̃_1 clipped to log β̃_2 as IDDPM does (β̃_1 = 0). Σ_θ = exp(v log β_t + (1 − v) log β̃_t),
-    v from the denoiser's `LearnedVarianceHead`. λ defaults to 0.001 (IDDPM's value; seed 004 prints 1000, which
-    matches only under another averaging of L_vlb; THEORY T26): with T = 1000 it puts unit weight on L_t. Units:
-    both terms are sums over elements and L_vlb is in nats; IDDPM averages both over elements and takes L_vlb in
-    bits, so its λ = 0.001 equals ours at 0.001/ln 2 ≈ 0.00144 (only the unit of L_vlb differs).
-    x0 must be 8-bit data scaled to [−1, 1] for the t = 1 term (checked).
+    with Σ_θ(t = 1), log β̃_1 clipped to log β̃_2 as IDDPM does (β̃_1 = 0). Σ_θ = exp(v log β_t + (1 − v) log
+    β̃_t), v from the denoiser's `LearnedVarianceHead`. λ defaults to 0.001 (IDDPM's value; seed 004 prints
+    1000, which matches only under another averaging of L_vlb; THEORY T26): with T = 1000 it puts unit weight
+    on L_t. Units: both terms are sums over elements and L_vlb is in nats; IDDPM averages both over elements
+    and takes L_vlb in bits, so its λ = 0.001 equals ours at 0.001/ln 2 ≈ 0.00144 (only the unit of L_vlb
+    differs). x0 must be 8-bit data scaled to [−1, 1] for the t = 1 term (checked).
     """
 
     def __init__(self, steps, lam: float = 0.001):
@@ -156,7 +157,8 @@ class HybridLoss:
         simple = _sum_elements((mu - batch.x0).square()) / s.square()
         ddpm, f64 = self.steps.ddpm, torch.float64
         t = self.steps.steps(s).to(mu.device)
-        at = lambda table, i: table.to(mu.device)[i].view(-1, *([1] * (mu.ndim - 1)))  # noqa: E731 [N, 1, ...]
+        # [N, 1, ...]
+        at = lambda table, i: table.to(mu.device)[i].view(-1, *([1] * (mu.ndim - 1)))  # noqa: E731
         beta, ab_prev = at(ddpm.betas, t), at(ddpm.alpha_bar, t - 1)
         om, om_prev = at(ddpm.one_minus_alpha_bar, t), at(ddpm.one_minus_alpha_bar, t - 1)
         beta_tilde = beta * om_prev / om                               # T24; β̃_1 = 0, clipped to β̃_2 below

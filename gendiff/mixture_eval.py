@@ -10,7 +10,8 @@ import torch
 from .checks import check_choice, check_positive
 from .data.toy import GaussianMixture
 from .io import derive_seed, generator
-from .mixture_metrics import (calibration, kernel_sum, median_nll, mmd, outlier_rate, outlier_threshold, sample_nll,
+from .mixture_metrics import (calibration, kernel_sum, median_nll, mmd, outlier_rate,
+                              outlier_threshold, sample_nll,
                       score_error, score_error_by_sigma)
 from .samplers import heun_nfe, sample_heun
 from .schedules import edm_sigmas
@@ -63,12 +64,14 @@ class Evaluator:
         if sampler.init == "exact":
             self.x_init, _ = gt.sample(samples, sampler.sigma_max, generator=generator(seed, "x_init"))
         else:
-            self.x_init = sampler.sigma_max * torch.randn(samples, gt.dim, generator=generator(seed, "x_init"))
+            self.x_init = sampler.sigma_max * torch.randn(samples, gt.dim,
+                                                          generator=generator(seed, "x_init"))
         self.ref, _ = gt.sample(samples, generator=generator(seed, "reference"), dtype=torch.float64)
         self.ref_self = kernel_sum(self.ref, self.ref, True)
         self.threshold = outlier_threshold(gt, seed=derive_seed(seed, "outlier-threshold"))
         g = generator(seed, "held-out")
-        self.x0, self.x0_cov, self.x0_k = gt.sample(eval_points, generator=g, dtype=torch.float64, return_index=True)
+        self.x0, self.x0_cov, self.x0_k = gt.sample(eval_points, generator=g, dtype=torch.float64,
+                                                    return_index=True)
         self.sigma = sigma_density.sample(eval_points, g).double()
         self.x_noisy = self.x0 + self.sigma[:, None] * torch.randn(self.x0.shape, generator=g, dtype=torch.float64)
         self.exact_score = gt.score(self.x_noisy, self.sigma)

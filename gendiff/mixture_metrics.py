@@ -111,10 +111,12 @@ CAL_MIN_POINTS = 200     # a bin with fewer held-out points is left out of the a
 
 def calibration(learned: torch.Tensor, exact: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
                 bin_decades: float = CAL_BIN_DECADES, min_points: int = CAL_MIN_POINTS) -> dict:
-    """How well a learned Σ_φ matches the exact optimum of its own loss (T8 / T12), and whether it is calibrated.
+    """How well a learned Σ_φ matches the exact optimum of its own loss (T8 / T12), and whether it is
+    calibrated.
 
     learned, exact: Σ_φ and Σ_φ* as [N, d, d] (diagonal heads: `torch.diag_embed` of σ_φ²); sigma: [N];
-    target: [N, d, d], the second moment the loss fits at each held-out point, σ²I (+ Σ_src) + (μ − x0)(μ − x0)ᵀ.
+    target: [N, d, d], the second moment the loss fits at each held-out point, σ²I
+    (+ Σ_src) + (μ − x0)(μ − x0)ᵀ.
 
     - `spearman`, `median_rel_error`, `p90_rel_error`: the totals (diagonal entries ranked; relative
       Frobenius error per point). Over σ spanning decades σ² alone ranks these almost perfectly.

@@ -19,7 +19,8 @@ def _check(kind):
         raise ValueError(f"kind={kind!r} is not allowed; choose one of {list(KINDS)}")
 
 
-def to_x0(kind: str, pred: torch.Tensor, z: torch.Tensor, alpha, sigma, sigma_data: float = 0.5) -> torch.Tensor:
+def to_x0(kind: str, pred: torch.Tensor, z: torch.Tensor, alpha, sigma,
+          sigma_data: float = 0.5) -> torch.Tensor:
     """x̂0 from a prediction of `kind` (T21)."""
     _check(kind)
     alpha, sigma = torch.as_tensor(alpha, dtype=z.dtype), torch.as_tensor(sigma, dtype=z.dtype)
@@ -35,7 +36,8 @@ def to_x0(kind: str, pred: torch.Tensor, z: torch.Tensor, alpha, sigma, sigma_da
     return sc.c_skip * (z / alpha) + sc.c_out * pred
 
 
-def from_x0(kind: str, x0: torch.Tensor, z: torch.Tensor, alpha, sigma, sigma_data: float = 0.5) -> torch.Tensor:
+def from_x0(kind: str, x0: torch.Tensor, z: torch.Tensor, alpha, sigma,
+            sigma_data: float = 0.5) -> torch.Tensor:
     """The prediction of `kind` that a given x̂0 amounts to (T21)."""
     _check(kind)
     alpha, sigma = torch.as_tensor(alpha, dtype=z.dtype), torch.as_tensor(sigma, dtype=z.dtype)

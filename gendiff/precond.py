@@ -18,7 +18,8 @@ from .heads import Head, NetPrediction, Scalings, make_head
 
 class Precond:
     """D(x̃; σ) = c_skip·x̃ + c_out·F(c_in·x̃, c_noise) (T6). A subclass gives c_skip, c_out, c_in, c_noise;
-    c_var² = σ² + c_out² for every one of them (T5 generalised), so T9 holds for each with k = c_out²/c_var²."""
+    c_var² = σ² + c_out² for every one of them (T5 generalised), so T9 holds for each with
+    k = c_out²/c_var²."""
 
     def __init__(self, sigma_data: float = 0.5):
         check_positive("sigma_data", sigma_data)
@@ -115,7 +116,8 @@ class Denoiser(nn.Module):
     `noise_map=`, c_noise of the total per-element σ shaped like x, so it can see a per-element source σ.
     """
 
-    def __init__(self, net: nn.Module, precond: Precond | str | float | None = None, head: Head | str = "none"):
+    def __init__(self, net: nn.Module, precond: Precond | str | float | None = None,
+                 head: Head | str = "none"):
         super().__init__()
         if precond is None or (isinstance(precond, (int, float)) and not isinstance(precond, bool)):
             precond = EDMPrecond(0.5 if precond is None else precond)
@@ -125,7 +127,8 @@ class Denoiser(nn.Module):
                                  "a Precond object or σ_data")
             precond = PRECONDS[precond]()
         if not isinstance(precond, Precond):
-            raise ValueError(f"precond={precond!r} must be a Precond object, one of {sorted(PRECONDS)}, or σ_data > 0")
+            raise ValueError(f"precond={precond!r} must be a Precond object, one of {sorted(PRECONDS)}, or "
+                             "σ_data > 0")
         self.net, self.precond, self.head = net, precond, make_head(head)
 
     @property

@@ -205,15 +205,17 @@ class DDPM(Process):
         self._steps = torch.arange(T + 1, dtype=f64)
 
     def respaced(self, steps: int) -> DDPM:
-        """A DDPM over `steps` evenly spaced steps of this one (IDDPM §4 respacing): the same ᾱ at the kept steps
-        (so the same σ̃, and a denoiser trained on this process reads them unchanged), β'_i = 1 − ᾱ'_i/ᾱ'_{i−1}.
-        A learned variance (T26) then interpolates the new β', β̃', as IDDPM does. steps = T returns self."""
+        """A DDPM over `steps` evenly spaced steps of this one (IDDPM §4 respacing): the same ᾱ at the kept
+        steps (so the same σ̃, and a denoiser trained on this process reads them unchanged),
+        β'_i = 1 − ᾱ'_i/ᾱ'_{i−1}. A learned variance (T26) then interpolates the new β', β̃', as IDDPM does.
+        steps = T returns self."""
         check_positive("steps", steps, integer=True)
         if steps > self.T:
             raise ValueError(f"steps={steps} must be <= T={self.T}")
         if steps == self.T:
             return self
-        keep = torch.linspace(self.T, 1, steps, dtype=torch.float64).round().long().flip(0)  # increasing, ends at T
+        # increasing, ends at T
+        keep = torch.linspace(self.T, 1, steps, dtype=torch.float64).round().long().flip(0)
         ab = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[keep]])
         out = DDPM.__new__(DDPM)
         out.T, out.schedule = steps, f"{self.schedule}, respaced {self.T}->{steps}"

@@ -81,8 +81,9 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep data-prediction solver of the PF-ODE (T15) in VE
     space. With h_i = log(σ_i/σ_{i+1}) the exact solution of dx/dσ = (x − D)/σ for a D constant over the step
     is x_{i+1} = (σ_{i+1}/σ_i)·x_i + (1 − σ_{i+1}/σ_i)·D; 2M replaces D by the linear extrapolation in log σ
-    D̂ = (1 + 1/(2r))·D_i − D_{i−1}/(2r), r = h_{i−1}/h_i, from the second step on; the first step uses D_0 and
-    the last (to σ = 0) returns D_i (both first order). Deterministic (`generator` unused). NFE = steps."""
+    D̂ = (1 + 1/(2r))·D_i − D_{i−1}/(2r), r = h_{i−1}/h_i, from the second step on; the first step uses D_0
+    and the last (to σ = 0) returns D_i (both first order). Deterministic (`generator` unused).
+    NFE = steps."""
     sigmas = _check_grid(sigmas)
     d_prev, h_prev = None, None
     for i in range(len(sigmas) - 1):
@@ -181,12 +182,13 @@ def _langevin_snr_step(denoiser, x, sigma, snr, generator):
 @torch.no_grad()
 def sample_pc(denoiser, x, sigmas, *, snr: float = 0.16, corrector_steps: int = 1,
               predictor: str = "reverse-diffusion", process=None, generator=None, callback=None):
-    """Predictor–corrector (Song et al. 2021, T30): per step a predictor from σ_i to σ_{i+1} (reverse-diffusion:
-    the VE step of `sample_euler_maruyama`; euler-maruyama: its step under `process`; none: only the
-    corrector, i.e. annealed Langevin with the SNR rule), then `corrector_steps` Langevin steps at σ_{i+1}:
-    x ← x + ε·s + √(2ε)·z with ε = 2·(r·‖z‖/‖s‖)² (batch-mean norms), so that the step's signal-to-noise
-    ratio ‖ε·s‖/‖√(2ε)·z‖ is the target r = `snr` on average. The last step (to σ = 0) returns D(x; σ_last).
-    NFE = steps + corrector_steps·(steps − 1) (predictor "none": one fewer per step but the last)."""
+    """Predictor–corrector (Song et al. 2021, T30): per step a predictor from σ_i to σ_{i+1}
+    (reverse-diffusion: the VE step of `sample_euler_maruyama`; euler-maruyama: its step under `process`;
+    none: only the corrector, i.e. annealed Langevin with the SNR rule), then `corrector_steps` Langevin steps
+    at σ_{i+1}: x ← x + ε·s + √(2ε)·z with ε = 2·(r·‖z‖/‖s‖)² (batch-mean norms), so that the step's
+    signal-to-noise ratio ‖ε·s‖/‖√(2ε)·z‖ is the target r = `snr` on average. The last step (to σ = 0) returns
+    D(x; σ_last). NFE = steps + corrector_steps·(steps − 1) (predictor "none": one fewer per step but the
+    last)."""
     check_positive("snr", snr)
     _check_int("corrector_steps", corrector_steps, 0)
     check_choice("predictor", predictor, PREDICTORS)
@@ -194,7 +196,8 @@ def sample_pc(denoiser, x, sigmas, *, snr: float = 0.16, corrector_steps: int = 
         raise ValueError("predictor='euler-maruyama' needs process= (a process.Process); "
                          "for the VE SDE use predictor='reverse-diffusion'")
     if process is not None and predictor != "euler-maruyama":
-        raise ValueError(f"process={process!r} is only used by predictor='euler-maruyama'; got predictor={predictor!r}")
+        raise ValueError(f"process={process!r} is only used by predictor='euler-maruyama'; got "
+                         f"predictor={predictor!r}")
     sigmas = _check_grid(sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
@@ -223,7 +226,8 @@ def ncsn_sigmas(data: torch.Tensor, levels: int = 10, sigma_min: float = 0.01, m
         raise ValueError(f"ncsn_sigmas needs at least 2 data points; got {len(x)}")
     sigma_max = float(torch.cdist(x, x).max())
     if not sigma_max > sigma_min:
-        raise ValueError(f"sigma_min={sigma_min} must be below the data's maximum pairwise distance {sigma_max:.4g}")
+        raise ValueError(f"sigma_min={sigma_min} must be below the data's maximum pairwise distance "
+                         f"{sigma_max:.4g}")
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), levels, dtype=torch.float64))
 
 
@@ -238,7 +242,8 @@ def sample_langevin(denoiser, x, sigmas, *, steps_per_scale: int = 100, step_lr:
     check_positive("step_lr", step_lr)
     s = [float(v) for v in sigmas]
     if len(s) < 1 or not all(math.isfinite(v) and v > 0 for v in s) or any(a <= b for a, b in zip(s, s[1:])):
-        raise ValueError(f"sigmas must be strictly decreasing noise scales > 0 (ncsn_sigmas(data)); got {s[:3]}…")
+        raise ValueError("sigmas must be strictly decreasing noise scales > 0 (ncsn_sigmas(data)); got "
+                         f"{s[:3]}…")
     d = None
     for i, sigma in enumerate(s):
         alpha = step_lr * sigma**2 / s[-1] ** 2
@@ -264,8 +269,8 @@ def _ddpm_x0(denoiser, z, ddpm, t: int):
 def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_tilde", v=None, t_start=None,
                 generator=None, callback=None):
     """DDPM ancestral sampling (T25) from the latent z_T ~ N(0, I) of `ddpm` (a process.DDPM), t = T … 1
-    (or from z at step `t_start` ≤ T, e.g. √ᾱ_t·x̃ with x̃ ~ p(x; σ̃_t), to start where the σ-grid samplers do):
-    x_{t−1} = mean + √Σ_t·z (no noise at t = 1). The mean by seed 004's update for each parameterisation,
+    (or from z at step `t_start` ≤ T, e.g. √ᾱ_t·x̃ with x̃ ~ p(x; σ̃_t), to start where the σ-grid samplers
+    do): x_{t−1} = mean + √Σ_t·z (no noise at t = 1). The mean by seed 004's update for each parameterisation,
     all read from the one denoiser: x0: c_t·x_t + c_0·x̂0; eps: (x_t − β_t/√(1 − ᾱ_t)·ε̂)/√α_t;
     score: (x_t + β_t·ŝ)/√α_t; mu: T24's posterior mean `ddpm.posterior(x_t, x̂0)` — equal up to rounding
     (tested). Σ_t: beta (β_t), beta_tilde (β̃_t, T24), phi (β̃_t + c_0²·(σ_φ² − σ̃²): the confidence head's
@@ -314,7 +319,8 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
             except RuntimeError:
                 ok = False
             if not ok:
-                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a scalar")
+                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a "
+                                 "scalar")
             var = torch.exp(vt * math.log(b) + (1 - vt) * math.log(max(beta_tilde, 1e-300)))
         elif variance == "beta":
             var = b
@@ -339,10 +345,11 @@ def ddim_steps(ddpm, steps: int) -> list:
 
 @torch.no_grad()
 def sample_ddim(denoiser, z, ddpm, steps, *, eta: float = 0.0, generator=None, callback=None):
-    """DDIM (Song et al. 2021a) on any decreasing sub-sequence `steps` of the DDPM steps (an int: `ddim_steps`):
-    with x̂0 = D, ε̂ = (z − √ᾱ·x̂0)/√(1 − ᾱ) and ᾱ' the next step's (1 after the last),
-    z' = √ᾱ'·x̂0 + √(1 − ᾱ' − s²)·ε̂ + s·ξ, s = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ'). η = 0: deterministic
-    (a discretisation of the PF-ODE); η = 1 on every step: DDPM with β̃ (T24, tested). NFE = len(steps)."""
+    """DDIM (Song et al. 2021a) on any decreasing sub-sequence `steps` of the DDPM steps
+    (an int: `ddim_steps`): with x̂0 = D, ε̂ = (z − √ᾱ·x̂0)/√(1 − ᾱ) and ᾱ' the next step's
+    (1 after the last), z' = √ᾱ'·x̂0 + √(1 − ᾱ' − s²)·ε̂ + s·ξ, s = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ'). η = 0:
+    deterministic (a discretisation of the PF-ODE); η = 1 on every step: DDPM with β̃ (T24, tested).
+    NFE = len(steps)."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
         raise ValueError(f"eta={eta!r} must be a number in [0, 1] (0: deterministic DDIM, 1: ancestral)")
     seq = ddim_steps(ddpm, steps) if isinstance(steps, int) else [int(s) for s in steps]

@@ -15,7 +15,8 @@ from .process import flow_matching_lam, flow_matching_t_of_lam
 
 def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0, rho: float = 7.0,
                dtype=torch.float64) -> torch.Tensor:
-    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, with a trailing 0: [steps + 1]."""
+    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, with a trailing 0:
+    [steps + 1]."""
     check_positive("steps", steps, integer=True)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
@@ -49,7 +50,8 @@ class NoiseSchedule:
         """P(Λ ≤ λ) = 1 − t(λ) (λ decreases with t)."""
         return 1 - self.t_of_lam(lam)
 
-    def sample_lam(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
+    def sample_lam(self, n: int, generator=None, dtype=torch.float32,
+                   stratified: bool = False) -> torch.Tensor:
         check_positive("n", n, integer=True)
         if stratified:
             u = torch.rand(1, generator=generator, dtype=torch.float64)
@@ -113,7 +115,8 @@ class LogNormalSigma(NoiseSchedule):
         return torch.exp(-0.5 * ((_t(lam) - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
 
     def sample(self, n: int, generator=None, dtype=torch.float32, stratified: bool = False) -> torch.Tensor:
-        """σ: [n]. Unstratified draws are exp(N(P_mean, P_std²)) from randn, as the reference toy draws them."""
+        """σ: [n]. Unstratified draws are exp(N(P_mean, P_std²)) from randn, as the reference toy draws
+        them."""
         if stratified:
             return super().sample(n, generator, dtype, stratified)
         return (torch.randn(n, generator=generator, dtype=dtype) * self.p_std + self.p_mean).exp()
@@ -286,9 +289,9 @@ class AdaptiveSchedule(NoiseSchedule):
 
 
 class DDPMSteps:
-    """The discrete training density of DDPM (seed 004, T23): a step t uniform in 1..T, returned as its VE noise
-    level σ̃_t = √((1 − ᾱ_t)/ᾱ_t) (T2), float32. `steps(σ̃)` maps such σ̃ back to t (exactly: each σ̃ must be one
-    of the table's values), for losses that need the step (HybridLoss, T26)."""
+    """The discrete training density of DDPM (seed 004, T23): a step t uniform in 1..T, returned as its VE
+    noise level σ̃_t = √((1 − ᾱ_t)/ᾱ_t) (T2), float32. `steps(σ̃)` maps such σ̃ back to t
+    (exactly: each σ̃ must be one of the table's values), for losses that need the step (HybridLoss, T26)."""
 
     def __init__(self, ddpm):
         self.ddpm = ddpm
@@ -501,7 +504,8 @@ class LearnedDensity(NoiseSchedule):
         check_positive("grid", grid, integer=True)
         if grid < 2:
             raise ValueError(f"grid={grid} must be >= 2")
-        self.schedule = schedule or LearnedSchedule(-2 * math.log(sigma_max), -2 * math.log(sigma_min), hidden)
+        self.schedule = schedule or LearnedSchedule(-2 * math.log(sigma_max),
+                                                    -2 * math.log(sigma_min), hidden)
         self.grid = int(grid)
 
     @property

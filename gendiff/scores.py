@@ -55,7 +55,8 @@ class PhiScoreDenoiser(torch.nn.Module):
 
 
 SCORE_MODES = ("tweedie", "phi", "hybrid")
-HYBRID_SIGMA = 0.035  # where T13 and T14 errors of the exact source optimum cross (benchmarks/hybrid_threshold.py)
+# where T13 and T14 errors of the exact source optimum cross (benchmarks/hybrid_threshold.py)
+HYBRID_SIGMA = 0.035
 
 
 def with_score_mode(denoiser, score_mode: str, threshold: float = HYBRID_SIGMA):

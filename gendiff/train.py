@@ -44,9 +44,9 @@ class TrainConfig:
     ema: float = 0.99               # classic EMA decay (ema_sigma_rel = 0)
     ema_sigma_rel: float = 0.0      # > 0: EDM2's power-function EMA with this relative std (replaces `ema`)
     snapshot_every: int = 256
-    max_bad_steps: int = 8          # consecutive non-finite losses/gradients skipped before the run stops
-    precision: str = "fp32"         # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
-    compile: bool = False           # torch.compile the backbone for training (BENCHMARKS: no gain on this CPU)
+    max_bad_steps: int = 8         # consecutive non-finite losses/gradients skipped before the run stops
+    precision: str = "fp32"        # fp32 | bf16 (autocast of the forward pass; the loss math stays float32)
+    compile: bool = False          # torch.compile the backbone for training (BENCHMARKS: no gain on this CPU)
     ema_posthoc: tuple = field(default=(), metadata={"variable_length": True, "item": 0.0})
                                     # σ_rel of power EMAs whose snapshots (every snapshot_every steps) allow a
                                     # post-hoc EMA of any σ_rel (EDM2; ema.posthoc_ema), e.g. [0.05, 0.1]
@@ -99,7 +99,8 @@ class TrainResult:
 @dataclass
 class Outputs:
     """What a run keeps beyond its TrainResult; every part is off by default."""
-    checkpoint_dir: str | None = None   # resumed from when it holds a checkpoint; written every checkpoint_every
+    # resumed from when it holds a checkpoint; written every checkpoint_every steps
+    checkpoint_dir: str | None = None
     checkpoint_every: int = 0           # steps (0: only at the end, on Ctrl-C and before a non-finite stop)
     keep_checkpoints: int = 3           # newest checkpoints kept
     snapshot_dir: str | None = None     # ema-<step>.safetensors every cfg.snapshot_every steps
@@ -108,8 +109,10 @@ class Outputs:
 
 
 def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed: int = 0, sigma_density=None,
-          outputs: Outputs | None = None, callbacks=(), progress: bool = True, desc: str = "train") -> TrainResult:
-    """Train `denoiser` in place on batches from `source`; returns its EMA, the kept snapshots and per-step stats.
+          outputs: Outputs | None = None, callbacks=(), progress: bool = True,
+          desc: str = "train") -> TrainResult:
+    """Train `denoiser` in place on batches from `source`; returns its EMA, the kept snapshots and per-step
+    stats.
 
     Same seed ⇒ identical weights: initialisation uses torch.manual_seed(seed) (set by the caller
     when it builds the model) and data a dedicated generator seeded from `seed`.
@@ -122,11 +125,11 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     callbacks: each `callback(done, result)` runs after every finished step.
 
     Checkpoints (`checkpoint.py`): with `outputs.checkpoint_dir`, the newest good checkpoint there is resumed
-    (the state objects of `_state_objects`: model, EMAs, optimisers, RNGs, the density's and the source's state,
-    kept snapshots) and a new one is written every `checkpoint_every` steps, at the end, on Ctrl-C (then
-    KeyboardInterrupt propagates) and before a stop for non-finite steps: a run killed at any step and resumed
-    ends bit for bit where the uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover the steps
-    this call ran. A non-finite loss or gradient skips the step (no update, counted in `bad_steps`);
+    (the state objects of `_state_objects`: model, EMAs, optimisers, RNGs, the density's and the source's
+    state, kept snapshots) and a new one is written every `checkpoint_every` steps, at the end, on Ctrl-C
+    (then KeyboardInterrupt propagates) and before a stop for non-finite steps: a run killed at any step and
+    resumed ends bit for bit where the uninterrupted run ends (CPU). The per-step `losses`/`loss_vars` cover
+    the steps this call ran. A non-finite loss or gradient skips the step (no update, counted in `bad_steps`);
     `cfg.max_bad_steps` in a row stop the run with FloatingPointError.
     The EMA is `EMA(cfg.ema)`, or `PowerEMA(cfg.ema_sigma_rel)` when that is > 0; with `cfg.ema_posthoc`, one
     PowerEMA per σ_rel is kept too and written to `outputs.posthoc_dir` every `snapshot_every` steps
@@ -148,10 +151,11 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
     world = _World()
     if world.size > 1:
         if cfg.batch % world.size:
-            raise ValueError(f"batch={cfg.batch} must be divisible by the world size {world.size} (torchrun processes)")
+            raise ValueError(f"batch={cfg.batch} must be divisible by the world size {world.size} (torchrun "
+                             "processes)")
         if hasattr(density, "update") or eta:
-            raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes it "
-                             "would see one shard only: not supported, train it in one process")
+            raise ValueError(f"{density!r} learns from the loss during training; with {world.size} processes "
+                             "it would see one shard only: not supported, train it in one process")
     state = _state_objects(denoiser, emas, opts, gen, density, source, result)
     first = ckpt.load_objects(out.checkpoint_dir, state) if out.checkpoint_dir is not None else 0
     result.resumed_from = first
@@ -208,7 +212,8 @@ def train(denoiser: torch.nn.Module, loss_fn, source, cfg: TrainConfig, *, seed:
             if world.any(interrupted()):  # Ctrl-C on any rank: finish the step, checkpoint it, then stop
                 save(done)
                 bar.close()
-                raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in {out.checkpoint_dir}")
+                raise KeyboardInterrupt(f"{desc}: interrupted; checkpoint at step {done} in "
+                                        f"{out.checkpoint_dir}")
     if cfg.iterations % cfg.snapshot_every:
         save_power_emas(cfg.iterations)   # the last step too
     save(cfg.iterations)
@@ -253,11 +258,11 @@ def _learned_parameters(density) -> list:
 
 
 class _Step:
-    """One optimisation step: `__call__(i)` draws σ and a batch, takes the loss (autocast for bf16), backpropagates
-    and, when loss and gradients are finite, steps the optimisers; returns (finite, mean loss, per-example loss).
-    With several processes every rank draws the same global batch (same generator) and trains on its contiguous
-    shard; gradients are averaged by all-reduce, so the update equals one process's on the whole batch (to
-    float rounding)."""
+    """One optimisation step: `__call__(i)` draws σ and a batch, takes the loss (autocast for bf16),
+    backpropagates and, when loss and gradients are finite, steps the optimisers; returns
+    (finite, mean loss, per-example loss). With several processes every rank draws the same global batch
+    (same generator) and trains on its contiguous shard; gradients are averaged by all-reduce, so the update
+    equals one process's on the whole batch (to float rounding)."""
 
     def __init__(self, cfg: TrainConfig, loss_fn, model: torch.nn.Module, *, opts: list, density, source,
                  gen: torch.Generator, world: _World):
@@ -271,8 +276,8 @@ class _Step:
             group["lr"] = inverse_sqrt_lr(cfg.lr, i, cfg.lr_ref_iter)
         sigma = self.density.sample(cfg.batch, self.gen)
         batch = self.world.shard(self.source.draw(cfg.batch, sigma, self.gen))
-        with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type, dtype=torch.bfloat16,
-                            enabled=cfg.precision == "bf16"):
+        with torch.autocast("cpu" if batch.x0.device.type == "cpu" else batch.x0.device.type,
+                            dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             per_example = self.loss_fn(self.model, batch).float()
         loss = per_example.mean()
         for o in self.opts:
@@ -295,7 +300,8 @@ def _compiled(denoiser):
     """The denoiser with a torch.compile'd backbone sharing its parameters (a `Denoiser`; state dicts, EMA and
     checkpoints keep reading the plain module)."""
     if not isinstance(denoiser, Denoiser):
-        raise ValueError(f"compile=true needs a precond.Denoiser around a backbone; got {type(denoiser).__name__}")
+        raise ValueError("compile=true needs a precond.Denoiser around a backbone; got "
+                         f"{type(denoiser).__name__}")
     return Denoiser(torch.compile(denoiser.net), denoiser.precond, denoiser.head)
 
 
@@ -309,7 +315,8 @@ def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:
 
 
 class _World:
-    """This process's place in a torch.distributed run (torchrun: gloo on CPU, NCCL on GPU); size 1 without."""
+    """This process's place in a torch.distributed run (torchrun: gloo on CPU, NCCL on GPU); size 1
+    without."""
 
     def __init__(self):
         import torch.distributed as dist

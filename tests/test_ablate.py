@@ -93,7 +93,8 @@ def test_short_training_lowers_the_loss(run):
     batch = source.draw(2048, sig, g)
     with torch.no_grad():
         before = float(loss(model, batch).mean())
-    res = train(model, loss, source, ToyTrainConfig(iterations=300, batch=512, lr_ref_iter=32), progress=False)
+    res = train(model, loss, source, ToyTrainConfig(iterations=300, batch=512, lr_ref_iter=32),
+                progress=False)
     with torch.no_grad():
         after = float(loss(res.ema, batch).mean())
     # NLL losses carry large σ-dependent constants (T9's log 2πc_var²), so the drop is absolute
@@ -148,7 +149,8 @@ def test_unwritable_output_is_a_file(tmp_path, capsys):
 def test_alternative_guides(guide):
     """The paper's alternatives: a 32-wide model trained briefly (autoguidance) or on classes AB (CFG)."""
     base = run_ablation(tiny(runs=("edm",)), progress=False, log=lambda *_: None)
-    res = run_ablation(tiny(runs=("edm",), guide=guide, guide_small_iter=24), progress=False, log=lambda *_: None)
+    res = run_ablation(tiny(runs=("edm",), guide=guide, guide_small_iter=24), progress=False,
+                       log=lambda *_: None)
     assert res["runs"]["edm"]["unguided"] == base["runs"]["edm"]["unguided"]
     assert res["runs"]["edm"]["autoguided"] != base["runs"]["edm"]["autoguided"]
     assert res["timings"]["runs"]["edm"]["guide_train_s"] > 0

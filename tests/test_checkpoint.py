@@ -1,5 +1,6 @@
 """Checkpoints and exact resume: atomic, checksummed, pickle-free; a training run killed (SIGKILL) or
-interrupted (SIGINT) at an arbitrary step and resumed ends with weights bitwise equal to the uninterrupted run.
+interrupted (SIGINT) at an arbitrary step and resumed ends with weights bitwise equal to the uninterrupted
+run.
 
 Breakages tried (each fails here): data generator state not restored (resume differs); Adam moments not
 restored (differs); EMA not restored (differs); the adaptive density's histogram not restored (p-adaptive
@@ -51,7 +52,8 @@ def test_a_pickle_under_a_checkpoint_name_is_refused_unread(tmp_path, monkeypatc
     monkeypatch.setenv("GENDIFF_EVIL_MARK", str(mark))
     bad = tmp_path / "ckpt-00000005.safetensors"
     bad.write_bytes(pickle.dumps({"w": _Evil()}))
-    (tmp_path / "ckpt-00000005.json").write_text(json.dumps({"step": 5, "sha256": file_sha256(str(bad)), "meta": {}}))
+    (tmp_path / "ckpt-00000005.json").write_text(json.dumps({"step": 5, "sha256": file_sha256(str(bad)),
+                                                             "meta": {}}))
     with pytest.raises(ValueError, match="not a safetensors file"):
         ckpt.load(str(tmp_path / "ckpt-00000005.json"))
     with pytest.warns(RuntimeWarning):
@@ -122,10 +124,10 @@ def test_killed_and_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path, 
     rc, err = _run(str(script), [run, str(tmp_path / "ref"), str(tmp_path / "ref.safetensors")])
     assert rc == 0, err
     ck = str(tmp_path / "ck")
-    rc, _ = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")], kill_at=37)      # between checkpoints
+    rc, _ = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")], kill_at=37)    # between checkpoints
     assert rc == -signal.SIGKILL
     rc, _ = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")], kill_at=85, sig=signal.SIGINT)
-    assert rc != 0 and max(ckpt.steps(ck)) >= 85                    # Ctrl-C wrote a checkpoint where it stopped
+    assert rc != 0 and max(ckpt.steps(ck)) >= 85                  # Ctrl-C wrote a checkpoint where it stopped
     rc, err = _run(str(script), [run, ck, str(tmp_path / "x.safetensors")])
     assert rc == 0, err
     assert int(err.split("resumed ")[1].split()[0]) >= 85          # continued from the Ctrl-C checkpoint
@@ -162,8 +164,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
 
 
 def test_soak_thousands_of_steps_with_checkpoints_and_a_resume_keep_memory_flat(tmp_path):
-    """3000 tiny steps, a checkpoint every 50, a resume half-way: resident memory after the warm-up and at the end
-    differ by less than 20 MB (a leak of one batch or one checkpoint per step would be far more)."""
+    """3000 tiny steps, a checkpoint every 50, a resume half-way: resident memory after the warm-up and at the
+    end differ by less than 20 MB (a leak of one batch or one checkpoint per step would be far more)."""
     from gendiff.data.toy import tree
     from gendiff.losses import ConfidenceNLL
     from gendiff.nets.mlp import toy_denoiser
@@ -202,8 +204,8 @@ def test_checkpoints_past_the_resumed_step_are_removed_not_kept_over_the_new_one
 
 
 def test_named_state_objects_round_trip_with_readable_keys(tmp_path):
-    """save_objects writes `<name>.<key>` tensors and JSON values under `<name>`; load_objects restores each object
-    (a module, an EMA, an optimiser) and returns the step; an empty folder loads nothing (step 0)."""
+    """save_objects writes `<name>.<key>` tensors and JSON values under `<name>`; load_objects restores each
+    object (a module, an EMA, an optimiser) and returns the step; an empty folder loads nothing (step 0)."""
     from gendiff.ema import EMA
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)

@@ -3,7 +3,8 @@ rule, classifier guidance with the exact pieces at w = 1 *is* the class-conditio
 noise-aware classifier approaches the Bayes cross-entropy and guides samples into its class.
 
 Breakages tried on purpose (each made the tests named fail, then was reverted):
-- the shift without σ² (w·∇ log p(y|x) added to D directly): test_exact_guidance_is_the_class_conditional_denoiser
+- the shift without σ² (w·∇ log p(y|x) added to D directly):
+  test_exact_guidance_is_the_class_conditional_denoiser
 - σ instead of σ² in the shift: the same test
 - log p(y | x) taken as the logit itself (no log-softmax: the class's joint, not its posterior):
   test_exact_guidance_is_the_class_conditional_denoiser (the shift then includes ∇ log p(x))
@@ -70,8 +71,9 @@ def test_exact_guidance_is_the_class_conditional_denoiser(mixtures, label):
     with torch.no_grad():
         guided = ClassifierGuided(ab.denoiser(), clf, y, 1.0)
         torch.testing.assert_close(guided(xs, sigma), target(xs, sigma), rtol=0, atol=1e-9)
-        assert (ab.denoiser()(xs, sigma) - target(xs, sigma)).abs().max() > 0.1         # guidance did something
-        torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 0.0)(xs, sigma), ab.denoiser()(xs, sigma))
+        assert (ab.denoiser()(xs, sigma) - target(xs, sigma)).abs().max() > 0.1       # guidance did something
+        torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 0.0)(xs, sigma),
+                                   ab.denoiser()(xs, sigma))
         torch.testing.assert_close(ClassifierGuided(ab.denoiser(), clf, y, 3.0).shift(xs, sigma),
                                    3 * guided.shift(xs, sigma))
         p, p0 = guided.predict(xs, sigma), ab.denoiser().predict(xs, sigma)
@@ -80,8 +82,8 @@ def test_exact_guidance_is_the_class_conditional_denoiser(mixtures, label):
 
 
 def test_guidance_keeps_its_jacobian_for_an_outer_derivative(mixtures):
-    """When the caller differentiates the guided denoiser (a PF-ODE divergence, a JVP), the shift's own Jacobian
-    is kept (create_graph): ∂D̃/∂x at w = 1 with the exact pieces equals ∂D_A/∂x."""
+    """When the caller differentiates the guided denoiser (a PF-ODE divergence, a JVP), the shift's own
+    Jacobian is kept (create_graph): ∂D̃/∂x at w = 1 with the exact pieces equals ∂D_A/∂x."""
     a, _, ab, clf = mixtures
     x, g, _ = _points(ab, 3, seed=5)
     guided = ClassifierGuided(ab.denoiser(), clf, torch.zeros(1, dtype=torch.long), 1.0)
@@ -114,10 +116,10 @@ def _bayes_ce(clf, x, y, s):
 
 
 def test_learned_classifier_nears_bayes_and_guides(mixtures):
-    """A ToyClassifier trained by train_noisy_classifier on noised tree samples: at every σ its cross-entropy is
-    within 0.02 nats of the exact (Bayes) classifier's, and at σ ≤ 0.3 below half the prior's; guiding the exact "AB"
-    denoiser with it (Heun, 32 steps, w = 1) puts ≥ 90% of samples in class A by the exact posterior at
-    σ = 0.01, against the unguided ~48% (A's prior share) and ~100% with the exact classifier."""
+    """A ToyClassifier trained by train_noisy_classifier on noised tree samples: at every σ its cross-entropy
+    is within 0.02 nats of the exact (Bayes) classifier's, and at σ ≤ 0.3 below half the prior's; guiding the
+    exact "AB" denoiser with it (Heun, 32 steps, w = 1) puts ≥ 90% of samples in class A by the exact
+    posterior at σ = 0.01, against the unguided ~48% (A's prior share) and ~100% with the exact classifier."""
     a, _, ab, clf = mixtures
     x0, _, k = _points(ab, 20000, seed=2)
     labels = (k >= a.K).long()                                 # "AB" lists A's components first: 0 = A
@@ -139,8 +141,8 @@ def test_learned_classifier_nears_bayes_and_guides(mixtures):
     grid = edm_sigmas(32, 0.002, 10.0)
     share_a = {}
     for name, c in (("none", None), ("learned", net), ("exact", clf)):
-        den = ab.denoiser() if c is None else ClassifierGuided(ab.denoiser(), c, torch.zeros(n, dtype=torch.long),
-                                                               1.0)
+        den = ab.denoiser() if c is None else ClassifierGuided(ab.denoiser(), c,
+                                                               torch.zeros(n, dtype=torch.long), 1.0)
         with torch.no_grad():
             xs = sample_heun(den, x_T, grid)
             share_a[name] = float(torch.softmax(clf(xs, 0.01), 1)[:, 0].gt(0.5).double().mean())
@@ -162,8 +164,8 @@ def test_bad_inputs_are_clear_errors(mixtures):
     with pytest.raises(ValueError, match=r"w=-1.0 must be a finite number >= 0 \(0 = the unguided denoiser"):
         ClassifierGuided(ab.denoiser(), clf, torch.zeros(4, dtype=torch.long), -1.0)
     with pytest.raises(ValueError, match=r"x0 holds NaN"):
-        train_noisy_classifier(ToyClassifier(), torch.full((8, 2), math.nan), torch.zeros(8, dtype=torch.long),
-                               LogNormalSigma(), steps=1)
+        train_noisy_classifier(ToyClassifier(), torch.full((8, 2), math.nan),
+                               torch.zeros(8, dtype=torch.long), LogNormalSigma(), steps=1)
     with pytest.raises(ValueError, match=r"steps=0 must be > 0"):
         train_noisy_classifier(ToyClassifier(), torch.zeros(8, 2), torch.zeros(8, dtype=torch.long),
                                LogNormalSigma(), steps=0)

@@ -86,8 +86,8 @@ from gendiff.data.toy import tree
 from gendiff.mixture_eval import Evaluator, SamplerConfig
 from gendiff.guidance import Guided
 from gendiff.heads import HEADS as HEAD_REGISTRY
-from gendiff.heads import (DiagonalHead, FullHead, LearnedVarianceHead, NoHead, Prediction, f_target, make_head,
-                           nll_direct, nll_full, nll_stable)
+from gendiff.heads import (DiagonalHead, FullHead, LearnedVarianceHead, NoHead, Prediction,
+                           f_target, make_head, nll_direct, nll_full, nll_stable)
 from gendiff.losses import ConfidenceNLL, NoisyBatch
 from gendiff.mixture_metrics import calibration
 from gendiff.nets.mlp import toy_denoiser
@@ -406,7 +406,8 @@ def test_every_registered_precond_has_an_oracle():
 @pytest.mark.parametrize("name", sorted(PRECOND_REGISTRY))
 def test_registered_precond_meets_its_oracle(name):
     """c_skip, c_out from the definition; c_var² = σ² + c_out², k = c_out²/c_var², c_in = 1/√(σ² + σ_d²),
-    c_noise = ¼ log σ (T5 generalised); the Denoiser's mean is c_skip·x̃ + c_out·F(c_in·x̃, c_noise); T9 = T7."""
+    c_noise = ¼ log σ (T5 generalised); the Denoiser's mean is c_skip·x̃ + c_out·F(c_in·x̃, c_noise);
+    T9 = T7."""
     pre = PRECOND_REGISTRY[name](SD)
     assert pre.name == name
     sc = pre(SIGMAS)
@@ -439,7 +440,8 @@ def _cov_none(pred, sigma, d):
 
 HEAD_ORACLES = {  # heads.make_head name -> (backbone G, Σ_φ oracle, has a Gaussian NLL)
     "none": (None, _cov_none, True),                                          # σ_φ = c_var (T11)
-    "diag": ("like", lambda p, s, d: torch.diag_embed(edm_T4_T5(s)["c_var"].view(-1, 1) ** 2 * torch.exp(p.G)),
+    "diag": ("like",
+             lambda p, s, d: torch.diag_embed(edm_T4_T5(s)["c_var"].view(-1, 1) ** 2 * torch.exp(p.G)),
              True),                                                           # c_var²·e^G (T6)
     "full": ("full", lambda p, s, d: edm_T4_T5(s)["c_var"].view(-1, 1, 1) ** 2
              * torch.linalg.inv(factor_oracle(p.G, d) @ factor_oracle(p.G, d).transpose(1, 2)), True),  # T12
@@ -448,8 +450,8 @@ HEAD_ORACLES = {  # heads.make_head name -> (backbone G, Σ_φ oracle, has a Gau
 
 
 def test_every_registered_head_has_an_oracle():
-    """Breakage tried: LearnedVarianceHead.variance = c_var (unsquared): test_registered_head_meets_its_oracle[v]
-    failed (the older head tests do not list 'v')."""
+    """Breakage tried: LearnedVarianceHead.variance = c_var (unsquared):
+    test_registered_head_meets_its_oracle[v] failed (the older head tests do not list 'v')."""
     assert set(HEAD_ORACLES) == set(HEAD_REGISTRY)
 
 
@@ -467,7 +469,8 @@ def test_registered_head_meets_its_oracle(name):
     torch.testing.assert_close(pred.covariance(), want, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(pred.precision(), torch.linalg.inv(want), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(pred.sigma_phi, want.diagonal(0, -2, -1).sqrt(), rtol=1e-10, atol=0)
-    torch.testing.assert_close(pred.phi_score(), torch.linalg.solve(want, pred.mu - x_noisy), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(pred.phi_score(), torch.linalg.solve(want, pred.mu - x_noisy),
+                               rtol=1e-9, atol=1e-12)
     if has_nll:
         torch.testing.assert_close(head.nll(pred, x0), gaussian_expected_nll(pred.mu, want, x0, sigma),
                                    rtol=1e-10, atol=1e-10)
@@ -1024,7 +1027,8 @@ def test_guidance_effect_survives_missing_values():
     assert eff["mmd_change"] is None and eff["outlier_change"] == pytest.approx(-0.5)
     assert eff["median_nll_change"] == pytest.approx(-0.2)
     md = guidance_markdown({"runs": runs, "guidance_effect": {"r": eff}})
-    assert "| r | autoguided vs unguided |" in md and "MMD² change" not in md   # an all-missing column is hidden
+    # an all-missing column is hidden
+    assert "| r | autoguided vs unguided |" in md and "MMD² change" not in md
 
 
 def test_run_registry_and_option_errors():

@@ -119,7 +119,7 @@ def test_classifier_free_guidance_is_t33():
     cond, uncond = den(x, s, class_labels=y), den(x, s, class_labels=torch.full((3,), 3))
     assert torch.equal(classifier_free(den, y, 3, 0.0)(x, s), cond)        # w = 0: the conditional model
     assert torch.equal(Conditioned(den, y)(x, s), cond)
-    for w in (1.0, 5.0):                                                   # (1 + w)·D(y) − w·D(∅) (T13 linear)
+    for w in (1.0, 5.0):                                                  # (1 + w)·D(y) − w·D(∅) (T13 linear)
         torch.testing.assert_close(classifier_free(den, y, 3, w)(x, s), (1 + w) * cond - w * uncond)
     p = classifier_free(den, y, 3, 2.0).predict(x, s)
     torch.testing.assert_close(p.mu, 3 * cond - 2 * uncond)
@@ -166,8 +166,9 @@ def _eight_bit(n, d, g):
 
 @pytest.mark.parametrize("G", [1.0, -0.2])
 def test_hybrid_vlb_term_is_an_unbiased_estimate_of_ddpm_vlb(G):
-    """E_t[T·L_t] over uniform t = the bound's diffusion + reconstruction terms of ddpm_vlb with the same learned
-    v = (G + 1)/2 (G = 1: Σ = β, where the t = 1 decoders of both coincide even without the β̃_2 clipping)."""
+    """E_t[T·L_t] over uniform t = the bound's diffusion + reconstruction terms of ddpm_vlb with the same
+    learned v = (G + 1)/2 (G = 1: Σ = β, where the t = 1 decoders of both coincide even without the β̃_2
+    clipping)."""
     torch.manual_seed(0)
     ddpm, g = DDPM(T=8, beta_start=0.01, beta_end=0.2), torch.Generator().manual_seed(3)
     den = Denoiser(LabelNet(num_classes=1, dim=3, g=G), 1.0, head=LearnedVarianceHead()).double()
@@ -245,8 +246,9 @@ def test_train_loop_on_a_dataset_resumes_bit_for_bit(tmp_path):
 
 
 def test_hybrid_vlb_term_per_step_against_t24_posteriors():
-    """(hybrid − simple)/(λT) at each example's step = KL(q(x_{t−1}|x_t,x0) ‖ N(μ_θ, Σ_θ)) with both means from
-    DDPM.posterior at the latent z_t = √ᾱ_t·x̃ (T24), Σ_θ of T26 at v = (G + 1)/2; t = 1: the decoder (T27)."""
+    """(hybrid − simple)/(λT) at each example's step = KL(q(x_{t−1}|x_t,x0) ‖ N(μ_θ, Σ_θ)) with both means
+    from DDPM.posterior at the latent z_t = √ᾱ_t·x̃ (T24), Σ_θ of T26 at v = (G + 1)/2; t = 1: the decoder
+    (T27)."""
     from gendiff.likelihood import discretized_gaussian_log_prob
     ddpm, g = DDPM(T=6, beta_start=0.02, beta_end=0.3), torch.Generator().manual_seed(5)
     steps = DDPMSteps(ddpm)
@@ -264,7 +266,8 @@ def test_hybrid_vlb_term_per_step_against_t24_posteriors():
         ti = int(t[i])
         ab = ddpm.alpha_bar[ti]
         z = ab.sqrt() * xn[i:i + 1]
-        bt = lambda k: ddpm.betas[k] * ddpm.one_minus_alpha_bar[k - 1] / ddpm.one_minus_alpha_bar[k]  # noqa: E731
+        bt = lambda k: (ddpm.betas[k] * ddpm.one_minus_alpha_bar[k - 1]  # noqa: E731
+                        / ddpm.one_minus_alpha_bar[k])
         var_p = torch.exp(v * ddpm.betas[ti].log() + (1 - v) * bt(max(ti, 2)).log())
         if ti == 1:
             want = -discretized_gaussian_log_prob(x0[i:i + 1], x0_hat[i:i + 1], var_p.sqrt()).sum()
@@ -282,7 +285,8 @@ def test_respaced_ddpm_keeps_alpha_bar_at_its_steps():
     assert keep[0] == 1 and keep[-1] == 1000 and len(keep.unique()) == 50
     torch.testing.assert_close(r.alpha_bar[1:], d.alpha_bar[keep], rtol=1e-10, atol=0)
     assert r.T == 50 and d.respaced(1000) is d
-    torch.testing.assert_close(d.respaced(1).alpha_bar[1], d.alpha_bar[1000])   # one step: from T straight to 0
+    # one step: from T straight to 0
+    torch.testing.assert_close(d.respaced(1).alpha_bar[1], d.alpha_bar[1000])
     torch.testing.assert_close(r.alphas[1:] * torch.cat([torch.ones(1, dtype=F64), r.alpha_bar[1:-1]]),
                                r.alpha_bar[1:])                             # T23: ᾱ_t = ∏ α_i
     with pytest.raises(ValueError, match="steps"):
@@ -290,8 +294,8 @@ def test_respaced_ddpm_keeps_alpha_bar_at_its_steps():
 
 
 def test_compile_option_trains_through_the_compiled_backbone(monkeypatch):
-    """train.compile wraps the backbone with torch.compile (here a recording stand-in, no compiler in the suite):
-    the forward passes go through it, and the weights equal an eager run's (same parameters)."""
+    """train.compile wraps the backbone with torch.compile (here a recording stand-in, no compiler in the
+    suite): the forward passes go through it, and the weights equal an eager run's (same parameters)."""
     from gendiff.losses import EDMLoss
     from gendiff.nets.mlp import toy_denoiser
     calls = []

@@ -119,8 +119,8 @@ def test_posthoc_ema_from_the_cli(tmp_path):
 
 
 def test_ema_objects_update_by_lerp_and_round_trip_their_state():
-    """EMA(decay) and PowerEMA(σ_rel) average `model` with θ ← d·θ + (1 − d)·θ_model, d = their decay of the step;
-    `.module` is a frozen copy; state_dict / load_state_dict restore it exactly."""
+    """EMA(decay) and PowerEMA(σ_rel) average `model` with θ ← d·θ + (1 − d)·θ_model, d = their decay of the
+    step; `.module` is a frozen copy; state_dict / load_state_dict restore it exactly."""
     from gendiff.ema import EMA, PowerEMA
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

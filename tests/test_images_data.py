@@ -403,7 +403,8 @@ def test_npz_wrong_keys_lists_what_it_has_and_accepts(tmp_path):
     assert I.load_npz(str(tmp_path / "k.npz"), "pixels", "targets").labels.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (2, 2, 4, 4), (0, 4, 4), (0, 3, 4, 4), (3,), (1, 2, 1, 4, 4)])
+@pytest.mark.parametrize("shape",
+                         [(2, 4, 4, 4), (2, 2, 4, 4), (0, 4, 4), (0, 3, 4, 4), (3,), (1, 2, 1, 4, 4)])
 def test_npz_bad_layout_and_no_images(tmp_path, shape):
     """RGBA channels-last, 2 channels, zero images, 1-D or 5-D: refused, naming the file and the shape."""
     np.savez(tmp_path / "b.npz", images=np.zeros(shape, np.uint8))
@@ -546,7 +547,8 @@ def test_describe_states_the_split():
 
 
 def test_split_unchanged():
-    """split is the permutation of default_rng(seed): val its first round(N·f) indices, train the rest, sorted."""
+    """split is the permutation of default_rng(seed): val its first round(N·f) indices, train the rest,
+    sorted."""
     d = _data(37)
     for f, seed in ((0.1, 0), (0.3, 5)):
         perm = np.random.default_rng(seed).permutation(37)

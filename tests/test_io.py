@@ -36,7 +36,8 @@ def test_derived_seeds_are_distinct_and_reproducible():
     seeds = {derive_seed(s, p) for s in range(50) for p in ("x_init", "reference", "held-out", "churn")}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
     assert derive_seed(3, "a") == derive_seed(3, "a")
-    assert torch.equal(torch.randn(4, generator=generator(1, "a")), torch.randn(4, generator=generator(1, "a")))
+    assert torch.equal(torch.randn(4, generator=generator(1, "a")),
+                       torch.randn(4, generator=generator(1, "a")))
     for bad in (-1, 1.5, True, "3"):
         with pytest.raises(ValueError, match="seed"):
             derive_seed(bad, "a")

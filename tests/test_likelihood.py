@@ -4,7 +4,7 @@
 Breakages tried (each fails here): diffusion term without the ½; λ'(t) sign flipped; prior KL with
 α₁ instead of α₁²; reconstruction with +λ_0; LearnedSchedule without the (ĝ − ĝ(0))/(ĝ(1) − ĝ(0)) rescaling
 (endpoints drift).
-Issue 8 (the test that catches each): PF-ODE divergence sign flipped, prior dropped, prior with σ_max
+Also tried (the test that catches each): PF-ODE divergence sign flipped, prior dropped, prior with σ_max
 instead of σ_max², exact divergence missing the last dimension, σ-time divergence not divided by σ
 (Gaussian PF-ODE, tree PF-ODE; most also the ELBO ≥ PF-ODE test); Gaussian instead of Rademacher probes
 (Gaussian PF-ODE with Hutchinson, exact only for Rademacher); β and β̃ swapped (closed-form VLB terms,
@@ -61,7 +61,8 @@ def test_bound_is_tight_for_the_exact_model_on_a_gaussian():
 
 
 @pytest.mark.parametrize("schedule", [VP(-12.0, 12.0), LearnedSchedule(-12.0, 12.0),
-                                      LearnedSchedule(-12.0, 12.0, hidden=8)], ids=["vp-linear", "learned", "learned-8"])
+                                      LearnedSchedule(-12.0, 12.0, hidden=8)],
+                         ids=["vp-linear", "learned", "learned-8"])
 def test_monte_carlo_elbo_matches_the_closed_form_whatever_the_shape(schedule):
     """Only the endpoints matter (VDM++ §2): linear-λ VP and two random monotone shapes, same endpoints."""
     g = torch.Generator().manual_seed(1)
@@ -87,7 +88,7 @@ def test_learned_schedule_is_monotone_with_fixed_endpoints():
 
 
 # =================================================================================================
-# Issue 8: PF-ODE likelihood (T15, T31), bits/dim and dequantisation (T27), the DDPM bound (T23, T24,
+# PF-ODE likelihood (T15, T31), bits/dim and dequantisation (T27), the DDPM bound (T23, T24,
 # T26, T27), the confidence NLL curve (T8, T10).
 # =================================================================================================
 
@@ -96,7 +97,8 @@ S2 = torch.tensor([0.5, 0.8], dtype=F64)
 
 
 class CountingGaussian:
-    """D(x̃, σ) = m + s²/(s² + σ²)·(x̃ − m) per dimension: the exact posterior mean for data N(m, diag(s²))."""
+    """D(x̃, σ) = m + s²/(s² + σ²)·(x̃ − m) per dimension: the exact posterior mean for data
+    N(m, diag(s²))."""
 
     def __init__(self, m=M2, s=S2):
         self.m, self.s, self.calls = m, s, 0
@@ -114,7 +116,8 @@ def log_normal_diag(x, m, var):
 
 
 @pytest.mark.parametrize("method,time,dtype", [("exact", "sigma", F64), ("exact", "log_sigma", F64),
-                                               ("hutchinson", "sigma", F64), ("exact", "sigma", torch.float32)])
+                                               ("hutchinson", "sigma", F64),
+                                               ("exact", "sigma", torch.float32)])
 def test_pf_ode_likelihood_of_a_gaussian_is_the_smoothed_density(method, time, dtype):
     """Data N(m, diag(s²)), exact D: the PF-ODE maps p_σmin = N(m, s² + σ_min²) onto p_σmax exactly, along
     x(σ) = m + (x − m)·√((s² + σ²)/(s² + σ_min²)), with ∫∇·f dσ = Σ_i ½ log((s_i² + σ_max²)/(s_i² + σ_min²)).
@@ -252,7 +255,8 @@ def test_ddpm_vlb_bounds_the_tree_mixture_nll(tree_a):
 
 
 class KnowsX0:
-    """A 'denoiser' that returns the true x0 of its batch: μ_θ = μ_q, so each KL is the variance mismatch only."""
+    """A 'denoiser' that returns the true x0 of its batch: μ_θ = μ_q, so each KL is the variance mismatch
+    only."""
 
     def __init__(self, x0):
         self.x0 = x0
@@ -264,9 +268,9 @@ class KnowsX0:
 @pytest.mark.parametrize("variance,v", [("beta_tilde", None), ("beta", None), ("beta_tilde", 1.0),
                                         ("beta", 0.0), ("beta", 0.3)])
 def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
-    """With x̂0 = x0: KL_t = ½d[log(Σ/β̃) + β̃/Σ − 1] (T24), Σ = β, β̃, or exp(v log β + (1 − v) log β̃) (T26);
-    reconstruction ½d·log 2πΣ_1 (T27 with the Gaussian decoder; Σ_1 = β_1, or the learned one with β̃_2 in place
-    of β̃_1 = 0); all exact, no Monte Carlo left."""
+    """With x̂0 = x0: KL_t = ½d[log(Σ/β̃) + β̃/Σ − 1] (T24), Σ = β, β̃, or exp(v log β + (1 − v) log β̃)
+    (T26); reconstruction ½d·log 2πΣ_1 (T27 with the Gaussian decoder; Σ_1 = β_1, or the learned one with β̃_2
+    in place of β̃_1 = 0); all exact, no Monte Carlo left."""
     ddpm = DDPM(50, "cosine")
     x, g = gaussian_data(4, 1)
     vfun = None if v is None else (lambda z, t: torch.full_like(z, v))
@@ -277,10 +281,11 @@ def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     var = torch.exp(w * b.log() + (1 - w) * bt.log())
     want = float((torch.log(var / bt) + bt / var - 1).sum())               # ½·d with d = 2
     torch.testing.assert_close(r["diffusion"], torch.full((4,), want, dtype=F64))
-    var1 = ddpm.betas[1]                                                   # t = 1: β_1, or the learned Σ_θ(1) with
-    if v is not None:                                                      # log β̃_1 clipped to log β̃_2 (T26)
+    var1 = ddpm.betas[1]                                              # t = 1: β_1, or the learned Σ_θ(1) with
+    if v is not None:                                                 # log β̃_1 clipped to log β̃_2 (T26)
         var1 = torch.exp(v * ddpm.betas[1].log() + (1 - v) * bt[0].log())
-    torch.testing.assert_close(r["reconstruction"], torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
+    torch.testing.assert_close(r["reconstruction"],
+                               torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
 
 
 def test_ddpm_vlb_prior_is_the_kl_of_the_last_latent():
@@ -295,7 +300,8 @@ def test_ddpm_vlb_prior_is_the_kl_of_the_last_latent():
 
 
 class RecordsVE:
-    """Records what the bound feeds the VE denoiser (T2): x̃ = z_t/√ᾱ_t must be x0 + σ̃ε, σ̃² = (1 − ᾱ_t)/ᾱ_t."""
+    """Records what the bound feeds the VE denoiser (T2): x̃ = z_t/√ᾱ_t must be x0 + σ̃ε,
+    σ̃² = (1 − ᾱ_t)/ᾱ_t."""
 
     def __init__(self, x0):
         self.x0, self.calls = x0, []
@@ -312,7 +318,7 @@ def test_ddpm_vlb_feeds_the_denoiser_the_ve_map_of_the_latent():
     den = RecordsVE(x)
     ddpm_vlb(den, x, ddpm, generator=g)
     sig = (ddpm.one_minus_alpha_bar / ddpm.alpha_bar).sqrt()
-    order = list(range(2, 21)) + [1]                                       # steps 2..T, then the decoder's x_1
+    order = list(range(2, 21)) + [1]                                      # steps 2..T, then the decoder's x_1
     torch.testing.assert_close(torch.tensor([c[0] for c in den.calls], dtype=F64), sig[order])
     assert all(abs(ms - 1) < 0.1 for _, ms in den.calls)                  # (x̃ − x0)/σ̃ ~ N(0, I)
 
@@ -373,9 +379,9 @@ def test_discretized_gaussian_is_exact_far_in_the_tails():
     x = torch.tensor([GRID[200].item(), GRID[40].item(), 1.0], dtype=F64)
     mean = torch.tensor([x[0] - 40 * std, x[1] + 40 * std, -1.0], dtype=F64)
     logp = discretized_gaussian_log_prob(x, mean, std)
-    a0 = float((x[0] - 1 / 255 - mean[0]) / std)                           # upper tail: P = ∫_{a0}^{a0 + Δ/s} φ
-    a1 = -float((x[1] + 1 / 255 - mean[1]) / std)                          # lower tail, mirrored
-    a2 = float((x[2] - 1 / 255 - mean[2]) / std)                           # edge bin: P = ∫_{a2}^∞ φ
+    a0 = float((x[0] - 1 / 255 - mean[0]) / std)                         # upper tail: P = ∫_{a0}^{a0 + Δ/s} φ
+    a1 = -float((x[1] + 1 / 255 - mean[1]) / std)                        # lower tail, mirrored
+    a2 = float((x[2] - 1 / 255 - mean[2]) / std)                         # edge bin: P = ∫_{a2}^∞ φ
     want = torch.tensor([oracle(a0, a0 + 2 / 255 / std), oracle(a1, a1 + 2 / 255 / std), oracle(a2, a2 + 1.0)], dtype=F64)
     torch.testing.assert_close(logp, want, rtol=1e-7, atol=0)
 
@@ -388,7 +394,8 @@ def test_discretized_decoder_vlb_is_the_density_vlb_minus_the_bin_volume():
     ddpm = DDPM(20, "cosine")
     assert math.sqrt(float(ddpm.betas[1])) > 10 * 2 / 255
     cont = ddpm_vlb(CountingGaussian(), x, ddpm, generator=torch.Generator().manual_seed(0))
-    disc = ddpm_vlb(CountingGaussian(), x, ddpm, decoder="discretized", generator=torch.Generator().manual_seed(0))
+    disc = ddpm_vlb(CountingGaussian(), x, ddpm, decoder="discretized",
+                    generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(disc["diffusion"], cont["diffusion"])
     torch.testing.assert_close(disc["prior"], cont["prior"])
     shift = 2 * math.log(255 / 2)
@@ -474,8 +481,9 @@ def test_log_likelihood_rejects_bad_options(kw, match):
         log_likelihood(CountingGaussian(), torch.zeros(2, 2, dtype=F64), **kw)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(variance="learned"), "variance"), (dict(decoder="bernoulli"), "decoder"),
-                                      (dict(steps=0), "steps"), (dict(steps=10), "steps"), (dict(v=0.5), "v=")])
+@pytest.mark.parametrize("kw,match", [(dict(variance="learned"), "variance"),
+                                      (dict(decoder="bernoulli"), "decoder"), (dict(steps=0), "steps"),
+                                      (dict(steps=10), "steps"), (dict(v=0.5), "v=")])
 def test_ddpm_vlb_rejects_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         ddpm_vlb(CountingGaussian(), torch.zeros(2, 2, dtype=F64), DDPM(10), **kw)

@@ -90,8 +90,8 @@ def test_calibration_total_excess_binned_and_ratio():
         assert math.log10(hi / lo) == pytest.approx(0.25, abs=1e-2)
     # a model that learned the floor but not the excess: the pooled total ranks fine (σ² spans decades),
     # the within-bin excess Spearman exposes it
-    blind = calibration(floor + torch.diag_embed(torch.rand(n, 2, generator=g, dtype=F64) * 1e-3), exact, sigma,
-                        exact)
+    blind = calibration(floor + torch.diag_embed(torch.rand(n, 2, generator=g, dtype=F64) * 1e-3),
+                        exact, sigma, exact)
     assert blind["spearman"] > 0.95
     assert abs(blind["spearman_excess"]) < 0.2
     # twice the excess: relative error exactly 1; twice the whole variance: ratio exactly 1/2

@@ -36,7 +36,7 @@ def test_every_kind_round_trips_through_every_other(noise):
         torch.testing.assert_close(to_x0(kind, truth[kind], z, alpha, sigma), X0, rtol=1e-10, atol=1e-10)
     for a, b in itertools.permutations(KINDS, 2):
         torch.testing.assert_close(convert(truth[a], a, b, z, alpha, sigma), truth[b], rtol=1e-10, atol=1e-10)
-    # the chain of the issue: ε → x0 → v → score → F → ε
+    # the conversion chain ε → x0 → v → score → F → ε
     p, kinds = truth["eps"], ["eps", "x0", "v", "score", "F", "eps"]
     for a, b in zip(kinds, kinds[1:]):
         p = convert(p, a, b, z, alpha, sigma)
@@ -48,7 +48,8 @@ def test_F_is_the_edm_denoiser_output():
     sigma = torch.logspace(-3, 2, 6, dtype=F64)[:, None]
     z = X0 + sigma * EPS
     F = from_x0("F", X0, z, 1.0, sigma)
-    torch.testing.assert_close(F, (sigma * X0 - 0.25 * EPS) / (0.5 * (sigma**2 + 0.25).sqrt()), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(F, (sigma * X0 - 0.25 * EPS) / (0.5 * (sigma**2 + 0.25).sqrt()),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_unknown_kind():

@@ -183,7 +183,8 @@ def test_T9_finite_in_float32_at_extreme_sigma(sigma):
     sc64 = edm_scalings(torch.tensor(sigma, dtype=F64), SIGMA_D)
     F_star64 = f_target(x0.double(), xn.double(), sc64)
     mu = sc64.c_skip * xn.double() + sc64.c_out * F.detach().double()
-    ref = nll_direct(mu, sc64.c_var * torch.exp(G.detach().double() / 2), x0.double(), sc64.c_var.new_tensor(sigma))
+    ref = nll_direct(mu, sc64.c_var * torch.exp(G.detach().double() / 2), x0.double(),
+                     sc64.c_var.new_tensor(sigma))
     torch.testing.assert_close(loss.detach().double(), ref, rtol=1e-4, atol=1e-4)
     # closed-form gradients of T9: ∂L/∂F = e^(−G)·k·(F − F*), ∂L/∂G = ½[1 − e^(−G)(1 + k((F − F*)² − 1))]
     e = F.detach().double() - F_star64
@@ -252,7 +253,8 @@ def test_T11_zero_G_is_k_weighted_mse():
     torch.testing.assert_close(nll_stable(F1, None, F_star, sc), sc.k / 2 * (F1 - F_star) ** 2 + const,
                                rtol=1e-12, atol=1e-12)
     # G = None and G = 0 are the same thing
-    torch.testing.assert_close(nll_stable(F1, torch.zeros_like(F1), F_star, sc), nll_stable(F1, None, F_star, sc))
+    torch.testing.assert_close(nll_stable(F1, torch.zeros_like(F1), F_star, sc),
+                               nll_stable(F1, None, F_star, sc))
 
 
 def test_confidence_nll_without_head_is_edm_loss():
@@ -303,7 +305,8 @@ def test_tril_factor_layout():
                              [0.3, math.exp(0.5), 0],
                              [-0.5, 0.7, math.exp(-1.0)]], dtype=F64)
     torch.testing.assert_close(S, expected)
-    torch.testing.assert_close(tril_factor(torch.zeros(2, 3, dtype=F64), 2), torch.eye(2, dtype=F64).expand(2, 2, 2))
+    torch.testing.assert_close(tril_factor(torch.zeros(2, 3, dtype=F64), 2),
+                               torch.eye(2, dtype=F64).expand(2, 2, 2))
 
 
 @pytest.mark.parametrize("sigma_kind", ["scalar", "per-example"])
@@ -323,7 +326,8 @@ def test_nll_full_with_diagonal_factor_is_T9_summed(sigma_kind):
 
 
 def _direct_full_two_L(F, G, F_star, sc, source_cov, sigma):
-    """2L = −log det Σ_φ⁻¹ + tr(Σ_φ⁻¹(σ²I + Σ_src)) + (μ−x0)ᵀΣ_φ⁻¹(μ−x0) + d log 2π, the Gaussian expectation."""
+    """2L = −log det Σ_φ⁻¹ + tr(Σ_φ⁻¹(σ²I + Σ_src)) + (μ−x0)ᵀΣ_φ⁻¹(μ−x0) + d log 2π, the Gaussian
+    expectation."""
     N, d = F.shape
     S = tril_factor(G, d)
     c_var = torch.broadcast_to(sc.c_var, (N, d))[:, :1, None]
@@ -347,8 +351,8 @@ def test_nll_full_equals_direct_gaussian_expectation(d):
     G = _random_G(N, d, 15)
     src = _random_spd(N, d, 16)
     for cov in (None, src):
-        torch.testing.assert_close(2 * nll_full(F, G, F_star, sc, cov), _direct_full_two_L(F, G, F_star, sc, cov, sigma),
-                                   rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(2 * nll_full(F, G, F_star, sc, cov),
+                                   _direct_full_two_L(F, G, F_star, sc, cov, sigma), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("d", [2, 3])
@@ -373,7 +377,8 @@ def test_nll_full_optimum(d):
     L = nll_full(F, G, F_star, sc, src)
     (grad,) = torch.autograd.grad(L.sum(), G)
     assert grad.abs().max().item() < 1e-9
-    torch.testing.assert_close(2 * L.detach(), torch.logdet(2 * math.pi * cov_opt) + d, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(2 * L.detach(), torch.logdet(2 * math.pi * cov_opt) + d,
+                               rtol=1e-11, atol=1e-11)
     for n in range(N):
         H = torch.autograd.functional.hessian(lambda g: nll_full(F[n:n + 1], g[None], F_star[n:n + 1],
                                                                  edm_scalings(sigma[n:n + 1], SIGMA_D),
@@ -416,13 +421,15 @@ def test_nll_full_rejects_anisotropic_sigma():
 
 # ---- per-element σ (T3) -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss", [ConfidenceNLL(), EDMLoss(), ScoreMatchingLoss()], ids=lambda l: type(l).__name__)
+@pytest.mark.parametrize("loss", [ConfidenceNLL(), EDMLoss(), ScoreMatchingLoss()],
+                         ids=lambda l: type(l).__name__)
 def test_loss_sigma_forms_agree(loss):
     N, shape = 5, (5, 2, 3)
     score = torch.randn(shape, generator=torch.Generator().manual_seed(23), dtype=F64)
 
     def run(x0, xn, sigma):
-        return loss(Denoiser(DiagNet(), SIGMA_D, head="diag"), NoisyBatch(x0=x0, x_noisy=xn, sigma=sigma, score=score))
+        return loss(Denoiser(DiagNet(), SIGMA_D, head="diag"),
+                    NoisyBatch(x0=x0, x_noisy=xn, sigma=sigma, score=score))
 
     # equal σ everywhere: scalar, [N], [N, 1, 1], shaped like x
     x0, _, xn = random_batch(shape, 0.6, seed=24)
@@ -441,7 +448,8 @@ def test_loss_sigma_forms_agree(loss):
 
 
 def test_confidence_nll_per_element_sigma_is_T7_per_element():
-    """A σ that varies within each example (T3): ConfidenceNLL = Σ over elements of T7 with that element's σ."""
+    """A σ that varies within each example (T3): ConfidenceNLL = Σ over elements of T7 with that element's
+    σ."""
     shape = (4, 3, 5)
     sigma = torch.logspace(-3, 2, 60, dtype=F64).view(shape)
     x0, _, xn = random_batch(shape, sigma, seed=26)
@@ -490,10 +498,12 @@ def test_scores_T13_T14_T15():
     torch.testing.assert_close(ode_derivative(x, p.mu, sigma), -s_col * tweedie_score(p.mu, x, sigma))
     torch.testing.assert_close(denoiser_from_score(tweedie_score(p.mu, x, sigma), x, sigma), p.mu)
     # PhiScoreDenoiser returns x + σ²·s_φ
-    torch.testing.assert_close(PhiScoreDenoiser(den)(x, sigma), x + s_col**2 * phi_score(p), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(PhiScoreDenoiser(den)(x, sigma), x + s_col**2 * phi_score(p),
+                               rtol=1e-14, atol=1e-14)
     # full head: s_φ = Σ_φ⁻¹(μ − x) = solve(Σ_φ, μ − x)
     pf = Denoiser(FullNet(d), SIGMA_D, head="full").predict(x, sigma)
-    torch.testing.assert_close(phi_score(pf), torch.linalg.solve(pf.covariance(), pf.mu - x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(phi_score(pf), torch.linalg.solve(pf.covariance(), pf.mu - x),
+                               rtol=1e-10, atol=1e-10)
     assert with_score_mode(den, "tweedie") is den
     assert isinstance(with_score_mode(den, "phi"), PhiScoreDenoiser)
 
@@ -569,7 +579,8 @@ def test_diag_precision_and_covariance_with_per_element_sigma():
     sigma = torch.tensor([0.1, 2.0], dtype=F64).expand(4, 2)
     p = D.predict(x, sigma)
     torch.testing.assert_close(torch.diagonal(p.covariance(), dim1=-2, dim2=-1), p.sigma_phi.square())
-    torch.testing.assert_close(torch.diagonal(p.precision(), dim1=-2, dim2=-1), p.sigma_phi.square().reciprocal())
+    torch.testing.assert_close(torch.diagonal(p.precision(), dim1=-2, dim2=-1),
+                               p.sigma_phi.square().reciprocal())
 
 
 def test_head_output_shapes_are_checked():
@@ -590,9 +601,10 @@ def test_head_output_shapes_are_checked():
 
 
 # ---- the registry harness: every entry of losses.LOSSES meets an analytic oracle --------------------------
-# Data x0 ~ N(0, σ_d²I): the exact posterior mean is D* = σ_d²/(σ² + σ_d²)·x̃ = c_skip·x̃ (T4), i.e. F ≡ 0 under
-# EDM's preconditioning, with E[(D* − x0)² | x̃] = σ²σ_d²/(σ² + σ_d²) = c_out². The backbone F ≡ δ gives
-# μ = D* + c_out·δ, so each loss's expectation over (x0, ε) is a closed form in (σ, δ), per example (d elements).
+# Data x0 ~ N(0, σ_d²I): the exact posterior mean is D* = σ_d²/(σ² + σ_d²)·x̃ = c_skip·x̃ (T4), i.e. F ≡ 0
+# under EDM's preconditioning, with E[(D* − x0)² | x̃] = σ²σ_d²/(σ² + σ_d²) = c_out². The backbone F ≡ δ gives
+# μ = D* + c_out·δ, so each loss's expectation over (x0, ε) is a closed form in (σ, δ), per example
+# (d elements).
 
 class ConstNet(nn.Module):
     def __init__(self, delta: float):
@@ -631,13 +643,14 @@ def test_every_loss_has_an_oracle():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_meets_its_oracle(name):
-    """The batch mean of each registered loss at the optimum (δ = 0) and off it (δ = 0.7) equals its closed-form
-    expectation within 5 standard errors, at σ from 0.05 to 5."""
+    """The batch mean of each registered loss at the optimum (δ = 0) and off it (δ = 0.7) equals its
+    closed-form expectation within 5 standard errors, at σ from 0.05 to 5."""
     n, d = 40000, 4
     for sigma in (0.05, 0.5, 5.0):
         x0, _, x_noisy = random_batch((n, d), sigma, seed=3)
         s = torch.full((n,), sigma, dtype=F64)
-        batch = NoisyBatch(x0, x_noisy, s, score=-x_noisy / (SIGMA_D**2 + sigma**2))   # exact score of N(0, (σ_d² + σ²)I)
+        # exact score of N(0, (σ_d² + σ²)I)
+        batch = NoisyBatch(x0, x_noisy, s, score=-x_noisy / (SIGMA_D**2 + sigma**2))
         if isinstance(LOSS_ORACLES[name], str):
             pytest.skip(f"{name}: its analytic oracle is {LOSS_ORACLES[name]}")
         for delta in (0.0, 0.7):

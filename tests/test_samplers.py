@@ -15,7 +15,8 @@ model, so what a sampler gets wrong is its own discretisation. Checks:
 Breakages tried (each fails here): DPM-Solver++ without the 1/(2r) extrapolation (order drops: the Gaussian
 endpoint test); reverse-diffusion step with noise √(σ_i² + σ_{i+1}²); Langevin step α_i/2 → α_i (ground
 truth); PC corrector ε without the factor 2; DDPM ε rule with β_t/(1 − ᾱ_t) instead of β_t/√(1 − ᾱ_t);
-DDPM σ_t = β_t where β̃_t was asked; DDIM s without √(1 − ᾱ/ᾱ'); VP Euler–Maruyama with g² = dσ²/dt (no −2fσ²).
+DDPM σ_t = β_t where β̃_t was asked; DDIM s without √(1 − ᾱ/ᾱ'); VP Euler–Maruyama with g² = dσ²/dt
+(no −2fσ²).
 """
 import math
 
@@ -25,8 +26,8 @@ import torch
 from gendiff.data.toy import GaussianMixture, eight_gaussians
 from gendiff.mixture_metrics import median_nll, mmd
 from gendiff.process import DDPM, VE, VP
-from gendiff.samplers import (GRID_SAMPLERS, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                              sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
+from gendiff.samplers import (GRID_SAMPLERS, ncsn_sigmas, sample_ddim, sample_ddpm, sample_dpmpp_2m,
+                              sample_euler, sample_euler_maruyama, sample_heun, sample_langevin, sample_pc)
 from gendiff.schedules import edm_sigmas
 from gendiff.scores import with_score_mode
 
@@ -59,7 +60,8 @@ def _gen():
 SAMPLERS = {  # name -> (sampler on the harness); generous steps
     "euler": lambda h: sample_euler(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX)),
     "heun": lambda h: sample_heun(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX)),
-    "heun-churn": lambda h: sample_heun(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX), churn=20, generator=_gen()),
+    "heun-churn": lambda h: sample_heun(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX), churn=20,
+                                        generator=_gen()),
     "dpmpp_2m": lambda h: sample_dpmpp_2m(h["D"], h["x_T"], edm_sigmas(64, 0.002, SMAX)),
     "euler_maruyama-ve": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                          generator=_gen()),
@@ -68,10 +70,10 @@ SAMPLERS = {  # name -> (sampler on the harness); generous steps
     "euler_maruyama-ve-process": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                                  process=VE(0.002, 80.0), generator=_gen()),
     "pc": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), generator=_gen()),
-    "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), predictor="euler-maruyama",
-                                    process=VPE, generator=_gen()),
-    "langevin": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01), steps_per_scale=100,
-                                          generator=_gen()),
+    "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX),
+                                    predictor="euler-maruyama", process=VPE, generator=_gen()),
+    "langevin": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01),
+                                          steps_per_scale=100, generator=_gen()),
     # annealed Langevin mixes slowly: with 100 steps per scale a single broad Gaussian keeps ~10% of extra
     # covariance from the larger scales (measured; not a bug), 500 steps per scale remove it
     "langevin-long": lambda h: sample_langevin(h["D"], h["x_T"], ncsn_sigmas(h["ref"], 10, 0.01),
@@ -123,8 +125,8 @@ def test_ddpm_rules_agree_and_equal_the_t24_posterior_step_by_step(small):
 
 
 def test_ddpm_variances(small):
-    """σ_t = β_t differs from β̃_t; the learned interpolation v ≡ 0 is β̃ and v ≡ 1 is β (T26); the σ_φ variance
-    of an exact predictor is β̃ + c_0²·Var[x0 | x_t] ≥ β̃."""
+    """σ_t = β_t differs from β̃_t; the learned interpolation v ≡ 0 is β̃ and v ≡ 1 is β (T26); the σ_φ
+    variance of an exact predictor is β̃ + c_0²·Var[x0 | x_t] ≥ β̃."""
     D, ddpm, z = small
     bt = sample_ddpm(D, z, ddpm, variance="beta_tilde", generator=_gen())
     b = sample_ddpm(D, z, ddpm, variance="beta", generator=_gen())
@@ -156,8 +158,8 @@ def test_ddpm_phi_variance_is_beta_tilde_plus_the_posterior_variance_term(gauss)
 
 
 def test_ddim_eta0_converges_to_the_pf_ode_solution(gauss):
-    """DDIM with η = 0 is a discretisation of the PF-ODE (T15): on N(m, C) its endpoint approaches the closed-form
-    m + C^½(C + σ̃_T²I)^(−½)(x̃_T − m) as the steps grow (x̃_T = z_T/√ᾱ_T)."""
+    """DDIM with η = 0 is a discretisation of the PF-ODE (T15): on N(m, C) its endpoint approaches the
+    closed-form m + C^½(C + σ̃_T²I)^(−½)(x̃_T − m) as the steps grow (x̃_T = z_T/√ᾱ_T)."""
     ddpm = DDPM(1000)
     z = torch.randn(500, 2, generator=_gen(), dtype=F64)
     ab = float(ddpm.alpha_bar[ddpm.T])
@@ -304,8 +306,8 @@ def test_langevin_corrector_step_has_the_target_snr(gauss):
 # ---- the registry harness: every entry of samplers.GRID_SAMPLERS meets an analytic oracle ------------------
 
 def _ode_endpoint_oracle(steps, tol):
-    """Deterministic: on N(m, C) the PF-ODE (T15) endpoint m + (C + σ_min²I)^½(C + σ_max²I)^(−½)(x_T − m) within
-    `tol` at `steps`, and the error shrinks when the steps double (a converging discretisation)."""
+    """Deterministic: on N(m, C) the PF-ODE (T15) endpoint m + (C + σ_min²I)^½(C + σ_max²I)^(−½)(x_T − m)
+    within `tol` at `steps`, and the error shrinks when the steps double (a converging discretisation)."""
     def check(sampler, D):
         x_T = M + torch.randn(2000, 2, generator=_gen(), dtype=F64) @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64))
         s_min = 1e-4
@@ -318,8 +320,9 @@ def _ode_endpoint_oracle(steps, tol):
 
 
 def _moments_oracle(steps):
-    """Stochastic: from exact p(x; σ_max) the samples have N(m, C)'s mean and covariance (5 standard errors plus
-    0.01 for discretisation, as test_stochastic_and_ddpm_samplers_match_the_gaussian_moments)."""
+    """Stochastic: from exact p(x; σ_max) the samples have N(m, C)'s mean and covariance
+    (5 standard errors plus 0.01 for discretisation, as
+    test_stochastic_and_ddpm_samplers_match_the_gaussian_moments)."""
     def check(sampler, D):
         n, g = 20000, torch.Generator().manual_seed(7)
         x_T = M + torch.randn(n, 2, generator=g, dtype=F64) @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64))

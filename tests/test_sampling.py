@@ -111,7 +111,7 @@ def test_count_calls_counts_every_evaluation(gt):
     assert counted.calls == 2
     counted.calls = 0
     out = sample_euler(classifier_free(counted, labels, 3, 0.0), x, edm_sigmas(1))
-    assert counted.calls == 1                             # w = 0: the conditional model alone; one step to σ = 0 is D
+    assert counted.calls == 1                     # w = 0: the conditional model alone; one step to σ = 0 is D
     torch.testing.assert_close(out, LabelNet()(x, 5.0, class_labels=labels), rtol=1e-12, atol=1e-12)
 
 

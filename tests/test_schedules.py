@@ -91,7 +91,8 @@ def test_edm_monotonic_is_edm_above_its_peak_and_flat_below():
         assert abs(mono.lam_peak - lam[w.argmax()].item()) < 2e-4
         above, below = lam > mono.lam_peak, lam < mono.lam_peak
         torch.testing.assert_close(mono(lam[above]), w[above], rtol=0, atol=0)
-        torch.testing.assert_close(mono(lam[below]), torch.full_like(lam[below], w.max().item()), rtol=1e-9, atol=0)
+        torch.testing.assert_close(mono(lam[below]), torch.full_like(lam[below], w.max().item()),
+                                   rtol=1e-9, atol=0)
 
 
 def _gaussian_loss(lam, s=0.7, d=2):
@@ -154,12 +155,14 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="weighting='bogus'.*elbo"):
         make_weighting("bogus")
     with pytest.raises(ValueError, match="one σ per example"):
-        WeightedLoss(SigmoidWeighting(), Cosine())(lambda x, s: x, NoisyBatch(torch.zeros(2, 2), torch.zeros(2, 2),
-                                                                              torch.tensor([[0.1, 0.2], [0.1, 0.1]])))
+        WeightedLoss(SigmoidWeighting(), Cosine())(lambda x, s: x,
+                                                   NoisyBatch(torch.zeros(2, 2), torch.zeros(2, 2),
+                                                              torch.tensor([[0.1, 0.2], [0.1, 0.1]])))
     assert set(SCHEDULES) >= {"cosine", "edm-training", "edm-sampling", "flow-matching", "log-uniform"}
 
 
-@pytest.mark.parametrize("base", [Cosine(), Cosine(shift=1.0), FlowMatchingSchedule(), LogNormalSigma(-1.2, 1.2)],
+@pytest.mark.parametrize("base",
+                         [Cosine(), Cosine(shift=1.0), FlowMatchingSchedule(), LogNormalSigma(-1.2, 1.2)],
                          ids=repr)
 def test_truncated_density_is_the_renormalised_restriction(base):
     from gendiff.schedules import Truncated
@@ -214,8 +217,8 @@ class _GaussianDenoiser(torch.nn.Module):
 
 
 def test_learned_density_is_a_density_with_the_fixed_t_derivative():
-    """T22 as a density: ∫p = 1, λ(t(λ)) = λ, KS; the importance weight w/p = w·|λ'_η(t)| differentiates in η at
-    fixed t (checked against central differences in both t and η)."""
+    """T22 as a density: ∫p = 1, λ(t(λ)) = λ, KS; the importance weight w/p = w·|λ'_η(t)| differentiates in η
+    at fixed t (checked against central differences in both t and η)."""
     from gendiff.schedules import LearnedDensity
     ld = LearnedDensity(0.002, 80.0, hidden=16)
     lam = torch.linspace(ld.lam_min, ld.lam_max, 200001, dtype=F64)
@@ -259,8 +262,8 @@ def test_one_step_gives_the_denoiser_the_mean_gradient_and_the_density_the_secon
 
 
 def test_training_the_learned_density_lowers_the_loss_variance():
-    """train() with a LearnedDensity: η descends E[L²], so the T17 estimator's variance falls while its mean stays
-    the shape-free ∫½wℓ dλ (VDM: only the endpoints enter the objective)."""
+    """train() with a LearnedDensity: η descends E[L²], so the T17 estimator's variance falls while its mean
+    stays the shape-free ∫½wℓ dλ (VDM: only the endpoints enter the objective)."""
     from gendiff.data.toy import GaussianMixture
     from gendiff.schedules import LearnedDensity
     from gendiff.data.sources import ToyBatches

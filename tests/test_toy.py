@@ -46,8 +46,9 @@ ORIGIN, SCALE = np.array([0.0030, 0.0325]), np.array([1.3136, 1.3844])
 @pytest.mark.parametrize("classes,count", [("A", 1016), ("B", 1016), ("AB", 2032)])
 def test_tree_is_the_autoguidance_construction(classes, count):
     """Structure of the paper's tree (§10): 127 branches per class, each 8 equal-weight components
-    evenly spaced on a segment (t = 0.07 … 0.93), with the segment as a principal axis; class A's trunk leaves the origin
-    at 45°, B's at 225° (before the anisotropic scale), with length 0.292 jittered by N(0, 0.2²)."""
+    evenly spaced on a segment (t = 0.07 … 0.93), with the segment as a principal axis; class A's trunk leaves
+    the origin at 45°, B's at 225° (before the anisotropic scale), with length 0.292 jittered by
+    N(0, 0.2²)."""
     g = tree(classes)
     assert g.K == count == 8 * (2**7 - 1) * len(classes) and g.dim == 2
     m = g.means64.numpy().reshape(-1, 8, 2) / SCALE                 # unscaled branch coordinates
@@ -131,7 +132,8 @@ def test_scalar_and_per_point_paths_agree(tree_a, sigma):
     torch.testing.assert_close(lp_s, lp_p, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(sc_s, sc_p, rtol=1e-9, atol=1e-8)
     # chunking does not change anything
-    small = GaussianMixture(tree_a.weights64.numpy(), tree_a.means64.numpy(), tree_a.covs64.numpy(), chunk_size=7)
+    small = GaussianMixture(tree_a.weights64.numpy(), tree_a.means64.numpy(), tree_a.covs64.numpy(),
+                            chunk_size=7)
     torch.testing.assert_close(small.logp_and_score(x, sigma)[1], sc_s, rtol=1e-10, atol=1e-10)
     # float32 (either path) agrees with float64
     x32 = x.float()
@@ -167,7 +169,8 @@ def test_posterior_cov_is_second_order_tweedie(tree_a, sigma):
     sig = torch.tensor([0.03, 0.1, 0.2, 0.35, 0.05], dtype=F64)
     pp = tree_a.posterior(x, sig)
     for i in range(len(x)):
-        torch.testing.assert_close(pp.cov[i], tree_a.posterior(x[i:i + 1], sig[i].item()).cov[0], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(pp.cov[i], tree_a.posterior(x[i:i + 1], sig[i].item()).cov[0],
+                                   rtol=1e-10, atol=1e-14)
 
 
 # ---- a hand-made mixture against scipy -------------------------------------------------------------

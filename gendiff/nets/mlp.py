@@ -34,8 +34,8 @@ class ToyMLP(nn.Module):
         # x: [N, d]; c_noise: [N] (one per example, the Denoiser's contract) or a scalar
         c = torch.as_tensor(c_noise, dtype=x.dtype, device=x.device)
         if c.numel() not in (1, x.shape[0]):
-            raise ValueError(f"ToyMLP takes one noise level per example: c_noise of shape [{x.shape[0]}] or a "
-                             f"scalar; got shape {tuple(c.shape)}")
+            raise ValueError(f"ToyMLP takes one noise level per example: c_noise of shape [{x.shape[0]}] or "
+                             f"a scalar; got shape {tuple(c.shape)}")
         c = c.reshape(-1, 1).expand(x.shape[0], 1)
         h = self.out(self.body(torch.cat([x, c, torch.ones_like(c)], 1)))
         F = h[:, :self.dim] * self.gain[0]
@@ -53,7 +53,8 @@ def toy_denoiser(head="none", dim: int = 2, width: int = 64, hidden_layers: int 
 class ToyClassifier(nn.Module):
     """A noise-aware classifier for classifier guidance (T32): logits of p_σ(y | x̃) from an MLP on
     (c_in·x̃, c_noise, 1) with EDM's c_in = 1/√(σ² + σ_data²) and c_noise = ln(σ)/4 (T4), so its inputs
-    stay O(1) at every σ. SiLU between `hidden_layers + 1` linear layers of `width`, then a linear read-out."""
+    stay O(1) at every σ. SiLU between `hidden_layers + 1` linear layers of `width`, then a linear
+    read-out."""
 
     def __init__(self, dim: int = 2, classes: int = 2, width: int = 64, hidden_layers: int = 3,
                  sigma_data: float = 0.5):

@@ -22,11 +22,11 @@ Sources: ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", its `UNetMod
   training starts from μ = c_skip·x̃ and G = 0 (σ_φ = c_var for the diagonal head).
 
 Speed on CPU (benchmarks/unet_training.py; measured with torch 2.13, oneDNN): about 70–80% of a training
-step is convolution, so at a given parameter count the cost is set by where the width sits: a 3×3 conv at 28×28
-costs 16× the multiply-adds per parameter of one at 7×7. The benchmark's fast layout (16·[1, 4, 4], blocks
-[2, 2, 3], plain resampling, 1.74 M parameters) trains ~1.5× faster than ADM's 32·[1, 2, 2] layout of the same
-size (ours or diffusers' UNet2DModel; batch 128, 2 threads, fp32 and bf16; BENCHMARKS.md). The implementation
-follows what the rest costs. Plain NCHW is kept: channels_last
+step is convolution, so at a given parameter count the cost is set by where the width sits: a 3×3 conv at
+28×28 costs 16× the multiply-adds per parameter of one at 7×7. The benchmark's fast layout
+(16·[1, 4, 4], blocks [2, 2, 3], plain resampling, 1.74 M parameters) trains ~1.5× faster than ADM's
+32·[1, 2, 2] layout of the same size (ours or diffusers' UNet2DModel; batch 128, 2 threads, fp32 and bf16;
+BENCHMARKS.md). The implementation follows what the rest costs. Plain NCHW is kept: channels_last
 makes the bf16 convolutions ~15% faster, but torch's channels_last GroupNorm is 10–15× slower than its
 NCHW kernel in bf16 (forward + backward), which more than eats the gain; torch.compile was slower still
 (and compiles for ~2 minutes). Attention at 7×7 uses two matmuls rather than the fused kernel (see
@@ -167,8 +167,8 @@ class _Trunk(nn.Module):
     `UNet`'s."""
 
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
-                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
-                 num_classes: int = 0, emb_channels: int | None = None,
+                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,),
+                 dropout: float = 0.0, num_classes: int = 0, emb_channels: int | None = None,
                  num_groups: int | None = None, resample: str = "conv"):
         super().__init__()
         check_positive("img_resolution", img_resolution, integer=True)
@@ -188,8 +188,8 @@ class _Trunk(nn.Module):
             num_blocks = (num_blocks,) * levels
         blocks = tuple(num_blocks)
         if len(blocks) != levels:
-            raise ValueError(f"num_blocks={num_blocks!r} must be one integer or one per level ({levels} levels: "
-                             f"channel_mult={channel_mult})")
+            raise ValueError(f"num_blocks={num_blocks!r} must be one integer or one per level ({levels} "
+                             f"levels: channel_mult={channel_mult})")
         for i, b in enumerate(blocks):
             check_positive(f"num_blocks[{i}]", b, integer=True)
         check_choice("resample", resample, RESAMPLE)
@@ -305,8 +305,8 @@ class _Trunk(nn.Module):
         return nnf.silu(emb)
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor):
-        """conv_in, the encoder and the middle: x [N, C, H, W], emb [N, E] -> (h [N, ch, H/2^(L−1), W/2^(L−1)],
-        the activations stored for the decoder's skip connections, in order)."""
+        """conv_in, the encoder and the middle: x [N, C, H, W], emb [N, E] -> (h [N, ch, H/2^(L−1),
+        W/2^(L−1)], the activations stored for the decoder's skip connections, in order)."""
         h = self.conv_in(x)          # [N, mc·m0, H, W]
         skips = [h]
         for m in self.enc:
@@ -337,12 +337,13 @@ class UNet(_Trunk):
     """
 
     def __init__(self, img_resolution: int = 28, img_channels: int = 1, model_channels: int = 32,
-                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,), dropout: float = 0.0,
+                 channel_mult=(1, 2, 2), num_blocks: int | tuple = 2, attn_resolutions=(7,),
+                 dropout: float = 0.0,
                  num_classes: int = 0, g_channels: int = 0, emb_channels: int | None = None,
                  num_groups: int | None = None, resample: str = "conv"):
         check_positive("g_channels", g_channels, integer=True, allow_zero=True)
-        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
-                         dropout, num_classes, emb_channels, num_groups, resample)
+        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks,
+                         attn_resolutions, dropout, num_classes, emb_channels, num_groups, resample)
         self.g_channels = g_channels
         groups, emb_channels, dropout = self._groups, self.emb_channels, self._dropout
         skips, ch = list(self._skip_channels), self._channels
@@ -387,8 +388,9 @@ class NoisyClassifier(_Trunk):
     """A noise-aware image classifier for classifier guidance (T32), ADM's EncoderUNetModel: the U-Net's
     embedding, encoder and middle, then GroupNorm, SiLU, global average pooling and a linear read-out:
     `net(x̃, σ) -> logits [N, classes]` of p_σ(y | x̃). The input is scaled as the EDM denoiser's, by
-    `precond.EDMPrecond`'s c_in and c_noise (1/√(σ² + σ_data²) and ln(σ)/4, T4), so one network serves every σ. σ: a scalar or one per example.
-    classes: the classes predicted; the other arguments as `UNet`'s (the trunk is unconditional)."""
+    `precond.EDMPrecond`'s c_in and c_noise (1/√(σ² + σ_data²) and ln(σ)/4, T4), so one network serves every
+    σ. σ: a scalar or one per example. classes: the classes predicted; the other arguments as `UNet`'s
+    (the trunk is unconditional)."""
 
     def __init__(self, classes: int = 10, img_resolution: int = 28, img_channels: int = 1,
                  model_channels: int = 32, channel_mult=(1, 2, 2), num_blocks: int | tuple = 1,
@@ -396,8 +398,8 @@ class NoisyClassifier(_Trunk):
                  num_groups: int | None = None, resample: str = "conv", sigma_data: float = 0.5):
         check_positive("classes", classes, integer=True)
         check_positive("sigma_data", sigma_data)
-        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
-                         dropout, 0, emb_channels, num_groups, resample)
+        super().__init__(img_resolution, img_channels, model_channels, channel_mult, num_blocks,
+                         attn_resolutions, dropout, 0, emb_channels, num_groups, resample)
         self.classes, self.precond = classes, EDMPrecond(sigma_data)
         ch = self._channels
         self.norm_out = nn.GroupNorm(self._groups(ch), ch)
