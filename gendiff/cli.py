@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError
+from .checks import check_choice
 from .data.images import fetch
 from .experiments.ablate import GUIDES, AblateConfig, quick, run_seeds
 from .experiments.config import PRESETS, resolve, to_toml
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "images (images, default eval.likelihood_images)")
     lk.add_argument("--method", choices=("exact", "hutchinson"), help="divergence (default: exact for toy runs, "
                     "hutchinson for images)")
-    lk.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the held-out points")
+    lk.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the held-out points (toy) or "
+                    "of the dequantisation and Hutchinson probes (images: the first --points test images)")
     lk.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     return p
 
@@ -290,7 +292,12 @@ def _ablate_images(args) -> int:
     if args.runs is not None or args.seeds is not None or args.quick:
         raise ValueError("--suite images takes --preset, --set, --rows and --out; not --runs, --seeds or --quick")
     base = resolve(args.preset or "mnist-cpu", None, args.set)
+    if base.kind != "images":
+        raise ValueError(f"--suite images needs an image preset; --preset={args.preset!r} is a {base.kind!r} preset "
+                         "(e.g. --preset mnist-cpu)")
     rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else TABLE_ROWS
+    for r in rows:
+        check_choice("--rows", r, IMAGE_RECIPES)
     out = args.out or os.path.join("results", "images-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_writable(out)
     print(f"gendiff ablate --suite images: rows {', '.join(rows)} -> {out}")
@@ -305,9 +312,12 @@ def _report(args) -> int:
     if os.path.isfile(os.path.join(args.folder, "config.toml")):
         print(f"wrote {write_report(args.folder)}")
         return 0
+    if os.path.isfile(os.path.join(args.folder, "images.json")):   # gendiff ablate --suite images
+        print(f"wrote {write_report(args.folder)}")
+        return 0
     if not os.path.isfile(os.path.join(args.folder, "metrics.json")):
-        raise ValueError(f"folder={args.folder!r} holds no metrics.json or config.toml; give a results folder of "
-                         "gendiff ablate or a run folder of gendiff train")
+        raise ValueError(f"folder={args.folder!r} holds no metrics.json, images.json or config.toml; give a results "
+                         "folder of gendiff ablate or a run folder of gendiff train")
     result = rerender(args.folder)
     print(metrics_markdown(result))
     print(calibration_markdown(result))

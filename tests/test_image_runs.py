@@ -145,6 +145,10 @@ def test_table_is_resumable(blobs, tmp_path, monkeypatch):
     assert run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None) == md
     with pytest.raises(ValueError, match="another config"):
         run_table(tiny(blobs, "eps", "train.lr=0.1", "eval.likelihood_images=0"), ("eps",), out, progress=False)
+    from gendiff.cli import main
+    assert main(["report", out]) == 0                                # the table's results folder has a report
+    page = open(os.path.join(out, "index.html")).read()
+    assert "classifier acc." in page and "eps/samples.png" in page
 
 
 @pytest.mark.parametrize("images, labels, match", [
@@ -225,7 +229,7 @@ def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
     class Known(torch.nn.Module):
         def predict(self, x, sigma):
             s = torch.full_like(x, 0.3)
-            return Prediction(x, x0 + s * torch.randn(x.shape, generator=g), var=sigma ** 2 + s ** 2)
+            return Prediction(x, x0[:len(x)] + s * torch.randn(x.shape, generator=g), var=sigma ** 2 + s ** 2)
     g = torch.Generator().manual_seed(0)
     x0 = torch.zeros(64, 1, 28, 28)
     res = calibrate(Known(), tiny(blobs, "confidence"), x0, str(tmp_path))

@@ -132,11 +132,17 @@ def test_own_data_through_every_command(data, request, tmp_path, capsys):
     assert "--method='exact'" in capsys.readouterr().err
     assert main(["report", run]) == 0
     page = open(os.path.join(run, "index.html")).read()
-    for part in ("Uncertainty of the confidence head", "eval-3-8-seed0.json", "likelihood.json", "better",
-                 "bits/dim", "samples.png"):
+    for part in ("Uncertainty of the confidence head: noised test images", "own samples, noised again",
+                 "eval-3-8-seed0.json", "likelihood.json", "better", "bits/dim", "samples.png"):
         assert part in page, part
     cfg, model = load_run(run)                                       # the three documented lines
     assert cfg.data.path == path and model.net.img_channels == channels
+    moved = path + ".moved"                                          # the model loads without its data
+    os.rename(path, moved)
+    try:
+        assert load_run(run)[1].net.img_resolution == 16
+    finally:
+        os.rename(moved, path)
 
 
 def _write_png(path, arr):
@@ -202,7 +208,7 @@ def test_toy_samples_do_not_depend_on_the_batch_split():
     cfg = resolve("toy-quick")
     torch.manual_seed(0)
     model = toy.build_model(cfg)
-    for sampler in ("heun", "euler_maruyama"):
+    for sampler in ("heun", "euler_maruyama", "pc"):     # pc: batch-mean step sizes, so always one batch
         a, _, _ = sample_points(model, cfg, 300, seed=3, sampler=sampler, steps=4, batch=300)
         b, _, _ = sample_points(model, cfg, 300, seed=3, sampler=sampler, steps=4, batch=64)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -229,3 +235,33 @@ def test_a_resume_after_a_corrupt_checkpoint_logs_each_step_once(tmp_path):
     ea = EventAccumulator(os.path.join(out, "tb"))
     ea.Reload()
     assert [e.step for e in ea.Scalars("train/loss")] == steps
+
+
+def test_uncertainty_figure_takes_bright_colour_images(tmp_path):
+    """Colour images with no negative value (bright RGB) are images, not heat maps: the figure's heat maps are
+    named, not guessed from the values."""
+    from gendiff.experiments.images import uncertainty_figure
+    from gendiff.heads import Prediction
+
+    class Known(torch.nn.Module):
+        def predict(self, x, sigma):
+            return Prediction(x, x.clamp(0.2, 1), var=torch.full_like(x, float(sigma) ** 2 + 0.01))
+    x0 = 0.2 + 0.8 * torch.rand(2, 3, 8, 8)
+    uncertainty_figure(Known(), x0, str(tmp_path / "u.png"))
+    assert (tmp_path / "u.png").stat().st_size > 1000
+
+
+def test_a_torn_log_line_does_not_stop_a_resume(tmp_path):
+    from gendiff.experiments.runfolder import _cut_log
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 16, "loss": 1.0}\n{"step": 32, "loss": 0.9}\n{"step": 48, "lo')
+    _cut_log(str(p), 40)
+    assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [16, 32]
+
+
+def test_the_image_table_needs_an_image_preset_and_known_rows(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["ablate", "--suite", "images", "--preset", "toy-quick", "--out", str(out)]) == 2
+    assert "needs an image preset" in capsys.readouterr().err and not out.exists()
+    assert main(["ablate", "--suite", "images", "--preset", "mnist-tiny", "--rows", "eps,nope", "--out", str(out)]) == 2
+    assert "--rows='nope'" in capsys.readouterr().err and not out.exists()

@@ -220,7 +220,7 @@ def run_seeds(cfg: AblateConfig, seeds, out_dir: str | None = None, progress: bo
 
 def code_digest() -> str:
     """sha256 (first 16 hex) of the gendiff package's source: a resumed seed must come from the same code."""
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # gendiff/, the library included
     h = hashlib.sha256()
     for dirpath, dirnames, files in sorted(os.walk(root)):
         dirnames.sort()

@@ -20,7 +20,7 @@ import matplotlib
 
 from ..io import save_text
 from .kinds import load_run
-from .runfolder import read_config
+from .runfolder import read_config, read_json
 from .toy import phi_map
 
 matplotlib.use("Agg")
@@ -166,11 +166,13 @@ def run_report(out: str) -> str:
         if f.startswith("samples") and f.endswith(".png"):
             parts.append(f"<h2>{html.escape(f)}</h2>" + _img_bytes(open(os.path.join(out, f), "rb").read(), f,
                                                                      pixels=_is_image_run(out)))
-    if os.path.exists(os.path.join(out, "uncertainty.png")):
-        parts.append("<h2>Uncertainty of the confidence head on noised test images</h2><p>Per row one image at "
-                     "one σ: noisy input, denoised μ, the predicted std of x0 √(σ_φ² − σ²) (T8), the actual error "
-                     "|μ − x0|, the clean image; the two maps share one colour scale.</p>"
-                     + _img_bytes(open(os.path.join(out, "uncertainty.png"), "rb").read(), "uncertainty"))
+    for name, what in (("uncertainty.png", "noised test images"), ("uncertainty-generated.png",
+                                                                    "the model's own samples, noised again")):
+        if os.path.exists(os.path.join(out, name)):
+            parts.append(f"<h2>Uncertainty of the confidence head: {what}</h2><p>Per row one image at one σ: the "
+                         "noisy input, the denoised μ, the predicted std of x0 √(σ_φ² − σ²) (T8), the actual error "
+                         "|μ − x0| (root mean square over channels), x0; the two maps share one colour scale.</p>"
+                         + _img_bytes(open(os.path.join(out, name), "rb").read(), name))
     for f in sorted(os.listdir(out)):
         if (f.startswith("eval-") or f == "likelihood.json") and f.endswith(".json"):
             parts.append(f"<h2>{html.escape(f)}</h2>" + _metrics_table(_read(os.path.join(out, f))))
@@ -188,11 +190,14 @@ def _is_image_run(out: str) -> bool:
 
 def results_report(out: str) -> str:
     parts = []
-    md = os.path.join(out, "metrics.md")
-    if os.path.exists(md):
-        parts.append(_markdown_tables(open(md).read()))
-    pngs = [os.path.join(d, f) for d in (out, os.path.join(out, "figures")) if os.path.isdir(d)
-            for f in sorted(os.listdir(d)) if f.endswith(".png")]
+    for name in ("metrics.md", "images.md"):          # gendiff ablate; gendiff ablate --suite images
+        md = os.path.join(out, name)
+        if os.path.exists(md):
+            parts.append(_markdown_tables(open(md).read()))
+    rows = sorted(read_json(os.path.join(out, "images.json"))["rows"]) if os.path.exists(
+        os.path.join(out, "images.json")) else []                    # the table's run folders, one per row
+    pngs = [os.path.join(d, f) for d in (out, os.path.join(out, "figures"), *(os.path.join(out, r) for r in rows))
+            if os.path.isdir(d) for f in sorted(os.listdir(d)) if f.endswith(".png")]
     for path in pngs:
         name = os.path.relpath(path, out)
         parts += [f"<h3>{html.escape(name)}</h3>", _img_bytes(open(path, "rb").read(), name)]
@@ -200,14 +205,15 @@ def results_report(out: str) -> str:
 
 
 def write_report(out: str) -> str:
-    """Write FOLDER/index.html for a run folder (config.toml) or an ablate results folder (metrics.json)."""
+    """Write FOLDER/index.html for a run folder (config.toml) or an ablate results folder (metrics.json, or
+    images.json of --suite images)."""
     if os.path.exists(os.path.join(out, "config.toml")):
         page = run_report(out)
-    elif os.path.exists(os.path.join(out, "metrics.json")):
+    elif os.path.exists(os.path.join(out, "metrics.json")) or os.path.exists(os.path.join(out, "images.json")):
         page = results_report(out)
     else:
         raise ValueError(f"folder={out!r} is neither a run folder (config.toml) nor a gendiff ablate results "
-                         "folder (metrics.json)")
+                         "folder (metrics.json or images.json)")
     path = os.path.join(out, "index.html")
     save_text(page, path)
     return path

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checks import check_choice, check_positive
+from ..checks import check_choice
 from ..data import images as im
 from ..data.sources import DataSource
 from ..guidance import Conditioned, classifier_free
@@ -45,30 +45,30 @@ UNRELIABLE_MARGIN = 0.2            # classifier accuracy below chance + this sha
 
 # ---- data, model ---------------------------------------------------------------------------------------
 
-def load_images(dcfg, split: str):
-    """ImageData of the run's dataset. Folder/npz data is resized/converted as data.size/data.channels say and
-    split 90/10 into train/test, deterministically (seed 0); `describe_split` states the split."""
+def load_splits(dcfg):
+    """(train, test, description) of the run's dataset, decoded once. Folder/npz data is resized/converted as
+    data.size/data.channels say and split 90/10 into train/test, deterministically (seed 0); the description
+    (one line: the images, their labels and the split) is printed at the start of training and kept in the
+    run folder."""
     if dcfg.name in ("mnist", "fashion-mnist"):
-        return im.load_mnist(dcfg.name, split, root=dcfg.path or None)
-    data = _own_data(dcfg)
-    train, test = data.split(VAL_FRACTION, seed=0)
-    return train if split == "train" else test
-
-
-def _own_data(dcfg):
+        train, test = (im.load_mnist(dcfg.name, s, root=dcfg.path or None) for s in ("train", "test"))
+        c, h, w = train.images.shape[1:]
+        return train, test, (f"data {dcfg.name!r}: {len(train)} train / {len(test)} test images {c}×{h}×{w}, "
+                             f"{train.num_classes} classes (the dataset's own split)")
     kw = {"size": dcfg.size or None, "channels": dcfg.channels or None}
-    return im.load_folder(dcfg.path, **kw) if dcfg.name == "folder" else im.load_npz(dcfg.path, **kw)
+    data = im.load_folder(dcfg.path, **kw) if dcfg.name == "folder" else im.load_npz(dcfg.path, **kw)
+    if round(len(data) * VAL_FRACTION) < 1 or round(len(data) * VAL_FRACTION) >= len(data):
+        raise ValueError(f"data.path={dcfg.path!r} holds {len(data)} images; the fixed {VAL_FRACTION:.0%} test "
+                         f"split needs at least {math.ceil(0.5 / VAL_FRACTION)} images")
+    train, test = data.split(VAL_FRACTION, seed=0)
+    line = f"data {dcfg.name!r} at {dcfg.path}: {data.describe(VAL_FRACTION, seed=0)}"
+    return train, test, line
 
 
-def describe_split(dcfg, train, test) -> str:
-    """One line stating the data and its split, printed at the start of training and kept in the run folder."""
-    c, h, w = train.images.shape[1:]
-    labels = f"{train.num_classes} classes" if train.labels is not None else "unlabelled"
-    how = ("the dataset's own split" if dcfg.name in ("mnist", "fashion-mnist") else
-           f"a fixed random {round(100 * (1 - VAL_FRACTION))}/{round(100 * VAL_FRACTION)} split, seed 0, of "
-           f"{dcfg.path}")
-    return (f"data {dcfg.name!r}: {len(train) + len(test)} images {c}×{h}×{w}, {labels}: {len(train)} train / "
-            f"{len(test)} test ({how})")
+def load_images(dcfg, split: str):
+    """The train or test split of the run's dataset (load_splits)."""
+    train, test, _ = load_splits(dcfg)
+    return train if split == "train" else test
 
 
 class Setup(NamedTuple):
@@ -77,7 +77,8 @@ class Setup(NamedTuple):
     source: object
     density: object
     data: object                   # the training split (ImageData)
-    split: str                     # describe_split's line
+    test: object                   # the test split (ImageData)
+    split: str                     # load_splits' description
 
 
 def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=None):
@@ -96,9 +97,13 @@ def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=No
 
 
 def load_model(cfg: ImageRunConfig, out: str, weights: str = "model.safetensors"):
-    """The model of a finished image run folder with its weights (safetensors only), in eval mode."""
-    test = load_images(cfg.data, "test")
-    return load_weights(build_model(cfg, tuple(test.images.shape[1:]), test.num_classes), out, weights)
+    """The model of a finished image run folder with its weights (safetensors only), in eval mode. The image
+    shape and class count come from RUN/data.json (the data itself is not needed), else from the data."""
+    info = read_json(os.path.join(out, "data.json"))
+    if info is None:
+        test = load_images(cfg.data, "test")
+        info = {"shape": test.images.shape[1:], "num_classes": test.num_classes}
+    return load_weights(build_model(cfg, tuple(info["shape"]), info["num_classes"]), out, weights)
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -121,8 +126,7 @@ def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup
     fixes the run on any device. backbone: see recipes.ImageRecipe.build_model."""
     dev = resolve_device(device)
     recipe = IMAGE_RECIPES[cfg.recipe]
-    data = load_images(cfg.data, "train")
-    split = describe_split(cfg.data, data, load_images(cfg.data, "test"))
+    data, test, split = load_splits(cfg.data)
     if cfg.data.subset:
         data = data.subset(min(cfg.data.subset, len(data)), seed=cfg.seed)
     if recipe.conditional and data.labels is None:
@@ -135,7 +139,7 @@ def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup
     source = DataSource(x, labels, data.num_classes if recipe.conditional else 0, recipe.label_dropout,
                         shape=tuple(x.shape[1:]), name=f"data {data.name!r}", device=dev)
     density = recipe.density(cfg.train)
-    return Setup(model, recipe.loss_fn(density), source, density, data, split)
+    return Setup(model, recipe.loss_fn(density), source, density, data, test, split)
 
 
 def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = True, log=print,
@@ -144,11 +148,14 @@ def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = T
     if primary:
         log(setup.split)
         save_text(setup.split + "\n", os.path.join(out, "data.txt"))
+        save_json({"shape": list(setup.test.images.shape[1:]), "num_classes": setup.test.num_classes},
+                  os.path.join(out, "data.json"))   # what load_model needs to rebuild the network
     res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density, desc=cfg.recipe,
                           progress=progress, log=log, primary=primary)
     if not primary:
         return {}
-    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log, train=setup.data)
+    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log, train=setup.data,
+                                   test=setup.test)
     metrics.update(train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
                    train_seconds=res.seconds, iterations=cfg.train.iterations,
                    batch=cfg.train.batch, bad_steps=res.bad_steps, final_loss=_tail_mean(res.losses))
@@ -169,11 +176,11 @@ def _flat_numbers(m: dict, prefix: str = "") -> dict:
                                      f"{k}."))
         elif k.startswith("bpd_") and isinstance(v, float) and not k.endswith("seconds"):
             out[prefix + k] = v
-        elif k in ("fid", "precision", "recall", "classifier_test_accuracy") and isinstance(v, float):
+        elif k in ("fid", "precision", "recall") and isinstance(v, float):
             out[prefix + k] = v
-    if m.get("sample_metrics_unreliable"):
-        out["(sample metrics UNRELIABLE: classifier near chance) classifier_test_accuracy"] = \
-            m["classifier_test_accuracy"]
+    if "classifier_test_accuracy" in m:
+        flag = " (near chance: FID/precision/recall UNRELIABLE)" if m["sample_metrics_unreliable"] else ""
+        out[f"classifier_test_accuracy{flag}"] = m["classifier_test_accuracy"]
     return out
 
 
@@ -211,9 +218,9 @@ def sampler_name(cfg: ImageRunConfig, steps: int = 0) -> str:
 
 
 def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
-                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, first: int = 0):
+                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0):
     """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
-    batches of `batch` (default eval.batch). Image i (counting from `first`) draws its start and all its noise
+    batches of `batch` (default eval.batch). Image i draws its start and all its noise
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
     (images, info: sampler, NFE, seconds).
     labels: the class of each image for a conditional recipe (default: the null class ∅, unconditional), with
@@ -232,7 +239,7 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     process = ddpm().respaced(min(steps, DDPM_T)) if recipe.sampler == "ddpm" else None
     for i in range(0, n, batch):
         k = min(batch, n - i)
-        g = StackedGenerator(seed, range(first + i, first + i + k))
+        g = StackedGenerator(seed, range(i, i + k))
         den = counted
         if recipe.conditional:
             y = (labels[i:i + k] if labels is not None else torch.full((k,), num_classes)).to(dev)
@@ -263,7 +270,7 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
                batch: int = 0, cfg_weight: float | None = None, label: int | None = None, sampler=None,
                score_mode=None, **unused) -> dict:
     """`gendiff sample` on an image run: dest/000000.png … (one PNG per image), dest/samples.npz (uint8 images
-    [N, C, H, W], their seeds and labels) and dest/grid.png (the first 64). A conditional run samples classes
+    [N, C, H, W], the seed, each image's index i and labels) and dest/grid.png (the first 64). A conditional run samples classes
     0, 1, … in turn (or only `label`), with CFG weight `cfg_weight` (default: the conditional model alone)."""
     for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
         if v is not None:
@@ -287,7 +294,7 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
         with atomic_path(os.path.join(dest, f"{i:06d}.png")) as tmp:
             Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
     with atomic_path(os.path.join(dest, "samples.npz")) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=u8, seeds=np.arange(samples),
+        np.savez(f, images=u8, seed=np.int64(seed), index=np.arange(samples),
                  **({"labels": labels.numpy()} if labels is not None else {}))
     image_grid(os.path.join(dest, "grid.png"), x[:64], nrow=8)
     info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
@@ -302,12 +309,12 @@ def _num_classes(model) -> int:
 
 # ---- evaluation ----------------------------------------------------------------------------------------
 
-def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None) -> dict:
+def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None, test=None) -> dict:
     """FID / precision / recall / class counts of generated images (our classifier's features), bits/dim,
     σ_φ calibration for confidence models; writes samples*.png and uncertainty.png into `out`."""
     obj, ev = IMAGE_RECIPES[cfg.recipe], cfg.eval
     model = model.eval()
-    test = load_images(cfg.data, "test")
+    test = load_images(cfg.data, "test") if test is None else test
     xt = test.to_tensor()
     metrics: dict = {"recipe": cfg.recipe, "data": test.name}
     clf, real = None, None
@@ -333,6 +340,7 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
     metrics.update(bits_per_dim(model, cfg, xt[:ev.likelihood_images].to(dev), num_classes))
     if obj.head == "diag" and ev.calibration_images:
         metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images].to(dev), out)
+        uncertainty_figure(model, x[:4].to(dev), os.path.join(out, "uncertainty-generated.png"), seed=cfg.seed)
     return metrics
 
 
@@ -348,10 +356,13 @@ def feature_classifier(cfg, test, train=None):
     """(classifier, features of the test images, its test accuracy): the FID feature classifier of the run's
     dataset (nets/classifier.py), trained on the training split once and cached in the data folder."""
     train = load_images(cfg.data, "train") if train is None or cfg.data.subset else train
-    cache = im.data_dir(cfg.data.name) if cfg.data.name in ("mnist", "fashion-mnist") else \
-        os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
-    key = cfg.data.name if cfg.data.name in ("mnist", "fashion-mnist") else \
-        "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(cfg.data.path.rstrip("/")))
+    if cfg.data.name in ("mnist", "fashion-mnist"):
+        cache, key = im.data_dir(cfg.data.name), cfg.data.name
+    else:   # beside the data when that folder takes writes, else in gendiff's own data folder
+        key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(cfg.data.path.rstrip("/")))
+        cache = os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
+        if not os.access(os.path.dirname(cache), os.W_OK):
+            cache = os.path.join(os.path.dirname(im.data_dir("mnist")), "own-data-classifiers")
     xt = test.to_tensor()
     clf, info = load_or_train_classifier(key, train.to_tensor(), torch.from_numpy(train.labels), cache, xt,
                                          torch.from_numpy(test.labels), steps=cfg.eval.classifier_steps)
@@ -419,12 +430,9 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
     q(x | x̃) = N(μ, σ_φ²) models a noisy sample x ~ N(x0, σ²) (T7), so its optimum is σ_φ² = σ² + E[(μ − x0)²]
     (T8): the std it predicts for the error of μ itself is the excess s_x0 = √(σ_φ² − σ²) (floored at 1e-4).
     Calibration (image_metrics.calibration) is of s_x0 against |μ − x0|; also recorded: the coverage of σ_φ
-    itself, which counts the noise σ and must over-cover. uncertainty.png: noisy input, μ, s_x0, |μ − x0|, x0
-    for 4 images at three σ."""
+    itself, which counts the noise σ and must over-cover. uncertainty.png: see uncertainty_figure."""
     g = generator(cfg.seed, "calibration")
-    res, names = {}, []
-    panels = {k: [] for k in ("noisy x̃", "denoised μ", "predicted std of x0", "|μ − x0|", "clean x0")}
-    rms = lambda v: v.square().mean(1, keepdim=True).sqrt()  # noqa: E731  (maps of any channel count, per pixel)
+    res = {}
     for s in CALIBRATION_SIGMAS:
         xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
         p = model.predict(xn, torch.tensor(s, device=x0.device))
@@ -432,15 +440,31 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
         s_x0 = (var - s * s).clamp_min(1e-8).sqrt()
         c = calibration(s_x0.cpu(), p.mu.cpu(), x0.cpu())
         raw = calibration(var.sqrt().cpu(), p.mu.cpu(), x0.cpu())
-        c.update(sigma_phi_coverage_1sigma=raw["coverage_1sigma"], excess_floored=float((var <= s * s).float().mean()))
+        c.update(sigma_phi_coverage_1sigma=raw["coverage_1sigma"],
+                 excess_floored=float((var <= s * s).float().mean()))
         res[f"sigma={s:g}"] = c
-        if s in (0.2, 0.5, 1.0):
-            for k, v in zip(panels, (xn[:4].clamp(-1, 1), p.mu[:4], rms(s_x0[:4]), rms(p.mu - x0)[:4], x0[:4])):
-                panels[k].append(v)
-            names += [f"σ={s:g}"] * 4
-    uncertainty_grid(os.path.join(out, "uncertainty.png"), {k: torch.cat(v).cpu() for k, v in panels.items()},
-                     row_labels=names)
+    uncertainty_figure(model, x0[:4], os.path.join(out, "uncertainty.png"), seed=cfg.seed)
     return res
+
+
+@torch.no_grad()
+def uncertainty_figure(model, x0: torch.Tensor, path: str, seed: int = 0, sigmas=(0.2, 0.5, 1.0)) -> None:
+    """Per image and σ one row: the noisy input x0 + σε, the denoised μ, the std the head predicts for the error
+    of μ, √(σ_φ² − σ²) (T8), the actual error |μ − x0| and x0; the two maps share one colour scale per row and are
+    the root mean square over channels (any channel count). x0: test images, or generated ones (then |μ − x0|
+    is the error of re-denoising the model's own sample)."""
+    g = generator(seed, "uncertainty-figure")
+    names, panels = [], {k: [] for k in ("noisy x̃", "denoised μ", "predicted std of x0", "|μ − x0|", "x0")}
+    rms = lambda v: v.square().mean(1, keepdim=True).sqrt()  # noqa: E731  (one map per image, any channels)
+    for s in sigmas:
+        xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
+        p = model.predict(xn, torch.tensor(s, device=x0.device))
+        s_x0 = (p.variance().float() - s * s).clamp_min(1e-8).sqrt()
+        for k, v in zip(panels, (xn.clamp(-1, 1), p.mu, rms(s_x0), rms(p.mu - x0), x0)):
+            panels[k].append(v.float())
+        names += [f"σ={s:g}"] * len(x0)
+    uncertainty_grid(path, {k: torch.cat(v).cpu() for k, v in panels.items()}, row_labels=names,
+                     heat=("predicted std of x0", "|μ − x0|"))
 
 
 # ---- commands on a finished run folder ---------------------------------------------------------------
@@ -570,9 +594,10 @@ def table_markdown(results: dict, base) -> str:
              "features (not Inception: compare orderings with seed 004, not values).", "",
              "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) through the "
              "null class).", "",
-             "| row | FID ↓ | precision | recall | classes hit | bits/dim PF-ODE | bits/dim DDPM bound | train img/s "
-             "| sampler | NFE | seed 004 FID | seed 004 NLL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "FID, precision and recall are marked UNRELIABLE where the feature classifier is near chance.", "",
+             "| row | FID ↓ | precision | recall | classes hit | classifier acc. | bits/dim PF-ODE | bits/dim DDPM "
+             "bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=3: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
     pm = lambda m, k: "–" if m.get(k) is None else f"{m[k]:.3f} ± {m.get(k + '_se') or 0:.3f}"  # noqa: E731
     for r, m in results.items():
@@ -581,8 +606,10 @@ def table_markdown(results: dict, base) -> str:
                 continue
             name = r + key[len("samples"):]
             seed = PAPER_004.get(name, (None, None))
-            lines.append(f"| {name} | {f(s.get('fid'), 2)} | {f(s.get('precision'))} | {f(s.get('recall'))} | "
-                         f"{s.get('modes', {}).get('classes_hit', '–')} | {pm(m, 'bpd_pf_ode')} | "
+            bad = " (UNRELIABLE)" if m.get("sample_metrics_unreliable") else ""
+            lines.append(f"| {name} | {f(s.get('fid'), 2)}{bad} | {f(s.get('precision'))} | {f(s.get('recall'))} | "
+                         f"{s.get('modes', {}).get('classes_hit', '–')} | {f(m.get('classifier_test_accuracy'))} | "
+                         f"{pm(m, 'bpd_pf_ode')} | "
                          f"{pm(m, 'bpd_ddpm_bound')} | {f(m.get('train_img_per_s'), 1)} | {s['sampler']} | "
                          f"{s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
     cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]

@@ -32,8 +32,14 @@ def _cut_log(path: str, upto: int):
     """Keep the lines of steps ≤ upto (a resumed run replays what came after its checkpoint)."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= upto]
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= upto:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):   # a line torn by a kill mid-write, or blank
+                continue
     save_text("".join(keep), path)
 
 
@@ -48,7 +54,7 @@ class RunLog:
 
     def _open(self, first: int) -> None:
         _cut_log(self.path, first)
-        self.tb = SummaryWriter(os.path.join(self.out, "tb"), purge_step=first + 1 if first else None)
+        self.tb = SummaryWriter(os.path.join(self.out, "tb"), purge_step=first + 1)
 
     def on_step(self, done: int, result) -> None:
         if not self.primary:
@@ -92,7 +98,10 @@ def start_run(cfg, out: str) -> None:
     """Create the run folder with its config.toml. Call it after everything that can reject the run (the config,
     the data, the model) has been checked: a rejected run creates nothing."""
     if os.path.exists(os.path.join(out, "config.toml")):
-        raise ValueError(f"--out={out!r} already holds a run; continue it with `gendiff train --resume {out}`")
+        started = os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints"))
+        raise ValueError(f"--out={out!r} already holds a run; continue it with `gendiff train --resume {out}`"
+                         + ("" if started else " (it has no checkpoint yet: to start it anew with another config, "
+                                               "delete the folder)"))
     os.makedirs(out, exist_ok=True)
     save_text(to_toml(cfg), os.path.join(out, "config.toml"))
     save_json(to_dict(cfg), os.path.join(out, "config.json"))

@@ -98,15 +98,20 @@ def load_model(cfg: ToyRunConfig, out: str, weights: str = "model.safetensors"):
 
 # ---- sampling: one seed per sample ---------------------------------------------------------------------
 
-def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: str = "heun", steps: int = 32,
+def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: str = "heun", steps: int = 0,
                   score_mode: str = "tweedie", batch: int = 4096):
-    """n samples of the run's model with any σ-grid sampler, from the run's σ_max (exact p(x; σ_max) or Gaussian,
-    `sampler.init`). Sample i draws its start and all its noise from its own generator (seed, i): the samples do
-    not depend on `batch`. Returns (samples [n, 2], NFE per sample, seconds)."""
+    """n samples of the run's model with any σ-grid sampler (`steps`: default the run's sampler.steps; Heun with
+    the run's sampler.churn) from the run's σ_max (exact p(x; σ_max) or Gaussian, `sampler.init`). Sample i draws
+    its start and all its noise from its own generator (seed, i): the samples do not depend on `batch`, except
+    for `pc`, whose Langevin step size uses norms averaged over the batch (score_sde's rule): it samples all n in
+    one batch. Returns (samples [n, 2], NFE per sample, seconds)."""
     check_choice("sampler", sampler, GRID_SAMPLERS)
+    steps = steps or cfg.sampler.steps
     for name, v in (("steps", steps), ("samples", n), ("batch", batch)):
         check_positive(name, v, integer=True)
     gt, sc = tree(cfg.classes), cfg.sampler
+    batch = n if sampler == "pc" else batch
+    knobs = {"churn": sc.churn} if sampler == "heun" else {}
     counted = CountCalls(with_score_mode(model, score_mode))
     grid = edm_sigmas(steps, sc.sigma_min, sc.sigma_max, sc.rho)
     outs, start, batches = [], time.perf_counter(), 0
@@ -118,21 +123,22 @@ def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: s
         else:
             x = sc.sigma_max * torch.cat([torch.randn(1, gt.dim, generator=g) for g in init])
         with torch.no_grad():
-            outs.append(GRID_SAMPLERS[sampler](counted, x, grid, generator=StackedGenerator(seed, idx)))
+            outs.append(GRID_SAMPLERS[sampler](counted, x, grid, generator=StackedGenerator(seed, idx), **knobs))
         batches += 1
     return torch.cat(outs), counted.calls // batches, time.perf_counter() - start
 
 
 def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, seed: int = 0, sampler: str = "heun",
-               steps: int = 32, score_mode: str = "tweedie", batch: int = 4096, **unused) -> dict:
+               steps: int = 0, score_mode: str = "tweedie", batch: int = 4096, **unused) -> dict:
     """`gendiff sample` on a toy run: dest/samples.npz (points [N, 2]) and dest/samples.png (beside the ground
     truth)."""
     _refuse(unused, "toy")
+    steps = steps or cfg.sampler.steps
     x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps,
                                  score_mode=score_mode, batch=batch)
     os.makedirs(dest, exist_ok=True)
     with atomic_path(os.path.join(dest, "samples.npz")) as tmp, open(tmp, "wb") as f:
-        np.savez(f, samples=x.numpy(), seeds=np.arange(samples))
+        np.savez(f, samples=x.numpy(), seed=np.int64(seed), index=np.arange(samples))
     ref = tree(cfg.classes).sample(min(samples, 4096), generator=generator(seed, "reference"))[0]
     plot_points(x, ref, os.path.join(dest, "samples.png"), f"{cfg.recipe}, {sampler} {steps}")
     info = {"samples": samples, "sampler": sampler, "steps": steps, "nfe": nfe, "seed": seed, "seconds": secs}
@@ -147,11 +153,12 @@ def _refuse(options: dict, kind: str) -> None:
         raise ValueError(f"--{k.replace('_', '-')} does not apply to a {kind} run")
 
 
-def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str = "heun", steps: int = 32, samples: int = 4096,
+def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str = "heun", steps: int = 0, samples: int = 4096,
              seed: int = 0, score_mode: str = "tweedie", weights: str = "model.safetensors", **unused) -> dict:
     """Samples of the run's model (sample_points) measured against the tree's ground truth; writes
     RUN/eval-<sampler>-<steps>-<score_mode>.json."""
     _refuse(unused, "toy")
+    steps = steps or cfg.sampler.steps
     x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps, score_mode=score_mode)
     ev = _evaluator(cfg, seed, samples, 256)
     m = {"sampler": sampler, "steps": steps, "score_mode": score_mode, "nfe": nfe, "seed": seed, "seconds": secs,
