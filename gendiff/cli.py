@@ -1,4 +1,5 @@
-"""`gendiff` command line. Global settings (threads, allocator, denormals) are made here, not in the library."""
+"""`gendiff` command line. Global settings (threads, allocator, denormals) are made here, not in the
+library."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+        if ("default" in text or action.default in (None, argparse.SUPPRESS)
+                or action.option_strings == ["-h", "--help"]):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -67,20 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, formatter_class=_DefaultsFormatter, **k)
-    a = sub.add_parser("ablate", help="the main experiment on the 2-D tree, measured against the exact ground truth",
-                       description="Toy recipes: " + "; ".join(f"{k}: {v.help}" for k, v in TOY_RECIPES.items()))
+    a = sub.add_parser("ablate",
+                       help="the main experiment on the 2-D tree, measured against the exact ground truth",
+                       description="Toy recipes: "
+                       + "; ".join(f"{k}: {v.help}" for k, v in TOY_RECIPES.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
     a.add_argument("--suite", choices=sorted([*SUITES, "images"]), default="main",
                    help="main: the main experiment (runs: " + ",".join(MAIN_RUNS) + "); objectives: "
-                   "parameterisations, weightings and training densities (T17–T21), " + str(len(SUITES["objectives"]))
-                   + " runs; images: seed 004's MNIST table with the EDM and confidence rows (resumable: finished "
+                   "parameterisations, weightings and training densities (T17–T21), "
+                   + str(len(SUITES["objectives"]))
+                   + " runs; images: seed 004's MNIST table with the EDM and confidence rows (resumable: "
+                     "finished "
                    "rows are read, unfinished ones resume from their checkpoints)")
     a.add_argument("--preset", choices=sorted(PRESETS), help="--suite images: the budget (default mnist-cpu)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="--suite images: override a key of the preset (as gendiff train --set)")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="--suite images: where to train and sample (auto: the GPU when CUDA is there)")
-    a.add_argument("--rows", help="--suite images: comma-separated rows (default all: " + ", ".join(TABLE_ROWS) + ")")
+    a.add_argument("--rows",
+                   help="--suite images: comma-separated rows (default all: " + ", ".join(TABLE_ROWS) + ")")
     a.add_argument("--runs", help="comma-separated toy recipes (overrides --suite)")
     a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
     a.add_argument("--seed", type=_number("--seed", int, 0), default=0)
@@ -90,85 +97,113 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=_number("--lr", float, 1e-12), help="Adam learning rate (default 1e-2)")
     a.add_argument("--samples", type=_positive_int("--samples"))
     a.add_argument("--steps", type=_positive_int("--steps"), help="Heun steps (default 32)")
-    a.add_argument("--guidance", "-w", type=_nonneg_float("--guidance"), help="autoguidance weight w (default 3)")
+    a.add_argument("--guidance", "-w", type=_nonneg_float("--guidance"),
+                   help="autoguidance weight w (default 3)")
     a.add_argument("--guide", choices=GUIDES, help="guide model: snapshot (default), small, cfg")
     a.add_argument("--churn", type=_nonneg_float("--churn"), help="EDM stochastic churn (default 0)")
-    a.add_argument("--init", choices=INITS, help="sampling starts from exact samples of p(x; σ_max) (exact, the "
+    a.add_argument("--init", choices=INITS,
+                   help="sampling starts from exact samples of p(x; σ_max) (exact, the "
                    "seed's reference; default) or from N(0, σ_max²I) (gaussian)")
     a.add_argument("--hybrid-sigma", type=_number("--hybrid-sigma", float, 1e-12),
                    help=f"σ below which the hybrid score mode uses T14 (default {HYBRID_SIGMA})")
     a.add_argument("--no-figures", action="store_true")
     a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     a.add_argument("--no-progress", action="store_true")
-    d = sub.add_parser("data", help="obtain and verify a dataset offline (md5 against the published checksums)")
+    d = sub.add_parser("data",
+                       help="obtain and verify a dataset offline (md5 against the published checksums)")
     d.add_argument("action", choices=("fetch",))
     d.add_argument("name", choices=("mnist", "fashion-mnist"))
     d.add_argument("--root", help="destination folder (default: the gendiff data folder, $GENDIFF_DATA)")
-    r = sub.add_parser("report", help="write FOLDER/index.html (self-contained: config, metrics, curves, samples, "
-                       "σ_φ or uncertainty maps, eval and likelihood results) for a run folder of gendiff train or a "
-                       "results folder of gendiff ablate (whose metrics.md is re-rendered from metrics.json first)")
+    r = sub.add_parser("report",
+                       help="write FOLDER/index.html (self-contained: config, metrics, curves, samples, "
+                       "σ_φ or uncertainty maps, eval and likelihood results) for a run folder of gendiff "
+                       "train or a results folder of gendiff ablate (whose metrics.md is re-rendered from "
+                       "metrics.json first)")
     r.add_argument("folder", help="a run folder (gendiff train) or a results folder (gendiff ablate)")
-    t = sub.add_parser("train", help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, "
-                       "checkpoints); resumable", description="Configuration: a preset, then --config FILE.toml, then "
-                       "each --set key=value (e.g. --set recipe=edm --set train.batch=512); the resolved config is "
-                       "written to RUN/config.toml. Keys and defaults: `gendiff train --print-config`. Own images: "
-                       "--preset mnist-tiny --set data.name=folder --set data.path=DIR (see README, 'Your own data').")
+    t = sub.add_parser("train",
+                       help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, "
+                       "checkpoints); resumable",
+                       description="Configuration: a preset, then --config FILE.toml, then "
+                       "each --set key=value (e.g. --set recipe=edm --set train.batch=512); the resolved "
+                       "config is written to RUN/config.toml. Keys and defaults: `gendiff train "
+                       "--print-config`. Own images: --preset mnist-tiny --set data.name=folder --set "
+                       "data.path=DIR (see README, 'Your own data').")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named recipe (default: toy-reference, the main experiment's; or mnist-cpu when --config is "
-                   "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on a CPU / "
-                   "GPU budget; mnist-tiny: an image smoke run. Toy recipes (--set recipe=…): see gendiff ablate "
-                   "--help. Image recipes (--set recipe=… on an image preset): "
+                   help="named recipe (default: toy-reference, the main experiment's; or mnist-cpu when "
+                        "--config is "
+                   "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on "
+                   "a CPU / GPU budget; mnist-tiny: an image smoke run. Toy recipes (--set recipe=…): see "
+                   "gendiff ablate --help. Image recipes (--set recipe=… on an image preset): "
                    + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
     t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key (repeatable)")
     t.add_argument("--out", help="run folder (default runs/<recipe>-<timestamp>)")
-    t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest good checkpoint, with its config")
+    t.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its newest good checkpoint, with its config")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="image runs: auto = the GPU when CUDA is there (cuda:$LOCAL_RANK under torchrun, NCCL), "
+                   help="image runs: auto = the GPU when CUDA is there (cuda:$LOCAL_RANK under torchrun, "
+                        "NCCL), "
                    "else the CPU; toy runs train on the CPU")
     t.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = sub.add_parser("sample", help="write N samples of a trained run to a folder (images: one PNG each, plus "
-                       "samples.npz and grid.png; toy: samples.npz and a plot); sample i always comes from seed "
-                       "(--seed, i), whatever the batch size")
+    s = sub.add_parser("sample",
+                       help="write N samples of a trained run to a folder (images: one PNG each, plus "
+                       "samples.npz and grid.png; toy: samples.npz and a plot); sample i always comes from "
+                       "seed (--seed, i), whatever the batch size")
     s.add_argument("run", help="a run folder written by gendiff train")
     s.add_argument("--samples", type=_positive_int("--samples"), default=64, help="how many (default 64)")
     s.add_argument("--out", help="destination folder (default RUN/samples-seed<SEED>)")
-    s.add_argument("--batch", type=_positive_int("--batch"), help="samples per batch (default: eval.batch for "
+    s.add_argument("--batch", type=_positive_int("--batch"),
+                   help="samples per batch (default: eval.batch for "
                    "images, 4096 for toy runs); does not change the samples")
-    e = sub.add_parser("eval", help="measure a trained run's samples: toy against the exact ground truth; images "
+    e = sub.add_parser("eval",
+                       help="measure a trained run's samples: toy against the exact ground truth; images "
                        "FID/precision/recall in the feature classifier's space")
     e.add_argument("run", help="a run folder written by gendiff train")
-    e.add_argument("--samples", type=_positive_int("--samples"), help="default 4096 (toy) or eval.samples (images)")
+    e.add_argument("--samples", type=_positive_int("--samples"),
+                   help="default 4096 (toy) or eval.samples (images)")
     for x in (s, e):
-        x.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the samples (default 0)")
-        x.add_argument("--steps", type=_positive_int("--steps"), help="sampler steps (default 32 for toy runs; the "
+        x.add_argument("--seed", type=_number("--seed", int, 0), default=0,
+                       help="seed of the samples (default 0)")
+        x.add_argument("--steps", type=_positive_int("--steps"),
+                       help="sampler steps (default 32 for toy runs; the "
                        "run's eval.sampler_steps or its recipe's default for images)")
-        x.add_argument("--sampler", choices=sorted(GRID_SAMPLERS), help="toy runs: any σ-grid sampler (default "
+        x.add_argument("--sampler", choices=sorted(GRID_SAMPLERS),
+                       help="toy runs: any σ-grid sampler (default "
                        "heun); image runs use their recipe's sampler")
         x.add_argument("--score-mode", choices=SCORE_MODES, help="toy runs: T13 (tweedie, default) or T14")
-        x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"), help="class-conditional image runs: "
+        x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"),
+                       help="class-conditional image runs: "
                        "classifier-free guidance weight w (T33; default: the conditional model alone)")
-        x.add_argument("--weights", default="model.safetensors", help="weights file in the run folder (e.g. a "
+        x.add_argument("--weights", default="model.safetensors",
+                       help="weights file in the run folder (e.g. a "
                        "post-hoc EMA written by gendiff posthoc-ema)")
-        x.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
-    s.add_argument("--label", type=_number("--label", int, 0), help="class-conditional image runs: sample only "
+        x.add_argument("--threads", type=_positive_int("--threads"),
+                       help="torch threads (default: all cores)")
+    s.add_argument("--label", type=_number("--label", int, 0),
+                   help="class-conditional image runs: sample only "
                    "this class (default: classes 0, 1, … in turn)")
-    ph = sub.add_parser("posthoc-ema", help="EDM2's post-hoc EMA: reconstruct the EMA of any σ_rel from a run's "
+    ph = sub.add_parser("posthoc-ema",
+                        help="EDM2's post-hoc EMA: reconstruct the EMA of any σ_rel from a run's "
                         "snapshots (train with --set 'train.ema_posthoc=[0.05, 0.1]')")
     ph.add_argument("run", help="a run folder written by gendiff train")
     ph.add_argument("--sigma-rel", type=_number("--sigma-rel", float, 1e-6), required=True,
                     help="relative std of the target EMA, in (0, 0.2887)")
     ph.add_argument("--step", type=_positive_int("--step"), help="training step (default: the last snapshot)")
-    lk = sub.add_parser("likelihood", help="bits/dim: toy runs of held-out points (PF-ODE, continuous ELBO, exact); "
+    lk = sub.add_parser("likelihood",
+                        help="bits/dim: toy runs of held-out points (PF-ODE, continuous ELBO, exact); "
                         "image runs of test images (PF-ODE, DDPM bound)")
     lk.add_argument("run", help="a run folder written by gendiff train")
-    lk.add_argument("--points", type=_positive_int("--points"), help="held-out points (toy, default 512) or test "
+    lk.add_argument("--points", type=_positive_int("--points"),
+                    help="held-out points (toy, default 512) or test "
                     "images (images, default eval.likelihood_images)")
-    lk.add_argument("--method", choices=("exact", "hutchinson"), help="divergence (default: exact for toy runs, "
+    lk.add_argument("--method", choices=("exact", "hutchinson"),
+                    help="divergence (default: exact for toy runs, "
                     "hutchinson for images)")
-    lk.add_argument("--seed", type=_number("--seed", int, 0), default=0, help="seed of the held-out points (toy) or "
+    lk.add_argument("--seed", type=_number("--seed", int, 0), default=0,
+                    help="seed of the held-out points (toy) or "
                     "of the dequantisation and Hutchinson probes (images: the first --points test images)")
     lk.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     return p
@@ -183,7 +218,8 @@ def _sample(args) -> int:
     cfg, model = load_run(args.run, args.weights)
     dest = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
     info = kind_of(cfg).sample_run(args.run, cfg, model, samples=args.samples, dest=dest, seed=args.seed,
-                                   **_given(args, "steps", "batch", "sampler", "score_mode", "cfg_weight", "label"))
+                                   **_given(args, "steps", "batch", "sampler", "score_mode",
+                                            "cfg_weight", "label"))
     print(f"{args.run}: {info['samples']} samples ({info['sampler']}, NFE {info['nfe']}, seed {args.seed}: "
           f"sample i from seed ({args.seed}, i)) in {dest}")
     return 0
@@ -233,14 +269,15 @@ def _train(args) -> int:
     kind = kind_of(cfg)
     device = resolve_device(args.device).type if cfg.kind == "images" else args.device
     rank = _init_distributed(cuda=device == "cuda")
-    setup = kind.prepare(cfg, device)       # data, model, loss: anything that rejects the run, before the folder
+    setup = kind.prepare(cfg, device)    # data, model, loss: anything that rejects the run, before the folder
     if not args.resume and rank <= 0:
         _check_writable(out, create=False)
         start_run(cfg, out)
     if rank >= 0:
         dist.barrier()
     try:
-        metrics = kind.train_run(cfg, out, setup, progress=not args.no_progress and rank <= 0, primary=rank <= 0)
+        metrics = kind.train_run(cfg, out, setup, progress=not args.no_progress and rank <= 0,
+                                 primary=rank <= 0)
     finally:
         if rank >= 0 and dist.is_initialized():   # leave the group together (rank 0 evaluates last)
             dist.barrier()
@@ -267,14 +304,16 @@ def _ablate(args) -> int:
     if args.iterations:
         t = replace(t, iterations=args.iterations)
         # T34: the guide is the same run at 1/4 of training; the small guide trains 1/8 as long (512 of 4096)
-        cfg = replace(cfg, guide_iter=max(1, args.iterations // 4), guide_small_iter=max(1, args.iterations // 8))
+        cfg = replace(cfg, guide_iter=max(1, args.iterations // 4),
+                      guide_small_iter=max(1, args.iterations // 8))
     if args.batch:
         t = replace(t, batch=args.batch)
     if args.lr:
         t = replace(t, lr=args.lr)
     over = {k: v for k, v in {"samples": args.samples, "guidance": args.guidance, "guide": args.guide,
                               "hybrid_sigma": args.hybrid_sigma}.items() if v is not None}
-    smp = {k: v for k, v in {"steps": args.steps, "churn": args.churn, "init": args.init}.items() if v is not None}
+    smp = {k: v for k, v in {"steps": args.steps, "churn": args.churn, "init": args.init}.items()
+           if v is not None}
     cfg = replace(cfg, train=t, sampler=replace(cfg.sampler, **smp), figures=not args.no_figures, **over)
     cfg.validate()
     seeds = [cfg.seed] if args.seeds is None else _parse_seeds(args.seeds)
@@ -290,11 +329,12 @@ def _ablate(args) -> int:
 
 def _ablate_images(args) -> int:
     if args.runs is not None or args.seeds is not None or args.quick:
-        raise ValueError("--suite images takes --preset, --set, --rows and --out; not --runs, --seeds or --quick")
+        raise ValueError("--suite images takes --preset, --set, --rows and --out; not --runs, --seeds or "
+                         "--quick")
     base = resolve(args.preset or "mnist-cpu", None, args.set)
     if base.kind != "images":
-        raise ValueError(f"--suite images needs an image preset; --preset={args.preset!r} is a {base.kind!r} preset "
-                         "(e.g. --preset mnist-cpu)")
+        raise ValueError(f"--suite images needs an image preset; --preset={args.preset!r} is a {base.kind!r} "
+                         "preset (e.g. --preset mnist-cpu)")
     rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else TABLE_ROWS
     for r in rows:
         check_choice("--rows", r, IMAGE_RECIPES)
@@ -316,8 +356,8 @@ def _report(args) -> int:
         print(f"wrote {write_report(args.folder)}")
         return 0
     if not os.path.isfile(os.path.join(args.folder, "metrics.json")):
-        raise ValueError(f"folder={args.folder!r} holds no metrics.json, images.json or config.toml; give a results "
-                         "folder of gendiff ablate or a run folder of gendiff train")
+        raise ValueError(f"folder={args.folder!r} holds no metrics.json, images.json or config.toml; give a "
+                         "results folder of gendiff ablate or a run folder of gendiff train")
     result = rerender(args.folder)
     print(metrics_markdown(result))
     print(calibration_markdown(result))

@@ -52,7 +52,8 @@ def tiny(blobs, objective, *sets):
 
 @pytest.mark.parametrize("objective", sorted(IMAGE_RECIPES))
 def test_every_objective_trains_and_its_loss_falls(blobs, objective):
-    cfg = tiny(blobs, objective, "train.iterations=40", "train.batch=16", "train.precision=fp32", "train.lr=5e-3")
+    cfg = tiny(blobs, objective, "train.iterations=40", "train.batch=16", "train.precision=fp32",
+               "train.lr=5e-3")
     from gendiff.experiments.images import load_images
     data = load_images(cfg.data, "train")
     x = data.to_tensor()
@@ -87,7 +88,7 @@ def test_cfg_weight_zero_is_the_conditional_unet(blobs):
     cfg = tiny(blobs, "score-cfg")
     torch.manual_seed(0)
     model = build_model(cfg, (1, 28, 28), 4)
-    for p in model.parameters():                          # leave the zero-initialised output: make it non-trivial
+    for p in model.parameters():                      # leave the zero-initialised output: make it non-trivial
         torch.nn.init.normal_(p, std=0.05)
     from gendiff.guidance import Conditioned, classifier_free
     x, s, y = torch.randn(4, 1, 28, 28), torch.tensor(0.8), torch.tensor([0, 1, 2, 3])
@@ -117,13 +118,14 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
     sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "recipe=confidence"]
     assert main(["train", "--preset", "mnist-tiny", *sets, "--set", "train.iterations=16", "--out", out,
                  "--no-progress"]) == 0
-    for f in ("config.toml", "metrics.json", "model.safetensors", "samples.png", "uncertainty.png", "metrics.jsonl"):
+    for f in ("config.toml", "metrics.json", "model.safetensors", "samples.png", "uncertainty.png",
+              "metrics.jsonl"):
         assert os.path.exists(os.path.join(out, f)), f
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert {"fid", "precision", "recall", "class_counts", "nfe"} <= set(m["samples"])
     assert set(m["calibration"]) == {"sigma=0.05", "sigma=0.2", "sigma=0.5", "sigma=1", "sigma=2"}
     assert m["bpd_pf_ode"] > 0 and m["classifier_test_accuracy"] > 0.9
-    assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing left to train
+    assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing to train
     assert json.load(open(os.path.join(out, "metrics.json")))["samples"]["fid"] == m["samples"]["fid"]
     from safetensors.torch import load_file
     from gendiff.experiments import load_run
@@ -144,7 +146,8 @@ def test_table_is_resumable(blobs, tmp_path, monkeypatch):
     monkeypatch.setattr(ir, "train_run", lambda *a, **k: pytest.fail("a finished row was retrained"))
     assert run_table(base, ("eps", "edm"), out, progress=False, log=lambda *a: None) == md
     with pytest.raises(ValueError, match="another config"):
-        run_table(tiny(blobs, "eps", "train.lr=0.1", "eval.likelihood_images=0"), ("eps",), out, progress=False)
+        run_table(tiny(blobs, "eps", "train.lr=0.1", "eval.likelihood_images=0"), ("eps",), out,
+                  progress=False)
     from gendiff.cli import main
     assert main(["report", out]) == 0                                # the table's results folder has a report
     page = open(os.path.join(out, "index.html")).read()
@@ -199,15 +202,16 @@ def test_logged_throughput_spans_sittings(tmp_path):
 def test_device_choice(blobs, tmp_path):
     from gendiff.cli import main
     from gendiff.experiments.images import resolve_device
-    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type == ("cuda" if torch.cuda.is_available()
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available()
                                                                                    else "cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             resolve_device("cuda")
-        assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set", "data.name=npz",
-                     "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+        assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set",
+                     "data.name=npz", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert main(["train", "--preset", "toy-quick", "--device", "cuda", "--out", str(tmp_path / "t")]) == 2
 
 
@@ -222,7 +226,8 @@ def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
 
 
 def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
-    """A head with σ_φ² = σ² + s² exactly (T8) predicts std s for the error of μ: calibrate reads s, not σ_φ."""
+    """A head with σ_φ² = σ² + s² exactly (T8) predicts std s for the error of μ: calibrate reads s, not
+    σ_φ."""
     from gendiff.heads import Prediction
     from gendiff.experiments.images import calibrate
 
@@ -241,9 +246,9 @@ def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
 
 
 def test_unet_layout_options_reach_the_model(tmp_path):
-    """model.num_blocks (one integer or one per level), model.resample and model.emb_channels go from --set and
-    TOML through build_model into the UNet; an old config without them (num_blocks an integer) still loads as
-    before; bad values are one clear error naming the key."""
+    """model.num_blocks (one integer or one per level), model.resample and model.emb_channels go from --set
+    and TOML through build_model into the UNet; an old config without them (num_blocks an integer) still loads
+    as before; bad values are one clear error naming the key."""
     from gendiff.experiments.config import to_toml
     from gendiff.nets.unet import UNet
     cfg = resolve("mnist-cpu", sets=["recipe=edm", "model.num_blocks=[2, 1, 3]", "model.resample=plain",
@@ -256,10 +261,11 @@ def test_unet_layout_options_reach_the_model(tmp_path):
     want = UNet(num_blocks=(2, 1, 3), resample="plain", emb_channels=40)
     assert (net.num_blocks, net.resample, net.emb1.out_features) == ((2, 1, 3), "plain", 40)
     assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in want.parameters()]
-    path.write_text('kind = "images"\nrecipe = "edm"\n[model]\nnum_blocks = 1\n')              # a session-4 config
+    path.write_text('kind = "images"\nrecipe = "edm"\n[model]\nnum_blocks = 1\n')         # a session-4 config
     old = build_model(resolve(toml_path=str(path)), (1, 28, 28), 10).net
     assert (old.num_blocks, old.resample, old.emb1.out_features) == ((1, 1, 1), "conv", 4 * 32)
-    for sets, match in ((["model.num_blocks=[1, 2]"], r"model.num_blocks=\[1, 2\] must be one integer or one per "
+    for sets, match in ((["model.num_blocks=[1, 2]"],
+                         r"model.num_blocks=\[1, 2\] must be one integer or one per "
                                                       r"level \(3 levels"),
                         (["model.num_blocks=[1, 0, 1]"], r"model.num_blocks\[1\]=0 must be > 0"),
                         (["model.num_blocks=1.5"], r"model.num_blocks=1.5 is not an integer or a list"),
@@ -271,8 +277,8 @@ def test_unet_layout_options_reach_the_model(tmp_path):
 
 
 def test_another_backbone_trains_through_the_same_recipe(blobs):
-    """build_model's backbone hook: the callable gets (shape, num_classes, g_channels) as the row needs them and
-    its network goes inside the row's Denoiser (precond and head)."""
+    """build_model's backbone hook: the callable gets (shape, num_classes, g_channels) as the row needs them
+    and its network goes inside the row's Denoiser (precond and head)."""
     from gendiff.nets.unet import UNet
     calls = []
 
@@ -290,8 +296,8 @@ def test_another_backbone_trains_through_the_same_recipe(blobs):
 
 @pytest.mark.parametrize("objective", ["confidence", "learned-variance", "score-cfg"])
 def test_every_image_preset_builds_and_takes_a_step(objective):
-    """The presets (mnist-gpu included, which no session has run on a GPU yet) resolve, build their U-Net and take
-    one finite training step on two images."""
+    """The presets (mnist-gpu included, which no session has run on a GPU yet) resolve, build their U-Net and
+    take one finite training step on two images."""
     from gendiff.experiments.config import IMAGE_PRESETS
     for preset in IMAGE_PRESETS:
         cfg = resolve(preset, sets=[f"recipe={objective}"])
@@ -299,7 +305,8 @@ def test_every_image_preset_builds_and_takes_a_step(objective):
         model = build_model(cfg, (1, 28, 28), 10)
         density, loss = density_and_loss(cfg)
         g = torch.Generator().manual_seed(0)
-        x0 = torch.randint(0, 256, (2, 1, 28, 28), generator=g) * (2 / 255) - 1      # 8-bit (the hybrid loss's decoder)
+        # 8-bit (the hybrid loss's decoder)
+        x0 = torch.randint(0, 256, (2, 1, 28, 28), generator=g) * (2 / 255) - 1
         sigma = density.sample(2, g)
         batch = NoisyBatch(x0, x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g), sigma,
                            labels=torch.tensor([3, 10]) if IMAGE_RECIPES[objective].conditional else None)
@@ -311,8 +318,9 @@ def test_every_image_preset_builds_and_takes_a_step(objective):
 
 def test_classifier_guidance_on_images(blobs):
     """A NoisyClassifier (the U-Net's trunk + pooled read-out) trained by train_noisy_classifier on the blobs
-    beats chance at small σ; sample_images(guide=ClassifierGuided) at w = 0 gives the unguided samples exactly,
-    at w = 4 other samples, with the classifier's gradient in x's shape; guide without labels is an error."""
+    beats chance at small σ; sample_images(guide=ClassifierGuided) at w = 0 gives the unguided samples
+    exactly, at w = 4 other samples, with the classifier's gradient in x's shape; guide without labels is an
+    error."""
     from gendiff.guidance import ClassifierGuided, train_noisy_classifier
     from gendiff.nets.unet import NoisyClassifier
     from gendiff.schedules import LogNormalSigma
@@ -353,7 +361,8 @@ def test_classifier_guidance_on_images(blobs):
     assert torch.equal(sampled(0.0), plain)
 
     assert not torch.allclose(sampled(4.0), plain)
-    # the shift points uphill in log p_σ(y | x) for every image (a sign error or a wrong log-probability would not)
+    # the shift points uphill in log p_σ(y | x) for every image (a sign error or a wrong log-probability would
+    # not)
     with torch.no_grad():
         xs = x[:8] + torch.randn(x[:8].shape, generator=g)
         logp = lambda z: torch.log_softmax(clf(z, 1.0), 1)[torch.arange(8), y[:8]]  # noqa: E731

@@ -1,9 +1,9 @@
 """The package's import layout: imports run one way, cli → experiments → library, with no cycle and no gendiff
 import written inside a function (optional heavy third-party packages may stay lazy).
 
-Breakages tried (each fails here): `from .kinds import load_run` moved into a function of experiments/html.py (the
-in-function check); `from ..experiments.recipes import TOY_RECIPES` added to gendiff/train.py (the layer check and
-the cycle check); heads.py importing precond (the cycle check).
+Breakages tried (each fails here): `from .kinds import load_run` moved into a function of experiments/html.py
+(the in-function check); `from ..experiments.recipes import TOY_RECIPES` added to gendiff/train.py
+(the layer check and the cycle check); heads.py importing precond (the cycle check).
 """
 import ast
 import os
@@ -46,7 +46,8 @@ def _imports(module: str, path: str):
     for node in ast.walk(tree):
         if id(node) in type_checking:
             continue
-        if isinstance(node, ast.ImportFrom):   # `from . import x` imports the submodule x; `from .m import f`, m
+        # `from . import x` imports the submodule x; `from .m import f`, the module m
+        if isinstance(node, ast.ImportFrom):
             target = _resolve(module, node, is_package)
             subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
             names = subs or [target]

@@ -1,13 +1,13 @@
 """A researcher's own data end to end, from the command line: an RGB image folder with class subfolders and a
-grayscale .npz go through `train` (confidence recipe), SIGKILL + `--resume`, `sample --samples N --out`, `eval`,
-`likelihood` and `report`; bad data is one line naming the file or the key; samples do not depend on the batch
-split (toy and images); a resume after a corrupted checkpoint logs each step once.
+grayscale .npz go through `train` (confidence recipe), SIGKILL + `--resume`, `sample --samples N --out`,
+`eval`, `likelihood` and `report`; bad data is one line naming the file or the key; samples do not depend on
+the batch split (toy and images); a resume after a corrupted checkpoint logs each step once.
 
 Breakages tried (the test that catches each): sample_images drawing the batch's noise from one generator
 (test_image_samples_do_not_depend_on_the_batch_split); toy sample_points drawing the start from one generator
-(test_toy_samples_do_not_depend_on_the_batch_split); RunLog cutting the log at the newest checkpoint instead of
-the one resumed (test_a_resume_after_a_corrupt_checkpoint_logs_each_step_once); start_run before prepare (the
-failed-start assertions); calibrate passing C-channel error maps to the heat-map panels (the RGB run).
+(test_toy_samples_do_not_depend_on_the_batch_split); RunLog cutting the log at the newest checkpoint instead
+of the one resumed (test_a_resume_after_a_corrupt_checkpoint_logs_each_step_once); start_run before prepare
+(the failed-start assertions); calibrate passing C-channel error maps to the heat-map panels (the RGB run).
 """
 import json
 import os
@@ -32,12 +32,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--preset", "mnist-tiny", "--set", "model.attn_resolutions=[]", "--set", "recipe=confidence",
         "--set", "train.iterations=12", "--set", "checkpoint.every=4", "--set", "eval.samples=16",
-        "--set", "eval.calibration_images=4", "--set", "eval.likelihood_images=2", "--set", "train.snapshot_every=4",
-        "--set", "train.ema_posthoc=[0.05, 0.1]", "--threads", "1", "--no-progress"]
+        "--set", "eval.calibration_images=4", "--set", "eval.likelihood_images=2", "--set",
+        "train.snapshot_every=4", "--set", "train.ema_posthoc=[0.05, 0.1]", "--threads", "1", "--no-progress"]
 
 
 def _shapes(n: int, size: int, rgb: bool, seed: int = 0):
-    """n 8-bit images: a bright square (class 0) or a bar (class 1) at a random place, on a dark background."""
+    """n 8-bit images: a bright square (class 0) or a bar (class 1) at a random place, on a dark
+    background."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 2
     x = np.full((n, size, size, 3), 20, np.uint8)
@@ -97,7 +98,7 @@ def test_own_data_through_every_command(data, request, tmp_path, capsys):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     from safetensors.torch import load_file
-    a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
+    a, b = (load_file(os.path.join(r, "model.safetensors")) for r in (ref, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert {"fid", "precision", "recall"} <= set(m["samples"]) and "classifier_test_accuracy" in m
@@ -171,10 +172,11 @@ def test_bad_own_data_is_one_line_naming_it_and_creates_nothing(tmp_path, capsys
     _write_png(str(mixed / "b.png"), good[..., 0])
     assert "data.channels" in run("data.name=folder", f"data.path={mixed}")
     # the U-Net's attention at 14×14 does not fit 16×16 images: the error names the config keys that fix it
-    err = main(["train", "--preset", "mnist-tiny", "--set", "data.name=folder", "--set", f"data.path={rgb_folder}",
-                "--out", str(tmp_path / "attn")])
+    err = main(["train", "--preset", "mnist-tiny", "--set", "data.name=folder", "--set",
+                f"data.path={rgb_folder}", "--out", str(tmp_path / "attn")])
     msg = capsys.readouterr().err
-    assert err == 2 and "model.attn_resolutions" in msg and "data.size" in msg and not (tmp_path / "attn").exists()
+    assert err == 2 and "model.attn_resolutions" in msg and "data.size" in msg
+    assert not (tmp_path / "attn").exists()
     # with data.size the same folder fits the preset's U-Net
     cfg = resolve("mnist-tiny", sets=["data.name=folder", f"data.path={rgb_folder}", "data.size=28"])
     assert prepare(cfg).model.net.img_resolution == 28
@@ -188,14 +190,15 @@ def test_sample_metrics_near_chance_are_marked_unreliable():
 
 
 def test_image_samples_do_not_depend_on_the_batch_split(gray_npz):
-    """One seed per image (EDM2's StackedRandomGenerator): eval.batch 250 and 100 give the same 500 images, for
-    the Heun sampler (EDM recipes) and DDPM's ancestral sampler (noise at every step)."""
+    """One seed per image (EDM2's StackedRandomGenerator): eval.batch 250 and 100 give the same 500 images,
+    for the Heun sampler (EDM recipes) and DDPM's ancestral sampler (noise at every step)."""
     for recipe in ("edm", "eps"):
-        cfg = resolve("mnist-tiny", sets=["data.name=npz", f"data.path={gray_npz}", "model.attn_resolutions=[]",
+        cfg = resolve("mnist-tiny",
+                      sets=["data.name=npz", f"data.path={gray_npz}", "model.attn_resolutions=[]",
                                           f"recipe={recipe}", "eval.sampler_steps=3"])
         torch.manual_seed(0)
         model = build_model(cfg, (1, 16, 16), 2)
-        for p in model.parameters():                  # a non-trivial network (the output layer starts at zero)
+        for p in model.parameters():                 # a non-trivial network (the output layer starts at zero)
             torch.nn.init.normal_(p, std=0.05)
         a, _ = sample_images(model, cfg, 500, seed=7, batch=250)
         b, _ = sample_images(model, cfg, 500, seed=7, batch=100)
@@ -215,8 +218,10 @@ def test_toy_samples_do_not_depend_on_the_batch_split():
 
 
 def test_a_resume_after_a_corrupt_checkpoint_logs_each_step_once(tmp_path):
-    """The newest checkpoint corrupted: the resume falls back to the previous one and the log is cut back to the
-    step actually resumed from (the metrics.jsonl lines and the TensorBoard events), so every step is logged once."""
+    """The newest checkpoint corrupted: the resume falls back to the previous one and the log is cut back to
+    the step actually resumed from (the metrics.jsonl lines and the TensorBoard events), so every step is
+    logged
+    once."""
     out = str(tmp_path / "run")
     quick = ["--preset", "toy-quick", "--set", "train.iterations=64", "--set", "train.batch=64",
              "--set", "checkpoint.every=16", "--set", "eval.samples=64", "--set", "eval.eval_points=64",
@@ -263,5 +268,6 @@ def test_the_image_table_needs_an_image_preset_and_known_rows(tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["ablate", "--suite", "images", "--preset", "toy-quick", "--out", str(out)]) == 2
     assert "needs an image preset" in capsys.readouterr().err and not out.exists()
-    assert main(["ablate", "--suite", "images", "--preset", "mnist-tiny", "--rows", "eps,nope", "--out", str(out)]) == 2
+    assert main(["ablate", "--suite", "images", "--preset", "mnist-tiny", "--rows", "eps,nope",
+                 "--out", str(out)]) == 2
     assert "--rows='nope'" in capsys.readouterr().err and not out.exists()

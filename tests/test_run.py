@@ -78,7 +78,8 @@ def _wait_for_step(run, step, proc, timeout=120):
             if lines and lines[-1]["step"] >= step:
                 return
         time.sleep(0.05)
-    raise AssertionError(f"step {step} never logged (rc {proc.poll()}): {proc.stderr.read() if proc.poll() else ''}")
+    raise AssertionError(f"step {step} never logged (rc {proc.poll()}): "
+                         f"{proc.stderr.read() if proc.poll() else ''}")
 
 
 def test_train_killed_and_resumed_from_the_cli_is_bitwise_the_uninterrupted_run(tmp_path):
@@ -95,7 +96,7 @@ def test_train_killed_and_resumed_from_the_cli_is_bitwise_the_uninterrupted_run(
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert int(out.split("resumed from step ")[1].split()[0]) >= 48      # it continued, it did not start over
-    a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
+    a, b = (load_file(os.path.join(r, "model.safetensors")) for r in (ref, run))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in open(os.path.join(run, "metrics.jsonl"))]
     assert steps == sorted(set(steps)) and steps[-1] == 96                     # no duplicated log lines
@@ -150,20 +151,22 @@ def _torchrun(args):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port",
                              str(port), "-m", "gendiff.cli", "train", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
 def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path, finished_run):
-    """torchrun --nproc_per_node 2 (gloo on CPU): each rank trains on its half of the same global batch and the
-    gradients are averaged, so the weights equal the one-process run's up to float rounding of the means."""
+    """torchrun --nproc_per_node 2 (gloo on CPU): each rank trains on its half of the same global batch and
+    the gradients are averaged, so the weights equal the one-process run's up to float rounding of the
+    means."""
     from safetensors.torch import load_file
     out = str(tmp_path / "ddp")
     p = _torchrun([*QUICK, "--set", "train.iterations=32", "--out", out])
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
-    a, b = load_file(os.path.join(finished_run, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    a, b = (load_file(os.path.join(r, "model.safetensors")) for r in (finished_run, out))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
@@ -195,8 +198,10 @@ def test_bf16_autocast_trains_and_keeps_the_loss_in_float32():
 
 
 def test_power_function_ema_matches_edm2():
-    """EDM2 eq. 3–4: σ_rel = 0.05 ↔ γ = 16.97 (their value); σ_rel(γ) round-trips; β_t = (1 − 1/t)^(γ+1) averages
-    a trajectory θ_τ = τ to its τ^γ-weighted mean T(γ + 1)/(γ + 2) (1% at T = 1000); and train() applies it."""
+    """EDM2 eq. 3–4: σ_rel = 0.05 ↔ γ = 16.97 (their value); σ_rel(γ) round-trips; β_t = (1 − 1/t)^(γ+1)
+    averages a trajectory θ_τ = τ to its τ^γ-weighted mean T(γ + 1)/(γ + 2) (1% at T = 1000); and train()
+    applies
+    it."""
     import math
     from gendiff.data.toy import tree
     from gendiff.losses import EDMLoss
@@ -233,21 +238,25 @@ def test_power_function_ema_matches_edm2():
 
 def _browser():
     import shutil
-    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    found = [shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")]
+    return next((b for b in found if b), None)
 
 
 def _render(browser, page, shot):
     """Load the page from disk in headless chromium: its DOM after the load handler ran, and a screenshot."""
     base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*base, "--dump-dom", f"file://{page}"], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run([*base, "--dump-dom", f"file://{page}"], capture_output=True, text=True,
+                         timeout=120).stdout
     subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{page}"],
                    capture_output=True, timeout=120)
     return dom
 
 
 def test_report_html_renders_in_a_real_browser(finished_run, tmp_path):
-    """`gendiff report RUN` and `gendiff report RESULTS`: a self-contained index.html whose every image decodes in
-    headless chromium (the page's load handler writes data-images="ok:N") and which shows the metrics table."""
+    """`gendiff report RUN` and `gendiff report RESULTS`: a self-contained index.html whose every image
+    decodes in headless chromium (the page's load handler writes data-images="ok:N") and which shows the
+    metrics
+    table."""
     import shutil
     assert main(["report", finished_run]) == 0
     page = os.path.join(finished_run, "index.html")
@@ -288,11 +297,12 @@ def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_one(tmp_pa
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
     assert "resumed from step" in out
-    a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(run, "model.safetensors"))
+    a, b = (load_file(os.path.join(r, "model.safetensors")) for r in (ref, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch,
+                                                                                   capsys):
     from gendiff import checkpoint as ckpt
     out = str(tmp_path / "run")
     real, calls = ckpt.save_file, {"n": 0}

@@ -1,5 +1,5 @@
-"""The experiment layer over the library: recipes, run configs, run folders, the toy and image runs, the ablation
-suites and their reports. Imports run one way: cli → experiments → library.
+"""The experiment layer over the library: recipes, run configs, run folders, the toy and image runs, the
+ablation suites and their reports. Imports run one way: cli → experiments → library.
 
     from gendiff.experiments import load_run
     cfg, model = load_run("runs/my-run")          # any run folder of `gendiff train`

@@ -2,8 +2,8 @@
 against the exact ground truth of the 2-D tree.
 
 A short script over library parts: each run of the suite is a toy recipe (recipes.TOY_RECIPES: head, training
-mode, loss, score mode); it is trained on the tree (train.py), sampled unguided and autoguided with the EDM Heun
-sampler, and scored by the `Evaluator` (mixture_eval.py); report.py writes tables and figures.
+mode, loss, score mode); it is trained on the tree (train.py), sampled unguided and autoguided with the EDM
+Heun sampler, and scored by the `Evaluator` (mixture_eval.py); report.py writes tables and figures.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ class AblateConfig:
         self.sampler.validate()
         self.train.validate()
         if self.guide == "snapshot" and not 0 < self.guide_iter <= self.train.iterations:
-            raise ValueError(f"guide_iter={self.guide_iter} must be in [1, iterations={self.train.iterations}]")
+            raise ValueError(f"guide_iter={self.guide_iter} must be in [1, "
+                             f"iterations={self.train.iterations}]")
         for name in self.runs:  # the registry itself is checked too: a typo there fails here, not mid-suite
             spec = TOY_RECIPES[name]
             make_head(spec.head)
@@ -156,7 +157,8 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
             log(f"[{owner}] training: {TOY_RECIPES[owner].help}")
             res = _train_model(owner, TOY_RECIPES[owner], cfg, cfg.classes, cfg.seed, out_dir, progress)
             models[owner] = res.ema
-            guides[owner], guide_s = _guide_for(owner, TOY_RECIPES[owner], cfg, res, cfg.seed, out_dir, progress)
+            guides[owner], guide_s = _guide_for(owner, TOY_RECIPES[owner], cfg, res, cfg.seed,
+                                                out_dir, progress)
             t_run.update(train_s=res.seconds, it_per_s=res.it_per_s, guide_train_s=guide_s)
             training[owner] = training_stats(res)
         model = models[owner]

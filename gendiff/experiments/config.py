@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, named presets, TOML files and `--set key=value` overrides.
 
-A run config (`ToyRunConfig` for the exact 2-D tree, `ImageRunConfig` for images; its `kind` says which) is the
-whole description of one `gendiff train` run; `resolve(preset, toml_path, sets)` builds it
+A run config (`ToyRunConfig` for the exact 2-D tree, `ImageRunConfig` for images; its `kind` says which) is
+the whole description of one `gendiff train` run; `resolve(preset, toml_path, sets)` builds it
 in that order (preset, then the file, then each override) and validates it before anything touches the disk.
 Every error names the key, the value given and what is allowed. `to_toml` writes the fully resolved config,
 which `resolve(toml_path=...)` reads back to the same object (tested), so a run folder's `config.toml` is
@@ -66,7 +66,7 @@ def _check_kind(cfg, kind: str) -> None:
 @dataclass
 class ToyRunConfig:
     kind: str = "toy"         # toy (the exact 2-D tree) | images
-    recipe: str = "confidence"   # a toy recipe of `gendiff ablate --help` (head, batch mode, loss, precond, density)
+    recipe: str = "confidence"   # a toy recipe of `gendiff ablate --help` (head, batch mode, loss, density…)
     classes: str = "A"        # tree classes of the data
     seed: int = 0
     train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
@@ -92,9 +92,9 @@ class ImageDataConfig:
     name: str = "mnist"        # mnist | fashion-mnist | folder | npz
     path: str = ""             # folder or .npz file; for mnist/fashion-mnist a root holding the IDX files
                                # ('' = the gendiff data folder, then Debian's fashion-mnist package)
-    subset: int = 0            # train on a fixed random subset of this many training images (0: all)
-    size: int = 0              # folder/npz: resize every image to size×size (0: keep the images' own size)
-    channels: int = 0          # folder/npz: convert every image to 1 (grayscale) or 3 (RGB) channels (0: keep)
+    subset: int = 0           # train on a fixed random subset of this many training images (0: all)
+    size: int = 0             # folder/npz: resize every image to size×size (0: keep the images' own size)
+    channels: int = 0         # folder/npz: convert every image to 1 (grayscale) or 3 (RGB) channels (0: keep)
 
     def validate(self):
         check_choice("data.name", self.name, ("mnist", "fashion-mnist", "folder", "npz"))
@@ -106,8 +106,8 @@ class ImageDataConfig:
         if self.channels:
             check_channels(self.channels)
         if self.name in ("mnist", "fashion-mnist") and (self.size or self.channels):
-            raise ValueError(f"data.size / data.channels apply to folder and npz data; data.name={self.name!r} "
-                             "is 28×28 grayscale")
+            raise ValueError("data.size / data.channels apply to folder and npz data; "
+                             f"data.name={self.name!r} is 28×28 grayscale")
 
 
 _VAR = {"variable_length": True}
@@ -117,11 +117,11 @@ _VAR = {"variable_length": True}
 class UNetConfig:
     model_channels: int = 32
     channel_mult: tuple = field(default=(1, 2, 2), metadata=_VAR)
-    num_blocks: int | tuple = field(default=2, metadata={"int_or_list": True})  # one integer, or one per level
+    num_blocks: int | tuple = field(default=2, metadata={"int_or_list": True})  # one int, or one per level
     attn_resolutions: tuple = field(default=(7,), metadata=_VAR)
     dropout: float = 0.0
-    resample: str = "conv"     # conv: ADM's 3×3 conv resampling | plain: EDM2's 2×2 average / nearest, no conv
-    emb_channels: int = 0      # width of the noise embedding (0: 4·model_channels, ADM)
+    resample: str = "conv"    # conv: ADM's 3×3 conv resampling | plain: EDM2's 2×2 average / nearest, no conv
+    emb_channels: int = 0     # width of the noise embedding (0: 4·model_channels, ADM)
 
     def validate(self):
         check_positive("model.model_channels", self.model_channels, integer=True)
@@ -133,8 +133,9 @@ class UNetConfig:
             check_positive("model.num_blocks", self.num_blocks, integer=True)
         else:
             if len(self.num_blocks) != len(self.channel_mult):
-                raise ValueError(f"model.num_blocks={list(self.num_blocks)} must be one integer or one per level "
-                                 f"({len(self.channel_mult)} levels: model.channel_mult={list(self.channel_mult)})")
+                raise ValueError(f"model.num_blocks={list(self.num_blocks)} must be one integer or one per "
+                                 f"level ({len(self.channel_mult)} levels: "
+                                 f"model.channel_mult={list(self.channel_mult)})")
             for i, b in enumerate(self.num_blocks):
                 check_positive(f"model.num_blocks[{i}]", b, integer=True)
         check_choice("model.resample", self.resample, RESAMPLE)
@@ -164,9 +165,10 @@ class ImageEvalConfig:
 @dataclass
 class ImageRunConfig:
     kind: str = "images"      # toy | images (the exact 2-D tree, or an image dataset)
-    recipe: str = "confidence"   # an image recipe (a row of seed 004's table): `gendiff train --help` lists them
+    recipe: str = "confidence"   # an image recipe (a row of seed 004's table): `gendiff train --help`
     seed: int = 0
-    cfg_weights: tuple = field(default=(1.0, 5.0), metadata={**_VAR, "item": 0.0})   # T33 weights sampled for conditional rows
+    # T33 weights sampled for conditional rows
+    cfg_weights: tuple = field(default=(1.0, 5.0), metadata={**_VAR, "item": 0.0})
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -195,17 +197,19 @@ PRESETS = {
     "toy-quick": lambda: ToyRunConfig(train=ToyTrainConfig(iterations=256, batch=512, lr_ref_iter=64,
                                                              snapshot_every=128),
                                         checkpoint=CheckpointConfig(every=64), eval=EvalConfig(1024, 1024)),
-    # MNIST, seed 004's table: a CPU budget (the whole table ≤ 2 h on 2 cores, bf16), a GPU budget, a smoke run
-    "mnist-cpu": _image(dict(iterations=1500, batch=64, lr=2e-3, lr_ref_iter=1000, ema=0.998, snapshot_every=500,
-                             precision="bf16"), dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=1)),
+    # MNIST, seed 004's table: a CPU budget (the whole table ≤ 2 h on 2 cores, bf16), a GPU budget, a smoke
+    # run
+    "mnist-cpu": _image(dict(iterations=1500, batch=64, lr=2e-3, lr_ref_iter=1000, ema=0.998,
+                             snapshot_every=500, precision="bf16"),
+                        dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=1)),
     "mnist-gpu": _image(dict(iterations=40000, batch=256, lr=1e-3, lr_ref_iter=10000, ema=0.9999,
                              snapshot_every=5000, precision="bf16"),
                         dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2),
                         dict(samples=10000, sampler_steps=0, batch=1000, likelihood_images=512), ck=5000),
     "mnist-tiny": _image(dict(iterations=8, batch=8, lr=2e-3, lr_ref_iter=4, ema=0.9, snapshot_every=4),
                          dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14,)),
-                         dict(samples=16, sampler_steps=4, batch=16, likelihood_images=4, calibration_images=8,
-                              classifier_steps=30), ck=4),
+                         dict(samples=16, sampler_steps=4, batch=16, likelihood_images=4,
+                              calibration_images=8, classifier_steps=30), ck=4),
 }
 IMAGE_PRESETS = tuple(k for k, f in PRESETS.items() if f().kind == "images")
 KINDS = ("toy", "images")
@@ -248,8 +252,8 @@ def _coerce(key: str, old, value, variable: bool = False, item=0, int_or_list: b
     else:
         ok = isinstance(value, type(old))
     if not ok:
-        raise ValueError(f"{key}={value!r} is not {_type_name(old)}"
-                         + (f" of length {len(old)}" if isinstance(old, (tuple, list)) and not variable else ""))
+        fixed = isinstance(old, (tuple, list)) and not variable
+        raise ValueError(f"{key}={value!r} is not {_type_name(old)}" + (f" of length {len(old)}" if fixed else ""))
     return value
 
 
@@ -260,7 +264,8 @@ def _set(obj, dotted: str, value, prefix: str = ""):
     if head not in names:
         hint = ""
         if not prefix and head in ("data", "model") and getattr(obj, "kind", None) == "toy":
-            hint = f" ({head}.* keys belong to image runs: start from an image preset, e.g. --preset mnist-tiny)"
+            hint = (f" ({head}.* keys belong to image runs: start from an image preset, e.g. "
+                    "--preset mnist-tiny)")
         raise ValueError(f"unknown key {key!r}; allowed: " + ", ".join(prefix + n for n in names) + hint)
     old = getattr(obj, head)
     if is_dataclass(old):
@@ -300,14 +305,15 @@ def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
     if preset is None:
         kind = "toy" if table is None else table.get("kind")
         if kind not in KINDS:
-            raise ValueError(f"--config={toml_path!r} has kind={kind!r}; a run config starts with kind = \"toy\" "
-                             "or kind = \"images\" (or give --preset)")
+            raise ValueError(f"--config={toml_path!r} has kind={kind!r}; a run config starts with kind = "
+                             "\"toy\" or kind = \"images\" (or give --preset)")
         preset = DEFAULT_PRESET[kind]
     check_choice("preset", preset, PRESETS)
     cfg = PRESETS[preset]()
     if table is not None and table.get("kind", cfg.kind) != cfg.kind:
         raise ValueError(f"--config={toml_path!r} is a {table['kind']!r} run but --preset={preset!r} is a "
-                         f"{cfg.kind!r} preset; choose one of {[k for k, f in PRESETS.items() if f().kind == table['kind']]}")
+                         f"{cfg.kind!r} preset; choose one of "
+                         f"{[k for k, f in PRESETS.items() if f().kind == table['kind']]}")
     if table is not None:
         for key, value in _flatten(table):
             _set(cfg, key, value)

@@ -33,9 +33,10 @@ window.addEventListener('load', () => {
   document.body.dataset.images = bad ? `broken:${bad}/${imgs.length}` : `ok:${imgs.length}`;
 });
 </script>"""
-_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-          "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}img.pixels{image-rendering:pixelated;width:100%;max-width:900px}pre{background:#f6f6f6;"
-          "padding:1em;overflow-x:auto}")
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+          "img{max-width:100%}img.pixels{image-rendering:pixelated;width:100%;max-width:900px}"
+          "pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
 
 
 def _png(fig) -> str:
@@ -46,7 +47,8 @@ def _png(fig) -> str:
 
 def _img_bytes(data: bytes, alt: str = "figure", pixels: bool = False) -> str:
     cls = ' class="pixels"' if pixels else ""
-    return f'<img{cls} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+    src = f"data:image/png;base64,{base64.b64encode(data).decode()}"
+    return f'<img{cls} alt="{html.escape(alt)}" src="{src}">'
 
 
 def _table(rows, header) -> str:
@@ -61,7 +63,8 @@ def _markdown_tables(md: str) -> str:
 
     def flush():
         if table:
-            cells = [[c.strip().replace("**", "") for c in line.strip().strip("|").split("|")] for line in table
+            cells = [[c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+                     for line in table
                      if not set(line.replace("|", "").strip()) <= set("-: ")]
             out.append(_table(cells[1:], cells[0]))
             table.clear()
@@ -103,19 +106,24 @@ def _loss_curves(path: str) -> str:
 
 # what each metric means: direction (↓ lower is better, ↑ higher, · no direction) and unit
 METRIC_INFO = {
-    "fid": ("↓", "Fréchet distance in the feature classifier's space"), "precision": ("↑", "share of samples"),
+    "fid": ("↓", "Fréchet distance in the feature classifier's space"),
+               "precision": ("↑", "share of samples"),
     "recall": ("↑", "share of real images"), "label_accuracy": ("↑", "share"),
-    "classifier_test_accuracy": ("↑", "share; chance is classifier_chance"), "classifier_chance": ("·", "share"),
-    "sample_metrics_unreliable": ("·", "true: the classifier is near chance, FID/precision/recall mean nothing"),
+    "classifier_test_accuracy": ("↑", "share; chance is classifier_chance"),
+               "classifier_chance": ("·", "share"),
+    "sample_metrics_unreliable": ("·",
+                                  "true: the classifier is near chance, FID/precision/recall mean nothing"),
     "bpd_pf_ode": ("↓", "bits/dim"), "bpd_pf_ode_se": ("·", "bits/dim, standard error"),
     "bpd_ddpm_bound": ("↓", "bits/dim"), "bpd_ddpm_bound_se": ("·", "bits/dim, standard error"),
-    "pf_ode_bpd": ("↓", "bits/dim"), "elbo_bpd": ("↓", "bits/dim (a bound)"), "exact_bpd": ("·", "bits/dim (truth)"),
+    "pf_ode_bpd": ("↓", "bits/dim"), "elbo_bpd": ("↓", "bits/dim (a bound)"),
+               "exact_bpd": ("·", "bits/dim (truth)"),
     "sample_nll": ("↓", "nats, exact −log p of the samples"), "median_nll": ("↓", "nats"),
     "outlier_rate": ("↓", "share of samples"), "mmd": ("↓", "MMD², unbiased (can be < 0)"),
     "nonfinite": ("↓", "share of samples"), "score_error": ("↓", "σ²‖s_θ − s*‖², mean"),
     "final_loss": ("↓", "training loss, mean of the last 50 steps"), "bad_steps": ("↓", "skipped steps"),
     "train_img_per_s": ("↑", "images/s"), "nfe": ("·", "network evaluations per sample"),
-    "spearman": ("↑", "rank correlation of predicted and actual error"), "coverage_1sigma": ("·", "ideal 0.683"),
+    "spearman": ("↑", "rank correlation of predicted and actual error"),
+               "coverage_1sigma": ("·", "ideal 0.683"),
     "coverage_2sigma": ("·", "ideal 0.954"), "nll_gain": ("↑", "nats/pixel over the best constant σ"),
     "excess_floored": ("↓", "share of pixels with σ_φ ≤ σ"),
 }
@@ -157,8 +165,8 @@ def run_report(out: str) -> str:
         m = _read(mpath)
         if m.get("sample_metrics_unreliable"):
             parts.append(f"<p><b>Sample metrics unreliable:</b> the feature classifier's test accuracy is "
-                         f"{m['classifier_test_accuracy']:.3f} against chance {m['classifier_chance']:.3f}; FID, "
-                         "precision and recall below measure nothing.</p>")
+                         f"{m['classifier_test_accuracy']:.3f} against chance {m['classifier_chance']:.3f}; "
+                         "FID, precision and recall below measure nothing.</p>")
         parts.append("<h2>Metrics</h2>" + _metrics_table(m))
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         parts.append("<h2>Training</h2>" + _loss_curves(os.path.join(out, "metrics.jsonl")))
@@ -169,9 +177,10 @@ def run_report(out: str) -> str:
     for name, what in (("uncertainty.png", "noised test images"), ("uncertainty-generated.png",
                                                                     "the model's own samples, noised again")):
         if os.path.exists(os.path.join(out, name)):
-            parts.append(f"<h2>Uncertainty of the confidence head: {what}</h2><p>Per row one image at one σ: the "
-                         "noisy input, the denoised μ, the predicted std of x0 √(σ_φ² − σ²) (T8), the actual error "
-                         "|μ − x0| (root mean square over channels), x0; the two maps share one colour scale.</p>"
+            parts.append(f"<h2>Uncertainty of the confidence head: {what}</h2><p>Per row one image at one σ: "
+                         "the noisy input, the denoised μ, the predicted std of x0 √(σ_φ² − σ²) (T8), the "
+                         "actual error |μ − x0| (root mean square over channels), x0; the two maps share one "
+                         "colour scale.</p>"
                          + _img_bytes(open(os.path.join(out, name), "rb").read(), name))
     for f in sorted(os.listdir(out)):
         if (f.startswith("eval-") or f == "likelihood.json") and f.endswith(".json"):
@@ -196,7 +205,8 @@ def results_report(out: str) -> str:
             parts.append(_markdown_tables(open(md).read()))
     rows = sorted(read_json(os.path.join(out, "images.json"))["rows"]) if os.path.exists(
         os.path.join(out, "images.json")) else []                    # the table's run folders, one per row
-    pngs = [os.path.join(d, f) for d in (out, os.path.join(out, "figures"), *(os.path.join(out, r) for r in rows))
+    pngs = [os.path.join(d, f) for d in (out, os.path.join(out, "figures"),
+                                         *(os.path.join(out, r) for r in rows))
             if os.path.isdir(d) for f in sorted(os.listdir(d)) if f.endswith(".png")]
     for path in pngs:
         name = os.path.relpath(path, out)
@@ -209,7 +219,7 @@ def write_report(out: str) -> str:
     images.json of --suite images)."""
     if os.path.exists(os.path.join(out, "config.toml")):
         page = run_report(out)
-    elif os.path.exists(os.path.join(out, "metrics.json")) or os.path.exists(os.path.join(out, "images.json")):
+    elif any(os.path.exists(os.path.join(out, f)) for f in ("metrics.json", "images.json")):
         page = results_report(out)
     else:
         raise ValueError(f"folder={out!r} is neither a run folder (config.toml) nor a gendiff ablate results "

@@ -5,9 +5,9 @@ Training goes through the one loop (train.py) on a `DataSource`; sampling throug
 (respaced DDPM ancestral for the DDPM recipes, EDM Heun for the EDM recipes, CFG through
 guidance.classifier_free), one seed per image; measurement through image_metrics: FID, precision/recall and
 per-class counts in the features of our own classifier (nets/classifier.py, cached beside the data; its test
-accuracy is reported with them, and near chance the sample metrics are marked unreliable), bits/dim (PF-ODE with
-Hutchinson on dequantised test images; DDPM's bound for DDPM recipes), and for confidence recipes the calibration
-of σ_φ per pixel with an uncertainty figure.
+accuracy is reported with them, and near chance the sample metrics are marked unreliable), bits/dim
+(PF-ODE with Hutchinson on dequantised test images; DDPM's bound for DDPM recipes), and for confidence recipes
+the calibration of σ_φ per pixel with an uncertainty figure.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
 from .runfolder import load_weights, read_json, start_run, train_in_folder, weights_tag
 
 CALIBRATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
-VAL_FRACTION = 0.1                 # folder/npz data: the share held out as the test split (seed 0)
-UNRELIABLE_MARGIN = 0.2            # classifier accuracy below chance + this share of (1 − chance): metrics unreliable
+VAL_FRACTION = 0.1         # folder/npz data: the share held out as the test split (seed 0)
+UNRELIABLE_MARGIN = 0.2    # classifier accuracy below chance + this share of (1 − chance): metrics unreliable
 
 
 # ---- data, model ---------------------------------------------------------------------------------------
@@ -58,8 +58,8 @@ def load_splits(dcfg):
     kw = {"size": dcfg.size or None, "channels": dcfg.channels or None}
     data = im.load_folder(dcfg.path, **kw) if dcfg.name == "folder" else im.load_npz(dcfg.path, **kw)
     if round(len(data) * VAL_FRACTION) < 1 or round(len(data) * VAL_FRACTION) >= len(data):
-        raise ValueError(f"data.path={dcfg.path!r} holds {len(data)} images; the fixed {VAL_FRACTION:.0%} test "
-                         f"split needs at least {math.ceil(0.5 / VAL_FRACTION)} images")
+        raise ValueError(f"data.path={dcfg.path!r} holds {len(data)} images; the fixed {VAL_FRACTION:.0%} "
+                         f"test split needs at least {math.ceil(0.5 / VAL_FRACTION)} images")
     train, test = data.split(VAL_FRACTION, seed=0)
     line = f"data {dcfg.name!r} at {dcfg.path}: {data.describe(VAL_FRACTION, seed=0)}"
     return train, test, line
@@ -82,8 +82,8 @@ class Setup(NamedTuple):
 
 
 def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=None):
-    """The recipe's denoiser for images of `shape` (C, H, W); images the U-Net of cfg.model cannot take are one
-    error naming the config keys that fix it."""
+    """The recipe's denoiser for images of `shape` (C, H, W); images the U-Net of cfg.model cannot take are
+    one error naming the config keys that fix it."""
     c, h, w = shape
     if h != w:
         raise ValueError(f"the images are {h}×{w}; the U-Net takes square images: set data.size (e.g. "
@@ -121,9 +121,9 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup:
     """Everything that can reject an image run, before its folder exists: the data (read, checked, split), the
-    model (seeded initialisation; it must fit the images), the loss and the training density. The data, the model
-    and the EMA live on `device` (resolve_device); random draws come from the CPU training generator, so a seed
-    fixes the run on any device. backbone: see recipes.ImageRecipe.build_model."""
+    model (seeded initialisation; it must fit the images), the loss and the training density. The data, the
+    model and the EMA live on `device` (resolve_device); random draws come from the CPU training generator, so
+    a seed fixes the run on any device. backbone: see recipes.ImageRecipe.build_model."""
     dev = resolve_device(device)
     recipe = IMAGE_RECIPES[cfg.recipe]
     data, test, split = load_splits(cfg.data)
@@ -144,18 +144,19 @@ def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup
 
 def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = True, log=print,
               primary: bool = True) -> dict:
-    """Train (or continue) the image run in `out` through train.train; evaluate its EMA; returns the metrics."""
+    """Train (or continue) the image run in `out` through train.train; evaluate its EMA; returns the
+    metrics."""
     if primary:
         log(setup.split)
         save_text(setup.split + "\n", os.path.join(out, "data.txt"))
         save_json({"shape": list(setup.test.images.shape[1:]), "num_classes": setup.test.num_classes},
                   os.path.join(out, "data.json"))   # what load_model needs to rebuild the network
-    res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density, desc=cfg.recipe,
-                          progress=progress, log=log, primary=primary)
+    res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density,
+                          desc=cfg.recipe, progress=progress, log=log, primary=primary)
     if not primary:
         return {}
-    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log, train=setup.data,
-                                   test=setup.test)
+    metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log,
+                                   train=setup.data, test=setup.test)
     metrics.update(train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
                    train_seconds=res.seconds, iterations=cfg.train.iterations,
                    batch=cfg.train.batch, bad_steps=res.bad_steps, final_loss=_tail_mean(res.losses))
@@ -224,9 +225,9 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
     (images, info: sampler, NFE, seconds).
     labels: the class of each image for a conditional recipe (default: the null class ∅, unconditional), with
-    CFG weight `w` (T33; None: the conditional model alone). guide: None, or a callable (denoiser, labels of the
-    batch) -> denoiser wrapping the model for each batch (e.g. guidance.ClassifierGuided; needs `labels`); NFE
-    counts the model's calls."""
+    CFG weight `w` (T33; None: the conditional model alone). guide: None, or a callable
+    (denoiser, labels of the batch) -> denoiser wrapping the model for each batch (e.g.
+    guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls."""
     recipe = IMAGE_RECIPES[cfg.recipe]
     batch = batch or cfg.eval.batch
     if guide is not None and (labels is None or len(labels) < n):
@@ -246,7 +247,8 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
             den = classifier_free(den, y, num_classes, w) if w is not None else Conditioned(den, y)
         if guide is not None:
             den = guide(den, labels[i:i + k].to(dev))
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                             enabled=cfg.train.precision == "bf16"):
             z = g.randn((k, *shape)).to(dev)
             if recipe.sampler == "ddpm":
                 vfn = None
@@ -266,16 +268,18 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str, seed: int = 0, steps: int = 0,
+def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str, seed: int = 0,
+               steps: int = 0,
                batch: int = 0, cfg_weight: float | None = None, label: int | None = None, sampler=None,
                score_mode=None, **unused) -> dict:
     """`gendiff sample` on an image run: dest/000000.png … (one PNG per image), dest/samples.npz (uint8 images
-    [N, C, H, W], the seed, each image's index i and labels) and dest/grid.png (the first 64). A conditional run samples classes
-    0, 1, … in turn (or only `label`), with CFG weight `cfg_weight` (default: the conditional model alone)."""
+    [N, C, H, W], the seed, each image's index i and labels) and dest/grid.png (the first 64). A conditional
+    run samples classes 0, 1, … in turn (or only `label`), with CFG weight `cfg_weight`
+    (default: the conditional model alone)."""
     for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
         if v is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes the "
-                             f"sampler: {sampler_name(cfg)}; --steps changes its steps)")
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes "
+                             f"the sampler: {sampler_name(cfg)}; --steps changes its steps)")
     recipe = IMAGE_RECIPES[cfg.recipe]
     num_classes = _num_classes(model)
     if not recipe.conditional and (cfg_weight is not None or label is not None):
@@ -286,8 +290,8 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
     labels = None
     if recipe.conditional:
         labels = torch.full((samples,), label) if label is not None else torch.arange(samples) % num_classes
-    x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed, num_classes=num_classes,
-                            steps=steps, batch=batch)
+    x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed,
+                            num_classes=num_classes, steps=steps, batch=batch)
     os.makedirs(dest, exist_ok=True)
     u8 = _to_uint8(x)
     for i, img in enumerate(u8):
@@ -309,7 +313,8 @@ def _num_classes(model) -> int:
 
 # ---- evaluation ----------------------------------------------------------------------------------------
 
-def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None, test=None) -> dict:
+def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=print, train=None,
+                         test=None) -> dict:
     """FID / precision / recall / class counts of generated images (our classifier's features), bits/dim,
     σ_φ calibration for confidence models; writes samples*.png and uncertainty.png into `out`."""
     obj, ev = IMAGE_RECIPES[cfg.recipe], cfg.eval
@@ -322,12 +327,14 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
         clf, real, acc = feature_classifier(cfg, test, train)
         metrics.update(classifier_metrics(acc, test.num_classes))
         if metrics["sample_metrics_unreliable"]:
-            log(f"the feature classifier's test accuracy is {acc:.3f} against chance {1 / test.num_classes:.3f}: "
-                "FID, precision and recall of this run are UNRELIABLE (marked so in metrics.json)")
+            log(f"the feature classifier's test accuracy is {acc:.3f} against chance "
+                f"{1 / test.num_classes:.3f}: FID, precision and recall of this run are UNRELIABLE (marked "
+                "so in metrics.json)")
     ws = list(cfg.cfg_weights) if obj.conditional else [None]
     labels = torch.arange(ev.samples) % num_classes if obj.conditional else None
     for w in ws:
-        x, info = sample_images(model, cfg, ev.samples, labels=labels, w=w, seed=cfg.seed, num_classes=num_classes)
+        x, info = sample_images(model, cfg, ev.samples, labels=labels, w=w, seed=cfg.seed,
+                                num_classes=num_classes)
         key = "" if w is None else f"@w={w:g}"
         row = dict(info)
         if clf is not None:
@@ -340,7 +347,8 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
     metrics.update(bits_per_dim(model, cfg, xt[:ev.likelihood_images].to(dev), num_classes))
     if obj.head == "diag" and ev.calibration_images:
         metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images].to(dev), out)
-        uncertainty_figure(model, x[:4].to(dev), os.path.join(out, "uncertainty-generated.png"), seed=cfg.seed)
+        uncertainty_figure(model, x[:4].to(dev), os.path.join(out, "uncertainty-generated.png"),
+                           seed=cfg.seed)
     return metrics
 
 
@@ -359,7 +367,8 @@ def feature_classifier(cfg, test, train=None):
     if cfg.data.name in ("mnist", "fashion-mnist"):
         cache, key = im.data_dir(cfg.data.name), cfg.data.name
     else:   # beside the data when that folder takes writes, else in gendiff's own data folder
-        key = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(cfg.data.path.rstrip("/")))
+        key = "".join(ch if ch.isalnum() or ch in "-_." else "_"
+                      for ch in os.path.basename(cfg.data.path.rstrip("/")))
         cache = os.path.join(os.path.dirname(os.path.abspath(cfg.data.path)), ".gendiff-classifier")
         if not os.access(os.path.dirname(cache), os.W_OK):
             cache = os.path.join(os.path.dirname(im.data_dir("mnist")), "own-data-classifiers")
@@ -395,23 +404,27 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
     """Bits/dim of 8-bit test images (± the standard error over images): PF-ODE (T31, Hutchinson) of the
     dequantised images from σ_min (0.002 for EDM rows; σ̃_1 of the DDPM for DDPM rows, the lowest σ they were
     trained at), plus DDPM's discretised bound (T27) for DDPM rows (50 of the T − 1 diffusion steps, unbiased;
-    the learned Σ for the v head). A conditional model is measured unconditionally (the null class ∅: p(x))."""
+    the learned Σ for the v head). A conditional model is measured unconditionally
+    (the null class ∅: p(x))."""
     obj = IMAGE_RECIPES[cfg.recipe]
     if not len(x8):
         return {}
-    den = Conditioned(model, torch.full((len(x8),), num_classes, device=x8.device)) if obj.conditional else model
+    den = (Conditioned(model, torch.full((len(x8),), num_classes, device=x8.device)) if obj.conditional
+           else model)
     n, d = len(x8), x8[0].numel()
     se = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
     g = generator(cfg.seed, "likelihood")
     y = dequantize(x8.double(), generator=g).float()
     process = ddpm()
-    sigma_min = float(process.one_minus_alpha_bar[1] / process.alpha_bar[1]) ** 0.5 if obj.density_name == "ddpm" else 0.002
+    sigma_min = (float(process.one_minus_alpha_bar[1] / process.alpha_bar[1]) ** 0.5
+                 if obj.density_name == "ddpm" else 0.002)
     start = time.perf_counter()
     logp, info = log_likelihood(den, y, sigma_min=sigma_min, method="hutchinson", rtol=1e-4, atol=1e-4,
                                 generator=g)
     bpd = nll_8bit_to_bits_per_dim(-logp.double(), d)
     out = {"bpd_pf_ode": float(bpd.mean()), "bpd_pf_ode_se": se(bpd), "bpd_pf_ode_nfe": info["nfe"],
-           "bpd_pf_ode_sigma_min": sigma_min, "bpd_pf_ode_seconds": time.perf_counter() - start, "bpd_images": n}
+           "bpd_pf_ode_sigma_min": sigma_min, "bpd_pf_ode_seconds": time.perf_counter() - start,
+           "bpd_images": n}
     if obj.density_name == "ddpm":
         v = None
         if obj.head == "v":
@@ -419,7 +432,8 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
             den, v = lg, lg.v
         with torch.no_grad():
             vlb = ddpm_vlb(den, x8, process, decoder="discretized", v=v, steps=50, generator=g)
-        out.update(bpd_ddpm_bound=float(vlb["bits_per_dim"].mean()), bpd_ddpm_bound_se=se(vlb["bits_per_dim"]))
+        out.update(bpd_ddpm_bound=float(vlb["bits_per_dim"].mean()),
+                   bpd_ddpm_bound_se=se(vlb["bits_per_dim"]))
     return out
 
 
@@ -427,10 +441,11 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
 def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
     """The confidence head's claim about x0 against the actual error, on held-out images at several σ.
 
-    q(x | x̃) = N(μ, σ_φ²) models a noisy sample x ~ N(x0, σ²) (T7), so its optimum is σ_φ² = σ² + E[(μ − x0)²]
-    (T8): the std it predicts for the error of μ itself is the excess s_x0 = √(σ_φ² − σ²) (floored at 1e-4).
-    Calibration (image_metrics.calibration) is of s_x0 against |μ − x0|; also recorded: the coverage of σ_φ
-    itself, which counts the noise σ and must over-cover. uncertainty.png: see uncertainty_figure."""
+    q(x | x̃) = N(μ, σ_φ²) models a noisy sample x ~ N(x0, σ²) (T7), so its optimum is
+    σ_φ² = σ² + E[(μ − x0)²] (T8): the std it predicts for the error of μ itself is the excess
+    s_x0 = √(σ_φ² − σ²) (floored at 1e-4). Calibration (image_metrics.calibration) is of s_x0
+    against |μ − x0|; also recorded: the coverage of σ_φ itself, which counts the noise σ and must over-cover.
+    uncertainty.png: see uncertainty_figure."""
     g = generator(cfg.seed, "calibration")
     res = {}
     for s in CALIBRATION_SIGMAS:
@@ -449,10 +464,10 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
 
 @torch.no_grad()
 def uncertainty_figure(model, x0: torch.Tensor, path: str, seed: int = 0, sigmas=(0.2, 0.5, 1.0)) -> None:
-    """Per image and σ one row: the noisy input x0 + σε, the denoised μ, the std the head predicts for the error
-    of μ, √(σ_φ² − σ²) (T8), the actual error |μ − x0| and x0; the two maps share one colour scale per row and are
-    the root mean square over channels (any channel count). x0: test images, or generated ones (then |μ − x0|
-    is the error of re-denoising the model's own sample)."""
+    """Per image and σ one row: the noisy input x0 + σε, the denoised μ, the std the head predicts for the
+    error of μ, √(σ_φ² − σ²) (T8), the actual error |μ − x0| and x0; the two maps share one colour scale per
+    row and are the root mean square over channels (any channel count). x0: test images, or generated ones
+    (then |μ − x0| is the error of re-denoising the model's own sample)."""
     g = generator(seed, "uncertainty-figure")
     names, panels = [], {k: [] for k in ("noisy x̃", "denoised μ", "predicted std of x0", "|μ − x0|", "x0")}
     rms = lambda v: v.square().mean(1, keepdim=True).sqrt()  # noqa: E731  (one map per image, any channels)
@@ -470,29 +485,33 @@ def uncertainty_figure(model, x0: torch.Tensor, path: str, seed: int = 0, sigmas
 # ---- commands on a finished run folder ---------------------------------------------------------------
 
 def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: int = 0, seed: int = 0,
-             cfg_weight: float | None = None, weights: str = "model.safetensors", sampler=None, score_mode=None,
-             **unused) -> dict:
+             cfg_weight: float | None = None, weights: str = "model.safetensors", sampler=None,
+             score_mode=None, **unused) -> dict:
     """FID / precision / recall / class counts of `samples` images (default eval.samples) of the run's model
-    against the test split, with the feature classifier's accuracy; writes RUN/eval-<steps>-<n>-<seed>.json."""
+    against the test split, with the feature classifier's accuracy; writes
+    RUN/eval-<steps>-<n>-<seed>.json."""
     for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
         if v is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes the "
-                             f"sampler: {sampler_name(cfg)}; --steps changes its steps)")
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes "
+                             f"the sampler: {sampler_name(cfg)}; --steps changes its steps)")
     recipe = IMAGE_RECIPES[cfg.recipe]
     if cfg_weight is not None and not recipe.conditional:
-        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is unconditional")
+        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
+                         "unconditional")
     n = samples or cfg.eval.samples
     test = load_images(cfg.data, "test")
     if test.labels is None:
-        raise ValueError(f"gendiff eval measures samples in the features of a classifier of the data's classes; "
-                         f"data {cfg.data.path!r} has no labels (class subfolders or an npz 'labels' key): FID, "
-                         "precision and recall do not apply (samples: gendiff sample; bits/dim: gendiff likelihood)")
+        raise ValueError("gendiff eval measures samples in the features of a classifier of the data's "
+                         f"classes; data {cfg.data.path!r} has no labels (class subfolders or an npz "
+                         "'labels' key): FID, precision and recall do not apply (samples: gendiff sample; "
+                         "bits/dim: gendiff likelihood)")
     clf, real, acc = feature_classifier(cfg, test)
     labels = torch.arange(n) % test.num_classes if recipe.conditional else None
-    x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed, num_classes=test.num_classes,
-                            steps=steps)
+    x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed,
+                            num_classes=test.num_classes, steps=steps)
     m = {**info, "samples": n, "seed": seed, "cfg_weight": cfg_weight, "weights": weights,
-         **classifier_metrics(acc, test.num_classes), **sample_metrics(clf, real, x, test, test.num_classes, seed)}
+         **classifier_metrics(acc, test.num_classes),
+         **sample_metrics(clf, real, x, test, test.num_classes, seed)}
     tag = f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}" + \
         ("" if cfg_weight is None else f"-w{cfg_weight:g}") + weights_tag(weights)
     save_json(m, os.path.join(out, tag + ".json"))
@@ -502,8 +521,8 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
 def eval_summary(out: str, m: dict) -> str:
     flag = " (UNRELIABLE: the classifier is near chance)" if m["sample_metrics_unreliable"] else ""
     return (f"{out}: {m['sampler']} NFE {m['nfe']}, {m['samples']} samples: FID {m['fid']:.2f} ↓, precision "
-            f"{m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier with test accuracy "
-            f"{m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
+            f"{m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier with test "
+            f"accuracy {m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
 
 
 def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, method: str = "hutchinson",
@@ -514,8 +533,8 @@ def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, met
         if v is not None:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run")
     if method != "hutchinson":
-        raise ValueError(f"--method={method!r}: the exact divergence of an image model costs one backward pass per "
-                         "pixel; image runs use --method hutchinson")
+        raise ValueError(f"--method={method!r}: the exact divergence of an image model costs one backward "
+                         "pass per pixel; image runs use --method hutchinson")
     n = points or cfg.eval.likelihood_images or 64
     x8 = load_images(cfg.data, "test").to_tensor()[:n].to(next(model.parameters()).device)
     m = bits_per_dim(model, replace(cfg, seed=seed), x8, _num_classes(model))
@@ -531,14 +550,15 @@ def likelihood_summary(out: str, m: dict) -> str:
 
 # ---- the table -----------------------------------------------------------------------------------------
 
-PAPER_004 = {"x0": (49.10, None), "eps": (15.75, 1.21), "score": (78.83, None), "score-cfg@w=1": (61.91, None),
+PAPER_004 = {"x0": (49.10, None), "eps": (15.75, 1.21), "score": (78.83, None),
+             "score-cfg@w=1": (61.91, None),
             "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (bits/dim)
 
 
 def run_table(base, rows, out: str, *, progress: bool = True, log=print, device: str | None = None) -> str:
-    """Train and evaluate each row (recipe) of seed 004's table at `base`'s budget into out/<row>/, a run folder
-    each. Resumable: a row whose metrics.json exists for the same config is read; an unfinished row resumes from
-    its newest checkpoint. Writes out/images.json and out/images.md; returns the markdown."""
+    """Train and evaluate each row (recipe) of seed 004's table at `base`'s budget into out/<row>/, a run
+    folder each. Resumable: a row whose metrics.json exists for the same config is read; an unfinished row
+    resumes from its newest checkpoint. Writes out/images.json and out/images.md; returns the markdown."""
     for r in rows:
         if r not in IMAGE_RECIPES:
             raise ValueError(f"row {r!r} is not allowed; choose among {list(IMAGE_RECIPES)}")
@@ -560,8 +580,9 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
         if fresh:
             start_run(cfg, folder)
         results[r] = train_run(cfg, folder, setup, progress=progress, log=log)
-    for r in results:   # throughput from the training log: every sitting of a resumed row, evaluation excluded
-        results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"), base.train.batch)
+    for r in results:  # throughput from the training log: every sitting of a resumed row, evaluation excluded
+        results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"),
+                                                         base.train.batch)
     save_json({"preset_config": to_toml(base), "rows": results}, os.path.join(out, "images.json"))
     md = table_markdown(results, base)
     save_text(md, os.path.join(out, "images.md"))
@@ -569,8 +590,9 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
 
 
 def logged_img_per_s(path: str, batch: int) -> float:
-    """Training images per second from a run's metrics.jsonl: Σ Δstep·batch / Σ Δseconds over consecutive lines of
-    one sitting (seconds restart at 0 in each process, so a jump back marks a new sitting and is skipped)."""
+    """Training images per second from a run's metrics.jsonl: Σ Δstep·batch / Σ Δseconds over consecutive
+    lines of one sitting (seconds restart at 0 in each process, so a jump back marks a new sitting and is
+    skipped)."""
     if not os.path.exists(path):
         return float("nan")
     with open(path) as f:
@@ -588,17 +610,21 @@ def _as_list(v):
 
 def table_markdown(results: dict, base) -> str:
     t = base.train
-    lines = [f"Seed 004's table on {base.data.name}: U-Net {base.model.model_channels}×{list(base.model.channel_mult)}, "
-             f"{_as_list(base.model.num_blocks)} block(s)/level, {base.model.resample} resampling, {t.iterations} steps × batch {t.batch} ({t.precision}), "
-             f"EMA {t.ema}; {base.eval.samples} samples per row; FID, precision and recall in our classifier's "
-             "features (not Inception: compare orderings with seed 004, not values).", "",
-             "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) through the "
-             "null class).", "",
-             "FID, precision and recall are marked UNRELIABLE where the feature classifier is near chance.", "",
-             "| row | FID ↓ | precision | recall | classes hit | classifier acc. | bits/dim PF-ODE | bits/dim DDPM "
-             "bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL |",
+    lines = [f"Seed 004's table on {base.data.name}: U-Net "
+             f"{base.model.model_channels}×{list(base.model.channel_mult)}, "
+             f"{_as_list(base.model.num_blocks)} block(s)/level, {base.model.resample} resampling, "
+             f"{t.iterations} steps × batch {t.batch} ({t.precision}), EMA {t.ema}; {base.eval.samples} "
+             "samples per row; FID, precision and recall in our classifier's features (not Inception: "
+             "compare orderings with seed 004, not values).", "",
+             "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) "
+             "through the null class).", "",
+             "FID, precision and recall are marked UNRELIABLE where the feature classifier is near chance.",
+             "",
+             "| row | FID ↓ | precision | recall | classes hit | classifier acc. | bits/dim PF-ODE | "
+             "bits/dim DDPM bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, p=3: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
+    f = lambda v, p=3: ("–" if v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+                        else f"{v:.{p}f}")
     pm = lambda m, k: "–" if m.get(k) is None else f"{m[k]:.3f} ± {m.get(k + '_se') or 0:.3f}"  # noqa: E731
     for r, m in results.items():
         for key, s in m.items():
@@ -607,24 +633,26 @@ def table_markdown(results: dict, base) -> str:
             name = r + key[len("samples"):]
             seed = PAPER_004.get(name, (None, None))
             bad = " (UNRELIABLE)" if m.get("sample_metrics_unreliable") else ""
-            lines.append(f"| {name} | {f(s.get('fid'), 2)}{bad} | {f(s.get('precision'))} | {f(s.get('recall'))} | "
-                         f"{s.get('modes', {}).get('classes_hit', '–')} | {f(m.get('classifier_test_accuracy'))} | "
-                         f"{pm(m, 'bpd_pf_ode')} | "
+            lines.append(f"| {name} | {f(s.get('fid'), 2)}{bad} | {f(s.get('precision'))} | "
+                         f"{f(s.get('recall'))} | {s.get('modes', {}).get('classes_hit', '–')} | "
+                         f"{f(m.get('classifier_test_accuracy'))} | {pm(m, 'bpd_pf_ode')} | "
                          f"{pm(m, 'bpd_ddpm_bound')} | {f(m.get('train_img_per_s'), 1)} | {s['sampler']} | "
                          f"{s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
     cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]
     if cal:
-        lines += ["", "Calibration of the confidence head on held-out test images, per pixel. The std it predicts "
-                  "for the error of μ is s_x0 = √(σ_φ² − σ²) (T8: σ_φ² = σ² + E[(μ − x0)²]). Spearman ρ(s_x0², "
-                  "(μ − x0)²); coverage of ±1 s_x0 / ±2 s_x0 (ideal 68.3% / 95.4%); NLL gain of N(μ, s_x0²) over "
-                  "the best single σ for all pixels (nats/pixel; > 0: s_x0 beats that trivial predictor); "
-                  "floored: share of pixels with σ_φ ≤ σ (s_x0 set to 1e-4); ±1σ_φ: coverage of σ_φ itself.", "",
+        lines += ["",
+                  "Calibration of the confidence head on held-out test images, per pixel. The std it "
+                  "predicts for the error of μ is s_x0 = √(σ_φ² − σ²) (T8: σ_φ² = σ² + E[(μ − x0)²]). "
+                  "Spearman ρ(s_x0², (μ − x0)²); coverage of ±1 s_x0 / ±2 s_x0 (ideal 68.3% / 95.4%); NLL "
+                  "gain of N(μ, s_x0²) over the best single σ for all pixels (nats/pixel; > 0: s_x0 beats "
+                  "that trivial predictor); floored: share of pixels with σ_φ ≤ σ (s_x0 set to 1e-4); ±1σ_φ: "
+                  "coverage of σ_φ itself.", "",
                   "| row | σ | Spearman | ±1 s_x0 | ±2 s_x0 | NLL gain | floored | ±1σ_φ |",
                   "|---|---|---|---|---|---|---|---|"]
         for r, c in cal:
             for s, v in c.items():
-                lines.append(f"| {r} | {s.split('=')[1]} | {f(v['spearman'])} | {100 * v['coverage_1sigma']:.1f}% | "
-                             f"{100 * v['coverage_2sigma']:.1f}% | {f(v['nll_gain'])} | "
-                             f"{100 * v.get('excess_floored', float('nan')):.1f}% | "
+                lines.append(f"| {r} | {s.split('=')[1]} | {f(v['spearman'])} | "
+                             f"{100 * v['coverage_1sigma']:.1f}% | {100 * v['coverage_2sigma']:.1f}% | "
+                             f"{f(v['nll_gain'])} | {100 * v.get('excess_floored', float('nan')):.1f}% | "
                              f"{100 * v.get('sigma_phi_coverage_1sigma', float('nan')):.1f}% |")
     return "\n".join(lines) + "\n"

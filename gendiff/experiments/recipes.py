@@ -1,7 +1,7 @@
-"""Every recipe of the project as data over the library: the toy recipes of `gendiff ablate` (the exact 2-D tree)
-and the image recipes of seed 004's table. A recipe says what to train (head, parameterisation, loss, training
-density) and how to sample it; `build_model`, `density` and `loss_fn` make the library objects from it and the
-run's train config. A new experiment adds entries here first.
+"""Every recipe of the project as data over the library: the toy recipes of `gendiff ablate`
+(the exact 2-D tree) and the image recipes of seed 004's table. A recipe says what to train
+(head, parameterisation, loss, training density) and how to sample it; `build_model`, `density` and `loss_fn`
+make the library objects from it and the run's train config. A new experiment adds entries here first.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from ..nets.mlp import toy_denoiser
 from ..nets.unet import UNet
 from ..precond import PRECONDS, Denoiser
 from ..process import DDPM
-from ..schedules import AdaptiveSchedule, DDPMSteps, LearnedDensity, LogNormalSigma, make_schedule, make_weighting
+from ..schedules import (AdaptiveSchedule, DDPMSteps, LearnedDensity, LogNormalSigma, make_schedule,
+                         make_weighting)
 
 @dataclass(frozen=True)
 class ToyRecipe:
@@ -61,46 +62,59 @@ _COS, _LOGU = ("cosine", (_ENDS,)), ("log-uniform", (("sigma_min", 0.002), ("sig
 _SIG = ("sigmoid", (("bias", 2.0),))
 OBJECTIVE_GRID = {
     # every parameterisation under its classic weighting (VDM++ Table 1)
-    "obj-F-edm": ToyRecipe("none", "point", "edm", model="edm", help="F-prediction, EDM weighting and density: "
+    "obj-F-edm": ToyRecipe("none", "point", "edm", model="edm",
+                           help="F-prediction, EDM weighting and density: "
                          "the edm run's model (not retrained)"),
-    "obj-eps-simple": _objective("eps", _COS, ("eps-cosine", ()), help="ε-prediction, L_simple under the cosine "
+    "obj-eps-simple": _objective("eps", _COS, ("eps-cosine", ()),
+                                 help="ε-prediction, L_simple under the cosine "
                                  "schedule: w = sech(λ/2) ∝ p(λ)"),
-    "obj-v-cosine": _objective("v", _COS, ("v", ()), help="v-prediction under the cosine schedule: w = e^(−λ/2)"),
+    "obj-v-cosine": _objective("v", _COS, ("v", ()),
+                               help="v-prediction under the cosine schedule: w = e^(−λ/2)"),
     "obj-x0-sigmoid": _objective("x0", _COS, _SIG, help="x0-prediction, sigmoid(−λ + 2) weighting"),
     # every weighting under one parameterisation (F, EDM preconditioning) and one density (cosine)
     "w-elbo": _objective("edm", _COS, ("elbo", ()), help="w ≡ 1 (ELBO)"),
     "w-sigmoid": _objective("edm", _COS, _SIG, help="w = sigmoid(−λ + 2), VDM++'s best"),
-    "w-edm": _objective("edm", _COS, ("edm", ()), help="EDM's weighting under a cosine density (importance-weighted)"),
-    "w-edm-monotonic": _objective("edm", _COS, ("edm-monotonic", ()), help="EDM-monotonic: EDM's weighting held "
+    "w-edm": _objective("edm", _COS, ("edm", ()),
+                        help="EDM's weighting under a cosine density (importance-weighted)"),
+    "w-edm-monotonic": _objective("edm", _COS, ("edm-monotonic", ()),
+                                  help="EDM-monotonic: EDM's weighting held "
                                   "at its peak for every λ below it (VDM++)"),
     "w-v": _objective("edm", _COS, ("v", ()), help="w = e^(−λ/2)"),
     "w-eps-cosine": _objective("edm", _COS, ("eps-cosine", ()), help="w = sech(λ/2)"),
     "w-min-snr": _objective("edm", _COS, ("min-snr", (("gamma", 5.0),)), help="min-SNR-5"),
     # every training density under one weighting (sigmoid) and parameterisation (F): T17 says same objective
-    "p-cosine-shift+1": _objective("edm", ("cosine", (("shift", 1.0), _ENDS)), _SIG, help="shifted cosine, s = 1"),
-    "p-cosine-shift-1": _objective("edm", ("cosine", (("shift", -1.0), _ENDS)), _SIG, help="shifted cosine, s = −1"),
+    "p-cosine-shift+1": _objective("edm", ("cosine", (("shift", 1.0), _ENDS)), _SIG,
+                                   help="shifted cosine, s = 1"),
+    "p-cosine-shift-1": _objective("edm", ("cosine", (("shift", -1.0), _ENDS)), _SIG,
+                                   help="shifted cosine, s = −1"),
     "p-edm-training": _objective("edm", ("edm-training", (("p_mean", -1.2), ("p_std", 1.2), _ENDS)), _SIG,
                                  help="EDM training density λ ~ N(2.4, 2.4²)"),
-    "p-flow-matching": _objective("edm", ("flow-matching", (_ENDS,)), _SIG, help="flow-matching density sech²(λ/4)/8"),
+    "p-flow-matching": _objective("edm", ("flow-matching", (_ENDS,)), _SIG,
+                                  help="flow-matching density sech²(λ/4)/8"),
     "p-log-uniform": _objective("edm", _LOGU, _SIG, help="log-uniform σ in [0.002, 80] (VE and VP at these "
                                 "endpoints: both are uniform in λ)"),
     "p-adaptive": _objective("edm", ("adaptive", (("sigma_min", 0.002), ("sigma_max", 80.0))), _SIG,
                              help="adaptive p(λ) ∝ w·E[‖ε̂ − ε‖² | λ], fitted during training (T20)"),
     "p-learned": _objective("edm", ("learned", (("sigma_min", 0.002), ("sigma_max", 80.0))), _SIG,
-                            help="VDM's learned γ_η(t) as the density, its shape trained jointly to minimise the "
+                            help="VDM's learned γ_η(t) as the density, its shape trained jointly to minimise "
+                                 "the "
                             "loss' variance (T22)"),
-    # VE, VP and flow matching at equal endpoints σ ∈ [0.002, 80] and equal weighting (VDM++ §2): in VE space a
+    # VE, VP and flow matching at equal endpoints σ ∈ [0.002, 80] and equal weighting (VDM++ §2): in VE space
+    # a
     # process is the λ density its uniform t induces (VE geometric σ and VP linear λ: both uniform in λ) plus
     # its customary parameterisation
     "proc-ve": replace(_objective("edm", _LOGU, _SIG), model="p-log-uniform",
                        help="VE: geometric σ (uniform λ), F-prediction, sigmoid weighting (= p-log-uniform)"),
-    "proc-vp": _objective("eps", _LOGU, _SIG, help="VP: linear λ (uniform λ), ε-prediction, sigmoid weighting"),
+    "proc-vp": _objective("eps", _LOGU, _SIG,
+                          help="VP: linear λ (uniform λ), ε-prediction, sigmoid weighting"),
     "proc-flow": replace(_objective("edm", ("flow-matching", (_ENDS,)), _SIG), model="p-flow-matching",
                          help="flow matching: its λ density sech²(λ/4)/8, F-prediction, sigmoid weighting "
                          "(= p-flow-matching)"),
     # the confidence-aware NLL under three densities
-    "nll-cosine": _objective("edm", _COS, loss="nll", head="diag", help="confidence NLL (T9), cosine density"),
-    "nll-log-uniform": _objective("edm", _LOGU, loss="nll", head="diag", help="confidence NLL, log-uniform σ"),
+    "nll-cosine": _objective("edm", _COS, loss="nll", head="diag",
+                             help="confidence NLL (T9), cosine density"),
+    "nll-log-uniform": _objective("edm", _LOGU, loss="nll", head="diag",
+                                  help="confidence NLL, log-uniform σ"),
 }
 
 
@@ -113,23 +127,28 @@ TOY_RECIPES = {
     "confidence-full": ToyRecipe("full", "source", "nll", help="full covariance, consistent source mode: "
                                "x0 = component mean, known Σ_src (T3, T12)"),
     "confidence-full-phi-score": ToyRecipe("full", "source", "nll", "phi", model="confidence-full",
-                                         help="confidence-full sampled with the σ_φ score (T14), no retraining"),
+                                         help="confidence-full sampled with the σ_φ score (T14), no "
+                                              "retraining"),
     "confidence-full-hybrid": ToyRecipe("full", "source", "nll", "hybrid", model="confidence-full",
-                                      help="confidence-full sampled with T14 below --hybrid-sigma, T13 above"),
-    "seed-method": ToyRecipe("full", "point-cov", "nll", help="the seed's new_method as its training.py runs it: "
+                                      help="confidence-full sampled with T14 below --hybrid-sigma, T13 "
+                                           "above"),
+    "seed-method": ToyRecipe("full", "point-cov", "nll",
+                             help="the seed's new_method as its training.py runs it: "
                            "full head, x0 = the clean sample, plus tr(SSᵀΣ_src)/c_var² with the sample's Σ_k "
                            "(Σ_src counted twice); Sᵀ(F − F*) contracted as intended"),
-    "score-matching": ToyRecipe("none", "point", "score-matching", help="exact score matching, weight σ² (§10)"),
+    "score-matching": ToyRecipe("none", "point", "score-matching",
+                                help="exact score matching, weight σ² (§10)"),
     # Beyond the default suite:
     "confidence-phi-score": ToyRecipe("diag", "point", "nll", "phi", model="confidence",
                                     help="confidence sampled with the σ_φ score (T14)"),
-    "confidence-full-point": ToyRecipe("full", "point", "nll", help="full covariance trained in point mode (T12, "
+    "confidence-full-point": ToyRecipe("full", "point", "nll",
+                                       help="full covariance trained in point mode (T12, "
                                      "Σ_src = 0)"),
 }
 TOY_RECIPES.update(OBJECTIVE_GRID)
-# w-v is left out of the objectives suite (still a recipe): in VE space v = −F (T21, precond.VPrecond), so it trains
-# the same model as obj-v-cosine (bit-identical metrics, docs/results/objectives-seed0.md); this keeps the suite
-# within 20 minutes on a 2-core CPU.
+# w-v is left out of the objectives suite (still a recipe): in VE space v = −F (T21, precond.VPrecond), so it
+# trains the same model as obj-v-cosine (bit-identical metrics, docs/results/objectives-seed0.md); this keeps
+# the suite within 20 minutes on a 2-core CPU.
 MAIN_RUNS = ("edm", "confidence-frozen", "confidence", "confidence-full", "confidence-full-phi-score",
              "confidence-full-hybrid", "seed-method", "score-matching")
 SUITES = {"main": MAIN_RUNS, "objectives": ("edm", "confidence", *(r for r in OBJECTIVE_GRID if r != "w-v"))}
@@ -148,12 +167,12 @@ def ddpm() -> DDPM:
 
 @dataclass(frozen=True)
 class ImageRecipe:
-    precond: str                   # precond.PRECONDS key: the parameterisation (T21)
-    loss: str                      # a key of losses.LOSSES: simple-x0 | simple-eps | hybrid | edm | nll
-    head: str = "none"             # none | diag (σ_φ per pixel) | v (IDDPM learned variance)
-    density_name: str = "ddpm"     # ddpm: t uniform in 1..T (schedules.DDPMSteps); edm: ln σ ~ N(p_mean, p_std²)
-    rule: str = "eps"              # DDPM update of seed 004 (samplers.sample_ddpm), for the ddpm density
-    conditional: bool = False      # class embedding + label dropout (CFG, T33)
+    precond: str                # precond.PRECONDS key: the parameterisation (T21)
+    loss: str                   # a key of losses.LOSSES: simple-x0 | simple-eps | hybrid | edm | nll
+    head: str = "none"          # none | diag (σ_φ per pixel) | v (IDDPM learned variance)
+    density_name: str = "ddpm"  # ddpm: t uniform in 1..T (schedules.DDPMSteps); edm: ln σ ~ N(p_mean, p_std²)
+    rule: str = "eps"           # DDPM update of seed 004 (samplers.sample_ddpm), for the ddpm density
+    conditional: bool = False   # class embedding + label dropout (CFG, T33)
     label_dropout: float = 0.0
     help: str = ""
 
@@ -168,19 +187,21 @@ class ImageRecipe:
         return make_loss(self.loss, density)
 
     def build_model(self, cfg, shape: tuple, num_classes: int, backbone=None) -> Denoiser:
-        """Denoiser(UNet) for images of `shape` (C, H, W): G channels for the diag and v heads; class embedding
-        for conditional recipes. DDPM recipes use σ_data = 1, so that c_in·x̃ = z, the DDPM latent, is the net's
-        input. backbone: None (the UNet of cfg.model) or a callable (shape, num_classes, g_channels) -> nn.Module
-        honouring the Denoiser contract, to train another network through the same recipe."""
+        """Denoiser(UNet) for images of `shape` (C, H, W): G channels for the diag and v heads; class
+        embedding for conditional recipes. DDPM recipes use σ_data = 1, so that c_in·x̃ = z, the DDPM latent,
+        is the net's input. backbone: None (the UNet of cfg.model) or a callable (shape, num_classes,
+        g_channels) -> nn.Module honouring the Denoiser contract, to train another network through the same
+        recipe."""
         m = cfg.model
         classes, g = (num_classes if self.conditional else 0), (shape[0] if self.head != "none" else 0)
         if backbone is not None:
             net = backbone(shape, classes, g)
         else:
             net = UNet(img_resolution=shape[1], img_channels=shape[0], model_channels=m.model_channels,
-                       channel_mult=m.channel_mult, num_blocks=m.num_blocks, attn_resolutions=m.attn_resolutions,
-                       dropout=m.dropout, num_classes=classes, g_channels=g, emb_channels=m.emb_channels or None,
-                       resample=m.resample)
+                       channel_mult=m.channel_mult, num_blocks=m.num_blocks,
+                       attn_resolutions=m.attn_resolutions,
+                       dropout=m.dropout, num_classes=classes, g_channels=g,
+                       emb_channels=m.emb_channels or None, resample=m.resample)
         sigma_data = 1.0 if self.density_name == "ddpm" else cfg.train.sigma_data
         return Denoiser(net, PRECONDS[self.precond](sigma_data), self.head)
 

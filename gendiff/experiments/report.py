@@ -87,7 +87,8 @@ def table(rows, columns, hide_empty: bool = True) -> str:
         vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
         if vals and better:
             best[path] = _pick(better, vals)
-    lines = ["| run | guidance | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| run | guidance | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
     for name, label, m in rows:
         cells = []
         for path, _, _ in cols:
@@ -113,10 +114,12 @@ def calibration_markdown(result: dict) -> str:
         return ""
     bins = list(_get(rows[0][2], ("calibration", "ratio_by_sigma")))
     cols = CAL_COLUMNS + [(("calibration", "ratio_by_sigma", b), f"ratio σ ∈ {b}", "one") for b in bins]
-    names = sorted({b for _, _, m in rows for b in (_get(m, ("calibration", "spearman_excess_by_bin")) or {})},
+    names = sorted({b for _, _, m in rows
+                    for b in (_get(m, ("calibration", "spearman_excess_by_bin")) or {})},
                    key=lambda b: float(b[1:].split(",")[0]))
-    return table(rows, cols) + (f"\nExcess Spearman bins (log-σ, {CAL_BIN_DECADES:g} decade wide, ≥ {CAL_MIN_POINTS} "
-                                f"held-out points): " + ", ".join(names) + ".\n" if names else "")
+    bins = (f"\nExcess Spearman bins (log-σ, {CAL_BIN_DECADES:g} decade wide, ≥ {CAL_MIN_POINTS} held-out "
+            "points): " + ", ".join(names) + ".\n")
+    return table(rows, cols) + (bins if names else "")
 
 
 def score_bins_markdown(result: dict) -> str:
@@ -138,7 +141,8 @@ def guidance_effect(runs: dict) -> dict:
         u, g = per.get("unguided"), per.get("autoguided")
         if not (u and g):
             continue
-        diff = {k: g[k] - u[k] if ok(g.get(k), u.get(k)) else None for k in ("mmd", "sample_nll", "median_nll")}
+        diff = {k: g[k] - u[k] if ok(g.get(k), u.get(k)) else None
+                for k in ("mmd", "sample_nll", "median_nll")}
         out[name] = {
             "mmd_change": diff["mmd"],  # a difference: unbiased MMD² near 0 (even < 0) makes ratios noise
             "outlier_change": (g["outlier_rate"] - u["outlier_rate"]) / u["outlier_rate"]
@@ -167,7 +171,8 @@ def guidance_markdown(result: dict) -> str:
     rows = []
     for n, m in effect.items():
         u, g = (_center(_get(result["runs"], (n, lab, "mmd"))) for lab in ("unguided", "autoguided"))
-        rows.append((n, "autoguided vs unguided", {**m, "mmd_ratio_of_means": g / u if u and g is not None else None}))
+        rows.append((n, "autoguided vs unguided",
+                     {**m, "mmd_ratio_of_means": g / u if u and g is not None else None}))
     return table(rows, GUIDANCE_COLUMNS) if rows else ""
 
 
@@ -223,7 +228,8 @@ def rerender(out_dir: str) -> dict:
         result = json.load(f)
     seeds = result["config"]["seed"]
     if isinstance(seeds, list):
-        result["guidance_effect"] = _merge([guidance_effect(seed_slice(result["runs"], i)) for i in range(len(seeds))])
+        result["guidance_effect"] = _merge([guidance_effect(seed_slice(result["runs"], i))
+                                            for i in range(len(seeds))])
     else:
         result["guidance_effect"] = guidance_effect(result["runs"])
     write_metrics(result, out_dir)
@@ -251,21 +257,26 @@ def write_metrics(result: dict, out_dir: str) -> None:
             f"{_seeds_text(cfg['seed'])}, {cfg['samples']} samples, Heun {sampler['steps']} steps from "
             f"{'exact samples of p(x; σ_max)' if sampler['init'] == 'exact' else 'N(0, σ_max²I)'}, "
             f"autoguidance w = {cfg['guidance']} (guide: {cfg['guide']}). MMD² is unbiased (can be < 0); the "
-            f"ground-truth row is a second independent ground-truth set; exact-denoiser samples with the true "
-            f"posterior mean; source-optimum rows are the exact source-mode optimum read through T13 or T14.\n\n")
+            "ground-truth row is a second independent ground-truth set; exact-denoiser samples with the "
+            "true posterior mean; source-optimum rows are the exact source-mode optimum read through T13 or "
+            "T14.\n\n")
     parts = [head + metrics_markdown(result)]
     for title, text, body in (
-            ("Score error by noise level", "σ²‖s_θ − s*‖² averaged within each σ range of the held-out points.",
+            ("Score error by noise level",
+             "σ²‖s_θ − s*‖² averaged within each σ range of the held-out points.",
              score_bins_markdown(result)),
-            ("Calibration of σ_φ", "Learned Σ_φ against the exact optimum of the run's own loss (T8/T12) on the "
+            ("Calibration of σ_φ",
+             "Learned Σ_φ against the exact optimum of the run's own loss (T8/T12) on the "
              "held-out points; rows without a head have σ_φ = c_var (what σ alone predicts). The ratio is "
              "E[tr(Σ_φ⁻¹(σ²I + Σ_src + (μ − x0)(μ − x0)ᵀ))]/d: 1 when calibrated, > 1 over-confident.",
              calibration_markdown(result)),
             ("What autoguidance does", "Per run: autoguided against unguided samples of the same model.",
              guidance_markdown(result)),
-            ("The training loss as an estimator", "Per trained model: the mean training loss and the variance of "
+            ("The training loss as an estimator",
+             "Per trained model: the mean training loss and the variance of "
              "the per-example loss within a batch (the T17 estimator's variance for weighted runs; losses of "
-             "different runs have different scales unless they share the weighting).", training_markdown(result))):
+             "different runs have different scales unless they share the weighting).",
+             training_markdown(result))):
         if body:
             parts.append(f"\n## {title}\n\n{text}\n\n{body}")
     save_text("".join(parts), os.path.join(out_dir, "metrics.md"))

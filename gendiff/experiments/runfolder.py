@@ -44,9 +44,9 @@ def _cut_log(path: str, upto: int):
 
 
 class RunLog:
-    """metrics.jsonl (one line per LOG_EVERY steps) and TensorBoard events of a run folder. The log is cut back to
-    the step training actually starts from (known at the first step: the checkpoint resumed from, whichever
-    fallback was taken), so the log matches the state resumed. Only the primary process writes."""
+    """metrics.jsonl (one line per LOG_EVERY steps) and TensorBoard events of a run folder. The log is cut
+    back to the step training actually starts from (known at the first step: the checkpoint resumed from,
+    whichever fallback was taken), so the log matches the state resumed. Only the primary process writes."""
 
     def __init__(self, out: str, primary: bool = True):
         self.out, self.path, self.primary, self.start, self.tb = out, os.path.join(out, "metrics.jsonl"), \
@@ -63,7 +63,8 @@ class RunLog:
             self._open(done - 1)
         if done % LOG_EVERY or not result.losses:
             return
-        line = {"step": done, "loss": result.losses[-1], "loss_var": result.loss_vars[-1], "lr": result.lrs[-1],
+        line = {"step": done, "loss": result.losses[-1], "loss_var": result.loss_vars[-1],
+                "lr": result.lrs[-1],
                 "bad_steps": result.bad_steps, "seconds": round(time.perf_counter() - self.start, 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -75,15 +76,18 @@ class RunLog:
             self.tb.close()
 
 
-def train_in_folder(model, loss, source, cfg, out: str, *, density, desc: str, progress: bool, log, primary: bool):
+def train_in_folder(model, loss, source, cfg, out: str, *, density, desc: str, progress: bool, log,
+                    primary: bool):
     """train.train on a run folder: metrics.jsonl and TensorBoard (RunLog), checkpoints/ (resumed when there),
-    posthoc/ snapshots; the primary process then writes the EMA to model.safetensors. Returns the TrainResult."""
+    posthoc/ snapshots; the primary process then writes the EMA to model.safetensors. Returns the
+    TrainResult."""
     runlog = RunLog(out, primary)
     try:
         res = train(model, loss, source, cfg.train, seed=cfg.seed, progress=progress, desc=desc,
                     sigma_density=density, callbacks=[runlog.on_step],
                     outputs=Outputs(checkpoint_dir=os.path.join(out, "checkpoints"),
-                                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
+                                    checkpoint_every=cfg.checkpoint.every,
+                                    keep_checkpoints=cfg.checkpoint.keep,
                                     posthoc_dir=os.path.join(out, "posthoc")))
     finally:
         runlog.close()
@@ -95,13 +99,14 @@ def train_in_folder(model, loss, source, cfg, out: str, *, density, desc: str, p
 
 
 def start_run(cfg, out: str) -> None:
-    """Create the run folder with its config.toml. Call it after everything that can reject the run (the config,
-    the data, the model) has been checked: a rejected run creates nothing."""
+    """Create the run folder with its config.toml. Call it after everything that can reject the run
+    (the config, the data, the model) has been checked: a rejected run creates nothing."""
     if os.path.exists(os.path.join(out, "config.toml")):
-        started = os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints"))
+        ck = os.path.join(out, "checkpoints")
+        started = os.path.isdir(ck) and os.listdir(ck)
         raise ValueError(f"--out={out!r} already holds a run; continue it with `gendiff train --resume {out}`"
-                         + ("" if started else " (it has no checkpoint yet: to start it anew with another config, "
-                                               "delete the folder)"))
+                         + ("" if started else " (it has no checkpoint yet: to start it anew with another "
+                                               "config, delete the folder)"))
     os.makedirs(out, exist_ok=True)
     save_text(to_toml(cfg), os.path.join(out, "config.toml"))
     save_json(to_dict(cfg), os.path.join(out, "config.json"))
@@ -118,13 +123,14 @@ def read_config(out: str, option: str = "--resume"):
 def weights_path(out: str, weights: str = "model.safetensors") -> str:
     path = os.path.join(out, weights)
     if not os.path.exists(path):
-        raise ValueError(f"run {out!r} has no {weights} (unfinished? `gendiff train --resume {out}`; a post-hoc "
-                         "EMA: `gendiff posthoc-ema`)")
+        raise ValueError(f"run {out!r} has no {weights} (unfinished? `gendiff train --resume {out}`; a "
+                         "post-hoc EMA: `gendiff posthoc-ema`)")
     return path
 
 
 def load_weights(model, out: str, weights: str = "model.safetensors"):
-    """`model` with the weights file of the run folder loaded (safetensors only), in eval mode, no gradients."""
+    """`model` with the weights file of the run folder loaded (safetensors only), in eval mode, no
+    gradients."""
     path = weights_path(out, weights)
     try:
         state = load_file(path)
@@ -133,7 +139,8 @@ def load_weights(model, out: str, weights: str = "model.safetensors"):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"--weights={weights!r} does not fit the run's model ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"--weights={weights!r} does not fit the run's model ({str(e).splitlines()[0]})"
+                         ) from None
     return model.eval().requires_grad_(False)
 
 
@@ -143,14 +150,15 @@ def weights_tag(weights: str) -> str:
 
 
 def posthoc_run(out: str, sigma_rel: float, step: int | None = None) -> str:
-    """EDM2's post-hoc EMA of a run trained with `train.ema_posthoc`: the σ_rel EMA at `step` (default the last
-    snapshot) reconstructed from the run's posthoc/ snapshots; written to RUN/model-posthoc-<σ_rel>.safetensors.
-    Returns the file name (for `gendiff eval RUN --weights NAME`)."""
+    """EDM2's post-hoc EMA of a run trained with `train.ema_posthoc`: the σ_rel EMA at `step`
+    (default the last snapshot) reconstructed from the run's posthoc/ snapshots; written to
+    RUN/model-posthoc-<σ_rel>.safetensors. Returns the file name (for `gendiff eval RUN --weights NAME`)."""
     read_config(out, "run")
     snaps = load_posthoc(os.path.join(out, "posthoc"), step)
     if not snaps:
-        raise ValueError(f"run {out!r} has no post-hoc EMA snapshots" + (f" up to step {step}" if step else "")
-                         + "; train with --set 'train.ema_posthoc=[0.05, 0.1]'")
+        upto = f" up to step {step}" if step else ""
+        raise ValueError(f"run {out!r} has no post-hoc EMA snapshots{upto}; train with --set "
+                         "'train.ema_posthoc=[0.05, 0.1]'")
     target = step or max(s[0] for s in snaps)
     name = f"model-posthoc-{sigma_rel:.3f}-{target}.safetensors"
     save_state(posthoc_ema(snaps, target, sigma_rel), os.path.join(out, name))

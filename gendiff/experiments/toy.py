@@ -1,5 +1,5 @@
-"""Toy runs: one recipe of `gendiff ablate` trained on the exact 2-D tree in a run folder, and the commands on such a
-folder (sample, eval, likelihood, report), every number measured against the exact mixture."""
+"""Toy runs: one recipe of `gendiff ablate` trained on the exact 2-D tree in a run folder, and the commands on
+such a folder (sample, eval, likelihood, report), every number measured against the exact mixture."""
 from __future__ import annotations
 
 import math
@@ -43,8 +43,8 @@ def build_model(cfg: ToyRunConfig):
 def prepare(cfg: ToyRunConfig, device=None, log=print) -> Setup:
     """The model (seeded initialisation), loss, batch source and training density of a toy run."""
     if device == "cuda":
-        raise ValueError("--device cuda: toy runs train on the CPU (the exact tree's batches are drawn there); "
-                         "use --device cpu or auto")
+        raise ValueError("--device cuda: toy runs train on the CPU (the exact tree's batches are drawn "
+                         "there); use --device cpu or auto")
     recipe = TOY_RECIPES[cfg.recipe]
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -62,8 +62,8 @@ def _evaluator(cfg: ToyRunConfig, seed: int, samples: int, eval_points: int) -> 
 def train_run(cfg: ToyRunConfig, out: str, setup: Setup, *, progress: bool = True, log=print,
               primary: bool = True) -> dict:
     """Train (or continue) the run in `out`; evaluate the final EMA against the tree; returns the metrics."""
-    res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density, desc=cfg.recipe,
-                          progress=progress, log=log, primary=primary)
+    res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density,
+                          desc=cfg.recipe, progress=progress, log=log, primary=primary)
     if not primary:
         return {}
     ev = _evaluator(cfg, cfg.seed, cfg.eval.samples, cfg.eval.eval_points)
@@ -100,11 +100,11 @@ def load_model(cfg: ToyRunConfig, out: str, weights: str = "model.safetensors"):
 
 def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: str = "heun", steps: int = 0,
                   score_mode: str = "tweedie", batch: int = 4096):
-    """n samples of the run's model with any σ-grid sampler (`steps`: default the run's sampler.steps; Heun with
-    the run's sampler.churn) from the run's σ_max (exact p(x; σ_max) or Gaussian, `sampler.init`). Sample i draws
-    its start and all its noise from its own generator (seed, i): the samples do not depend on `batch`, except
-    for `pc`, whose Langevin step size uses norms averaged over the batch (score_sde's rule): it samples all n in
-    one batch. Returns (samples [n, 2], NFE per sample, seconds)."""
+    """n samples of the run's model with any σ-grid sampler (`steps`: default the run's sampler.steps; Heun
+    with the run's sampler.churn) from the run's σ_max (exact p(x; σ_max) or Gaussian, `sampler.init`). Sample
+    i draws its start and all its noise from its own generator (seed, i): the samples do not depend on
+    `batch`, except for `pc`, whose Langevin step size uses norms averaged over the batch (score_sde's rule):
+    it samples all n in one batch. Returns (samples [n, 2], NFE per sample, seconds)."""
     check_choice("sampler", sampler, GRID_SAMPLERS)
     steps = steps or cfg.sampler.steps
     for name, v in (("steps", steps), ("samples", n), ("batch", batch)):
@@ -123,12 +123,14 @@ def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: s
         else:
             x = sc.sigma_max * torch.cat([torch.randn(1, gt.dim, generator=g) for g in init])
         with torch.no_grad():
-            outs.append(GRID_SAMPLERS[sampler](counted, x, grid, generator=StackedGenerator(seed, idx), **knobs))
+            outs.append(GRID_SAMPLERS[sampler](counted, x, grid,
+                                               generator=StackedGenerator(seed, idx), **knobs))
         batches += 1
     return torch.cat(outs), counted.calls // batches, time.perf_counter() - start
 
 
-def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, seed: int = 0, sampler: str = "heun",
+def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, seed: int = 0,
+               sampler: str = "heun",
                steps: int = 0, score_mode: str = "tweedie", batch: int = 4096, **unused) -> dict:
     """`gendiff sample` on a toy run: dest/samples.npz (points [N, 2]) and dest/samples.png (beside the ground
     truth)."""
@@ -153,16 +155,19 @@ def _refuse(options: dict, kind: str) -> None:
         raise ValueError(f"--{k.replace('_', '-')} does not apply to a {kind} run")
 
 
-def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str = "heun", steps: int = 0, samples: int = 4096,
-             seed: int = 0, score_mode: str = "tweedie", weights: str = "model.safetensors", **unused) -> dict:
+def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str = "heun", steps: int = 0,
+             samples: int = 4096,
+             seed: int = 0, score_mode: str = "tweedie", weights: str = "model.safetensors",
+             **unused) -> dict:
     """Samples of the run's model (sample_points) measured against the tree's ground truth; writes
     RUN/eval-<sampler>-<steps>-<score_mode>.json."""
     _refuse(unused, "toy")
     steps = steps or cfg.sampler.steps
-    x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps, score_mode=score_mode)
+    x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps,
+                                 score_mode=score_mode)
     ev = _evaluator(cfg, seed, samples, 256)
-    m = {"sampler": sampler, "steps": steps, "score_mode": score_mode, "nfe": nfe, "seed": seed, "seconds": secs,
-         **ev.sample_metrics(x)}
+    m = {"sampler": sampler, "steps": steps, "score_mode": score_mode, "nfe": nfe, "seed": seed,
+         "seconds": secs, **ev.sample_metrics(x)}
     save_json(m, os.path.join(out, f"eval-{sampler}-{steps}-{score_mode}{weights_tag(weights)}.json"))
     return m
 
@@ -172,8 +177,8 @@ def eval_summary(out: str, m: dict) -> str:
             f"{m['outlier_rate']:.4f}, MMD² {m['mmd']:.2e}")
 
 
-def likelihood_run(out: str, cfg: ToyRunConfig, model, *, points: int = 512, method: str = "exact", seed: int = 0,
-                   **unused) -> dict:
+def likelihood_run(out: str, cfg: ToyRunConfig, model, *, points: int = 512, method: str = "exact",
+                   seed: int = 0, **unused) -> dict:
     """Bits/dim of held-out ground-truth points: PF-ODE (T31) next to the continuous ELBO (VP over the same σ
     range) and the exact −log p(x; σ_min) of the tree; writes RUN/likelihood.json."""
     _refuse(unused, "toy")
@@ -187,7 +192,8 @@ def likelihood_run(out: str, cfg: ToyRunConfig, model, *, points: int = 512, met
                                 generator=generator(seed, "hutchinson"))
     ode_s = time.perf_counter() - start
     elbo = torch.stack([continuous_elbo(model, x, VP(-2 * math.log(s_max), -2 * math.log(s_min)),
-                                        generator=torch.Generator().manual_seed(i))["total"] for i in range(8)])
+                                        generator=torch.Generator().manual_seed(i))["total"]
+                         for i in range(8)])
     bpd = lambda nats: float(nats) / (d * math.log(2))  # noqa: E731
     m = {"points": points, "method": method, "sigma_min": s_min, "sigma_max": s_max,
          "pf_ode_bpd": bpd(-logp.mean()), "pf_ode_nfe": info["nfe"], "pf_ode_seconds": ode_s,
@@ -197,13 +203,13 @@ def likelihood_run(out: str, cfg: ToyRunConfig, model, *, points: int = 512, met
 
 
 def likelihood_summary(out: str, m: dict) -> str:
-    return (f"{out}: bits/dim PF-ODE {m['pf_ode_bpd']:.4f} (NFE {m['pf_ode_nfe']}), ELBO {m['elbo_bpd']:.4f}, "
-            f"exact {m['exact_bpd']:.4f}")
+    return (f"{out}: bits/dim PF-ODE {m['pf_ode_bpd']:.4f} (NFE {m['pf_ode_nfe']}), ELBO "
+            f"{m['elbo_bpd']:.4f}, exact {m['exact_bpd']:.4f}")
 
 
 def phi_map(cfg: ToyRunConfig, model):
-    """A figure of σ_φ of the run's model on a grid at σ = 0.05 beside the exact optimum (T8), log10; None for a
-    model without a confidence head."""
+    """A figure of σ_φ of the run's model on a grid at σ = 0.05 beside the exact optimum (T8), log10; None for
+    a model without a confidence head."""
     if model.head.name == "none":
         return None
     gt, sigma, res = tree(cfg.classes), 0.05, 120
