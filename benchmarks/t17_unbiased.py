@@ -42,7 +42,7 @@ def main():
     print(f"{'density':<34} {'mean':>9} {'std err':>9} {'variance':>10}")
     for name, kw in DENSITIES + [("adaptive", {})]:
         if name == "adaptive":  # T20, fitted to this network first on 100 batches of its own draws (EMA 0.9)
-            dens = AdaptiveSchedule(make_weighting(spec.weighting[0], **dict(spec.weighting[1])), ema=0.9)
+            dens = AdaptiveSchedule(make_weighting(spec.weighting.name, **spec.weighting.kwargs), ema=0.9)
             loss = spec.loss_fn(dens)
             g = torch.Generator().manual_seed(2)
             with torch.no_grad():

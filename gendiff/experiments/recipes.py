@@ -16,6 +16,23 @@ from ..schedules import (AdaptiveSchedule, DDPMSteps, LearnedDensity, LogNormalS
                          make_weighting)
 
 @dataclass(frozen=True)
+class Spec:
+    """A library object by name and keyword arguments, made by one of its make_* functions (k-diffusion's
+    `make_sample_density`): `spec("cosine", shift=1.0)` → `make_schedule("cosine", shift=1.0)`. Frozen and
+    hashable so that a recipe stays a value; `asdict` writes it into a results file."""
+    name: str
+    kw: tuple = ()               # (key, value) pairs
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.kw)
+
+
+def spec(name: str, **kw) -> Spec:
+    return Spec(name, tuple(kw.items()))
+
+
+@dataclass(frozen=True)
 class ToyRecipe:
     head: str                    # confidence head: none | diag | full (heads.py)
     mode: str                    # training batches: point | source | point-cov (the exact mixture's modes)
@@ -24,20 +41,20 @@ class ToyRecipe:
     model: str | None = None     # reuse the trained model of another recipe
     help: str = ""
     precond: str = "edm"         # key of precond.PRECONDS: the parameterisation (T21)
-    schedule: tuple = ()         # training density (name, ((key, value), ...)) of schedules.SCHEDULES;
-                                 # () is the config's ln σ ~ N(p_mean, p_std²)
-    weighting: tuple = ()        # for loss "weighted": (name, ((key, value), ...)) of schedules.WEIGHTINGS
+    schedule: Spec | None = None   # training density (schedules.make_schedule; adaptive, learned); None: the
+                                   # train config's ln σ ~ N(p_mean, p_std²)
+    weighting: Spec | None = None  # for loss "weighted": w(λ) (schedules.make_weighting)
 
     def density(self, train):
         """The training density: the recipe's schedule, or the train config's ln σ ~ N(p_mean, p_std²)."""
-        if not self.schedule:
+        s = self.schedule
+        if s is None:
             return LogNormalSigma(train.p_mean, train.p_std)
-        name, kw = self.schedule
-        if name == "adaptive":  # T20: p(λ) fitted to w(λ)·E[‖ε̂ − ε‖² | λ] during training
-            return AdaptiveSchedule(make_weighting(self.weighting[0], **dict(self.weighting[1])), **dict(kw))
-        if name == "learned":   # T22: γ_η's shape trained jointly to minimise the loss' variance
-            return LearnedDensity(**dict(kw))
-        return make_schedule(name, **dict(kw))
+        if s.name == "adaptive":  # T20: p(λ) fitted to w(λ)·E[‖ε̂ − ε‖² | λ] during training
+            return AdaptiveSchedule(make_weighting(self.weighting.name, **self.weighting.kwargs), **s.kwargs)
+        if s.name == "learned":   # T22: γ_η's shape trained jointly to minimise the loss' variance
+            return LearnedDensity(**s.kwargs)
+        return make_schedule(s.name, **s.kwargs)
 
     def build_model(self, train, width: int | None = None, dim: int = 2):
         """The toy MLP denoiser of this recipe (head, precond) at the train config's size."""
@@ -46,56 +63,55 @@ class ToyRecipe:
 
     def loss_fn(self, density):
         if self.loss == "weighted":
-            if not self.weighting:
+            if self.weighting is None:
                 raise ValueError("loss='weighted' needs a weighting (T19)")
-            name, kw = self.weighting
-            return WeightedLoss(make_weighting(name, **dict(kw)), density)
+            return WeightedLoss(make_weighting(self.weighting.name, **self.weighting.kwargs), density)
         return make_loss(self.loss, density)
 
 
-def _objective(precond, schedule, weighting=(), loss="weighted", head="none", help=""):
+def _objective(precond, schedule, weighting=None, loss="weighted", head="none", help=""):
     return ToyRecipe(head, "point", loss, precond=precond, schedule=schedule, weighting=weighting, help=help)
 
 
-_ENDS = ("truncate", (0.002, 80.0))   # VDM++-style equal endpoints for every density of the suite
-_COS, _LOGU = ("cosine", (_ENDS,)), ("log-uniform", (("sigma_min", 0.002), ("sigma_max", 80.0)))
-_SIG = ("sigmoid", (("bias", 2.0),))
+_ENDS = (0.002, 80.0)   # VDM++-style equal endpoints for every density of the suite (truncate=)
+_COS, _LOGU = spec("cosine", truncate=_ENDS), spec("log-uniform", sigma_min=0.002, sigma_max=80.0)
+_SIG = spec("sigmoid", bias=2.0)
 OBJECTIVE_GRID = {
     # every parameterisation under its classic weighting (VDM++ Table 1)
     "obj-F-edm": ToyRecipe("none", "point", "edm", model="edm",
                            help="F-prediction, EDM weighting and density: "
                          "the edm run's model (not retrained)"),
-    "obj-eps-simple": _objective("eps", _COS, ("eps-cosine", ()),
+    "obj-eps-simple": _objective("eps", _COS, spec("eps-cosine"),
                                  help="ε-prediction, L_simple under the cosine "
                                  "schedule: w = sech(λ/2) ∝ p(λ)"),
-    "obj-v-cosine": _objective("v", _COS, ("v", ()),
+    "obj-v-cosine": _objective("v", _COS, spec("v"),
                                help="v-prediction under the cosine schedule: w = e^(−λ/2)"),
     "obj-x0-sigmoid": _objective("x0", _COS, _SIG, help="x0-prediction, sigmoid(−λ + 2) weighting"),
     # every weighting under one parameterisation (F, EDM preconditioning) and one density (cosine)
-    "w-elbo": _objective("edm", _COS, ("elbo", ()), help="w ≡ 1 (ELBO)"),
+    "w-elbo": _objective("edm", _COS, spec("elbo"), help="w ≡ 1 (ELBO)"),
     "w-sigmoid": _objective("edm", _COS, _SIG, help="w = sigmoid(−λ + 2), VDM++'s best"),
-    "w-edm": _objective("edm", _COS, ("edm", ()),
+    "w-edm": _objective("edm", _COS, spec("edm"),
                         help="EDM's weighting under a cosine density (importance-weighted)"),
-    "w-edm-monotonic": _objective("edm", _COS, ("edm-monotonic", ()),
+    "w-edm-monotonic": _objective("edm", _COS, spec("edm-monotonic"),
                                   help="EDM-monotonic: EDM's weighting held "
                                   "at its peak for every λ below it (VDM++)"),
-    "w-v": _objective("edm", _COS, ("v", ()), help="w = e^(−λ/2)"),
-    "w-eps-cosine": _objective("edm", _COS, ("eps-cosine", ()), help="w = sech(λ/2)"),
-    "w-min-snr": _objective("edm", _COS, ("min-snr", (("gamma", 5.0),)), help="min-SNR-5"),
+    "w-v": _objective("edm", _COS, spec("v"), help="w = e^(−λ/2)"),
+    "w-eps-cosine": _objective("edm", _COS, spec("eps-cosine"), help="w = sech(λ/2)"),
+    "w-min-snr": _objective("edm", _COS, spec("min-snr", gamma=5.0), help="min-SNR-5"),
     # every training density under one weighting (sigmoid) and parameterisation (F): T17 says same objective
-    "p-cosine-shift+1": _objective("edm", ("cosine", (("shift", 1.0), _ENDS)), _SIG,
+    "p-cosine-shift+1": _objective("edm", spec("cosine", shift=1.0, truncate=_ENDS), _SIG,
                                    help="shifted cosine, s = 1"),
-    "p-cosine-shift-1": _objective("edm", ("cosine", (("shift", -1.0), _ENDS)), _SIG,
+    "p-cosine-shift-1": _objective("edm", spec("cosine", shift=-1.0, truncate=_ENDS), _SIG,
                                    help="shifted cosine, s = −1"),
-    "p-edm-training": _objective("edm", ("edm-training", (("p_mean", -1.2), ("p_std", 1.2), _ENDS)), _SIG,
+    "p-edm-training": _objective("edm", spec("edm-training", p_mean=-1.2, p_std=1.2, truncate=_ENDS), _SIG,
                                  help="EDM training density λ ~ N(2.4, 2.4²)"),
-    "p-flow-matching": _objective("edm", ("flow-matching", (_ENDS,)), _SIG,
+    "p-flow-matching": _objective("edm", spec("flow-matching", truncate=_ENDS), _SIG,
                                   help="flow-matching density sech²(λ/4)/8"),
     "p-log-uniform": _objective("edm", _LOGU, _SIG, help="log-uniform σ in [0.002, 80] (VE and VP at these "
                                 "endpoints: both are uniform in λ)"),
-    "p-adaptive": _objective("edm", ("adaptive", (("sigma_min", 0.002), ("sigma_max", 80.0))), _SIG,
+    "p-adaptive": _objective("edm", spec("adaptive", sigma_min=0.002, sigma_max=80.0), _SIG,
                              help="adaptive p(λ) ∝ w·E[‖ε̂ − ε‖² | λ], fitted during training (T20)"),
-    "p-learned": _objective("edm", ("learned", (("sigma_min", 0.002), ("sigma_max", 80.0))), _SIG,
+    "p-learned": _objective("edm", spec("learned", sigma_min=0.002, sigma_max=80.0), _SIG,
                             help="VDM's learned γ_η(t) as the density, its shape trained jointly to minimise "
                                  "the "
                             "loss' variance (T22)"),
@@ -107,7 +123,7 @@ OBJECTIVE_GRID = {
                        help="VE: geometric σ (uniform λ), F-prediction, sigmoid weighting (= p-log-uniform)"),
     "proc-vp": _objective("eps", _LOGU, _SIG,
                           help="VP: linear λ (uniform λ), ε-prediction, sigmoid weighting"),
-    "proc-flow": replace(_objective("edm", ("flow-matching", (_ENDS,)), _SIG), model="p-flow-matching",
+    "proc-flow": replace(_objective("edm", spec("flow-matching", truncate=_ENDS), _SIG), model="p-flow-matching",
                          help="flow matching: its λ density sech²(λ/4)/8, F-prediction, sigmoid weighting "
                          "(= p-flow-matching)"),
     # the confidence-aware NLL under three densities
