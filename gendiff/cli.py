@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--seed", type=_number("--seed", int, 0), default=0,
                        help="seed of the samples (default 0)")
         x.add_argument("--steps", type=_positive_int("--steps"),
-                       help="sampler steps (default 32 for toy runs; the "
-                       "run's eval.sampler_steps or its recipe's default for images)")
+                       help="sampler steps (default: the run's sampler.steps for toy runs; its "
+                       "eval.sampler_steps or its recipe's default for images)")
         x.add_argument("--sampler", choices=sorted(GRID_SAMPLERS),
                        help="toy runs: any σ-grid sampler (default "
                        "heun); image runs use their recipe's sampler")
