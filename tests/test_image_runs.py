@@ -373,3 +373,22 @@ def test_classifier_guidance_on_images(blobs):
         sample_images(model, cfg, 8, guide=lambda d, lab: d)
     with pytest.raises(ValueError, match=r"NoisyClassifier expects x of shape \[N, 1, 28, 28\]"):
         clf(torch.zeros(2, 1, 14, 14), 0.5)
+
+
+def test_sample_command_on_a_conditional_run(blobs, tmp_path, capsys):
+    """`gendiff sample --cfg-weight w --label k` on a class-conditional run: every image asks for class k, CFG
+    (T33) counts its two network evaluations per step as the training-end evaluation does; a class the run does
+    not have is one line."""
+    from gendiff.cli import main
+    out, dest = str(tmp_path / "run"), str(tmp_path / "s")
+    assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set", "data.name=npz",
+                 "--set", "recipe=score-cfg", "--set", "eval.likelihood_images=0", "--set", "cfg_weights=[1.0]",
+                 "--out", out, "--no-progress"]) == 0
+    assert main(["sample", out, "--samples", "5", "--cfg-weight", "1", "--label", "2", "--out", dest]) == 0
+    z = np.load(os.path.join(dest, "samples.npz"))
+    assert z["labels"].tolist() == [2] * 5 and z["images"].shape == (5, 1, 28, 28)
+    info = json.load(open(os.path.join(dest, "samples.json")))
+    plain = json.load(open(os.path.join(out, "metrics.json")))["samples@w=1"]
+    assert info["nfe"] == plain["nfe"] and info["cfg_weight"] == 1.0
+    assert main(["sample", out, "--samples", "2", "--label", "4", "--out", dest]) == 2      # 4 classes: 0..3
+    assert "--label=4" in capsys.readouterr().err
