@@ -64,7 +64,8 @@ def denoiser(out: str, run: str | None, samples: int):
 
 def classifier(out: str, cfg, train, test, steps: int, batch: int) -> tuple[NoisyClassifier, dict]:
     from safetensors.torch import load_file
-    path, record = os.path.join(out, "noisy-classifier.safetensors"), os.path.join(out, "noisy-classifier.json")
+    path, record = (os.path.join(out, "noisy-classifier.safetensors"),
+                    os.path.join(out, "noisy-classifier.json"))
     recipe = dict(net=CLASSIFIER, steps=steps, batch=batch, lr=2e-3, seed=0, p_mean=cfg.train.p_mean,
                   p_std=cfg.train.p_std, sigma_data=cfg.train.sigma_data)
     torch.manual_seed(0)

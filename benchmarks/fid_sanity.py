@@ -38,7 +38,8 @@ def main():
     real = xte[:args.n]
     print(f"{'test images, modified':<28} {'FID':>8} {'precision':>10} {'recall':>8}")
     rows = [("unchanged", real)] + [(f"blur σ = {s} px", blur(real, s)) for s in (0.5, 1.0, 1.5, 2.0)] + \
-        [(f"noise σ = {s}", (real + s * torch.randn(real.shape, generator=g)).clamp(-1, 1)) for s in (0.1, 0.2, 0.4)]
+        [(f"noise σ = {s}", (real + s * torch.randn(real.shape, generator=g)).clamp(-1, 1))
+         for s in (0.1, 0.2, 0.4)]
     for name, x in rows:
         f = batched(clf.features, x)
         p, r = precision_recall(ref[:len(f)], f)

@@ -33,7 +33,8 @@ def main():
     for s in SIGMAS:
         x = x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
         exact = gt.score(x, s)
-        err = [float((s * s * (tweedie_score(d(x, s), x, s) - exact).square().sum(1)).mean()) for d in (t13, t14)]
+        err = [float((s * s * (tweedie_score(d(x, s), x, s) - exact).square().sum(1)).mean())
+               for d in (t13, t14)]
         rows.append((s, *err))
         print(f"{s:8.3f} {err[0]:12.3e} {err[1]:12.3e}  {'T13' if err[0] < err[1] else 'T14'}")
     for (s0, a0, b0), (s1, a1, b1) in zip(rows, rows[1:]):

@@ -77,7 +77,8 @@ def main() -> None:
           f"median of {args.repeats}")
 
     x_scalar = g.sample(n, sigma=0.1, generator=gen, dtype=dtype)[0]
-    sig_pp = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(0.05), math.log(1.0), generator=gen))
+    sig_pp = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(0.05), math.log(1.0),
+                                                                    generator=gen))
     x_pp = g.sample(n, sigma=sig_pp, generator=gen, dtype=dtype)[0]
     cases = [("sigma=0.1", x_scalar, 0.1), ("sigma per point, log-uniform [0.05, 1]", x_pp, sig_pp.to(dtype))]
 

@@ -78,7 +78,8 @@ def plan(name: str, nfe: int):
             return sample_ddim(d, z, dd, steps)
         return run if nfe < 1000 else None
     if name == "ddpm":  # the full ancestral chain only (its NFE is fixed by the start step)
-        return (lambda d, x, z, dd, t0, g: sample_ddpm(d, z, dd, t_start=t0, generator=g)) if nfe == 1000 else None
+        return ((lambda d, x, z, dd, t0, g: sample_ddpm(d, z, dd, t_start=t0, generator=g))
+                if nfe == 1000 else None)
     raise ValueError(name)
 
 
@@ -174,7 +175,8 @@ def likelihood_part(models, points, rows_path, done, log):
                     c, x.float() if m != "exact" else x, VP(-2 * math.log(80.0), -2 * math.log(SIGMA_MIN)),
                     generator=torch.Generator().manual_seed(i))["total"] for i in range(16)]).mean(0)),
                 ("DDPM bound (linear β, T = 1000)", lambda c: ddpm_vlb(
-                    c, x.float() if m != "exact" else x, DDPM(DDPM_T), generator=torch.Generator().manual_seed(0)
+                    c, x.float() if m != "exact" else x, DDPM(DDPM_T),
+                    generator=torch.Generator().manual_seed(0)
                 )["total"])):
             row = {"part": "likelihood", "model": m, "sampler": method, "seed": 0}
             if key(row) in done:

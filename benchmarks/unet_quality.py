@@ -105,7 +105,8 @@ def main():
             label, layout, backbone = MODELS[m]
             cfg = resolve("mnist-cpu", sets=["recipe=edm", f"seed={s}", f"eval.samples={args.samples}",
                                              *layout, *args.set])
-            recipe = (f"# {label}" + (" (backbone hook; [model] is the layout it mirrors)" if backbone else "")
+            recipe = (f"# {label}"
+                      + (" (backbone hook; [model] is the layout it mirrors)" if backbone else "")
                       + "\n" + to_toml(cfg))
             cfg_path = os.path.join(run, "config.toml")
             if os.path.exists(cfg_path) and open(cfg_path).read() != recipe:

@@ -123,7 +123,8 @@ def load(json_path: str):
     try:
         tensors = load_file(base + ".safetensors")   # safetensors only: never unpickles
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {base}.safetensors is not a safetensors file ({e}); refusing to load it") from e
+        raise ValueError(f"checkpoint {base}.safetensors is not a safetensors file ({e}); "
+                         "refusing to load it") from e
     return int(record["step"]), tensors, record.get("meta", {})
 
 
@@ -199,5 +200,6 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> dict:
 
 
 def optimizer_from_flat(opt: torch.optim.Optimizer, flat: dict) -> None:
-    state = {int(idx): {k: flat[f"state.{idx}.{k}"] for k in keys} for idx, keys in flat["state_keys"].items()}
+    state = {int(idx): {k: flat[f"state.{idx}.{k}"] for k in keys}
+             for idx, keys in flat["state_keys"].items()}
     opt.load_state_dict({"state": state, "param_groups": flat["param_groups"]})

@@ -68,7 +68,8 @@ def check_choice(name: str, value, allowed) -> None:
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
     """value > 0 (or >= 0), finite, a real number (an int if `integer`); else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (integer and not isinstance(value, int))):
         raise ValueError(f"{name}={value!r} must be {'an integer' if integer else 'a finite number'}")
     if not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be finite")

@@ -114,7 +114,8 @@ def posthoc_ema(snapshots, target_step: float, target_sigma_rel: float) -> dict:
     x = posthoc_coefficients([s[0] for s in snapshots], [s[1] for s in snapshots], target_step,
                              target_sigma_rel)
     keys = snapshots[0][2].keys()
-    return {k: sum(float(w) * snap[2][k].double() for w, snap in zip(x, snapshots)).to(snapshots[0][2][k].dtype)
+    return {k: sum(float(w) * snap[2][k].double()
+                   for w, snap in zip(x, snapshots)).to(snapshots[0][2][k].dtype)
             for k in keys}
 
 

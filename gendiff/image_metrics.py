@@ -46,8 +46,9 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps: float = FD_EPS) -> float:
     """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2): ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) (Heusel et al.
     2017), in float64 with scipy's `sqrtm`. When Σ1Σ2 is singular (fewer samples than dimensions) and the root
     comes out non-finite or with an imaginary part above 1e-3 of its scale, it is recomputed with ε·I added to
-    both covariances. Round-off gives the root tiny imaginary parts, which are dropped; an imaginary part above
-    1e-3 of the root's scale even then is a ValueError. Not clipped at 0: identical statistics give ±round-off."""
+    both covariances. Round-off gives the root tiny imaginary parts, which are dropped; an imaginary part
+    above 1e-3 of the root's scale even then is a ValueError. Not clipped at 0: identical statistics give
+    ±round-off."""
     mu1, mu2, cov1, cov2 = _f64(mu1), _f64(mu2), _f64(cov1), _f64(cov2)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
     for name, v, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)), ("cov1", cov1, (d, d)),

@@ -71,7 +71,8 @@ def derive_seed(seed: int, purpose: str) -> int:
     (seed, purpose) pairs collide the way `seed + offset` schemes do."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be an integer >= 0")
-    state = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(purpose.encode()),)).generate_state(1, np.uint64)
+    state = np.random.SeedSequence(seed,
+                                   spawn_key=(zlib.crc32(purpose.encode()),)).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
 
 

@@ -204,7 +204,8 @@ def _check_8bit(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     ok = (kr >= 0) & (kr <= 255) & ((k - kr).abs() <= 1e-3)
     if not torch.all(ok):
         bad = x.detach().flatten()[~ok.flatten()][0].item()
-        raise ValueError(f"{name} must be 8-bit data in [-1, 1], x = 2k/255 - 1 with k in 0..255; got {bad!r}")
+        raise ValueError(f"{name} must be 8-bit data in [-1, 1], x = 2k/255 - 1 with k in 0..255; "
+                         f"got {bad!r}")
     return kr
 
 

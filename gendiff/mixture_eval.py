@@ -73,7 +73,8 @@ class Evaluator:
         self.x0, self.x0_cov, self.x0_k = gt.sample(eval_points, generator=g, dtype=torch.float64,
                                                     return_index=True)
         self.sigma = sigma_density.sample(eval_points, g).double()
-        self.x_noisy = self.x0 + self.sigma[:, None] * torch.randn(self.x0.shape, generator=g, dtype=torch.float64)
+        self.x_noisy = self.x0 + self.sigma[:, None] * torch.randn(self.x0.shape, generator=g,
+                                                                   dtype=torch.float64)
         self.exact_score = gt.score(self.x_noisy, self.sigma)
         self._optimum = {}  # mode -> exact Σ_φ* of the held-out points (shared by runs)
 
@@ -121,7 +122,8 @@ class Evaluator:
         x0 = m_k in source mode (T8, T12)."""
         x0 = self.gt.means64[self.x0_k] if mode == "source" else self.x0
         e = mu.double() - x0
-        t = self.sigma.square()[:, None, None] * torch.eye(self.gt.dim, dtype=torch.float64) + e[:, :, None] * e[:, None]
+        t = (self.sigma.square()[:, None, None] * torch.eye(self.gt.dim, dtype=torch.float64)
+             + e[:, :, None] * e[:, None])
         return t if mode == "point" else t + self.x0_cov
 
     def calibration(self, model, mode: str) -> dict:

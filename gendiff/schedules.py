@@ -197,7 +197,8 @@ class Truncated(NoiseSchedule):
         self.base, self.sigma_min, self.sigma_max = base, float(sigma_min), float(sigma_max)
         self.lam_min = max(-2 * math.log(self.sigma_max), base.lam_min)
         self.lam_max = min(-2 * math.log(self.sigma_min), base.lam_max)
-        t_hi, t_lo = (float(base.t_of_lam(torch.tensor(v, dtype=torch.float64))) for v in (self.lam_max, self.lam_min))
+        t_hi, t_lo = (float(base.t_of_lam(torch.tensor(v, dtype=torch.float64)))
+                      for v in (self.lam_max, self.lam_min))
         self._t0, self._z = t_hi, t_lo - t_hi               # base t of the upper λ end, and the mass kept
         if not self._z > 0:
             raise ValueError(f"{base!r} has no mass in σ ∈ [{sigma_min}, {sigma_max}]")
@@ -468,7 +469,8 @@ class LearnedSchedule(torch.nn.Module):
             raise ValueError(f"need lam_min < lam_max; got lam_min={lam_min}, lam_max={lam_max}")
         check_positive("hidden", hidden, integer=True)
         ends = torch.tensor([-lam_max, -lam_min], dtype=torch.float64)
-        self.ends = torch.nn.Parameter(ends) if learn_endpoints else torch.nn.Parameter(ends, requires_grad=False)
+        self.ends = (torch.nn.Parameter(ends) if learn_endpoints
+                     else torch.nn.Parameter(ends, requires_grad=False))
         g = torch.Generator().manual_seed(0)
         self.w1 = torch.nn.Parameter(torch.randn(1, generator=g, dtype=torch.float64))
         self.w2 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))

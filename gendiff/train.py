@@ -382,7 +382,8 @@ class _PlainProgress:
         if self.n % self.every == 0 or self.n == self.total:
             rate = self.n / max(time.perf_counter() - self.start, 1e-9)
             eta = (self.total - self.n) / rate
-            print(f"{self.desc}: {self.n}/{self.total} steps, {rate:.1f} it/s, ETA {eta:.0f} s {self.postfix}",
+            print(f"{self.desc}: {self.n}/{self.total} steps, {rate:.1f} it/s, "
+                  f"ETA {eta:.0f} s {self.postfix}",
                   file=sys.stderr, flush=True)
 
     def set_postfix(self, **kw):

@@ -92,8 +92,9 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = spec.build_model(cfg.train)
     density = spec.density(cfg.train)
-    res = train(model, spec.loss_fn(density), ToyBatches(tree("A"), spec.mode), cfg.train, seed=3, progress=False,
-                sigma_density=density, outputs=Outputs(checkpoint_dir=ckdir, checkpoint_every=10, keep_snapshots=(40,)),
+    res = train(model, spec.loss_fn(density), ToyBatches(tree("A"), spec.mode), cfg.train, seed=3,
+                progress=False, sigma_density=density,
+                outputs=Outputs(checkpoint_dir=ckdir, checkpoint_every=10, keep_snapshots=(40,)),
                 callbacks=[lambda d, r: print(d, flush=True)])
     state = {f"m.{k}": v for k, v in model.state_dict().items()}
     state.update({f"e.{k}": v for k, v in res.ema.state_dict().items()})

@@ -37,7 +37,8 @@ class LabelNet(torch.nn.Module):
     def __init__(self, num_classes=3, dim=4, g=None):
         super().__init__()
         self.a = torch.nn.Parameter(torch.tensor(0.3))
-        self.b = torch.nn.Parameter(torch.linspace(-1, 1, (num_classes + 1) * dim).reshape(num_classes + 1, dim))
+        self.b = torch.nn.Parameter(
+            torch.linspace(-1, 1, (num_classes + 1) * dim).reshape(num_classes + 1, dim))
         self.num_classes, self.g = num_classes, g
 
     def forward(self, x, c_noise, class_labels=None):

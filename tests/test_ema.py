@@ -73,7 +73,8 @@ def test_training_writes_posthoc_snapshots_that_resume_exactly(tmp_path):
                              ema_posthoc=(0.05, 0.1))
         train(den, EDMLoss(), DataSource(data), cfg, progress=False, sigma_density=LogNormalSigma(),
               outputs=Outputs(posthoc_dir=str(folder), checkpoint_dir=ck, checkpoint_every=4),
-              callbacks=[lambda done, r: trajectory.append({k: v.clone() for k, v in den.state_dict().items()})])
+              callbacks=[lambda done, r: trajectory.append({k: v.clone()
+                                                            for k, v in den.state_dict().items()})])
         return load_posthoc(str(folder))
     full = run(12, tmp_path / "full")
     for step, gamma, snap in full:                       # each snapshot is the power EMA of the weights (γ)
@@ -104,7 +105,8 @@ def test_posthoc_ema_from_the_cli(tmp_path):
     out = str(tmp_path / "run")
     assert main(["train", "--preset", "toy-quick", "--set", "recipe=edm", "--set", "train.iterations=64",
                  "--set", "train.snapshot_every=16", "--set", "train.ema_posthoc=[0.05, 0.1]",
-                 "--set", "eval.samples=256", "--set", "eval.eval_points=256", "--out", out, "--no-progress"]) == 0
+                 "--set", "eval.samples=256", "--set", "eval.eval_points=256", "--out", out,
+                 "--no-progress"]) == 0
     assert len(os.listdir(os.path.join(out, "posthoc"))) == 8        # 4 snapshots × 2 σ_rel
     assert main(["posthoc-ema", out, "--sigma-rel", "0.08"]) == 0
     name = "model-posthoc-0.080-64.safetensors"

@@ -377,13 +377,13 @@ def test_classifier_guidance_on_images(blobs):
 
 def test_sample_command_on_a_conditional_run(blobs, tmp_path, capsys):
     """`gendiff sample --cfg-weight w --label k` on a class-conditional run: every image asks for class k, CFG
-    (T33) counts its two network evaluations per step as the training-end evaluation does; a class the run does
-    not have is one line."""
+    (T33) counts its two network evaluations per step as the training-end evaluation does; a class the run
+    does not have is one line."""
     from gendiff.cli import main
     out, dest = str(tmp_path / "run"), str(tmp_path / "s")
     assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set", "data.name=npz",
-                 "--set", "recipe=score-cfg", "--set", "eval.likelihood_images=0", "--set", "cfg_weights=[1.0]",
-                 "--out", out, "--no-progress"]) == 0
+                 "--set", "recipe=score-cfg", "--set", "eval.likelihood_images=0",
+                 "--set", "cfg_weights=[1.0]", "--out", out, "--no-progress"]) == 0
     assert main(["sample", out, "--samples", "5", "--cfg-weight", "1", "--label", "2", "--out", dest]) == 0
     z = np.load(os.path.join(dest, "samples.npz"))
     assert z["labels"].tolist() == [2] * 5 and z["images"].shape == (5, 1, 28, 28)

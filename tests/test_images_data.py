@@ -556,7 +556,8 @@ def test_split_unchanged():
         tr, va = d.split(f, seed)
         assert tr.images.ravel().tolist() == sorted(perm[n_val:].tolist())
         assert va.images.ravel().tolist() == sorted(perm[:n_val].tolist())
-        assert d.describe(f, seed) == f"37 images 1×1×1, 3 classes: {len(tr)} train / {len(va)} test (seed {seed})"
+        assert d.describe(f, seed) == (f"37 images 1×1×1, 3 classes: {len(tr)} train / {len(va)} test "
+                                       f"(seed {seed})")
 
 
 # ---- ImageData and dequantisation ---------------------------------------------------------------

@@ -173,7 +173,8 @@ def test_pf_ode_likelihood_on_the_tree_mixture_is_the_exact_density(tree_a, tree
     assert float((lp - exact_prior - truth).abs().max()) < 2e-3
 
 
-def test_hutchinson_agrees_with_the_exact_divergence_within_its_standard_error(tree_a, tree_points, tree_exact):
+def test_hutchinson_agrees_with_the_exact_divergence_within_its_standard_error(tree_a, tree_points,
+                                                                               tree_exact):
     """Each probe integrates one unbiased estimate of ∫∇·f (fixed probes); their spread gives the SE."""
     lp, _ = tree_exact
     probes = 6
@@ -198,7 +199,8 @@ def gaussian_vlb_terms(ddpm, variance, s=S2, m=M2):
     c0 = (ab[t - 1].sqrt() * b[t] / om[t])[:, None]
     st2 = (om[t] / ab[t])[:, None]
     post = s**2 * st2 / (s**2 + st2)
-    diffusion = float((0.5 * (torch.log(var / bt[:, None]) + bt[:, None] / var - 1 + c0**2 * post / var)).sum())
+    diffusion = float((0.5 * (torch.log(var / bt[:, None]) + bt[:, None] / var - 1
+                              + c0**2 * post / var)).sum())
     prior = float(0.5 * (om[T] - 1 - torch.log(om[T]) + ab[T] * (m**2 + s**2)).sum())
     s1 = om[1] / ab[1]
     recon = float(0.5 * (torch.log(2 * math.pi * b[1]) + s**2 * s1 / (s**2 + s1) / b[1]).sum())
@@ -232,7 +234,8 @@ def test_ddpm_vlb_bounds_the_gaussian_nll_and_tightens_with_T():
     for variance in ("beta_tilde", "beta"):
         gaps, closed = [], []
         for T in (10, 100, 1000):
-            gap = ddpm_vlb(CountingGaussian(), x, DDPM(T, "linear"), variance=variance, generator=g)["total"] - nll
+            gap = ddpm_vlb(CountingGaussian(), x, DDPM(T, "linear"), variance=variance,
+                           generator=g)["total"] - nll
             gaps.append((float(gap.mean()), float(gap.std()) / math.sqrt(len(x))))
             closed.append(sum(gaussian_vlb_terms(DDPM(T, "linear"), variance).values()) - true)
         assert all(c >= 0 for c in closed) and closed[0] > closed[1] > closed[2]
@@ -248,7 +251,8 @@ def test_ddpm_vlb_bounds_the_tree_mixture_nll(tree_a):
     g = torch.Generator().manual_seed(4)
     gaps = []
     for T in (10, 100):
-        gap = ddpm_vlb(tree_a.denoiser("point"), x, DDPM(T, "cosine"), variance="beta", generator=g)["total"] - nll
+        gap = ddpm_vlb(tree_a.denoiser("point"), x, DDPM(T, "cosine"), variance="beta",
+                       generator=g)["total"] - nll
         gaps.append((float(gap.mean()), float(gap.std()) / math.sqrt(len(x))))
     assert all(mean > 3 * se for mean, se in gaps)
     assert gaps[0][0] - 3 * gaps[0][1] > gaps[1][0] + 3 * gaps[1][1]
@@ -374,7 +378,8 @@ def test_discretized_gaussian_is_exact_far_in_the_tails():
     log ∫_a^b φ = −a²/2 − ½log 2π + log ∫_0^{b−a} e^{−au − u²/2} du (a > 0; the lower tail by symmetry)."""
     def oracle(a, b):
         u = torch.linspace(0, b - a, 200001, dtype=F64)
-        return -a * a / 2 - 0.5 * math.log(2 * math.pi) + math.log(float(torch.trapezoid(torch.exp(-a * u - u * u / 2), u)))
+        return (-a * a / 2 - 0.5 * math.log(2 * math.pi)
+                + math.log(float(torch.trapezoid(torch.exp(-a * u - u * u / 2), u))))
     std = 0.01
     x = torch.tensor([GRID[200].item(), GRID[40].item(), 1.0], dtype=F64)
     mean = torch.tensor([x[0] - 40 * std, x[1] + 40 * std, -1.0], dtype=F64)
@@ -382,7 +387,8 @@ def test_discretized_gaussian_is_exact_far_in_the_tails():
     a0 = float((x[0] - 1 / 255 - mean[0]) / std)                         # upper tail: P = ∫_{a0}^{a0 + Δ/s} φ
     a1 = -float((x[1] + 1 / 255 - mean[1]) / std)                        # lower tail, mirrored
     a2 = float((x[2] - 1 / 255 - mean[2]) / std)                         # edge bin: P = ∫_{a2}^∞ φ
-    want = torch.tensor([oracle(a0, a0 + 2 / 255 / std), oracle(a1, a1 + 2 / 255 / std), oracle(a2, a2 + 1.0)], dtype=F64)
+    want = torch.tensor([oracle(a0, a0 + 2 / 255 / std), oracle(a1, a1 + 2 / 255 / std),
+                         oracle(a2, a2 + 1.0)], dtype=F64)
     torch.testing.assert_close(logp, want, rtol=1e-7, atol=0)
 
 
@@ -500,5 +506,6 @@ def test_eight_bit_helpers_and_curve_reject_bad_input():
     with pytest.raises(ValueError, match="dim"):
         bits_per_dim(1.0, 0)
     with pytest.raises(ValueError, match="sigmas"):
-        confidence_nll_curve(GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]]).denoiser("point"),
+        confidence_nll_curve(GaussianMixture([1.0], [[0.0, 0.0]],
+                                             [[[1.0, 0.0], [0.0, 1.0]]]).denoiser("point"),
                              torch.zeros(2, 2, dtype=F64), [0.1, -1.0])

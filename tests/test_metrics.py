@@ -38,7 +38,8 @@ def test_outlier_rate_of_ground_truth_is_one_percent():
 def test_mmd_matches_brute_force_unbiased_estimator():
     """Unbiased MMD² with RBF bandwidths h_j = 0.32·2^(−j/2), j < 9, written out pair by pair."""
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(150, 2, generator=g, dtype=F64) * 0.2, torch.randn(170, 2, generator=g, dtype=F64) * 0.25
+    x, y = (torch.randn(150, 2, generator=g, dtype=F64) * 0.2,
+            torch.randn(170, 2, generator=g, dtype=F64) * 0.25)
     hs = [0.32 * 2 ** (-j / 2) for j in range(9)]
 
     def k(a, b):
@@ -55,7 +56,8 @@ def test_mmd_matches_brute_force_unbiased_estimator():
 
 def test_mmd_null_and_alternative():
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2000, 2, generator=g, dtype=F64) * 0.3, torch.randn(2000, 2, generator=g, dtype=F64) * 0.3
+    a, b = (torch.randn(2000, 2, generator=g, dtype=F64) * 0.3,
+            torch.randn(2000, 2, generator=g, dtype=F64) * 0.3)
     null = mmd(a, b)
     assert abs(null) < 2e-3
     assert mmd(a + 0.1, b) > 20 * abs(null) + 1e-3
@@ -96,7 +98,8 @@ def test_calibration_total_excess_binned_and_ratio():
     assert abs(blind["spearman_excess"]) < 0.2
     # twice the excess: relative error exactly 1; twice the whole variance: ratio exactly 1/2
     double = calibration(floor + 2 * excess, exact, sigma, exact)
-    assert double["median_rel_error_excess"] == pytest.approx(1.0) and double["p90_rel_error_excess"] == pytest.approx(1.0)
+    assert double["median_rel_error_excess"] == pytest.approx(1.0)
+    assert double["p90_rel_error_excess"] == pytest.approx(1.0)
     assert calibration(2 * exact, exact, sigma, exact)["ratio"] == pytest.approx(0.5)
     # full covariances: off-diagonal errors count in the Frobenius error
     rot = torch.tensor([[0.0, 1e-3], [1e-3, 0.0]], dtype=F64)
@@ -144,7 +147,8 @@ def test_partial_spearman_removes_what_sigma_alone_explains():
     assert spearmanr(sigma_only.numpy(), exact.numpy()).statistic > 0.3
     assert partial_spearman(sigma_only, exact, s) == 0.0
     assert partial_spearman(exact, exact, s) == pytest.approx(1.0)
-    assert partial_spearman(s**2 * (1 + extra + 0.1 * torch.rand(2000, generator=g, dtype=F64)), exact, s) > 0.9
+    assert partial_spearman(s**2 * (1 + extra + 0.1 * torch.rand(2000, generator=g, dtype=F64)),
+                            exact, s) > 0.9
 
 
 def test_lognormal_density_cdf_and_pdf_agree_with_T18():

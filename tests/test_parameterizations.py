@@ -30,7 +30,8 @@ def test_every_kind_round_trips_through_every_other(noise):
     alpha, sigma = NOISE[noise]
     z = alpha * X0 + sigma * EPS                                          # T1
     truth = {"x0": X0, "eps": EPS, "v": alpha * EPS - sigma * X0, "score": -EPS / sigma,
-             "F": (X0 - EDMPrecond(0.5)(sigma / alpha).c_skip * z / alpha) / EDMPrecond(0.5)(sigma / alpha).c_out}
+             "F": ((X0 - EDMPrecond(0.5)(sigma / alpha).c_skip * z / alpha)
+                   / EDMPrecond(0.5)(sigma / alpha).c_out)}
     for kind in KINDS:                                                    # each kind's value of the true x0
         torch.testing.assert_close(from_x0(kind, X0, z, alpha, sigma), truth[kind], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(to_x0(kind, truth[kind], z, alpha, sigma), X0, rtol=1e-10, atol=1e-10)

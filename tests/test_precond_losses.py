@@ -134,7 +134,8 @@ def test_denoiser_sigma_broadcasting(kind):
     p = den.predict(x, sigma)
     assert p.mu.shape == x.shape and p.sigma_phi.shape == x.shape
     s_full = torch.broadcast_to(
-        per_ex.view(N, 1, 1, 1) if kind.startswith("per-example") else torch.as_tensor(sigma, dtype=F64), shape)
+        per_ex.view(N, 1, 1, 1) if kind.startswith("per-example") else torch.as_tensor(sigma, dtype=F64),
+        shape)
     ref = edm_scalings(s_full, SIGMA_D)
     for name in ref._fields:
         torch.testing.assert_close(torch.broadcast_to(getattr(p.scalings, name), shape), getattr(ref, name),
@@ -403,8 +404,9 @@ def test_full_covariance_nll_callable_and_sigma_forms():
     # Different σ per example: equals row-by-row evaluation
     sig = torch.tensor([0.01, 0.1, 0.3, 1.0, 3.0, 30.0], dtype=F64)
     out = ConfidenceNLL()(den, NoisyBatch(x0=x0, x_noisy=xn, sigma=sig, source_cov=src))
-    rows = torch.cat([ConfidenceNLL()(den, NoisyBatch(x0=x0[i:i + 1], x_noisy=xn[i:i + 1], sigma=sig[i].item(),
-                                                          source_cov=src[i:i + 1])) for i in range(N)])
+    rows = torch.cat([ConfidenceNLL()(den, NoisyBatch(x0=x0[i:i + 1], x_noisy=xn[i:i + 1],
+                                                      sigma=sig[i].item(), source_cov=src[i:i + 1]))
+                      for i in range(N)])
     torch.testing.assert_close(out, rows, rtol=1e-12, atol=1e-12)
 
 
@@ -657,5 +659,6 @@ def test_loss_meets_its_oracle(name):
             loss = make_loss(name)(Denoiser(ConstNet(delta), EDMPrecond(SIGMA_D)), batch)
             assert loss.shape == (n,)
             want = LOSS_ORACLES[name](sigma, delta, d)
-            assert abs(float(loss.mean()) - want) < 5 * float(loss.std()) / math.sqrt(n) + 1e-9 * (1 + abs(want)), \
+            assert (abs(float(loss.mean()) - want)
+                    < 5 * float(loss.std()) / math.sqrt(n) + 1e-9 * (1 + abs(want))), \
                 (sigma, delta, float(loss.mean()), want)

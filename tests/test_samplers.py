@@ -67,7 +67,8 @@ SAMPLERS = {  # name -> (sampler on the harness); generous steps
                                                          generator=_gen()),
     "euler_maruyama-vp": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
                                                          process=VPE, generator=_gen()),
-    "euler_maruyama-ve-process": lambda h: sample_euler_maruyama(h["D"], h["x_T"], edm_sigmas(512, 0.002, SMAX),
+    "euler_maruyama-ve-process": lambda h: sample_euler_maruyama(h["D"], h["x_T"],
+                                                                 edm_sigmas(512, 0.002, SMAX),
                                                                  process=VE(0.002, 80.0), generator=_gen()),
     "pc": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX), generator=_gen()),
     "pc-em-vp": lambda h: sample_pc(h["D"], h["x_T"], edm_sigmas(256, 0.002, SMAX),
@@ -106,8 +107,9 @@ def test_a_broken_sampler_fails_the_harness(harness):
 @pytest.fixture(scope="module")
 def small():
     gm = eight_gaussians()
-    return gm.denoiser("point"), DDPM(50, "cosine"), torch.randn(512, 2, generator=torch.Generator().manual_seed(2),
-                                                                   dtype=F64)
+    return gm.denoiser("point"), DDPM(50, "cosine"), torch.randn(512, 2,
+                                                                 generator=torch.Generator().manual_seed(2),
+                                                                 dtype=F64)
 
 
 def test_ddpm_rules_agree_and_equal_the_t24_posterior_step_by_step(small):
@@ -131,8 +133,10 @@ def test_ddpm_variances(small):
     bt = sample_ddpm(D, z, ddpm, variance="beta_tilde", generator=_gen())
     b = sample_ddpm(D, z, ddpm, variance="beta", generator=_gen())
     assert (bt - b).abs().max() > 1e-3
-    torch.testing.assert_close(sample_ddpm(D, z, ddpm, v=lambda zt, t: torch.zeros_like(zt), generator=_gen()), bt)
-    torch.testing.assert_close(sample_ddpm(D, z, ddpm, v=lambda zt, t: torch.ones_like(zt), generator=_gen()), b)
+    torch.testing.assert_close(sample_ddpm(D, z, ddpm, v=lambda zt, t: torch.zeros_like(zt),
+                                           generator=_gen()), bt)
+    torch.testing.assert_close(sample_ddpm(D, z, ddpm, v=lambda zt, t: torch.ones_like(zt),
+                                           generator=_gen()), b)
     phi = sample_ddpm(D, z, ddpm, variance="phi", generator=_gen())
     assert torch.isfinite(phi).all() and (phi - bt).abs().max() > 1e-6
 
@@ -210,7 +214,8 @@ def gauss():
 
 def test_deterministic_samplers_follow_the_closed_form_ode(gauss):
     """For N(m, C) the PF-ODE (T15) is linear: x(σ) = m + (C + σ²I)^½(C + σ_max²I)^(−½)(x_T − m)."""
-    x_T = M + torch.randn(2000, 2, generator=_gen(), dtype=F64) @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64))
+    x_T = M + (torch.randn(2000, 2, generator=_gen(), dtype=F64)
+               @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64)))
     s_min = 1e-4
     expect = M + (x_T - M) @ (_sqrtm(C + s_min**2 * torch.eye(2, dtype=F64))
                               @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64), -0.5)).T
@@ -219,7 +224,8 @@ def test_deterministic_samplers_follow_the_closed_form_ode(gauss):
     for name, x in (("heun", sample_heun(D, x_T, grid)), ("dpmpp_2m", sample_dpmpp_2m(D, x_T, grid))):
         err = float((x - expect).abs().max())
         assert err < 2e-3, (name, err)
-    coarse = [float((sample_dpmpp_2m(D, x_T, edm_sigmas(n, s_min, SMAX)) - expect).abs().max()) for n in (16, 32)]
+    coarse = [float((sample_dpmpp_2m(D, x_T, edm_sigmas(n, s_min, SMAX)) - expect).abs().max())
+              for n in (16, 32)]
     assert coarse[1] < coarse[0] / 3, coarse     # second order: ~4× per doubling
 
 
@@ -309,7 +315,8 @@ def _ode_endpoint_oracle(steps, tol):
     """Deterministic: on N(m, C) the PF-ODE (T15) endpoint m + (C + σ_min²I)^½(C + σ_max²I)^(−½)(x_T − m)
     within `tol` at `steps`, and the error shrinks when the steps double (a converging discretisation)."""
     def check(sampler, D):
-        x_T = M + torch.randn(2000, 2, generator=_gen(), dtype=F64) @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64))
+        x_T = M + (torch.randn(2000, 2, generator=_gen(), dtype=F64)
+                   @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64)))
         s_min = 1e-4
         expect = M + (x_T - M) @ (_sqrtm(C + s_min**2 * torch.eye(2, dtype=F64))
                                   @ _sqrtm(C + SMAX**2 * torch.eye(2, dtype=F64), -0.5)).T

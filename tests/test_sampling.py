@@ -119,7 +119,8 @@ def test_count_calls_passes_the_denoiser_through():
     den = toy_denoiser("diag")
     c = CountCalls(den)
     assert c.head is den.head and c.net is den.net and c.precond is den.precond
-    assert c.calls == 0 and set(dict(c.named_parameters())) == {"denoiser." + k for k, _ in den.named_parameters()}
+    assert c.calls == 0
+    assert set(dict(c.named_parameters())) == {"denoiser." + k for k, _ in den.named_parameters()}
     with pytest.raises(AttributeError):
         CountCalls(lambda x, s: x).head
 

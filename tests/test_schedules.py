@@ -62,7 +62,8 @@ def test_edm_training_density_is_T18():
     d = LogNormalSigma(-1.2, 1.2)
     t = torch.rand(200000, generator=torch.Generator().manual_seed(0), dtype=F64)
     lam = d.lam(t)
-    assert float(lam.mean()) == pytest.approx(2.4, abs=0.03) and float(lam.std()) == pytest.approx(2.4, abs=0.03)
+    assert float(lam.mean()) == pytest.approx(2.4, abs=0.03)
+    assert float(lam.std()) == pytest.approx(2.4, abs=0.03)
 
 
 def test_cosine_matches_its_closed_form():
@@ -226,7 +227,8 @@ def test_learned_density_is_a_density_with_the_fixed_t_derivative():
         assert float(torch.trapezoid(ld.pdf(lam), lam)) == pytest.approx(1.0, abs=1e-4)
     torch.testing.assert_close(ld.lam(ld.t_of_lam(lam[::1000])).detach(), lam[::1000], rtol=0, atol=1e-5)
     lam_s = -2 * ld.sample(20000, torch.Generator().manual_seed(3), F64).log()
-    assert kstest(lam_s.detach().numpy(), lambda v: ld.cdf(torch.as_tensor(v, dtype=F64)).numpy()).pvalue > 1e-3
+    assert kstest(lam_s.detach().numpy(),
+                  lambda v: ld.cdf(torch.as_tensor(v, dtype=F64)).numpy()).pvalue > 1e-3
     w, t = SigmoidWeighting(2.0), torch.tensor([0.13, 0.5, 0.91], dtype=F64)
 
     def estimator(lam_t):      # ½·w/p·ℓ at the sampled λ, p through the density object

@@ -189,7 +189,8 @@ def test_small_mixture_against_scipy():
     sigma = torch.tensor([0.0, 0.1, 0.3, 0.05, 1.0], dtype=F64)
     for i, xi in enumerate(x.numpy()):
         s = sigma[i].item()
-        comp = np.array([np.log(w[k]) + multivariate_normal(m[k], c[k] + s**2 * np.eye(2)).logpdf(xi) for k in range(2)])
+        comp = np.array([np.log(w[k]) + multivariate_normal(m[k], c[k] + s**2 * np.eye(2)).logpdf(xi)
+                         for k in range(2)])
         r = np.exp(comp - logsumexp(comp))
         assert g.logp(x[i:i + 1], s).item() == pytest.approx(logsumexp(comp), rel=1e-12, abs=1e-12)
         np.testing.assert_allclose(g.responsibilities(x[i:i + 1], s)[0].numpy(), r, rtol=1e-10, atol=1e-14)
@@ -306,7 +307,8 @@ def test_eight_gaussians_integrates_to_one_and_moments():
 # ---- classic toys ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampler", [two_moons, swiss_roll, Checkerboard().sample,
-                                     lambda n, generator: eight_gaussians().sample(n, generator=generator)[0]],
+                                     lambda n, generator: eight_gaussians().sample(
+                                         n, generator=generator)[0]],
                          ids=["moons", "swissroll", "checkerboard", "8gaussians"])
 def test_classic_samplers(sampler):
     x = sampler(1000, generator=torch.Generator().manual_seed(14))

@@ -167,7 +167,8 @@ def test_score_matching_loss_is_sigma2_weighted_score_error():
 
 def _noise_std_ok(v: torch.Tensor, expect: float, z: float = 5.0) -> bool:
     se = expect / math.sqrt(2 * v.numel())
-    return abs(v.double().std().item() - expect) <= z * se and abs(v.double().mean().item()) <= z * expect / math.sqrt(v.numel())
+    return (abs(v.double().std().item() - expect) <= z * se
+            and abs(v.double().mean().item()) <= z * expect / math.sqrt(v.numel()))
 
 
 @pytest.mark.parametrize("sigma,steps,churn,s_noise,s_tmin,s_tmax", [

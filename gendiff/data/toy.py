@@ -48,10 +48,12 @@ class GaussianMixture:
             # contiguous along K; a trailing dim of size d = 2 defeats vectorisation.
             Qjk = self.Q64.permute(2, 0, 1)                                        # [j, k, :] = Q_k[:, j]
             self._cache[key] = {
-                "logw_c": (self.weights64.log() - 0.5 * d * math.log(2 * math.pi)).to(dtype=dtype, device=device),
+                "logw_c": (self.weights64.log()
+                           - 0.5 * d * math.log(2 * math.pi)).to(dtype=dtype, device=device),
                 "L": self.L64.T.contiguous().to(dtype=dtype, device=device),          # [d, K]
                 "Qcat": Qjk.reshape(d * K, d).T.contiguous().to(dtype=dtype, device=device),  # [d, d·K]
-                "Qtm": torch.einsum("jkc,kc->jk", Qjk, self.means64).reshape(d * K).to(dtype=dtype, device=device),
+                "Qtm": torch.einsum("jkc,kc->jk", Qjk,
+                                    self.means64).reshape(d * K).to(dtype=dtype, device=device),
                 "means": self.means64.to(dtype=dtype, device=device),
                 "covs": self.covs64.to(dtype=dtype, device=device),
                 "Q": self.Q64.to(dtype=dtype, device=device),
@@ -73,7 +75,8 @@ class GaussianMixture:
 
     def _chunks(self, x, s):
         for i in range(0, x.shape[0], self.chunk_size):
-            yield x[i:i + self.chunk_size], (s if s.ndim == 0 or s.shape[0] == 1 else s[i:i + self.chunk_size])
+            yield x[i:i + self.chunk_size], (s if s.ndim == 0 or s.shape[0] == 1
+                                             else s[i:i + self.chunk_size])
 
     def _rotated(self, x, s):
         """Per component k: logit_k = log φ_k + log N(x; m_k, Σ_k + σ²I) and z_k = (Λ_k + σ²)⁻¹Q_kᵀ(m_k − x).
@@ -184,7 +187,8 @@ class GaussianMixture:
             shrink = s2 * L / (L + s2)                                             # eigenvalues of Cov_k
             # Σ_k r_k Q_k diag(shrink) Q_kᵀ + Σ_k r_k off offᵀ − mean_off mean_offᵀ
             within = torch.einsum("nk,nkj,kaj,kbj->nab", r, shrink.expand_as(z), p["Q"], p["Q"])
-            between = torch.einsum("nk,nka,nkb->nab", r, off, off) - mean_off[:, :, None] * mean_off[:, None, :]
+            between = (torch.einsum("nk,nka,nkb->nab", r, off, off)
+                       - mean_off[:, :, None] * mean_off[:, None, :])
             means.append(xc + mean_off)
             covs.append(within + between)
         return Posterior(torch.cat(means), torch.cat(covs))
@@ -196,7 +200,8 @@ class GaussianMixture:
         r = self.responsibilities(x, sigma)
         p = self._p(x.dtype, x.device)
         mean = r @ p["means"]
-        second = torch.einsum("nk,ka,kb->nab", r, p["means"], p["means"]) - mean[:, :, None] * mean[:, None, :]
+        second = (torch.einsum("nk,ka,kb->nab", r, p["means"], p["means"])
+                  - mean[:, :, None] * mean[:, None, :])
         within = (r @ p["covs"].flatten(1)).view(-1, self.dim, self.dim)
         return Posterior(mean, within + second)
 
@@ -331,9 +336,11 @@ class ExactClassifier(torch.nn.Module):
         self.mixtures = list(mixtures)
         if not self.mixtures or len({m.dim for m in self.mixtures}) != 1:
             raise ValueError("ExactClassifier needs at least one mixture, all of one dimension")
-        p = np.full(len(self.mixtures), 1 / len(self.mixtures)) if priors is None else np.asarray(priors, float)
+        p = (np.full(len(self.mixtures), 1 / len(self.mixtures)) if priors is None
+             else np.asarray(priors, float))
         if p.shape != (len(self.mixtures),) or not np.all(p > 0):
-            raise ValueError(f"priors={priors!r} must be one probability > 0 per class ({len(self.mixtures)})")
+            raise ValueError(f"priors={priors!r} must be one probability > 0 per class "
+                             f"({len(self.mixtures)})")
         self.log_priors = torch.as_tensor(np.log(p / p.sum()))
         self.num_classes, self.dim = len(self.mixtures), self.mixtures[0].dim
         self.eval()                                         # nothing to train: always in evaluation mode

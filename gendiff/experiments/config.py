@@ -253,7 +253,8 @@ def _coerce(key: str, old, value, variable: bool = False, item=0, int_or_list: b
         ok = isinstance(value, type(old))
     if not ok:
         fixed = isinstance(old, (tuple, list)) and not variable
-        raise ValueError(f"{key}={value!r} is not {_type_name(old)}" + (f" of length {len(old)}" if fixed else ""))
+        raise ValueError(f"{key}={value!r} is not {_type_name(old)}"
+                         + (f" of length {len(old)}" if fixed else ""))
     return value
 
 

@@ -123,7 +123,8 @@ OBJECTIVE_GRID = {
                        help="VE: geometric σ (uniform λ), F-prediction, sigmoid weighting (= p-log-uniform)"),
     "proc-vp": _objective("eps", _LOGU, _SIG,
                           help="VP: linear λ (uniform λ), ε-prediction, sigmoid weighting"),
-    "proc-flow": replace(_objective("edm", spec("flow-matching", truncate=_ENDS), _SIG), model="p-flow-matching",
+    "proc-flow": replace(_objective("edm", spec("flow-matching", truncate=_ENDS), _SIG),
+                         model="p-flow-matching",
                          help="flow matching: its λ density sech²(λ/4)/8, F-prediction, sigmoid weighting "
                          "(= p-flow-matching)"),
     # the confidence-aware NLL under three densities

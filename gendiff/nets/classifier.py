@@ -189,7 +189,8 @@ def load_or_train_classifier(data_name: str, images: torch.Tensor, labels: torch
     # the default recipe keeps the plain name; another one (a smoke test's few steps) gets its own files, so
     # that it never replaces the classifier every FID so far was measured with
     changed = {k: kw[k] for k in defaults if kw[k] != defaults[k]}
-    tag = "" if not changed else "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    tag = ("" if not changed
+           else "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8])
     weights = os.path.join(cache_dir, f"classifier-{data_name}{tag}.safetensors")
     record = os.path.join(cache_dir, f"classifier-{data_name}{tag}.json")
     cached = _load_cached(weights, record, config)

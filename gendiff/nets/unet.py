@@ -256,7 +256,8 @@ class _Trunk(nn.Module):
         if resolutions[-1] in attn_resolutions:
             self.mid.append(Attention(ch, groups(ch)))
         self.mid.append(ResBlock(ch, ch, emb_channels, groups(ch), groups(ch), dropout))
-        self._skip_channels, self._channels, self._resolutions, self._dropout = skips, ch, resolutions, dropout
+        self._skip_channels, self._channels, self._resolutions, self._dropout = (
+            skips, ch, resolutions, dropout)
 
     # ---- input checks -----------------------------------------------------------------------------
 
