@@ -55,9 +55,8 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Average in `model`'s parameters after optimiser step `step` ≥ 1 (the model the copy was made
         from)."""
-        d = self.decay_at(step)
-        for p_ema, p in zip(self.module.parameters(), model.parameters()):
-            p_ema.lerp_(p, 1 - d)
+        d = self.decay_at(step)   # one multi-tensor lerp: the same p_ema += (1 − d)(p − p_ema) per tensor
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1 - d)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

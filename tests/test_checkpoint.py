@@ -228,3 +228,30 @@ def test_named_state_objects_round_trip_with_readable_keys(tmp_path):
     assert torch.equal(m2.weight, model.weight) and torch.equal(e2.module.bias, ema.module.bias)
     assert o2.param_groups[0]["lr"] == 0.1
     assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_skips_the_step():
+    """The one-synchronisation check `all_finite` (a sum of sums) catches inf and NaN in any gradient, also when
+    the loss itself is finite: the step is skipped and counted, the weights stay as they were.
+    Breakage tried: all_finite returning True (the weights become NaN, bad_steps 0)."""
+    import copy
+    from gendiff.data.sources import ToyBatches
+    from gendiff.data.toy import tree
+    from gendiff.experiments.config import ToyTrainConfig
+    from gendiff.losses import EDMLoss
+    from gendiff.nets.mlp import toy_denoiser
+    from gendiff.train import all_finite, train
+    assert all_finite([torch.ones(3), None, torch.zeros(2, 2)]) and all_finite([])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
+    assert not all_finite([torch.tensor([float("nan")]), torch.ones(2)])
+    assert not all_finite([torch.tensor([float("inf")]), torch.tensor([-float("inf")])])   # inf − inf: NaN
+
+    def bad_gradient(den, batch):      # forward: the EDM loss; backward: d√|g|/dg at g = 0 → inf · 0 = NaN
+        return EDMLoss()(den, batch) + 0 * (den.net.gain.sum() * 0).abs().sqrt()
+    torch.manual_seed(0)
+    den = toy_denoiser("none")
+    before = copy.deepcopy(den.state_dict())
+    res = train(den, bad_gradient, ToyBatches(tree("A"), "point"), ToyTrainConfig(iterations=2, batch=64,
+                                                                                     max_bad_steps=5),
+                progress=False)
+    assert res.bad_steps == 2 and all(torch.equal(v, den.state_dict()[k]) for k, v in before.items())
