@@ -1,6 +1,8 @@
 """Training speed of every run kind of `gendiff ablate` at the reference batch (4096), on this machine.
 
-Prints it/s per trained run kind and the ratio to the target (30 it/s).
+Prints it/s per trained run kind, the ratio to 30 it/s, and its share of this machine's matmul bound: the
+step's matrix products alone (the network's forward, its weight gradients and its input gradients, at the
+step's shapes), timed in the same process; their FLOPs over that time is the GFLOP/s the bound assumes.
 Baseline in the same process: score matching with the exact score from the one-shot einsum formulation
 of the mixture (benchmarks/mixture.py) instead of GaussianMixture.score.
 Usage: python benchmarks/toy_training.py [--iterations 200] [--batch 4096] [--threads N]
@@ -21,6 +23,31 @@ from gendiff.experiments.config import ToyTrainConfig
 from gendiff.train import train
 
 
+def matmul_shapes(net, batch: int) -> list:
+    """(M, K, N) of every matrix product of one training step of an MLP `net`: per linear layer (in → out) the
+    forward x·Wᵀ [batch, in]·[in, out], the weight gradient gᵀ·x [out, batch]·[batch, in] and, except for the
+    first layer (its input needs no gradient), the input gradient g·W [batch, out]·[out, in]."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = []
+    for i, lin in enumerate(layers):
+        n_in, n_out = lin.in_features, lin.out_features
+        shapes += [(batch, n_in, n_out), (n_out, batch, n_in)] + ([(batch, n_out, n_in)] if i else [])
+    return shapes
+
+
+def matmul_bound(shapes, repeats: int = 50) -> tuple:
+    """(step's matmul seconds, its GFLOP/s): the products of `shapes` timed on random float32 operands."""
+    ops = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    for a, b in ops:
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        for a, b in ops:
+            a @ b
+    secs = (time.perf_counter() - t) / repeats
+    return secs, 2 * sum(m * k * n for m, k, n in shapes) / secs / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=200)
@@ -33,7 +60,12 @@ def main():
     tcfg = ToyTrainConfig(iterations=args.iterations, batch=args.batch)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.iterations} iterations per kind")
-    print(f"{'run kind':<18} {'it/s':>8} {'vs 30 it/s':>11}")
+    probe = TOY_RECIPES["edm"].build_model(cfg.train).net
+    secs, gflops = matmul_bound(matmul_shapes(probe, args.batch))
+    flop = 2 * sum(m * k * n for m, k, n in matmul_shapes(probe, args.batch))
+    print(f"matmul bound (edm's network; others differ only in the output layer): {flop / 1e6:.0f} MFLOP per step "
+          f"at {gflops:.0f} GFLOP/s = {secs * 1e3:.2f} ms, {1 / secs:.0f} it/s")
+    print(f"{'run kind':<18} {'it/s':>8} {'vs 30 it/s':>11} {'of bound':>9}")
     for name in ("edm", "confidence-frozen", "confidence", "confidence-full", "seed-method",
                  "score-matching"):
         spec = TOY_RECIPES[name]
@@ -43,7 +75,8 @@ def main():
         loss = losses.make_loss(spec.loss)
         train(model, loss, src, ToyTrainConfig(iterations=5, batch=args.batch), progress=False)  # warm-up
         res = train(model, loss, src, tcfg, progress=False)
-        print(f"{name:<18} {res.it_per_s:8.1f} {res.it_per_s / 30:10.2f}x")
+        bound = 1 / matmul_bound(matmul_shapes(model.net, args.batch), repeats=20)[0]
+        print(f"{name:<18} {res.it_per_s:8.1f} {res.it_per_s / 30:10.2f}x {res.it_per_s / bound:8.0%}")
         if name == "score-matching":
             from mixture import EinsumBaseline  # benchmarks/mixture.py
 
