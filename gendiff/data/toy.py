@@ -88,23 +88,29 @@ class GaussianMixture:
         """
         p = self._p(x.dtype, x.device)
         d, K = self.dim, self.K
-        # Qᵀ(m − x) = [x, 1] @ [−Q; Qᵀm]: one matmul, no copy of a broadcast bias
+        # Qᵀ(m − x) = [x, 1] @ [−Q; Qᵀm]: one matmul, no copy of a broadcast bias (the same values as
+        # addmm(Qᵀm, x, Q, alpha=−1), bit for bit, here)
         u = torch.cat([x, torch.ones_like(x[:, :1])], 1).mm(p["Qaug"]).view(-1, d, K)
         s2 = s.square()
         var = p["L"] + (s2 if s.ndim == 0 else s2.view(-1, 1, 1))                     # Λ + σ²: [(n,) d, K]
         z = u / var
-        # log det(Σ_k + σ²I) = log Π_j (λ_jk + σ²): one log per (point, component); the product cannot
-        # underflow for d = 2 (Λ + σ² ≥ 1e-12 here)
-        if d == 2:
-            t = torch.mul(var[..., 0, :], var[..., 1, :]).log_()
+        # one log of the product is cheaper; it cannot underflow for d = 2 (Λ + σ² ≥ 1e-12 here)
+        if s.ndim and d == 2:
+            logdet = torch.mul(var[:, 0], var[:, 1]).log_()
         else:
-            t = var.log().sum(-2)
-        t = t.expand(u.shape[0], K).clone() if t.ndim == 1 else t                      # scalar σ: [K] → [n, K]
-        for j in range(d):
-            t.addcmul_(u[:, j], z[:, j])                                                # + Σ_j u_j²/(λ_j + σ²)
-        if t.requires_grad:
+            logdet = var.log().sum(-2)
+        # Σ_j u_j z_j, then + log det, then −½· and + log φ, rounded as (u·z).sum(−2) etc. were before
+        # (mul then add: addcmul fuses to an FMA, rounds differently and changes the trained
+        # score-matching model); accumulated in place in u (only z is needed afterwards)
+        if u.requires_grad:
+            t = (u * z).sum(-2).add_(logdet)
             return t.mul_(-0.5).add_(p["logw_c"]), z
-        return torch.add(p["logw_c"], t, alpha=-0.5, out=t), z                       # one pass, in place
+        uz = u.mul_(z)
+        t = uz[:, 0]
+        for j in range(1, d):
+            t.add_(uz[:, j])
+        t.add_(logdet)
+        return torch.add(p["logw_c"], t, alpha=-0.5), z                  # −½t is exact: the same rounding
 
     def _expanded_weights(self, s: float, dtype, device):
         """For one scalar σ: log N(x; m_k, P_k⁻¹) = φ(x)·W_k with φ(x) = [x_i x_j (i ≤ j), x, 1],
@@ -150,12 +156,12 @@ class GaussianMixture:
 
     @staticmethod
     def _softmax_lse(logits):
-        """Responsibilities and log-sum-exp with one fused softmax: lse = max_k logit − log r_argmax
-        (softmax is monotone, so both maxima sit at the same k; one max pass finds both).
-        torch.softmax, not exp: its exp stays fast for arguments below −88, where torch.exp is ~40× slower."""
-        m, k = logits.max(-1, keepdim=True)
+        """Responsibilities and log-sum-exp with one fused softmax: lse = max_k logit − log max_k r
+        (softmax is monotone, so both maxima sit at the same k). torch.softmax, not exp: its exp stays
+        fast for arguments below −88, where torch.exp is ~40× slower here. (One max with indices and a
+        gather instead of the two amax measured no faster.)"""
         r = torch.softmax(logits, -1)
-        return r, (m - r.gather(-1, k).log()).squeeze(-1)
+        return r, logits.amax(-1) - r.amax(-1).log()
 
     # -- public API ------------------------------------------------------------------------------
     def logp(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
@@ -164,19 +170,23 @@ class GaussianMixture:
 
     def score(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         """∇_x log p(x; σ): [N, d]."""
-        return self.logp_and_score(x, sigma)[1]
+        return self.logp_and_score(x, sigma, _need_logp=False)[1]
 
-    def logp_and_score(self, x: torch.Tensor, sigma=0.0, need_score: bool = True):
-        """(log p(x; σ) [N], ∇_x log p(x; σ) [N, d]) in one pass over the components."""
+    def logp_and_score(self, x: torch.Tensor, sigma=0.0, need_score: bool = True, _need_logp: bool = True):
+        """(log p(x; σ) [N], ∇_x log p(x; σ) [N, d]) in one pass over the components
+        (`score` skips the log-sum-exp's max pass: (None, score))."""
         s = self._sigma(sigma, x, allow_zero=True)
         lp, sc = [], []
         for xc, s_c in self._chunks(x, s):
             logits, readout = self._logits(xc, s_c)
-            r, lse = self._softmax_lse(logits)
-            lp.append(lse)
+            if _need_logp:
+                r, lse = self._softmax_lse(logits)
+                lp.append(lse)
+            else:
+                r = torch.softmax(logits, -1)
             if need_score:
                 sc.append(readout(r))
-        return torch.cat(lp), (torch.cat(sc) if need_score else None)
+        return (torch.cat(lp) if _need_logp else None), (torch.cat(sc) if need_score else None)
 
     def responsibilities(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """p(k | x̃; σ): [N, K]."""
