@@ -11,7 +11,9 @@ all points and components at once, per-component inverse through the eigendecomp
 (no log-sum-exp, so its log p is −inf where every w underflows). Both run in the same process on the
 same points: 4096 points × 1016 components (tree "A") at σ = 0.1 in float32, then with a random σ
 per point. Prints the median over the repeats in ms, the ratio baseline/ours, and the max abs
-difference between the two (a sanity check).
+difference between the two (a sanity check). First, per case, the code as it was before issue 17's faster
+score (`OldRotated`, the same chunks) against today's, alternated, and whether their values are equal bit
+for bit.
 
     python benchmarks/mixture.py [--repeats 30] [--threads N]
 """
@@ -49,6 +51,46 @@ class EinsumBaseline:
         return pdf.log(), (w[..., None] * z).sum(-2) / pdf[:, None]
 
 
+class OldRotated(GaussianMixture):
+    """GaussianMixture as it was before issue 17's faster score (commit a20b933), for old-vs-new timings in
+    one process: addmm with a broadcast bias, (u·z).sum + log det in fresh temporaries, softmax with
+    lse = max logit − log max r (two max passes), the score readout out of place, logp computed with the
+    score."""
+
+    def __init__(self, g: GaussianMixture):
+        super().__init__(g.weights64, g.means64, g.covs64, chunk_size=g.chunk_size)
+
+    def _rotated(self, x, s):
+        p = self._p(x.dtype, x.device)
+        if "Qtm" not in p:
+            p["Qtm"] = p["Qaug"][-1].contiguous()
+        u = torch.addmm(p["Qtm"], x, p["Qcat"], alpha=-1).view(-1, self.dim, self.K)
+        s2 = s.square()
+        var = p["L"] + (s2 if s.ndim == 0 else s2.view(-1, 1, 1))
+        z = u / var
+        logdet = var.prod(-2).log() if s.ndim and self.dim == 2 else var.log().sum(-2)
+        logits = (u * z).sum(-2).add_(logdet).mul_(-0.5).add_(p["logw_c"])
+        return logits, z
+
+    def _logits(self, x, s):
+        if s.ndim == 0 or s.numel() == 1:
+            return super()._logits(x, s)
+        logits, z = self._rotated(x, s)
+        Qcat = self._p(x.dtype, x.device)["Qcat"]
+        return logits, lambda r: (r.unsqueeze(-2) * z).flatten(1) @ Qcat.T
+
+    @staticmethod
+    def _softmax_lse(logits):
+        r = torch.softmax(logits, -1)
+        return r, logits.amax(-1) - r.amax(-1).log()
+
+    def score(self, x, sigma=0.0):
+        return self.logp_and_score(x, sigma)[1]
+
+    def logp_and_score(self, x, sigma=0.0, need_score: bool = True, _need_logp: bool = True):
+        return super().logp_and_score(x, sigma, need_score)
+
+
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -82,7 +124,18 @@ def main() -> None:
     x_pp = g.sample(n, sigma=sig_pp, generator=gen, dtype=dtype)[0]
     cases = [("sigma=0.1", x_scalar, 0.1), ("sigma per point, log-uniform [0.05, 1]", x_pp, sig_pp.to(dtype))]
 
+    old = OldRotated(g)
     for name, x, sigma in cases:
+        for _ in range(2):  # old and new alternated, twice
+            t_old = median_ms(lambda: old.score(x, sigma), args.repeats)
+            t_new = median_ms(lambda: g.score(x, sigma), args.repeats)
+            t_old_b = median_ms(lambda: old.logp_and_score(x, sigma), args.repeats)
+            t_new_b = median_ms(lambda: g.logp_and_score(x, sigma), args.repeats)
+            print(f"[{name}] score: before issue 17 {t_old:7.2f} ms, now {t_new:7.2f} ms ({t_old / t_new:.2f}x); "
+                  f"logp_and_score: {t_old_b:7.2f} ms, now {t_new_b:7.2f} ms ({t_old_b / t_new_b:.2f}x)")
+        same = [torch.equal(a, b) for a, b in zip(old.logp_and_score(x, sigma), g.logp_and_score(x, sigma))]
+        print(f"  now == before issue 17, bit for bit: logp {same[0]}, score {same[1]}, "
+              f"score() {torch.equal(old.score(x, sigma), g.score(x, sigma))}")
         t_both = median_ms(lambda: g.logp_and_score(x, sigma), args.repeats)
         t_sep = median_ms(lambda: (g.logp(x, sigma), g.score(x, sigma)), args.repeats)
         t_base = median_ms(lambda: base.logp_and_score(x, sigma), args.repeats)
