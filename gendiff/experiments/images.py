@@ -36,7 +36,7 @@ from ..schedules import edm_sigmas
 from ..scores import CountCalls
 from .config import ImageRunConfig, to_toml
 from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
-from .runfolder import load_weights, read_json, start_run, train_in_folder, weights_tag
+from .runfolder import load_weights, read_json, refuse, start_run, train_in_folder, weights_tag
 
 CALIBRATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
 VAL_FRACTION = 0.1         # folder/npz data: the share held out as the test split (seed 0)
@@ -276,10 +276,7 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
     [N, C, H, W], the seed, each image's index i and labels) and dest/grid.png (the first 64). A conditional
     run samples classes 0, 1, … in turn (or only `label`), with CFG weight `cfg_weight`
     (default: the conditional model alone)."""
-    for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
-        if v is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes "
-                             f"the sampler: {sampler_name(cfg)}; --steps changes its steps)")
+    _refuse_sampler(cfg, {"sampler": sampler, "score_mode": score_mode, **unused})
     recipe = IMAGE_RECIPES[cfg.recipe]
     num_classes = _num_classes(model)
     if not recipe.conditional and (cfg_weight is not None or label is not None):
@@ -304,6 +301,11 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
     info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
     save_json(info, os.path.join(dest, "samples.json"))
     return info
+
+
+def _refuse_sampler(cfg: ImageRunConfig, options: dict) -> None:
+    refuse(options, "an image", f" (its recipe fixes the sampler: {sampler_name(cfg)}; --steps changes its "
+                                "steps)")
 
 
 def _num_classes(model) -> int:
@@ -490,22 +492,19 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
     """FID / precision / recall / class counts of `samples` images (default eval.samples) of the run's model
     against the test split, with the feature classifier's accuracy; writes
     RUN/eval-<steps>-<n>-<seed>.json."""
-    for name, v in (("sampler", sampler), ("score_mode", score_mode), *unused.items()):
-        if v is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run (its recipe fixes "
-                             f"the sampler: {sampler_name(cfg)}; --steps changes its steps)")
+    _refuse_sampler(cfg, {"sampler": sampler, "score_mode": score_mode, **unused})
     recipe = IMAGE_RECIPES[cfg.recipe]
     if cfg_weight is not None and not recipe.conditional:
         raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
                          "unconditional")
     n = samples or cfg.eval.samples
-    test = load_images(cfg.data, "test")
+    train, test, _ = load_splits(cfg.data)
     if test.labels is None:
         raise ValueError("gendiff eval measures samples in the features of a classifier of the data's "
                          f"classes; data {cfg.data.path!r} has no labels (class subfolders or an npz "
                          "'labels' key): FID, precision and recall do not apply (samples: gendiff sample; "
                          "bits/dim: gendiff likelihood)")
-    clf, real, acc = feature_classifier(cfg, test)
+    clf, real, acc = feature_classifier(cfg, test, train)
     labels = torch.arange(n) % test.num_classes if recipe.conditional else None
     x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed,
                             num_classes=test.num_classes, steps=steps)
@@ -529,9 +528,7 @@ def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, met
                    seed: int = 0, **unused) -> dict:
     """Bits/dim of `points` test images (default eval.likelihood_images, at least 1): PF-ODE with Hutchinson's
     divergence (T31), plus DDPM's bound for DDPM recipes; writes RUN/likelihood.json."""
-    for name, v in unused.items():
-        if v is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to an image run")
+    refuse(unused, "an image")
     if method != "hutchinson":
         raise ValueError(f"--method={method!r}: the exact divergence of an image model costs one backward "
                          "pass per pixel; image runs use --method hutchinson")

@@ -165,6 +165,13 @@ def posthoc_run(out: str, sigma_rel: float, step: int | None = None) -> str:
     return name
 
 
+def refuse(options: dict, kind: str, why: str = "") -> None:
+    """The first option given (not None) of `options` is one error: it does not apply to this kind of run."""
+    for name, value in options.items():
+        if value is not None:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to {kind} run{why}")
+
+
 def read_json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None

@@ -23,7 +23,7 @@ from ..schedules import LogNormalSigma, edm_sigmas
 from ..scores import CountCalls, with_score_mode
 from .config import ToyRunConfig
 from .recipes import TOY_RECIPES
-from .runfolder import load_weights, train_in_folder, weights_tag
+from .runfolder import load_weights, refuse, train_in_folder, weights_tag
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -134,7 +134,7 @@ def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, s
                steps: int = 0, score_mode: str = "tweedie", batch: int = 4096, **unused) -> dict:
     """`gendiff sample` on a toy run: dest/samples.npz (points [N, 2]) and dest/samples.png (beside the ground
     truth)."""
-    _refuse(unused, "toy")
+    refuse(unused, "a toy")
     steps = steps or cfg.sampler.steps
     x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps,
                                  score_mode=score_mode, batch=batch)
@@ -148,20 +148,13 @@ def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, s
     return info
 
 
-def _refuse(options: dict, kind: str) -> None:
-    given = {k: v for k, v in options.items() if v is not None}
-    if given:
-        k = next(iter(given))
-        raise ValueError(f"--{k.replace('_', '-')} does not apply to a {kind} run")
-
-
 def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str = "heun", steps: int = 0,
              samples: int = 4096,
              seed: int = 0, score_mode: str = "tweedie", weights: str = "model.safetensors",
              **unused) -> dict:
     """Samples of the run's model (sample_points) measured against the tree's ground truth; writes
     RUN/eval-<sampler>-<steps>-<score_mode>.json."""
-    _refuse(unused, "toy")
+    refuse(unused, "a toy")
     steps = steps or cfg.sampler.steps
     x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps,
                                  score_mode=score_mode)
@@ -181,7 +174,7 @@ def likelihood_run(out: str, cfg: ToyRunConfig, model, *, points: int = 512, met
                    seed: int = 0, **unused) -> dict:
     """Bits/dim of held-out ground-truth points: PF-ODE (T31) next to the continuous ELBO (VP over the same σ
     range) and the exact −log p(x; σ_min) of the tree; writes RUN/likelihood.json."""
-    _refuse(unused, "toy")
+    refuse(unused, "a toy")
     check_positive("points", points, integer=True)
     gt = tree(cfg.classes)
     x = gt.sample(points, generator=generator(seed, "likelihood-points"))[0]
