@@ -3,11 +3,13 @@ grayscale .npz go through `train` (confidence recipe), SIGKILL + `--resume`, `sa
 `eval`, `likelihood` and `report`; bad data is one line naming the file or the key; samples do not depend on
 the batch split (toy and images); a resume after a corrupted checkpoint logs each step once.
 
-Breakages tried (the test that catches each): sample_images drawing the batch's noise from one generator
-(test_image_samples_do_not_depend_on_the_batch_split); toy sample_points drawing the start from one generator
+Breakages tried (the test that catches each): sample_images seeding image i by its index within its batch
+(test_image_samples_do_not_depend_on_the_batch_split); toy sample_points seeding a start by its index within
+its batch
 (test_toy_samples_do_not_depend_on_the_batch_split); RunLog cutting the log at the newest checkpoint instead
 of the one resumed (test_a_resume_after_a_corrupt_checkpoint_logs_each_step_once); start_run before prepare
-(the failed-start assertions); calibrate passing C-channel error maps to the heat-map panels (the RGB run).
+(the failed-start assertions); uncertainty_figure without its named heat maps
+(test_uncertainty_figure_takes_bright_colour_images). Each was seen to fail.
 """
 import json
 import os
