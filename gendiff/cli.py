@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"σ below which the hybrid score mode uses T14 (default {HYBRID_SIGMA})")
     a.add_argument("--no-figures", action="store_true")
     a.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+    a.add_argument("--jobs", type=_positive_int("--jobs"),
+                   help="toy suites: worker processes, one trained model each at a time, sharing the threads "
+                   "(default: one per thread, at most one per model; 1 = all in this process)")
     a.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("data",
                        help="obtain and verify a dataset offline (md5 against the published checksums)")
@@ -320,7 +323,9 @@ def _ablate(args) -> int:
     out = args.out or os.path.join("results", "ablate-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_writable(out)
     print(f"gendiff ablate: runs {', '.join(cfg.runs)} -> {out}")
-    result = run_seeds(cfg, seeds, out, progress=not args.no_progress)
+    models = {TOY_RECIPES[r].model or r for r in cfg.runs}
+    jobs = args.jobs or max(1, min(torch.get_num_threads(), len(models)))
+    result = run_seeds(cfg, seeds, out, progress=not args.no_progress and jobs == 1, jobs=jobs)
     print(metrics_markdown(result))
     print(calibration_markdown(result))
     print(f"total {result['timings']['total_s']:.1f} s; results in {out}")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -24,6 +25,7 @@ from ..io import derive_seed, save_json
 from ..losses import LOSSES
 from ..mixture_eval import Evaluator, SamplerConfig
 from ..precond import PRECONDS
+from ..runtime import configure
 from ..schedules import LogNormalSigma
 from ..scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
 from ..train import Outputs, train
@@ -135,59 +137,128 @@ def _guide_for(name, spec, cfg, res, seed, out_dir, progress):
     return gres.ema, gres.seconds
 
 
+_EVALUATOR: dict = {}
+
+
 def make_evaluator(cfg: AblateConfig) -> Evaluator:
+    """The suite's Evaluator; the last one made is kept (a worker process scores several runs with it)."""
+    key = repr((cfg.classes, cfg.seed, cfg.samples, cfg.eval_points, cfg.train.p_mean, cfg.train.p_std,
+                cfg.sampler))
+    if key not in _EVALUATOR:
+        _EVALUATOR.clear()
+        _EVALUATOR[key] = _new_evaluator(cfg)
+    return _EVALUATOR[key]
+
+
+def _new_evaluator(cfg: AblateConfig) -> Evaluator:
     return Evaluator(tree(cfg.classes), seed=cfg.seed, samples=cfg.samples, eval_points=cfg.eval_points,
                      sigma_density=LogNormalSigma(cfg.train.p_mean, cfg.train.p_std), sampler=cfg.sampler)
 
 
-def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool = True, log=print) -> dict:
-    """Train, sample and evaluate every run of `cfg.runs`; write results into out_dir if given."""
-    cfg.validate()
-    t_start = time.perf_counter()
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        save_json(config_to_dict(cfg), os.path.join(out_dir, "config.json"))  # resolved config, first
-    ev = make_evaluator(cfg)
-    models, guides, timings, runs, figs, training = {}, {}, {"runs": {}}, {}, {}, {}
+def _groups(cfg: AblateConfig) -> dict:
+    """The trained models and the runs read from each: {owner: [run, …]} (a run with `model=` reuses its
+    owner's network with another score mode), in the order of cfg.runs."""
+    groups = {}
     for name in cfg.runs:
+        groups.setdefault(TOY_RECIPES[name].model or name, []).append(name)
+    return groups
+
+
+def _run_group(cfg: AblateConfig, owner: str, names: list, out_dir, progress: bool) -> dict:
+    """Train `owner` (and its guide), then sample and score every run in `names` unguided and autoguided.
+    Everything random here has its own seeded generator, so the result does not depend on which process
+    runs it or in what order (only on float rounding, which the thread count can change)."""
+    ev = make_evaluator(cfg)
+    spec = TOY_RECIPES[owner]
+    res = _train_model(owner, spec, cfg, cfg.classes, cfg.seed, out_dir, progress)
+    guide_model, guide_s = _guide_for(owner, spec, cfg, res, cfg.seed, out_dir, progress)
+    out = {"owner": owner, "model": res.ema, "training": training_stats(res), "runs": {}, "figs": {},
+           "timings": {}, "train_line": f"[{owner}] trained {res.seconds:.1f} s ({res.it_per_s:.1f} it/s)"}
+    for i, name in enumerate(names):
         spec = TOY_RECIPES[name]
-        owner = spec.model or name
-        t_run = {}
-        if owner not in models:
-            log(f"[{owner}] training: {TOY_RECIPES[owner].help}")
-            res = _train_model(owner, TOY_RECIPES[owner], cfg, cfg.classes, cfg.seed, out_dir, progress)
-            models[owner] = res.ema
-            guides[owner], guide_s = _guide_for(owner, TOY_RECIPES[owner], cfg, res, cfg.seed,
-                                                out_dir, progress)
-            t_run.update(train_s=res.seconds, it_per_s=res.it_per_s, guide_train_s=guide_s)
-            training[owner] = training_stats(res)
-        model = models[owner]
-        main = with_score_mode(model, spec.score_mode, cfg.hybrid_sigma)
-        guide = with_score_mode(guides[owner], spec.score_mode, cfg.hybrid_sigma)
-        runs[name], figs[name] = {}, {}
+        main = with_score_mode(res.ema, spec.score_mode, cfg.hybrid_sigma)
+        guide = with_score_mode(guide_model, spec.score_mode, cfg.hybrid_sigma)
+        t_run = {"train_s": res.seconds, "it_per_s": res.it_per_s, "guide_train_s": guide_s} if i == 0 else {}
+        runs, figs = {}, {}
         for label, den in (("unguided", main), ("autoguided", Guided(main, guide, cfg.guidance))):
             x, secs, traj = ev.sample(den, trace=len(ev.x_init))
             m = ev.sample_metrics(x)
             m.update(ev.score_errors(den))
             m["nfe"] = cfg.sampler.nfe * (1 if label == "unguided" or cfg.guidance in (0, 1) else 2)
             if label == "unguided" and spec.score_mode == "tweedie":
-                m["calibration"] = ev.calibration(model, spec.mode)
-            runs[name][label] = m
+                m["calibration"] = ev.calibration(res.ema, spec.mode)
+            runs[label] = m
             t_run[f"sample_s_{label}"] = secs
-            figs[name][label] = (x, traj)
-        timings["runs"][name] = t_run
-        log(f"[{name}] " + "; ".join(f"{k}: median nll {v['median_nll']:.3f}, mmd {v['mmd']:.2e}"
-                                     for k, v in runs[name].items()))
-    reference = ev.reference()
+            figs[label] = (x, traj)
+        out["runs"][name], out["figs"][name], out["timings"][name] = runs, figs, t_run
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    configure(threads)
+
+
+def _reference(cfg: AblateConfig) -> dict:
+    return make_evaluator(cfg).reference()
+
+
+def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool = True, log=print,
+                 jobs: int = 1, threads: int | None = None) -> dict:
+    """Train, sample and evaluate every run of `cfg.runs`; write results into out_dir if given.
+
+    jobs > 1: the trained models (and the reference rows) are independent tasks run by that many worker
+    processes of `threads` torch threads each (default: this process's threads split between them). On a
+    2-core CPU two 1-thread processes train ≈ 1.3× the steps per second of one 2-thread process
+    (BENCHMARKS.md: most of a toy step is per-op overhead that a second thread does not shorten)."""
+    cfg.validate()
+    check_positive("jobs", jobs, integer=True)
+    t_start = time.perf_counter()
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        save_json(config_to_dict(cfg), os.path.join(out_dir, "config.json"))  # resolved config, first
+    groups = _groups(cfg)
+    for owner in groups:
+        log(f"[{owner}] training: {TOY_RECIPES[owner].help}")
+    done = {}
+    if jobs == 1:
+        for owner, names in groups.items():
+            done[owner] = _run_group(cfg, owner, names, out_dir, progress)
+            _log_group(done[owner], log)
+        reference = _reference(cfg)
+    else:
+        threads = threads or max(1, torch.get_num_threads() // jobs)
+        ctx = torch.multiprocessing.get_context("spawn")  # no fork of an initialised OpenMP runtime
+        # longest first (score matching computes the exact mixture score every step), reference last
+        order = sorted(groups, key=lambda o: TOY_RECIPES[o].loss != "score-matching")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_group, cfg, o, groups[o], out_dir, False): o for o in order}
+            ref_future = pool.submit(_reference, cfg)
+            for f in as_completed(futures):
+                done[futures[f]] = f.result()
+                _log_group(done[futures[f]], log)
+            reference = ref_future.result()
+    owner_of = {n: o for o, ns in groups.items() for n in ns}
+    runs = {n: done[owner_of[n]]["runs"][n] for n in cfg.runs}
+    figs = {n: done[owner_of[n]]["figs"][n] for n in cfg.runs}
+    timings = {"runs": {n: done[owner_of[n]]["timings"][n] for n in cfg.runs}}
+    training = {o: done[o]["training"] for o in groups}
     timings["total_s"] = time.perf_counter() - t_start
+    timings["jobs"] = jobs
     result = {"runs": runs, "reference": reference, "guidance_effect": guidance_effect(runs),
               "training": training, "config": config_to_dict(cfg), "timings": timings}
     if out_dir is not None:
         write_metrics(result, out_dir)
         if cfg.figures:
-            write_figures(cfg.guidance, ev, {n: models[TOY_RECIPES[n].model or n] for n in figs},
-                          {n: TOY_RECIPES[n] for n in figs}, figs, out_dir)
+            write_figures(cfg.guidance, make_evaluator(cfg), {n: done[owner_of[n]]["model"] for n in runs},
+                          {n: TOY_RECIPES[n] for n in runs}, figs, out_dir)
     return result
+
+
+def _log_group(g: dict, log) -> None:
+    log(g["train_line"])
+    for name, per in g["runs"].items():
+        log(f"[{name}] " + "; ".join(f"{k}: median nll {v['median_nll']:.3f}, mmd {v['mmd']:.2e}"
+                                     for k, v in per.items()))
 
 
 def _finished(sub: str, cfg: AblateConfig):
@@ -200,12 +271,13 @@ def _finished(sub: str, cfg: AblateConfig):
     return result if result.get("config") == json.loads(json.dumps(config_to_dict(cfg))) else None
 
 
-def run_seeds(cfg: AblateConfig, seeds, out_dir: str | None = None, progress: bool = True, log=print) -> dict:
+def run_seeds(cfg: AblateConfig, seeds, out_dir: str | None = None, progress: bool = True, log=print,
+              jobs: int = 1, threads: int | None = None) -> dict:
     """`run_ablation` once per seed (into out_dir/seed-<s>/) and a mean ± std summary in out_dir.
     Resumable: a seed whose folder already holds metrics.json for the same config is read, not rerun."""
     seeds = list(seeds)
     if len(seeds) == 1:
-        return run_ablation(replace(cfg, seed=seeds[0]), out_dir, progress, log)
+        return run_ablation(replace(cfg, seed=seeds[0]), out_dir, progress, log, jobs, threads)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds} has repeats; give distinct seeds")
     results = []
@@ -213,7 +285,7 @@ def run_seeds(cfg: AblateConfig, seeds, out_dir: str | None = None, progress: bo
         sub = None if out_dir is None else os.path.join(out_dir, f"seed-{s}")
         done = None if sub is None else _finished(sub, replace(cfg, seed=s))
         log(f"== seed {s}" + (" (finished earlier: read from metrics.json)" if done else ""))
-        results.append(done or run_ablation(replace(cfg, seed=s), sub, progress, log))
+        results.append(done or run_ablation(replace(cfg, seed=s), sub, progress, log, jobs, threads))
     summary = summarize_seeds(results)
     if out_dir is not None:
         write_metrics(summary, out_dir)
