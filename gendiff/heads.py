@@ -6,6 +6,10 @@ A head is declared once, on the `Denoiser`; it owns how many raw outputs G it ne
 - `NoHead()`: no G, σ_φ = c_var (EDM's denoiser; the T11 baseline).
 - `DiagonalHead()`: G shaped like x, σ_φ = c_var·exp(G/2) per element (T6, T9).
 - `FullHead()`: for points [N, d], G: [N, d(d+1)/2] → lower-triangular S, Σ_φ⁻¹ = S·Sᵀ/c_var² (T12).
+- `ExcessHead()`: G shaped like x, σ_φ² = σ² + c_out²·e^G per element (T37): σ_φ ≥ σ for every G.
+- `SigmaOnlyHead()`: one log-variance u(σ) per noise level, σ_φ² = c_var²·e^u for every element (EDM2's
+  learned u(σ) as a confidence head); u comes from a small module of c_noise that the `Denoiser` owns
+  (`head.module()`), not from the backbone.
 
 The formulas are plain functions on tensors (the test oracles call them directly).
 """
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .checks import one_per_example
 
@@ -31,6 +36,13 @@ class Scalings(NamedTuple):
     c_noise: torch.Tensor
     c_var: torch.Tensor
     k: torch.Tensor  # c_out² / c_var², the weight in T9/T12 (EDM: σ_d² / (σ² + 2σ_d²))
+    sigma: torch.Tensor | None = None  # the σ they were made for (the total σ with a known source, T3)
+
+    @property
+    def one_minus_k(self) -> torch.Tensor:
+        """1 − k = σ²/c_var² (c_var² = σ² + c_out², T5 generalised), without the cancellation of 1 − k where
+        k → 1 (x0-prediction at small σ); 1 − k itself when σ is not known."""
+        return 1 - self.k if self.sigma is None else self.sigma.square() / self.c_var.square()
 
 
 # ---- the formulas ------------------------------------------------------------------------------
@@ -57,6 +69,23 @@ def nll_stable(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
     if source_var is not None:
         inner = inner + source_var / sc.c_var.square()
     return 0.5 * (G + torch.exp(-G) * inner + LOG_2PI + 2 * torch.log(sc.c_var))
+
+
+def nll_excess(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
+    """THEORY T37, per element, for σ_φ² = σ² + c_out²·e^G = c_var²·(1 − k + k·e^G):
+    2L = log(2π·c_var²) + log(1 − k + k·e^G) + [(1 − k) + k‖F − F*‖² (+ σ_src²/c_var²)] / (1 − k + k·e^G).
+
+    It is T7 at that σ_φ (and T9 at e^(G_T6) = 1 − k + k·e^G). The log of the denominator is a logaddexp of
+    log(1 − k) and log k + G, and the bracket is multiplied by its exp(−·): finite for any σ and any finite
+    G (the denominator is ≥ 1 − k, ≥ ½ for EDM). `source_var`: a known per-element variance of x0's source,
+    the diagonal T12 term as in `nll_stable`.
+    """
+    omk = sc.one_minus_k
+    log_den = torch.logaddexp(torch.log(omk), torch.log(sc.k) + G)    # log(1 − k + k·e^G)
+    inner = omk + sc.k * (F - F_star).square()
+    if source_var is not None:
+        inner = inner + source_var / sc.c_var.square()
+    return 0.5 * (LOG_2PI + 2 * torch.log(sc.c_var) + log_den + inner * torch.exp(-log_den))
 
 
 def log_q(x, F, G, x_noisy, sc: Scalings) -> torch.Tensor:
@@ -194,6 +223,12 @@ class NetPrediction(Prediction):
 class Head:
     """What a confidence head is: its output size, σ_φ, Σ_φ, its NLL and its T14 score."""
     name = "?"
+    has_confidence = True   # σ_φ is learned (a confidence to calibrate); False: σ_φ is c_var
+
+    def module(self) -> nn.Module | None:
+        """The parameters the head owns apart from the backbone, as a module `(c_noise [N], x) -> G` that the
+        `Denoiser` holds (and trains with the net); None: G, if any, comes from the backbone."""
+        return None
 
     def g_shape(self, x_shape: tuple) -> tuple | None:
         """Shape of the raw output G for an input x of `x_shape` (None: no G)."""
@@ -259,6 +294,7 @@ class Head:
 class NoHead(Head):
     """σ_φ = c_var: the EDM denoiser. Its NLL is T9 with G ≡ 0, EDM's optimum per σ weighted k(σ)/2 (T11)."""
     name = "none"
+    has_confidence = False
 
     def g_shape(self, x_shape):
         return None
@@ -318,12 +354,73 @@ class FullHead(Head):
         return nll_full(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, source_cov)
 
 
+class ExcessHead(Head):
+    """σ_φ² = σ² + c_out²·e^G per element, G shaped like x (T37): G ≡ 0 is c_var² (EDM's limit, as NoHead),
+    σ_φ ≥ σ for every G, and the excess Var[x0 | x̃] = c_out²·e^G is resolved relatively. NLL: `nll_excess`.
+    """
+    name = "excess"
+
+    def g_shape(self, x_shape):
+        return tuple(x_shape)
+
+    def variance(self, p):
+        sc = p.scalings
+        floor = sc.c_var.square() * sc.one_minus_k if sc.sigma is None else sc.sigma.square()   # σ²
+        return floor + sc.c_out.square() * torch.exp(p.G)
+
+    def nll(self, p, x0, source_cov=None):
+        var = None if source_cov is None else torch.diagonal(source_cov, dim1=-2, dim2=-1)
+        return _sum_elements(nll_excess(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, var))
+
+
+class LogVarianceOfSigma(nn.Module):
+    """u(σ): one log-variance per noise level from c_noise alone, EDM2's `logvar_fourier` + `logvar_linear`
+    (networks_edm2.Precond): √2·cos(2π(f·c_noise + φ)) with fixed random f ~ N(0, 1), φ ~ U[0, 1) (MPFourier,
+    `features` of them, drawn from a fixed seed and kept as buffers), then a linear map to one number. The
+    linear map starts at zero, so u ≡ 0 and σ_φ = c_var at initialisation (as the toy MLP's G)."""
+
+    def __init__(self, features: int = 128):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g))
+        self.weight = nn.Parameter(torch.zeros(features))   # zeros: no draw from the global RNG either
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, c_noise: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # c_noise: [N] (one per example) -> G: u(c_noise) broadcast to like's shape [N, ...]
+        c = c_noise.reshape(-1, 1).to(self.freqs.dtype)
+        u = (math.sqrt(2) * torch.cos(c * self.freqs + self.phases)) @ self.weight + self.bias      # [N]
+        return u.to(like.dtype).view(-1, *([1] * (like.ndim - 1))).expand(like.shape)
+
+
+class SigmaOnlyHead(Head):
+    """EDM2's learned u(σ) as a confidence head: σ_φ² = c_var²·e^(u(σ)), one value for every element of an
+    example. G = u(c_noise) broadcast to x's shape comes from `LogVarianceOfSigma`, owned by the `Denoiser`
+    (the backbone returns F only); its NLL is T9 with that G (T9 holds for any G). EDM2 uses u(σ) only to
+    weight its loss; here it is also the σ-only baseline of the per-element heads."""
+    name = "sigma-only"
+
+    def g_shape(self, x_shape):
+        return tuple(x_shape)
+
+    def outputs(self, dim):
+        return 0   # nothing from the backbone
+
+    def module(self):
+        return LogVarianceOfSigma()
+
+    def variance(self, p):
+        return p.scalings.c_var.square() * torch.exp(p.G)
+
+
 class LearnedVarianceHead(Head):
     """IDDPM's learned variance (T26): G shaped like x is the raw interpolation output; the DDPM step's
     Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) with v = (G + 1)/2 (IDDPM's range [−1, 1] → [0, 1]; G = 0 at init
     is the geometric midpoint). It is a variance of the reverse *step*, not a confidence in x0: σ_φ is c_var
     (the head-less EDM value), and its loss is `losses.HybridLoss`."""
     name = "v"
+    has_confidence = False
 
     def g_shape(self, x_shape):
         return tuple(x_shape)
@@ -341,7 +438,7 @@ class LearnedVarianceHead(Head):
                          "loss 'hybrid' (losses.HybridLoss)")
 
 
-HEADS = {h.name: h for h in (NoHead, DiagonalHead, FullHead, LearnedVarianceHead)}
+HEADS = {h.name: h for h in (NoHead, DiagonalHead, FullHead, ExcessHead, SigmaOnlyHead, LearnedVarianceHead)}
 
 
 def make_head(name) -> Head:

@@ -36,7 +36,7 @@ class Precond:
         c_skip, c_out, c_in = self.coefficients(sigma)
         s2, o2 = sigma.square(), c_out.square()
         c_var2 = s2 + o2
-        return Scalings(c_skip, c_out, c_in, self.c_noise(sigma), c_var2.sqrt(), o2 / c_var2)
+        return Scalings(c_skip, c_out, c_in, self.c_noise(sigma), c_var2.sqrt(), o2 / c_var2, sigma)
 
     def __repr__(self):
         return f"{type(self).__name__}(sigma_data={self.sigma_data})"
@@ -108,7 +108,10 @@ class Denoiser(nn.Module):
     """A preconditioned denoiser around any backbone `net(c_in·x̃, c_noise) -> F | (F, G)` (T6).
 
     precond: a `Precond` (EDM by default); head: a `Head` (heads.py) that reads G, declared here only:
-    build the backbone with `head.outputs(dim)` extra outputs; a mismatch is a ValueError.
+    build the backbone with `head.outputs(dim)` extra outputs; a mismatch is a ValueError. A head with its
+    own parameters (`head.module()`, e.g. EDM2's u(σ)) gets them here as `head_net`, a submodule trained,
+    averaged and checkpointed with the net: G = head_net(c_noise, x), and the backbone returns F only.
+    `head_net=` passes an existing one (a compiled view sharing the parameters, train.py).
 
     What the backbone receives: `c_in·x̃` per element (c_in from the total σ), and `c_noise` as one value
     per example `[N]`, from the per-example diffusion σ (the root mean square over an example's elements
@@ -117,7 +120,7 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, net: nn.Module, precond: Precond | str | float | None = None,
-                 head: Head | str = "none"):
+                 head: Head | str = "none", head_net: nn.Module | None = None):
         super().__init__()
         if precond is None or (isinstance(precond, (int, float)) and not isinstance(precond, bool)):
             precond = EDMPrecond(0.5 if precond is None else precond)
@@ -130,6 +133,11 @@ class Denoiser(nn.Module):
             raise ValueError(f"precond={precond!r} must be a Precond object, one of {sorted(PRECONDS)}, or "
                              "σ_data > 0")
         self.net, self.precond, self.head = net, precond, make_head(head)
+        if head_net is not None and not isinstance(head_net, type(self.head.module())):
+            raise ValueError(f"head_net={type(head_net).__name__} does not fit head={self.head.name!r} (its "
+                             f"module: {type(self.head.module()).__name__}); pass head_net only for a head "
+                             "with head.module(), and one of that type")
+        self.head_net = self.head.module() if head_net is None else head_net
 
     @property
     def sigma_data(self) -> float:
@@ -152,6 +160,12 @@ class Denoiser(nn.Module):
         F, G = (out if isinstance(out, tuple) else (out, None))
         if F.shape != x.shape:
             raise ValueError(f"backbone output F has shape {tuple(F.shape)}, expected x's {tuple(x.shape)}")
+        if self.head_net is not None:
+            if G is not None:
+                raise ValueError(f"head={self.head.name!r} takes G from its own module of c_noise, but the "
+                                 f"backbone returned one of shape {tuple(G.shape)}; build the backbone with "
+                                 "head.outputs(dim) = 0 extra outputs")
+            G = self.head_net(c_noise, x)
         self.head.check(G, x)
         mu = sc.c_skip * x + sc.c_out * F
         return NetPrediction(x=x, mu=mu, F=F, G=G, scalings=sc, head=self.head)

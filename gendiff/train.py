@@ -309,7 +309,7 @@ def _compiled(denoiser):
     if not isinstance(denoiser, Denoiser):
         raise ValueError("compile=true needs a precond.Denoiser around a backbone; got "
                          f"{type(denoiser).__name__}")
-    return Denoiser(torch.compile(denoiser.net), denoiser.precond, denoiser.head)
+    return Denoiser(torch.compile(denoiser.net), denoiser.precond, denoiser.head, denoiser.head_net)
 
 
 def backward(per_example: torch.Tensor, params: list, eta: list = ()) -> None:

@@ -434,38 +434,59 @@ def test_registered_precond_meets_its_oracle(name):
                                rtol=1e-9, atol=1e-9)
 
 
-def _cov_none(pred, sigma, d):
+def _cov_none(pred, sigma, d, den):
     return torch.diag_embed((edm_T4_T5(sigma)["c_var"].view(-1, 1) ** 2).expand(-1, d))
 
 
-HEAD_ORACLES = {  # heads.make_head name -> (backbone G, Σ_φ oracle, has a Gaussian NLL)
+def _cov_sigma_only(pred, sigma, d, den):
+    """EDM2's u(σ) (networks_edm2.Precond: logvar_linear(logvar_fourier(c_noise))) written out from the
+    module's features and weights: u = Σ_j w_j·√2·cos(f_j·ln(σ)/4 + φ_j) + b; σ_φ² = c_var²·e^u per
+    element."""
+    m = den.head_net
+    feats = math.sqrt(2) * torch.cos(torch.outer(sigma.log() / 4, m.freqs) + m.phases)
+    u = feats @ m.weight + m.bias
+    return torch.diag_embed((edm_T4_T5(sigma)["c_var"] ** 2 * torch.exp(u)).view(-1, 1).expand(-1, d))
+
+
+# heads.make_head name -> (backbone G, Σ_φ oracle (pred, σ, d, denoiser), has a Gaussian NLL)
+HEAD_ORACLES = {
     "none": (None, _cov_none, True),                                          # σ_φ = c_var (T11)
     "diag": ("like",
-             lambda p, s, d: torch.diag_embed(edm_T4_T5(s)["c_var"].view(-1, 1) ** 2 * torch.exp(p.G)),
+             lambda p, s, d, _: torch.diag_embed(edm_T4_T5(s)["c_var"].view(-1, 1) ** 2 * torch.exp(p.G)),
              True),                                                           # c_var²·e^G (T6)
-    "full": ("full", lambda p, s, d: edm_T4_T5(s)["c_var"].view(-1, 1, 1) ** 2
+    "full": ("full", lambda p, s, d, _: edm_T4_T5(s)["c_var"].view(-1, 1, 1) ** 2
              * torch.linalg.inv(factor_oracle(p.G, d) @ factor_oracle(p.G, d).transpose(1, 2)), True),  # T12
+    "excess": ("like", lambda p, s, d, _: torch.diag_embed(                  # σ² + c_out²·e^G (T37)
+        s.view(-1, 1) ** 2 + edm_T4_T5(s)["c_out"].view(-1, 1) ** 2 * torch.exp(p.G)), True),
+    "sigma-only": (None, _cov_sigma_only, True),                              # c_var²·e^(u(σ)) (EDM2's u)
     "v": ("like", _cov_none, False),   # IDDPM's v (T26): σ_φ = c_var, v = (G + 1)/2, no confidence NLL
 }
 
 
 def test_every_registered_head_has_an_oracle():
     """Breakage tried: LearnedVarianceHead.variance = c_var (unsquared):
-    test_registered_head_meets_its_oracle[v] failed (the older head tests do not list 'v')."""
+    test_registered_head_meets_its_oracle[v] failed (the older head tests do not list 'v');
+    ExcessHead.variance = c_var² + c_out²·e^G and SigmaOnlyHead with u = weight·features (bias dropped):
+    [excess] and [sigma-only] failed."""
     assert set(HEAD_ORACLES) == set(HEAD_REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_REGISTRY))
 def test_registered_head_meets_its_oracle(name):
     """Σ_φ, Σ_φ⁻¹, σ_φ and the T14 score of make_head(name) against the head's definition; its NLL against the
-    closed-form Gaussian expectation (or a ValueError for a head without one)."""
+    closed-form Gaussian expectation (or a ValueError for a head without one). A head with its own module
+    (head.module()) gets random parameters first, so that its G is not the zero of its initialisation."""
     g, cov_fn, has_nll = HEAD_ORACLES[name]
     head, d = make_head(name), 3
     assert head.name == name
     x0, x_noisy, sigma = points(d=d)
     net = FixedNet(head.outputs(d) if g == "full" else g)
-    pred = Denoiser(net, EDMPrecond(SD), head).predict(x_noisy, sigma)
-    want = cov_fn(pred, sigma, d)
+    den = Denoiser(net, EDMPrecond(SD), head).double()
+    if den.head_net is not None:
+        for p in den.head_net.parameters():
+            p.data = 0.3 * torch.randn(p.shape, generator=gen(7), dtype=F64)
+    pred = den.predict(x_noisy, sigma)
+    want = cov_fn(pred, sigma, d, den)
     torch.testing.assert_close(pred.covariance(), want, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(pred.precision(), torch.linalg.inv(want), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(pred.sigma_phi, want.diagonal(0, -2, -1).sqrt(), rtol=1e-10, atol=0)

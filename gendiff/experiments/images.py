@@ -26,6 +26,7 @@ from ..checks import check_choice
 from ..data import images as im
 from ..data.sources import DataSource
 from ..guidance import Conditioned, classifier_free
+from ..heads import make_head
 from ..image_metrics import (calibration, class_counts, fid, image_grid, mode_coverage, precision_recall,
                              uncertainty_grid)
 from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
@@ -347,7 +348,7 @@ def evaluate_image_model(model, cfg, out: str, *, num_classes: int = 10, log=pri
                                                     if isinstance(v, float)))
     dev = next(model.parameters()).device
     metrics.update(bits_per_dim(model, cfg, xt[:ev.likelihood_images].to(dev), num_classes))
-    if obj.head == "diag" and ev.calibration_images:
+    if make_head(obj.head).has_confidence and ev.calibration_images:
         metrics["calibration"] = calibrate(model, cfg, xt[:ev.calibration_images].to(dev), out)
         uncertainty_figure(model, x[:4].to(dev), os.path.join(out, "uncertainty-generated.png"),
                            seed=cfg.seed)

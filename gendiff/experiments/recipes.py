@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..heads import make_head
 from ..losses import WeightedLoss, make_loss
 from ..nets.mlp import toy_denoiser
 from ..nets.unet import UNet
@@ -34,7 +35,7 @@ def spec(name: str, **kw) -> Spec:
 
 @dataclass(frozen=True)
 class ToyRecipe:
-    head: str                    # confidence head: none | diag | full (heads.py)
+    head: str                    # confidence head: a key of heads.HEADS (none | diag | full | excess | …)
     mode: str                    # training batches: point | source | point-cov (the exact mixture's modes)
     loss: str                    # key of losses.LOSSES
     score_mode: str = "tweedie"  # sampling score: T13, T14, or the hybrid
@@ -161,6 +162,12 @@ TOY_RECIPES = {
     "confidence-full-point": ToyRecipe("full", "point", "nll",
                                        help="full covariance trained in point mode (T12, "
                                      "Σ_src = 0)"),
+    "confidence-excess": ToyRecipe("excess", "point", "nll",
+                                   help="excess-variance head σ_φ² = σ² + c_out²·e^G (T37), point mode, "
+                                        "Tweedie score"),
+    "confidence-sigma-only": ToyRecipe("sigma-only", "point", "nll",
+                                       help="EDM2's learned u(σ) as the head: σ_φ² = c_var²·e^(u(σ)), one "
+                                            "value per noise level (T9)"),
 }
 TOY_RECIPES.update(OBJECTIVE_GRID)
 # w-v is left out of the objectives suite (still a recipe): in VE space v = −F (T21, precond.VPrecond), so it
@@ -186,7 +193,7 @@ def ddpm() -> DDPM:
 class ImageRecipe:
     precond: str                # precond.PRECONDS key: the parameterisation (T21)
     loss: str                   # a key of losses.LOSSES: simple-x0 | simple-eps | hybrid | edm | nll
-    head: str = "none"          # none | diag (σ_φ per pixel) | v (IDDPM learned variance)
+    head: str = "none"          # none | diag, excess (σ_φ per pixel) | sigma-only (EDM2's u(σ)) | v (IDDPM)
     density_name: str = "ddpm"  # ddpm: t uniform in 1..T (schedules.DDPMSteps); edm: ln σ ~ N(p_mean, p_std²)
     rule: str = "eps"           # DDPM update of seed 004 (samplers.sample_ddpm), for the ddpm density
     conditional: bool = False   # class embedding + label dropout (CFG, T33)
@@ -204,13 +211,13 @@ class ImageRecipe:
         return make_loss(self.loss, density)
 
     def build_model(self, cfg, shape: tuple, num_classes: int, backbone=None) -> Denoiser:
-        """Denoiser(UNet) for images of `shape` (C, H, W): G channels for the diag and v heads; class
+        """Denoiser(UNet) for images of `shape` (C, H, W): G channels as the head declares (`outputs`); class
         embedding for conditional recipes. DDPM recipes use σ_data = 1, so that c_in·x̃ = z, the DDPM latent,
         is the net's input. backbone: None (the UNet of cfg.model) or a callable (shape, num_classes,
         g_channels) -> nn.Module honouring the Denoiser contract, to train another network through the same
         recipe."""
         m = cfg.model
-        classes, g = (num_classes if self.conditional else 0), (shape[0] if self.head != "none" else 0)
+        classes, g = (num_classes if self.conditional else 0), make_head(self.head).outputs(shape[0])
         if backbone is not None:
             net = backbone(shape, classes, g)
         else:
@@ -235,5 +242,11 @@ IMAGE_RECIPES = {
     "edm": ImageRecipe("edm", "edm", density_name="edm", help="EDM: F-prediction, EDM weighting and density"),
     "confidence": ImageRecipe("edm", "nll", head="diag", density_name="edm",
                               help="confidence-aware: EDM precond + c_var, σ_φ per pixel, Gaussian NLL (T9)"),
+    "confidence-excess": ImageRecipe("edm", "nll", head="excess", density_name="edm",
+                                     help="as confidence with the excess-variance head "
+                                          "σ_φ² = σ² + c_out²·e^G per pixel (T37)"),
+    "confidence-sigma-only": ImageRecipe("edm", "nll", head="sigma-only", density_name="edm",
+                                         help="as confidence with EDM2's u(σ): one σ_φ per noise level, "
+                                              "σ_φ² = c_var²·e^(u(σ)) (T9)"),
 }
 TABLE_ROWS = ("x0", "eps", "score", "score-cfg", "learned-variance", "edm", "confidence")

@@ -349,7 +349,7 @@ def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, ou
     os.makedirs(fig_dir, exist_ok=True)
     for name, per in figs.items():
         spec = specs[name]
-        has_phi = make_head(spec.head).outputs(2) > 0
+        has_phi = make_head(spec.head).has_confidence
         n = 6 if has_phi else 4
         fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
         _density_panel(axes[0], ev.gt, view)

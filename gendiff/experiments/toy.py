@@ -203,7 +203,7 @@ def likelihood_summary(out: str, m: dict) -> str:
 def phi_map(cfg: ToyRunConfig, model):
     """A figure of σ_φ of the run's model on a grid at σ = 0.05 beside the exact optimum (T8), log10; None for
     a model without a confidence head."""
-    if model.head.name == "none":
+    if not model.head.has_confidence:
         return None
     gt, sigma, res = tree(cfg.classes), 0.05, 120
     ref = gt.sample(4096, generator=torch.Generator().manual_seed(0))[0]
