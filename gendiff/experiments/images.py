@@ -620,7 +620,7 @@ def likelihood_summary(out: str, m: dict) -> str:
 
 PAPER_004 = {"x0": (49.10, None), "eps": (15.75, 1.21), "score": (78.83, None),
              "score-cfg@w=1": (61.91, None),
-            "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (bits/dim)
+            "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (no unit stated)
 
 
 def run_table(base, rows, out: str, *, progress: bool = True, log=print, device: str | None = None) -> str:
@@ -701,11 +701,12 @@ def table_markdown(results: dict, base) -> str:
              f"class). PF-ODE: centred dequantisation, σ_min = {PF_ODE_SIGMA_MIN} for every row. DDPM "
              f"bound: {VLB_STEPS} random steps of {DDPM_T - 1}, its ± including that draw; decoder "
              "variance β̃_2 for fixed-variance rows (β_1 in brackets), the learned Σ_θ(1) for the "
-             "learned-variance row. Seed 004's NLL is in bits/dim.", "",
+             "learned-variance row. Seed 004's table states no unit for its NLL (bits/dim, as DDPM and IDDPM "
+             "report theirs, is a guess).", "",
              "FID, precision and recall are marked UNRELIABLE where the feature classifier is near chance.",
              "",
              "| row | FID ↓ | precision | recall | classes hit | classifier acc. | bits/dim PF-ODE | "
-             "bits/dim DDPM bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL (bits/dim) |",
+             "bits/dim DDPM bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL (no unit) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=3: ("–" if v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
                         else f"{v:.{p}f}")
