@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet_training import FAST, REFERENCE, DiffusersBackbone, diffusers_like, n_params  # noqa: E402
 
 from gendiff.experiments.config import resolve, to_toml  # noqa: E402
-from gendiff.experiments.images import build_model, prepare, train_run  # noqa: E402
+from gendiff.experiments.images import build_model, prepare, train_run, with_sigma_data  # noqa: E402
 from gendiff.io import save_json, save_text  # noqa: E402
 from gendiff.nets.unet import UNet  # noqa: E402
 from gendiff.runtime import configure  # noqa: E402
@@ -120,7 +120,7 @@ def main():
             else:
                 print(f"== {key}: {label}", flush=True)
                 metrics = train_run(cfg, run, prepare(cfg, backbone=backbone), progress=False)
-            net = build_model(cfg, (1, 28, 28), 10, backbone)
+            net = build_model(with_sigma_data(cfg, lambda: 1.0), (1, 28, 28), 10, backbone)  # to count only
             results[key] = dict(parameters=n_params(net), samples=metrics["samples"],
                                 bpd_ode=metrics["bpd_pf_ode"], bpd_ode_se=metrics["bpd_pf_ode_se"],
                                 train_img_per_s=metrics["train_img_per_s"])

@@ -273,6 +273,7 @@ def _train(args) -> int:
     device = resolve_device(args.device).type if cfg.kind == "images" else args.device
     rank = _init_distributed(cuda=device == "cuda")
     setup = kind.prepare(cfg, device)    # data, model, loss: anything that rejects the run, before the folder
+    cfg = setup.cfg                      # resolved by prepare (an image run's σ_data measured): the one saved
     if not args.resume and rank <= 0:
         _check_writable(out, create=False)
         start_run(cfg, out)

@@ -70,6 +70,7 @@ PF_TIMES = ("log_sigma", "sigma")
 ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")   # torchdiffeq's adaptive ones
 VLB_VARIANCES = ("beta_tilde", "beta")
 VLB_DECODERS = ("gaussian", "discretized")
+DECODER_VARIANCES = ("beta", "beta_tilde")   # Σ_1 of a fixed-variance DDPM: β_1, or β̃_1 clipped to β̃_2
 
 
 def _sum_dims(v: torch.Tensor) -> torch.Tensor:
@@ -210,29 +211,35 @@ def _check_8bit(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 
 
 def dequantize(x, generator=None) -> torch.Tensor:
-    """Uniform dequantisation of 8-bit data x = 2k/255 − 1: y = x + (2/255)·u, u ~ U[0, 1) per element.
+    """Centred uniform dequantisation of 8-bit data x = 2k/255 − 1: y = x + Δ·(u − ½), Δ = 2/255,
+    u ~ U[0, 1) per element.
 
-    Convention: the byte k owns the bin [x_k, x_k + 2/255) (the "(k + u)/256"-style shift, rescaled to
-    [−1, 1] by 2/255), so y ∈ [−1, 1 + 2/255), E[y] = x + 1/255. Any density p(y) then defines P(k) = ∫_bin p,
-    bounded in `nll_8bit_to_bits_per_dim` (bits/dim = nll/(d·ln 2) + log₂ 127.5; the map (k + u)/128 − 1, bins
-    2/256, would give log₂ 128 = 7 instead: compare published bits/dim in one convention). x: floating data on
-    the grid (output in x's dtype, float64 noise), or the bytes k themselves as a uint8 tensor or array (x =
-    k/127.5 − 1 in float32 first, the same draw; any integer dtype). Anything off the grid is a ValueError."""
+    Convention: the byte k owns the bin [x_k − Δ/2, x_k + Δ/2), centred on the grid value x_k the models are
+    trained on (images in [−1, 1] are x_k exactly), as T27's discretised decoder centres its bins; so
+    y ∈ [−1 − Δ/2, 1 + Δ/2) and E[y] = x. (The "(k + u)/256" convention, bins [x_k, x_k + Δ), shifts every
+    value by Δ/2 off what the model saw, which is not the same for every model: on MNIST, whose pixels are
+    mostly −1, it reorders rows.) Any density p(y) defines P(k) = ∫_bin p, bounded in
+    `nll_8bit_to_bits_per_dim` (bits/dim = nll/(d·ln 2) + log₂ 127.5, the log-volume of a bin of width Δ;
+    the map (k + u)/128 − 1, bins 2/256, would give log₂ 128 = 7 instead: compare published bits/dim in one
+    convention). x: floating data on the grid (output in x's dtype, float64 noise), or the bytes k themselves
+    as a uint8 tensor or array (x = k/127.5 − 1 in float32 first, the same draw; any integer dtype). Anything
+    off the grid is a ValueError."""
     x = torch.as_tensor(x)
     if not x.is_floating_point():                                      # the bytes k (checked on the grid)
         x = x.float() / 127.5 - 1.0
     _check_8bit(x)
     u = torch.rand(x.shape, generator=generator, dtype=F64).to(x.device)
-    return (x.to(F64) + BIN * u).to(x.dtype)
+    return (x.to(F64) + BIN * (u - 0.5)).to(x.dtype)
 
 
 def nll_8bit_to_bits_per_dim(nll_nats_continuous, dim: int):
     """A bound on the discrete NLL of 8-bit data, in bits/dim, from E_u[−log p(y)] of dequantised y (nats).
 
-    With y = x_k + Δ·u (Δ = 2/255, `dequantize`), P(k) = ∫_bin p(y) dy = Δ^d·E_u[p(x_k + Δu)], and by
+    With y = x_k + Δ·(u − ½) (Δ = 2/255, `dequantize`), P(k) = ∫_bin p(y) dy = Δ^d·E_u[p(y)], and by
     Jensen log P(k) ≥ E_u[log p(y)] + d·log Δ, so
         −log P(k) ≤ E_u[−log p(y)] + d·log(255/2) = E_u[−log p(y)] + d·log 127.5   (nats),
-    i.e. bits/dim = nll / (d·ln 2) + log₂ 127.5 (T27's units). Equality when p is constant on each bin."""
+    i.e. bits/dim = nll / (d·ln 2) + log₂ 127.5 (T27's units). Equality when p is constant on each bin. The
+    term d·log(1/Δ) is the log-volume of the bin and does not depend on where the bin sits."""
     return bits_per_dim(nll_nats_continuous, dim, shift=LOG_127_5 / math.log(2))
 
 
@@ -288,6 +295,14 @@ def _gauss_kl(m1, v1, m2, v2) -> torch.Tensor:
     return 0.5 * (torch.log(v2 / v1) + (v1 + (m1 - m2).square()) / v2 - 1)
 
 
+def _decoder_log_variance(ddpm) -> float:
+    """log β̃_1 as DDPM's and IDDPM's code take it: β̃_1 = 0 clipped to β̃_2 (T24); log β_1 when T = 1."""
+    if ddpm.T < 2:
+        return math.log(ddpm.betas[1].item())
+    om = ddpm.one_minus_alpha_bar
+    return math.log(ddpm.betas[2].item() * om[1].item() / om[2].item())
+
+
 def _model_variance(ddpm, t: int, variance: str, v, z):
     """Σ_t of p_θ(x_{t−1} | x_t) (T24, T26): β_t, β̃_t, or IDDPM's exp(v·log β_t + (1 − v)·log β̃_t)."""
     beta = ddpm.betas[t].item()
@@ -299,7 +314,7 @@ def _model_variance(ddpm, t: int, variance: str, v, z):
 
 
 def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", decoder: str = "gaussian",
-             v=None, steps: int | None = None, generator=None) -> dict:
+             v=None, steps: int | None = None, generator=None, decoder_variance: str = "beta") -> dict:
     """DDPM's variational bound on −log p(x0) (Ho et al. 2020 eq. 5; THEORY T23, T24, T26, T27), per example.
 
     The model: p(x_T) = N(0, I), p_θ(x_{t−1} | x_t) = N(μ_θ, Σ_t) with μ_θ = T24's posterior mean with x0
@@ -312,16 +327,33 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
       `steps=k` (1 <= k <= T − 1): then k distinct steps S ⊂ {2..T} are drawn uniformly (the same for the
       batch) and the sum is estimated by (T − 1)/k·Σ_{t∈S}, unbiased;
     - reconstruction: −log p(x0 | x_1) at one x_1 ~ q(x_1 | x0), with mean μ_θ(x_1, 1) = x̂0 (T24 at t = 1:
-      ᾱ_0 = 1) and std √β_1 (T27; β̃_1 = 0), or with a learned v the Σ_θ(1) = exp(v·log β_1 + (1 − v)·log
-      β̃_2) that `losses.HybridLoss` trains (IDDPM clips log β̃_1 to log β̃_2):
-      decoder="gaussian": the density N(x0; x̂0, β_1) (continuous data, e.g. the 2-D toys);
+      ᾱ_0 = 1) and variance Σ_1: with a learned v the Σ_θ(1) = exp(v·log β_1 + (1 − v)·log β̃_2) that
+      `losses.HybridLoss` trains (β̃_1 = 0 is clipped to β̃_2, as IDDPM does); with a fixed variance
+      `decoder_variance`: "beta" Σ_1 = β_1 (DDPM's paper, §3.3), "beta_tilde" Σ_1 = β̃_2 (β̃_1 clipped as
+      DDPM's and IDDPM's code do for their fixed variances, both of them). These two are the ends of the
+      learned head's range (v = 1 and v = 0), so a fixed row measured with both is compared like with like
+      with a learned row: the learned head gains what choosing within [β̃_2, β_1] gains and no more. Which
+      end is the better fixed decoder depends on the data: for continuous data the optimum is near
+      Var[x0 | x_1] ≈ β_1 (the bound then tightens to the NLL as T grows; β̃_2 → β_1/2 does not), while for
+      8-bit images whose pixels sit on a bin edge (MNIST's −1 background) the narrower β̃_2 puts more mass in
+      the right bin. Both reconstructions are returned (`reconstruction_by_variance`, from the same x̂0);
+      decoder="gaussian": the density N(x0; x̂0, Σ_1) (continuous data, e.g. the 2-D toys);
       "discretized": the 8-bit probability `discretized_gaussian_log_prob` (x0 = 2k/255 − 1).
-    Plus `total` (the sum, ≥ −log p_θ(x0)) and `bits_per_dim` = total/(d·ln 2) (a density for "gaussian",
-    a probability of the 8-bit data for "discretized"). All arithmetic in float64; the denoiser runs in
-    x's dtype with one scalar σ̃ per step.
+    Plus `total` (the sum with `decoder_variance`'s reconstruction, ≥ −log p_θ(x0)), `bits_per_dim` =
+    total/(d·ln 2) (a density for "gaussian", a probability of the 8-bit data for "discretized"),
+    `reconstruction_by_variance` ({"beta": [N], "beta_tilde": [N]} for a fixed variance; None with a learned
+    v, whose decoder is its own), and `step_var` (a float64 scalar): the variance that
+    drawing k of the T − 1 steps adds to the batch mean of `diffusion` (and `total`), which the spread over
+    examples does not show since the batch shares one draw: S ⊂ {2..T} is a simple random sample without
+    replacement, so Var[(T − 1)/k·Σ_{t∈S} μ_t] = (T − 1)²·(1 − k/(T − 1))·s²/k, with s² the variance
+    (divisor k − 1) of the batch-mean KL_t over the drawn steps (unbiased for the same over all steps);
+    0 when every step is summed, NaN for k = 1. The standard error of the mean bound is then
+    √(Var_examples(total)/N + step_var). All arithmetic in float64; the denoiser runs in x's dtype with one
+    scalar σ̃ per step.
     """
     check_choice("variance", variance, VLB_VARIANCES)
     check_choice("decoder", decoder, VLB_DECODERS)
+    check_choice("decoder_variance", decoder_variance, DECODER_VARIANCES)
     if v is not None and not callable(v):
         raise ValueError(f"v={v!r} must be a callable (z_t, t) -> tensor like x (IDDPM's interpolation, T26)")
     T = ddpm.T
@@ -350,29 +382,40 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
         perm = torch.randperm(T - 1, generator=generator)[:steps] + 2
         ts, weight = sorted(perm.tolist()), (T - 1) / steps
     diffusion = torch.zeros(n, dtype=F64, device=x0.device)
+    step_means = []                                                # batch-mean KL_t of each step drawn
     for t in ts:
         z = latent(t)
         mean_q, var_q = ddpm.posterior(z, x0, t)                    # T24
         mean_p, _ = ddpm.posterior(z, _ddpm_x0_hat(denoiser, z, ddpm, t, model_dtype), t)
         var_p = _model_variance(ddpm, t, variance, v, z)
-        diffusion = diffusion + weight * _sum_dims(_gauss_kl(mean_q, var_q.expand_as(z), mean_p, var_p))
+        kl = _sum_dims(_gauss_kl(mean_q, var_q.expand_as(z), mean_p, var_p))
+        diffusion = diffusion + weight * kl
+        step_means.append(kl.mean())
+    step_var = torch.zeros((), dtype=F64)
+    if steps is not None and steps < T - 1:                        # simple random sample of steps (see above)
+        s2 = torch.stack(step_means).var().cpu() if steps > 1 else torch.tensor(math.nan, dtype=F64)
+        step_var = (T - 1) ** 2 * (1 - steps / (T - 1)) * s2 / steps
 
     z1 = latent(1)
     x0_hat = _ddpm_x0_hat(denoiser, z1, ddpm, 1, model_dtype)      # μ_θ(x_1, 1) (T24 with ᾱ_0 = 1)
-    beta1 = ddpm.betas[1].item()
-    var1 = torch.full_like(x0_hat, beta1)
-    # the learned Σ_θ(1) the hybrid loss trains: log β̃_1 clipped to log β̃_2 (T26)
-    if v is not None and T >= 2:
-        bt2 = ddpm.betas[2].item() * ddpm.one_minus_alpha_bar[1].item() / ddpm.one_minus_alpha_bar[2].item()
+    log_b1, log_bt1 = math.log(ddpm.betas[1].item()), _decoder_log_variance(ddpm)   # log β_1, log β̃_2
+
+    def decode(var1):                                              # −log p(x0 | x_1) per example
+        if decoder == "gaussian":
+            return 0.5 * _sum_dims(LOG_2PI + var1.log() + (x0 - x0_hat).square() / var1)
+        return -_sum_dims(discretized_gaussian_log_prob(x0, x0_hat, var1.sqrt()))
+    by_variance = None
+    if v is not None:                                              # the learned Σ_θ(1) the hybrid loss trains
         v1 = torch.as_tensor(v(z1, 1)).to(F64)
-        var1 = torch.exp(v1 * math.log(beta1) + (1 - v1) * math.log(bt2)).expand_as(x0_hat)
-    if decoder == "gaussian":
-        recon = 0.5 * _sum_dims(LOG_2PI + var1.log() + (x0 - x0_hat).square() / var1)
+        recon = decode(torch.exp(v1 * log_b1 + (1 - v1) * log_bt1).expand_as(x0_hat))
     else:
-        recon = -_sum_dims(discretized_gaussian_log_prob(x0, x0_hat, var1.sqrt()))
+        by_variance = {name: decode(torch.full_like(x0_hat, math.exp(lv)))
+                       for name, lv in zip(DECODER_VARIANCES, (log_b1, log_bt1))}
+        recon = by_variance[decoder_variance]
     total = prior + diffusion + recon
     return {"prior": prior, "diffusion": diffusion, "reconstruction": recon, "total": total,
-            "bits_per_dim": bits_per_dim(total, d)}
+            "bits_per_dim": bits_per_dim(total, d), "reconstruction_by_variance": by_variance,
+            "step_var": step_var}
 
 
 # ---- the model's own Gaussian NLL along σ (T8, T10) ------------------------------------------------

@@ -40,7 +40,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.99)
     p_mean: float = -2.4            # ln σ ~ N(p_mean, p_std²)
     p_std: float = 1.5
-    sigma_data: float = 0.5
+    sigma_data: float = 0.5         # σ_d of the EDM preconditioning (T4); image runs: 0 = measure it
     ema: float = 0.99               # classic EMA decay (ema_sigma_rel = 0)
     ema_sigma_rel: float = 0.0      # > 0: EDM2's power-function EMA with this relative std (replaces `ema`)
     snapshot_every: int = 256
@@ -54,8 +54,9 @@ class TrainConfig:
     def validate(self):
         for name in ("iterations", "batch", "lr_ref_iter", "snapshot_every", "max_bad_steps"):
             check_positive(name, getattr(self, name), integer=True)
-        for name in ("lr", "p_std", "sigma_data"):
+        for name in ("lr", "p_std"):
             check_positive(name, getattr(self, name))
+        self._check_sigma_data()
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema={self.ema} must be in [0, 1)")
         check_choice("precision", self.precision, PRECISIONS)
@@ -66,6 +67,9 @@ class TrainConfig:
             if v is not None:
                 power_ema_gamma(v)
         return self
+
+    def _check_sigma_data(self) -> None:
+        check_positive("sigma_data", self.sigma_data)
 
 
 @dataclass

@@ -15,6 +15,9 @@ Breakages tried (each made the named test fail, then was reverted):
 - load_or_train_classifier: checksum not compared → cache_round_trip_... (the flipped byte lies in tensor
   data, which safetensors loads without complaint); configuration not compared → the same.
 - image_grid: row/column stride without the padding → image_grid_and_uncertainty_grid_write_pngs.
+- fid_with_sd: resampling without replacement (sd 0) → fid_of_large_samples_is_the_closed_form_...;
+  resampling the reference instead of the generated set, or resamples of N/4 rows →
+  fid_bootstrap_sd_is_the_spread_of_independent_draws_...
 """
 import hashlib
 import json
@@ -28,8 +31,8 @@ import torch
 from PIL import Image
 
 from gendiff.image_metrics import (GAUSS_COVERAGE_1, GAUSS_COVERAGE_2, calibration, class_counts,
-                                   feature_stats, fid, frechet_distance, image_grid, mode_coverage,
-                                   precision_recall, uncertainty_grid)
+                                   feature_stats, fid, fid_with_sd, frechet_distance, image_grid,
+                                   mode_coverage, precision_recall, uncertainty_grid)
 from gendiff.nets.classifier import accuracy, load_or_train_classifier, random_shift, train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,6 +121,54 @@ def test_fid_self_is_zero_shift_is_the_squared_mean_shift_and_monotone():
     # a change of spread is seen too: FD of N(0, I) vs N(0, 4I) samples ≈ D·(2 − 1)² = 12
     g = r.normal(size=(4000, 12))
     assert fid(g, 2 * r.normal(size=(4000, 12))) == pytest.approx(12, rel=0.1)
+
+
+# ---------------------------------------------------------------- FID's bootstrap standard deviation
+
+
+def two_gaussians(seed=4):
+    """N(μ1, Σ1) and N(μ2, Σ2) in 3-D with commuting covariances Σ = Q diag(·) Qᵀ: the Fréchet distance in
+    closed form, ‖μ1 − μ2‖² + Σ(√a_i − √b_i)², and samplers x = μ + Q diag(√·) z."""
+    r = rng(seed)
+    q, _ = np.linalg.qr(r.normal(size=(3, 3)))
+    mu1, mu2 = np.zeros(3), np.array([0.6, -0.3, 0.2])
+    a, b = np.array([1.0, 0.5, 2.0]), np.array([1.5, 0.4, 1.0])
+    fd = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+    draw = lambda mu, v, n, g: mu + (g.normal(size=(n, 3)) * np.sqrt(v)) @ q.T  # noqa: E731
+    return fd, (lambda n, g: draw(mu1, a, n, g)), (lambda n, g: draw(mu2, b, n, g))
+
+
+def test_fid_of_large_samples_is_the_closed_form_frechet_distance():
+    """Reference 200 000 draws of N1, generated 20 000 of N2: FID within 4 bootstrap sds of the closed-form
+    Fréchet distance (FID's finite-N bias, O(D/N) ≈ 1e-4 here, is far below the sd); the same seed gives the
+    same sd."""
+    fd, ref_of, gen_of = two_gaussians()
+    g = rng(5)
+    ref, gen = ref_of(200_000, g), gen_of(20_000, g)
+    value, sd = fid_with_sd(ref, gen, seed=1)
+    assert value == pytest.approx(fid(ref, gen), rel=1e-12)
+    assert 0 < sd < 0.05 * fd and abs(value - fd) < 4 * sd, (value, fd, sd)
+    assert fid_with_sd(ref, gen, seed=1)[1] == sd != fid_with_sd(ref, gen, seed=2)[1]
+    with pytest.raises(ValueError, match="boot=1"):
+        fid_with_sd(ref, gen, boot=1)
+    with pytest.raises(ValueError, match="features_ref"):
+        fid_with_sd(ref, gen[:, :2])
+
+
+def test_fid_bootstrap_sd_is_the_spread_of_independent_draws_and_falls_as_one_over_root_n():
+    """Against one fixed reference: the sd of FID over 40 independent sets of n = 2000 generated samples is
+    within a factor 2 of the bootstrap sd (mean over the sets); the bootstrap sd at 4n is about half that
+    at n (1/√N: the FD is > 0, so its first-order noise dominates)."""
+    _, ref_of, gen_of = two_gaussians()
+    g = rng(6)
+    ref = ref_of(100_000, g)
+    draws = [fid_with_sd(ref, gen_of(2000, g), boot=60, seed=i) for i in range(40)]
+    spread = float(np.std([d[0] for d in draws], ddof=1))
+    boot_sd = float(np.mean([d[1] for d in draws]))
+    assert 0.5 < spread / boot_sd < 2.0, (spread, boot_sd)
+    sd_n = np.mean([fid_with_sd(ref, gen_of(2000, g), seed=i)[1] for i in range(5)])
+    sd_4n = np.mean([fid_with_sd(ref, gen_of(8000, g), seed=i)[1] for i in range(5)])
+    assert 1.6 < sd_n / sd_4n < 2.5, (sd_n, sd_4n)
 
 
 # ---------------------------------------------------------------- precision / recall

@@ -8,8 +8,14 @@ whose variance the sampler ignores (learned-variance sampler test); `_LastG` re-
 (NFE test); run_table not reading finished rows (table resume test); DDPM rows with σ_data 0.5 (c_in test);
 build_model dropping model.resample or model.emb_channels, or the config's int-or-list coercion of
 model.num_blocks removed (layout test).
+Issue 18: pixel_std with divisor N − 1 (pixel_std test); σ_data measured on the whole split instead of the
+data.subset, or measured even where a number is given (prepare test); the CLI saving the config before
+prepare resolved it, or load_model measuring again (run-folder/CLI test); run_table not taking a row's
+recorded σ_data (table resume test); DDPM rows' PF-ODE from σ̃_1 again, the DDPM bound's ± without the
+draw of steps or with it in nats (likelihood-evaluation test).
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -54,8 +60,9 @@ def tiny(blobs, objective, *sets):
 def test_every_objective_trains_and_its_loss_falls(blobs, objective):
     cfg = tiny(blobs, objective, "train.iterations=40", "train.batch=16", "train.precision=fp32",
                "train.lr=5e-3")
-    from gendiff.experiments.images import load_images
+    from gendiff.experiments.images import load_images, with_sigma_data
     data = load_images(cfg.data, "train")
+    cfg = with_sigma_data(cfg, data.pixel_std)                        # as prepare does
     x = data.to_tensor()
     labels = torch.from_numpy(data.labels) if IMAGE_RECIPES[objective].conditional else None
     torch.manual_seed(0)
@@ -112,7 +119,7 @@ def test_learned_variance_is_what_the_sampler_uses(blobs):
     assert not torch.allclose(a, b)
 
 
-def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
+def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path, monkeypatch):
     from gendiff.cli import main
     out = str(tmp_path / "run")
     sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "recipe=confidence"]
@@ -125,16 +132,70 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path):
     assert {"fid", "precision", "recall", "class_counts", "nfe"} <= set(m["samples"])
     assert set(m["calibration"]) == {"sigma=0.05", "sigma=0.2", "sigma=0.5", "sigma=1", "sigma=2"}
     assert m["bpd_pf_ode"] > 0 and m["classifier_test_accuracy"] > 0.9
+    # σ_data measured once (the preset says 0) and recorded: config.toml, data.json, metrics.json
+    from gendiff.data.images import ImageData
+    from gendiff.experiments.images import load_splits
+    train_split = load_splits(resolve(toml_path=os.path.join(out, "config.toml")).data)[0]
+    want = float((train_split.images.astype(np.float64) / 127.5 - 1).std())      # numpy's own std
+    recorded = resolve(toml_path=os.path.join(out, "config.toml")).train.sigma_data
+    assert recorded == pytest.approx(want, rel=1e-12) and f"sigma_data = {recorded!r}" in open(
+        os.path.join(out, "config.toml")).read()
+    assert json.load(open(os.path.join(out, "data.json")))["sigma_data"] == recorded == m["sigma_data"]
+    monkeypatch.setattr(ImageData, "pixel_std", lambda self: pytest.fail("σ_data measured again"))
     assert main(["train", "--resume", out, "--no-progress"]) == 0   # the final checkpoint: nothing to train
     assert json.load(open(os.path.join(out, "metrics.json")))["samples"]["fid"] == m["samples"]["fid"]
     from safetensors.torch import load_file
     from gendiff.experiments import load_run
     cfg, model = load_run(out)                                       # the run back: config and EMA weights
     assert cfg.recipe == "confidence" and model.head.__class__.__name__ == "DiagonalHead"
+    assert cfg.train.sigma_data == model.precond.sigma_data == recorded   # the recorded one, not measured
     saved = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="no config.toml"):
         load_run(str(tmp_path))
+
+
+def test_pixel_std_is_numpys_std_of_the_scaled_pixels():
+    """σ_data of any uint8 data is numpy's float64 std (divisor N) of every value k/127.5 − 1, channels and
+    positions pooled; here bytes with a known std too: half 0 (−1), half 255 (+1) has std exactly 1."""
+    from gendiff.data.images import ImageData
+    x = np.random.default_rng(3).integers(0, 256, (37, 3, 5, 4)).astype(np.uint8)
+    want = (x.astype(np.float64) / 127.5 - 1).std()
+    assert ImageData(x).pixel_std() == pytest.approx(want, rel=1e-13, abs=0)
+    two = np.array([0, 255] * 8, np.uint8).reshape(4, 1, 2, 2)
+    assert ImageData(two).pixel_std() == 1.0
+
+
+def test_sigma_data_is_measured_at_prepare_unless_given(blobs, monkeypatch):
+    """train.sigma_data = 0 (the image presets): prepare measures the std of the images the run trains on
+    (the data.subset if one is set) and builds the EDM rows with it; Setup.cfg holds it; a number given
+    wins and nothing is measured; a toy run keeps 0.5 and refuses 0."""
+    from gendiff.data.images import ImageData
+    from gendiff.experiments import toy
+    from gendiff.experiments.images import load_splits, prepare, training_data
+    for preset in ("mnist-cpu", "mnist-gpu", "mnist-tiny"):
+        assert resolve(preset).train.sigma_data == 0.0
+    cfg = tiny(blobs, "confidence")
+    full = load_splits(cfg.data)[0].images.astype(np.float64) / 127.5 - 1
+    setup = prepare(cfg)
+    assert setup.cfg.train.sigma_data == pytest.approx(full.std(), rel=1e-12)
+    assert setup.model.precond.sigma_data == setup.cfg.train.sigma_data and cfg.train.sigma_data == 0.0
+    assert "σ_data" in setup.split
+    sub = tiny(blobs, "edm", "data.subset=20")
+    part = training_data(sub, load_splits(sub.data)[0]).images.astype(np.float64) / 127.5 - 1
+    assert len(part) == 20 and prepare(sub).cfg.train.sigma_data == pytest.approx(part.std(), rel=1e-12)
+    assert abs(part.std() - full.std()) > 1e-3                       # the subset's own value, not the split's
+    monkeypatch.setattr(ImageData, "pixel_std", lambda self: pytest.fail("σ_data measured though given"))
+    given = prepare(tiny(blobs, "edm", "train.sigma_data=0.3"))
+    assert given.cfg.train.sigma_data == given.model.precond.sigma_data == 0.3
+    assert resolve("toy-reference").train.sigma_data == 0.5
+    assert toy.prepare(resolve("toy-quick")).model.precond.sigma_data == 0.5
+    with pytest.raises(ValueError, match="sigma_data=0.0 must be > 0"):
+        resolve("toy-quick", sets=["train.sigma_data=0"])
+    with pytest.raises(ValueError, match="train.sigma_data=-0.1"):
+        tiny(blobs, "edm", "train.sigma_data=-0.1")
+    with pytest.raises(ValueError, match="measured from the training"):
+        build_model(tiny(blobs, "edm"), (1, 28, 28), 4)             # unmeasured: build_model cannot guess
 
 
 def test_table_is_resumable(blobs, tmp_path, monkeypatch):
@@ -155,7 +216,8 @@ def test_table_is_resumable(blobs, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("images, labels, match", [
-    (np.zeros((10, 1, 27, 27), np.uint8), None, "img_resolution"),
+    (np.arange(10 * 27 * 27).astype(np.uint8).reshape(10, 1, 27, 27), None, "img_resolution"),
+    (np.zeros((10, 1, 28, 28), np.uint8), None, "pixel std is 0.0"),     # σ_data cannot be measured
     (np.zeros((10, 1, 28, 28), np.uint8), -np.ones(10, np.int64), "labels"),
 ])
 def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
@@ -170,24 +232,35 @@ def test_bad_image_data_is_a_clear_error(tmp_path, images, labels, match):
     assert not (tmp_path / "run2").exists()                             # a failed start creates nothing
 
 
-@pytest.mark.parametrize("objective", ["eps", "edm"])
-def test_pf_ode_starts_where_the_model_was_trained(blobs, objective, monkeypatch):
-    """DDPM rows never saw σ̃ < σ̃_1 ≈ 0.01: their PF-ODE likelihood starts there; EDM rows at 0.002."""
+def test_every_row_gets_the_same_likelihood_evaluation(blobs, monkeypatch):
+    """One σ_min for the PF-ODE of every recipe, DDPM rows and EDM rows alike, read off the call the code
+    makes (not a constant copied here), and recorded as it was used; the images the ODE starts from are the
+    test images dequantised around their own grid values (centred bins: within Δ/2 = 1/255). The DDPM
+    bound's ± is √(se over images² + se of the draw of steps²): a ddpm_vlb stub with known per-image bits/dim
+    and step_var gives it in closed form."""
     import gendiff.experiments.images as lk
     from gendiff.experiments.images import bits_per_dim
-    from gendiff.process import DDPM
     seen = {}
 
-    def fake(den, x, *, sigma_min, **kw):
-        seen["sigma_min"] = sigma_min
-        return -torch.ones(len(x)), {"nfe": 0}
+    def fake(den, y, *, sigma_min, **kw):
+        seen[recipe] = (sigma_min, (y.double() - x8.double()).abs().max().item())
+        return -torch.ones(len(y), dtype=torch.float64), {"nfe": 0}
+    per_image, step_var = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), 0.3     # bits/dim; nats²
     monkeypatch.setattr(lk, "log_likelihood", fake)
-    monkeypatch.setattr(lk, "ddpm_vlb", lambda *a, **k: {"bits_per_dim": torch.ones(2)})
-    cfg = tiny(blobs, objective)
-    bits_per_dim(build_model(cfg, (1, 28, 28), 0), cfg, -torch.ones(2, 1, 28, 28), 0)
-    d = DDPM(1000)
-    want = float((d.one_minus_alpha_bar[1] / d.alpha_bar[1]).sqrt()) if objective == "eps" else 0.002
-    assert seen["sigma_min"] == pytest.approx(want)
+    monkeypatch.setattr(lk, "ddpm_vlb", lambda *a, **k: {"bits_per_dim": per_image,
+                                                         "step_var": torch.tensor(step_var)})
+    x8 = torch.randint(0, 256, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    for recipe in IMAGE_RECIPES:
+        cfg = tiny(blobs, recipe, "train.sigma_data=0.5")
+        out = bits_per_dim(build_model(cfg, (1, 28, 28), 4), cfg, x8, 4)
+        assert out["bpd_pf_ode_sigma_min"] == seen[recipe][0]
+        assert 0 < seen[recipe][1] <= 1 / 255 + 1e-6, recipe          # centred: |y − x_k| ≤ Δ/2
+        if IMAGE_RECIPES[recipe].density_name == "ddpm":
+            d = 28 * 28
+            want = math.sqrt(float(per_image.var()) / 3 + step_var / (d * math.log(2)) ** 2)
+            assert out["bpd_ddpm_bound_se"] == pytest.approx(want, rel=1e-12)
+    assert len({v[0] for v in seen.values()}) == 1 and len(seen) == len(IMAGE_RECIPES)
+    assert {IMAGE_RECIPES[r].density_name for r in seen} == {"ddpm", "edm"}
 
 
 def test_logged_throughput_spans_sittings(tmp_path):
@@ -252,7 +325,7 @@ def test_unet_layout_options_reach_the_model(tmp_path):
     from gendiff.experiments.config import to_toml
     from gendiff.nets.unet import UNet
     cfg = resolve("mnist-cpu", sets=["recipe=edm", "model.num_blocks=[2, 1, 3]", "model.resample=plain",
-                                     "model.emb_channels=40"])
+                                     "model.emb_channels=40", "train.sigma_data=0.6"])
     assert cfg.model.num_blocks == (2, 1, 3)
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
@@ -261,7 +334,8 @@ def test_unet_layout_options_reach_the_model(tmp_path):
     want = UNet(num_blocks=(2, 1, 3), resample="plain", emb_channels=40)
     assert (net.num_blocks, net.resample, net.emb1.out_features) == ((2, 1, 3), "plain", 40)
     assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in want.parameters()]
-    path.write_text('kind = "images"\nrecipe = "edm"\n[model]\nnum_blocks = 1\n')         # a session-4 config
+    # a session-4 config (its σ_data was 0.5, written out as every resolved config is)
+    path.write_text('kind = "images"\nrecipe = "edm"\n[model]\nnum_blocks = 1\n[train]\nsigma_data = 0.5\n')
     old = build_model(resolve(toml_path=str(path)), (1, 28, 28), 10).net
     assert (old.num_blocks, old.resample, old.emb1.out_features) == ((1, 1, 1), "conv", 4 * 32)
     for sets, match in ((["model.num_blocks=[1, 2]"],
@@ -287,7 +361,7 @@ def test_another_backbone_trains_through_the_same_recipe(blobs):
         return UNet(img_resolution=shape[1], img_channels=shape[0], model_channels=12, channel_mult=(1, 2),
                     num_blocks=1, attn_resolutions=(), num_classes=num_classes, g_channels=g_channels)
     for objective, want in (("confidence", ((1, 28, 28), 0, 1)), ("score-cfg", ((1, 28, 28), 4, 0))):
-        cfg = tiny(blobs, objective)
+        cfg = tiny(blobs, objective, "train.sigma_data=0.6")
         model, ref = build_model(cfg, (1, 28, 28), 4, backbone), build_model(cfg, (1, 28, 28), 4)
         assert calls[-1] == want and model.net.model_channels == 12 != ref.net.model_channels
         assert type(model.head) is type(ref.head) and type(model.precond) is type(ref.precond)
@@ -300,7 +374,7 @@ def test_every_image_preset_builds_and_takes_a_step(objective):
     take one finite training step on two images."""
     from gendiff.experiments.config import IMAGE_PRESETS
     for preset in IMAGE_PRESETS:
-        cfg = resolve(preset, sets=[f"recipe={objective}"])
+        cfg = resolve(preset, sets=[f"recipe={objective}", "train.sigma_data=0.6"])
         torch.manual_seed(0)
         model = build_model(cfg, (1, 28, 28), 10)
         density, loss = density_and_loss(cfg)
@@ -324,7 +398,7 @@ def test_classifier_guidance_on_images(blobs):
     from gendiff.guidance import ClassifierGuided, train_noisy_classifier
     from gendiff.nets.unet import NoisyClassifier
     from gendiff.schedules import LogNormalSigma
-    cfg = tiny(blobs, "edm", "eval.batch=8")
+    cfg = tiny(blobs, "edm", "eval.batch=8", "train.sigma_data=0.5")
     # shapes at random places (the pooled read-out sees what, not where): 0 horizontal bar, 1 vertical bar,
     # 2 square, 3 nothing
     g = torch.Generator().manual_seed(0)

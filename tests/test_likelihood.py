@@ -14,9 +14,13 @@ bound-and-tighten, tree bound, perfect-mean variance terms, step subsample); IDD
 (step subsample); Gaussian decoder variance √β_1 for β_1 (closed-form VLB terms, discretised vs density);
 KL without its log term (closed-form terms, perfect-mean terms); bin half-width 2/255 (bins sum to one,
 density × width, tails); edge bin not extended to −∞ (bins sum to one); log-CDF difference without the
-tail mirroring (bins sum to one, tails); centred dequantisation (uniform 8 bits, piecewise-constant);
-8-bit shift log 255 for log 127.5 (same two); confidence NLL with σ_φ for σ_φ², or without log 2π (both
-confidence-curve tests).
+tail mirroring (bins sum to one, tails); 8-bit shift log 255 for log 127.5 (uniform 8 bits,
+piecewise-constant); confidence NLL with σ_φ for σ_φ², or without log 2π (both confidence-curve tests).
+Issue 18 (each seen to fail, then reverted): off-centre dequantisation [x_k, x_k + Δ) and the 8-bit shift
+log₂ 128 (the PF-ODE discrete-Gaussian oracle); β̃_2 as β_2(1 − ᾱ_2)/(1 − ᾱ_1) (closed-form terms);
+the two fixed decoders' names swapped (closed-form terms); v and 1 − v swapped at t = 1 (perfect-mean
+terms); step_var without the finite-population factor 1 − k/(T − 1), divided by k², or from the weighted
+per-step KLs (step-subsample test); step_var 0 (spread-of-repeats test).
 """
 import math
 
@@ -187,11 +191,10 @@ def test_hutchinson_agrees_with_the_exact_divergence_within_its_standard_error(t
     assert abs(float((h - lp).mean())) < 4 * se + 2e-3
 
 
-def gaussian_vlb_terms(ddpm, variance, s=S2, m=M2):
-    """E over x0 and the x_t draws of the three DDPM terms for the exact model on data N(m, diag(s²)).
-
-    KL_t = ½Σ_i[log(Σ/β̃) + β̃/Σ − 1 + c_0²·(x0 − x̂0)²/Σ] with c_0 = √ᾱ_{t−1}β_t/(1 − ᾱ_t) (T24), and
-    E(x0 − x̂0)² = Var[x0 | x̃] = s²σ̃²/(s² + σ̃²), σ̃² = (1 − ᾱ_t)/ᾱ_t (T2)."""
+def gaussian_kl_steps(ddpm, variance, s=S2):
+    """E[KL_t] for t = 2..T, [T − 1], for the exact model on data N(m, diag(s²)): KL_t = ½Σ_i[log(Σ/β̃) + β̃/Σ
+    − 1 + c_0²·(x0 − x̂0)²/Σ] with c_0 = √ᾱ_{t−1}β_t/(1 − ᾱ_t) (T24), and E(x0 − x̂0)² = Var[x0 | x̃] =
+    s²σ̃²/(s² + σ̃²), σ̃² = (1 − ᾱ_t)/ᾱ_t (T2)."""
     T, ab, om, b = ddpm.T, ddpm.alpha_bar, ddpm.one_minus_alpha_bar, ddpm.betas
     t = torch.arange(2, T + 1)
     bt = b[t] * om[t - 1] / om[t]
@@ -199,12 +202,19 @@ def gaussian_vlb_terms(ddpm, variance, s=S2, m=M2):
     c0 = (ab[t - 1].sqrt() * b[t] / om[t])[:, None]
     st2 = (om[t] / ab[t])[:, None]
     post = s**2 * st2 / (s**2 + st2)
-    diffusion = float((0.5 * (torch.log(var / bt[:, None]) + bt[:, None] / var - 1
-                              + c0**2 * post / var)).sum())
+    return (0.5 * (torch.log(var / bt[:, None]) + bt[:, None] / var - 1 + c0**2 * post / var)).sum(1)
+
+
+def gaussian_vlb_terms(ddpm, variance, s=S2, m=M2, decoder_variance="beta"):
+    """E over x0 and the x_t draws of the three DDPM terms for the exact model on data N(m, diag(s²)): the
+    diffusion term Σ_t E[KL_t] (gaussian_kl_steps), the prior KL, and the decoder N(x̂0, Σ_1), Σ_1 = β_1 or
+    β̃_2: ½Σ_i[log 2πΣ_1 + Var[x0 | x̃_1]/Σ_1]."""
+    T, ab, om, b = ddpm.T, ddpm.alpha_bar, ddpm.one_minus_alpha_bar, ddpm.betas
     prior = float(0.5 * (om[T] - 1 - torch.log(om[T]) + ab[T] * (m**2 + s**2)).sum())
-    s1 = om[1] / ab[1]
-    recon = float(0.5 * (torch.log(2 * math.pi * b[1]) + s**2 * s1 / (s**2 + s1) / b[1]).sum())
-    return {"prior": prior, "diffusion": diffusion, "reconstruction": recon}
+    s1, var1 = om[1] / ab[1], (b[1] if decoder_variance == "beta" else b[2] * om[1] / om[2])
+    recon = float(0.5 * (torch.log(2 * math.pi * var1) + s**2 * s1 / (s**2 + s1) / var1).sum())
+    return {"prior": prior, "diffusion": float(gaussian_kl_steps(ddpm, variance, s).sum()),
+            "reconstruction": recon}
 
 
 def gaussian_data(n, seed):
@@ -222,6 +232,11 @@ def test_ddpm_vlb_terms_match_their_closed_form_expectations(schedule, T, varian
     for name in ("prior", "diffusion", "reconstruction"):
         se = float(r[name].std()) / math.sqrt(len(x))
         assert abs(float(r[name].mean()) - want[name]) < 4 * se + 1e-9, name
+    for dv in ("beta", "beta_tilde"):                  # both fixed decoders, from the same x_1 and x̂0
+        got = r["reconstruction_by_variance"][dv]
+        want_dv = gaussian_vlb_terms(ddpm, variance, decoder_variance=dv)["reconstruction"]
+        assert abs(float(got.mean()) - want_dv) < 4 * float(got.std()) / math.sqrt(len(x)) + 1e-9, dv
+    torch.testing.assert_close(r["reconstruction"], r["reconstruction_by_variance"]["beta"])   # the default
     torch.testing.assert_close(r["total"], r["prior"] + r["diffusion"] + r["reconstruction"])
     torch.testing.assert_close(r["bits_per_dim"], r["total"] / (2 * math.log(2)))
 
@@ -278,18 +293,47 @@ def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     ddpm = DDPM(50, "cosine")
     x, g = gaussian_data(4, 1)
     vfun = None if v is None else (lambda z, t: torch.full_like(z, v))
-    r = ddpm_vlb(KnowsX0(x), x, ddpm, variance=variance, v=vfun, generator=g)
+    r = ddpm_vlb(KnowsX0(x), x, ddpm, variance=variance, v=vfun, generator=g, decoder_variance="beta_tilde")
     t = torch.arange(2, 51)
     b, bt = ddpm.betas[t], ddpm.betas[t] * ddpm.one_minus_alpha_bar[t - 1] / ddpm.one_minus_alpha_bar[t]
     w = (1.0 if variance == "beta" else 0.0) if v is None else v
     var = torch.exp(w * b.log() + (1 - w) * bt.log())
     want = float((torch.log(var / bt) + bt / var - 1).sum())               # ½·d with d = 2
     torch.testing.assert_close(r["diffusion"], torch.full((4,), want, dtype=F64))
-    var1 = ddpm.betas[1]                                              # t = 1: β_1, or the learned Σ_θ(1) with
-    if v is not None:                                                 # log β̃_1 clipped to log β̃_2 (T26)
+    var1 = bt[0]                                                      # t = 1: β̃_2 (asked for), or the learned
+    if v is not None:                                                 # Σ_θ(1), log β̃_1 clipped to log β̃_2
         var1 = torch.exp(v * ddpm.betas[1].log() + (1 - v) * bt[0].log())
     torch.testing.assert_close(r["reconstruction"],
                                torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
+    if v is None:
+        for dv, var1 in (("beta", ddpm.betas[1]), ("beta_tilde", bt[0])):
+            torch.testing.assert_close(r["reconstruction_by_variance"][dv],
+                                       torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))
+    else:
+        assert r["reconstruction_by_variance"] is None
+
+
+def test_ddpm_vlb_fixed_decoders_are_the_ends_of_the_learned_one():
+    """Like with like (T26): the learned head's decoder at v = 0 is the fixed β̃_2 decoder and at v = 1 the
+    fixed β_1 decoder, on 8-bit data with the discretised decoder and a real (exact Gaussian) denoiser; the
+    two differ, and β̃_2 is β̃_1 = 0 clipped, β_2(1 − ᾱ_1)/(1 − ᾱ_2)."""
+    x, _ = gaussian_data(64, 13)
+    x = ((x.clamp(-0.9, 0.9) + 1) * 127.5).round() / 127.5 - 1
+    ddpm = DDPM(100, "linear")
+    run = lambda **kw: ddpm_vlb(CountingGaussian(), x, ddpm, decoder="discretized",  # noqa: E731
+                                generator=torch.Generator().manual_seed(0), **kw)
+    fixed = run()["reconstruction_by_variance"]
+    for v, name in ((0.0, "beta_tilde"), (1.0, "beta")):
+        learned = run(v=lambda z, t, v=v: torch.full_like(z, v))["reconstruction"]
+        torch.testing.assert_close(learned, fixed[name], rtol=1e-12, atol=1e-12)
+    assert float((fixed["beta"] - fixed["beta_tilde"]).abs().mean()) > 0.1
+    # with x̂0 = x0 (interior bins) each pixel's probability is 2Φ(Δ/2 / √Σ_1) − 1, Σ_1 = β_1 or β̃_2
+    exact = ddpm_vlb(KnowsX0(x), x, ddpm, decoder="discretized",
+                     generator=torch.Generator().manual_seed(0))["reconstruction_by_variance"]
+    bt2 = ddpm.betas[2] * ddpm.betas[1] / ddpm.one_minus_alpha_bar[2]      # 1 − ᾱ_1 = β_1
+    for name, var1 in (("beta", ddpm.betas[1]), ("beta_tilde", bt2)):
+        p_bin = math.erf(1 / 255 / math.sqrt(2 * float(var1)))
+        torch.testing.assert_close(exact[name], torch.full((64,), -2 * math.log(p_bin), dtype=F64))
 
 
 def test_ddpm_vlb_prior_is_the_kl_of_the_last_latent():
@@ -327,16 +371,44 @@ def test_ddpm_vlb_feeds_the_denoiser_the_ve_map_of_the_latent():
     assert all(abs(ms - 1) < 0.1 for _, ms in den.calls)                  # (x̃ − x0)/σ̃ ~ N(0, I)
 
 
-def test_ddpm_vlb_step_subsample_is_unbiased():
-    """steps=k: k of the T − 1 steps, weighted (T − 1)/k. With x̂0 = x0 the per-step KL is deterministic,
-    so the only randomness is the subset: its mean over repeats equals the full sum."""
-    ddpm, k, reps = DDPM(10, "cosine"), 3, 400
+def test_ddpm_vlb_step_subsample_is_unbiased_and_states_its_variance():
+    """steps=k: k of the T − 1 steps, weighted (T − 1)/k. With x̂0 = x0 the per-step KL is deterministic
+    (T24: ½d[log(β/β̃) + β̃/β − 1]), so the only randomness is the subset: its mean over repeats equals the
+    full sum, and its variance is the closed form of a simple random sample without replacement,
+    (T − 1)²(1 − k/(T − 1))·S²/k with S² the variance (divisor T − 2) of the T − 1 per-step KLs; the
+    `step_var` each call reports is an unbiased estimate of it (its mean over repeats); 0 for all steps."""
+    ddpm, k, reps = DDPM(10, "cosine"), 3, 2000
     x, g = gaussian_data(1, 2)
-    full = float(ddpm_vlb(KnowsX0(x), x, ddpm, variance="beta", generator=g)["diffusion"])
-    est = torch.stack([ddpm_vlb(KnowsX0(x), x, ddpm, variance="beta", steps=k, generator=g)["diffusion"][0]
-                       for _ in range(reps)])
+    r = ddpm_vlb(KnowsX0(x), x, ddpm, variance="beta", generator=g)
+    full = float(r["diffusion"])
+    assert float(r["step_var"]) == 0.0
+    runs = [ddpm_vlb(KnowsX0(x), x, ddpm, variance="beta", steps=k, generator=g) for _ in range(reps)]
+    est = torch.stack([q["diffusion"][0] for q in runs])
     assert abs(float(est.mean()) - full) < 4 * float(est.std()) / math.sqrt(reps)
     assert float(est.std()) > 0.01 * full
+    t = torch.arange(2, 11)
+    b, bt = ddpm.betas[t], ddpm.betas[t] * ddpm.one_minus_alpha_bar[t - 1] / ddpm.one_minus_alpha_bar[t]
+    kl = torch.log(b / bt) + bt / b - 1                                   # ½·d with d = 2, per step
+    var = 9**2 * (1 - k / 9) * float(kl.var()) / k
+    assert float(est.var()) == pytest.approx(var, rel=0.1)               # sd of a variance over 2000: ~3%
+    assert float(torch.stack([q["step_var"] for q in runs]).mean()) == pytest.approx(var, rel=0.1)
+
+
+def test_ddpm_vlb_standard_error_with_a_step_subsample_matches_the_spread_of_repeats():
+    """A real estimate (exact Gaussian denoiser, fresh data and latents each repeat, 40 of 199 steps): the
+    standard error the bound states, √(Var_examples(total)/N + step_var), matches the spread of the batch mean
+    over independent repeats; without step_var it would be far too small here (few steps, many examples)."""
+    ddpm, n, k, reps = DDPM(200, "linear"), 400, 40, 150
+    means, stated, images_only = [], [], []
+    for i in range(reps):
+        x, g = gaussian_data(n, 100 + i)
+        r = ddpm_vlb(CountingGaussian(), x, ddpm, steps=k, generator=g)
+        means.append(float(r["total"].mean()))
+        images_only.append(float(r["total"].var()) / n)
+        stated.append(images_only[-1] + float(r["step_var"]))
+    spread = float(torch.tensor(means, dtype=F64).var())
+    assert 0.7 < spread / (sum(stated) / reps) < 1.4, (spread, sum(stated) / reps)
+    assert spread > 3 * sum(images_only) / reps                           # the steps' share dominates
 
 
 def test_elbos_are_above_the_pf_ode_nll_for_the_exact_gaussian_model():
@@ -409,13 +481,14 @@ def test_discretized_decoder_vlb_is_the_density_vlb_minus_the_bin_volume():
 
 
 def test_dequantised_uniform_data_is_eight_bits_per_dim():
-    """Uniform bytes and the uniform density on the dequantised range [−1, 1 + 2/255]^d: P(k) = 1/256
-    exactly, so −log p(y) + d·log 127.5 = d·log 256, i.e. 8 bits/dim (Jensen is tight: p is flat)."""
+    """Uniform bytes and the uniform density on the dequantised range [−1 − 1/255, 1 + 1/255]^d (centred
+    bins): P(k) = 1/256 exactly, so −log p(y) + d·log 127.5 = d·log 256, i.e. 8 bits/dim (Jensen is tight:
+    p is flat)."""
     g = torch.Generator().manual_seed(0)
     d = 3
     x = GRID[torch.randint(256, (1000, d), generator=g)]
     y = dequantize(x, g)
-    u = (y - x) * 255 / 2
+    u = (y - x) * 255 / 2 + 0.5                                         # y = x + Δ(u − ½)
     assert bool(((u >= 0) & (u < 1)).all()) and abs(float(u.mean()) - 0.5) < 0.02
     nll = torch.full((1000,), d * math.log(2 + 2 / 255), dtype=F64)     # −log of the density (255/512)^d
     torch.testing.assert_close(nll_8bit_to_bits_per_dim(nll, d), torch.full((1000,), 8.0, dtype=F64))
@@ -430,12 +503,42 @@ def test_piecewise_constant_density_gives_the_discrete_nll_exactly():
     probs = probs / probs.sum()
     k = torch.randint(256, (500, d), generator=g)
     y = dequantize(GRID[k], g)
-    bins = torch.floor((y + 1) / (2 / 255) + 1e-9).long()                    # the bin of y
+    bins = torch.floor((y + 1 + 1 / 255) / (2 / 255) + 1e-9).long()          # the (centred) bin of y
     nll = -(probs[bins] / (2 / 255)).log().sum(1)
     want = -probs[k].log2().sum(1) / d
     torch.testing.assert_close(nll_8bit_to_bits_per_dim(nll, d), want)
     assert bits_per_dim(3 * d * math.log(2), d) == pytest.approx(3.0)
     assert bits_per_dim(0.0, d, shift=1.5) == 1.5
+
+
+def test_pf_ode_bits_per_dim_of_centred_dequantisation_is_the_discrete_gaussian_likelihood():
+    """The whole 8-bit evaluation against a closed form. Data N(m, diag(s²)) with its exact denoiser: the
+    PF-ODE density is p_σmin = N(m, s² + σ_min²) (T31), so the discrete likelihood of the byte grid value x_k
+    is P(k) = Π_i ∫ N(y; m_i, s_i² + σ_min²) dy over the bin [x_k − Δ/2, x_k + Δ/2) (Φ differences). The
+    dequantised estimate E_u[−log p(y)] + d·log 127.5, over many u per point, must equal −log₂ P(k)/d up to
+    its Monte Carlo error and the Jensen gap (≈ dΔ²/24(s² + σ_min²) nats, below 1e-3 here). Points on the
+    grid where the density slopes (m + 2s, m − 1.5s, an edge byte −1) and m itself: an off-centre bin
+    [x_k, x_k + Δ) moves the estimate by ≈ Δ/2·Σ(x − m)/s² nats, here several times the tolerance."""
+    smin, reps, d = 0.002, 400, 2
+    m, s = torch.tensor([0.3, -0.5], dtype=F64), torch.tensor([0.2, 0.3], dtype=F64)
+    pts = torch.tensor([[0.7, 0.1], [0.0, -0.95], [0.3, -0.5], [-0.2, -1.0]], dtype=F64)
+    pts = ((pts + 1) * 127.5).round() / 127.5 - 1                         # on the 8-bit grid
+    g = torch.Generator().manual_seed(21)
+    y = dequantize(pts.repeat_interleave(reps, 0), g)
+    sig_max = 80.0
+    lp, info = log_likelihood(CountingGaussian(m, s), y, sigma_min=smin, sigma_max=sig_max, rtol=1e-6,
+                              atol=1e-6)
+    # the ODE's one known error, its N(0, σ_max²) prior for the true p_σmax (≈ ‖m‖‖x_T‖/σ_max², up to 0.01
+    # nats here), put back so that only the dequantisation is under test
+    lp = lp - (info["prior"] - log_normal_diag(info["x_T"], m, s**2 + sig_max**2))
+    bpd = nll_8bit_to_bits_per_dim(-lp, d).view(len(pts), reps)
+    sd = (s**2 + smin**2).sqrt()
+    normal = torch.distributions.Normal(m, sd)
+    want = -(normal.cdf(pts + 1 / 255) - normal.cdf(pts - 1 / 255)).log2().sum(1) / d    # [K]
+    tol = 4 * bpd.std(1) / math.sqrt(reps) + 1e-3
+    assert bool(((bpd.mean(1) - want).abs() < tol).all()), (bpd.mean(1) - want, tol)
+    off_centre = (1 / 255 * ((pts - m) / sd**2).sum(1)).abs() / (d * math.log(2))
+    assert float((off_centre / tol).max()) > 5                          # the test would see that shift
 
 
 # ---- the confidence NLL curve --------------------------------------------------------------------

@@ -197,7 +197,7 @@ def test_image_samples_do_not_depend_on_the_batch_split(gray_npz):
     for recipe in ("edm", "eps"):
         cfg = resolve("mnist-tiny",
                       sets=["data.name=npz", f"data.path={gray_npz}", "model.attn_resolutions=[]",
-                                          f"recipe={recipe}", "eval.sampler_steps=3"])
+                                          f"recipe={recipe}", "eval.sampler_steps=3", "train.sigma_data=0.5"])
         torch.manual_seed(0)
         model = build_model(cfg, (1, 16, 16), 2)
         for p in model.parameters():                 # a non-trivial network (the output layer starts at zero)

@@ -106,7 +106,9 @@ def _loss_curves(path: str) -> str:
 
 # what each metric means: direction (↓ lower is better, ↑ higher, · no direction) and unit
 METRIC_INFO = {
-    "fid": ("↓", "Fréchet distance in the feature classifier's space"),
+    "fid": ("↓", "Fréchet distance in the feature classifier's space, ± its bootstrap sd over the samples"),
+    "fid_sd": ("·", "bootstrap sd of the FID (the generated samples resampled)"),
+    "sigma_data": ("·", "σ_data of the EDM preconditioning (measured from the training images unless given)"),
                "precision": ("↑", "share of samples"),
     "recall": ("↑", "share of real images"), "label_accuracy": ("↑", "share"),
     "classifier_test_accuracy": ("↑", "share; chance is classifier_chance"),
@@ -114,7 +116,10 @@ METRIC_INFO = {
     "sample_metrics_unreliable": ("·",
                                   "true: the classifier is near chance, FID/precision/recall mean nothing"),
     "bpd_pf_ode": ("↓", "bits/dim"), "bpd_pf_ode_se": ("·", "bits/dim, standard error"),
-    "bpd_ddpm_bound": ("↓", "bits/dim"), "bpd_ddpm_bound_se": ("·", "bits/dim, standard error"),
+    "bpd_ddpm_bound": ("↓", "bits/dim"),
+    "bpd_ddpm_bound_se": ("·", "bits/dim, standard error (images and the random draw of steps)"),
+    "bpd_ddpm_bound_se_steps": ("·", "bits/dim, standard error from drawing the steps alone"),
+    "bpd_ddpm_bound_beta1": ("↓", "bits/dim, the same bound with the β_1 decoder (fixed-variance rows)"),
     "pf_ode_bpd": ("↓", "bits/dim"), "elbo_bpd": ("↓", "bits/dim (a bound)"),
                "exact_bpd": ("·", "bits/dim (truth)"),
     "sample_nll": ("↓", "nats, exact −log p of the samples"), "median_nll": ("↓", "nats"),
@@ -138,10 +143,15 @@ def _flat(m: dict, prefix: str = ""):
 
 
 def _metrics_table(m: dict) -> str:
-    rows = []
-    for k, v in _flat(m):
+    rows, flat = [], dict(_flat(m))
+    for k, v in flat.items():
+        if k.endswith("fid_sd") and k[:-3] in flat:                  # shown with its FID: "48.2 ± 4.9"
+            continue
         direction, unit = METRIC_INFO.get(k.rsplit(".", 1)[-1], ("", ""))
-        rows.append((k, f"{v:.6g}" if isinstance(v, float) else v, direction, unit))
+        text = f"{v:.6g}" if isinstance(v, float) else v
+        if isinstance(flat.get(k + "_sd"), float) and k.rsplit(".", 1)[-1] == "fid":
+            text = f"{v:.1f} ± {flat[k + '_sd']:.1f}"
+        rows.append((k, text, direction, unit))
     return _table(rows, ("metric", "value", "better", "unit / meaning"))
 
 

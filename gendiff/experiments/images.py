@@ -27,17 +27,17 @@ from ..data import images as im
 from ..data.sources import DataSource
 from ..guidance import Conditioned, classifier_free
 from ..heads import make_head
-from ..image_metrics import (calibration, class_counts, fid, image_grid, mode_coverage, precision_recall,
-                             uncertainty_grid)
+from ..image_metrics import (FID_BOOTSTRAP, calibration, class_counts, fid_with_sd, image_grid,
+                             mode_coverage, precision_recall, uncertainty_grid)
 from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
 from ..likelihood import ddpm_vlb, dequantize, log_likelihood, nll_8bit_to_bits_per_dim
 from ..nets.classifier import batched, load_or_train_classifier
 from ..samplers import sample_ddpm, sample_heun
 from ..schedules import edm_sigmas
 from ..scores import CountCalls
-from .config import ImageRunConfig, to_toml
+from .config import SIGMA_DATA_MEASURED, ImageRunConfig, to_toml
 from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
-from .runfolder import load_weights, read_json, refuse, start_run, train_in_folder, weights_tag
+from .runfolder import load_weights, read_config, read_json, refuse, start_run, train_in_folder, weights_tag
 
 CALIBRATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
 VAL_FRACTION = 0.1         # folder/npz data: the share held out as the test split (seed 0)
@@ -80,6 +80,25 @@ class Setup(NamedTuple):
     data: object                   # the training split (ImageData)
     test: object                   # the test split (ImageData)
     split: str                     # load_splits' description
+    cfg: ImageRunConfig            # the config resolved: σ_data measured where it said 0 (the run saves this)
+
+
+def training_data(cfg: ImageRunConfig, data):
+    """The images a run trains on: the training split `data`, or its fixed data.subset (seed cfg.seed)."""
+    return data.subset(min(cfg.data.subset, len(data)), seed=cfg.seed) if cfg.data.subset else data
+
+
+def with_sigma_data(cfg: ImageRunConfig, measure) -> ImageRunConfig:
+    """cfg itself where train.sigma_data is a number; where it is SIGMA_DATA_MEASURED (0, the image presets'
+    default) a copy holding `measure()`: in `prepare` the std of every training pixel (ImageData.pixel_std,
+    float64), in `load_model` the value the run recorded."""
+    if cfg.train.sigma_data != SIGMA_DATA_MEASURED:
+        return cfg
+    value = float(measure())
+    if not value > 0:
+        raise ValueError(f"train.sigma_data=0 asks for σ_data measured from the training images, but their "
+                         f"pixel std is {value!r} (every pixel the same value?); set train.sigma_data > 0")
+    return replace(cfg, train=replace(cfg.train, sigma_data=value))
 
 
 def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=None):
@@ -89,6 +108,10 @@ def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=No
     if h != w:
         raise ValueError(f"the images are {h}×{w}; the U-Net takes square images: set data.size (e.g. "
                          f"data.size={min(h, w)}) to resize them")
+    if cfg.train.sigma_data == SIGMA_DATA_MEASURED and IMAGE_RECIPES[cfg.recipe].density_name != "ddpm":
+        raise ValueError(f"train.sigma_data={cfg.train.sigma_data!r} means 'measured from the training "
+                         "split', which prepare (or load_model, from the run folder) does; build_model "
+                         "needs the number: call prepare, or set train.sigma_data > 0")
     try:
         return IMAGE_RECIPES[cfg.recipe].build_model(cfg, shape, num_classes, backbone)
     except ValueError as e:
@@ -99,11 +122,16 @@ def build_model(cfg: ImageRunConfig, shape: tuple, num_classes: int, backbone=No
 
 def load_model(cfg: ImageRunConfig, out: str, weights: str = "model.safetensors"):
     """The model of a finished image run folder with its weights (safetensors only), in eval mode. The image
-    shape and class count come from RUN/data.json (the data itself is not needed), else from the data."""
+    shape and class count come from RUN/data.json (the data itself is not needed), else from the data. σ_data
+    is the config's (a run's config.toml holds the measured number); a config that still says 0 takes the
+    one RUN/data.json recorded, and only without it is measured again from the training images."""
     info = read_json(os.path.join(out, "data.json"))
     if info is None:
-        test = load_images(cfg.data, "test")
-        info = {"shape": test.images.shape[1:], "num_classes": test.num_classes}
+        train, test, _ = load_splits(cfg.data)
+        info = {"shape": test.images.shape[1:], "num_classes": test.num_classes,
+                "sigma_data": training_data(cfg, train).pixel_std()}
+    cfg = with_sigma_data(cfg, lambda: info.get("sigma_data") or
+                          training_data(cfg, load_images(cfg.data, "train")).pixel_std())
     return load_weights(build_model(cfg, tuple(info["shape"]), info["num_classes"]), out, weights)
 
 
@@ -124,12 +152,17 @@ def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup
     """Everything that can reject an image run, before its folder exists: the data (read, checked, split), the
     model (seeded initialisation; it must fit the images), the loss and the training density. The data, the
     model and the EMA live on `device` (resolve_device); random draws come from the CPU training generator, so
-    a seed fixes the run on any device. backbone: see recipes.ImageRecipe.build_model."""
+    a seed fixes the run on any device. σ_data: where train.sigma_data is 0 (the image presets), measured
+    here once from the training images (`with_sigma_data`); Setup.cfg holds the number, and is the config to
+    save with the run (`start_run(setup.cfg, …)`), so that a resumed run reads it back unmeasured.
+    backbone: see recipes.ImageRecipe.build_model."""
     dev = resolve_device(device)
     recipe = IMAGE_RECIPES[cfg.recipe]
     data, test, split = load_splits(cfg.data)
-    if cfg.data.subset:
-        data = data.subset(min(cfg.data.subset, len(data)), seed=cfg.seed)
+    data = training_data(cfg, data)
+    if cfg.train.sigma_data == SIGMA_DATA_MEASURED:
+        cfg = with_sigma_data(cfg, data.pixel_std)
+        split += f"; σ_data {cfg.train.sigma_data:.4f}, measured from the {len(data)} training images"
     if recipe.conditional and data.labels is None:
         raise ValueError(f"recipe={cfg.recipe!r} is class-conditional; data {data.name!r} has no labels")
     x = data.to_tensor()
@@ -140,17 +173,21 @@ def prepare(cfg: ImageRunConfig, device=None, backbone=None, log=print) -> Setup
     source = DataSource(x, labels, data.num_classes if recipe.conditional else 0, recipe.label_dropout,
                         shape=tuple(x.shape[1:]), name=f"data {data.name!r}", device=dev)
     density = recipe.density(cfg.train)
-    return Setup(model, recipe.loss_fn(density), source, density, data, test, split)
+    return Setup(model, recipe.loss_fn(density), source, density, data, test, split, cfg)
 
 
 def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = True, log=print,
               primary: bool = True) -> dict:
     """Train (or continue) the image run in `out` through train.train; evaluate its EMA; returns the
-    metrics."""
+    metrics. cfg: the config given to prepare, or setup.cfg; the run uses setup.cfg (σ_data measured)."""
+    if with_sigma_data(cfg, lambda: setup.cfg.train.sigma_data) != setup.cfg:
+        raise ValueError("train_run: `setup` was prepared from another config than `cfg`")
+    cfg = setup.cfg
     if primary:
         log(setup.split)
         save_text(setup.split + "\n", os.path.join(out, "data.txt"))
-        save_json({"shape": list(setup.test.images.shape[1:]), "num_classes": setup.test.num_classes},
+        save_json({"shape": list(setup.test.images.shape[1:]), "num_classes": setup.test.num_classes,
+                   "sigma_data": cfg.train.sigma_data},
                   os.path.join(out, "data.json"))   # what load_model needs to rebuild the network
     res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density,
                           desc=cfg.recipe, progress=progress, log=log, primary=primary)
@@ -158,7 +195,8 @@ def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = T
         return {}
     metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log,
                                    train=setup.data, test=setup.test)
-    metrics.update(train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
+    metrics.update(sigma_data=cfg.train.sigma_data,
+                   train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
                    train_seconds=res.seconds, iterations=cfg.train.iterations,
                    batch=cfg.train.batch, bad_steps=res.bad_steps, final_loss=_tail_mean(res.losses))
     save_json(metrics, os.path.join(out, "metrics.json"))
@@ -174,11 +212,11 @@ def _flat_numbers(m: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in m.items():
         if isinstance(v, dict) and k.startswith("samples"):
-            out.update(_flat_numbers({kk: vv for kk, vv in v.items() if kk in ("fid", "precision", "recall")},
-                                     f"{k}."))
+            out.update(_flat_numbers({kk: vv for kk, vv in v.items()
+                                      if kk in ("fid", "fid_sd", "precision", "recall")}, f"{k}."))
         elif k.startswith("bpd_") and isinstance(v, float) and not k.endswith("seconds"):
             out[prefix + k] = v
-        elif k in ("fid", "precision", "recall") and isinstance(v, float):
+        elif k in ("fid", "fid_sd", "precision", "recall") and isinstance(v, float):
             out[prefix + k] = v
     if "classifier_test_accuracy" in m:
         flag = " (near chance: FID/precision/recall UNRELIABLE)" if m["sample_metrics_unreliable"] else ""
@@ -385,8 +423,10 @@ def feature_classifier(cfg, test, train=None):
 
 def sample_metrics(clf, real: torch.Tensor, x: torch.Tensor, test, num_classes: int, seed: int,
                    labels: torch.Tensor | None = None) -> dict:
-    """FID, precision/recall (against as many real test images, a fixed random subset), per-class counts and
-    mode coverage of generated images x in the feature classifier's space; with `labels` (the class each
+    """FID against all the test images with its bootstrap sd (`fid_sd`, image_metrics.fid_with_sd: the
+    noise of one set of len(x) samples), precision/recall (against as many real test images as samples, a
+    fixed random subset of the test split: 1000 of MNIST's 10 000 at eval.samples = 1000), per-class counts
+    and mode coverage of generated images x in the feature classifier's space; with `labels` (the class each
     sample was asked for) also label_accuracy, the share the classifier assigns to the asked class."""
     with torch.no_grad():
         fake = batched(clf.features, x)
@@ -394,7 +434,8 @@ def sample_metrics(clf, real: torch.Tensor, x: torch.Tensor, test, num_classes: 
         ref = real[torch.randperm(len(real), generator=g)[:len(fake)]]
         p, r = precision_recall(ref, fake)
         counts = class_counts(clf, x, num_classes)
-        row = dict(fid=fid(real, fake), precision=p, recall=r, class_counts=counts.tolist(),
+        value, sd = fid_with_sd(real, fake, seed=derive_seed(seed, "fid-bootstrap"))
+        row = dict(fid=value, fid_sd=sd, precision=p, recall=r, class_counts=counts.tolist(),
                    modes=mode_coverage(counts, torch.bincount(torch.from_numpy(test.labels),
                                                               minlength=num_classes).numpy()))
         if labels is not None:
@@ -403,12 +444,28 @@ def sample_metrics(clf, real: torch.Tensor, x: torch.Tensor, test, num_classes: 
     return row
 
 
+PF_ODE_SIGMA_MIN = 0.002   # the PF-ODE likelihood's σ_min, one for every row (bits_per_dim)
+VLB_STEPS = 50             # diffusion steps of the DDPM bound drawn at random out of T − 1 (bits_per_dim)
+
+
 def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
     """Bits/dim of 8-bit test images (± the standard error over images): PF-ODE (T31, Hutchinson) of the
-    dequantised images from σ_min (0.002 for EDM rows; σ̃_1 of the DDPM for DDPM rows, the lowest σ they were
-    trained at), plus DDPM's discretised bound (T27) for DDPM rows (50 of the T − 1 diffusion steps, unbiased;
-    the learned Σ for the v head). A conditional model is measured unconditionally
-    (the null class ∅: p(x))."""
+    dequantised images, plus DDPM's discretised bound (T27) for DDPM rows. A conditional model is measured
+    unconditionally (the null class ∅: p(x)).
+
+    PF-ODE, the same evaluation for every row: centred dequantisation (`likelihood.dequantize`: y uniform in
+    [x_k − Δ/2, x_k + Δ/2), Δ = 2/255, around the grid value the model was trained on; the bin's log-volume
+    d·log 127.5 in `nll_8bit_to_bits_per_dim`) and one σ_min = PF_ODE_SIGMA_MIN = 0.002 for EDM and DDPM
+    rows alike (EDM's sampling σ_min). Why 0.002 and not DDPM's σ̃_1 ≈ 0.01: the model density is
+    p_σmin = p ∗ N(0, σ_min²), and only a σ_min below the dequantisation noise (Δ/√12 = 0.0023) lets it
+    concentrate within one bin; at 0.01 every row pays for smearing each byte over ±1.3 bins, most on MNIST's
+    constant background. The price: DDPM rows are evaluated below the lowest σ̃ they were trained at (σ̃_1);
+    for ε-, score- and EDM-parameterised rows the network's share c_out → 0 there (D ≈ x̃), the x0 row
+    (c_skip = 0) is the exposed one.
+    DDPM bound: `likelihood.ddpm_vlb` with the discretised decoder (Σ_1 = β̃_2 for the fixed-variance rows,
+    the learned Σ_θ for the v head), VLB_STEPS of the T − 1 diffusion steps drawn at random (unbiased); its
+    ± `bpd_ddpm_bound_se` = √(se over images² + se of the draw of steps²), the latter also alone
+    (`bpd_ddpm_bound_se_steps`, from ddpm_vlb's `step_var`)."""
     obj = IMAGE_RECIPES[cfg.recipe]
     if not len(x8):
         return {}
@@ -418,9 +475,7 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
     se = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
     g = generator(cfg.seed, "likelihood")
     y = dequantize(x8.double(), generator=g).float()
-    process = ddpm()
-    sigma_min = (float(process.one_minus_alpha_bar[1] / process.alpha_bar[1]) ** 0.5
-                 if obj.density_name == "ddpm" else 0.002)
+    process, sigma_min = ddpm(), PF_ODE_SIGMA_MIN
     start = time.perf_counter()
     logp, info = log_likelihood(den, y, sigma_min=sigma_min, method="hutchinson", rtol=1e-4, atol=1e-4,
                                 generator=g)
@@ -434,9 +489,15 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
             lg = _LastG(den, process, model.head)
             den, v = lg, lg.v
         with torch.no_grad():
-            vlb = ddpm_vlb(den, x8, process, decoder="discretized", v=v, steps=50, generator=g)
+            vlb = ddpm_vlb(den, x8, process, decoder="discretized", v=v, steps=VLB_STEPS, generator=g,
+                           decoder_variance="beta_tilde")
+        steps_se = math.sqrt(float(vlb["step_var"])) / (d * math.log(2))      # nats per image -> bits/dim
         out.update(bpd_ddpm_bound=float(vlb["bits_per_dim"].mean()),
-                   bpd_ddpm_bound_se=se(vlb["bits_per_dim"]))
+                   bpd_ddpm_bound_se=math.hypot(se(vlb["bits_per_dim"]), steps_se),
+                   bpd_ddpm_bound_se_steps=steps_se, bpd_ddpm_bound_steps=VLB_STEPS)
+        if vlb.get("reconstruction_by_variance") is not None:          # a fixed-variance row: β_1 too
+            alt = vlb["total"] - vlb["reconstruction"] + vlb["reconstruction_by_variance"]["beta"]
+            out["bpd_ddpm_bound_beta1"] = float(alt.mean()) / (d * math.log(2))
     return out
 
 
@@ -520,9 +581,18 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
 
 def eval_summary(out: str, m: dict) -> str:
     flag = " (UNRELIABLE: the classifier is near chance)" if m["sample_metrics_unreliable"] else ""
-    return (f"{out}: {m['sampler']} NFE {m['nfe']}, {m['samples']} samples: FID {m['fid']:.2f} ↓, precision "
+    return (f"{out}: {m['sampler']} NFE {m['nfe']}, {m['samples']} samples: FID {fid_text(m)} ↓, precision "
             f"{m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier with test "
             f"accuracy {m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
+
+
+def fid_text(m: dict, digits: int = 1) -> str:
+    """'FID ± its bootstrap sd' of a samples row ('48.2 ± 4.9'); the FID alone where no sd was recorded (rows
+    measured before fid_sd existed), '–' without a FID."""
+    if m.get("fid") is None or (isinstance(m["fid"], float) and math.isnan(m["fid"])):
+        return "–"
+    sd = m.get("fid_sd")
+    return f"{m['fid']:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
 
 
 def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, method: str = "hutchinson",
@@ -541,7 +611,8 @@ def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, met
 
 
 def likelihood_summary(out: str, m: dict) -> str:
-    extra = f", DDPM bound {m['bpd_ddpm_bound']:.4f}" if "bpd_ddpm_bound" in m else ""
+    extra = (f", DDPM bound {m['bpd_ddpm_bound']:.4f} ± {m['bpd_ddpm_bound_se']:.4f}"
+             if "bpd_ddpm_bound" in m else "")
     return (f"{out}: bits/dim ↓ of {m['bpd_images']} test images: PF-ODE {m['bpd_pf_ode']:.4f} ± "
             f"{m['bpd_pf_ode_se']:.4f} (NFE {m['bpd_pf_ode_nfe']}){extra}")
 
@@ -550,13 +621,14 @@ def likelihood_summary(out: str, m: dict) -> str:
 
 PAPER_004 = {"x0": (49.10, None), "eps": (15.75, 1.21), "score": (78.83, None),
              "score-cfg@w=1": (61.91, None),
-            "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (bits/dim)
+            "score-cfg@w=5": (74.21, None), "learned-variance": (58.89, 1.10)}   # FID, NLL (no unit stated)
 
 
 def run_table(base, rows, out: str, *, progress: bool = True, log=print, device: str | None = None) -> str:
     """Train and evaluate each row (recipe) of seed 004's table at `base`'s budget into out/<row>/, a run
     folder each. Resumable: a row whose metrics.json exists for the same config is read; an unfinished row
-    resumes from its newest checkpoint. Writes out/images.json and out/images.md; returns the markdown."""
+    resumes from its newest checkpoint (with the σ_data its folder recorded, where `base` measures it).
+    Writes out/images.json and out/images.md; returns the markdown."""
     for r in rows:
         if r not in IMAGE_RECIPES:
             raise ValueError(f"row {r!r} is not allowed; choose among {list(IMAGE_RECIPES)}")
@@ -567,17 +639,18 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
         done = os.path.join(folder, "metrics.json")
         fresh = not os.path.exists(os.path.join(folder, "config.toml"))
         if not fresh:
-            with open(os.path.join(folder, "config.toml")) as f:
-                if f.read() != to_toml(cfg):
-                    raise ValueError(f"{folder} holds a run with another config; use another --out")
+            saved = read_config(folder, "--out")
+            cfg = with_sigma_data(cfg, lambda: saved.train.sigma_data)   # measured when the row started
+            if to_toml(saved) != to_toml(cfg):
+                raise ValueError(f"{folder} holds a run with another config; use another --out")
         if not fresh and os.path.exists(done):
             log(f"{r}: finished earlier, read {done}")
             results[r] = read_json(done)
             continue
         setup = prepare(cfg, device, log=log)   # data and model checked before the row's folder exists
         if fresh:
-            start_run(cfg, folder)
-        results[r] = train_run(cfg, folder, setup, progress=progress, log=log)
+            start_run(setup.cfg, folder)
+        results[r] = train_run(setup.cfg, folder, setup, progress=progress, log=log)
     for r in results:  # throughput from the training log: every sitting of a resumed row, evaluation excluded
         results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"),
                                                          base.train.batch)
@@ -606,24 +679,40 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+def _sigma_data_text(results: dict, base) -> str:
+    """σ_data of the table's EDM rows: the base config's number, or the one each row measured."""
+    if base.train.sigma_data:
+        return f"{base.train.sigma_data:g} (given)"
+    seen = sorted({round(m["sigma_data"], 4) for m in results.values() if "sigma_data" in m})
+    return (", ".join(f"{v:.4f}" for v in seen) or "–") + " (measured from the training images)"
+
+
 def table_markdown(results: dict, base) -> str:
     t = base.train
     lines = [f"Seed 004's table on {base.data.name}: U-Net "
              f"{base.model.model_channels}×{list(base.model.channel_mult)}, "
              f"{_as_list(base.model.num_blocks)} block(s)/level, {base.model.resample} resampling, "
-             f"{t.iterations} steps × batch {t.batch} ({t.precision}), EMA {t.ema}; {base.eval.samples} "
-             "samples per row; FID, precision and recall in our classifier's features (not Inception: "
-             "compare orderings with seed 004, not values).", "",
-             "Bits/dim of 8-bit test images ± standard error over the images (a conditional row: p(x) "
-             "through the null class).", "",
+             f"{t.iterations} steps × batch {t.batch} ({t.precision}), EMA {t.ema}; σ_data "
+             f"{_sigma_data_text(results, base)}; {base.eval.samples} samples per row; FID, precision and "
+             "recall in our classifier's features (not Inception: compare orderings with seed 004, not "
+             "values). FID against all test images ± its bootstrap sd (the samples resampled "
+             f"{FID_BOOTSTRAP}×: the noise of one draw of {base.eval.samples}); precision and recall "
+             f"against a fixed random {base.eval.samples} of the test images.", "",
+             "Bits/dim of 8-bit test images ± standard error (a conditional row: p(x) through the null "
+             f"class). PF-ODE: centred dequantisation, σ_min = {PF_ODE_SIGMA_MIN} for every row. DDPM "
+             f"bound: {VLB_STEPS} random steps of {DDPM_T - 1}, its ± including that draw; decoder "
+             "variance β̃_2 for fixed-variance rows (β_1 in brackets), the learned Σ_θ(1) for the "
+             "learned-variance row. Seed 004's table states no unit for its NLL (bits/dim, as DDPM and IDDPM "
+             "report theirs, is a guess).", "",
              "FID, precision and recall are marked UNRELIABLE where the feature classifier is near chance.",
              "",
              "| row | FID ↓ | precision | recall | classes hit | classifier acc. | bits/dim PF-ODE | "
-             "bits/dim DDPM bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL |",
+             "bits/dim DDPM bound | train img/s | sampler | NFE | seed 004 FID | seed 004 NLL (no unit) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=3: ("–" if v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
                         else f"{v:.{p}f}")
     pm = lambda m, k: "–" if m.get(k) is None else f"{m[k]:.3f} ± {m.get(k + '_se') or 0:.3f}"  # noqa: E731
+    b1 = lambda m: "" if m.get("bpd_ddpm_bound_beta1") is None else f" ({m['bpd_ddpm_bound_beta1']:.3f})"  # noqa: E731
     for r, m in results.items():
         for key, s in m.items():
             if not key.startswith("samples"):
@@ -631,11 +720,11 @@ def table_markdown(results: dict, base) -> str:
             name = r + key[len("samples"):]
             seed = PAPER_004.get(name, (None, None))
             bad = " (UNRELIABLE)" if m.get("sample_metrics_unreliable") else ""
-            lines.append(f"| {name} | {f(s.get('fid'), 2)}{bad} | {f(s.get('precision'))} | "
+            lines.append(f"| {name} | {fid_text(s)}{bad} | {f(s.get('precision'))} | "
                          f"{f(s.get('recall'))} | {s.get('modes', {}).get('classes_hit', '–')} | "
                          f"{f(m.get('classifier_test_accuracy'))} | {pm(m, 'bpd_pf_ode')} | "
-                         f"{pm(m, 'bpd_ddpm_bound')} | {f(m.get('train_img_per_s'), 1)} | {s['sampler']} | "
-                         f"{s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
+                         f"{pm(m, 'bpd_ddpm_bound')}{b1(m)} | {f(m.get('train_img_per_s'), 1)} | "
+                         f"{s['sampler']} | {s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
     cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]
     if cal:
         lines += ["",

@@ -1,7 +1,8 @@
 """One table from a run config's type to the module that trains and measures that kind of run. Every kind
 module (toy.py, images.py) has the same functions: prepare, train_run, summary, load_model, sample_run,
-eval_run, eval_summary, likelihood_run, likelihood_summary. A new kind of run is one module and one line
-here."""
+eval_run, eval_summary, likelihood_run, likelihood_summary. `prepare(cfg)` returns a Setup whose `cfg` is
+the config resolved (an image run's measured σ_data), the one to save in the run folder. A new kind of run is
+one module and one line here."""
 from __future__ import annotations
 
 from . import images, toy

@@ -213,9 +213,10 @@ class ImageRecipe:
     def build_model(self, cfg, shape: tuple, num_classes: int, backbone=None) -> Denoiser:
         """Denoiser(UNet) for images of `shape` (C, H, W): G channels as the head declares (`outputs`); class
         embedding for conditional recipes. DDPM recipes use σ_data = 1, so that c_in·x̃ = z, the DDPM latent,
-        is the net's input. backbone: None (the UNet of cfg.model) or a callable (shape, num_classes,
-        g_channels) -> nn.Module honouring the Denoiser contract, to train another network through the same
-        recipe."""
+        is the net's input; the EDM recipes cfg.train.sigma_data (a number by now: images.prepare measures
+        it where the config says 0). backbone: None (the UNet of cfg.model) or a callable (shape,
+        num_classes, g_channels) -> nn.Module honouring the Denoiser contract, to train another network
+        through the same recipe."""
         m = cfg.model
         classes, g = (num_classes if self.conditional else 0), make_head(self.head).outputs(shape[0])
         if backbone is not None:

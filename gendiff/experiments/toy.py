@@ -34,6 +34,7 @@ class Setup(NamedTuple):
     loss: object
     source: object
     density: object
+    cfg: ToyRunConfig       # the config as given (a toy run resolves nothing at prepare; images.Setup does)
 
 
 def build_model(cfg: ToyRunConfig):
@@ -51,7 +52,7 @@ def prepare(cfg: ToyRunConfig, device=None, log=print) -> Setup:
         model = build_model(cfg)
     density = recipe.density(cfg.train)
     source = ToyBatches(tree(cfg.classes), recipe.mode, need_score=recipe.loss == "score-matching")
-    return Setup(model, recipe.loss_fn(density), source, density)
+    return Setup(model, recipe.loss_fn(density), source, density, cfg)
 
 
 def _evaluator(cfg: ToyRunConfig, seed: int, samples: int, eval_points: int) -> Evaluator:
