@@ -68,8 +68,8 @@ metrics.py / evaluate.py
 - point-mode target including Σ_k; learned Σ_φ reduced to its diagonal; comparison against another mode's
   optimum [test_calibration_of_the_exact_oracle_and_of_twice_its_variance]
 - by_sigma (calibration_by_sigma wired in Evaluator.calibration): var_x0 = diag Σ_φ without − σ², or
-  − σ instead of − σ²; x0 of other held-out points (flipped); the fit and measured halves swapped
-  [test_by_sigma_readout_of_the_exact_oracle]
+  − σ instead of − σ²; x0 of other held-out points (flipped); the fit and measured halves swapped; the readout
+  also in source mode [test_by_sigma_readout_of_the_exact_oracle]
 report.py
 - the per-σ-bin table not appended to calibration_markdown; its gain cell without the summary branch (a
   {"mean", "std"} leaf formatted as a number); _merge keeping seed 0's verdict when the seeds' verdicts differ

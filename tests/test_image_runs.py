@@ -7,7 +7,9 @@ the CFG test's conditional/unconditional outputs coincide at init... caught by t
 whose variance the sampler ignores (learned-variance sampler test); `_LastG` re-evaluating the network
 (NFE test); run_table not reading finished rows (table resume test); DDPM rows with σ_data 0.5 (c_in test);
 build_model dropping model.resample or model.emb_channels, or the config's int-or-list coercion of
-model.num_blocks removed (layout test).
+model.num_blocks removed (layout test); calibrate reading σ_φ² instead of σ_φ² − σ², its σ per example tiled
+instead of one σ per block of images (no bin keeps both splits: a clear error), or its fit/measured split
+interleaved per σ instead of per image (calibration test).
 """
 import json
 import os

@@ -122,7 +122,9 @@ def calibration_markdown(result: dict) -> str:
     per = [(name, m["calibration"]["by_sigma"]) for name, _, m in rows     # calibration: unguided models only
            if _get(m, ("calibration", "by_sigma", "bins"))]
     by = ("\nVar[x0 | x̃] = diag Σ_φ − σ² per σ bin against the error of μ on the held-out points (half of "
-          "them fit the constant, the other half are measured). " + BY_SIGMA_TEXT + "\n\n"
+          "them fit the constant, the other half are measured). σ varies within a bin (half a decade), so "
+          "here the constant is not the best σ-only predictor: the head-less rows (var_x0 = c_out²(σ), a "
+          "function of σ alone) are that yardstick. " + BY_SIGMA_TEXT + "\n\n"
           + by_sigma_markdown(per) if per else "")
     return table(rows, cols) + (bins if names else "") + by
 
