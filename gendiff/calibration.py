@@ -211,15 +211,20 @@ def reliability_figure(path: str, readout: dict, title: str = "") -> None:
                     x, y = rel["mean_var"], rel["mse"]
                     ax.plot(x, y, "o-", ms=3, color=f"C{i}", label=name)
                 pts += [v for v in (*x, *y) if v > 0]
+            ax.set_xscale("log"), ax.set_yscale("log")
             if pts:
                 lo, hi = min(pts) / 1.5, max(pts) * 1.5
                 ax.plot([lo, hi], [lo, hi], ":", color="grey", lw=1)
                 ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
-            ax.set_xscale("log"), ax.set_yscale("log")
+                ticks = np.geomspace(lo * 1.2, hi / 1.2, 4)   # four labelled ticks, whatever the range
+                ax.minorticks_off()
+                ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+                ax.set_yticks(ticks, [f"{t:.2g}" for t in ticks])
             g = row["gain"]["constant"]
-            gain = "–" if g["nll"] is None else f"{g['nll']:+.3f} ± {g['nll_sd']:.3f}"
-            ax.set_title(f"σ {label}\nfloored {100 * row['head']['floored_share']:.1f}%, "
-                         f"gain {gain}", fontsize=8)
+            gain = "–" if g["nll"] is None else f"{g['nll']:+.4f} ± {g['nll_sd']:.4f}"
+            name = f"σ = {label[6:]}" if label.startswith("sigma=") else f"σ ∈ {label}"
+            ax.set_title(f"{name}\nfloored {100 * row['head']['floored_share']:.2f}%, "
+                         f"NLL gain {gain}", fontsize=8)
             ax.set_xlabel("predicted Var[x0 | x̃] (decile mean)", fontsize=7)
             ax.tick_params(labelsize=6)
         axes[0, 0].set_ylabel("mean (μ − x0)²", fontsize=7)

@@ -475,8 +475,9 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str, sigmas=CALIBRATION_SIGMAS)
                                sigma_edges(sigmas), fit=(torch.arange(n) % 2 == 0).repeat(k),
                                labels=[f"sigma={s:g}" for s in sigmas],
                                seed=derive_seed(cfg.seed, "calibration"))
-    reliability_figure(os.path.join(out, "calibration.png"), res, title=f"{cfg.recipe}: reliability of "
-                       f"Var[x0 | x̃] = σ_φ² − σ² on {n - n // 2} test images")
+    reliability_figure(os.path.join(out, "calibration.png"), res,
+                       title=f"{cfg.recipe}: reliability of Var[x0 | x̃] = σ_φ² − σ², measured on {n // 2} "
+                       f"test images ({n - n // 2} more fit the constant)")
     uncertainty_figure(model, x0[:4], os.path.join(out, "uncertainty.png"), seed=cfg.seed)
     return res
 
