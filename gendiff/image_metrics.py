@@ -1,5 +1,5 @@
 """Metrics for image diffusion: FID and precision/recall in a classifier's feature space, predicted-class
-coverage, per-pixel calibration of σ_φ, and PNG grids.
+coverage, and PNG grids (the per-pixel calibration of σ_φ is calibration.py's).
 
 FID (Heusel et al. 2017) here uses `gendiff.nets.classifier.Classifier` features, not Inception's: numbers
 are comparable between runs of this framework, not with published FIDs."""
@@ -11,7 +11,6 @@ import warnings
 import numpy as np
 import torch
 from scipy import linalg
-from scipy.stats import spearmanr
 
 from .checks import check_positive
 from .io import atomic_path, save_figure
@@ -186,49 +185,6 @@ def mode_coverage(counts, reference=None) -> dict:
         out.update(kl_reference=float((p[nz] * np.log(p[nz] / q[nz])).sum()),
                    tv_reference=float(0.5 * np.abs(p - q).sum()))
     return out
-
-
-GAUSS_COVERAGE_1, GAUSS_COVERAGE_2 = math.erf(1 / math.sqrt(2)), math.erf(2 / math.sqrt(2))   # 0.6827, 0.9545
-
-
-def calibration(sigma_phi: torch.Tensor, mu: torch.Tensor, x0: torch.Tensor) -> dict:
-    """Per-pixel calibration of a predicted standard deviation σ_φ for the error of μ against the clean x0.
-
-    - `spearman`: rank correlation of σ_φ² with (μ − x0)² (does σ_φ know where the error is; nan when σ_φ is
-      constant);
-    - `coverage_1sigma`, `coverage_2sigma`: fractions with |μ − x0| ≤ σ_φ and ≤ 2σ_φ (Gaussian ideal 68.27%
-      and 95.45%: higher means σ_φ too large, lower too small); `z2_mean`: mean (μ − x0)²/σ_φ² (ideal 1);
-    - `nll`: mean −log N(x0; μ, σ_φ²) per pixel, nats; `nll_trivial`: the same for one global σ fitted to the
-      errors (σ² = mean (μ − x0)²), the best constant predictor; `nll_gain` = nll_trivial − nll > 0 when σ_φ
-      beats it.
-    σ_φ broadcasts to μ's shape (e.g. a per-example σ [N, 1, 1, 1]); μ and x0 have one shape."""
-    mu, x0 = torch.as_tensor(mu).detach().double(), torch.as_tensor(x0).detach().double()
-    if mu.shape != x0.shape:
-        raise ValueError(f"mu has shape {tuple(mu.shape)} and x0 {tuple(x0.shape)}; they must match")
-    s = torch.as_tensor(sigma_phi).detach().double()
-    try:
-        s = torch.broadcast_to(s, mu.shape)
-    except RuntimeError:
-        raise ValueError(f"sigma_phi has shape {tuple(s.shape)}, which does not broadcast to mu's "
-                         f"{tuple(mu.shape)}") from None
-    ok = torch.isfinite(s) & (s > 0)
-    if not torch.all(ok):
-        raise ValueError(f"sigma_phi must be finite and > 0 everywhere; got {s[~ok][0].item()}")
-    s, err = s.flatten(), (mu - x0).flatten()
-    e2 = err.square()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")    # constant σ_φ: spearman is nan, said so above
-        rho = float(spearmanr(s.square().numpy(), e2.numpy()).statistic)
-    half_log_2pi = 0.5 * math.log(2 * math.pi)
-    nll = float((half_log_2pi + s.log() + e2 / (2 * s.square())).mean())
-    g2 = float(e2.mean())
-    nll_trivial = half_log_2pi + 0.5 * math.log(g2) + 0.5 if g2 > 0 else -math.inf
-    return dict(n=len(err), spearman=rho,
-                coverage_1sigma=float((err.abs() <= s).double().mean()),
-                coverage_2sigma=float((err.abs() <= 2 * s).double().mean()),
-                ideal_1sigma=GAUSS_COVERAGE_1, ideal_2sigma=GAUSS_COVERAGE_2,
-                z2_mean=float((e2 / s.square()).mean()),
-                nll=nll, nll_trivial=nll_trivial, nll_gain=nll_trivial - nll, sigma_trivial=math.sqrt(g2))
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -2,11 +2,13 @@
 initial noise, shared by every model measured; every number is computed from the exact mixture."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .calibration import calibration_by_sigma
 from .checks import check_choice, check_positive
 from .data.toy import GaussianMixture
 from .io import derive_seed, generator
@@ -18,6 +20,8 @@ from .schedules import edm_sigmas
 from .scores import PhiScoreDenoiser, tweedie_score
 
 INITS = ("exact", "gaussian")
+BY_SIGMA_DECADES = 0.5    # width of the log-σ bins of the per-bin Var[x0 | x̃] readout
+BY_SIGMA_MIN_POINTS = 100  # a bin with fewer measured held-out points is left out of it
 
 
 @dataclass(frozen=True)
@@ -128,11 +132,26 @@ class Evaluator:
 
     def calibration(self, model, mode: str) -> dict:
         """Learned Σ_φ (any object with `predict`; σ_φ = c_var without a head) against the exact optimum of
-        the mode it was trained in, and its calibration ratio (metrics.calibration)."""
+        the mode it was trained in, and its calibration ratio (metrics.calibration). Point mode also gives
+        `by_sigma`: the per-element Var[x0 | x̃] = diag Σ_φ − σ² (T8; a full Σ_φ gives its marginals) against
+        the error of μ at the held-out x0 (calibration.calibration_by_sigma), in log-σ bins BY_SIGMA_DECADES
+        wide; the points with an even index fit the best constant per bin, the others are measured. (Source
+        mode fits σ²I + Σ_k + (μ − m_k)(μ − m_k)ᵀ (T12), whose excess is not the error of μ against x0.)"""
         preds = self._held_out(model.predict)
         learned = torch.cat([p.covariance() for p in preds]).double()
         mu = torch.cat([p.mu for p in preds])
-        return calibration(learned, self.optimum(mode), self.sigma, self.target(mu, mode))
+        out = calibration(learned, self.optimum(mode), self.sigma, self.target(mu, mode))
+        if mode != "point":
+            return out
+        logs = self.sigma.log10() / BY_SIGMA_DECADES
+        edges = [10 ** (k * BY_SIGMA_DECADES)
+                 for k in range(math.floor(float(logs.min())), math.floor(float(logs.max())) + 2)]
+        var_x0 = torch.diagonal(learned, dim1=-2, dim2=-1) - self.sigma.square()[:, None]
+        out["by_sigma"] = calibration_by_sigma(mu.double(), var_x0, self.x0, self.sigma, edges,
+                                               fit=torch.arange(len(mu)) % 2 == 0,
+                                               min_examples=BY_SIGMA_MIN_POINTS,
+                                               seed=derive_seed(self.seed, "calibration-by-sigma"))
+        return out
 
     def reference(self) -> dict:
         """Rows measured the same way as the models': a second ground-truth set (sample metrics only), the

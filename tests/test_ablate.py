@@ -52,14 +52,18 @@ def test_quick_ablate_writes_everything(quick_out):
             assert {"spearman", "median_rel_error", "p90_rel_error", "spearman_excess",
                     "spearman_excess_by_bin", "median_rel_error_excess", "p90_rel_error_excess", "ratio",
                     "ratio_by_sigma"} <= set(cal)
+        # the per-σ-bin readout of Var[x0 | x̃] (calibration_by_sigma) in point mode only
+        point = TOY_RECIPES[r].mode == "point"
+        assert (cal is not None and "by_sigma" in cal) == (cal is not None and point), r
     ref = m["reference"]
+    assert "bins" in ref["exact-denoiser"]["calibration"]["by_sigma"]
     assert "score_error" not in ref["ground-truth"]                     # nothing to measure: shown as "–"
     assert 0 <= ref["exact-denoiser"]["score_error"] < 1e-6             # computed, not hard-coded
     assert set(m["guidance_effect"]) == set(runs)
     assert m["config"]["train"]["iterations"] == 256
     md = (quick_out / "metrics.md").read_text()
     assert "| edm | unguided |" in md and "**" in md and "Score error by noise level" in md
-    assert "Calibration of σ_φ" in md and "What autoguidance does" in md
+    assert "Calibration of σ_φ" in md and "What autoguidance does" in md and "| gain over const. |" in md
     figs = set(os.listdir(quick_out / "figures"))
     assert {f"{r}.png" for r in runs} | {"comparison.png"} <= figs
     snaps = os.listdir(quick_out / "snapshots" / "edm")

@@ -67,7 +67,13 @@ metrics.py / evaluate.py
 - p90 computed as the median [test_calibration_of_the_no_head_model_is_its_closed_form]
 - point-mode target including Σ_k; learned Σ_φ reduced to its diagonal; comparison against another mode's
   optimum [test_calibration_of_the_exact_oracle_and_of_twice_its_variance]
+- by_sigma (calibration_by_sigma wired in Evaluator.calibration): var_x0 = diag Σ_φ without − σ², or
+  − σ instead of − σ²; x0 of other held-out points (flipped); the fit and measured halves swapped; the readout
+  also in source mode [test_by_sigma_readout_of_the_exact_oracle]
 report.py
+- the per-σ-bin table not appended to calibration_markdown; its gain cell without the summary branch (a
+  {"mean", "std"} leaf formatted as a number); _merge keeping seed 0's verdict when the seeds' verdicts differ
+  [test_by_sigma_readouts_render_for_one_seed_and_over_seeds]
 - an entry None in some seed dropped; population instead of sample std; n counting seeds with None; only the
   first seed used [test_summarize_seeds_keeps_seeds_with_missing_values]
 """
@@ -940,6 +946,33 @@ def test_calibration_of_the_no_head_model_is_its_closed_form(evaluator, gt):
     assert all(v == 0.0 for v in out["partial_spearman_excess_by_bin"].values())
 
 
+def test_by_sigma_readout_of_the_exact_oracle(evaluator, gt):
+    """Evaluator.calibration's per-σ-bin readout of Var[x0 | x̃] (calibration.calibration_by_sigma) on the exact
+    posterior: E[(μ − x0)²/V | x̃] = 1 for μ = E[x0 | x̃], V = Var[x0 | x̃] per element, whatever the
+    (non-Gaussian) posterior, so z2_mean is 1 within its sampling error; V is the best Gaussian variance of
+    any function of x̃, so the constant never wins; nothing is floored in float32. Checked against the readout
+    recomputed here in float64 on the odd-indexed held-out points of each bin."""
+    ev = evaluator
+    out = ev.calibration(gt.denoiser("point"), "point")["by_sigma"]
+    assert out["examples_fit"] == out["examples_eval"] == len(ev.sigma) // 2 and len(out["bins"]) >= 4
+    post = gt.posterior(ev.x_noisy, ev.sigma)
+    V = torch.diagonal(post.cov, dim1=-2, dim2=-1)
+    z2 = (post.mean - ev.x0).square() / V
+    measured = torch.arange(len(ev.sigma)) % 2 == 1
+    resolved = 0
+    for label, row in out["bins"].items():
+        m = measured & (ev.sigma >= row["sigma_lo"]) & (ev.sigma < row["sigma_hi"])
+        assert row["examples"] == int(m.sum()) >= 100 and row["head"]["floored_share"] == 0, label
+        z = z2[m].flatten()
+        assert row["head"]["z2_mean"] == pytest.approx(float(z.mean()), rel=1e-3), label
+        assert abs(float(z.mean()) - 1) < 4 * float(z.std()) / math.sqrt(len(z)), label
+        g = row["gain"]["constant"]
+        assert g["nll"] > -4 * g["nll_sd"], (label, g)
+        resolved += g["verdict"] == "head better"
+    assert resolved >= 2
+    assert "by_sigma" not in ev.calibration(gt.denoiser("source"), "source")   # its excess is not Var[x0 | x̃]
+
+
 # ---- 7. multi-seed summary ----------------------------------------------------------------------
 
 BINS = ("[0, 0.01)", "[0.01, 0.1)", "[0.1, 1)", "[1, inf)")
@@ -1012,6 +1045,35 @@ def test_summarize_seeds_keeps_seeds_with_missing_values(tmp_path):
     (tmp_path / "two").mkdir()
     write_metrics(out2, str(tmp_path / "two"))
     assert (tmp_path / "metrics.md").read_text().count("±") > 10
+
+
+def test_by_sigma_readouts_render_for_one_seed_and_over_seeds(tmp_path):
+    """calibration_markdown renders the per-σ-bin readout of one seed (gain ± bootstrap sd and its verdict) and
+    of a two-seed summary (mean ± std over seeds); a verdict that differs by seed keeps each seed's."""
+    from gendiff.calibration import calibration_by_sigma
+    from gendiff.experiments.report import calibration_markdown
+
+    def res(seed, scale):
+        g = torch.Generator().manual_seed(seed)
+        v = torch.linspace(0.05, 1, 30, dtype=F64).repeat(40, 1)
+        x0 = torch.randn(40, 30, generator=g, dtype=F64) * v.sqrt()
+        cal = {"ratio": 1.0, "ratio_by_sigma": {"[0, inf)": 1.0},
+               "by_sigma": calibration_by_sigma(torch.zeros_like(x0), scale * v, x0, torch.full((40,), 0.5),
+                                                (0.1, 1.0), fit=torch.arange(40) % 2 == 0)}
+        return {"runs": {"r": {"unguided": {"calibration": cal, "nfe": 7}}}, "reference": {},
+                "guidance_effect": {}, "config": {"seed": seed}, "timings": {"total_s": 1.0}}
+    one, other = res(0, 1.0), res(1, 30.0)
+    verdicts = [r["runs"]["r"]["unguided"]["calibration"]["by_sigma"]["bins"]["[0.1, 1)"]["gain"]["constant"]
+                ["verdict"] for r in (one, other)]
+    assert verdicts == ["head better", "baseline better"]
+    md = calibration_markdown(one)
+    assert "gain over const." in md and "(head)" in md and "| r | [0.1, 1) | 0.00% |" in md
+    out = summarize_seeds([one, other])
+    row = out["runs"]["r"]["unguided"]["calibration"]["by_sigma"]["bins"]["[0.1, 1)"]
+    assert row["gain"]["constant"]["verdict"]["values"] == verdicts
+    assert row["gain"]["constant"]["nll"]["n"] == 2 and row["head"]["reliability"]["mse"]["n"] == 2
+    md = calibration_markdown(out)
+    assert "(seeds)" in md and md.count("| r | [0.1, 1) |") == 1
 
 
 def test_summarize_seeds_keeps_bins_that_differ_between_seeds():

@@ -7,7 +7,9 @@ the CFG test's conditional/unconditional outputs coincide at init... caught by t
 whose variance the sampler ignores (learned-variance sampler test); `_LastG` re-evaluating the network
 (NFE test); run_table not reading finished rows (table resume test); DDPM rows with σ_data 0.5 (c_in test);
 build_model dropping model.resample or model.emb_channels, or the config's int-or-list coercion of
-model.num_blocks removed (layout test).
+model.num_blocks removed (layout test); calibrate reading σ_φ² instead of σ_φ² − σ², its σ per example tiled
+instead of one σ per block of images (no bin keeps both splits: a clear error), or its fit/measured split
+interleaved per σ instead of per image (calibration test).
 Issue 18: pixel_std with divisor N − 1 (pixel_std test); σ_data measured on the whole split instead of the
 data.subset, or measured even where a number is given (prepare test); the CLI saving the config before
 prepare resolved it, or load_model measuring again (run-folder/CLI test); run_table not taking a row's
@@ -133,7 +135,8 @@ def test_image_run_folder_and_resume_from_the_cli(blobs, tmp_path, monkeypatch):
         assert os.path.exists(os.path.join(out, f)), f
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert {"fid", "precision", "recall", "class_counts", "nfe"} <= set(m["samples"])
-    assert set(m["calibration"]) == {"sigma=0.05", "sigma=0.2", "sigma=0.5", "sigma=1", "sigma=2"}
+    assert set(m["calibration"]["bins"]) == {f"sigma={s:g}" for s in (0.05, 0.1, 0.2, 0.5, 1, 2)}
+    assert os.path.exists(os.path.join(out, "calibration.png"))
     assert m["bpd_pf_ode"] > 0 and m["classifier_test_accuracy"] > 0.9
     # σ_data measured once (the preset says 0) and recorded: config.toml, data.json, metrics.json
     from gendiff.data.images import ImageData
@@ -302,23 +305,38 @@ def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
 
 
 def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
-    """A head with σ_φ² = σ² + s² exactly (T8) predicts std s for the error of μ: calibrate reads s, not
-    σ_φ."""
+    """A head with σ_φ² = σ² + s² exactly (T8) predicts Var[x0 | x̃] = s² for the error of μ: calibrate reads s²,
+    not σ_φ². Where s² varies over the pixels (0.3² on one half, 0.05² on the other) it beats the best
+    constant per σ; its floored pixels (σ_φ ≤ σ in two columns, with errors of std 1) are counted apart and
+    left out of the rest: σ_φ = σ in float32 stays below the floor (1e-3·σ)² after − σ² in float64. Images 0,
+    2, … fit the constant, 1, 3, … are measured (at each of the 6 σ: 6 × 32 examples per split)."""
+    from gendiff.calibration import GAUSS_COVERAGE_1, GAUSS_COVERAGE_2
     from gendiff.heads import Prediction
     from gendiff.experiments.images import calibrate
 
+    sd = torch.where(torch.arange(28) < 14, 0.3, 0.05).view(1, 1, 28, 1).expand(1, 1, 28, 28)
+
     class Known(torch.nn.Module):
         def predict(self, x, sigma):
-            s = torch.full_like(x, 0.3)
-            return Prediction(x, x0[:len(x)] + s * torch.randn(x.shape, generator=g), var=sigma ** 2 + s ** 2)
+            s2 = (sd ** 2).expand_as(x).clone()
+            s2[..., 26], s2[..., 27] = -0.1 * sigma ** 2, 0.0           # floored columns: σ_φ < σ, σ_φ = σ
+            err = torch.where(s2 > 0, sd, 1.0) * torch.randn(x.shape, generator=g)
+            return Prediction(x, x0[:len(x)] + err, var=sigma ** 2 + s2)
     g = torch.Generator().manual_seed(0)
     x0 = torch.zeros(64, 1, 28, 28)
     res = calibrate(Known(), tiny(blobs, "confidence"), x0, str(tmp_path))
-    for v in res.values():
-        assert abs(v["coverage_1sigma"] - 0.6827) < 0.02 and abs(v["coverage_2sigma"] - 0.9545) < 0.01
-        assert v["excess_floored"] == 0.0
-    assert res["sigma=2"]["sigma_phi_coverage_1sigma"] > 0.99            # σ_φ itself counts the noise
-    assert os.path.exists(tmp_path / "uncertainty.png")
+    assert res["examples_fit"] == res["examples_eval"] == 6 * 32
+    assert list(res["bins"]) == [f"sigma={s:g}" for s in (0.05, 0.1, 0.2, 0.5, 1, 2)]
+    for v in res["bins"].values():
+        h, n = v["head"], v["rest"]
+        assert v["examples"] == 32 and h["floored_share"] == pytest.approx(2 / 28) and n == 32 * 28 * 26
+        for p, got in ((GAUSS_COVERAGE_1, h["coverage_1s"]), (GAUSS_COVERAGE_2, h["coverage_2s"])):
+            assert abs(got - p) < 4 * (p * (1 - p) / n) ** 0.5
+        assert v["gain"]["constant"]["verdict"] == "head better"
+        assert h["nll_floored_all"] > h["nll"] + 1e3                  # the floored column, error 1 at std 1e-3σ
+    assert os.path.exists(tmp_path / "uncertainty.png") and os.path.exists(tmp_path / "calibration.png")
+    with pytest.raises(ValueError, match="calibration_images"):
+        calibrate(Known(), tiny(blobs, "confidence"), x0[:1], str(tmp_path))
 
 
 def test_unet_layout_options_reach_the_model(tmp_path):

@@ -104,7 +104,7 @@ def test_own_data_through_every_command(data, request, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert {"fid", "precision", "recall"} <= set(m["samples"]) and "classifier_test_accuracy" in m
-    assert "sample_metrics_unreliable" in m and set(m["calibration"]) >= {"sigma=0.2"}
+    assert "sample_metrics_unreliable" in m and set(m["calibration"]["bins"]) >= {"sigma=0.2"}
     assert os.path.exists(os.path.join(run, "uncertainty.png"))
     # sample: N PNG files, one npz, a grid; the same images whatever the batch
     dest = str(tmp_path / "samples")

@@ -131,6 +131,14 @@ METRIC_INFO = {
                "coverage_1sigma": ("·", "ideal 0.683"),
     "coverage_2sigma": ("·", "ideal 0.954"), "nll_gain": ("↑", "nats/pixel over the best constant σ"),
     "excess_floored": ("↓", "share of pixels with σ_φ ≤ σ"),
+    # calibration.calibration_by_sigma (per σ bin and predictor)
+    "floored_share": ("↓", "share of elements with Var[x0 | x̃] ≤ (1e-3·σ)², left out of the rest"),
+    "nll": ("↓", "nats/element, −log N(x0; μ, var) on the head's unfloored elements"),
+    "nll_floored_all": ("↓", "nats/element over all elements, var clamped at the floor"),
+    "coverage_1s": ("·", "ideal 0.683"), "coverage_2s": ("·", "ideal 0.954"), "z2_mean": ("·", "ideal 1"),
+    "nll_sd": ("·", "bootstrap sd over examples"), "nll_floored_all_sd": ("·", "bootstrap sd over examples"),
+    "verdict": ("·", "NLL gain resolved at 2 bootstrap sd?"),
+    "var": ("·", "the best constant variance of the bin (fit split)"),
 }
 
 
@@ -184,6 +192,12 @@ def run_report(out: str) -> str:
         if f.startswith("samples") and f.endswith(".png"):
             parts.append(f"<h2>{html.escape(f)}</h2>" + _img_bytes(open(os.path.join(out, f), "rb").read(), f,
                                                                      pixels=_is_image_run(out)))
+    if os.path.exists(os.path.join(out, "calibration.png")):
+        text = ("Per σ: the mean squared error of μ against the mean predicted Var[x0 | x̃] = σ_φ² − σ² in "
+                "deciles of the prediction (on the diagonal when calibrated), the best constant as one point; "
+                "the floored share and the NLL gain over the constant ± its bootstrap sd in each title.")
+        parts.append(f"<h2>Calibration of the confidence head</h2><p>{text}</p>"
+                     + _img_bytes(open(os.path.join(out, "calibration.png"), "rb").read(), "calibration.png"))
     for name, what in (("uncertainty.png", "noised test images"), ("uncertainty-generated.png",
                                                                     "the model's own samples, noised again")):
         if os.path.exists(os.path.join(out, name)):

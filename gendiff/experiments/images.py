@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..calibration import calibration_by_sigma, reliability_figure
 from ..checks import check_choice
 from ..data import images as im
 from ..data.sources import DataSource
 from ..guidance import Conditioned, classifier_free
 from ..heads import make_head
-from ..image_metrics import (FID_BOOTSTRAP, calibration, class_counts, fid_with_sd, image_grid,
-                             mode_coverage, precision_recall, uncertainty_grid)
+from ..image_metrics import (FID_BOOTSTRAP, class_counts, fid_with_sd, image_grid, mode_coverage,
+                             precision_recall, uncertainty_grid)
 from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
 from ..likelihood import ddpm_vlb, dequantize, log_likelihood, nll_8bit_to_bits_per_dim
 from ..nets.classifier import batched, load_or_train_classifier
@@ -37,9 +38,10 @@ from ..schedules import edm_sigmas
 from ..scores import CountCalls
 from .config import SIGMA_DATA_MEASURED, ImageRunConfig, to_toml
 from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
+from .report import BY_SIGMA_TEXT, by_sigma_markdown
 from .runfolder import load_weights, read_config, read_json, refuse, start_run, train_in_folder, weights_tag
 
-CALIBRATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
+CALIBRATION_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 VAL_FRACTION = 0.1         # folder/npz data: the share held out as the test split (seed 0)
 UNRELIABLE_MARGIN = 0.2    # classifier accuracy below chance + this share of (1 − chance): metrics unreliable
 
@@ -501,27 +503,44 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
     return out
 
 
+def sigma_edges(sigmas) -> list[float]:
+    """Bin edges around each σ of an increasing list: geometric midpoints between neighbours, and a factor
+    2 beyond the ends, so that bin k holds exactly σ_k."""
+    s = [float(v) for v in sigmas]
+    return [s[0] / 2] + [math.sqrt(a * b) for a, b in zip(s, s[1:])] + [s[-1] * 2]
+
+
 @torch.no_grad()
-def calibrate(model, cfg, x0: torch.Tensor, out: str) -> dict:
-    """The confidence head's claim about x0 against the actual error, on held-out images at several σ.
+def calibrate(model, cfg, x0: torch.Tensor, out: str, sigmas=CALIBRATION_SIGMAS) -> dict:
+    """The confidence head's claim about x0 against the actual error, on held-out images at each σ of
+    `sigmas`.
 
     q(x | x̃) = N(μ, σ_φ²) models a noisy sample x ~ N(x0, σ²) (T7), so its optimum is
-    σ_φ² = σ² + E[(μ − x0)²] (T8): the std it predicts for the error of μ itself is the excess
-    s_x0 = √(σ_φ² − σ²) (floored at 1e-4). Calibration (image_metrics.calibration) is of s_x0
-    against |μ − x0|; also recorded: the coverage of σ_φ itself, which counts the noise σ and must over-cover.
-    uncertainty.png: see uncertainty_figure."""
+    σ_φ² = σ² + Var[x0 | x̃] (T8): the variance it predicts for the error of μ itself is the excess
+    var_x0 = σ_φ² − σ², which can be ≤ 0 for a trained head. calibration.calibration_by_sigma reads it per σ:
+    the share of pixels at or below the floor (1e-3·σ)² apart, NLL / coverage / Spearman / reliability on the
+    rest, against the best constant per σ fitted on the other half of the images (images 0, 2, 4, … fit the
+    constant; 1, 3, 5, … are measured), with a bootstrap sd over images. Writes calibration.png (the
+    reliability diagrams) and uncertainty.png (uncertainty_figure)."""
+    if len(x0) < 2:
+        raise ValueError(f"eval.calibration_images={len(x0)}; allowed: 0 (off) or at least 2 (one half fits "
+                         "the constant, the other is measured)")
     g = generator(cfg.seed, "calibration")
-    res = {}
-    for s in CALIBRATION_SIGMAS:
+    mu, var = [], []
+    for s in sigmas:
         xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
         p = model.predict(xn, torch.tensor(s, device=x0.device))
-        var = p.variance().float()
-        s_x0 = (var - s * s).clamp_min(1e-8).sqrt()
-        c = calibration(s_x0.cpu(), p.mu.cpu(), x0.cpu())
-        raw = calibration(var.sqrt().cpu(), p.mu.cpu(), x0.cpu())
-        c.update(sigma_phi_coverage_1sigma=raw["coverage_1sigma"],
-                 excess_floored=float((var <= s * s).float().mean()))
-        res[f"sigma={s:g}"] = c
+        mu.append(p.mu.cpu())
+        var.append(p.variance().cpu().double() - s * s)
+    n, k = len(x0), len(sigmas)
+    res = calibration_by_sigma(torch.cat(mu), torch.cat(var), x0.cpu().repeat(k, *([1] * (x0.ndim - 1))),
+                               torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n),
+                               sigma_edges(sigmas), fit=(torch.arange(n) % 2 == 0).repeat(k),
+                               labels=[f"sigma={s:g}" for s in sigmas],
+                               seed=derive_seed(cfg.seed, "calibration"))
+    reliability_figure(os.path.join(out, "calibration.png"), res,
+                       title=f"{cfg.recipe}: reliability of Var[x0 | x̃] = σ_φ² − σ², measured on {n // 2} "
+                       f"test images ({n - n // 2} more fit the constant)")
     uncertainty_figure(model, x0[:4], os.path.join(out, "uncertainty.png"), seed=cfg.seed)
     return res
 
@@ -725,21 +744,9 @@ def table_markdown(results: dict, base) -> str:
                          f"{f(m.get('classifier_test_accuracy'))} | {pm(m, 'bpd_pf_ode')} | "
                          f"{pm(m, 'bpd_ddpm_bound')}{b1(m)} | {f(m.get('train_img_per_s'), 1)} | "
                          f"{s['sampler']} | {s['nfe']} | {f(seed[0], 2)} | {f(seed[1], 2)} |")
-    cal = [(r, m["calibration"]) for r, m in results.items() if "calibration" in m]
+    cal = [(r, m["calibration"]) for r, m in results.items() if "bins" in m.get("calibration", {})]
     if cal:
-        lines += ["",
-                  "Calibration of the confidence head on held-out test images, per pixel. The std it "
-                  "predicts for the error of μ is s_x0 = √(σ_φ² − σ²) (T8: σ_φ² = σ² + E[(μ − x0)²]). "
-                  "Spearman ρ(s_x0², (μ − x0)²); coverage of ±1 s_x0 / ±2 s_x0 (ideal 68.3% / 95.4%); NLL "
-                  "gain of N(μ, s_x0²) over the best single σ for all pixels (nats/pixel; > 0: s_x0 beats "
-                  "that trivial predictor); floored: share of pixels with σ_φ ≤ σ (s_x0 set to 1e-4); ±1σ_φ: "
-                  "coverage of σ_φ itself.", "",
-                  "| row | σ | Spearman | ±1 s_x0 | ±2 s_x0 | NLL gain | floored | ±1σ_φ |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r, c in cal:
-            for s, v in c.items():
-                lines.append(f"| {r} | {s.split('=')[1]} | {f(v['spearman'])} | "
-                             f"{100 * v['coverage_1sigma']:.1f}% | {100 * v['coverage_2sigma']:.1f}% | "
-                             f"{f(v['nll_gain'])} | {100 * v.get('excess_floored', float('nan')):.1f}% | "
-                             f"{100 * v.get('sigma_phi_coverage_1sigma', float('nan')):.1f}% |")
+        lines += ["", "Calibration of the confidence head on held-out test images, per pixel: the variance "
+                  "it predicts for the error of μ is var_x0 = σ_φ² − σ² (T8: σ_φ² = σ² + Var[x0 | x̃]). "
+                  + BY_SIGMA_TEXT, "", by_sigma_markdown(cal).rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -119,7 +119,59 @@ def calibration_markdown(result: dict) -> str:
                    key=lambda b: float(b[1:].split(",")[0]))
     bins = (f"\nExcess Spearman bins (log-σ, {CAL_BIN_DECADES:g} decade wide, ≥ {CAL_MIN_POINTS} held-out "
             "points): " + ", ".join(names) + ".\n")
-    return table(rows, cols) + (bins if names else "")
+    per = [(name, m["calibration"]["by_sigma"]) for name, _, m in rows     # calibration: unguided models only
+           if _get(m, ("calibration", "by_sigma", "bins"))]
+    by = ("\nVar[x0 | x̃] = diag Σ_φ − σ² per σ bin against the error of μ on the held-out points (half of "
+          "them fit the constant, the other half are measured). σ varies within a bin (half a decade), so "
+          "here the constant is not the best σ-only predictor: the head-less rows (var_x0 = c_out²(σ), a "
+          "function of σ alone) are that yardstick. " + BY_SIGMA_TEXT + "\n\n"
+          + by_sigma_markdown(per) if per else "")
+    return table(rows, cols) + (bins if names else "") + by
+
+
+BY_SIGMA_TEXT = (
+    "Per σ bin: floored, the share of elements with var_x0 ≤ (1e-3·σ)² (a claim to know x0 better than 0.1% "
+    "of the noise std); on the rest: NLL of x0 under N(μ, var_x0) in nats per element, the same for the best "
+    "constant variance of the bin (fitted on a separate half of the examples), the gain (constant − head, "
+    "> 0: the head is better) ± its bootstrap sd over examples, and whether it is resolved (|gain| > 2 sd); "
+    "coverage of ±1 / ±2 predicted std (ideal 68.3% / 95.4%); Spearman of the predicted std with |μ − x0|. "
+    "NLL all: every element, var_x0 clamped at the floor (floor-dominated unless the floored share is tiny). "
+    "Over seeds: mean ± std of the seeds' values.")
+_VERDICT = {"head better": "head", "baseline better": "baseline", "not resolved": "unresolved"}
+
+
+def by_sigma_markdown(rows) -> str:
+    """A markdown table of `calibration.calibration_by_sigma` readouts, one line per (name, σ bin); rows:
+    (name, readout) pairs; a readout may be a multi-seed summary ({"mean", "std"} leaves)."""
+    def num(v):
+        return _cell(v) if isinstance(v, dict) or v is None else _fmt(v)
+
+    def pct(v):
+        if isinstance(v, dict):
+            return "–" if v.get("mean") is None else f"{100 * v['mean']:.2f}% ± {100 * v['std']:.2f}"
+        return "–" if v is None else f"{100 * v:.2f}%"
+
+    def gain(g):
+        if not g or g.get("nll") is None or (isinstance(g["nll"], dict) and g["nll"].get("mean") is None):
+            return "–"
+        if isinstance(g["nll"], dict):
+            return _cell(g["nll"]) + " (seeds)"
+        return f"{g['nll']:+.4f} ± {g['nll_sd']:.4f} ({_VERDICT.get(g['verdict'], g['verdict'])})"
+
+    others = list(dict.fromkeys(b for _, r in rows for row in r["bins"].values() for b in row["gain"]
+                                if b != "constant"))
+    lines = ["| run | σ | floored | NLL | NLL const. | gain over const. | ±1 std | ±2 std | Spearman | "
+             "NLL all (floored) |" + "".join(f" gain over {b} |" for b in others),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(others)]
+    for name, r in rows:
+        for label, row in r["bins"].items():
+            h = row["head"]
+            cells = [name, label.removeprefix("sigma="), pct(h["floored_share"]), num(h["nll"]),
+                     num(row["constant"]["nll"]), gain(row["gain"]["constant"]), pct(h["coverage_1s"]),
+                     pct(h["coverage_2s"]), num(h["spearman"]), num(h["nll_floored_all"]),
+                     *(gain(row["gain"].get(b)) for b in others)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def score_bins_markdown(result: dict) -> str:
@@ -186,7 +238,8 @@ def seed_slice(summary, i: int):
 
 
 def _merge(items):
-    """Seed values → {"mean", "std", "values", "n"} leaves (None entries left out of mean and std)."""
+    """Seed values → {"mean", "std", "values", "n"} leaves (None entries left out of mean and std); a
+    non-numeric leaf stays as it is when every seed has the same, else its mean and std are None."""
     present = [it for it in items if it is not None]
     if not present:
         return None
@@ -201,7 +254,10 @@ def _merge(items):
         t = torch.tensor(vals, dtype=torch.float64)
         return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0,
                 "values": [None if v is None else float(v) for v in items], "n": len(vals)}
-    return first
+    if all(it == first for it in present):
+        return first
+    # other leaves (a verdict, a reliability list) that differ by seed: each seed's, no mean
+    return {"mean": None, "std": None, "values": list(items), "n": len(present)}
 
 
 def summarize_seeds(results: list) -> dict:

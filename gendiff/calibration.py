@@ -1,0 +1,237 @@
+"""Calibration of a predicted Var[x0 | x̃] per σ bin, against the best σ-only predictor (THEORY T7, T8).
+
+A confidence head's σ_φ² models the noisy sample x ~ N(x0, σ²), so its optimum is σ_φ² = σ² + Var[x0 | x̃]
+(T8) and the error bar it gives μ as an estimate of x0 is the excess var_x0 = σ_φ² − σ², which a trained head
+can push to or below 0. `calibration_by_sigma` scores var_x0 without letting those elements set the numbers:
+they are counted apart (the floored share), every other number is on the rest, and the NLL with the floor
+applied to every element is reported beside it under its own name. The yardstick is the best constant per σ
+bin, fitted on a separate split of the examples."""
+from __future__ import annotations
+
+import math
+import warnings
+from itertools import pairwise
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from .checks import as_sigma, check_positive
+from .io import save_figure
+
+GAUSS_COVERAGE_1, GAUSS_COVERAGE_2 = math.erf(1 / math.sqrt(2)), math.erf(2 / math.sqrt(2))   # 0.6827, 0.9545
+FLOOR = 1e-3        # an element is floored where var_x0 ≤ (FLOOR·σ)²: a std of x0 under 0.1% of the noise std
+DECILES = 10        # reliability table: predicted variance in this many equal-count groups
+BOOT = 200          # bootstrap resamples of the examples for the sd of an NLL difference
+VERDICT_SD = 2.0    # a difference is resolved when |difference| > VERDICT_SD · its bootstrap sd
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _f64(t, shape, name: str) -> np.ndarray:
+    t = torch.as_tensor(t).detach().to("cpu", torch.float64)
+    try:
+        return torch.broadcast_to(t, shape).numpy()
+    except RuntimeError:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to mu's "
+                         f"{tuple(shape)}") from None
+
+
+def _score(var: np.ndarray, err2: np.ndarray, floor_var: np.ndarray,
+           rest: np.ndarray) -> tuple[dict, np.ndarray]:
+    """One predictor on one bin's evaluation elements: (its readout, its per-element NLL with the floor
+    applied). Coverage, NLL, Spearman and the reliability table are on `rest` (the head's unfloored
+    elements); var is clamped at the floor, which changes nothing on `rest` for the head itself."""
+    v = np.maximum(var, floor_var)
+    nll = _HALF_LOG_2PI + 0.5 * np.log(v) + 0.5 * err2 / v      # −log N(x0; μ, v) per element (nats)
+    out = {"floored_share": float((var <= floor_var).mean()), "nll": None, "coverage_1s": None,
+           "coverage_2s": None, "z2_mean": None, "spearman": None, "reliability": None,
+           "nll_floored_all": float(nll.mean())}
+    if rest.any():
+        vr, er = v[rest], err2[rest]
+        z2 = er / vr
+        out.update(nll=float(nll[rest].mean()), coverage_1s=float((z2 <= 1).mean()),
+                   coverage_2s=float((z2 <= 4).mean()), z2_mean=float(z2.mean()))
+        if vr.min() < vr.max():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # constant errors: nan, kept as such
+                out["spearman"] = float(spearmanr(vr, er).statistic)   # std vs |μ − x0|: same ranks
+        groups = [g for g in np.array_split(np.argsort(vr, kind="stable"), DECILES) if len(g)]
+        out["reliability"] = {"mean_var": [float(vr[g].mean()) for g in groups],
+                              "mse": [float(er[g].mean()) for g in groups], "n": [len(g) for g in groups]}
+    return out, nll
+
+
+def _boot(diff: np.ndarray, example: np.ndarray, rng, boot: int) -> tuple[float, float]:
+    """Mean of `diff` over elements and its bootstrap sd, resampling examples (an example's elements stay
+    together: pixels of one image are correlated)."""
+    ids, inv = np.unique(example, return_inverse=True)
+    s, c = np.bincount(inv, weights=diff), np.bincount(inv).astype(np.float64)
+    idx = rng.integers(0, len(ids), (boot, len(ids)))
+    resampled = s[idx].sum(1) / c[idx].sum(1)
+    return float(s.sum() / c.sum()), float(resampled.std(ddof=1)) if len(ids) > 1 else math.nan
+
+
+def _verdict(gain: float, sd: float) -> str:
+    if not math.isfinite(sd) or abs(gain) <= VERDICT_SD * sd:
+        return "not resolved"
+    return "head better" if gain > 0 else "baseline better"
+
+
+def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, labels=None,
+                         floor: float = FLOOR, min_examples: int = 1, boot: int = BOOT,
+                         seed: int = 0) -> dict:
+    """Per σ bin, a predicted Var[x0 | x̃] (`var_x0`, "the head") scored against the error of μ, beside the
+    best constant per bin and any further predictors.
+
+    mu, x0: [N, ...] (one shape; N examples); var_x0 and each baseline broadcast to mu (any value, ≤ 0
+    included); sigma: the noise level, one per example [N] or per element (checks.as_sigma); bins: increasing
+    edges, bin k is [bins[k], bins[k + 1]) (labels: one name per bin, default "[lo, hi)"); fit: bool [N], the
+    examples on which the constant is fitted. Everything else is measured on the other examples only (the
+    evaluation split); a bin with no fit element or fewer than `min_examples` evaluation examples is left out.
+
+    Floor: an element is floored where var_x0 ≤ (floor·σ)², i.e. the head claims x0 to better than
+    floor·σ (default 0.1% of the noise std). Tied to σ because var_x0 is read as σ_φ² − σ²: a float32 σ_φ²
+    resolves an excess only down to about 1.2e-7·σ² (one ulp), so the default floor, 1e-6·σ², sits a few
+    ulps above round-off; below it the number is not a claim the head can make.
+
+    Per bin (`bins[label]`): sigma_lo, sigma_hi; examples and elements of the evaluation split in the bin;
+    rest (elements the head does not floor); per predictor ("head", "constant", each baseline name):
+    - floored_share: its own share of elements with var ≤ floor (the constant's is 0 unless the bin's error
+      is below the floor);
+    - on the head's rest, with the predictor's var clamped at the floor: nll, the mean −log N(x0; μ, var)
+      per element (nats); coverage_1s / coverage_2s, the shares with |μ − x0| ≤ √var and ≤ 2√var (Gaussian
+      68.27% / 95.45%; above: var too large); z2_mean, mean (μ − x0)²/var (ideal 1); spearman, the rank
+      correlation of √var with |μ − x0| (None for a predictor constant there); reliability, the rest split
+      into `DECILES` equal-count groups by var: mean_var, mse (mean (μ − x0)²) and n per group (calibrated:
+      mse ≈ mean_var);
+    - nll_floored_all: the NLL over all the bin's evaluation elements, var clamped at the floor (the floored
+      elements included: floor-dominated when the floored share is not small).
+    "constant" also has var: the mean of (μ − x0)² over the bin's fit-split elements (all of them; a σ-only
+    predictor cannot know which elements the head floors), the best constant variance under Gaussian NLL.
+    gain[name] for "constant" and each baseline: nll and nll_floored_all of the baseline minus the head's
+    (nats/element, > 0: the head is better), each with its sd (`_sd`) from `boot` bootstrap resamples of the
+    evaluation examples, and verdict: "head better", "baseline better" or "not resolved" (|gain| ≤
+    VERDICT_SD·sd), for the NLL on the rest.
+    Top level: floor, examples_fit, examples_eval, bootstrap, and bins."""
+    mu_t = torch.as_tensor(mu).detach().to("cpu", torch.float64)
+    x0_t = torch.as_tensor(x0).detach().to("cpu", torch.float64)
+    if mu_t.shape != x0_t.shape or mu_t.ndim < 1 or not len(mu_t):
+        raise ValueError(f"mu has shape {tuple(mu_t.shape)} and x0 {tuple(x0_t.shape)}; allowed: one shape "
+                         "[N >= 1, ...]")
+    shape, n = mu_t.shape, len(mu_t)
+    check_positive("floor", floor)
+    check_positive("min_examples", min_examples, integer=True)
+    check_positive("boot", boot, integer=True)
+    edges = [float(e) for e in bins]
+    if len(edges) < 2 or any(not a < b for a, b in pairwise(edges)) or edges[0] < 0:
+        raise ValueError(f"bins={edges}; allowed: two or more increasing edges >= 0")
+    labels = [f"[{a:.3g}, {b:.3g})" for a, b in pairwise(edges)] if labels is None else list(labels)
+    if len(labels) != len(edges) - 1 or len(set(labels)) != len(labels):
+        raise ValueError(f"labels={labels}; allowed: {len(edges) - 1} distinct names, one per bin")
+    fit = torch.as_tensor(fit).detach().cpu()
+    if fit.dtype != torch.bool or fit.shape != (n,):
+        raise ValueError(f"fit has dtype {fit.dtype} and shape {tuple(fit.shape)}; allowed: bool [{n}], True "
+                         "for the examples the constant is fitted on")
+    baselines = dict(baselines or {})
+    for name in ("head", "constant", "gain"):
+        if name in baselines:
+            raise ValueError(f"baselines has a predictor named {name!r}; that name is taken")
+    preds = {"head": _f64(var_x0, shape, "var_x0"),
+             **{k: _f64(v, shape, f"baselines[{k!r}]") for k, v in baselines.items()}}
+    for k, v in preds.items():
+        if not np.isfinite(v).all():
+            raise ValueError(f"the variance of {k!r} is not finite everywhere; allowed: finite values")
+    s = torch.broadcast_to(as_sigma(sigma, mu_t), shape).numpy().reshape(n, -1)
+    err2 = ((mu_t - x0_t).square()).numpy().reshape(n, -1)
+    if not np.isfinite(err2).all():
+        raise ValueError("mu − x0 is not finite everywhere; allowed: finite mu and x0")
+    preds = {k: v.reshape(n, -1) for k, v in preds.items()}
+    example = np.broadcast_to(np.arange(n)[:, None], err2.shape)
+    is_fit = np.broadcast_to(fit.numpy()[:, None], err2.shape)
+    which = np.searchsorted(edges, s, side="right") - 1
+    floor_var = (floor * s) ** 2
+    rng = np.random.default_rng(seed)
+    out = {"floor": floor, "examples_fit": int(fit.sum()), "examples_eval": int((~fit).sum()),
+           "bootstrap": boot, "bins": {}}
+    for k, label in enumerate(labels):
+        inb = which == k
+        f_el, e_el = inb & is_fit, inb & ~is_fit
+        ex = example[e_el]
+        if not f_el.any() or len(np.unique(ex)) < min_examples:
+            continue
+        e2, fv = err2[e_el], floor_var[e_el]
+        const = float(err2[f_el].mean())
+        rest = preds["head"][e_el] > fv
+        row = {"sigma_lo": edges[k], "sigma_hi": edges[k + 1], "examples": len(np.unique(ex)),
+               "elements": int(e_el.sum()), "rest": int(rest.sum())}
+        nll = {}
+        for name, v in (("head", preds["head"][e_el]), ("constant", np.full(e2.shape, const)),
+                        *((b, preds[b][e_el]) for b in baselines)):
+            row[name], nll[name] = _score(v, e2, fv, rest)
+        row["constant"]["var"] = const
+        row["gain"] = {}
+        for name, base in nll.items():
+            if name == "head":
+                continue
+            g = {}
+            d = base - nll["head"]
+            g["nll"], g["nll_sd"] = _boot(d[rest], ex[rest], rng, boot) if rest.any() else (None, None)
+            g["nll_floored_all"], g["nll_floored_all_sd"] = _boot(d, ex, rng, boot)
+            g["verdict"] = _verdict(g["nll"], g["nll_sd"]) if rest.any() else "not resolved"
+            row["gain"][name] = g
+        out["bins"][label] = row
+    return out
+
+
+def reliability_figure(path: str, readout: dict, title: str = "") -> None:
+    """A PNG: one panel per σ bin of a `calibration_by_sigma` readout, mean squared error of μ against the
+    mean predicted Var[x0 | x̃] per decile (log–log; calibrated on the diagonal) for the head and each
+    further predictor, the constant as one point; each panel names its floored share and the head's NLL gain
+    over the constant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = readout["bins"]
+    if not bins:
+        raise ValueError("the readout has no σ bin to draw")
+    fig, axes = plt.subplots(1, len(bins), figsize=(3.0 * len(bins), 3.2), squeeze=False)
+    try:
+        for ax, (label, row) in zip(axes[0], bins.items()):
+            names = [k for k in row if isinstance(row[k], dict) and "reliability" in row[k]]
+            pts = []
+            for i, name in enumerate(names):
+                rel = row[name]["reliability"]
+                if rel is None:
+                    continue
+                if name == "constant":
+                    x, y = [row[name]["var"]], [float(np.average(rel["mse"], weights=rel["n"]))]
+                    ax.plot(x, y, "s", color="k", ms=6, label="best constant")
+                else:
+                    x, y = rel["mean_var"], rel["mse"]
+                    ax.plot(x, y, "o-", ms=3, color=f"C{i}", label=name)
+                pts += [v for v in (*x, *y) if v > 0]
+            ax.set_xscale("log"), ax.set_yscale("log")
+            if pts:
+                lo, hi = min(pts) / 1.5, max(pts) * 1.5
+                ax.plot([lo, hi], [lo, hi], ":", color="grey", lw=1)
+                ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
+                ticks = np.geomspace(lo * 1.2, hi / 1.2, 4)   # four labelled ticks, whatever the range
+                ax.minorticks_off()
+                ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+                ax.set_yticks(ticks, [f"{t:.2g}" for t in ticks])
+            g = row["gain"]["constant"]
+            gain = "–" if g["nll"] is None else f"{g['nll']:+.4f} ± {g['nll_sd']:.4f}"
+            name = f"σ = {label[6:]}" if label.startswith("sigma=") else f"σ ∈ {label}"
+            ax.set_title(f"{name}\nfloored {100 * row['head']['floored_share']:.2f}%, "
+                         f"NLL gain {gain}", fontsize=8)
+            ax.set_xlabel("predicted Var[x0 | x̃] (decile mean)", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0, 0].set_ylabel("mean (μ − x0)²", fontsize=7)
+        axes[0, 0].legend(fontsize=6)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)

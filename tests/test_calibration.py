@@ -1,0 +1,237 @@
+"""calibration.calibration_by_sigma against Gaussian oracles (THEORY T8): x0 ~ N(0, v) per element,
+x̃ = x0 + σε, μ = E[x0 | x̃] = v/(v + σ²)·x̃ and V = Var[x0 | x̃] = vσ²/(v + σ²) exactly, so coverage, NLL, the
+gain over the best constant and the reliability table all have closed forms; every tolerance is a multiple of
+the sampling sd of the quantity tested.
+
+Breakages tried (each made the named test fail, then was reverted):
+- coverage_2s counting z² ≤ 2 instead of ≤ 4 → test_exact_posterior_covers_and_has_the_closed_form_nll;
+  NLL without its ½ on log v → the same;
+- rest taken as var ≥ floor (floor elements kept) or as all elements → test_floored_share_counts_exactly_...;
+  the floor on var_x0 as floor·σ (not squared) → the same; nll_floored_all without the clamp → the same
+  (nan/inf on var ≤ 0);
+- the constant fitted on all examples (fit and eval) → test_constant_is_fitted_on_the_fit_split_only;
+  the constant as the mean of the predicted variance → the same;
+- gain signed head − baseline → test_exact_beats_the_best_constant_... and test_doubled_variance_...;
+- bootstrap resampling elements instead of examples → test_bootstrap_resamples_examples_not_elements;
+- reliability groups sorted by the error instead of the predicted variance → test_reliability_deciles_...;
+- Spearman against the signed error μ − x0 → test_spearman_ranks_the_error_by_its_predicted_std.
+The shuffled-variance control first used for Spearman (V with its elements permuted) was not independent of
+the errors (a permuted prior still correlates with the prior) and failed at 0.023 > 4/√n; it is now a variance
+drawn independently of everything.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gendiff.calibration import (FLOOR, GAUSS_COVERAGE_1, GAUSS_COVERAGE_2, calibration_by_sigma,
+                                 reliability_figure)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+SIGMAS = (0.1, 0.5, 2.0)
+EDGES = (0.05, 0.2, 1.0, 4.0)        # one σ of SIGMAS per bin
+NLL_VAR = 0.5                        # Var[½ z²] of a standard normal z: the per-element NLL variance
+
+
+def gaussian(n=600, d=400, hetero=True, seed=0):
+    """(μ, V, x0, σ, v): n examples of d elements, σ per example cycling through SIGMAS; prior variances v per
+    element log-uniform in [0.01, 1] (hetero) or 0.25 everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.empty(d, dtype=F64).uniform_(math.log(0.01), 0.0, generator=g).exp() if hetero
+         else torch.full((d,), 0.25, dtype=F64))
+    sigma = torch.tensor(SIGMAS, dtype=F64)[torch.arange(n) % len(SIGMAS)]
+    x0 = torch.randn(n, d, generator=g, dtype=F64) * v.sqrt()
+    xt = x0 + sigma[:, None] * torch.randn(n, d, generator=g, dtype=F64)
+    s2 = sigma[:, None] ** 2
+    return v / (v + s2) * xt, v * s2 / (v + s2), x0, sigma, v
+
+
+def halves(n):
+    return torch.arange(n) % 2 == 0      # σ cycles with period 3: each bin has fit and evaluation examples
+
+
+def readout(mu, var, x0, sigma, **kw):
+    return calibration_by_sigma(mu, var, x0, sigma, EDGES, fit=halves(len(mu)), **kw)
+
+
+def eval_mask(sigma, lo, hi):
+    return (~halves(len(sigma))) & (sigma >= lo) & (sigma < hi)
+
+
+def test_exact_posterior_covers_and_has_the_closed_form_nll():
+    mu, V, x0, sigma, _ = gaussian()
+    out = readout(mu, V, x0, sigma)
+    assert out["examples_fit"] == 300 and out["examples_eval"] == 300 and len(out["bins"]) == 3
+    for row in out["bins"].values():
+        m = eval_mask(sigma, row["sigma_lo"], row["sigma_hi"])
+        h, n = row["head"], row["elements"]
+        assert n == int(m.sum()) * V.shape[1] and row["rest"] == n and h["floored_share"] == 0
+        for p, got in ((GAUSS_COVERAGE_1, h["coverage_1s"]), (GAUSS_COVERAGE_2, h["coverage_2s"])):
+            assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / n), (p, got)
+        closed = float((0.5 * torch.log(2 * math.pi * V[m]) + 0.5).mean())      # ½(log 2πV + 1)
+        assert abs(h["nll"] - closed) < 4 * math.sqrt(NLL_VAR / n), (h["nll"], closed)
+        assert h["nll_floored_all"] == h["nll"]                                  # nothing floored
+        assert abs(h["z2_mean"] - 1) < 4 * math.sqrt(2 / n)
+
+
+def test_exact_beats_the_best_constant_when_the_posterior_variance_varies():
+    """Heteroscedastic prior: the constant's expected excess NLL is ½(log mean V − mean log V) > 0 (Jensen);
+    with one prior variance V is constant in a bin and the two predictors are the same up to the fit."""
+    mu, V, x0, sigma, _ = gaussian()
+    for row in readout(mu, V, x0, sigma)["bins"].values():
+        m = eval_mask(sigma, row["sigma_lo"], row["sigma_hi"])
+        jensen = 0.5 * float(V[m].mean().log() - V[m].log().mean())
+        g = row["gain"]["constant"]
+        assert g["verdict"] == "head better" and g["nll"] > 0
+        assert abs(g["nll"] - jensen) < 4 * g["nll_sd"] + 0.02 * jensen, (g, jensen)
+        assert abs(row["constant"]["var"] - float(V[m].mean())) < 0.05 * float(V[m].mean())
+    mu, V, x0, sigma, _ = gaussian(hetero=False, seed=1)
+    for row in readout(mu, V, x0, sigma)["bins"].values():
+        g = row["gain"]["constant"]
+        assert abs(g["nll"]) < 4 * g["nll_sd"] and g["nll_sd"] < 0.01
+
+
+def test_doubled_variance_is_worse_and_over_covers():
+    """var = 2V: expected excess NLL ½(log 2 − ½) = 0.0966 nats, coverage P(|z| ≤ √2) = 0.8427 and
+    P(|z| ≤ 2√2) = 0.9953; var = V/2: coverage P(|z| ≤ 1/√2) = 0.5205 (baselines scored the same way)."""
+    mu, V, x0, sigma, _ = gaussian()
+    out = readout(mu, V, x0, sigma, baselines={"x2": 2 * V, "half": V / 2})
+    cover = lambda k: math.erf(k / math.sqrt(2))  # noqa: E731
+    for row in out["bins"].values():
+        n = row["elements"]
+        g = row["gain"]["x2"]
+        assert g["verdict"] == "head better"
+        assert abs(g["nll"] - 0.5 * (math.log(2) - 0.5)) < 4 * g["nll_sd"]
+        r2 = math.sqrt(2)
+        for name, k1, k2 in (("x2", r2, 2 * r2), ("half", 1 / r2, r2)):
+            for k, got in ((k1, row[name]["coverage_1s"]), (k2, row[name]["coverage_2s"])):
+                assert abs(got - cover(k)) < 4 * math.sqrt(cover(k) * (1 - cover(k)) / n), (name, k, got)
+        assert row["x2"]["coverage_1s"] > row["head"]["coverage_1s"] > row["half"]["coverage_1s"]
+        assert row["half"]["nll"] > row["head"]["nll"] and row["gain"]["half"]["nll"] > 0
+
+
+def test_floored_share_counts_exactly_the_elements_at_or_below_the_floor():
+    """Elements with var_x0 at the floor (1e-3·σ)², at 0 and negative are floored; just above is not. The
+    floored ones carry huge errors: included anywhere on the rest, they would move the NLL by nats."""
+    mu, V, x0, sigma, _ = gaussian(n=120, d=50)
+    var = V.clone()
+    g = torch.Generator().manual_seed(3)
+    code = torch.randint(0, 5, var.shape, generator=g)      # 0: at floor, 1: zero, 2: −1, 3: above, 4: kept
+    floor_var = (FLOOR * sigma[:, None]) ** 2
+    var = torch.where(code == 0, floor_var, var)
+    var = torch.where(code == 1, torch.zeros_like(var), var)
+    var = torch.where(code == 2, -torch.ones_like(var), var)
+    var = torch.where(code == 3, floor_var * (1 + 1e-9), var)
+    floored = code <= 2
+    mu = torch.where(floored, x0 + 3.0, mu)
+    out = readout(mu, var, x0, sigma)
+    for row in out["bins"].values():
+        m = eval_mask(sigma, row["sigma_lo"], row["sigma_hi"])[:, None].expand_as(var)
+        h = row["head"]
+        assert h["floored_share"] == float(floored[m].double().mean())
+        assert row["rest"] == int((m & ~floored).sum())
+        keep = m & ~floored
+        e2 = (mu - x0)[keep] ** 2
+        want = float((0.5 * torch.log(2 * math.pi * var[keep]) + 0.5 * e2 / var[keep]).mean())
+        assert h["nll"] == pytest.approx(want, rel=1e-12)
+        assert h["coverage_2s"] == pytest.approx(float((e2 <= 4 * var[keep]).double().mean()), abs=1e-12)
+        clamped = torch.maximum(var, floor_var)[m]
+        e2a = (mu - x0)[m] ** 2
+        all_ = float((0.5 * torch.log(2 * math.pi * clamped) + 0.5 * e2a / clamped).mean())
+        assert h["nll_floored_all"] == pytest.approx(all_, rel=1e-12)
+        assert h["nll_floored_all"] > h["nll"] + 1e3
+
+
+def test_constant_is_fitted_on_the_fit_split_only():
+    mu, V, x0, sigma, _ = gaussian(n=90, d=30)
+    fit = halves(len(mu))
+    base = readout(mu, V, x0, sigma)
+    moved_eval = readout(torch.where(fit[:, None], mu, mu + 0.7), V, x0, sigma)
+    moved_fit = readout(torch.where(fit[:, None], mu + 0.7, mu), V, x0, sigma)
+    for label, row in base["bins"].items():
+        m = fit & (sigma >= row["sigma_lo"]) & (sigma < row["sigma_hi"])
+        assert row["constant"]["var"] == pytest.approx(float(((mu - x0)[m] ** 2).mean()), rel=1e-12)
+        assert moved_eval["bins"][label]["constant"]["var"] == row["constant"]["var"]
+        assert moved_eval["bins"][label]["head"]["nll"] != row["head"]["nll"]
+        assert moved_fit["bins"][label]["constant"]["var"] > row["constant"]["var"] + 0.4
+        assert moved_fit["bins"][label]["head"] == row["head"]
+
+
+def test_reliability_deciles_of_a_calibrated_predictor_lie_on_the_diagonal():
+    """Each decile's mse estimates its mean V (sd ≈ √(2/n)·V, up to V's spread inside the decile); the
+    doubled predictor's deciles sit at mse ≈ mean_var/2, far off the diagonal."""
+    mu, V, x0, sigma, _ = gaussian()
+    out = readout(mu, V, x0, sigma, baselines={"x2": 2 * V})
+    for row in out["bins"].values():
+        rel = row["head"]["reliability"]
+        assert len(rel["n"]) == 10 and sum(rel["n"]) == row["rest"]
+        assert rel["mean_var"] == sorted(rel["mean_var"]) and rel["mean_var"][-1] > 1.5 * rel["mean_var"][0]
+        for v, e, k in zip(rel["mean_var"], rel["mse"], rel["n"]):
+            assert abs(e / v - 1) < 4 * math.sqrt(2 / k) * 1.2, (v, e, k)
+        for v, e in zip(row["x2"]["reliability"]["mean_var"], row["x2"]["reliability"]["mse"]):
+            assert abs(e / v - 0.5) < 0.1
+
+
+def test_spearman_ranks_the_error_by_its_predicted_std():
+    """The exact V ranks |μ − x0|: its Spearman is what scipy gives on the bin's evaluation elements and far
+    above the null sd 1/√n; a predictor constant in the bin has no ranking (None), one independent of the
+    errors ≈ 0."""
+    from scipy.stats import spearmanr
+    mu, V, x0, sigma, _ = gaussian()
+    g = torch.Generator().manual_seed(1)
+    out = readout(mu, V, x0, sigma, baselines={"noise": 0.1 + torch.rand(V.shape, generator=g, dtype=F64)})
+    for row in out["bins"].values():
+        m = eval_mask(sigma, row["sigma_lo"], row["sigma_hi"])
+        null = 1 / math.sqrt(row["rest"])
+        want = spearmanr(V[m].flatten().sqrt().numpy(), (mu - x0)[m].flatten().abs().numpy()).statistic
+        assert row["head"]["spearman"] == pytest.approx(want, abs=1e-12) and want > 4 * null
+        assert row["constant"]["spearman"] is None and abs(row["noise"]["spearman"]) < 4 * null
+
+
+def test_bootstrap_resamples_examples_not_elements():
+    """A shared error scale per example (e.g. one image noised harder): the per-element NLL differences of an
+    example move together, so the sd of the mean is that of per-example means, √(Var_examples/n_examples),
+    several times what resampling elements would say."""
+    g = torch.Generator().manual_seed(5)
+    n, d = 400, 200
+    scale = torch.empty(n, 1, dtype=F64).uniform_(0.2, 3.0, generator=g)
+    x0 = torch.zeros(n, d, dtype=F64)
+    mu = scale * torch.randn(n, d, generator=g, dtype=F64)
+    sigma = torch.full((n,), 0.5, dtype=F64)
+    var = torch.ones(n, d, dtype=F64)
+    out = calibration_by_sigma(mu, var, x0, sigma, (0.1, 1.0), fit=halves(n), boot=400)
+    row = out["bins"]["[0.1, 1)"]
+    c = row["constant"]["var"]
+    ev = ~halves(n)
+    diff = (0.5 * math.log(c) + 0.5 * mu[ev] ** 2 / c) - (0.5 * mu[ev] ** 2)   # constant − head, per element
+    by_example = float(diff.mean(1).std() / math.sqrt(int(ev.sum())))
+    by_element = float(diff.std() / math.sqrt(diff.numel()))
+    sd = row["gain"]["constant"]["nll_sd"]
+    assert row["gain"]["constant"]["nll"] == pytest.approx(float(diff.mean()), rel=1e-10)
+    assert abs(sd / by_example - 1) < 0.2 and by_example > 3 * by_element, (sd, by_example, by_element)
+
+
+def test_sigma_per_element_bins_elements_and_bad_input_is_refused(tmp_path):
+    mu, V, x0, _, _ = gaussian(n=40, d=20)
+    sigma = torch.where(torch.arange(20) < 5, 0.1, 2.0).to(F64).expand(40, 20)
+    out = calibration_by_sigma(mu, V, x0, sigma, EDGES, fit=halves(40), labels=["a", "b", "c"])
+    assert list(out["bins"]) == ["a", "c"] and out["bins"]["a"]["elements"] == 20 * 5
+    assert out["bins"]["c"]["elements"] == 20 * 15 and out["bins"]["a"]["examples"] == 20
+    assert list(calibration_by_sigma(mu, V, x0, sigma, EDGES, fit=halves(40), min_examples=21)["bins"]) == []
+    reliability_figure(str(tmp_path / "calibration.png"), out, title="oracle")
+    assert (tmp_path / "calibration.png").stat().st_size > 1000
+    s = torch.full((40,), 0.5, dtype=F64)
+    for kw, match in ((dict(fit=halves(40).long()), "fit"), (dict(fit=halves(39)), "fit"),
+                      (dict(fit=halves(40), baselines={"head": V}), "baselines"),
+                      (dict(fit=halves(40), labels=["a"]), "labels"),
+                      (dict(fit=halves(40), floor=0.0), "floor")):
+        with pytest.raises(ValueError, match=match):
+            calibration_by_sigma(mu, V, x0, s, EDGES, **kw)
+    with pytest.raises(ValueError, match="bins"):
+        calibration_by_sigma(mu, V, x0, s, (1.0, 0.5), fit=halves(40))
+    with pytest.raises(ValueError, match="not finite"):
+        calibration_by_sigma(mu, V * np.nan, x0, s, EDGES, fit=halves(40))
+    with pytest.raises(ValueError, match="sigma"):
+        calibration_by_sigma(mu, V, x0, torch.zeros(40), EDGES, fit=halves(40))
