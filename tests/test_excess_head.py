@@ -380,5 +380,6 @@ def test_image_recipe_from_the_cli(recipe, blobs, tmp_path):
                  "train.iterations=8", "--set", "eval.samples=16", "--set", "eval.calibration_images=4",
                  "--set", "eval.likelihood_images=2", "--threads", "1", "--no-progress", "--out", out]) == 0
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert set(m["calibration"]) == {"sigma=0.05", "sigma=0.2", "sigma=0.5", "sigma=1", "sigma=2"}
-    assert all(c["excess_floored"] == 0.0 for c in m["calibration"].values())   # σ_φ > σ for both heads here
+    bins = m["calibration"]["bins"]
+    assert set(bins) == {f"sigma={s:g}" for s in (0.05, 0.1, 0.2, 0.5, 1, 2)}
+    assert all(b["head"]["floored_share"] == 0.0 for b in bins.values())   # σ_φ > σ for both heads here
