@@ -18,6 +18,7 @@ from .checks import check_choice
 from .data.images import fetch
 from .experiments.ablate import GUIDES, AblateConfig, quick, run_seeds
 from .experiments.config import PRESETS, resolve, to_toml
+from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
 from .experiments.images import resolve_device, run_table
 from .experiments.kinds import kind_of, load_run
@@ -28,6 +29,7 @@ from .mixture_eval import INITS
 from .runtime import configured
 from .samplers import GRID_SAMPLERS
 from .scores import HYBRID_SIGMA, SCORE_MODES
+from .uncertainty import SCORE_SIGMAS
 
 
 def _number(name, cast, minimum):
@@ -167,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="a run folder written by gendiff train")
     e.add_argument("--samples", type=_positive_int("--samples"),
                    help="default 4096 (toy) or eval.samples (images)")
+    e.add_argument("--filter", type=_number("--filter", float, 0.0), metavar="FRACTION",
+                   help="image runs with a confidence head: the BayesDiff test instead: drop the FRACTION "
+                   "(e.g. 0.1) of samples with the highest own uncertainty (mean σ_φ² − σ² along the "
+                   "trajectory) and compare FID/precision/recall of the rest with random subsets of the "
+                   "same size; writes RUN/filter-….json")
+    e.add_argument("--filter-subsets", type=_number("--filter-subsets", int, 2), metavar="R",
+                   help=f"--filter: random subsets per seed (default {FILTER_SUBSETS})")
+    e.add_argument("--filter-sigmas", metavar="LO,HI",
+                   help="--filter: the σ range of the uncertainty score (default "
+                   f"{SCORE_SIGMAS[0]:g},{SCORE_SIGMAS[1]:g})")
+    e.add_argument("--seeds", help="--filter: comma-separated seeds, one draw each, plus the gain over "
+                   "random as mean ± sd across them (default: --seed)")
     for x in (s, e):
         x.add_argument("--seed", type=_number("--seed", int, 0), default=0,
                        help="seed of the samples (default 0)")
@@ -231,9 +245,32 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     cfg, model = load_run(args.run, args.weights)
     kind = kind_of(cfg)
+    if args.filter is not None:
+        return _filter(args, cfg, model)
+    for name in ("filter_subsets", "filter_sigmas", "seeds"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} goes with --filter FRACTION (the BayesDiff test)")
     m = kind.eval_run(args.run, cfg, model, seed=args.seed, weights=args.weights,
                       **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight"))
     print(kind.eval_summary(args.run, m))
+    return 0
+
+
+def _filter(args, cfg, model) -> int:
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight")
+    if args.filter_subsets is not None:
+        over["subsets"] = args.filter_subsets
+    if args.filter_sigmas is not None:
+        try:
+            over["sigmas"] = tuple(float(v) for v in args.filter_sigmas.split(","))
+        except ValueError:
+            over["sigmas"] = ()
+        if len(over["sigmas"]) != 2:
+            raise ValueError(f"--filter-sigmas={args.filter_sigmas!r} must be two numbers LO,HI (e.g. "
+                             f"{SCORE_SIGMAS[0]:g},{SCORE_SIGMAS[1]:g})")
+    m = filter_run(args.run, cfg, model, fraction=args.filter, seeds=seeds, weights=args.weights, **over)
+    print(filter_summary(args.run, m))
     return 0
 
 

@@ -260,7 +260,7 @@ def sampler_name(cfg: ImageRunConfig, steps: int = 0) -> str:
 
 
 def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
-                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0):
+                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None):
     """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
     batches of `batch` (default eval.batch). Image i draws its start and all its noise
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
@@ -268,7 +268,8 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     labels: the class of each image for a conditional recipe (default: the null class ∅, unconditional), with
     CFG weight `w` (T33; None: the conditional model alone). guide: None, or a callable
     (denoiser, labels of the batch) -> denoiser wrapping the model for each batch (e.g.
-    guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls."""
+    guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls. wrap: None, or a callable
+    denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore)."""
     recipe = IMAGE_RECIPES[cfg.recipe]
     batch = batch or cfg.eval.batch
     if guide is not None and (labels is None or len(labels) < n):
@@ -288,6 +289,8 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
             den = classifier_free(den, y, num_classes, w) if w is not None else Conditioned(den, y)
         if guide is not None:
             den = guide(den, labels[i:i + k].to(dev))
+        if wrap is not None:
+            den = wrap(den)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                              enabled=cfg.train.precision == "bf16"):
             z = g.randn((k, *shape)).to(dev)
