@@ -22,7 +22,7 @@ from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
 from .experiments.images import resolve_device, run_table
 from .experiments.kinds import kind_of, load_run
-from .experiments.recipes import IMAGE_RECIPES, MAIN_RUNS, SUITES, TABLE_ROWS, TOY_RECIPES
+from .experiments.recipes import IMAGE_RECIPES, IMAGE_SUITES, MAIN_RUNS, SUITES, TOY_RECIPES
 from .experiments.report import calibration_markdown, metrics_markdown, rerender
 from .experiments.runfolder import posthoc_run, read_config, start_run
 from .mixture_eval import INITS
@@ -76,20 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Toy recipes: "
                        + "; ".join(f"{k}: {v.help}" for k, v in TOY_RECIPES.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
-    a.add_argument("--suite", choices=sorted([*SUITES, "images"]), default="main",
+    a.add_argument("--suite", choices=sorted([*SUITES, *IMAGE_SUITES]), default="main",
                    help="main: the main experiment (runs: " + ",".join(MAIN_RUNS) + "); objectives: "
                    "parameterisations, weightings and training densities (T17–T21), "
                    + str(len(SUITES["objectives"]))
-                   + " runs; images: seed 004's MNIST table with the EDM and confidence rows (resumable: "
-                     "finished "
-                   "rows are read, unfinished ones resume from their checkpoints)")
-    a.add_argument("--preset", choices=sorted(PRESETS), help="--suite images: the budget (default mnist-cpu)")
+                   + " runs; images: seed 004's MNIST table with the EDM and confidence rows; "
+                   "confidence-images: the confidence heads on MNIST (rows "
+                   + ", ".join(IMAGE_SUITES["confidence-images"][0]) + "; preset mnist-conf); image suites "
+                   "are resumable: finished rows are read, unfinished ones resume from their checkpoints")
+    a.add_argument("--preset", choices=sorted(PRESETS),
+                   help="image suites: the budget (default mnist-cpu for images, mnist-conf for "
+                   "confidence-images)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="--suite images: override a key of the preset (as gendiff train --set)")
+                   help="image suites: override a key of the preset (as gendiff train --set)")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="--suite images: where to train and sample (auto: the GPU when CUDA is there)")
+                   help="image suites: where to train and sample (auto: the GPU when CUDA is there)")
     a.add_argument("--rows",
-                   help="--suite images: comma-separated rows (default all: " + ", ".join(TABLE_ROWS) + ")")
+                   help="image suites: comma-separated rows (default: the suite's, e.g. "
+                   + ", ".join(IMAGE_SUITES["images"][0]) + ")")
     a.add_argument("--runs", help="comma-separated toy recipes (overrides --suite)")
     a.add_argument("--quick", action="store_true", help="few hundred iterations, small batches")
     a.add_argument("--seed", type=_number("--seed", int, 0), default=0)
@@ -334,7 +338,7 @@ def _data(args) -> int:
 
 
 def _ablate(args) -> int:
-    if args.suite == "images":
+    if args.suite in IMAGE_SUITES:
         return _ablate_images(args)
     runs = (tuple(r.strip() for r in args.runs.split(",") if r.strip()) if args.runs is not None
             else SUITES[args.suite])
@@ -371,19 +375,21 @@ def _ablate(args) -> int:
 
 
 def _ablate_images(args) -> int:
+    rows_all, preset = IMAGE_SUITES[args.suite]
+    opt = f"--suite {args.suite}"
     if args.runs is not None or args.seeds is not None or args.quick:
-        raise ValueError("--suite images takes --preset, --set, --rows and --out; not --runs, --seeds or "
-                         "--quick")
-    base = resolve(args.preset or "mnist-cpu", None, args.set)
+        raise ValueError(f"{opt} takes --preset, --set, --rows and --out; not --runs, --seeds or --quick")
+    base = resolve(args.preset or preset, None, args.set)
     if base.kind != "images":
-        raise ValueError(f"--suite images needs an image preset; --preset={args.preset!r} is a {base.kind!r} "
-                         "preset (e.g. --preset mnist-cpu)")
-    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else TABLE_ROWS
+        raise ValueError(f"{opt} needs an image preset; --preset={args.preset!r} is a {base.kind!r} "
+                         f"preset (e.g. --preset {preset})")
+    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else rows_all
     for r in rows:
         check_choice("--rows", r, IMAGE_RECIPES)
-    out = args.out or os.path.join("results", "images-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or os.path.join("results", f"{args.suite}-{stamp}")
     _check_writable(out)
-    print(f"gendiff ablate --suite images: rows {', '.join(rows)} -> {out}")
+    print(f"gendiff ablate {opt}: rows {', '.join(rows)} -> {out}")
     start = time.perf_counter()
     table = run_table(base, rows, out, progress=not args.no_progress, device=args.device)
     print(table)

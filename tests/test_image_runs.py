@@ -487,3 +487,29 @@ def test_sample_command_on_a_conditional_run(blobs, tmp_path, capsys):
     assert info["nfe"] == plain["nfe"] and info["cfg_weight"] == 1.0
     assert main(["sample", out, "--samples", "2", "--label", "4", "--out", dest]) == 2      # 4 classes: 0..3
     assert "--label=4" in capsys.readouterr().err
+
+
+def test_confidence_images_suite_from_the_cli(blobs, tmp_path):
+    """`gendiff ablate --suite confidence-images` runs the confidence heads' rows (default rows: the three
+    heads; here two, on tiny data) and its table carries the per-σ calibration of each, against the best
+    constant. Breakage tried: only --suite images dispatched to the image tables (the suite then fails as a
+    toy suite)."""
+    from gendiff.cli import main
+    from gendiff.experiments.recipes import IMAGE_SUITES
+    assert IMAGE_SUITES["confidence-images"][0] == ("confidence", "confidence-excess", "confidence-sigma-only")
+    out = tmp_path / "conf"
+    sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "eval.likelihood_images=0",
+            "--set", "model.attn_resolutions=[]", "--set", "train.iterations=4"]
+    assert main(["ablate", "--suite", "confidence-images", "--preset", "mnist-tiny", "--rows",
+                 "confidence,confidence-excess", "--out", str(out), "--no-progress", *sets]) == 0
+    res = json.load(open(out / "images.json"))
+    assert list(res["rows"]) == ["confidence", "confidence-excess"]
+    for r in res["rows"].values():
+        assert set(r["calibration"]["bins"]) == {f"sigma={s:g}" for s in (0.05, 0.1, 0.2, 0.5, 1, 2)}
+    md = open(out / "images.md").read()
+    assert "| confidence-excess | 0.05 |" in md
+    # without --preset the suite's own budget: the fast layout of mnist-conf
+    from gendiff.experiments.config import resolve as resolve_cfg
+    assert resolve_cfg(IMAGE_SUITES["confidence-images"][1]).model.resample == "plain"
+    assert main(["ablate", "--suite", "confidence-images", "--rows", "edm,nope", "--out",
+                 str(tmp_path / "x")]) == 2

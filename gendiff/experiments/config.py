@@ -228,6 +228,14 @@ PRESETS = {
                              snapshot_every=5000, precision="bf16"),
                         dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2),
                         dict(samples=10000, sampler_steps=0, batch=1000, likelihood_images=512), ck=5000),
+    # the confidence heads on MNIST (issue 18): the fast U-Net layout (BENCHMARKS, issue 10: ≈ 225 img/s in
+    # bf16 on 2 cores), ≈ 30 CPU-minutes per row (3200 × 128 ≈ 7 epochs), FID at n = 10k
+    "mnist-conf": _image(dict(iterations=3200, batch=128, lr=2e-3, lr_ref_iter=2000, ema=0.999,
+                              snapshot_every=800, precision="bf16"),
+                         dict(model_channels=16, channel_mult=(1, 4, 4), num_blocks=(2, 2, 3),
+                              attn_resolutions=(7,), emb_channels=128, resample="plain"),
+                         dict(samples=10000, batch=500, likelihood_images=64, calibration_images=512),
+                         ck=400),
     "mnist-tiny": _image(dict(iterations=8, batch=8, lr=2e-3, lr_ref_iter=4, ema=0.9, snapshot_every=4),
                          dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14,)),
                          dict(samples=16, sampler_steps=4, batch=16, likelihood_images=4,

@@ -734,7 +734,8 @@ def table_markdown(results: dict, base) -> str:
     f = lambda v, p=3: ("–" if v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
                         else f"{v:.{p}f}")
     pm = lambda m, k: "–" if m.get(k) is None else f"{m[k]:.3f} ± {m.get(k + '_se') or 0:.3f}"  # noqa: E731
-    b1 = lambda m: "" if m.get("bpd_ddpm_bound_beta1") is None else f" ({m['bpd_ddpm_bound_beta1']:.3f})"  # noqa: E731
+    b1 = lambda m: ("" if m.get("bpd_ddpm_bound_beta1") is None  # noqa: E731
+                    else f" ({m['bpd_ddpm_bound_beta1']:.3f})")
     for r, m in results.items():
         for key, s in m.items():
             if not key.startswith("samples"):
