@@ -6,8 +6,9 @@ import math
 import torch
 
 
-def as_sigma(sigma, like: torch.Tensor, name: str = "sigma") -> torch.Tensor:
-    """σ as a tensor of `like`'s dtype/device, checked > 0 and finite (THEORY T3 shapes).
+def as_sigma(sigma, like: torch.Tensor, name: str = "sigma", allow_zero: bool = False) -> torch.Tensor:
+    """σ as a tensor of `like`'s dtype/device, checked > 0 (>= 0 with allow_zero: a known source std, T36)
+    and finite (THEORY T3 shapes).
 
     Exactly three forms, so that σ's meaning never depends on the batch size:
     - a scalar (Python number or 0-d tensor): one σ for everything;
@@ -30,9 +31,10 @@ def as_sigma(sigma, like: torch.Tensor, name: str = "sigma") -> torch.Tensor:
     except RuntimeError:
         raise ValueError(f"{name} has shape {tuple(s.shape)}, which does not broadcast to x of shape "
                          f"{tuple(like.shape)}; {allowed}") from None
-    if not torch.all(torch.isfinite(s) & (s > 0)):
-        bad = s[~(torch.isfinite(s) & (s > 0))].flatten()[0].item()
-        raise ValueError(f"{name} must be finite and > 0 everywhere; got {bad}")
+    ok = torch.isfinite(s) & ((s >= 0) if allow_zero else (s > 0))
+    if not torch.all(ok):
+        raise ValueError(f"{name} must be finite and {'>=' if allow_zero else '>'} 0 everywhere; got "
+                         f"{s[~ok].flatten()[0].item()}")
     return s
 
 

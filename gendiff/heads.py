@@ -133,6 +133,14 @@ def nll_full(F, G, F_star, sc: Scalings, source_cov=None) -> torch.Tensor:
     return 0.5 * two_l
 
 
+def _source_var(source_cov, source_var):
+    """The per-element source variance from a covariance [N, d, d] (its diagonal) or given as is."""
+    if source_cov is not None and source_var is not None:
+        raise ValueError("give the source's covariance (source_cov) or its per-element variance "
+                         "(source_var), not both")
+    return source_var if source_cov is None else torch.diagonal(source_cov, dim1=-2, dim2=-1)
+
+
 def _sum_elements(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).sum(1)
 
@@ -273,12 +281,16 @@ class Head:
         """T14 per element: (μ − x̃)/σ_φ²."""
         return (p.mu - p.x) / self.variance(p)
 
-    def nll(self, p: NetPrediction, x0: torch.Tensor, source_cov=None) -> torch.Tensor:
+    def nll(self, p: NetPrediction, x0: torch.Tensor, source_cov=None, source_var=None) -> torch.Tensor:
         """The Gaussian NLL of x0 under this prediction, per example [N] (T9; T12 with a known Σ_src).
 
         source_cov: [N, d, d]; a diagonal head uses its diagonal, which is exact for a diagonal S.
+        source_var: or a per-element source variance shaped like x0 (T36's s², images included), the same
+        term. Either enters as tr(SSᵀΣ_src)/c_var², on top of the (1 − k) = σ²/c_var² of the σ the scalings
+        were made for: for a source whose std is already in those scalings (Denoiser.predict(source_sigma=))
+        pass neither, or it counts twice.
         """
-        var = None if source_cov is None else torch.diagonal(source_cov, dim1=-2, dim2=-1)
+        var = _source_var(source_cov, source_var)
         return _sum_elements(nll_stable(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, var))
 
     def __repr__(self):
@@ -350,7 +362,10 @@ class FullHead(Head):
         """T14 with a full covariance: s = Σ_φ⁻¹(μ − x̃)."""
         return (self.precision(p) @ (p.mu - p.x)[..., None]).squeeze(-1)
 
-    def nll(self, p, x0, source_cov=None):
+    def nll(self, p, x0, source_cov=None, source_var=None):
+        if source_var is not None:
+            _source_var(source_cov, source_var)           # not both
+            source_cov = torch.diag_embed(source_var)
         return nll_full(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, source_cov)
 
 
@@ -368,8 +383,8 @@ class ExcessHead(Head):
         floor = sc.c_var.square() * sc.one_minus_k if sc.sigma is None else sc.sigma.square()   # σ²
         return floor + sc.c_out.square() * torch.exp(p.G)
 
-    def nll(self, p, x0, source_cov=None):
-        var = None if source_cov is None else torch.diagonal(source_cov, dim1=-2, dim2=-1)
+    def nll(self, p, x0, source_cov=None, source_var=None):
+        var = _source_var(source_cov, source_var)
         return _sum_elements(nll_excess(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, var))
 
 
@@ -433,7 +448,7 @@ class LearnedVarianceHead(Head):
         """v of T26 (IDDPM leaves it unconstrained: outside [0, 1] Σ_θ extrapolates, still > 0)."""
         return (p.G + 1) / 2
 
-    def nll(self, p, x0, source_cov=None):
+    def nll(self, p, x0, source_cov=None, source_var=None):
         raise ValueError("head='v' (IDDPM learned variance, T26) has no confidence NLL; train it with "
                          "loss 'hybrid' (losses.HybridLoss)")
 

@@ -20,10 +20,16 @@ from .precond import Denoiser
 class NoisyBatch:
     """One training batch. x0: [N, ...]; sigma: scalar, [N] or per element (checks.as_sigma).
 
-    source_cov: [N, d, d], a known covariance of x0's source whose trace term enters the NLL (T12).
+    source_cov: [N, d, d], a known covariance of x0's source whose trace term enters the NLL (T12); the
+    scalings stay those of σ (the toy's source mode).
     score: [N, ...], the exact score ∇ log p(x_noisy; σ) where an oracle knows it (§10).
     labels: [N] class indices for a class-conditional denoiser (already dropped to ∅ where CFG training
     asks for it, T33); None for an unconditional one.
+    source_sigma: shaped like x0, a known per-element std s ≥ 0 of x0's source (T36 mode (c): x0 = m, x̃ = m +
+    s·ε₁ + σ·ε₂, so x̃ ~ N(x0, σ² + s²), T3); `predict` hands it to the denoiser, whose scalings then come from
+    the total σ √(σ² + s²) (c_noise from σ).
+    latent_eps: [N, ...] standard normal draws for a loss that samples a latent of its own (the VAE's
+    reparameterisation ε, nets/vae.ELBOLoss), drawn by the source with the data.
     """
     x0: torch.Tensor
     x_noisy: torch.Tensor
@@ -31,15 +37,21 @@ class NoisyBatch:
     source_cov: torch.Tensor | None = None
     score: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    source_sigma: torch.Tensor | None = None
+    latent_eps: torch.Tensor | None = None
 
-    def predict(self, denoiser):
-        """The denoiser's prediction at this batch (its labels passed only when there are any)."""
-        if self.labels is None:
-            return denoiser.predict(self.x_noisy, self.sigma)
-        return denoiser.predict(self.x_noisy, self.sigma, class_labels=self.labels)
+    def predict(self, denoiser, total_sigma: bool = True):
+        """The denoiser's prediction at this batch (its labels passed only when there are any; the source std
+        only when there is one and `total_sigma`: scalings from √(σ² + s²), T36 (c))."""
+        kw = {} if self.labels is None else {"class_labels": self.labels}
+        if self.source_sigma is not None and total_sigma:
+            kw["source_sigma"] = self.source_sigma
+        return denoiser.predict(self.x_noisy, self.sigma, **kw)
 
     def mean(self, denoiser):
-        """μ = D(x̃; σ[, y])."""
+        """μ = D(x̃; σ[, y]) (through `predict` when the batch has a source std)."""
+        if self.source_sigma is not None:
+            return self.predict(denoiser).mu
         if self.labels is None:
             return denoiser(self.x_noisy, self.sigma)
         return denoiser(self.x_noisy, self.sigma, class_labels=self.labels)
@@ -51,11 +63,26 @@ class ConfidenceNLL:
 
     With `NoHead` (G ≡ 0) it is EDM's F-space error times k(σ)/2 plus a constant (T11): the optimum per σ
     is EDM's, but the weighting across σ is k(σ) = σ_d²/(σ² + 2σ_d²), not EDM's uniform one (`EDMLoss`).
+
+    A batch with a known per-element source std s (`batch.source_sigma`, T36 mode (c)): x̃ ~ N(x0, V),
+    V = σ² + s² per element, and the loss is T7 with V in place of σ², per element
+    ½[log σ_φ² + (V + (μ − x0)²)/σ_φ² + log 2π], optimum σ_φ² = σ² + s² + Var[x0 | x̃]. In T9's form
+    2L = G + e^(−G)·[V/c_var² + k(F − F*)²] + log 2πc_var². total_sigma=True (T36's choice): the scalings come
+    from σ_t = √(σ² + s²), so V/c_var² = σ_t²/c_var² = 1 − k_t and nothing is added (T36's
+    "(1 − k) + s²/c_var²" holds with 1 − k read as σ²/c_var², the diffusion part). total_sigma=False: the
+    scalings come from σ and s² enters as T12's diagonal trace term s²/c_var² (as Σ_src in the toy's source
+    mode).
     """
 
+    def __init__(self, total_sigma: bool = True):
+        if not isinstance(total_sigma, bool):
+            raise ValueError(f"total_sigma={total_sigma!r} must be true or false")
+        self.total_sigma = total_sigma
+
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
-        p = batch.predict(denoiser)
-        return denoiser.head.nll(p, batch.x0, batch.source_cov)
+        p = batch.predict(denoiser, total_sigma=self.total_sigma)
+        var = None if batch.source_sigma is None or self.total_sigma else batch.source_sigma.square()
+        return denoiser.head.nll(p, batch.x0, batch.source_cov, source_var=var)
 
 
 class EDMLoss:
@@ -177,6 +204,8 @@ class HybridLoss:
 
 LOSSES = {   # name -> loss class; make_loss builds one for a training density
     "nll": ConfidenceNLL,
+    # T36 (c) with the scalings of the diffusion σ and s² as T12's trace term (same as "nll" without a source)
+    "nll-source-trace": lambda: ConfidenceNLL(total_sigma=False),
     "edm": EDMLoss,
     "score-matching": ScoreMatchingLoss,
     "simple-x0": DDPMSimpleLoss.x0,

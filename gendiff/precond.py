@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import as_sigma, check_positive, per_example
+from .checks import as_sigma, check_choice, check_positive, per_example
 from .heads import Head, NetPrediction, Scalings, make_head
 
 
@@ -144,12 +144,14 @@ class Denoiser(nn.Module):
         return self.precond.sigma_data
 
     def predict(self, x: torch.Tensor, sigma, source_sigma=None, class_labels=None) -> NetPrediction:
-        """source_sigma: an optional known per-element std of x0's source (T3); the scalings then use
-        σ_total = √(σ² + σ_src²) while c_noise keeps the diffusion σ. class_labels: [N] class indices for a
-        class-conditional backbone (passed on as `class_labels=`; the backbone's null class is ∅, T33)."""
+        """source_sigma: an optional known per-element std of x0's source (T3, T36; ≥ 0); the scalings
+        (c_skip, c_out, c_in, c_var, k, and Scalings.sigma) then use σ_total = √(σ² + σ_src²) per element,
+        while c_noise keeps the diffusion σ, one per example (the U-Net's noise input).
+        class_labels: [N] class indices for a class-conditional backbone (passed on as `class_labels=`; the
+        backbone's null class is ∅, T33)."""
         sigma = as_sigma(sigma, x)
-        total = sigma if source_sigma is None else (sigma.square() + as_sigma(source_sigma, x, "source_sigma")
-                                                     .square()).sqrt()
+        total = sigma if source_sigma is None else (sigma.square() + as_sigma(source_sigma, x, "source_sigma",
+                                                                              allow_zero=True).square()).sqrt()
         sc = self.precond(total)
         c_noise = self.precond.c_noise(per_example(sigma, x.shape[0]))
         extra = {"noise_map": torch.broadcast_to(self.precond.c_noise(total), x.shape)} \
@@ -174,5 +176,44 @@ class Denoiser(nn.Module):
         return self.predict(x, sigma, class_labels=class_labels).mu
 
 
+SOURCE_SCALINGS = ("diffusion", "total")   # T36: what a latent denoiser's scalings use when sampling
+
+
+class WithSourceSigma(nn.Module):
+    """A denoiser whose scalings assume a fixed source std s̄ (T36's sampling choice "total"):
+    D(x̃; σ) = denoiser.predict(x̃, σ, source_sigma=s̄).μ, scalings from √(σ² + s̄²) per element and c_noise
+    from σ, as a model trained in T36's mode (c) saw them (losses.ConfidenceNLL, total_sigma=True). At
+    sampling the source std of a new latent is unknown, so s̄ is a typical value, e.g. the per-channel mean of
+    s over the training set ([1, C, 1, 1]); a scalar or any per-element tensor broadcastable to x works."""
+
+    def __init__(self, denoiser: nn.Module, source_sigma):
+        super().__init__()
+        self.denoiser, self.source_sigma = denoiser, torch.as_tensor(source_sigma)
+
+    @property
+    def sigma_data(self) -> float:
+        return self.denoiser.sigma_data
+
+    def predict(self, x: torch.Tensor, sigma, class_labels=None) -> NetPrediction:
+        return self.denoiser.predict(x, sigma, source_sigma=self.source_sigma.to(x.device, x.dtype),
+                                     class_labels=class_labels)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        return self.predict(x, sigma, class_labels=class_labels).mu
+
+
+def sampling_denoiser(denoiser: nn.Module, source_scalings: str = "diffusion", typical_source_sigma=None):
+    """The denoiser a sampler calls for a latent model (T36): "diffusion", the model itself (scalings and
+    c_noise from the diffusion σ alone, as if a new latent had no source noise); "total", WithSourceSigma
+    with `typical_source_sigma` (scalings from √(σ² + s̄²), c_noise from σ)."""
+    check_choice("source_scalings", source_scalings, SOURCE_SCALINGS)
+    if source_scalings == "diffusion":
+        return denoiser
+    if typical_source_sigma is None:
+        raise ValueError("source_scalings='total' needs typical_source_sigma, the source std the scalings "
+                         "assume (e.g. the per-channel mean of the encoded dataset's s)")
+    return WithSourceSigma(denoiser, typical_source_sigma)
+
+
 __all__ = ["Precond", "EDMPrecond", "EpsPrecond", "X0Precond", "VPrecond", "ScoreVPPrecond", "PRECONDS",
-           "edm_scalings", "Denoiser"]
+           "edm_scalings", "Denoiser", "SOURCE_SCALINGS", "WithSourceSigma", "sampling_denoiser"]

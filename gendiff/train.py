@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -341,8 +341,7 @@ class _World:
         n = len(batch.x0) // self.size
         part = slice(self.rank * n, (self.rank + 1) * n)
         cut = lambda v: v[part] if torch.is_tensor(v) and v.ndim > 0 else v  # noqa: E731
-        return NoisyBatch(cut(batch.x0), cut(batch.x_noisy), cut(batch.sigma), cut(batch.source_cov),
-                          cut(batch.score), cut(batch.labels))
+        return NoisyBatch(**{f.name: cut(getattr(batch, f.name)) for f in fields(batch)})
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is on some rank (so all ranks stop at the same step)."""

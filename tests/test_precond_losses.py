@@ -627,6 +627,8 @@ LOSS_ORACLES = {  # losses.LOSSES name -> E[loss per example](σ, δ, d)
     # T7 with σ_φ = c_var (no head): ½[log 2πc_var² + (σ² + c_out²(1 + δ²))/c_var²] per element
     "nll": lambda s, dl, d: 0.5 * d * (math.log(2 * math.pi * _edm(s)[1]) + (s**2 + _edm(s)[0] * (1 + dl**2))
                                        / _edm(s)[1]),
+    # without a source std in the batch it is "nll"; with one, tests/test_latent.py (T36 (c) against T7, T12)
+    "nll-source-trace": lambda s, dl, d: LOSS_ORACLES["nll"](s, dl, d),
     "edm": lambda s, dl, d: 0.5 * d * (1 + dl**2),     # EDM: ½‖D − x0‖²/c_out²
     "score-matching": lambda s, dl, d: d * _edm(s)[0] * dl**2 / s**2,   # ‖D − D*‖²/σ² (exact, per example)
     "simple-x0": lambda s, dl, d: d * _edm(s)[0] * (1 + dl**2),        # ‖μ − x0‖² = ‖D* − x0 + c_out·δ‖²

@@ -3,6 +3,7 @@
 
 ToyBatches: the exact 2-D mixture (THEORY §10) in point, source or point-cov mode (`MODES`).
 DataSource: a fixed dataset in epoch order (images or points), checked before any training (`check_data`).
+LatentSource: an encoded dataset, the VAE posterior (m, s) per image, in T36's three training modes.
 """
 from __future__ import annotations
 
@@ -54,11 +55,17 @@ class DataSource:
     the same examples. labels: [M] class indices < num_classes; with `label_dropout` p each drawn label
     becomes the null class ∅ = num_classes with probability p (classifier-free guidance training, T33).
     The data is checked here, before any training: empty, non-finite or ill-shaped data is a ValueError.
+    latent_eps_shape: also draw ε ~ N(0, I) of this shape per example into `batch.latent_eps`, after
+    everything else (a VAE's reparameterisation noise: nets/vae.ELBOLoss), so that the run's seed fixes it.
     """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0,
-                 label_dropout: float = 0.0, shape: tuple | None = None, name: str = "data", device=None):
+                 label_dropout: float = 0.0, shape: tuple | None = None, name: str = "data", device=None,
+                 latent_eps_shape: tuple | None = None):
         check_data(data, labels, num_classes, shape, name)
+        self.latent_eps_shape = None if latent_eps_shape is None else tuple(latent_eps_shape)
+        for i, v in enumerate(self.latent_eps_shape or ()):
+            check_positive(f"latent_eps_shape[{i}]", v, integer=True)
         if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) \
                 or not 0 <= label_dropout < 1:
             raise ValueError(f"label_dropout={label_dropout!r} must be a number in [0, 1)")
@@ -81,24 +88,70 @@ class DataSource:
             self.pos, n = self.pos + take, n - take
         return torch.cat(parts)
 
+    def _clean(self, idx: torch.Tensor, generator) -> tuple:
+        """(x0, the point the diffusion noise σε is added to, extra NoisyBatch fields) for examples `idx`."""
+        x0 = self.data[idx]
+        return x0, x0, {}
+
     def draw(self, n: int, sigma: torch.Tensor, generator=None) -> NoisyBatch:
         dev = self.device
         idx = self._indices(n, generator).to(dev)
-        x0, sigma = self.data[idx], torch.as_tensor(sigma).to(dev)
-        x_noisy = x0 + as_sigma(sigma, x0) * torch.randn(x0.shape, generator=generator).to(dev)
+        sigma = torch.as_tensor(sigma).to(dev)
+        x0, start, extra = self._clean(idx, generator)
+        x_noisy = start + as_sigma(sigma, x0) * torch.randn(x0.shape, generator=generator).to(dev)
         labels = None
         if self.labels is not None:
             labels = self.labels[idx]
             if self.label_dropout:
                 labels = torch.where(torch.rand(n, generator=generator).to(dev) < self.label_dropout,
                                      self.num_classes, labels)
-        return NoisyBatch(x0, x_noisy, sigma, labels=labels)
+        if self.latent_eps_shape is not None:
+            extra["latent_eps"] = torch.randn((n, *self.latent_eps_shape), generator=generator).to(dev)
+        return NoisyBatch(x0, x_noisy, sigma, labels=labels, **extra)
 
     def state_dict(self) -> dict:
         return {"perm": self.perm, "pos": torch.tensor([self.pos])}
 
     def load_state_dict(self, state: dict):
         self.perm, self.pos = state["perm"].long(), int(state["pos"][0])
+
+
+LATENT_MODES = ("mean", "sample", "source")   # THEORY T36 (a), (b), (c)
+
+
+class LatentSource(DataSource):
+    """Draws noisy batches from an encoded dataset (THEORY T36): per example the VAE's posterior mean m and
+    std s (`mean`, `std`, [M, ...] each, s ≥ 0), in epoch order as DataSource (labels, dropout, state alike).
+
+    mean   (a): x0 = m, x̃ = m + σε₂; s is ignored.
+    sample (b): x0 = m + s·ε₁, ε₁ drawn afresh at every batch (LDM, EDM2), x̃ = x0 + σε₂; s otherwise ignored.
+    source (c): x0 = m, x̃ = m + s·ε₁ + σ·ε₂ ~ N(m, s² + σ²) per element (T3), and `batch.source_sigma` = s:
+                the denoiser's scalings come from √(σ² + s²) and the NLL's noise variance is σ² + s²
+                (losses.ConfidenceNLL).
+    Draw order per batch: indices, ε₁ (modes b and c), ε₂, label dropout.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, mode: str, labels: torch.Tensor | None = None,
+                 num_classes: int = 0, label_dropout: float = 0.0, name: str = "latents", device=None):
+        check_choice("mode", mode, LATENT_MODES)
+        super().__init__(mean, labels, num_classes, label_dropout, name=name, device=device)
+        if not torch.is_tensor(std) or std.shape != mean.shape:
+            raise ValueError(f"{name}: std must be a tensor shaped like mean {tuple(mean.shape)}; got "
+                             f"{tuple(std.shape) if torch.is_tensor(std) else type(std).__name__}")
+        if not bool((torch.isfinite(std) & (std >= 0)).all()):
+            raise ValueError(f"{name}: std must be finite and >= 0 everywhere (a posterior std)")
+        self.mode, self.std = mode, std.float().to(self.device)
+
+    def _clean(self, idx, generator):
+        m = self.data[idx]
+        if self.mode == "mean":
+            return m, m, {}
+        s = self.std[idx]
+        e1 = torch.randn(m.shape, generator=generator).to(self.device)
+        if self.mode == "sample":
+            x0 = m + s * e1
+            return x0, x0, {}
+        return m, m + s * e1, {"source_sigma": s}
 
 
 def check_data(data, labels=None, num_classes: int = 0, shape: tuple | None = None, name: str = "data"):
