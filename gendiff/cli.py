@@ -25,6 +25,7 @@ from .experiments.kinds import kind_of, load_run
 from .experiments.recipes import IMAGE_RECIPES, IMAGE_SUITES, MAIN_RUNS, SUITES, TOY_RECIPES
 from .experiments.report import calibration_markdown, metrics_markdown, rerender
 from .experiments.runfolder import posthoc_run, read_config, start_run
+from .experiments.vae import encode_run, encode_summary
 from .mixture_eval import INITS
 from .runtime import configured
 from .samplers import GRID_SAMPLERS
@@ -141,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named recipe (default: toy-reference, the main experiment's; or mnist-cpu when "
                         "--config is "
                    "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on "
-                   "a CPU / GPU budget; mnist-tiny: an image smoke run. Toy recipes (--set recipe=…): see "
-                   "gendiff ablate --help. Image recipes (--set recipe=… on an image preset): "
+                   "a CPU / GPU budget; mnist-tiny: an image smoke run; vae-mnist: the VAE of latent "
+                   "diffusion (then gendiff encode RUN); vae-tiny: a VAE smoke run. Toy recipes (--set "
+                   "recipe=…): see gendiff ablate --help. Image recipes (--set recipe=… on an image preset): "
                    + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
     t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -206,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=_number("--label", int, 0),
                    help="class-conditional image runs: sample only "
                    "this class (default: classes 0, 1, … in turn)")
+    en = sub.add_parser("encode",
+                        help="a VAE run: encode its train and test images once to the posterior mean and std "
+                        "per image, RUN/latents.safetensors, with the sha256 of the VAE weights and the "
+                        "per-channel normalisation to encode.sigma_data (THEORY T36)")
+    en.add_argument("run", help="a VAE run folder written by gendiff train --preset vae-…")
+    en.add_argument("--weights", default="model.safetensors",
+                    help="weights file in the run folder (other weights write latents-<stem>.safetensors)")
+    en.add_argument("--batch", type=_positive_int("--batch"), help="images per batch (default encode.batch)")
+    en.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto = the GPU when CUDA is there")
+    en.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
     ph = sub.add_parser("posthoc-ema",
                         help="EDM2's post-hoc EMA: reconstruct the EMA of any σ_rel from a run's "
                         "snapshots (train with --set 'train.ema_posthoc=[0.05, 0.1]')")
@@ -286,6 +299,17 @@ def _likelihood(args) -> int:
     return 0
 
 
+def _encode(args) -> int:
+    cfg = read_config(args.run, "run")
+    if cfg.kind != "vae":
+        raise ValueError(f"gendiff encode applies to VAE runs; {args.run!r} is a {cfg.kind!r} run")
+    _, model = load_run(args.run, args.weights)
+    model = model.to(resolve_device(args.device))
+    info = encode_run(args.run, cfg, model, weights=args.weights, **_given(args, "batch"))
+    print(encode_summary(args.run, info))
+    return 0
+
+
 def _init_distributed(cuda: bool = False) -> int:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL for a run on GPUs (each rank on
     cuda:$LOCAL_RANK), gloo on CPU. Returns this process's rank, or -1 when not distributed."""
@@ -309,9 +333,10 @@ def _train(args) -> int:
         if args.print_config:
             print(to_toml(cfg), end="")
             return 0
-        out = args.out or os.path.join("runs", f"{cfg.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        name = getattr(cfg, "recipe", cfg.kind)             # a VAE run has no recipe
+        out = args.out or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     kind = kind_of(cfg)
-    device = resolve_device(args.device).type if cfg.kind == "images" else args.device
+    device = args.device if cfg.kind == "toy" else resolve_device(args.device).type
     rank = _init_distributed(cuda=device == "cuda")
     setup = kind.prepare(cfg, device)    # data, model, loss: anything that rejects the run, before the folder
     cfg = setup.cfg                      # resolved by prepare (an image run's σ_data measured): the one saved
@@ -452,7 +477,7 @@ def _check_writable(out: str, create: bool = True) -> None:
 
 
 COMMANDS = {"ablate": _ablate, "report": _report, "train": _train, "sample": _sample, "eval": _eval,
-            "likelihood": _likelihood, "data": _data, "posthoc-ema": _posthoc}
+            "likelihood": _likelihood, "data": _data, "posthoc-ema": _posthoc, "encode": _encode}
 ERRORS = ((ValueError, 2), (FloatingPointError, 3), (CheckpointError, 4))   # bad input, diverged, disk
 
 

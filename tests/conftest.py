@@ -19,3 +19,19 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tree_a():
     return tree("A")
+
+
+@pytest.fixture(scope="session")
+def blobs_npz(tmp_path_factory):
+    """240 labelled 28×28 8-bit images as an .npz: a bright square in one of four quadrants (the label)
+    (tests/test_image_runs.py's `blobs`, shared)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 240)
+    x = np.zeros((240, 1, 28, 28), np.uint8)
+    for i, k in enumerate(y):
+        r, c = 3 + 12 * (k // 2), 3 + 12 * (k % 2)
+        x[i, 0, r:r + 10, c:c + 10] = 180 + rng.integers(0, 75)
+    path = tmp_path_factory.mktemp("data") / "blobs.npz"
+    np.savez(path, images=x, labels=y)
+    return str(path)

@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses, named presets, TOML files and `--set key=value` overrides.
 
-A run config (`ToyRunConfig` for the exact 2-D tree, `ImageRunConfig` for images; its `kind` says which) is
+A run config (`ToyRunConfig` for the exact 2-D tree, `ImageRunConfig` for images, `VAERunConfig` for the VAE
+of latent diffusion; its `kind` says which) is
 the whole description of one `gendiff train` run; `resolve(preset, toml_path, sets)` builds it
 in that order (preset, then the file, then each override) and validates it before anything touches the disk.
 Every error names the key, the value given and what is allowed. `to_toml` writes the fully resolved config,
@@ -65,7 +66,7 @@ def _check_kind(cfg, kind: str) -> None:
 
 @dataclass
 class ToyRunConfig:
-    kind: str = "toy"         # toy (the exact 2-D tree) | images
+    kind: str = "toy"         # toy (the exact 2-D tree) | images | vae
     recipe: str = "confidence"   # a toy recipe of `gendiff ablate --help` (head, batch mode, loss, density…)
     classes: str = "A"        # tree classes of the data
     seed: int = 0
@@ -186,7 +187,7 @@ class ImageEvalConfig:
 
 @dataclass
 class ImageRunConfig:
-    kind: str = "images"      # toy | images (the exact 2-D tree, or an image dataset)
+    kind: str = "images"      # toy | images | vae (the exact 2-D tree, an image dataset, a VAE)
     recipe: str = "confidence"   # an image recipe (a row of seed 004's table): `gendiff train --help`
     seed: int = 0
     # T33 weights sampled for conditional rows
@@ -206,6 +207,82 @@ class ImageRunConfig:
         for part in (self.data, self.model, self.train, self.checkpoint, self.eval):
             part.validate()
         return self
+
+
+@dataclass
+class VAEModelConfig:
+    """The VAE (nets/vae.py) and its loss: −log p(x | z) + kl_weight·KL (THEORY T36's encoder)."""
+    latent_channels: int = 4
+    channels: tuple = field(default=(16, 32, 64), metadata=_VAR)   # conv widths per level, full resolution
+                               # first; the latent is at resolution / 2^(levels − 1): 28 → 7 for three levels
+    blocks: int = 1            # residual blocks per level (encoder and decoder)
+    kl_weight: float = 1.0     # β of the KL term (1: the ELBO itself)
+    pixel_std: float = 0.1     # σ_x of the Gaussian decoder in [−1, 1] units; 0: learned (one scalar log σ_x)
+
+    def validate(self):
+        for name in ("latent_channels", "blocks"):
+            check_positive(f"model.{name}", getattr(self, name), integer=True)
+        if not self.channels:
+            raise ValueError("model.channels=[] must list at least one level, e.g. [16, 32, 64]")
+        for i, c in enumerate(self.channels):
+            check_positive(f"model.channels[{i}]", c, integer=True)
+        check_positive("model.kl_weight", self.kl_weight, allow_zero=True)
+        check_positive("model.pixel_std", self.pixel_std, allow_zero=True)
+
+
+@dataclass
+class VAEEvalConfig:
+    test_images: int = 1000    # test images for the reconstruction error and the σ_vae distribution
+    batch: int = 500           # images per encoder/decoder batch
+
+    def validate(self):
+        for name in ("test_images", "batch"):
+            check_positive(f"eval.{name}", getattr(self, name), integer=True)
+
+
+NORMALISE_BY = ("mean", "sample")   # the per-channel std the latents are scaled by: of m, or of m + sε
+
+
+@dataclass
+class EncodeConfig:
+    sigma_data: float = 0.5    # per-channel std of the normalised latents (EDM2's 0.5); s is scaled alike
+    normalise_by: str = "mean"  # mean: the std of m over the training set; sample: of m + sε, √(Var m + E s²)
+    batch: int = 500           # images per encoder batch
+
+    def validate(self):
+        check_positive("encode.sigma_data", self.sigma_data)
+        check_choice("encode.normalise_by", self.normalise_by, NORMALISE_BY)
+        check_positive("encode.batch", self.batch, integer=True)
+
+
+@dataclass
+class VAERunConfig:
+    """A VAE run (issue 19): the VAE trained through the one loop (train.train) on an image dataset, evaluated
+    by its reconstruction error and the distribution of its posterior std s; `gendiff encode RUN` then writes
+    the encoded dataset. The loop draws a σ per example for every run; the ELBO ignores it, so train.p_mean,
+    train.p_std and train.sigma_data mean nothing here."""
+    kind: str = "vae"
+    seed: int = 0
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+    def validate(self):
+        _check_kind(self, "vae")
+        check_positive("seed", self.seed, integer=True, allow_zero=True)
+        for part in (self.data, self.model, self.train, self.checkpoint, self.eval, self.encode):
+            part.validate()
+        return self
+
+
+def _vae(train: dict, model: dict | None = None, ev: dict | None = None, ck: int = 500,
+         enc: dict | None = None):
+    return lambda: VAERunConfig(model=VAEModelConfig(**(model or {})), train=TrainConfig(**train),
+                                checkpoint=CheckpointConfig(every=ck), eval=VAEEvalConfig(**(ev or {})),
+                                encode=EncodeConfig(**(enc or {})))
 
 
 def _image(train: dict, model: dict | None = None, ev: dict | None = None, ck: int = 500):
@@ -240,10 +317,18 @@ PRESETS = {
                          dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14,)),
                          dict(samples=16, sampler_steps=4, batch=16, likelihood_images=4,
                               calibration_images=8, classifier_steps=30), ck=4),
+    # the VAE of latent diffusion (issue 19): MNIST 1×28×28 → 4×7×7, the ELBO (β = 1) at σ_x = 0.1, ≈ 4
+    # epochs; not yet run to the end (≈ 0.4 s/step on one busy core: ≈ 10–25 min on 2 cores). And a smoke run
+    "vae-mnist": _vae(dict(iterations=4000, batch=64, lr=1e-3, lr_ref_iter=2000, ema=0.999,
+                           snapshot_every=1000),
+                      dict(latent_channels=4, channels=(16, 32, 64), blocks=1, kl_weight=1.0, pixel_std=0.1)),
+    "vae-tiny": _vae(dict(iterations=8, batch=8, lr=2e-3, lr_ref_iter=4, ema=0.9, snapshot_every=4),
+                     dict(latent_channels=4, channels=(8, 8, 8), blocks=1),
+                     dict(test_images=16, batch=16), ck=4, enc=dict(batch=64)),
 }
 IMAGE_PRESETS = tuple(k for k, f in PRESETS.items() if f().kind == "images")
-KINDS = ("toy", "images")
-DEFAULT_PRESET = {"toy": "toy-reference", "images": "mnist-cpu"}
+KINDS = ("toy", "images", "vae")
+DEFAULT_PRESET = {"toy": "toy-reference", "images": "mnist-cpu", "vae": "vae-mnist"}
 
 
 def _type_name(v) -> str:
@@ -323,7 +408,7 @@ def _flatten(table: dict, prefix: str = ""):
 
 def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
     """Preset, then the TOML file, then each `key=value` of `sets`; validated. Pure: touches no disk but the
-    file it reads. preset None: the file's `kind` picks the default preset (toy-reference or mnist-cpu)."""
+    file it reads. preset None: the file's `kind` picks the default preset (DEFAULT_PRESET)."""
     table = None
     if toml_path is not None:
         try:
@@ -337,7 +422,7 @@ def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
         kind = "toy" if table is None else table.get("kind")
         if kind not in KINDS:
             raise ValueError(f"--config={toml_path!r} has kind={kind!r}; a run config starts with kind = "
-                             "\"toy\" or kind = \"images\" (or give --preset)")
+                             + " or ".join(f'"{k}"' for k in KINDS) + " (or give --preset)")
         preset = DEFAULT_PRESET[kind]
     check_choice("preset", preset, PRESETS)
     cfg = PRESETS[preset]()

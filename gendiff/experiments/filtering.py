@@ -122,8 +122,8 @@ def filter_run(out: str, cfg, model, *, fraction: float = 0.1, samples: int = 0,
     …-kept.png (most uncertain / most certain first). Refuses toy runs and runs without a learned confidence
     (has_confidence: diag, excess, sigma-only heads)."""
     if not isinstance(cfg, ImageRunConfig):
-        refuse({"filter": fraction}, "a toy", " (the BayesDiff test filters generated images by the "
-                                              "confidence head; use an image run)")
+        refuse({"filter": fraction}, f"a {cfg.kind}", " (the BayesDiff test filters generated images by "
+                                                     "the confidence head; use an image run)")
     _refuse_sampler(cfg, {"sampler": sampler, "score_mode": score_mode, **unused})
     recipe = IMAGE_RECIPES[cfg.recipe]
     if not make_head(recipe.head).has_confidence:

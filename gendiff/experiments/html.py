@@ -209,7 +209,12 @@ def run_report(out: str) -> str:
     for f in sorted(os.listdir(out)):
         if (f.startswith("eval-") or f == "likelihood.json") and f.endswith(".json"):
             parts.append(f"<h2>{html.escape(f)}</h2>" + _metrics_table(_read(os.path.join(out, f))))
-    if os.path.exists(os.path.join(out, "model.safetensors")) and not _is_image_run(out):
+    if os.path.exists(os.path.join(out, "reconstructions.png")):
+        parts.append("<h2>Reconstructions</h2><p>Test images (first row) and the VAE's reconstructions of "
+                     "their posterior mean (second row).</p>"
+                     + _img_bytes(open(os.path.join(out, "reconstructions.png"), "rb").read(),
+                                  "reconstructions.png", pixels=True))
+    if os.path.exists(os.path.join(out, "model.safetensors")) and read_config(out, "folder").kind == "toy":
         cfg, model = load_run(out)
         fig = phi_map(cfg, model)
         if fig is not None:
