@@ -16,9 +16,11 @@ Breakages tried (the test that catches each):
 - NoisyBatch.predict not passing source_sigma (scalings from σ, no s² anywhere): the same tests;
 - Denoiser.predict checking source_sigma > 0 (s = 0 refused): test_latent_loss_with_s_zero_is_the_pixel_loss;
 - Head.nll ignoring source_var (the total_sigma=False option without s²): the T7 and optimum tests;
-- WithSourceSigma taking c_noise from the total σ, or the scalings from σ: test_sampling_denoiser_choices;
+- Denoiser.predict taking c_noise from the total σ, or WithSourceSigma not passing s̄ (scalings from σ):
+  test_sampling_denoiser_choices;
 - _World.shard with its old fixed field list (source_sigma and latent_eps dropped):
   test_shard_keeps_every_batch_field.
+All of them were run (each caught by its test, then restored).
 """
 import math
 

@@ -5,7 +5,7 @@ of the weights, the per-channel normalisation to σ_data).
 Breakages tried (the test that catches each):
 - gaussian_kl without its −1, or with log s² for log s (test_kl_and_reconstruction_are_the_closed_forms);
 - gaussian_nll with σ_x instead of σ_x² in the quadratic term, ELBOLoss weighting the reconstruction
-  instead of the KL by β, or reading a fixed σ_x where pixel_std = 0 asks for the learned one (same test);
+  instead of the KL by β, or VAE.pixel_log_std ignoring the learned σ_x (same test);
 - ELBOLoss decoding s·ε without m (test_the_vae_round_trips_the_test_blobs: RMSE 0.53, the mean image's);
 - DataSource drawing latent_eps before ε instead of last (test_latent_eps_is_drawn_last_and_seeded);
 - load_latents not comparing the sha256 (the changed-VAE refusal in test_vae_run_from_the_cli);
@@ -13,6 +13,7 @@ Breakages tried (the test that catches each):
   normalise_by="sample" using Var m alone (test_channel_normalisation_by_mean_and_by_sample);
 - `gendiff eval RUN --steps 3` accepted on a VAE run, `gendiff sample` on one writing nothing and returning 0
   (test_vae_run_from_the_cli).
+All of them were run (each caught by its test, then restored).
 """
 import json
 import math
@@ -161,13 +162,33 @@ def test_channel_normalisation_by_mean_and_by_sample():
         channel_normalisation(m, s, 0.5, "median")
 
 
+@pytest.mark.parametrize("sets, match", [
+    (["model.channels=[]"], "model.channels=\\[\\] must list at least one level"),
+    (["model.kl_weight=-1"], "model.kl_weight=-1.0 must be >= 0"),
+    (["encode.normalise_by=median"], "encode.normalise_by='median' is not allowed"),
+    (["encode.sigma_data=0"], "encode.sigma_data=0.0 must be > 0"),
+    (["kind=images"], "kind='images' does not match"),
+    (["recipe=edm"], "unknown key 'recipe'"),
+])
+def test_bad_vae_config_is_one_clear_error(sets, match):
+    with pytest.raises(ValueError, match=match):
+        resolve("vae-tiny", sets=sets)
+
+
+def test_a_vae_config_file_picks_the_vae_default_preset(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('kind = "vae"\n[train]\nbatch = 32\n')
+    cfg = resolve(toml_path=str(path))
+    assert cfg.kind == "vae" and cfg.train.batch == 32 and cfg.model == resolve("vae-mnist").model
+
+
 def test_vae_run_from_the_cli(blobs_npz, tmp_path, capsys):
     """`gendiff train --preset vae-tiny` makes a VAE run folder (config.toml, checkpoints, metrics.json with
     the reconstruction error and σ_vae quantiles per channel, reconstructions.png); a resume from the step-4
     checkpoint ends bit for bit on the same weights; `gendiff encode RUN` writes latents.safetensors whose
     normalised m has per-channel mean 0 and std σ_data on the training split, s scaled by the same a_c, the
     normalisation inverted by to_vae; changed VAE weights make it refuse to load; commands that do not apply
-    are one-line errors (exit 2)."""
+    are one-line errors (exit 2); `gendiff eval` and `gendiff report` work on it."""
     run = str(tmp_path / "run")
     sets = ["--set", "data.name=npz", "--set", f"data.path={blobs_npz}"]
     assert main(["train", "--preset", "vae-tiny", *sets, "--out", run, "--no-progress"]) == 0
@@ -222,3 +243,5 @@ def test_vae_run_from_the_cli(blobs_npz, tmp_path, capsys):
         assert what in err and err.count("\n") == 1, err
     assert main(["eval", run, "--samples", "8"]) == 0
     assert json.load(open(os.path.join(run, "eval-recon-8-seed0.json")))["test_images"] == 8
+    assert main(["report", run]) == 0
+    assert "Reconstructions" in open(os.path.join(run, "index.html")).read()
