@@ -169,6 +169,7 @@ def test_channel_normalisation_by_mean_and_by_sample():
     (["encode.sigma_data=0"], "encode.sigma_data=0.0 must be > 0"),
     (["kind=images"], "kind='images' does not match"),
     (["recipe=edm"], "unknown key 'recipe'"),
+    (["train.compile=true"], "a VAE run trains uncompiled"),
 ])
 def test_bad_vae_config_is_one_clear_error(sets, match):
     with pytest.raises(ValueError, match=match):

@@ -275,6 +275,9 @@ class VAERunConfig:
         check_positive("seed", self.seed, integer=True, allow_zero=True)
         for part in (self.data, self.model, self.train, self.checkpoint, self.eval, self.encode):
             part.validate()
+        if self.train.compile:
+            raise ValueError("train.compile=true compiles a diffusion model's backbone; a VAE run trains "
+                             "uncompiled (set train.compile=false)")
         return self
 
 
