@@ -84,7 +84,7 @@ def test_cli_chooses_the_ddpm_variance_for_eval_and_likelihood(blobs, tmp_path, 
     for v in ("phi", "analytic", "beta_tilde"):
         assert main(["likelihood", out, "--method", "ddpm-bound", "--variance", v, "--steps", "5",
                      "--points", "2"]) == 0
-        m = json.load(open(os.path.join(out, f"likelihood-ddpm-{v}-5.json")))
+        m = json.load(open(os.path.join(out, f"likelihood-ddpm-{v}-5-seed0.json")))
         assert m["ddpm_variance"] == v and m["ddpm_process_steps"] == 5 and m["bpd_ddpm_bound_steps"] == 4
         assert m["bpd_images"] == 2 and m["bpd_ddpm_bound_se_steps"] == 0
         assert 0 < m["bpd_ddpm_bound"] < math.inf        # β̃ at 5 steps: ~4000 for this untrained model

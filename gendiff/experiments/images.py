@@ -601,7 +601,7 @@ def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, met
     """Bits/dim of `points` test images (default eval.likelihood_images, at least 1): PF-ODE with Hutchinson's
     divergence (T31), plus DDPM's bound for DDPM recipes; writes RUN/likelihood.json. method="ddpm-bound":
     DDPM's bound alone, for any run, with the reverse variance `variance` on `steps` respaced steps
-    (ddpm_variance.ddpm_bound); writes RUN/likelihood-ddpm-<variance>-<steps>.json."""
+    (ddpm_variance.ddpm_bound); writes RUN/likelihood-ddpm-<variance>-<steps>-seed<seed>.json."""
     refuse(unused, "an image")
     if method not in ("hutchinson", "ddpm-bound"):
         raise ValueError(f"--method={method!r}: the exact divergence of an image model costs one backward "
@@ -614,8 +614,9 @@ def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, met
     if method == "ddpm-bound":
         m = ddpm_bound(model, replace(cfg, seed=seed), x8, _num_classes(model), variance=variance,
                        steps=steps or 0, x_train=load_images(cfg.data, "train").to_tensor())
-        tag = f"likelihood-ddpm-{m['ddpm_variance']}-{m['ddpm_process_steps']}"
-        save_json(m, os.path.join(out, tag + ".json"))
+        m["seed"] = seed
+        save_json(m, os.path.join(out, f"likelihood-ddpm-{m['ddpm_variance']}-{m['ddpm_process_steps']}-"
+                                       f"seed{seed}.json"))
         return m
     m = bits_per_dim(model, replace(cfg, seed=seed), x8, _num_classes(model))
     save_json(m, os.path.join(out, "likelihood.json"))
