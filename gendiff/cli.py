@@ -18,6 +18,7 @@ from .checks import check_choice
 from .data.images import fetch
 from .experiments.ablate import GUIDES, AblateConfig, quick, run_seeds
 from .experiments.config import PRESETS, resolve, to_toml
+from .experiments.ddpm_variance import DDPM_VARIANCE_CHOICES
 from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
 from .experiments.images import resolve_device, run_table
@@ -193,9 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--steps", type=_positive_int("--steps"),
                        help="sampler steps (default: the run's sampler.steps for toy runs; its "
                        "eval.sampler_steps or its recipe's default for images)")
-        x.add_argument("--sampler", choices=sorted(GRID_SAMPLERS),
+        x.add_argument("--sampler", choices=[*sorted(GRID_SAMPLERS), "ddpm"],
                        help="toy runs: any σ-grid sampler (default "
-                       "heun); image runs use their recipe's sampler")
+                       "heun); image runs: their recipe's sampler, or ddpm (DDPM ancestral sampling on "
+                       "--steps respaced steps, any run)")
+        x.add_argument("--variance", choices=DDPM_VARIANCE_CHOICES,
+                       help="image runs sampling with DDPM: the reverse variance (T38): beta, beta_tilde "
+                       "(default), v (the learned-variance recipe's, its default), phi (β̃ + "
+                       "c_0²·Var[x0 | x_t] per pixel from a confidence head), analytic (one v̄_t per step, "
+                       "Analytic-DPM)")
         x.add_argument("--score-mode", choices=SCORE_MODES, help="toy runs: T13 (tweedie, default) or T14")
         x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"),
                        help="class-conditional image runs: "
@@ -233,9 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--points", type=_positive_int("--points"),
                     help="held-out points (toy, default 512) or test "
                     "images (images, default eval.likelihood_images)")
-    lk.add_argument("--method", choices=("exact", "hutchinson"),
+    lk.add_argument("--method", choices=("exact", "hutchinson", "ddpm-bound"),
                     help="divergence (default: exact for toy runs, "
-                    "hutchinson for images)")
+                    "hutchinson for images); ddpm-bound: image runs, DDPM's bound alone, with --variance and "
+                    "--steps")
+    lk.add_argument("--variance", choices=DDPM_VARIANCE_CHOICES,
+                    help="--method ddpm-bound: the reverse variance, as gendiff eval's --variance")
+    lk.add_argument("--steps", type=_positive_int("--steps"),
+                    help="--method ddpm-bound: respaced DDPM steps (default: all 1000, 50 of them drawn)")
     lk.add_argument("--seed", type=_number("--seed", int, 0), default=0,
                     help="seed of the held-out points (toy) or "
                     "of the dequantisation and Hutchinson probes (images: the first --points test images)")
@@ -252,7 +264,7 @@ def _sample(args) -> int:
     cfg, model = load_run(args.run, args.weights)
     dest = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
     info = kind_of(cfg).sample_run(args.run, cfg, model, samples=args.samples, dest=dest, seed=args.seed,
-                                   **_given(args, "steps", "batch", "sampler", "score_mode",
+                                   **_given(args, "steps", "batch", "sampler", "score_mode", "variance",
                                             "cfg_weight", "label"))
     print(f"{args.run}: {info['samples']} samples ({info['sampler']}, NFE {info['nfe']}, seed {args.seed}: "
           f"sample i from seed ({args.seed}, i)) in {dest}")
@@ -268,14 +280,14 @@ def _eval(args) -> int:
         if getattr(args, name) is not None:
             raise ValueError(f"--{name.replace('_', '-')} goes with --filter FRACTION (the BayesDiff test)")
     m = kind.eval_run(args.run, cfg, model, seed=args.seed, weights=args.weights,
-                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight"))
+                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance"))
     print(kind.eval_summary(args.run, m))
     return 0
 
 
 def _filter(args, cfg, model) -> int:
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
-    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight")
+    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance")
     if args.filter_subsets is not None:
         over["subsets"] = args.filter_subsets
     if args.filter_sigmas is not None:
@@ -294,7 +306,8 @@ def _filter(args, cfg, model) -> int:
 def _likelihood(args) -> int:
     cfg, model = load_run(args.run)
     kind = kind_of(cfg)
-    m = kind.likelihood_run(args.run, cfg, model, seed=args.seed, **_given(args, "points", "method"))
+    m = kind.likelihood_run(args.run, cfg, model, seed=args.seed,
+                            **_given(args, "points", "method", "variance", "steps"))
     print(kind.likelihood_summary(args.run, m))
     return 0
 

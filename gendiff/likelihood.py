@@ -13,8 +13,10 @@ split into its three terms, for any VE-space denoiser D(x̃, σ̃) (T2) and any 
 
 `log_likelihood(D, x)`: log p_{σ_min}(x) through the probability-flow ODE (T15, T31), exact or Hutchinson
 divergence, torchdiffeq's adaptive solver. `ddpm_vlb(D, x, ddpm)`: the discrete DDPM bound, every step summed
-(or an unbiased subsample), Σ_t = β̃_t, β_t or IDDPM's learned interpolation (T26), Gaussian or discretised
-decoder (T27). `bits_per_dim`, `dequantize`, `nll_8bit_to_bits_per_dim`: units and the 8-bit volume term.
+(or an unbiased subsample), Σ_t = β̃_t, β_t, IDDPM's learned interpolation (T26), or T38's
+β̃_t + c_0²·Var[x0 | x_t] (per element from the head, or Analytic-DPM's one number per step), Gaussian or
+discretised decoder (T27). `bits_per_dim`, `dequantize`, `nll_8bit_to_bits_per_dim`: units and the 8-bit
+volume term.
 `confidence_nll_curve(D, x, sigmas)`: the model's own −log q(x0 | x̃) per σ (T8, T10), a diagnostic.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torchdiffeq import odeint
 
 from .checks import check_choice, check_ordered, check_positive
+from .process import DDPM_VARIANCES
 
 
 def continuous_elbo(denoiser, x: torch.Tensor, schedule, *, generator=None, stratified: bool = True) -> dict:
@@ -68,7 +71,7 @@ BIN = 2 / 255                               # the width of one 8-bit bin in [−
 PF_METHODS = ("exact", "hutchinson")
 PF_TIMES = ("log_sigma", "sigma")
 ODE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")   # torchdiffeq's adaptive ones
-VLB_VARIANCES = ("beta_tilde", "beta")
+VLB_VARIANCES = DDPM_VARIANCES               # Σ_t: beta, beta_tilde, phi, analytic (T24, T38); v: T26
 VLB_DECODERS = ("gaussian", "discretized")
 DECODER_VARIANCES = ("beta", "beta_tilde")   # Σ_1 of a fixed-variance DDPM: β_1, or β̃_1 clipped to β̃_2
 
@@ -281,46 +284,24 @@ def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> t
 
 # ---- the discrete DDPM variational bound (T23, T24, T26, T27) -------------------------------------
 
-def _ddpm_x0_hat(denoiser, z: torch.Tensor, ddpm, t: int, model_dtype) -> torch.Tensor:
-    """The denoiser's estimate of x0 from the DDPM latent z = √ᾱ_t x0 + √(1 − ᾱ_t) ε (T23) through the VE map
-    T2: x̃ = z/√ᾱ_t, σ̃ = √((1 − ᾱ_t)/ᾱ_t) (one scalar σ̃ for the batch)."""
-    ab, om = ddpm.alpha_bar[t].item(), ddpm.one_minus_alpha_bar[t].item()
-    sig = torch.tensor(math.sqrt(om / ab), dtype=model_dtype, device=z.device)
-    with torch.no_grad():
-        return denoiser((z / math.sqrt(ab)).to(model_dtype), sig).to(F64)
-
-
 def _gauss_kl(m1, v1, m2, v2) -> torch.Tensor:
     """KL(N(m1, v1) ‖ N(m2, v2)) per element: ½[log(v2/v1) + (v1 + (m1 − m2)²)/v2 − 1]."""
     return 0.5 * (torch.log(v2 / v1) + (v1 + (m1 - m2).square()) / v2 - 1)
 
 
-def _decoder_log_variance(ddpm) -> float:
-    """log β̃_1 as DDPM's and IDDPM's code take it: β̃_1 = 0 clipped to β̃_2 (T24); log β_1 when T = 1."""
-    if ddpm.T < 2:
-        return math.log(ddpm.betas[1].item())
-    om = ddpm.one_minus_alpha_bar
-    return math.log(ddpm.betas[2].item() * om[1].item() / om[2].item())
-
-
-def _model_variance(ddpm, t: int, variance: str, v, z):
-    """Σ_t of p_θ(x_{t−1} | x_t) (T24, T26): β_t, β̃_t, or IDDPM's exp(v·log β_t + (1 − v)·log β̃_t)."""
-    beta = ddpm.betas[t].item()
-    beta_tilde = beta * ddpm.one_minus_alpha_bar[t - 1].item() / ddpm.one_minus_alpha_bar[t].item()
-    if v is not None:
-        vt = torch.as_tensor(v(z, t)).to(F64)
-        return torch.exp(vt * math.log(beta) + (1 - vt) * math.log(beta_tilde)).expand_as(z)
-    return torch.full_like(z, beta if variance == "beta" else beta_tilde)
-
-
 def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", decoder: str = "gaussian",
-             v=None, steps: int | None = None, generator=None, decoder_variance: str = "beta") -> dict:
+             v=None, x0_var=None, steps: int | None = None, generator=None,
+             decoder_variance: str = "beta") -> dict:
     """DDPM's variational bound on −log p(x0) (Ho et al. 2020 eq. 5; THEORY T23, T24, T26, T27), per example.
 
     The model: p(x_T) = N(0, I), p_θ(x_{t−1} | x_t) = N(μ_θ, Σ_t) with μ_θ = T24's posterior mean with x0
-    replaced by x̂0 = D(x_t/√ᾱ_t, √((1 − ᾱ_t)/ᾱ_t)) (the VE map T2), and Σ_t = β̃_t (variance="beta_tilde")
-    or β_t ("beta") (T24), or IDDPM's learned Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) (T26) when a callable
-    `v(z_t, t) -> tensor like x` is given (it then overrides `variance`). Terms in nats, [N] each:
+    replaced by x̂0 = D(x_t/√ᾱ_t, √((1 − ᾱ_t)/ᾱ_t)) (the VE map T2), and Σ_t as the sampler takes it
+    (`DDPM.reverse_step`, one denoiser evaluation per step for x̂0 and Σ_t): β̃_t (variance="beta_tilde") or
+    β_t ("beta") (T24); T38's β̃_t + c_0²·Var[x0 | x_t] with the head's per-element (σ_φ² − σ̃²)⁺ ("phi",
+    from `denoiser.predict`) or Analytic-DPM's one number per step ("analytic", x0_var = v̄ [T + 1] from
+    `process.analytic_variances`); or IDDPM's learned Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) (T26) when a
+    callable `v(z_t, t) -> tensor like x` is given (with the default `variance`). A `ddpm.respaced(k)` gives
+    the bound of the k-step model (its β', β̃', ᾱ'). Terms in nats, [N] each:
     - prior: KL(q(x_T | x0) ‖ N(0, I)) = ½Σ[(1 − ᾱ_T) + ᾱ_T x0² − 1 − log(1 − ᾱ_T)] (T23), exact;
     - diffusion: Σ_{t=2}^{T} KL(q(x_{t−1} | x_t, x0) ‖ p_θ(x_{t−1} | x_t)), each KL Gaussian in closed form
       at one draw x_t ~ q(x_t | x0) per t (fresh for every t, from `generator`). Every step is summed unless
@@ -337,12 +318,15 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
       Var[x0 | x_1] ≈ β_1 (the bound then tightens to the NLL as T grows; β̃_2 → β_1/2 does not), while for
       8-bit images whose pixels sit on a bin edge (MNIST's −1 background) the narrower β̃_2 puts more mass in
       the right bin. Both reconstructions are returned (`reconstruction_by_variance`, from the same x̂0);
+      phi and analytic decode with their own T38 variance at t = 1, Var[x0 | x_1] floored at β̃_2
+      (`DDPM.reverse_variance`), which for the exact model of continuous Gaussian data makes the whole
+      bound −log p(x0) + KL(q(x_T) ‖ N(0, I)) (tested);
       decoder="gaussian": the density N(x0; x̂0, Σ_1) (continuous data, e.g. the 2-D toys);
       "discretized": the 8-bit probability `discretized_gaussian_log_prob` (x0 = 2k/255 − 1).
     Plus `total` (the sum with `decoder_variance`'s reconstruction, ≥ −log p_θ(x0)), `bits_per_dim` =
     total/(d·ln 2) (a density for "gaussian", a probability of the 8-bit data for "discretized"),
     `reconstruction_by_variance` ({"beta": [N], "beta_tilde": [N]} for a fixed variance; None with a learned
-    v, whose decoder is its own), and `step_var` (a float64 scalar): the variance that
+    v, phi or analytic, whose decoder is their own), and `step_var` (a float64 scalar): the variance that
     drawing k of the T − 1 steps adds to the batch mean of `diffusion` (and `total`), which the spread over
     examples does not show since the batch shares one draw: S ⊂ {2..T} is a simple random sample without
     replacement, so Var[(T − 1)/k·Σ_{t∈S} μ_t] = (T − 1)²·(1 − k/(T − 1))·s²/k, with s² the variance
@@ -351,11 +335,9 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
     √(Var_examples(total)/N + step_var). All arithmetic in float64; the denoiser runs in x's dtype with one
     scalar σ̃ per step.
     """
-    check_choice("variance", variance, VLB_VARIANCES)
+    ddpm.check_reverse_variance(variance, denoiser=denoiser, x0_var=x0_var, v=v)
     check_choice("decoder", decoder, VLB_DECODERS)
     check_choice("decoder_variance", decoder_variance, DECODER_VARIANCES)
-    if v is not None and not callable(v):
-        raise ValueError(f"v={v!r} must be a callable (z_t, t) -> tensor like x (IDDPM's interpolation, T26)")
     T = ddpm.T
     if steps is not None:
         check_positive("steps", steps, integer=True)
@@ -383,12 +365,16 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
         ts, weight = sorted(perm.tolist()), (T - 1) / steps
     diffusion = torch.zeros(n, dtype=F64, device=x0.device)
     step_means = []                                                # batch-mean KL_t of each step drawn
+    def reverse(z, t):                                             # x̂0 and Σ_t of p_θ(x_{t−1} | x_t)
+        with torch.no_grad():
+            return ddpm.reverse_step(denoiser, z, t, variance, x0_var=x0_var, v=v, model_dtype=model_dtype)
+
     for t in ts:
         z = latent(t)
         mean_q, var_q = ddpm.posterior(z, x0, t)                    # T24
-        mean_p, _ = ddpm.posterior(z, _ddpm_x0_hat(denoiser, z, ddpm, t, model_dtype), t)
-        var_p = _model_variance(ddpm, t, variance, v, z)
-        kl = _sum_dims(_gauss_kl(mean_q, var_q.expand_as(z), mean_p, var_p))
+        x0_hat, var_p = reverse(z, t)
+        mean_p, _ = ddpm.posterior(z, x0_hat, t)
+        kl = _sum_dims(_gauss_kl(mean_q, var_q.expand_as(z), mean_p, var_p.expand_as(z)))
         diffusion = diffusion + weight * kl
         step_means.append(kl.mean())
     step_var = torch.zeros((), dtype=F64)
@@ -396,21 +382,19 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
         s2 = torch.stack(step_means).var().cpu() if steps > 1 else torch.tensor(math.nan, dtype=F64)
         step_var = (T - 1) ** 2 * (1 - steps / (T - 1)) * s2 / steps
 
-    z1 = latent(1)
-    x0_hat = _ddpm_x0_hat(denoiser, z1, ddpm, 1, model_dtype)      # μ_θ(x_1, 1) (T24 with ᾱ_0 = 1)
-    log_b1, log_bt1 = math.log(ddpm.betas[1].item()), _decoder_log_variance(ddpm)   # log β_1, log β̃_2
+    x0_hat, var1 = reverse(latent(1), 1)                           # μ_θ(x_1, 1) = x̂0 (T24 with ᾱ_0 = 1), Σ_1
 
     def decode(var1):                                              # −log p(x0 | x_1) per example
+        var1 = var1.expand_as(x0_hat)
         if decoder == "gaussian":
             return 0.5 * _sum_dims(LOG_2PI + var1.log() + (x0 - x0_hat).square() / var1)
         return -_sum_dims(discretized_gaussian_log_prob(x0, x0_hat, var1.sqrt()))
     by_variance = None
-    if v is not None:                                              # the learned Σ_θ(1) the hybrid loss trains
-        v1 = torch.as_tensor(v(z1, 1)).to(F64)
-        recon = decode(torch.exp(v1 * log_b1 + (1 - v1) * log_bt1).expand_as(x0_hat))
-    else:
-        by_variance = {name: decode(torch.full_like(x0_hat, math.exp(lv)))
-                       for name, lv in zip(DECODER_VARIANCES, (log_b1, log_bt1))}
+    if v is not None or variance in ("phi", "analytic"):          # its own Σ_1: learned Σ_θ(1), or T38's
+        recon = decode(var1)
+    else:                                                          # fixed: β_1 or β̃_2 (β̃_1 clipped)
+        by_variance = {name: decode(torch.tensor(ddpm.reverse_variance(1, name), dtype=F64, device=x0.device))
+                       for name in DECODER_VARIANCES}
         recon = by_variance[decoder_variance]
     total = prior + diffusion + recon
     return {"prior": prior, "diffusion": diffusion, "reconstruction": recon, "total": total,

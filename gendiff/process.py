@@ -4,6 +4,11 @@ THEORY §1 (T1, T2) and §6 (T23, T24). A process is z = α(t)·x0 + σ(t)·ε w
 x̃ = z/α, σ̃ = σ/α = exp(−λ/2) turns it into x̃ = x0 + σ̃·ε (T2), so one VE denoiser D(x̃, σ̃) → x0
 serves VE, VP, flow matching and DDPM alike (VDM++ §2): `Process.denoise(D, z, t)`.
 
+DDPM's reverse step p(x_{t−1} | x_t) = N(μ, Σ_t) is chosen in one place for the sampler and the bound:
+`DDPM.reverse_step` (x̂0 and Σ_t from one denoiser evaluation) and `DDPM.reverse_variance` (Σ_t = β, β̃, IDDPM's
+learned v, or T38's β̃ + c_0²·Var[x0 | x_t] per element from the head, "phi", or one number per step,
+"analytic", Analytic-DPM's v̄_t from `analytic_variances`).
+
 Time t is a scalar or one value per example `[N]` (a per-element tensor also broadcasts); λ decreases
 with t. Continuous processes use t ∈ [0, 1]; DDPM uses its step index t ∈ {0, 1, …, T} (T23).
 Python numbers become float64 tensors; tensors keep their floating dtype.
@@ -155,6 +160,7 @@ class FlowMatching(Process):
 
 
 DDPM_SCHEDULES = ("linear", "cosine")
+DDPM_VARIANCES = ("beta", "beta_tilde", "phi", "analytic")   # Σ_t of the reverse step (T24, T38; v: T26)
 
 
 def _lerp_table(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -252,6 +258,98 @@ class DDPM(Process):
     def sigma(self, t):
         return torch.exp(F.logsigmoid(-self.lam(t)) / 2)  # √(1 − ᾱ_t)
 
+    def _beta_tilde(self, t: int) -> float:
+        """β̃_t (T24); at t = 1, where β̃_1 = 0, DDPM's and IDDPM's code clip it to β̃_2 (β_1 when T = 1)."""
+        if t == 1:
+            return float(self.betas[1]) if self.T < 2 else self._beta_tilde(2)
+        return float(self.betas[t] * self.one_minus_alpha_bar[t - 1] / self.one_minus_alpha_bar[t])
+
+    def check_reverse_variance(self, variance: str, *, denoiser=None, x0_var=None, v=None) -> None:
+        """ValueError unless (variance, x0_var, v) choose one Σ_t of `reverse_variance` and the denoiser can
+        give it: v (IDDPM, T26) replaces the default variance; phi needs `denoiser.predict`; analytic needs
+        x0_var = v̄_t, one value ≥ 0 per step t = 0..T of this process (`analytic_variances`)."""
+        check_choice("variance", variance, DDPM_VARIANCES)
+        if v is not None and not callable(v):
+            raise ValueError(f"v={v!r} must be a callable (z_t, t) -> v for the learned variance (T26)")
+        if v is not None and variance != "beta_tilde":
+            raise ValueError(f"v= (the learned variance, T26) replaces variance={variance!r}; give one of "
+                             "them")
+        if variance == "phi" and denoiser is not None and not hasattr(denoiser, "predict"):
+            raise ValueError("variance='phi' needs a denoiser with predict() (σ_φ from a confidence head, or "
+                             "the head-less c_var); this one has none")
+        if (variance == "analytic") != (x0_var is not None):
+            raise ValueError("x0_var= (Analytic-DPM's v̄_t, from analytic_variances) goes with "
+                             f"variance='analytic' and only with it; got variance={variance!r} and "
+                             f"x0_var={'none' if x0_var is None else 'a table'}")
+        if x0_var is not None:
+            tab = torch.as_tensor(x0_var)
+            if tab.shape != (self.T + 1,) or not bool(torch.all(torch.isfinite(tab) & (tab >= 0))):
+                raise ValueError(f"x0_var must hold one finite v̄_t >= 0 per step t = 0..T of this process, "
+                                 f"shape ({self.T + 1},); got shape {tuple(tab.shape)}")
+
+    def reverse_variance(self, t: int, variance: str = "beta_tilde", *, x0_var=None, v=None):
+        """Σ_t of the reverse step p(x_{t−1} | x_t) = N(μ, Σ_t) at integer t ∈ 1..T, from this process's
+        own tables (a `respaced` one: its β', β̃', ᾱ'). The one selection the sampler and the bound share:
+        - beta: β_t; beta_tilde: β̃_t (T24);
+        - v given (IDDPM, T26; a tensor or number): exp(v·log β_t + (1 − v)·log β̃_t);
+        - phi, analytic (T38): β̃_t + c_0²·x0_var with c_0 = √ᾱ_{t−1}·β_t/(1 − ᾱ_t) (T24's x0 coefficient)
+          and x0_var = Var[x0 | x_t]: per element (the head's σ_φ² − σ̃_t², phi) or one number per step
+          (Analytic-DPM's v̄_t, analytic; Bao et al. 2022 in x0 form).
+        At t = 1 (the decoder p(x0 | x_1); the sampler adds no noise there) β̃_1 = 0 is clipped to β̃_2 as
+        DDPM's and IDDPM's code do, and T38's Σ_1 = c_0²·Var[x0 | x_1] (c_0 = 1) is floored at that β̃_2: kept
+        exactly where it is above, never below what the fixed and learned decoders can reach.
+        Returns a float, or a tensor for a tensor v or x0_var."""
+        check_choice("variance", variance, DDPM_VARIANCES)
+        b, bt = float(self.betas[t]), self._beta_tilde(t)
+        if v is not None:
+            return torch.exp(v * math.log(b) + (1 - v) * math.log(bt)) if torch.is_tensor(v) else \
+                math.exp(v * math.log(b) + (1 - v) * math.log(bt))
+        if variance in ("beta", "beta_tilde"):
+            return b if variance == "beta" else bt
+        if x0_var is None:
+            raise ValueError(f"variance={variance!r} needs x0_var = Var[x0 | x_t] (T38)")
+        c0 = math.sqrt(float(self.alpha_bar[t - 1])) * b / float(self.one_minus_alpha_bar[t])
+        var = (0.0 if t == 1 else bt) + c0**2 * x0_var                        # β̃_1 = 0 in T38 itself
+        if t > 1:
+            return var
+        return var.clamp_min(bt) if torch.is_tensor(var) else max(var, bt)
+
+    def reverse_step(self, denoiser, z: torch.Tensor, t: int, variance: str = "beta_tilde", *, x0_var=None,
+                     v=None, model_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂0, Σ_t) of p(x_{t−1} | x_t) at the DDPM latent z = x_t, integer t ∈ 1..T, from one denoiser
+        evaluation: x̂0 = D(z/√ᾱ_t, σ̃_t), σ̃_t = √((1 − ᾱ_t)/ᾱ_t) (T2), and Σ_t = `reverse_variance`: phi reads
+        Var[x0 | x_t] = (σ_φ² − σ̃_t²)⁺ (T8) from the same `denoiser.predict` call; analytic reads x0_var[t];
+        a learned v(z, t) is called after the denoiser (a v head that keeps its last G costs nothing more).
+        The denoiser runs in model_dtype (default z's) with a float σ̃; x̂0 and Σ_t come back in z's dtype,
+        Σ_t broadcastable to z (a v of one value per example [N] becomes [N, 1, …]). Arguments as checked by
+        `check_reverse_variance`."""
+        ab, om = float(self.alpha_bar[t]), float(self.one_minus_alpha_bar[t])
+        sig = math.sqrt(om / ab)
+        x_in = (z / math.sqrt(ab)).to(model_dtype or z.dtype)
+        post = None
+        if variance == "phi":
+            pred = denoiser.predict(x_in, sig)
+            x0 = pred.mu.to(z.dtype)
+            post = (pred.variance().to(z.dtype) - sig**2).clamp_min(0)
+        else:
+            x0 = denoiser(x_in, sig).to(z.dtype)
+            if variance == "analytic":
+                post = float(torch.as_tensor(x0_var)[t])
+        vt = None
+        if v is not None:
+            vt = torch.as_tensor(v(z, t)).to(device=z.device, dtype=z.dtype)
+            if vt.ndim == 1 and z.ndim > 1:                              # one v per example: [N] → [N, 1, …]
+                vt = vt.reshape(-1, *([1] * (z.ndim - 1)))
+            try:
+                ok = torch.broadcast_shapes(vt.shape, z.shape) == z.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a "
+                                 "scalar")
+        var = self.reverse_variance(t, variance, x0_var=post, v=vt)
+        return x0, torch.as_tensor(var, dtype=z.dtype, device=z.device)
+
     def posterior(self, x_t: torch.Tensor, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """q(x_{t−1} | x_t, x0) = N(μ_q, β̃_t I) (T24) for integer steps t ∈ 1..T (scalar or [N]).
         Returns (mean shaped like x_t, variance broadcastable to x_t)."""
@@ -269,6 +367,39 @@ class DDPM(Process):
         c_t, c_0 = a.sqrt() * om_prev / om, ab_prev.sqrt() * b / om
         mean = _expand(c_t, x_t) * x_t + _expand(c_0, x_t) * x0
         return mean, _expand(b * om_prev / om, x_t)
+
+
+def analytic_variances(denoiser, x: torch.Tensor, ddpm: DDPM, *, generator=None,
+                       batch: int = 256) -> torch.Tensor:
+    """Analytic-DPM's one number per step (Bao et al. 2022): v̄_t = E‖x0 − x̂0(x_t)‖²/d, the mean squared error
+    of the denoiser's x̂0 over elements and the images `x` [N, ...] (training data), at each step's σ̃_t of
+    `ddpm` (a `respaced` one: its own steps), x̃ = x0 + σ̃_t·ε (T2). Returns a float64 tensor [T + 1] indexed by
+    step, v̄_0 = 0, for `reverse_variance(t, "analytic", x0_var=v̄)`: Σ_t = β̃_t + c_0²·v̄_t (T38).
+
+    Bao et al.'s optimal scalar variance is β̃_t + c_0²·E‖x0 − E[x0 | x_t]‖²/d, which they estimate from the
+    norm of the model's ε-prediction; here the squared error of x̂0 itself. For the exact model both are
+    the element-mean of Var[x0 | x_t]; for a model with mean x̂0, β̃_t + c_0²·v̄_t is the one scalar that
+    minimises the expected KL term of the bound (its optimum for that mean, T24). The noise is drawn per
+    step for all images at once from `generator` (default: seed 0), in float64 on the CPU, so the table does
+    not depend on `batch` (images per denoiser call); the denoiser runs in x's dtype with a float σ̃."""
+    check_positive("batch", batch, integer=True)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a batch [N, ...] of training data with N >= 1; got shape "
+                         f"{tuple(x.shape)}")
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    x64 = x.detach().to(torch.float64)
+    out = torch.zeros(ddpm.T + 1, dtype=torch.float64)
+    for t in range(1, ddpm.T + 1):
+        sig = math.sqrt(float(ddpm.one_minus_alpha_bar[t]) / float(ddpm.alpha_bar[t]))
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+        total = 0.0
+        for i in range(0, len(x), batch):
+            x_noisy = (x64[i:i + batch] + sig * eps[i:i + batch]).to(x.dtype)
+            with torch.no_grad():
+                mu = denoiser(x_noisy, sig).to(torch.float64)
+            total += float((mu - x64[i:i + batch]).square().sum())
+        out[t] = total / x.numel()
+    return out
 
 
 PROCESSES: dict[str, type[Process]] = {"ve": VE, "vp": VP, "flow": FlowMatching, "ddpm": DDPM}

@@ -18,6 +18,7 @@ import torch
 
 from .checks import check_choice, check_positive
 from .io import randn
+from .process import DDPM_VARIANCES  # noqa: F401  (re-exported: the choices of sample_ddpm's variance)
 
 
 def _randn(x, generator):
@@ -256,7 +257,6 @@ def sample_langevin(denoiser, x, sigmas, *, steps_per_scale: int = 100, step_lr:
 
 
 DDPM_RULES = ("x0", "eps", "score", "mu")
-DDPM_VARIANCES = ("beta", "beta_tilde", "phi")
 
 
 def _ddpm_x0(denoiser, z, ddpm, t: int):
@@ -266,26 +266,21 @@ def _ddpm_x0(denoiser, z, ddpm, t: int):
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_tilde", v=None, t_start=None,
-                generator=None, callback=None):
-    """DDPM ancestral sampling (T25) from the latent z_T ~ N(0, I) of `ddpm` (a process.DDPM), t = T … 1
-    (or from z at step `t_start` ≤ T, e.g. √ᾱ_t·x̃ with x̃ ~ p(x; σ̃_t), to start where the σ-grid samplers
-    do): x_{t−1} = mean + √Σ_t·z (no noise at t = 1). The mean by seed 004's update for each parameterisation,
-    all read from the one denoiser: x0: c_t·x_t + c_0·x̂0; eps: (x_t − β_t/√(1 − ᾱ_t)·ε̂)/√α_t;
-    score: (x_t + β_t·ŝ)/√α_t; mu: T24's posterior mean `ddpm.posterior(x_t, x̂0)` — equal up to rounding
-    (tested). Σ_t: beta (β_t), beta_tilde (β̃_t, T24), phi (β̃_t + c_0²·(σ_φ² − σ̃²): the confidence head's
-    posterior variance of x0 carried through the x0 coefficient c_0 = √ᾱ_{t−1}β_t/(1 − ᾱ_t)), or a learned
-    interpolation `v(z_t, t) -> v` (IDDPM, T26): Σ = exp(v·log β_t + (1 − v)·log β̃_t). Returns x_0 (data
-    units, ᾱ_0 = 1). NFE = t_start (T by default)."""
+def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_tilde", v=None, x0_var=None,
+                t_start=None, generator=None, callback=None):
+    """DDPM ancestral sampling (T25) from the latent z_T ~ N(0, I) of `ddpm` (a process.DDPM, or its
+    `respaced(k)`), t = T … 1 (or from z at step `t_start` ≤ T, e.g. √ᾱ_t·x̃ with x̃ ~ p(x; σ̃_t), to start
+    where the σ-grid samplers do): x_{t−1} = mean + √Σ_t·z (no noise at t = 1). The mean by seed 004's update
+    for each parameterisation, all read from the one denoiser: x0: c_t·x_t + c_0·x̂0; eps:
+    (x_t − β_t/√(1 − ᾱ_t)·ε̂)/√α_t; score: (x_t + β_t·ŝ)/√α_t; mu: T24's posterior mean
+    `ddpm.posterior(x_t, x̂0)` — equal up to rounding (tested). Σ_t (`DDPM.reverse_step`, shared with
+    `likelihood.ddpm_vlb`): beta (β_t), beta_tilde (β̃_t, T24), phi (T38: β̃_t + c_0²·(σ_φ² − σ̃²)⁺, the
+    confidence head's Var[x0 | x_t] per element through the x0 coefficient c_0 = √ᾱ_{t−1}β_t/(1 − ᾱ_t), from
+    the same `predict` call as the mean), analytic (T38 with Analytic-DPM's one number per step, x0_var =
+    `process.analytic_variances(...)`, [T + 1]), or a learned interpolation `v(z_t, t) -> v` (IDDPM, T26):
+    Σ = exp(v·log β_t + (1 − v)·log β̃_t). Returns x_0 (data units, ᾱ_0 = 1). NFE = t_start (T by default)."""
     check_choice("rule", rule, DDPM_RULES)
-    check_choice("variance", variance, DDPM_VARIANCES)
-    if v is not None and not callable(v):
-        raise ValueError(f"v={v!r} must be a callable (z_t, t) -> v for the learned variance (T26)")
-    if v is not None and variance != "beta_tilde":
-        raise ValueError(f"v= (the learned variance, T26) replaces variance={variance!r}; give one of them")
-    if variance == "phi" and not hasattr(denoiser, "predict"):
-        raise ValueError("variance='phi' needs a denoiser with predict() (σ_φ from a confidence head, or the "
-                         "head-less c_var); this one has none")
+    ddpm.check_reverse_variance(variance, denoiser=denoiser, x0_var=x0_var, v=v)
     t_start = ddpm.T if t_start is None else t_start
     _check_int("t_start", t_start, 1)
     if t_start > ddpm.T:
@@ -294,12 +289,7 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
         ab, om = float(ddpm.alpha_bar[t]), float(ddpm.one_minus_alpha_bar[t])
         a, b = float(ddpm.alphas[t]), float(ddpm.betas[t])
         ab_prev, om_prev = float(ddpm.alpha_bar[t - 1]), float(ddpm.one_minus_alpha_bar[t - 1])
-        sig_ve = math.sqrt(om / ab)
-        if variance == "phi":
-            pred = denoiser.predict(z / math.sqrt(ab), sig_ve)
-            x0 = pred.mu
-        else:
-            x0 = _ddpm_x0(denoiser, z, ddpm, t)
+        x0, var = ddpm.reverse_step(denoiser, z, t, variance, x0_var=x0_var, v=v)
         eps = (z - math.sqrt(ab) * x0) / math.sqrt(om)
         if rule == "x0":
             mean = (math.sqrt(a) * om_prev / om) * z + (math.sqrt(ab_prev) * b / om) * x0
@@ -309,27 +299,7 @@ def sample_ddpm(denoiser, z, ddpm, *, rule: str = "eps", variance: str = "beta_t
             mean = (z + b * (-eps / math.sqrt(om))) / math.sqrt(a)
         else:
             mean = ddpm.posterior(z, x0, t)[0]
-        beta_tilde = b * om_prev / om
-        if v is not None:
-            vt = torch.as_tensor(v(z, t), dtype=z.dtype)
-            if vt.ndim == 1 and z.ndim > 1:                          # one v per example: [N] → [N, 1, …]
-                vt = vt.reshape(-1, *([1] * (z.ndim - 1)))
-            try:
-                ok = torch.broadcast_shapes(vt.shape, z.shape) == z.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"v(z, t) has shape {tuple(vt.shape)}; need z's {tuple(z.shape)}, [N] or a "
-                                 "scalar")
-            var = torch.exp(vt * math.log(b) + (1 - vt) * math.log(max(beta_tilde, 1e-300)))
-        elif variance == "beta":
-            var = b
-        elif variance == "beta_tilde":
-            var = beta_tilde
-        else:
-            c0 = math.sqrt(ab_prev) * b / om
-            var = beta_tilde + c0**2 * (pred.variance() - sig_ve**2).clamp_min(0)
-        z = mean + (torch.sqrt(torch.as_tensor(var, dtype=z.dtype)) * _randn(z, generator) if t > 1 else 0)
+        z = mean + (torch.sqrt(var) * _randn(z, generator) if t > 1 else 0)
         if callback is not None:
             callback(t_start - t, z, math.sqrt(om_prev / ab_prev) if t > 1 else 0.0, x0)
     return z

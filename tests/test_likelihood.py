@@ -285,7 +285,7 @@ class KnowsX0:
 
 
 @pytest.mark.parametrize("variance,v", [("beta_tilde", None), ("beta", None), ("beta_tilde", 1.0),
-                                        ("beta", 0.0), ("beta", 0.3)])
+                                        ("beta_tilde", 0.0), ("beta_tilde", 0.3)])
 def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     """With x̂0 = x0: KL_t = ½d[log(Σ/β̃) + β̃/Σ − 1] (T24), Σ = β, β̃, or exp(v log β + (1 − v) log β̃)
     (T26); reconstruction ½d·log 2πΣ_1 (T27 with the Gaussian decoder; Σ_1 = β_1, or the learned one with β̃_2

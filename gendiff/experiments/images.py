@@ -31,13 +31,15 @@ from ..heads import make_head
 from ..image_metrics import (FID_BOOTSTRAP, class_counts, fid_with_sd, image_grid, mode_coverage,
                              precision_recall, uncertainty_grid)
 from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
-from ..likelihood import ddpm_vlb, dequantize, log_likelihood, nll_8bit_to_bits_per_dim
+from ..likelihood import dequantize, log_likelihood, nll_8bit_to_bits_per_dim
 from ..nets.classifier import batched, load_or_train_classifier
 from ..samplers import sample_ddpm, sample_heun
 from ..schedules import edm_sigmas
 from ..scores import CountCalls
 from .config import SIGMA_DATA_MEASURED, ImageRunConfig, to_toml
-from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
+from .ddpm_variance import (ANALYTIC_IMAGES, VLB_STEPS, analytic_table, ddpm_bound, ddpm_choice,
+                            ddpm_keywords, sampler_steps)
+from .recipes import DDPM_T, IMAGE_RECIPES, ddpm
 from .report import BY_SIGMA_TEXT, by_sigma_markdown
 from .runfolder import load_weights, read_config, read_json, refuse, start_run, train_in_folder, weights_tag
 
@@ -232,35 +234,17 @@ def _tail_mean(v, k=50):
 
 # ---- sampling: one seed per image ----------------------------------------------------------------------
 
-class _LastG(torch.nn.Module):
-    """A v-head denoiser for sample_ddpm: forward returns μ and keeps G, so the learned variance of the same
-    step (`v(z, t)`) costs no second network evaluation (T26)."""
-
-    def __init__(self, model, ddpm_process, head):
-        super().__init__()
-        self.model, self.ddpm, self.head, self.last = model, ddpm_process, head, None
-
-    def forward(self, x, sigma):
-        p = self.model.predict(x, sigma)
-        self.last = (float(torch.as_tensor(sigma).flatten()[0]), x.shape, self.head.interpolation(p))
-        return p.mu
-
-    def v(self, z, t):
-        ab, om = float(self.ddpm.alpha_bar[t]), float(self.ddpm.one_minus_alpha_bar[t])
-        s = math.sqrt(om / ab)
-        if self.last is None or self.last[1] != z.shape or abs(self.last[0] - s) > 1e-6 * s:
-            self.forward(z / math.sqrt(ab), s)
-        return self.last[2]
-
-
-def sampler_name(cfg: ImageRunConfig, steps: int = 0) -> str:
-    recipe = IMAGE_RECIPES[cfg.recipe]
-    steps = steps or cfg.eval.sampler_steps or (RESPACED if recipe.sampler == "ddpm" else HEUN_STEPS)
-    return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" if recipe.sampler == "ddpm" else f"Heun {steps}"
+def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=None) -> str:
+    use_ddpm, _ = ddpm_choice(cfg, sampler, variance)
+    steps = sampler_steps(cfg, steps, use_ddpm)
+    if not use_ddpm:
+        return f"Heun {steps}"
+    return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" + ("" if variance is None else f", Σ {variance}")
 
 
 def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
-                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None):
+                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None, sampler=None,
+                  variance=None, analytic_images: int = ANALYTIC_IMAGES):
     """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
     batches of `batch` (default eval.batch). Image i draws its start and all its noise
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
@@ -269,8 +253,11 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     CFG weight `w` (T33; None: the conditional model alone). guide: None, or a callable
     (denoiser, labels of the batch) -> denoiser wrapping the model for each batch (e.g.
     guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls. wrap: None, or a callable
-    denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore)."""
+    denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore).
+    sampler: None (the recipe's) or "ddpm": DDPM ancestral sampling for any run, with the reverse variance
+    `variance` (ddpm_variance.py: beta, beta_tilde, v, T38's phi and analytic)."""
     recipe = IMAGE_RECIPES[cfg.recipe]
+    use_ddpm, name = ddpm_choice(cfg, sampler, variance)
     batch = batch or cfg.eval.batch
     if guide is not None and (labels is None or len(labels) < n):
         raise ValueError(f"sample_images(guide=...) needs labels, one class per sample ({n}); got "
@@ -278,8 +265,11 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     shape = (model.net.img_channels, model.net.img_resolution, model.net.img_resolution)
     dev = next(model.parameters()).device
     counted, outs, start = CountCalls(model), [], time.perf_counter()
-    steps = steps or cfg.eval.sampler_steps or (RESPACED if recipe.sampler == "ddpm" else HEUN_STEPS)
-    process = ddpm().respaced(min(steps, DDPM_T)) if recipe.sampler == "ddpm" else None
+    steps = sampler_steps(cfg, steps, use_ddpm)
+    process = ddpm().respaced(min(steps, DDPM_T)) if use_ddpm else None
+    x0_var = (analytic_table(model, cfg, process, load_images(cfg.data, "train").to_tensor(),
+                             num_classes=num_classes, images=analytic_images, seed=seed)
+              if name == "analytic" else None)
     for i in range(0, n, batch):
         k = min(batch, n - i)
         g = StackedGenerator(seed, range(i, i + k))
@@ -294,17 +284,14 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                              enabled=cfg.train.precision == "bf16"):
             z = g.randn((k, *shape)).to(dev)
-            if recipe.sampler == "ddpm":
-                vfn = None
-                if recipe.head == "v":
-                    den = _LastG(den, process, model.head)
-                    vfn = den.v
-                x = sample_ddpm(den, z, process, rule=recipe.rule, v=vfn, generator=g)
+            if use_ddpm:
+                den, kw = ddpm_keywords(model, den, process, name, x0_var)
+                x = sample_ddpm(den, z, process, rule=recipe.rule, generator=g, **kw)
             else:
                 x = sample_heun(den, z * 80.0, edm_sigmas(steps, 0.002, 80.0, 7.0), generator=g)
         outs.append(x.float().clamp(-1, 1).cpu())
     nfe = counted.calls // math.ceil(n / batch)
-    return torch.cat(outs), {"sampler": sampler_name(cfg, steps), "nfe": nfe,
+    return torch.cat(outs), {"sampler": sampler_name(cfg, steps, sampler, variance), "nfe": nfe,
                              "sample_seconds": time.perf_counter() - start}
 
 
@@ -315,12 +302,13 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str, seed: int = 0,
                steps: int = 0,
                batch: int = 0, cfg_weight: float | None = None, label: int | None = None, sampler=None,
-               score_mode=None, **unused) -> dict:
+               score_mode=None, variance=None, **unused) -> dict:
     """`gendiff sample` on an image run: dest/000000.png … (one PNG per image), dest/samples.npz (uint8 images
     [N, C, H, W], the seed, each image's index i and labels) and dest/grid.png (the first 64). A conditional
     run samples classes 0, 1, … in turn (or only `label`), with CFG weight `cfg_weight`
-    (default: the conditional model alone)."""
-    _refuse_sampler(cfg, {"sampler": sampler, "score_mode": score_mode, **unused})
+    (default: the conditional model alone). sampler="ddpm", variance: as `sample_images`."""
+    _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
+    ddpm_choice(cfg, sampler, variance)
     recipe = IMAGE_RECIPES[cfg.recipe]
     num_classes = _num_classes(model)
     if not recipe.conditional and (cfg_weight is not None or label is not None):
@@ -332,7 +320,8 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
     if recipe.conditional:
         labels = torch.full((samples,), label) if label is not None else torch.arange(samples) % num_classes
     x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed,
-                            num_classes=num_classes, steps=steps, batch=batch)
+                            num_classes=num_classes, steps=steps, batch=batch, sampler=sampler,
+                            variance=variance)
     os.makedirs(dest, exist_ok=True)
     u8 = _to_uint8(x)
     for i, img in enumerate(u8):
@@ -450,7 +439,6 @@ def sample_metrics(clf, real: torch.Tensor, x: torch.Tensor, test, num_classes: 
 
 
 PF_ODE_SIGMA_MIN = 0.002   # the PF-ODE likelihood's σ_min, one for every row (bits_per_dim)
-VLB_STEPS = 50             # diffusion steps of the DDPM bound drawn at random out of T − 1 (bits_per_dim)
 
 
 def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
@@ -480,7 +468,7 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
     se = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
     g = generator(cfg.seed, "likelihood")
     y = dequantize(x8.double(), generator=g).float()
-    process, sigma_min = ddpm(), PF_ODE_SIGMA_MIN
+    sigma_min = PF_ODE_SIGMA_MIN
     start = time.perf_counter()
     logp, info = log_likelihood(den, y, sigma_min=sigma_min, method="hutchinson", rtol=1e-4, atol=1e-4,
                                 generator=g)
@@ -489,20 +477,7 @@ def bits_per_dim(model, cfg, x8: torch.Tensor, num_classes: int) -> dict:
            "bpd_pf_ode_sigma_min": sigma_min, "bpd_pf_ode_seconds": time.perf_counter() - start,
            "bpd_images": n}
     if obj.density_name == "ddpm":
-        v = None
-        if obj.head == "v":
-            lg = _LastG(den, process, model.head)
-            den, v = lg, lg.v
-        with torch.no_grad():
-            vlb = ddpm_vlb(den, x8, process, decoder="discretized", v=v, steps=VLB_STEPS, generator=g,
-                           decoder_variance="beta_tilde")
-        steps_se = math.sqrt(float(vlb["step_var"])) / (d * math.log(2))      # nats per image -> bits/dim
-        out.update(bpd_ddpm_bound=float(vlb["bits_per_dim"].mean()),
-                   bpd_ddpm_bound_se=math.hypot(se(vlb["bits_per_dim"]), steps_se),
-                   bpd_ddpm_bound_se_steps=steps_se, bpd_ddpm_bound_steps=VLB_STEPS)
-        if vlb.get("reconstruction_by_variance") is not None:          # a fixed-variance row: β_1 too
-            alt = vlb["total"] - vlb["reconstruction"] + vlb["reconstruction_by_variance"]["beta"]
-            out["bpd_ddpm_bound_beta1"] = float(alt.mean()) / (d * math.log(2))
+        out.update(ddpm_bound(model, cfg, x8, num_classes, generator_=g))
     return out
 
 
@@ -572,11 +547,13 @@ def uncertainty_figure(model, x0: torch.Tensor, path: str, seed: int = 0, sigmas
 
 def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: int = 0, seed: int = 0,
              cfg_weight: float | None = None, weights: str = "model.safetensors", sampler=None,
-             score_mode=None, **unused) -> dict:
+             score_mode=None, variance=None, **unused) -> dict:
     """FID / precision / recall / class counts of `samples` images (default eval.samples) of the run's model
     against the test split, with the feature classifier's accuracy; writes
-    RUN/eval-<steps>-<n>-<seed>.json."""
-    _refuse_sampler(cfg, {"sampler": sampler, "score_mode": score_mode, **unused})
+    RUN/eval-<steps>-<n>-<seed>.json (RUN/eval-ddpm-<variance>-<steps>-… with --sampler ddpm or --variance:
+    DDPM ancestral sampling with that reverse variance, `sample_images`)."""
+    _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
+    chosen, name = sampler is not None or variance is not None, ddpm_choice(cfg, sampler, variance)[1]
     recipe = IMAGE_RECIPES[cfg.recipe]
     if cfg_weight is not None and not recipe.conditional:
         raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
@@ -591,11 +568,13 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
     clf, real, acc = feature_classifier(cfg, test, train)
     labels = torch.arange(n) % test.num_classes if recipe.conditional else None
     x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed,
-                            num_classes=test.num_classes, steps=steps)
+                            num_classes=test.num_classes, steps=steps, sampler=sampler, variance=variance)
     m = {**info, "samples": n, "seed": seed, "cfg_weight": cfg_weight, "weights": weights,
+         **({"ddpm_variance": name} if chosen else {}),
          **classifier_metrics(acc, test.num_classes),
          **sample_metrics(clf, real, x, test, test.num_classes, seed)}
-    tag = f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}" + \
+    tag = (f"eval-ddpm-{name}-{sampler_steps(cfg, steps, True)}-{n}-seed{seed}" if chosen else
+           f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}") + \
         ("" if cfg_weight is None else f"-w{cfg_weight:g}") + weights_tag(weights)
     save_json(m, os.path.join(out, tag + ".json"))
     return m
@@ -618,15 +597,27 @@ def fid_text(m: dict, digits: int = 1) -> str:
 
 
 def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, method: str = "hutchinson",
-                   seed: int = 0, **unused) -> dict:
+                   seed: int = 0, variance: str | None = None, steps: int | None = None, **unused) -> dict:
     """Bits/dim of `points` test images (default eval.likelihood_images, at least 1): PF-ODE with Hutchinson's
-    divergence (T31), plus DDPM's bound for DDPM recipes; writes RUN/likelihood.json."""
+    divergence (T31), plus DDPM's bound for DDPM recipes; writes RUN/likelihood.json. method="ddpm-bound":
+    DDPM's bound alone, for any run, with the reverse variance `variance` on `steps` respaced steps
+    (ddpm_variance.ddpm_bound); writes RUN/likelihood-ddpm-<variance>-<steps>-seed<seed>.json."""
     refuse(unused, "an image")
-    if method != "hutchinson":
+    if method not in ("hutchinson", "ddpm-bound"):
         raise ValueError(f"--method={method!r}: the exact divergence of an image model costs one backward "
-                         "pass per pixel; image runs use --method hutchinson")
+                         "pass per pixel; image runs use --method hutchinson (PF-ODE) or ddpm-bound")
+    if method != "ddpm-bound" and (variance is not None or steps is not None):
+        raise ValueError("--variance and --steps choose the DDPM bound's reverse variance and respaced "
+                         "steps: give them with --method ddpm-bound")
     n = points or cfg.eval.likelihood_images or 64
     x8 = load_images(cfg.data, "test").to_tensor()[:n].to(next(model.parameters()).device)
+    if method == "ddpm-bound":
+        m = ddpm_bound(model, replace(cfg, seed=seed), x8, _num_classes(model), variance=variance,
+                       steps=steps or 0, x_train=load_images(cfg.data, "train").to_tensor())
+        m["seed"] = seed
+        save_json(m, os.path.join(out, f"likelihood-ddpm-{m['ddpm_variance']}-{m['ddpm_process_steps']}-"
+                                       f"seed{seed}.json"))
+        return m
     m = bits_per_dim(model, replace(cfg, seed=seed), x8, _num_classes(model))
     save_json(m, os.path.join(out, "likelihood.json"))
     return m
@@ -635,6 +626,9 @@ def likelihood_run(out: str, cfg: ImageRunConfig, model, *, points: int = 0, met
 def likelihood_summary(out: str, m: dict) -> str:
     extra = (f", DDPM bound {m['bpd_ddpm_bound']:.4f} ± {m['bpd_ddpm_bound_se']:.4f}"
              if "bpd_ddpm_bound" in m else "")
+    if "bpd_pf_ode" not in m:
+        return (f"{out}: bits/dim ↓ of {m['bpd_images']} test images: DDPM bound {m['bpd_ddpm_bound']:.4f} ± "
+                f"{m['bpd_ddpm_bound_se']:.4f} (Σ {m['ddpm_variance']}, {m['ddpm_process_steps']} steps)")
     return (f"{out}: bits/dim ↓ of {m['bpd_images']} test images: PF-ODE {m['bpd_pf_ode']:.4f} ± "
             f"{m['bpd_pf_ode_se']:.4f} (NFE {m['bpd_pf_ode_nfe']}){extra}")
 
