@@ -148,7 +148,8 @@ def shapes_npz(tmp_path_factory):
 
 def _cfg(path, recipe="confidence", *sets):
     return resolve("mnist-tiny", sets=["data.name=npz", f"data.path={path}", "model.attn_resolutions=[]",
-                                       f"recipe={recipe}", "eval.sampler_steps=8", *sets])
+                                       f"recipe={recipe}", "eval.sampler_steps=8", "train.sigma_data=0.5",
+                                       *sets])  # σ_data given: these tests build models without prepare
 
 
 def test_scores_do_not_depend_on_the_batch_split(shapes_npz):
