@@ -27,6 +27,7 @@ from .experiments.report import calibration_markdown, metrics_markdown, rerender
 from .experiments.runfolder import posthoc_run, read_config, start_run
 from .experiments.vae import encode_run, encode_summary
 from .mixture_eval import INITS
+from .precond import SOURCE_SCALINGS
 from .runtime import configured
 from .samplers import GRID_SAMPLERS
 from .scores import HYBRID_SIGMA, SCORE_MODES
@@ -131,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "metrics.json first)")
     r.add_argument("folder", help="a run folder (gendiff train) or a results folder (gendiff ablate)")
     t = sub.add_parser("train",
-                       help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, "
-                       "checkpoints); resumable",
+                       help="train one run (toy, images, a VAE, latent diffusion) in a run folder "
+                       "(config.toml, metrics.jsonl, checkpoints); resumable",
                        description="Configuration: a preset, then --config FILE.toml, then "
                        "each --set key=value (e.g. --set recipe=edm --set train.batch=512); the resolved "
                        "config is written to RUN/config.toml. Keys and defaults: `gendiff train "
@@ -143,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--config is "
                    "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on "
                    "a CPU / GPU budget; mnist-tiny: an image smoke run; vae-mnist: the VAE of latent "
-                   "diffusion (then gendiff encode RUN); vae-tiny: a VAE smoke run. Toy recipes (--set "
-                   "recipe=…): see gendiff ablate --help. Image recipes (--set recipe=… on an image preset): "
-                   + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
+                   "diffusion (then gendiff encode RUN); vae-tiny: a VAE smoke run; latent-mnist: diffusion "
+                   "in that VAE's latent space (--set latent.vae_run=RUN --set latent.mode=a|b|c, THEORY "
+                   "T36), at mnist-cpu's training compute; latent-tiny: a latent smoke run. Toy recipes "
+                   "(--set recipe=…): see gendiff ablate --help. Image recipes (--set recipe=… on an image "
+                   "preset): " + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
     t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key (repeatable)")
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"),
                        help="class-conditional image runs: "
                        "classifier-free guidance weight w (T33; default: the conditional model alone)")
+        x.add_argument("--sampling-sigma", choices=SOURCE_SCALINGS,
+                       help="latent runs of THEORY T36 mode c: the denoiser's scalings from the diffusion σ "
+                       "(diffusion) or from √(σ² + s̄²), s̄ the per-channel mean VAE std (total); default "
+                       "latent.sampling_sigma")
         x.add_argument("--weights", default="model.safetensors",
                        help="weights file in the run folder (e.g. a "
                        "post-hoc EMA written by gendiff posthoc-ema)")
@@ -253,7 +260,7 @@ def _sample(args) -> int:
     dest = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
     info = kind_of(cfg).sample_run(args.run, cfg, model, samples=args.samples, dest=dest, seed=args.seed,
                                    **_given(args, "steps", "batch", "sampler", "score_mode",
-                                            "cfg_weight", "label"))
+                                            "cfg_weight", "label", "sampling_sigma"))
     print(f"{args.run}: {info['samples']} samples ({info['sampler']}, NFE {info['nfe']}, seed {args.seed}: "
           f"sample i from seed ({args.seed}, i)) in {dest}")
     return 0
@@ -268,14 +275,15 @@ def _eval(args) -> int:
         if getattr(args, name) is not None:
             raise ValueError(f"--{name.replace('_', '-')} goes with --filter FRACTION (the BayesDiff test)")
     m = kind.eval_run(args.run, cfg, model, seed=args.seed, weights=args.weights,
-                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight"))
+                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight",
+                               "sampling_sigma"))
     print(kind.eval_summary(args.run, m))
     return 0
 
 
 def _filter(args, cfg, model) -> int:
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
-    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight")
+    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "sampling_sigma")
     if args.filter_subsets is not None:
         over["subsets"] = args.filter_subsets
     if args.filter_sigmas is not None:

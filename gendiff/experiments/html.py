@@ -223,7 +223,7 @@ def run_report(out: str) -> str:
 
 
 def _is_image_run(out: str) -> bool:
-    return read_config(out, "folder").kind == "images"
+    return read_config(out, "folder").kind in ("images", "latent")     # a latent run's samples are decoded
 
 
 def results_report(out: str) -> str:

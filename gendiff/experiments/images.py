@@ -260,7 +260,8 @@ def sampler_name(cfg: ImageRunConfig, steps: int = 0) -> str:
 
 
 def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
-                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None):
+                  num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None,
+                  clamp: bool = True):
     """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
     batches of `batch` (default eval.batch). Image i draws its start and all its noise
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
@@ -269,7 +270,8 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     CFG weight `w` (T33; None: the conditional model alone). guide: None, or a callable
     (denoiser, labels of the batch) -> denoiser wrapping the model for each batch (e.g.
     guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls. wrap: None, or a callable
-    denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore)."""
+    denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore).
+    clamp: False returns the sampler's output as it is (latents, which are not pixels in [−1, 1])."""
     recipe = IMAGE_RECIPES[cfg.recipe]
     batch = batch or cfg.eval.batch
     if guide is not None and (labels is None or len(labels) < n):
@@ -302,7 +304,7 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
                 x = sample_ddpm(den, z, process, rule=recipe.rule, v=vfn, generator=g)
             else:
                 x = sample_heun(den, z * 80.0, edm_sigmas(steps, 0.002, 80.0, 7.0), generator=g)
-        outs.append(x.float().clamp(-1, 1).cpu())
+        outs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
     nfe = counted.calls // math.ceil(n / batch)
     return torch.cat(outs), {"sampler": sampler_name(cfg, steps), "nfe": nfe,
                              "sample_seconds": time.perf_counter() - start}
@@ -333,18 +335,24 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
         labels = torch.full((samples,), label) if label is not None else torch.arange(samples) % num_classes
     x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed,
                             num_classes=num_classes, steps=steps, batch=batch)
+    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
+    write_samples(dest, x, info, **({"labels": labels.numpy()} if labels is not None else {}))
+    return info
+
+
+def write_samples(dest: str, x: torch.Tensor, info: dict, **arrays) -> None:
+    """The files of `gendiff sample` for images x [N, C, H, W] in [−1, 1]: dest/000000.png … (one PNG per
+    image), dest/samples.npz (uint8 images, the seed info['seed'], each image's index i, and `arrays`, e.g.
+    labels), dest/grid.png (the first 64) and dest/samples.json (`info`)."""
     os.makedirs(dest, exist_ok=True)
     u8 = _to_uint8(x)
     for i, img in enumerate(u8):
         with atomic_path(os.path.join(dest, f"{i:06d}.png")) as tmp:
             Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
     with atomic_path(os.path.join(dest, "samples.npz")) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=u8, seed=np.int64(seed), index=np.arange(samples),
-                 **({"labels": labels.numpy()} if labels is not None else {}))
+        np.savez(f, images=u8, seed=np.int64(info["seed"]), index=np.arange(len(x)), **arrays)
     image_grid(os.path.join(dest, "grid.png"), x[:64], nrow=8)
-    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
     save_json(info, os.path.join(dest, "samples.json"))
-    return info
 
 
 def _refuse_sampler(cfg: ImageRunConfig, options: dict) -> None:
