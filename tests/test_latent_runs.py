@@ -1,7 +1,8 @@
 """Latent diffusion runs from the command line (issue 19; THEORY T3, T12, T36): `gendiff train --preset
 vae-tiny`, `gendiff encode`, then `gendiff train --preset latent-tiny --set latent.vae_run=RUN` in T36's
 modes a, b, c, `gendiff sample`, `gendiff eval`, `gendiff report`, an exact resume, the refusals (a changed
-VAE, commands and options that do not apply, bad configs), on the tiny synthetic blobs.
+VAE, commands and options that do not apply, bad configs), and `gendiff ablate --suite latent`, on the tiny
+synthetic blobs.
 
 Oracles: σ_data against the latents' own statistics (T36 mode b: √(Var m + E s²)); the decoded images against
 the VAE's decoder applied to the un-normalised latents by hand (z/a_c + μ_c from the raw latents file); the
@@ -20,6 +21,9 @@ Breakages tried (the test that catches each):
 - train_img_per_s left out of metrics.json (same test);
 - Decoder without the sha256 check, and train_run without it on --resume
   (test_a_changed_vae_makes_latent_runs_refuse).
+- the suite: row c-total sampled with the diffusion σ's scalings; the pixel row on its preset's data instead
+  of the VAE's; images.train_row retraining a finished row; Target 1's difference with its sign flipped;
+  the HTML report without the latent folders' figures (all caught by test_latent_suite_from_the_cli).
 All of them were run (each caught by its test, then restored).
 """
 import json
@@ -265,3 +269,51 @@ def test_bad_latent_runs_are_refused_before_the_folder_exists(vae_run, tmp_path,
         err = capsys.readouterr().err
         assert what in err and err.count("\n") == 1, err
         assert not os.path.exists(out)
+
+
+def test_latent_suite_from_the_cli(vae_run, blobs_npz, tmp_path, capsys):
+    """`gendiff ablate --suite latent` at latent-tiny: one run folder per trained row (a, c, the pixel
+    reference on the VAE's data with the same recipe, samples and classifier), c-total the model of c sampled
+    with the total σ's scalings (no second training); latent.json / latent.md with the targets computed from
+    the rows; resumable (a deleted row result is recomputed to the same FID, finished rows are read); another
+    config in the folder is one line; `gendiff report` renders it."""
+    out = str(tmp_path / "suite")
+    argv = ["ablate", "--suite", "latent", "--preset", "latent-tiny", "--set", f"latent.vae_run={vae_run}",
+            "--set", "pixel.train.iterations=32", "--set", "pixel.checkpoint.every=16",
+            "--rows", "a,c-diffusion,c-total,pixel", "--out", out, "--no-progress"]
+    assert main(argv) == 0
+    res = json.load(open(os.path.join(out, "latent.json")))
+    rows = res["rows"]
+    assert list(rows) == ["a", "c-diffusion", "c-total", "pixel"] and res["folders"] == ["a", "c", "pixel"]
+    assert rows["c-diffusion"]["samples"]["sampling_sigma"] == "diffusion"
+    assert rows["c-total"]["samples"]["sampling_sigma"] == "total"
+    assert os.path.exists(os.path.join(out, "c", "samples-total.png")) and not os.path.exists(
+        os.path.join(out, "c-total"))
+    pix = resolve(toml_path=os.path.join(out, "pixel", "config.toml"))
+    assert pix.kind == "images" and pix.recipe == "confidence" and pix.data.path == blobs_npz
+    assert pix.eval.samples == 16 and pix.eval.classifier_steps == 30 and pix.train.iterations == 32
+    for r in rows:
+        assert rows[r]["train_img_per_s"] > 0 and math.isfinite(rows[r]["samples"]["fid"])
+    assert rows["pixel"]["train_flops_per_image"] > rows["a"]["train_flops_per_image"] > 0
+    md = open(os.path.join(out, "latent.md")).read()
+    fid = {r: rows[r]["samples"]["fid"] for r in rows}
+    best_c = min(("c-diffusion", "c-total"), key=fid.get)
+    assert f"{best_c} {fid[best_c]:.1f} against a {fid['a']:.1f}, a difference of " \
+           f"{fid[best_c] - fid['a']:+.1f}" in md
+    assert ("met." if fid[best_c] <= fid["a"] else "not met.") in md.split("Target 1")[1].split("\n")[0]
+    assert "Target 2" in md and md.count("\n| ") == 5
+
+    # resumable: finished rows read, a deleted result recomputed alike
+    os.remove(os.path.join(out, "c", "metrics-total.json"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "a: finished earlier" in said and "pixel: finished earlier" in said
+    again = json.load(open(os.path.join(out, "latent.json")))["rows"]
+    assert {r: again[r]["samples"]["fid"] for r in again} == fid
+    assert main([*argv[:-3], "--set", "train.lr=0.001", "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with another config" in err and err.count("\n") == 1
+    assert main(["report", out]) == 0
+    page = open(os.path.join(out, "index.html")).read()
+    assert "Target 1" in page and "c/samples-total.png" in page and "pixel/samples.png" in page

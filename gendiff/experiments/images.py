@@ -662,25 +662,8 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
     for r in rows:
         if r not in IMAGE_RECIPES:
             raise ValueError(f"row {r!r} is not allowed; choose among {list(IMAGE_RECIPES)}")
-    results = {}
-    for r in rows:
-        cfg = replace(base, recipe=r).validate()
-        folder = os.path.join(out, r)
-        done = os.path.join(folder, "metrics.json")
-        fresh = not os.path.exists(os.path.join(folder, "config.toml"))
-        if not fresh:
-            saved = read_config(folder, "--out")
-            cfg = with_sigma_data(cfg, lambda: saved.train.sigma_data)   # measured when the row started
-            if to_toml(saved) != to_toml(cfg):
-                raise ValueError(f"{folder} holds a run with another config; use another --out")
-        if not fresh and os.path.exists(done):
-            log(f"{r}: finished earlier, read {done}")
-            results[r] = read_json(done)
-            continue
-        setup = prepare(cfg, device, log=log)   # data and model checked before the row's folder exists
-        if fresh:
-            start_run(setup.cfg, folder)
-        results[r] = train_run(setup.cfg, folder, setup, progress=progress, log=log)
+    results = {r: train_row(replace(base, recipe=r).validate(), os.path.join(out, r), prepare, train_run,
+                            progress=progress, log=log, device=device) for r in rows}
     for r in results:  # throughput from the training log: every sitting of a resumed row, evaluation excluded
         results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"),
                                                          base.train.batch)
@@ -688,6 +671,28 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
     md = table_markdown(results, base)
     save_text(md, os.path.join(out, "images.md"))
     return md
+
+
+def train_row(cfg, folder: str, prepare_fn, train_fn, *, progress: bool = True, log=print,
+              device: str | None = None) -> dict:
+    """One row of a results table: the run `cfg` trained and evaluated in the run folder `folder` (a kind's
+    prepare and train_run), its metrics returned. Resumable: a folder whose metrics.json exists for the same
+    config is read; an unfinished one resumes from its newest checkpoint, with the σ_data it recorded where
+    `cfg` measures it (train.sigma_data = 0); a folder of another config is an error."""
+    done = os.path.join(folder, "metrics.json")
+    fresh = not os.path.exists(os.path.join(folder, "config.toml"))
+    if not fresh:
+        saved = read_config(folder, "--out")
+        cfg = with_sigma_data(cfg, lambda: saved.train.sigma_data)   # measured when the row started
+        if to_toml(saved) != to_toml(cfg):
+            raise ValueError(f"{folder} holds a run with another config; use another --out")
+        if os.path.exists(done):
+            log(f"{os.path.basename(folder)}: finished earlier, read {done}")
+            return read_json(done)
+    setup = prepare_fn(cfg, device, log=log)   # data and model checked before the row's folder exists
+    if fresh:
+        start_run(setup.cfg, folder)
+    return train_fn(setup.cfg, folder, setup, progress=progress, log=log)
 
 
 def logged_img_per_s(path: str, batch: int) -> float:

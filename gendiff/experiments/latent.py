@@ -26,6 +26,7 @@ sampler in this latent space is expected to beat, not a sample of the same diffi
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import replace
@@ -33,16 +34,20 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from ..checks import check_choice
 from ..data.sources import LatentSource
 from ..image_metrics import image_grid
 from ..io import derive_seed, file_sha256, generator, save_json, save_text
 from ..precond import sampling_denoiser
+from . import images
 from . import vae as vae_kind
-from .config import SIGMA_DATA_MEASURED, T36_MODES, LatentRunConfig, VAERunConfig
+from .config import SIGMA_DATA_MEASURED, T36_MODES, LatentRunConfig, VAERunConfig, to_toml
 from .images import classifier_metrics, feature_classifier, fid_text, load_splits, logged_img_per_s
 from .images import eval_summary as image_eval_summary
-from .images import resolve_device, sample_images, sample_metrics, sampler_name, write_samples
+from .images import (resolve_device, sample_images, sample_metrics, sampler_name, train_row, with_sigma_data,
+                     write_samples)
 from .recipes import IMAGE_RECIPES
 from .runfolder import (load_weights, read_config, read_json, refuse, train_in_folder, weights_path,
                         weights_tag)
@@ -111,8 +116,7 @@ def prepare(cfg: LatentRunConfig, device=None, log=print) -> Setup:
     vae_config(cfg)
     latents = vae_kind.load_latents(cfg.latent.vae_run, cfg.latent.vae_weights)
     sha = file_sha256(weights_path(cfg.latent.vae_run, cfg.latent.vae_weights))
-    if cfg.train.sigma_data == SIGMA_DATA_MEASURED:
-        cfg = replace(cfg, train=replace(cfg.train, sigma_data=latent_sigma_data(latents, cfg.latent.mode)))
+    cfg = with_sigma_data(cfg, lambda: latent_sigma_data(latents, cfg.latent.mode))
     recipe = IMAGE_RECIPES[cfg.recipe]
     shape = tuple(latents.train_mean.shape[1:])
     with torch.random.fork_rng():
@@ -135,8 +139,7 @@ def load_model(cfg: LatentRunConfig, out: str, weights: str = "model.safetensors
     """The denoiser of a finished latent run folder with its weights, in eval mode: shape and σ_data from
     RUN/data.json (the latents are not needed)."""
     info = _info(out)
-    cfg = cfg if cfg.train.sigma_data != SIGMA_DATA_MEASURED else \
-        replace(cfg, train=replace(cfg.train, sigma_data=info["sigma_data"]))
+    cfg = with_sigma_data(cfg, lambda: info["sigma_data"])
     return load_weights(build_model(cfg, tuple(info["shape"])), out, weights)
 
 
@@ -179,9 +182,7 @@ def train_run(cfg: LatentRunConfig, out: str, setup: Setup, *, progress: bool = 
               primary: bool = True) -> dict:
     """Train (or continue) the latent run in `out` through train.train; evaluate its EMA (decoded samples,
     the VAE's reconstruction ceiling); returns the metrics (metrics.json, samples.png)."""
-    if cfg.train.sigma_data == SIGMA_DATA_MEASURED:
-        cfg = replace(cfg, train=replace(cfg.train, sigma_data=setup.cfg.train.sigma_data))
-    if cfg != setup.cfg:
+    if with_sigma_data(cfg, lambda: setup.cfg.train.sigma_data) != setup.cfg:
         raise ValueError("train_run: `setup` was prepared from another config than `cfg`")
     if primary:
         log(setup.split)
@@ -192,11 +193,12 @@ def train_run(cfg: LatentRunConfig, out: str, setup: Setup, *, progress: bool = 
                              f"{saved['vae_sha256'][:16]}…, but latent.vae_run now holds "
                              f"{setup.info['vae_sha256'][:16]}…: the VAE changed; start a new latent run")
         save_json(setup.info, os.path.join(out, "data.json"))
-    res = train_in_folder(setup.model, setup.loss, setup.source, cfg, out, density=setup.density,
-                          desc=f"latent-{cfg.latent.mode} {cfg.recipe}", progress=progress, log=log,
+    res = train_in_folder(setup.model, setup.loss, setup.source, setup.cfg, out, density=setup.density,
+                          desc=f"latent-{setup.cfg.latent.mode} {cfg.recipe}", progress=progress, log=log,
                           primary=primary)
     if not primary:
         return {}
+    cfg = setup.cfg
     metrics = evaluate(res.ema, cfg, setup.info, samples=cfg.eval.samples, seed=cfg.seed, log=log,
                        grid=os.path.join(out, "samples.png"))
     losses = res.losses[-50:]
@@ -326,3 +328,133 @@ def likelihood_run(out: str, cfg: LatentRunConfig, model, **options) -> dict:
 
 def likelihood_summary(out: str, m: dict) -> str:
     raise ValueError("gendiff likelihood does not apply to a latent run")
+
+
+# ---- the table: gendiff ablate --suite latent ----------------------------------------------------------
+
+LATENT_ROWS = ("a", "b", "c-diffusion", "c-total", "pixel")
+# the pixel-space reference of a latent preset, at (about) its training compute (config.py's latent-mnist)
+PIXEL_PRESETS = {"latent-mnist": "mnist-cpu", "latent-tiny": "mnist-tiny"}
+
+
+def pixel_reference(base: LatentRunConfig, pixel_base):
+    """The pixel row of the table: the image config `pixel_base` on the VAE run's dataset (all of its training
+    split, as the latents), with the latent rows' recipe, seed, sample count and feature classifier; no
+    bits/dim and no calibration (the latent rows have neither)."""
+    vcfg = vae_config(base)
+    ev = replace(pixel_base.eval, samples=base.eval.samples, classifier_steps=base.eval.classifier_steps,
+                 likelihood_images=0, calibration_images=0)
+    return replace(pixel_base, recipe=base.recipe, seed=base.seed, data=replace(vcfg.data, subset=0),
+                   eval=ev).validate()
+
+
+def train_flops_per_image(model) -> float:
+    """FLOPs of one training example through the denoiser, forward and backward at σ = 1, counted by
+    torch.utils.flop_counter (the backbone's convolutions and matrix products) on a float32 CPU copy."""
+    m = copy.deepcopy(model).float().cpu().train().requires_grad_(True)
+    x = torch.randn(1, m.net.img_channels, m.net.img_resolution, m.net.img_resolution)
+    with FlopCounterMode(display=False) as fc:
+        p = m.predict(x, torch.ones(1))
+        (p.mu.sum() + (0 if p.G is None else p.G.sum())).backward()
+    return float(fc.get_total_flops())
+
+
+def run_latent_table(base: LatentRunConfig, pixel_base, out: str, rows=LATENT_ROWS, *, progress: bool = True,
+                     log=print, device: str | None = None) -> str:
+    """`gendiff ablate --suite latent`: T36's ways to train on the latents of base.latent.vae_run at base's
+    budget, and the pixel-space reference at pixel_base's (pixel_reference), each a run folder under `out`:
+    out/a, out/b, out/c (modes a, b, c; each sampled with the diffusion σ's scalings), the row c-total (the
+    model of out/c sampled with the total σ's, out/c/metrics-total.json and samples-total.png, no second
+    training), out/pixel. Resumable as images.run_table (images.train_row). Writes out/latent.json and
+    out/latent.md; returns the markdown."""
+    for r in rows:
+        check_choice("--rows", r, LATENT_ROWS)
+    dev = resolve_device(device)
+    results, folders, configs = {}, {}, {}
+    for r in rows:
+        mode = r[0] if r != "pixel" else None
+        if r == "pixel":
+            cfg, prep, train_fn = pixel_reference(base, pixel_base), images.prepare, images.train_run
+        else:
+            cfg = replace(base, latent=replace(base.latent, mode=mode, sampling_sigma="diffusion")).validate()
+            prep, train_fn = prepare, train_run
+        folder = os.path.join(out, "pixel" if r == "pixel" else mode)
+        m = train_row(cfg, folder, prep, train_fn, progress=progress, log=log, device=device)
+        cfg = read_config(folder, "--out")
+        if r == "c-total":
+            m = _total_row(cfg, folder, m, dev, log)
+        model = (images.load_model if r == "pixel" else load_model)(cfg, folder)
+        log_path = os.path.join(folder, "metrics.jsonl")   # every sitting of a resumed row, no evaluation
+        results[r] = {**m, "train_flops_per_image": train_flops_per_image(model),
+                      "train_img_per_s": logged_img_per_s(log_path, cfg.train.batch)}
+        folders[r], configs[r] = os.path.relpath(folder, out), cfg
+    save_json({"preset_config": to_toml(base), "pixel_config": to_toml(pixel_reference(base, pixel_base)),
+               "rows": results, "folders": sorted(set(folders.values()))}, os.path.join(out, "latent.json"))
+    md = latent_table_markdown(results, configs, base)
+    save_text(md, os.path.join(out, "latent.md"))
+    return md
+
+
+def _total_row(cfg: LatentRunConfig, folder: str, trained: dict, dev, log) -> dict:
+    """Row c-total: the mode-c model of `folder` sampled with the total σ's scalings (read when done)."""
+    path = os.path.join(folder, "metrics-total.json")
+    done = read_json(path)
+    if done is not None:
+        log(f"c-total: finished earlier, read {path}")
+        return done
+    model = load_model(cfg, folder).to(dev)
+    m = evaluate(model, cfg, _info(folder), samples=cfg.eval.samples, seed=cfg.seed, sampling_sigma="total",
+                 log=log, grid=os.path.join(folder, "samples-total.png"))
+    m.update({k: trained[k] for k in ("train_seconds", "iterations", "batch", "bad_steps", "final_loss")})
+    save_json(m, path)
+    return m
+
+
+def latent_table_markdown(results: dict, configs: dict, base: LatentRunConfig) -> str:
+    """latent.md: the setting, one line per row, then the issue's two targets read off the rows present."""
+    f = lambda v, p=3: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
+    t, mdl = base.train, base.model
+    lines = [f"Latent diffusion (THEORY T36) on the latents of VAE run {base.latent.vae_run!r} "
+             f"({base.latent.vae_weights}); recipe {base.recipe}; latent U-Net {mdl.model_channels}×"
+             f"{list(mdl.channel_mult)}, {mdl.num_blocks} block(s), attention at "
+             f"{list(mdl.attn_resolutions)}; {t.iterations} steps × batch {t.batch} ({t.precision}), EMA "
+             f"{t.ema}, ln σ ~ N({t.p_mean}, {t.p_std}²). Rows a, b, c: T36's modes (a: x0 = m; b: x0 = m + "
+             "s·ε₁ per batch; c: x0 = m, s in the noise and the scalings of √(σ² + s²)); c-diffusion and "
+             "c-total are one model (out/c) sampled with the scalings of σ alone or of √(σ² + s̄²), s̄ the "
+             "per-channel mean of s. pixel: the same recipe in pixel space at about the same training "
+             "compute (train TFLOP: forward and backward FLOPs per image × images seen, torch.utils.flop_counter). "
+             f"FID against all test images ± its bootstrap sd, {base.eval.samples} samples per row, in our "
+             "classifier's features (not Inception); VAE ceiling: as many test images decoded from their "
+             "posterior mean, measured alike (reconstructions of the very images FID compares with: a floor, "
+             "not a sample).", "",
+             "| row | FID ↓ | precision | recall | classes hit | VAE ceiling FID | classifier acc. | "
+             "train img/s | train TFLOP | σ_data | sampler | NFE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, m in results.items():
+        s, cfg = m["samples"], configs[r]
+        tflop = m["train_flops_per_image"] * cfg.train.iterations * cfg.train.batch / 1e12
+        bad = " (UNRELIABLE)" if m.get("sample_metrics_unreliable") else ""
+        rec = fid_text(m["reconstruction"]) if "reconstruction" in m else "–"
+        lines.append(f"| {r} | {fid_text(s)}{bad} | {f(s.get('precision'))} | {f(s.get('recall'))} | "
+                     f"{s.get('modes', {}).get('classes_hit', '–')} | {rec} | "
+                     f"{f(m.get('classifier_test_accuracy'))} | {f(m.get('train_img_per_s'), 1)} | "
+                     f"{tflop:.3g} | {f(cfg.train.sigma_data, 4)} | {s['sampler']} | {s['nfe']} |")
+    fid = {r: m["samples"]["fid"] for r, m in results.items()}
+    sd = {r: m["samples"].get("fid_sd") or 0.0 for r, m in results.items()}
+    lines.append("")
+    ab, cs = [r for r in ("a", "b") if r in fid], [r for r in ("c-diffusion", "c-total") if r in fid]
+    if ab and cs:
+        best_ab, best_c = min(ab, key=fid.get), min(cs, key=fid.get)
+        gap = fid[best_c] - fid[best_ab]
+        lines.append(f"Target 1, (c) no worse than the better of (a) and (b): {best_c} {fid[best_c]:.1f} "
+                     f"against {best_ab} {fid[best_ab]:.1f}, a difference of {gap:+.1f} (bootstrap sds "
+                     f"{sd[best_c]:.1f}, {sd[best_ab]:.1f}): " + ("met." if gap <= 0 else "not met."))
+    lat = [r for r in LATENT_ROWS[:4] if r in fid]
+    if lat and "pixel" in fid:
+        best = min(lat, key=fid.get)
+        speed = results[best]["train_img_per_s"] / results["pixel"]["train_img_per_s"]
+        ratio = fid[best] / fid["pixel"]
+        lines.append(f"Target 2, latent training at ≥ 3× the pixel model's img/s with a decoded FID within "
+                     f"1.5× of its FID: {best} trains at {speed:.2f}× the img/s, FID ratio {ratio:.2f}: "
+                     + ("met." if speed >= 3 and ratio <= 1.5 else "not met."))
+    return "\n".join(lines) + "\n"
