@@ -19,8 +19,9 @@ Breakages tried (the test that catches each):
 - Decoder decoding z without Latents.to_vae (same test, the decoded images);
 - reconstruction_metrics decoding the test std instead of the mean (same test, the ceiling's FID);
 - train_img_per_s left out of metrics.json (same test);
-- Decoder without the sha256 check, and train_run without it on --resume
-  (test_a_changed_vae_makes_latent_runs_refuse).
+- Decoder without its sha256 check before load_latents (the hint then says "re-encode"), train_run without
+  the check on --resume, encoding_changed without the
+  normalisation check (test_a_changed_vae_makes_latent_runs_refuse).
 - the suite: row c-total sampled with the diffusion σ's scalings; the pixel row on its preset's data instead
   of the VAE's; images.train_row retraining a finished row; Target 1's difference with its sign flipped;
   the HTML report without the latent folders' figures (all caught by test_latent_suite_from_the_cli).
@@ -208,7 +209,8 @@ def test_each_mode_draws_T36s_batch(vae_run, mode):
 def test_a_changed_vae_makes_latent_runs_refuse(vae_run, run_c, tmp_path, capsys):
     """Changed VAE weights: a new latent run refuses to start (the latents were encoded by other weights) and
     creates nothing; once re-encoded, a latent run trained on the old latents refuses to sample (its decoder
-    would not invert what the model learned) and to resume."""
+    would not invert what the model learned) and to resume; so it does when the VAE is restored but its data
+    encoded again with another normalisation (encode.sigma_data)."""
     vae, run = str(tmp_path / "vae"), str(tmp_path / "c")
     shutil.copytree(vae_run, vae)
     shutil.copytree(run_c, run)
@@ -218,6 +220,7 @@ def test_a_changed_vae_makes_latent_runs_refuse(vae_run, run_c, tmp_path, capsys
     assert main(["sample", run, "--samples", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     weights = os.path.join(vae, "model.safetensors")
     state = load_file(weights)
+    state_before = dict(state)
     key = next(k for k in state if k.endswith("weight"))
     state[key] = state[key] + 1e-3
     save_state(state, weights)
@@ -225,13 +228,28 @@ def test_a_changed_vae_makes_latent_runs_refuse(vae_run, run_c, tmp_path, capsys
     new = str(tmp_path / "new")
     assert _train(vae, new, "latent.mode=c") == 2
     assert "the VAE changed; re-encode" in capsys.readouterr().err and not os.path.exists(new)
+    for when in ("before", "after"):                      # encoding the data again does not help this run
+        if when == "after":
+            assert main(["encode", vae, "--threads", "1"]) == 0
+            capsys.readouterr()
+        assert main(["sample", run, "--samples", "2", "--steps", "2", "--out", str(tmp_path / "s2")]) == 2
+        err = capsys.readouterr().err
+        assert "the VAE's weights changed" in err and "decoding with it would not invert" in err, err
+        assert err.count("\n") == 1
+    assert main(["train", "--resume", run, *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert "the VAE's weights changed" in err and "start a new latent run" in err
+    # the VAE restored, its data encoded again with another normalisation: refused alike
+    save_state(state_before, weights)
+    cfg_vae = os.path.join(vae, "config.toml")
+    text = open(cfg_vae).read()
+    open(cfg_vae, "w").write(text.replace("[encode]\nsigma_data = 0.5", "[encode]\nsigma_data = 0.7"))
     assert main(["encode", vae, "--threads", "1"]) == 0
     capsys.readouterr()
-    assert main(["sample", run, "--samples", "2", "--steps", "2", "--out", str(tmp_path / "s2")]) == 2
-    err = capsys.readouterr().err
-    assert "the VAE changed; decoding with it would not invert" in err and err.count("\n") == 1
+    assert main(["sample", run, "--samples", "2", "--steps", "2", "--out", str(tmp_path / "s3")]) == 2
+    assert "encoded again with another per-channel normalisation" in capsys.readouterr().err
     assert main(["train", "--resume", run, *QUIET]) == 2
-    assert "the VAE changed; start a new latent run" in capsys.readouterr().err
+    assert "encoded again with another per-channel normalisation" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sets, match", [

@@ -89,8 +89,21 @@ def latent_info(cfg: LatentRunConfig, latents, vae_sha256: str) -> dict:
     return {"shape": list(latents.train_mean.shape[1:]), "num_classes": int(latents.meta["num_classes"]),
             "sigma_data": cfg.train.sigma_data, "latent_sigma_data": latents.sigma_data,
             "vae_run": cfg.latent.vae_run, "vae_weights": cfg.latent.vae_weights, "vae_sha256": vae_sha256,
+            "channel_mean": latents.channel_mean.tolist(), "channel_scale": latents.channel_scale.tolist(),
             "typical_std": latents.typical_std().flatten().tolist(), "train_latents": len(latents.train_mean),
             "test_latents": len(latents.test_mean)}
+
+
+def encoding_changed(saved: dict, now: dict) -> str | None:
+    """What changed between the encoding a run recorded (`saved`, RUN/data.json) and latent.vae_run's now
+    (`now`, latent_info's keys; without channel_mean only the weights are compared): None when nothing."""
+    if now["vae_sha256"] != saved["vae_sha256"]:
+        return (f"the VAE's weights changed (sha256 {saved['vae_sha256'][:16]}… then, "
+                f"{now['vae_sha256'][:16]}… now)")
+    if "channel_mean" in now and (now["channel_mean"], now["channel_scale"]) != (saved["channel_mean"],
+                                                                                saved["channel_scale"]):
+        return "the data was encoded again with another per-channel normalisation (encode.*)"
+    return None
 
 
 def build_model(cfg: LatentRunConfig, shape: tuple):
@@ -158,14 +171,16 @@ class Decoder:
     def __init__(self, cfg: LatentRunConfig, info: dict, device):
         run, weights = cfg.latent.vae_run, cfg.latent.vae_weights
         vcfg = vae_config(cfg)
-        now = file_sha256(weights_path(run, weights))
-        if now != info["vae_sha256"]:
-            raise ValueError(f"latent.vae_run={run!r}: {weights} has sha256 {now[:16]}…, but this latent run "
-                             f"was trained on latents of weights with sha256 {info['vae_sha256'][:16]}…: the "
-                             "VAE changed; decoding with it would not invert the latents the model learned "
-                             "(restore that VAE, or train the latent run again)")
+        sha = file_sha256(weights_path(run, weights))
+        why = encoding_changed(info, {"vae_sha256": sha})   # first: load_latents would say "re-encode"
+        if why is None:
+            self.latents = vae_kind.load_latents(run, weights)
+            why = encoding_changed(info, latent_info(cfg, self.latents, sha))
+        if why:
+            raise ValueError(f"latent.vae_run={run!r}: {why} since this latent run trained; decoding with it "
+                             "would not invert the latents the model learned (restore that VAE and its "
+                             "encoding, or train the latent run again)")
         self.vae = vae_kind.load_model(vcfg, run, weights).to(device)
-        self.latents = vae_kind.load_latents(run, weights)
         self.vae_cfg, self.batch = vcfg, vcfg.eval.batch
 
     @torch.no_grad()
@@ -188,10 +203,10 @@ def train_run(cfg: LatentRunConfig, out: str, setup: Setup, *, progress: bool = 
         log(setup.split)
         save_text(setup.split + "\n", os.path.join(out, "data.txt"))
         saved = read_json(os.path.join(out, "data.json"))
-        if saved is not None and saved["vae_sha256"] != setup.info["vae_sha256"]:
-            raise ValueError(f"run {out!r} was trained on latents of VAE weights with sha256 "
-                             f"{saved['vae_sha256'][:16]}…, but latent.vae_run now holds "
-                             f"{setup.info['vae_sha256'][:16]}…: the VAE changed; start a new latent run")
+        why = None if saved is None else encoding_changed(saved, setup.info)
+        if why:
+            raise ValueError(f"run {out!r}: in latent.vae_run, {why} since the run started; start a new "
+                             "latent run")
         save_json(setup.info, os.path.join(out, "data.json"))
     res = train_in_folder(setup.model, setup.loss, setup.source, setup.cfg, out, density=setup.density,
                           desc=f"latent-{setup.cfg.latent.mode} {cfg.recipe}", progress=progress, log=log,
@@ -422,7 +437,8 @@ def latent_table_markdown(results: dict, configs: dict, base: LatentRunConfig) -
              "s·ε₁ per batch; c: x0 = m, s in the noise and the scalings of √(σ² + s²)); c-diffusion and "
              "c-total are one model (out/c) sampled with the scalings of σ alone or of √(σ² + s̄²), s̄ the "
              "per-channel mean of s. pixel: the same recipe in pixel space at about the same training "
-             "compute (train TFLOP: forward and backward FLOPs per image × images seen, torch.utils.flop_counter). "
+             "compute (train TFLOP: forward and backward FLOPs per image × images seen, counted by "
+             "torch.utils.flop_counter). "
              f"FID against all test images ± its bootstrap sd, {base.eval.samples} samples per row, in our "
              "classifier's features (not Inception); VAE ceiling: as many test images decoded from their "
              "posterior mean, measured alike (reconstructions of the very images FID compares with: a floor, "
