@@ -18,10 +18,10 @@ Breakages tried (the test that catches each):
 - the typical s̄ from the raw s instead of s' = a_c·s (same test, the oracle);
 - Decoder decoding z without Latents.to_vae (same test, the decoded images);
 - reconstruction_metrics decoding the test std instead of the mean (same test, the ceiling's FID);
-- train_img_per_s left out of metrics.json (same test);
+- train_img_per_s of metrics.json counted with batch 1 instead of train.batch (same test);
 - Decoder without its sha256 check before load_latents (the hint then says "re-encode"), train_run without
-  the check on --resume, encoding_changed without the
-  normalisation check (test_a_changed_vae_makes_latent_runs_refuse).
+  the check on --resume, encoding_changed without the normalisation check
+  (test_a_changed_vae_makes_latent_runs_refuse).
 - the suite: row c-total sampled with the diffusion σ's scalings; the pixel row on its preset's data instead
   of the VAE's; images.train_row retraining a finished row; Target 1's difference with its sign flipped;
   the HTML report without the latent folders' figures (all caught by test_latent_suite_from_the_cli).
