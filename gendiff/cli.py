@@ -23,11 +23,13 @@ from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
 from .experiments.images import resolve_device, run_table
 from .experiments.kinds import kind_of, load_run
+from .experiments.latent import LATENT_ROWS, PIXEL_PRESETS, run_latent_table
 from .experiments.recipes import IMAGE_RECIPES, IMAGE_SUITES, MAIN_RUNS, SUITES, TOY_RECIPES
 from .experiments.report import calibration_markdown, metrics_markdown, rerender
 from .experiments.runfolder import posthoc_run, read_config, start_run
 from .experiments.vae import encode_run, encode_summary
 from .mixture_eval import INITS
+from .precond import SOURCE_SCALINGS
 from .runtime import configured
 from .samplers import GRID_SAMPLERS
 from .scores import HYBRID_SIGMA, SCORE_MODES
@@ -78,19 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Toy recipes: "
                        + "; ".join(f"{k}: {v.help}" for k, v in TOY_RECIPES.items()))
     a.add_argument("--out", help="results folder (default results/ablate-<timestamp>)")
-    a.add_argument("--suite", choices=sorted([*SUITES, *IMAGE_SUITES]), default="main",
+    a.add_argument("--suite", choices=sorted([*SUITES, *IMAGE_SUITES, "latent"]), default="main",
                    help="main: the main experiment (runs: " + ",".join(MAIN_RUNS) + "); objectives: "
                    "parameterisations, weightings and training densities (T17–T21), "
                    + str(len(SUITES["objectives"]))
                    + " runs; images: seed 004's MNIST table with the EDM and confidence rows; "
                    "confidence-images: the confidence heads on MNIST (rows "
-                   + ", ".join(IMAGE_SUITES["confidence-images"][0]) + "; preset mnist-conf); image suites "
-                   "are resumable: finished rows are read, unfinished ones resume from their checkpoints")
+                   + ", ".join(IMAGE_SUITES["confidence-images"][0]) + "; preset mnist-conf); latent: THEORY "
+                   "T36's modes of latent diffusion (rows " + ", ".join(LATENT_ROWS) + "; preset latent-mnist, "
+                   "--set latent.vae_run=RUN of an encoded VAE run; the pixel row at mnist-cpu); image and "
+                   "latent suites are resumable: finished rows are read, unfinished ones resume from their "
+                   "checkpoints")
     a.add_argument("--preset", choices=sorted(PRESETS),
                    help="image suites: the budget (default mnist-cpu for images, mnist-conf for "
-                   "confidence-images)")
+                   "confidence-images, latent-mnist for latent)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="image suites: override a key of the preset (as gendiff train --set)")
+                   help="image suites: override a key of the preset (as gendiff train --set); --suite latent: "
+                   "pixel.KEY=VALUE overrides a key of the pixel reference (e.g. pixel.train.iterations=2000)")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="image suites: where to train and sample (auto: the GPU when CUDA is there)")
     a.add_argument("--rows",
@@ -132,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "metrics.json first)")
     r.add_argument("folder", help="a run folder (gendiff train) or a results folder (gendiff ablate)")
     t = sub.add_parser("train",
-                       help="train one run (toy or images) in a run folder (config.toml, metrics.jsonl, "
-                       "checkpoints); resumable",
+                       help="train one run (toy, images, a VAE, latent diffusion) in a run folder "
+                       "(config.toml, metrics.jsonl, checkpoints); resumable",
                        description="Configuration: a preset, then --config FILE.toml, then "
                        "each --set key=value (e.g. --set recipe=edm --set train.batch=512); the resolved "
                        "config is written to RUN/config.toml. Keys and defaults: `gendiff train "
@@ -144,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--config is "
                    "an image run's). toy-quick: a toy smoke run; mnist-cpu / mnist-gpu: seed 004's table on "
                    "a CPU / GPU budget; mnist-tiny: an image smoke run; vae-mnist: the VAE of latent "
-                   "diffusion (then gendiff encode RUN); vae-tiny: a VAE smoke run. Toy recipes (--set "
-                   "recipe=…): see gendiff ablate --help. Image recipes (--set recipe=… on an image preset): "
-                   + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
+                   "diffusion (then gendiff encode RUN); vae-tiny: a VAE smoke run; latent-mnist: diffusion "
+                   "in that VAE's latent space (--set latent.vae_run=RUN --set latent.mode=a|b|c, THEORY "
+                   "T36), at mnist-cpu's training compute; latent-tiny: a latent smoke run. Toy recipes "
+                   "(--set recipe=…): see gendiff ablate --help. Image recipes (--set recipe=… on an image "
+                   "preset): " + "; ".join(f"{k}: {v.help}" for k, v in IMAGE_RECIPES.items()))
     t.add_argument("--config", help="a TOML file of overrides (e.g. a run folder's config.toml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key (repeatable)")
@@ -207,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"),
                        help="class-conditional image runs: "
                        "classifier-free guidance weight w (T33; default: the conditional model alone)")
+        x.add_argument("--sampling-sigma", choices=SOURCE_SCALINGS,
+                       help="latent runs of THEORY T36 mode c: the denoiser's scalings from the diffusion σ "
+                       "(diffusion) or from √(σ² + s̄²), s̄ the per-channel mean VAE std (total); default "
+                       "latent.sampling_sigma")
         x.add_argument("--weights", default="model.safetensors",
                        help="weights file in the run folder (e.g. a "
                        "post-hoc EMA written by gendiff posthoc-ema)")
@@ -265,7 +277,7 @@ def _sample(args) -> int:
     dest = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
     info = kind_of(cfg).sample_run(args.run, cfg, model, samples=args.samples, dest=dest, seed=args.seed,
                                    **_given(args, "steps", "batch", "sampler", "score_mode", "variance",
-                                            "cfg_weight", "label"))
+                                            "cfg_weight", "label", "sampling_sigma"))
     print(f"{args.run}: {info['samples']} samples ({info['sampler']}, NFE {info['nfe']}, seed {args.seed}: "
           f"sample i from seed ({args.seed}, i)) in {dest}")
     return 0
@@ -280,14 +292,16 @@ def _eval(args) -> int:
         if getattr(args, name) is not None:
             raise ValueError(f"--{name.replace('_', '-')} goes with --filter FRACTION (the BayesDiff test)")
     m = kind.eval_run(args.run, cfg, model, seed=args.seed, weights=args.weights,
-                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance"))
+                      **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance",
+                               "sampling_sigma"))
     print(kind.eval_summary(args.run, m))
     return 0
 
 
 def _filter(args, cfg, model) -> int:
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
-    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance")
+    over = _given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance",
+                  "sampling_sigma")
     if args.filter_subsets is not None:
         over["subsets"] = args.filter_subsets
     if args.filter_sigmas is not None:
@@ -378,6 +392,8 @@ def _data(args) -> int:
 def _ablate(args) -> int:
     if args.suite in IMAGE_SUITES:
         return _ablate_images(args)
+    if args.suite == "latent":
+        return _ablate_latent(args)
     runs = (tuple(r.strip() for r in args.runs.split(",") if r.strip()) if args.runs is not None
             else SUITES[args.suite])
     cfg = AblateConfig(runs=runs, seed=args.seed)
@@ -435,16 +451,39 @@ def _ablate_images(args) -> int:
     return 0
 
 
+def _ablate_latent(args) -> int:
+    if args.runs is not None or args.seeds is not None or args.quick:
+        raise ValueError("--suite latent takes --preset, --set, --rows, --device and --out; not --runs, "
+                         "--seeds or --quick")
+    preset = args.preset or "latent-mnist"
+    check_choice("--preset", preset, PIXEL_PRESETS)        # a latent preset with a known pixel reference
+    pixel_sets = [s.removeprefix("pixel.") for s in args.set if s.startswith("pixel.")]
+    base = resolve(preset, None, [s for s in args.set if not s.startswith("pixel.")])
+    pixel = resolve(PIXEL_PRESETS[preset], None, pixel_sets)
+    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else LATENT_ROWS
+    for r in rows:
+        check_choice("--rows", r, LATENT_ROWS)
+    out = args.out or os.path.join("results", f"latent-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    _check_writable(out)
+    print(f"gendiff ablate --suite latent: rows {', '.join(rows)} -> {out}")
+    start = time.perf_counter()
+    table = run_latent_table(base, pixel, out, rows, progress=not args.no_progress, device=args.device)
+    print(table)
+    print(f"total {time.perf_counter() - start:.1f} s (rows read from earlier sittings count 0 s)")
+    return 0
+
+
 def _report(args) -> int:
     if os.path.isfile(os.path.join(args.folder, "config.toml")):
         print(f"wrote {write_report(args.folder)}")
         return 0
-    if os.path.isfile(os.path.join(args.folder, "images.json")):   # gendiff ablate --suite images
+    if any(os.path.isfile(os.path.join(args.folder, f)) for f in ("images.json", "latent.json")):
+        # gendiff ablate --suite images / confidence-images / latent
         print(f"wrote {write_report(args.folder)}")
         return 0
     if not os.path.isfile(os.path.join(args.folder, "metrics.json")):
-        raise ValueError(f"folder={args.folder!r} holds no metrics.json, images.json or config.toml; give a "
-                         "results folder of gendiff ablate or a run folder of gendiff train")
+        raise ValueError(f"folder={args.folder!r} holds no metrics.json, images.json, latent.json or "
+                         "config.toml; give a results folder of gendiff ablate or a run folder of gendiff train")
     result = rerender(args.folder)
     print(metrics_markdown(result))
     print(calibration_markdown(result))

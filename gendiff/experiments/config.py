@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, named presets, TOML files and `--set key=value` overrides.
 
 A run config (`ToyRunConfig` for the exact 2-D tree, `ImageRunConfig` for images, `VAERunConfig` for the VAE
-of latent diffusion; its `kind` says which) is
+of latent diffusion, `LatentRunConfig` for diffusion in that VAE's latent space; its `kind` says which) is
 the whole description of one `gendiff train` run; `resolve(preset, toml_path, sets)` builds it
 in that order (preset, then the file, then each override) and validates it before anything touches the disk.
 Every error names the key, the value given and what is allowed. `to_toml` writes the fully resolved config,
@@ -20,6 +20,7 @@ from ..data.images import check_channels, check_size
 from ..data.toy import TREE_CLASSES
 from ..mixture_eval import SamplerConfig
 from ..nets.unet import RESAMPLE
+from ..precond import SOURCE_SCALINGS
 from ..train import TrainConfig
 from .recipes import IMAGE_RECIPES, TOY_RECIPES
 
@@ -66,7 +67,7 @@ def _check_kind(cfg, kind: str) -> None:
 
 @dataclass
 class ToyRunConfig:
-    kind: str = "toy"         # toy (the exact 2-D tree) | images | vae
+    kind: str = "toy"         # toy (the exact 2-D tree) | images | vae | latent
     recipe: str = "confidence"   # a toy recipe of `gendiff ablate --help` (head, batch mode, loss, density…)
     classes: str = "A"        # tree classes of the data
     seed: int = 0
@@ -187,7 +188,7 @@ class ImageEvalConfig:
 
 @dataclass
 class ImageRunConfig:
-    kind: str = "images"      # toy | images | vae (the exact 2-D tree, an image dataset, a VAE)
+    kind: str = "images"      # toy | images | vae | latent (the 2-D tree, images, a VAE, a VAE's latents)
     recipe: str = "confidence"   # an image recipe (a row of seed 004's table): `gendiff train --help`
     seed: int = 0
     # T33 weights sampled for conditional rows
@@ -281,6 +282,82 @@ class VAERunConfig:
         return self
 
 
+# THEORY T36's three ways to train on an encoded dataset, as data/sources.LatentSource names them
+T36_MODES = {"a": "mean", "b": "sample", "c": "source"}
+# recipes a latent run takes: the unconditional ones with EDM's density and Heun sampler (the DDPM rows fix
+# σ_data = 1 and their own discrete process, which knows no source σ)
+LATENT_RECIPES = tuple(k for k, r in IMAGE_RECIPES.items() if r.density_name == "edm" and not r.conditional)
+
+
+@dataclass
+class LatentConfig:
+    """Where the latents come from and how T36 uses the VAE's posterior std s."""
+    vae_run: str = ""          # a VAE run folder whose data `gendiff encode` wrote (RUN/latents.safetensors)
+    vae_weights: str = "model.safetensors"   # the weights file of that run the latents were encoded with
+    mode: str = "c"            # T36: a: x0 = m; b: x0 = m + s·ε₁ per batch; c: x0 = m, s part of the noise
+    sampling_sigma: str = "diffusion"   # mode c at sampling: scalings from σ (diffusion) or from
+                               # √(σ² + s̄²), s̄ the per-channel mean of s (total); c_noise from σ either way
+
+    def validate(self):
+        if not self.vae_run:
+            raise ValueError("latent.vae_run='' must name a VAE run folder with encoded data (gendiff train "
+                             "--preset vae-mnist --out VAE, gendiff encode VAE; --set latent.vae_run=VAE)")
+        if not self.vae_weights:
+            raise ValueError("latent.vae_weights='' must name a weights file of latent.vae_run "
+                             "(default model.safetensors)")
+        check_choice("latent.mode", self.mode, tuple(T36_MODES))
+        check_choice("latent.sampling_sigma", self.sampling_sigma, SOURCE_SCALINGS)
+        if self.sampling_sigma == "total" and self.mode != "c":
+            raise ValueError(f"latent.sampling_sigma='total' applies to latent.mode='c' (the model trained "
+                             f"with s in its scalings); latent.mode={self.mode!r} samples with 'diffusion'")
+
+
+@dataclass
+class LatentEvalConfig:
+    samples: int = 1000        # generated images (decoded) for FID ± sd, precision, recall, class counts; as
+                               # many test images decoded from their posterior mean m give the VAE's ceiling
+    sampler_steps: int = 0     # Heun steps in latent space (0: the recipe's default, 18)
+    batch: int = 250           # latents per sampler batch
+    classifier_steps: int = 1500   # training steps of the FID feature classifier (cached in the data folder;
+                               # the image runs' default, so latent and pixel rows share one classifier)
+
+    def validate(self):
+        for name in ("samples", "batch", "classifier_steps"):
+            check_positive(f"eval.{name}", getattr(self, name), integer=True)
+        check_positive("eval.sampler_steps", self.sampler_steps, integer=True, allow_zero=True)
+
+
+@dataclass
+class LatentRunConfig:
+    """A latent diffusion run (issue 19; THEORY T3, T36): an image recipe's denoiser (LATENT_RECIPES) trained
+    through the one loop on the encoded dataset of a VAE run (latent.vae_run, `gendiff encode`), in T36's mode
+    latent.mode; sampled by Heun in latent space and decoded by that VAE's decoder; measured by the image
+    metrics of the VAE run's dataset. train.sigma_data = 0 (the presets): measured from the latents, the std
+    of the mode's x0 (m; m + s·ε₁ for mode b, in closed form)."""
+    kind: str = "latent"
+    recipe: str = "confidence"   # an image recipe of LATENT_RECIPES
+    seed: int = 0
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(channel_mult=(1,), attn_resolutions=(7,)))
+    train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: LatentEvalConfig = field(default_factory=LatentEvalConfig)
+
+    def validate(self):
+        _check_kind(self, "latent")
+        check_choice("recipe", self.recipe, LATENT_RECIPES)
+        check_positive("seed", self.seed, integer=True, allow_zero=True)
+        for part in (self.latent, self.model, self.train, self.checkpoint, self.eval):
+            part.validate()
+        return self
+
+
+def _latent(train: dict, model: dict, ev: dict | None = None, ck: int = 500):
+    train = {"p_mean": -0.4, "p_std": 1.0, **train}     # EDM2's density for latents (ImageNet-512, σ_d 0.5)
+    return lambda: LatentRunConfig(model=UNetConfig(**model), train=ImageTrainConfig(**train),
+                                   checkpoint=CheckpointConfig(every=ck), eval=LatentEvalConfig(**(ev or {})))
+
+
 def _vae(train: dict, model: dict | None = None, ev: dict | None = None, ck: int = 500,
          enc: dict | None = None):
     return lambda: VAERunConfig(model=VAEModelConfig(**(model or {})), train=TrainConfig(**train),
@@ -328,10 +405,21 @@ PRESETS = {
     "vae-tiny": _vae(dict(iterations=8, batch=8, lr=2e-3, lr_ref_iter=4, ema=0.9, snapshot_every=4),
                      dict(latent_channels=4, channels=(8, 8, 8), blocks=1),
                      dict(test_images=16, batch=16), ck=4, enc=dict(batch=64)),
+    # latent diffusion on the 4×7×7 latents of vae-mnist (issue 19): a one-level U-Net (7 has no factor 2)
+    # with attention at 7, at mnist-cpu's training compute: fwd + bwd of one image costs 0.235 GFLOP here and
+    # 1.142 GFLOP in mnist-cpu's pixel U-Net (torch.utils.flop_counter, confidence head), so 3650 × 128
+    # images = 109.8 TFLOP against mnist-cpu's 1500 × 64 = 109.6 TFLOP. And a smoke run
+    "latent-mnist": _latent(dict(iterations=3650, batch=128, lr=2e-3, lr_ref_iter=2400, ema=0.999,
+                                 snapshot_every=1200, precision="bf16"),
+                            dict(model_channels=64, channel_mult=(1,), num_blocks=2, attn_resolutions=(7,)),
+                            dict(samples=1000, batch=500)),
+    "latent-tiny": _latent(dict(iterations=32, batch=8, lr=2e-3, lr_ref_iter=16, ema=0.9, snapshot_every=16),
+                           dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(7,)),
+                           dict(samples=16, sampler_steps=4, batch=16, classifier_steps=30), ck=16),
 }
 IMAGE_PRESETS = tuple(k for k, f in PRESETS.items() if f().kind == "images")
-KINDS = ("toy", "images", "vae")
-DEFAULT_PRESET = {"toy": "toy-reference", "images": "mnist-cpu", "vae": "vae-mnist"}
+KINDS = ("toy", "images", "vae", "latent")
+DEFAULT_PRESET = {"toy": "toy-reference", "images": "mnist-cpu", "vae": "vae-mnist", "latent": "latent-mnist"}
 
 
 def _type_name(v) -> str:

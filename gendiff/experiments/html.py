@@ -223,17 +223,20 @@ def run_report(out: str) -> str:
 
 
 def _is_image_run(out: str) -> bool:
-    return read_config(out, "folder").kind == "images"
+    return read_config(out, "folder").kind in ("images", "latent")     # a latent run's samples are decoded
 
 
 def results_report(out: str) -> str:
     parts = []
-    for name in ("metrics.md", "images.md"):          # gendiff ablate; gendiff ablate --suite images
+    for name in ("metrics.md", "images.md", "latent.md"):   # gendiff ablate; --suite images; --suite latent
         md = os.path.join(out, name)
         if os.path.exists(md):
             parts.append(_markdown_tables(open(md).read()))
-    rows = sorted(read_json(os.path.join(out, "images.json"))["rows"]) if os.path.exists(
-        os.path.join(out, "images.json")) else []                    # the table's run folders, one per row
+    rows = []                                                        # the table's run folders, one per row
+    if os.path.exists(os.path.join(out, "images.json")):
+        rows = sorted(read_json(os.path.join(out, "images.json"))["rows"])
+    elif os.path.exists(os.path.join(out, "latent.json")):
+        rows = read_json(os.path.join(out, "latent.json"))["folders"]
     pngs = [os.path.join(d, f) for d in (out, os.path.join(out, "figures"),
                                          *(os.path.join(out, r) for r in rows))
             if os.path.isdir(d) for f in sorted(os.listdir(d)) if f.endswith(".png")]
@@ -248,11 +251,11 @@ def write_report(out: str) -> str:
     images.json of --suite images)."""
     if os.path.exists(os.path.join(out, "config.toml")):
         page = run_report(out)
-    elif any(os.path.exists(os.path.join(out, f)) for f in ("metrics.json", "images.json")):
+    elif any(os.path.exists(os.path.join(out, f)) for f in ("metrics.json", "images.json", "latent.json")):
         page = results_report(out)
     else:
         raise ValueError(f"folder={out!r} is neither a run folder (config.toml) nor a gendiff ablate results "
-                         "folder (metrics.json or images.json)")
+                         "folder (metrics.json, images.json or latent.json)")
     path = os.path.join(out, "index.html")
     save_text(page, path)
     return path

@@ -244,7 +244,7 @@ def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=Non
 
 def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
                   num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None, sampler=None,
-                  variance=None, analytic_images: int = ANALYTIC_IMAGES):
+                  variance=None, analytic_images: int = ANALYTIC_IMAGES, clamp: bool = True):
     """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
     batches of `batch` (default eval.batch). Image i draws its start and all its noise
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
@@ -255,7 +255,8 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls. wrap: None, or a callable
     denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore).
     sampler: None (the recipe's) or "ddpm": DDPM ancestral sampling for any run, with the reverse variance
-    `variance` (ddpm_variance.py: beta, beta_tilde, v, T38's phi and analytic)."""
+    `variance` (ddpm_variance.py: beta, beta_tilde, v, T38's phi and analytic).
+    clamp: False returns the sampler's output as it is (latents, which are not pixels in [−1, 1])."""
     recipe = IMAGE_RECIPES[cfg.recipe]
     use_ddpm, name = ddpm_choice(cfg, sampler, variance)
     batch = batch or cfg.eval.batch
@@ -289,7 +290,7 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
                 x = sample_ddpm(den, z, process, rule=recipe.rule, generator=g, **kw)
             else:
                 x = sample_heun(den, z * 80.0, edm_sigmas(steps, 0.002, 80.0, 7.0), generator=g)
-        outs.append(x.float().clamp(-1, 1).cpu())
+        outs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
     nfe = counted.calls // math.ceil(n / batch)
     return torch.cat(outs), {"sampler": sampler_name(cfg, steps, sampler, variance), "nfe": nfe,
                              "sample_seconds": time.perf_counter() - start}
@@ -322,18 +323,24 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
     x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed,
                             num_classes=num_classes, steps=steps, batch=batch, sampler=sampler,
                             variance=variance)
+    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
+    write_samples(dest, x, info, **({"labels": labels.numpy()} if labels is not None else {}))
+    return info
+
+
+def write_samples(dest: str, x: torch.Tensor, info: dict, **arrays) -> None:
+    """The files of `gendiff sample` for images x [N, C, H, W] in [−1, 1]: dest/000000.png … (one PNG per
+    image), dest/samples.npz (uint8 images, the seed info['seed'], each image's index i, and `arrays`, e.g.
+    labels), dest/grid.png (the first 64) and dest/samples.json (`info`)."""
     os.makedirs(dest, exist_ok=True)
     u8 = _to_uint8(x)
     for i, img in enumerate(u8):
         with atomic_path(os.path.join(dest, f"{i:06d}.png")) as tmp:
             Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(tmp, format="PNG")
     with atomic_path(os.path.join(dest, "samples.npz")) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=u8, seed=np.int64(seed), index=np.arange(samples),
-                 **({"labels": labels.numpy()} if labels is not None else {}))
+        np.savez(f, images=u8, seed=np.int64(info["seed"]), index=np.arange(len(x)), **arrays)
     image_grid(os.path.join(dest, "grid.png"), x[:64], nrow=8)
-    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
     save_json(info, os.path.join(dest, "samples.json"))
-    return info
 
 
 def _refuse_sampler(cfg: ImageRunConfig, options: dict) -> None:
@@ -648,25 +655,8 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
     for r in rows:
         if r not in IMAGE_RECIPES:
             raise ValueError(f"row {r!r} is not allowed; choose among {list(IMAGE_RECIPES)}")
-    results = {}
-    for r in rows:
-        cfg = replace(base, recipe=r).validate()
-        folder = os.path.join(out, r)
-        done = os.path.join(folder, "metrics.json")
-        fresh = not os.path.exists(os.path.join(folder, "config.toml"))
-        if not fresh:
-            saved = read_config(folder, "--out")
-            cfg = with_sigma_data(cfg, lambda: saved.train.sigma_data)   # measured when the row started
-            if to_toml(saved) != to_toml(cfg):
-                raise ValueError(f"{folder} holds a run with another config; use another --out")
-        if not fresh and os.path.exists(done):
-            log(f"{r}: finished earlier, read {done}")
-            results[r] = read_json(done)
-            continue
-        setup = prepare(cfg, device, log=log)   # data and model checked before the row's folder exists
-        if fresh:
-            start_run(setup.cfg, folder)
-        results[r] = train_run(setup.cfg, folder, setup, progress=progress, log=log)
+    results = {r: train_row(replace(base, recipe=r).validate(), os.path.join(out, r), prepare, train_run,
+                            progress=progress, log=log, device=device) for r in rows}
     for r in results:  # throughput from the training log: every sitting of a resumed row, evaluation excluded
         results[r]["train_img_per_s"] = logged_img_per_s(os.path.join(out, r, "metrics.jsonl"),
                                                          base.train.batch)
@@ -674,6 +664,28 @@ def run_table(base, rows, out: str, *, progress: bool = True, log=print, device:
     md = table_markdown(results, base)
     save_text(md, os.path.join(out, "images.md"))
     return md
+
+
+def train_row(cfg, folder: str, prepare_fn, train_fn, *, progress: bool = True, log=print,
+              device: str | None = None) -> dict:
+    """One row of a results table: the run `cfg` trained and evaluated in the run folder `folder` (a kind's
+    prepare and train_run), its metrics returned. Resumable: a folder whose metrics.json exists for the same
+    config is read; an unfinished one resumes from its newest checkpoint, with the σ_data it recorded where
+    `cfg` measures it (train.sigma_data = 0); a folder of another config is an error."""
+    done = os.path.join(folder, "metrics.json")
+    fresh = not os.path.exists(os.path.join(folder, "config.toml"))
+    if not fresh:
+        saved = read_config(folder, "--out")
+        cfg = with_sigma_data(cfg, lambda: saved.train.sigma_data)   # measured when the row started
+        if to_toml(saved) != to_toml(cfg):
+            raise ValueError(f"{folder} holds a run with another config; use another --out")
+        if os.path.exists(done):
+            log(f"{os.path.basename(folder)}: finished earlier, read {done}")
+            return read_json(done)
+    setup = prepare_fn(cfg, device, log=log)   # data and model checked before the row's folder exists
+    if fresh:
+        start_run(setup.cfg, folder)
+    return train_fn(setup.cfg, folder, setup, progress=progress, log=log)
 
 
 def logged_img_per_s(path: str, batch: int) -> float:

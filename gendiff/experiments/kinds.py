@@ -1,16 +1,16 @@
 """One table from a run config's type to the module that trains and measures that kind of run. Every kind
-module (toy.py, images.py, vae.py) has the same functions: prepare, train_run, summary, load_model,
+module (toy.py, images.py, vae.py, latent.py) has the same functions: prepare, train_run, summary, load_model,
 sample_run, eval_run, eval_summary, likelihood_run, likelihood_summary (a command that does not apply to a
 kind is one ValueError there). `prepare(cfg)` returns a Setup whose `cfg` is
 the config resolved (an image run's measured σ_data), the one to save in the run folder. A new kind of run is
 one module and one line here."""
 from __future__ import annotations
 
-from . import images, toy, vae
-from .config import ImageRunConfig, ToyRunConfig, VAERunConfig
+from . import images, latent, toy, vae
+from .config import ImageRunConfig, LatentRunConfig, ToyRunConfig, VAERunConfig
 from .runfolder import read_config
 
-KINDS = {ToyRunConfig: toy, ImageRunConfig: images, VAERunConfig: vae}
+KINDS = {ToyRunConfig: toy, ImageRunConfig: images, VAERunConfig: vae, LatentRunConfig: latent}
 
 
 def kind_of(cfg):
