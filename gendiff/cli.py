@@ -16,9 +16,11 @@ import torch.distributed as dist
 from .checkpoint import CheckpointError
 from .checks import check_choice
 from .data.images import fetch
+from .distill import HEAD_LOSSES
 from .experiments.ablate import GUIDES, AblateConfig, quick, run_seeds
 from .experiments.config import PRESETS, resolve, to_toml
 from .experiments.ddpm_variance import DDPM_VARIANCE_CHOICES
+from .experiments.distill import distill
 from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
 from .experiments.images import resolve_device, run_table
@@ -227,6 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=_number("--label", int, 0),
                    help="class-conditional image runs: sample only "
                    "this class (default: classes 0, 1, … in turn)")
+    di = sub.add_parser("distill",
+                        help="progressive distillation (THEORY T35) of a trained toy or image run: each "
+                        "round a student, initialised from its teacher's EMA, learns to take one DDIM step "
+                        "where the teacher takes two; one run folder per round (OUT/round-1, …), "
+                        "checkpointed and resumable (run the command again)",
+                        description="Round k's teacher is round k − 1's student (round 1: RUN's EMA); the "
+                        "steps halve each round from --steps. Each round folder's config.toml is the "
+                        "teacher's config with a [distill] table; gendiff sample / eval on it sample with "
+                        "Euler (= DDIM) steps on the student's grid (schedules.distill_sigmas) at its own "
+                        "step count.")
+    di.add_argument("run",
+                    help="a toy or image run folder written by gendiff train (or a distillation round)")
+    di.add_argument("--rounds", type=_positive_int("--rounds"), required=True, help="rounds of halving")
+    di.add_argument("--out", help="folder of the round folders (default RUN-distill)")
+    di.add_argument("--steps", type=_positive_int("--steps"),
+                    help="the first teacher's DDIM steps, a multiple of 2^rounds (default: a distilled RUN's "
+                    "own steps, else the power of two nearest its Heun NFE: 64 for toy runs, 32 for images)")
+    di.add_argument("--iterations", type=_positive_int("--iterations"),
+                    help="training steps per round (default: the teacher's train.iterations)")
+    di.add_argument("--head-loss", choices=HEAD_LOSSES, default="nll",
+                    help="a confidence head: nll, its NLL of the teacher's two-step target (σ_φ² − σ² "
+                    "then estimates the student's own squared error), or none (no loss of its own: it "
+                    "starts as the teacher's)")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the teacher's config for the rounds (as gendiff train --set, "
+                    "e.g. "
+                    "train.lr=1e-3)")
+    di.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="image runs: auto = the GPU when CUDA is there; toy runs train on the CPU")
+    di.add_argument("--threads", type=_positive_int("--threads"), help="torch threads (default: all cores)")
+    di.add_argument("--no-progress", action="store_true", help="no progress bar")
     en = sub.add_parser("encode",
                         help="a VAE run: encode its train and test images once to the posterior mean and std "
                         "per image, RUN/latents.safetensors, with the sha256 of the VAE weights and the "
@@ -362,6 +395,10 @@ def _train(args) -> int:
             return 0
         name = getattr(cfg, "recipe", cfg.kind)             # a VAE run has no recipe
         out = args.out or os.path.join("runs", f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if getattr(cfg, "distill", None) is not None and cfg.distill.steps:
+        raise ValueError("this config is a distillation round (distill.steps = "
+                         f"{cfg.distill.steps}): gendiff distill trains and resumes rounds (run it again on "
+                         "the same RUN and --out; finished rounds are read, an unfinished one resumes)")
     kind = kind_of(cfg)
     device = args.device if cfg.kind == "toy" else resolve_device(args.device).type
     rank = _init_distributed(cuda=device == "cuda")
@@ -381,6 +418,15 @@ def _train(args) -> int:
             dist.destroy_process_group()
     if rank <= 0:
         print(f"{kind.summary(cfg, metrics)}; run folder {out}")
+    return 0
+
+
+def _distill(args) -> int:
+    rounds = distill(args.run, args.rounds, out=args.out, steps=args.steps, iterations=args.iterations,
+                     sets=args.set, head_loss=args.head_loss, device=args.device,
+                     progress=not args.no_progress)
+    for folder, cfg, metrics in rounds:
+        print(f"{kind_of(cfg).summary(cfg, metrics)}; {cfg.distill.steps} steps; run folder {folder}")
     return 0
 
 
@@ -529,7 +575,8 @@ def _check_writable(out: str, create: bool = True) -> None:
 
 
 COMMANDS = {"ablate": _ablate, "report": _report, "train": _train, "sample": _sample, "eval": _eval,
-            "likelihood": _likelihood, "data": _data, "posthoc-ema": _posthoc, "encode": _encode}
+            "likelihood": _likelihood, "data": _data, "posthoc-ema": _posthoc, "encode": _encode,
+            "distill": _distill}
 ERRORS = ((ValueError, 2), (FloatingPointError, 3), (CheckpointError, 4))   # bad input, diverged, disk
 
 

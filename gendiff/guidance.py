@@ -3,6 +3,8 @@
 D̃ = D_guide + w·(D_main − D_guide): autoguidance when the guide is a weaker version of the
 same model, classifier-free guidance when the guide is the unconditional model. w = 1 is the
 main model, w = 0 the guide. In score space this is the same thing (T13 is linear in μ).
+A guidance interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"): with
+`interval=(σ_lo, σ_hi)` the guided D̃ is used only for σ_lo ≤ σ ≤ σ_hi and the main model alone elsewhere.
 
 Classifier guidance (T32) adds w·∇ₓ log p_σ(y | x) to the score; through T13 the denoiser moves by
 w·σ²·∇ₓ log p_σ(y | x) (`ClassifierGuided`), with a noise-aware classifier `classifier(x, σ) -> logits`
@@ -25,13 +27,43 @@ def _check_weight(w, meaning: str, name: str = "guidance weight") -> float:
     return float(w)
 
 
+def check_interval(interval) -> tuple[float, float] | None:
+    """A guidance interval (σ_lo, σ_hi) with 0 ≤ σ_lo < σ_hi (σ_hi may be math.inf), as floats; None: none."""
+    if interval is None:
+        return None
+    ok = isinstance(interval, (tuple, list)) and len(interval) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in interval)
+    if not ok or not 0 <= interval[0] < interval[1]:
+        raise ValueError(f"guidance interval={interval!r} must be two numbers (σ_lo, σ_hi) with "
+                         "0 <= σ_lo < σ_hi (σ_hi may be inf); None: guidance at every σ")
+    return float(interval[0]), float(interval[1])
+
+
 class Guided(torch.nn.Module):
-    def __init__(self, main, guide, w: float):
+    """D̃ = D_guide + w·(D_main − D_guide) (T33, T34), w ≥ 0: w = 1 is the main model, w = 0 the guide.
+
+    interval: None (guidance at every σ) or (σ_lo, σ_hi): D̃ where σ_lo ≤ σ ≤ σ_hi, the main model alone
+    elsewhere (Kynkäänniemi et al. 2024); σ is a scalar (the samplers') or one per example, decided per
+    example.
+    The guide is not called for a batch whose every σ is outside. `predict` moves the mean only: with an
+    interval and a batch partly inside, the confidence is the main model's for every example."""
+
+    def __init__(self, main, guide, w: float, interval=None):
         super().__init__()
         _check_weight(w, "1 = no guidance")
         self.main, self.guide, self.w = main, guide, float(w)
+        self.interval = check_interval(interval)
 
-    def forward(self, x, sigma):
+    def _inside(self, x, sigma) -> torch.Tensor | None:
+        """Where guidance applies, broadcastable to x (one value per example); None: everywhere."""
+        if self.interval is None:
+            return None
+        s = as_sigma(sigma, x)
+        lo, hi = self.interval
+        return ((s >= lo) & (s <= hi)).flatten(1).all(1).view(-1, *[1] * (x.ndim - 1)) if s.ndim \
+            else (s >= lo) & (s <= hi)
+
+    def _guided(self, x, sigma):
         if self.w == 1:
             return self.main(x, sigma)
         d_guide = self.guide(x, sigma)
@@ -39,9 +71,25 @@ class Guided(torch.nn.Module):
             return d_guide
         return torch.lerp(d_guide, self.main(x, sigma), self.w)
 
+    def forward(self, x, sigma):
+        inside = self._inside(x, sigma)
+        if inside is None or bool(inside.all()):
+            return self._guided(x, sigma)
+        if not bool(inside.any()):
+            return self.main(x, sigma)
+        d_main = self.main(x, sigma)
+        guided = d_main if self.w == 1 else torch.lerp(self.guide(x, sigma), d_main, self.w)
+        return torch.where(inside, guided, d_main)
+
     def predict(self, x, sigma):
         """The guided mean with the main model's confidence (guidance moves the mean only); w = 0 is the
-        guide."""
+        guide (at every σ inside the interval, where all of a batch is)."""
+        inside = self._inside(x, sigma)
+        if inside is not None and not bool(inside.all()):
+            p = self.main.predict(x, sigma)
+            if not bool(inside.any()) or self.w == 1:
+                return p
+            return p.with_mean(torch.where(inside, torch.lerp(self.guide(x, sigma), p.mu, self.w), p.mu))
         if self.w == 0:
             return self.guide.predict(x, sigma)
         p = self.main.predict(x, sigma)
@@ -63,13 +111,14 @@ class Conditioned(torch.nn.Module):
         return self.denoiser.predict(x, sigma, class_labels=self.labels)
 
 
-def classifier_free(denoiser, labels: torch.Tensor, null_label: int, w: float) -> Guided:
+def classifier_free(denoiser, labels: torch.Tensor, null_label: int, w: float, interval=None) -> Guided:
     """Classifier-free guidance (T33) in seed 004's convention: s̃ = (1 + w)·s(x | y) − w·s(x | ∅), w ≥ 0,
     w = 0 the conditional model. T13 is linear in μ, so this is `Guided` with weight 1 + w and the null-class
-    model as the guide (the same network with every label set to `null_label`)."""
+    model as the guide (the same network with every label set to `null_label`). interval: as `Guided`'s, the
+    conditional model alone outside it."""
     _check_weight(w, "0 = the conditional model, T33", "cfg weight")
     null = torch.full_like(labels, null_label)
-    return Guided(Conditioned(denoiser, labels), Conditioned(denoiser, null), 1 + w)
+    return Guided(Conditioned(denoiser, labels), Conditioned(denoiser, null), 1 + w, interval)
 
 
 def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:

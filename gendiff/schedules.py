@@ -26,6 +26,22 @@ def edm_sigmas(steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5.0
     return torch.cat([s, s.new_zeros(1)])
 
 
+def distill_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 5.0, rho: float = 7.0,
+                   dtype=torch.float64) -> torch.Tensor:
+    """The σ grid of progressive distillation (T35): EDM's ρ-spaced interval [σ_max, σ_min] cut into `steps`
+    equal parts in σ^(1/ρ), the start of each part, then 0: σ_i = (σ_max^(1/ρ) + i/steps·(σ_min^(1/ρ) −
+    σ_max^(1/ρ)))^ρ for i < steps, [steps + 1]. Unlike `edm_sigmas` the last point before 0 is σ(1 − 1/steps),
+    not σ_min, so the grids nest: `distill_sigmas(2N)[::2] == distill_sigmas(N)` exactly (2i/2N is the float
+    i/N), and each round's teacher (2N steps) lands on every point of its student's grid (N steps). One step
+    (N = 1) is σ_max → 0."""
+    check_positive("steps", steps, integer=True)
+    _check_range(sigma_min, sigma_max)
+    check_positive("rho", rho)
+    i = torch.arange(steps, dtype=dtype) / steps
+    s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
 def _t(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64) if not torch.is_tensor(x) else x
 
@@ -313,6 +329,40 @@ class DDPMSteps:
 
     def __repr__(self):
         return f"DDPMSteps(T={self.ddpm.T}, schedule={self.ddpm.schedule!r})"
+
+
+class GridSteps:
+    """σ drawn uniformly from the points of a σ grid (its trailing 0 excluded), float32: the training density
+    of a distillation round, whose student trains only at the starts of its own steps (T35; Salimans & Ho
+    draw t uniformly from the student's grid). `index(σ)` maps such σ back to their position in the grid
+    (exactly: each must be one of the values `sample` draws)."""
+
+    def __init__(self, sigmas):
+        grid = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        s = [float(v) for v in grid]
+        if len(s) < 2 or s[-1] != 0 or not all(math.isfinite(v) and v > 0 for v in s[:-1]) \
+                or any(a <= b for a, b in zip(s, s[1:])):
+            raise ValueError("sigmas must be a strictly decreasing grid of finite σ > 0 ending in a single 0 "
+                             f"(e.g. distill_sigmas(4)); got {s[:3]}…{s[-2:]}")
+        self.sigmas = grid
+        self.table = grid[:-1].float()      # [steps], the points σ is drawn from
+
+    def sample(self, n: int, generator=None, dtype=torch.float32) -> torch.Tensor:
+        i = torch.randint(0, len(self.table), (n,), generator=generator)
+        return self.table[i].to(dtype)
+
+    def index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The grid position i (σ = sigmas[i]) of each σ: [n] long."""
+        s = torch.as_tensor(sigma).detach().flatten().float().cpu()
+        hit = s[:, None] == self.table[None, :]
+        if not bool(hit.any(1).all()):
+            bad = s[~hit.any(1)][0].item()
+            raise ValueError(f"sigma={bad!r} is not a point of {self!r}; allowed: the values "
+                             "GridSteps.sample draws (train with sigma_density= this GridSteps)")
+        return hit.float().argmax(1)
+
+    def __repr__(self):
+        return f"GridSteps(steps={len(self.table)}, sigma_max={float(self.table[0]):.4g})"
 
 
 def _check_range(sigma_min, sigma_max):

@@ -10,6 +10,7 @@ enough to re-run it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from ..checks import check_choice, check_positive
 from ..data.images import check_channels, check_size
 from ..data.toy import TREE_CLASSES
+from ..distill import HEAD_LOSSES
 from ..mixture_eval import SamplerConfig
 from ..nets.unet import RESAMPLE
 from ..precond import SOURCE_SCALINGS
@@ -59,6 +61,33 @@ class EvalConfig:
         check_positive("eval.eval_points", self.eval_points, integer=True)
 
 
+@dataclass
+class DistillConfig:
+    """A progressive-distillation round (T35), written by `gendiff distill`; all empty (steps = 0) for a run
+    trained on data. A round's student samples with Euler (= DDIM) steps on its own grid
+    (schedules.distill_sigmas at `steps`) by default."""
+    teacher: str = ""         # the teacher's run folder (absolute): a trained run or the previous round
+    teacher_steps: int = 0    # the teacher's DDIM steps in this round (2·steps)
+    steps: int = 0            # the student's DDIM steps (0: not a distilled run)
+    round: int = 0            # halvings since the run trained on data (round 1 halves its teacher's steps)
+    head_loss: str = "nll"    # nll: a confidence head learns its NLL of the teacher's target D*; none: none
+
+    def validate(self):
+        check_positive("distill.steps", self.steps, integer=True, allow_zero=True)
+        check_choice("distill.head_loss", self.head_loss, HEAD_LOSSES)
+        if not self.steps:
+            if self.teacher or self.teacher_steps or self.round:
+                raise ValueError("distill.teacher / teacher_steps / round describe a distillation round and "
+                                 "need distill.steps > 0 (gendiff distill writes them)")
+            return
+        check_positive("distill.round", self.round, integer=True)
+        if self.teacher_steps != 2 * self.steps:
+            raise ValueError(f"distill.teacher_steps={self.teacher_steps!r} must be 2·distill.steps = "
+                             f"{2 * self.steps} (each round halves the steps)")
+        if not self.teacher:
+            raise ValueError("distill.teacher='' must name the teacher's run folder")
+
+
 def _check_kind(cfg, kind: str) -> None:
     if cfg.kind != kind:
         raise ValueError(f"kind={cfg.kind!r} does not match this config's tables (a {kind!r} run); "
@@ -75,6 +104,7 @@ class ToyRunConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self):
         _check_kind(self, "toy")
@@ -84,7 +114,7 @@ class ToyRunConfig:
                              f"({TOY_RECIPES[self.recipe].model!r}); train that recipe instead")
         check_choice("classes", self.classes, TREE_CLASSES)
         check_positive("seed", self.seed, integer=True, allow_zero=True)
-        for part in (self.train, self.sampler, self.checkpoint, self.eval):
+        for part in (self.train, self.sampler, self.checkpoint, self.eval, self.distill):
             part.validate()
         return self
 
@@ -198,6 +228,7 @@ class ImageRunConfig:
     train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: ImageEvalConfig = field(default_factory=ImageEvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self):
         _check_kind(self, "images")
@@ -205,8 +236,13 @@ class ImageRunConfig:
         check_positive("seed", self.seed, integer=True, allow_zero=True)
         for i, w in enumerate(self.cfg_weights):
             check_positive(f"cfg_weights[{i}]", w, allow_zero=True)
-        for part in (self.data, self.model, self.train, self.checkpoint, self.eval):
+        for part in (self.data, self.model, self.train, self.checkpoint, self.eval, self.distill):
             part.validate()
+        if self.distill.steps and IMAGE_RECIPES[self.recipe].sampler != "heun":
+            raise ValueError(f"distill.steps={self.distill.steps}: recipe={self.recipe!r} samples with DDPM "
+                             "ancestral steps on its discrete σ̃_t; distillation (T35) applies to the EDM "
+                             "recipes (" + ", ".join(k for k, r in IMAGE_RECIPES.items()
+                                                     if r.sampler == "heun") + ")")
         return self
 
 
@@ -524,6 +560,12 @@ def resolve(preset: str | None = None, toml_path: str | None = None, sets=()):
     if table is not None:
         for key, value in _flatten(table):
             _set(cfg, key, value)
+    return override(cfg, sets, in_place=True)
+
+
+def override(cfg, sets=(), in_place: bool = False):
+    """`cfg` (a deep copy unless in_place) with each `key=value` of `sets` applied (`--set`), validated."""
+    cfg = cfg if in_place else copy.deepcopy(cfg)
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():

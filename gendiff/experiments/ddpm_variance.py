@@ -84,7 +84,10 @@ def ddpm_choice(cfg: ImageRunConfig, sampler=None, variance=None) -> tuple[bool,
 
 def sampler_steps(cfg: ImageRunConfig, steps: int, use_ddpm: bool) -> int:
     """`steps`, else the run's eval.sampler_steps where it samples with its own sampler, else the default of
-    the sampler used (RESPACED DDPM steps, HEUN_STEPS Heun steps)."""
+    the sampler used (RESPACED DDPM steps, HEUN_STEPS Heun steps); a distilled student (distill.steps > 0) its
+    own steps for its own sampler (Euler on its grid, images.sample_images)."""
+    if cfg.distill.steps and not use_ddpm:
+        return steps or cfg.distill.steps
     own = cfg.eval.sampler_steps if (IMAGE_RECIPES[cfg.recipe].sampler == "ddpm") == use_ddpm else 0
     return steps or own or (RESPACED if use_ddpm else HEUN_STEPS)
 

@@ -33,8 +33,8 @@ from ..image_metrics import (FID_BOOTSTRAP, class_counts, fid_with_sd, image_gri
 from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
 from ..likelihood import dequantize, log_likelihood, nll_8bit_to_bits_per_dim
 from ..nets.classifier import batched, load_or_train_classifier
-from ..samplers import sample_ddpm, sample_heun
-from ..schedules import edm_sigmas
+from ..samplers import sample_ddpm, sample_euler, sample_heun
+from ..schedules import distill_sigmas, edm_sigmas
 from ..scores import CountCalls
 from .config import SIGMA_DATA_MEASURED, ImageRunConfig, to_toml
 from .ddpm_variance import (ANALYTIC_IMAGES, VLB_STEPS, analytic_table, ddpm_bound, ddpm_choice,
@@ -44,6 +44,7 @@ from .report import BY_SIGMA_TEXT, by_sigma_markdown
 from .runfolder import load_weights, read_config, read_json, refuse, start_run, train_in_folder, weights_tag
 
 CALIBRATION_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # the EDM recipes' sampling range and grid (EDM eq. 5)
 VAL_FRACTION = 0.1         # folder/npz data: the share held out as the test split (seed 0)
 UNRELIABLE_MARGIN = 0.2    # classifier accuracy below chance + this share of (1 − chance): metrics unreliable
 
@@ -234,11 +235,16 @@ def _tail_mean(v, k=50):
 
 # ---- sampling: one seed per image ----------------------------------------------------------------------
 
+def distill_grid(cfg: ImageRunConfig, steps: int):
+    """The distillation grid (T35, schedules.distill_sigmas) at `steps` over the EDM recipes' range."""
+    return distill_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO)
+
+
 def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=None) -> str:
     use_ddpm, _ = ddpm_choice(cfg, sampler, variance)
     steps = sampler_steps(cfg, steps, use_ddpm)
     if not use_ddpm:
-        return f"Heun {steps}"
+        return f"Euler {steps} (distilled grid)" if cfg.distill.steps else f"Heun {steps}"
     return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" + ("" if variance is None else f", Σ {variance}")
 
 
@@ -288,8 +294,10 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
             if use_ddpm:
                 den, kw = ddpm_keywords(model, den, process, name, x0_var)
                 x = sample_ddpm(den, z, process, rule=recipe.rule, generator=g, **kw)
+            elif cfg.distill.steps:   # a distilled student: Euler (= DDIM, T35) on its own grid
+                x = sample_euler(den, z * SIGMA_MAX, distill_grid(cfg, steps), generator=g)
             else:
-                x = sample_heun(den, z * 80.0, edm_sigmas(steps, 0.002, 80.0, 7.0), generator=g)
+                x = sample_heun(den, z * SIGMA_MAX, edm_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO), generator=g)
         outs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
     nfe = counted.calls // math.ceil(n / batch)
     return torch.cat(outs), {"sampler": sampler_name(cfg, steps, sampler, variance), "nfe": nfe,

@@ -19,7 +19,7 @@ from ..likelihood import continuous_elbo, log_likelihood
 from ..mixture_eval import Evaluator
 from ..process import VP
 from ..samplers import GRID_SAMPLERS
-from ..schedules import LogNormalSigma, edm_sigmas
+from ..schedules import LogNormalSigma, distill_sigmas, edm_sigmas
 from ..scores import CountCalls, with_score_mode
 from .config import ToyRunConfig
 from .recipes import TOY_RECIPES
@@ -68,7 +68,10 @@ def train_run(cfg: ToyRunConfig, out: str, setup: Setup, *, progress: bool = Tru
     if not primary:
         return {}
     ev = _evaluator(cfg, cfg.seed, cfg.eval.samples, cfg.eval.eval_points)
-    x, secs, _ = ev.sample(res.ema)
+    if cfg.distill.steps:     # a distilled student: Euler on its own grid (sample_points), not Heun
+        x, _, secs = sample_points(res.ema, cfg, cfg.eval.samples, seed=cfg.seed)
+    else:
+        x, secs, _ = ev.sample(res.ema)
     metrics = {**ev.sample_metrics(x), **ev.score_errors(res.ema), "sample_s": secs,
                "bad_steps": res.bad_steps, "iterations": cfg.train.iterations}
     save_json(metrics, os.path.join(out, "metrics.json"))
@@ -99,22 +102,39 @@ def load_model(cfg: ToyRunConfig, out: str, weights: str = "model.safetensors"):
 
 # ---- sampling: one seed per sample ---------------------------------------------------------------------
 
-def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: str = "heun", steps: int = 0,
-                  score_mode: str = "tweedie", batch: int = 4096):
-    """n samples of the run's model with any σ-grid sampler (`steps`: default the run's sampler.steps; Heun
-    with the run's sampler.churn) from the run's σ_max (exact p(x; σ_max) or Gaussian, `sampler.init`). Sample
+def distill_grid(cfg: ToyRunConfig, steps: int):
+    """The distillation grid (T35, schedules.distill_sigmas) at `steps` over the run's sampling range."""
+    sc = cfg.sampler
+    return distill_sigmas(steps, sc.sigma_min, sc.sigma_max, sc.rho)
+
+
+def sampling_defaults(cfg: ToyRunConfig, sampler: str | None = None, steps: int = 0) -> tuple:
+    """(sampler, steps, σ grid) of the run: Heun at sampler.steps on EDM's grid; a distilled student
+    (distill.steps > 0) Euler (= DDIM, T35) at its distill.steps on its own grid (`distill_grid`)."""
+    if cfg.distill.steps:
+        steps = steps or cfg.distill.steps
+        return sampler or "euler", steps, distill_grid(cfg, steps)
+    sc = cfg.sampler
+    steps = steps or sc.steps
+    return sampler or "heun", steps, edm_sigmas(steps, sc.sigma_min, sc.sigma_max, sc.rho)
+
+
+def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: str | None = None,
+                  steps: int = 0, score_mode: str = "tweedie", batch: int = 4096):
+    """n samples of the run's model with any σ-grid sampler (default `sampling_defaults`: Heun at the run's
+    sampler.steps with its sampler.churn; a distilled student Euler at its own steps on its grid) from the
+    run's σ_max (exact p(x; σ_max) or Gaussian, `sampler.init`). Sample
     i draws its start and all its noise from its own generator (seed, i): the samples do not depend on
     `batch`, except for `pc`, whose Langevin step size uses norms averaged over the batch (score_sde's rule):
     it samples all n in one batch. Returns (samples [n, 2], NFE per sample, seconds)."""
+    sampler, steps, grid = sampling_defaults(cfg, sampler, steps)
     check_choice("sampler", sampler, GRID_SAMPLERS)
-    steps = steps or cfg.sampler.steps
-    for name, v in (("steps", steps), ("samples", n), ("batch", batch)):
+    for name, v in (("samples", n), ("batch", batch)):
         check_positive(name, v, integer=True)
     gt, sc = tree(cfg.classes), cfg.sampler
     batch = n if sampler == "pc" else batch
     knobs = {"churn": sc.churn} if sampler == "heun" else {}
     counted = CountCalls(with_score_mode(model, score_mode))
-    grid = edm_sigmas(steps, sc.sigma_min, sc.sigma_max, sc.rho)
     outs, start, batches = [], time.perf_counter(), 0
     for i in range(0, n, batch):
         idx = range(i, min(i + batch, n))
@@ -131,12 +151,12 @@ def sample_points(model, cfg: ToyRunConfig, n: int, *, seed: int = 0, sampler: s
 
 
 def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, seed: int = 0,
-               sampler: str = "heun",
+               sampler: str | None = None,
                steps: int = 0, score_mode: str = "tweedie", batch: int = 4096, **unused) -> dict:
     """`gendiff sample` on a toy run: dest/samples.npz (points [N, 2]) and dest/samples.png (beside the ground
-    truth)."""
+    truth). Sampler and steps: `sampling_defaults` (a distilled student: Euler at its own steps)."""
     refuse(unused, "a toy")
-    steps = steps or cfg.sampler.steps
+    sampler, steps, _ = sampling_defaults(cfg, sampler, steps)
     x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps,
                                  score_mode=score_mode, batch=batch)
     os.makedirs(dest, exist_ok=True)
@@ -149,14 +169,14 @@ def sample_run(out: str, cfg: ToyRunConfig, model, *, samples: int, dest: str, s
     return info
 
 
-def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str = "heun", steps: int = 0,
+def eval_run(out: str, cfg: ToyRunConfig, model, *, sampler: str | None = None, steps: int = 0,
              samples: int = 4096,
              seed: int = 0, score_mode: str = "tweedie", weights: str = "model.safetensors",
              **unused) -> dict:
-    """Samples of the run's model (sample_points) measured against the tree's ground truth; writes
-    RUN/eval-<sampler>-<steps>-<score_mode>.json."""
+    """Samples of the run's model (sample_points; `sampling_defaults`) measured against the tree's ground
+    truth; writes RUN/eval-<sampler>-<steps>-<score_mode>.json."""
     refuse(unused, "a toy")
-    steps = steps or cfg.sampler.steps
+    sampler, steps, _ = sampling_defaults(cfg, sampler, steps)
     x, nfe, secs = sample_points(model, cfg, samples, seed=seed, sampler=sampler, steps=steps,
                                  score_mode=score_mode)
     ev = _evaluator(cfg, seed, samples, 256)
