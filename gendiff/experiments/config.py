@@ -378,6 +378,8 @@ class LatentRunConfig:
     train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: LatentEvalConfig = field(default_factory=LatentEvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # shared sampling code reads it; gendiff
+    # distill does not take latent runs (experiments/distill.py DISTILLED_KINDS): steps stays 0
 
     def validate(self):
         _check_kind(self, "latent")
