@@ -357,17 +357,9 @@ def test_toy_recipe_from_the_cli(recipe, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def blobs(tmp_path_factory):
-    """96 labelled 28×28 8-bit images: a bright square in one of four quadrants (the label)."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 4, 96)
-    x = np.zeros((96, 1, 28, 28), np.uint8)
-    for i, k in enumerate(y):
-        r, c = 3 + 12 * (k // 2), 3 + 12 * (k % 2)
-        x[i, 0, r:r + 10, c:c + 10] = 180 + rng.integers(0, 75)
-    path = tmp_path_factory.mktemp("data") / "blobs.npz"
-    np.savez(path, images=x, labels=y)
-    return str(path)
+def blobs(blobs_npz):
+    """240 labelled 28×28 8-bit images: a bright square in one of four quadrants (the label); conftest's."""
+    return blobs_npz
 
 
 @pytest.mark.parametrize("recipe", ["confidence-excess", "confidence-sigma-only"])
