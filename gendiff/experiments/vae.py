@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,22 +37,11 @@ from ..io import derive_seed, file_sha256, generator, save_json, save_state, sav
 from ..nets.vae import VAE, ELBOLoss, gaussian_kl, gaussian_nll
 from ..schedules import LogNormalSigma
 from .config import NORMALISE_BY, VAERunConfig
-from .images import load_images, load_splits, logged_img_per_s, resolve_device, training_data
+from .images import Setup, load_images, load_splits, logged_img_per_s, resolve_device, training_data
 from .runfolder import load_weights, read_json, refuse, train_in_folder, weights_path, weights_tag
 
 LATENTS_FORMAT = "gendiff-latents-1"
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
-
-
-class Setup(NamedTuple):
-    model: torch.nn.Module
-    loss: object
-    source: object
-    density: object
-    data: object                   # the training split (ImageData)
-    test: object                   # the test split (ImageData)
-    split: str                     # load_splits' description
-    cfg: VAERunConfig              # the config as given (nothing is measured at prepare)
 
 
 def build_model(cfg: VAERunConfig, shape: tuple) -> VAE:
