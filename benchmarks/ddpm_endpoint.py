@@ -41,7 +41,8 @@ def main():
     t = torch.tensor(rows, dtype=torch.float64)
     shift = t[:, 2] - t[:, 1]
     print("mean ± std over seeds: " + ", ".join(f"{name} {c.mean():.3f} ± {c.std():.3f}" for name, c in (
-        ("truth", t[:, 0]), ("D at 0.002", t[:, 1]), ("D at σ̃_1", t[:, 2]), ("endpoint σ̃_1 − 0.002", shift)))
+        ("truth", t[:, 0]), ("D at 0.002", t[:, 1]), ("D at σ̃_1", t[:, 2]),
+        ("endpoint σ̃_1 − 0.002", shift)))
           + " nats")
 
 

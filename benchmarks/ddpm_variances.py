@@ -1,7 +1,7 @@
 """DDPM's reverse variance at equal steps (THEORY T38; issue 18, Build 5): β, β̃, IDDPM's learned v (T26),
-Analytic-DPM's one v̄_t per step, and the confidence head's per-pixel β̃_t + c_0²·(σ_φ² − σ̃²)⁺, each at 10, 25
-and 100 respaced steps: the DDPM bound in bits/dim (± its standard error over test images) and the FID of DDPM
-ancestral samples (± its bootstrap sd; with several --seeds, mean ± sd over seeds).
+Analytic-DPM's one v̄_t per step, and the confidence head's per-pixel β̃_t + c_0²·(σ_φ² − σ̃²)⁺, each at 10,
+25 and 100 respaced steps: the DDPM bound in bits/dim (± its standard error over test images) and the FID of
+DDPM ancestral samples (± its bootstrap sd; with several --seeds, mean ± sd over seeds).
 
 Every cell is the CLI's own evaluation, nothing copied: `gendiff likelihood RUN --method ddpm-bound --variance
 V --steps K --points P` (images.likelihood_run: the bound of the K-step respaced model, every step summed,

@@ -51,8 +51,8 @@ def trained(name: str, cfg: AblateConfig):
 
 
 class ExactOptimum:
-    """The exact point-mode optimum μ* = E[x0 | x̃], σ_φ*² = σ² + Var[x0 | x̃] (T8) with the toy's EDM scalings,
-    so that `by_sigma_bin` reads it like a trained model."""
+    """The exact point-mode optimum μ* = E[x0 | x̃], σ_φ*² = σ² + Var[x0 | x̃] (T8) with the toy's EDM
+    scalings, so that `by_sigma_bin` reads it like a trained model."""
 
     def __init__(self, gt, precond):
         self.exact, self.precond = gt.denoiser("point"), precond

@@ -2,7 +2,8 @@
 two runs of the same code on one machine (timings, seconds, it/s) or between two versions of the code (its
 own digest, `config.code`, and the recipes' serialised form `config.run_specs`): two folders with the same
 digest hold bit-identical metrics. Usage: python benchmarks/metrics_digest.py RESULTS_FOLDER
-`--compare A B`: the largest difference between the two folders' metrics, relative to max(|a|, |b|), and where."""
+`--compare A B`: the largest difference between the two folders' metrics, relative to max(|a|, |b|), and
+where."""
 import hashlib
 import json
 import sys
@@ -43,7 +44,8 @@ def compare(a: str, b: str) -> tuple:
                if not p.startswith((".timings", ".config"))} for f in (a, b))
     if la.keys() != lb.keys():
         raise SystemExit(f"the folders hold different metrics: {sorted(la.keys() ^ lb.keys())[:5]}")
-    worst = max(((abs(la[p] - lb[p]) / max(abs(la[p]), abs(lb[p]), 1e-300), p) for p in la), default=(0.0, ""))
+    worst = max(((abs(la[p] - lb[p]) / max(abs(la[p]), abs(lb[p]), 1e-300), p) for p in la),
+                default=(0.0, ""))
     return worst[0], worst[1], len(la)
 
 

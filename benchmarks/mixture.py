@@ -131,8 +131,9 @@ def main() -> None:
             t_new = median_ms(lambda: g.score(x, sigma), args.repeats)
             t_old_b = median_ms(lambda: old.logp_and_score(x, sigma), args.repeats)
             t_new_b = median_ms(lambda: g.logp_and_score(x, sigma), args.repeats)
-            print(f"[{name}] score: before issue 17 {t_old:7.2f} ms, now {t_new:7.2f} ms ({t_old / t_new:.2f}x); "
-                  f"logp_and_score: {t_old_b:7.2f} ms, now {t_new_b:7.2f} ms ({t_old_b / t_new_b:.2f}x)")
+            print(f"[{name}] score: before issue 17 {t_old:7.2f} ms, now {t_new:7.2f} ms "
+                  f"({t_old / t_new:.2f}x); logp_and_score: {t_old_b:7.2f} ms, now {t_new_b:7.2f} ms "
+                  f"({t_old_b / t_new_b:.2f}x)")
         same = [torch.equal(a, b) for a, b in zip(old.logp_and_score(x, sigma), g.logp_and_score(x, sigma))]
         print(f"  now == before issue 17, bit for bit: logp {same[0]}, score {same[1]}, "
               f"score() {torch.equal(old.score(x, sigma), g.score(x, sigma))}")

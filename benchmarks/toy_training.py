@@ -63,8 +63,8 @@ def main():
     probe = TOY_RECIPES["edm"].build_model(cfg.train).net
     secs, gflops = matmul_bound(matmul_shapes(probe, args.batch))
     flop = 2 * sum(m * k * n for m, k, n in matmul_shapes(probe, args.batch))
-    print(f"matmul bound (edm's network; others differ only in the output layer): {flop / 1e6:.0f} MFLOP per step "
-          f"at {gflops:.0f} GFLOP/s = {secs * 1e3:.2f} ms, {1 / secs:.0f} it/s")
+    print(f"matmul bound (edm's network; others differ only in the output layer): {flop / 1e6:.0f} MFLOP "
+          f"per step at {gflops:.0f} GFLOP/s = {secs * 1e3:.2f} ms, {1 / secs:.0f} it/s")
     print(f"{'run kind':<18} {'it/s':>8} {'vs 30 it/s':>11} {'of bound':>9}")
     for name in ("edm", "confidence-frozen", "confidence", "confidence-full", "seed-method",
                  "score-matching"):

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    + " runs; images: seed 004's MNIST table with the EDM and confidence rows; "
                    "confidence-images: the confidence heads on MNIST (rows "
                    + ", ".join(IMAGE_SUITES["confidence-images"][0]) + "; preset mnist-conf); latent: THEORY "
-                   "T36's modes of latent diffusion (rows " + ", ".join(LATENT_ROWS) + "; preset latent-mnist, "
+                   "T36's modes of latent diffusion (rows " + ", ".join(LATENT_ROWS)
+                   + "; preset latent-mnist, "
                    "--set latent.vae_run=RUN of an encoded VAE run; the pixel row at mnist-cpu); image and "
                    "latent suites are resumable: finished rows are read, unfinished ones resume from their "
                    "checkpoints")
@@ -97,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image suites: the budget (default mnist-cpu for images, mnist-conf for "
                    "confidence-images, latent-mnist for latent)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="image suites: override a key of the preset (as gendiff train --set); --suite latent: "
-                   "pixel.KEY=VALUE overrides a key of the pixel reference (e.g. pixel.train.iterations=2000)")
+                   help="image suites: override a key of the preset (as gendiff train --set); "
+                   "--suite latent: pixel.KEY=VALUE overrides a key of the pixel reference "
+                   "(e.g. pixel.train.iterations=2000)")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="image suites: where to train and sample (auto: the GPU when CUDA is there)")
     a.add_argument("--rows",
@@ -529,7 +531,8 @@ def _report(args) -> int:
         return 0
     if not os.path.isfile(os.path.join(args.folder, "metrics.json")):
         raise ValueError(f"folder={args.folder!r} holds no metrics.json, images.json, latent.json or "
-                         "config.toml; give a results folder of gendiff ablate or a run folder of gendiff train")
+                         "config.toml; give a results folder of gendiff ablate or a run folder of "
+                         "gendiff train")
     result = rerender(args.folder)
     print(metrics_markdown(result))
     print(calibration_markdown(result))

@@ -26,8 +26,8 @@ class NoisyBatch:
     labels: [N] class indices for a class-conditional denoiser (already dropped to ∅ where CFG training
     asks for it, T33); None for an unconditional one.
     source_sigma: shaped like x0, a known per-element std s ≥ 0 of x0's source (T36 mode (c): x0 = m, x̃ = m +
-    s·ε₁ + σ·ε₂, so x̃ ~ N(x0, σ² + s²), T3); `predict` hands it to the denoiser, whose scalings then come from
-    the total σ √(σ² + s²) (c_noise from σ).
+    s·ε₁ + σ·ε₂, so x̃ ~ N(x0, σ² + s²), T3); `predict` hands it to the denoiser, whose scalings then come
+    from the total σ √(σ² + s²) (c_noise from σ).
     latent_eps: [N, ...] standard normal draws for a loss that samples a latent of its own (the VAE's
     reparameterisation ε, nets/vae.ELBOLoss), drawn by the source with the data.
     """

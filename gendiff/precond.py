@@ -150,8 +150,8 @@ class Denoiser(nn.Module):
         class_labels: [N] class indices for a class-conditional backbone (passed on as `class_labels=`; the
         backbone's null class is ∅, T33)."""
         sigma = as_sigma(sigma, x)
-        total = sigma if source_sigma is None else (sigma.square() + as_sigma(source_sigma, x, "source_sigma",
-                                                                              allow_zero=True).square()).sqrt()
+        total = sigma if source_sigma is None else (
+            sigma.square() + as_sigma(source_sigma, x, "source_sigma", allow_zero=True).square()).sqrt()
         sc = self.precond(total)
         c_noise = self.precond.c_noise(per_example(sigma, x.shape[0]))
         extra = {"noise_map": torch.broadcast_to(self.precond.c_noise(total), x.shape)} \

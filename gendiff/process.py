@@ -5,8 +5,8 @@ x̃ = z/α, σ̃ = σ/α = exp(−λ/2) turns it into x̃ = x0 + σ̃·ε (T2), 
 serves VE, VP, flow matching and DDPM alike (VDM++ §2): `Process.denoise(D, z, t)`.
 
 DDPM's reverse step p(x_{t−1} | x_t) = N(μ, Σ_t) is chosen in one place for the sampler and the bound:
-`DDPM.reverse_step` (x̂0 and Σ_t from one denoiser evaluation) and `DDPM.reverse_variance` (Σ_t = β, β̃, IDDPM's
-learned v, or T38's β̃ + c_0²·Var[x0 | x_t] per element from the head, "phi", or one number per step,
+`DDPM.reverse_step` (x̂0 and Σ_t from one denoiser evaluation) and `DDPM.reverse_variance` (Σ_t = β, β̃,
+IDDPM's learned v, or T38's β̃ + c_0²·Var[x0 | x_t] per element from the head, "phi", or one number per step,
 "analytic", Analytic-DPM's v̄_t from `analytic_variances`).
 
 Time t is a scalar or one value per example `[N]` (a per-element tensor also broadcasts); λ decreases
@@ -317,12 +317,12 @@ class DDPM(Process):
     def reverse_step(self, denoiser, z: torch.Tensor, t: int, variance: str = "beta_tilde", *, x0_var=None,
                      v=None, model_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂0, Σ_t) of p(x_{t−1} | x_t) at the DDPM latent z = x_t, integer t ∈ 1..T, from one denoiser
-        evaluation: x̂0 = D(z/√ᾱ_t, σ̃_t), σ̃_t = √((1 − ᾱ_t)/ᾱ_t) (T2), and Σ_t = `reverse_variance`: phi reads
-        Var[x0 | x_t] = (σ_φ² − σ̃_t²)⁺ (T8) from the same `denoiser.predict` call; analytic reads x0_var[t];
-        a learned v(z, t) is called after the denoiser (a v head that keeps its last G costs nothing more).
-        The denoiser runs in model_dtype (default z's) with a float σ̃; x̂0 and Σ_t come back in z's dtype,
-        Σ_t broadcastable to z (a v of one value per example [N] becomes [N, 1, …]). Arguments as checked by
-        `check_reverse_variance`."""
+        evaluation: x̂0 = D(z/√ᾱ_t, σ̃_t), σ̃_t = √((1 − ᾱ_t)/ᾱ_t) (T2), and Σ_t = `reverse_variance`: phi
+        reads Var[x0 | x_t] = (σ_φ² − σ̃_t²)⁺ (T8) from the same `denoiser.predict` call; analytic reads
+        x0_var[t]; a learned v(z, t) is called after the denoiser (a v head that keeps its last G costs
+        nothing more). The denoiser runs in model_dtype (default z's) with a float σ̃; x̂0 and Σ_t come back
+        in z's dtype, Σ_t broadcastable to z (a v of one value per example [N] becomes [N, 1, …]). Arguments
+        as checked by `check_reverse_variance`."""
         ab, om = float(self.alpha_bar[t]), float(self.one_minus_alpha_bar[t])
         sig = math.sqrt(om / ab)
         x_in = (z / math.sqrt(ab)).to(model_dtype or z.dtype)
@@ -371,10 +371,10 @@ class DDPM(Process):
 
 def analytic_variances(denoiser, x: torch.Tensor, ddpm: DDPM, *, generator=None,
                        batch: int = 256) -> torch.Tensor:
-    """Analytic-DPM's one number per step (Bao et al. 2022): v̄_t = E‖x0 − x̂0(x_t)‖²/d, the mean squared error
-    of the denoiser's x̂0 over elements and the images `x` [N, ...] (training data), at each step's σ̃_t of
-    `ddpm` (a `respaced` one: its own steps), x̃ = x0 + σ̃_t·ε (T2). Returns a float64 tensor [T + 1] indexed by
-    step, v̄_0 = 0, for `reverse_variance(t, "analytic", x0_var=v̄)`: Σ_t = β̃_t + c_0²·v̄_t (T38).
+    """Analytic-DPM's one number per step (Bao et al. 2022): v̄_t = E‖x0 − x̂0(x_t)‖²/d, the mean squared
+    error of the denoiser's x̂0 over elements and the images `x` [N, ...] (training data), at each step's σ̃_t
+    of `ddpm` (a `respaced` one: its own steps), x̃ = x0 + σ̃_t·ε (T2). Returns a float64 tensor [T + 1]
+    indexed by step, v̄_0 = 0, for `reverse_variance(t, "analytic", x0_var=v̄)`: Σ_t = β̃_t + c_0²·v̄_t (T38).
 
     Bao et al.'s optimal scalar variance is β̃_t + c_0²·E‖x0 − E[x0 | x_t]‖²/d, which they estimate from the
     norm of the model's ε-prediction; here the squared error of x̂0 itself. For the exact model both are

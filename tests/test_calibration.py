@@ -1,7 +1,7 @@
 """calibration.calibration_by_sigma against Gaussian oracles (THEORY T8): x0 ~ N(0, v) per element,
-x̃ = x0 + σε, μ = E[x0 | x̃] = v/(v + σ²)·x̃ and V = Var[x0 | x̃] = vσ²/(v + σ²) exactly, so coverage, NLL, the
-gain over the best constant and the reliability table all have closed forms; every tolerance is a multiple of
-the sampling sd of the quantity tested.
+x̃ = x0 + σε, μ = E[x0 | x̃] = v/(v + σ²)·x̃ and V = Var[x0 | x̃] = vσ²/(v + σ²) exactly, so coverage, NLL,
+the gain over the best constant and the reliability table all have closed forms; every tolerance is a multiple
+of the sampling sd of the quantity tested.
 
 Breakages tried (each made the named test fail, then was reverted):
 - coverage_2s counting z² ≤ 2 instead of ≤ 4 → test_exact_posterior_covers_and_has_the_closed_form_nll;

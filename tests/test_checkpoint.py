@@ -231,8 +231,8 @@ def test_named_state_objects_round_trip_with_readable_keys(tmp_path):
 
 
 def test_a_non_finite_gradient_under_a_finite_loss_skips_the_step():
-    """The one-synchronisation check `all_finite` (a sum of sums) catches inf and NaN in any gradient, also when
-    the loss itself is finite: the step is skipped and counted, the weights stay as they were.
+    """The one-synchronisation check `all_finite` (a sum of sums) catches inf and NaN in any gradient, also
+    when the loss itself is finite: the step is skipped and counted, the weights stay as they were.
     Breakage tried: all_finite returning True (the weights become NaN, bad_steps 0)."""
     import copy
     from gendiff.data.sources import ToyBatches

@@ -947,8 +947,8 @@ def test_calibration_of_the_no_head_model_is_its_closed_form(evaluator, gt):
 
 
 def test_by_sigma_readout_of_the_exact_oracle(evaluator, gt):
-    """Evaluator.calibration's per-σ-bin readout of Var[x0 | x̃] (calibration.calibration_by_sigma) on the exact
-    posterior: E[(μ − x0)²/V | x̃] = 1 for μ = E[x0 | x̃], V = Var[x0 | x̃] per element, whatever the
+    """Evaluator.calibration's per-σ-bin readout of Var[x0 | x̃] (calibration.calibration_by_sigma) on the
+    exact posterior: E[(μ − x0)²/V | x̃] = 1 for μ = E[x0 | x̃], V = Var[x0 | x̃] per element, whatever the
     (non-Gaussian) posterior, so z2_mean is 1 within its sampling error; V is the best Gaussian variance of
     any function of x̃, so the constant never wins; nothing is floored in float32. Checked against the readout
     recomputed here in float64 on the odd-indexed held-out points of each bin."""
@@ -970,7 +970,7 @@ def test_by_sigma_readout_of_the_exact_oracle(evaluator, gt):
         assert g["nll"] > -4 * g["nll_sd"], (label, g)
         resolved += g["verdict"] == "head better"
     assert resolved >= 2
-    assert "by_sigma" not in ev.calibration(gt.denoiser("source"), "source")   # its excess is not Var[x0 | x̃]
+    assert "by_sigma" not in ev.calibration(gt.denoiser("source"), "source")  # its excess is not Var[x0 | x̃]
 
 
 # ---- 7. multi-seed summary ----------------------------------------------------------------------
@@ -1048,8 +1048,8 @@ def test_summarize_seeds_keeps_seeds_with_missing_values(tmp_path):
 
 
 def test_by_sigma_readouts_render_for_one_seed_and_over_seeds(tmp_path):
-    """calibration_markdown renders the per-σ-bin readout of one seed (gain ± bootstrap sd and its verdict) and
-    of a two-seed summary (mean ± std over seeds); a verdict that differs by seed keeps each seed's."""
+    """calibration_markdown renders the per-σ-bin readout of one seed (gain ± bootstrap sd and its verdict)
+    and of a two-seed summary (mean ± std over seeds); a verdict that differs by seed keeps each seed's."""
     from gendiff.calibration import calibration_by_sigma
     from gendiff.experiments.report import calibration_markdown
 

@@ -228,8 +228,8 @@ def test_analytic_is_the_element_mean_of_phi_at_every_step():
 
 def test_analytic_variances_converge_to_the_closed_form():
     """(c) analytic_variances on n samples of the data, the exact model: at every step within 5 standard
-    errors of mean_i Var[x0 | x_t]; the error of the exact model's x̂0 is N(0, V_t) per element, so the mean of
-    its square over n·d elements has variance Σ_i 2V_i²/(n·d²). Float64, v̄_0 = 0, seeded, and the same for
+    errors of mean_i Var[x0 | x_t]; the error of the exact model's x̂0 is N(0, V_t) per element, so the mean
+    of its square over n·d elements has variance Σ_i 2V_i²/(n·d²). Float64, v̄_0 = 0, seeded, and the same for
     any batch size."""
     dd, n = respaced(25), 4000
     x = M + V.sqrt() * torch.randn(n, 4, generator=torch.Generator().manual_seed(3), dtype=F64)

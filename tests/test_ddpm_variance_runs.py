@@ -71,11 +71,11 @@ def test_phi_is_wired_to_the_heads_excess_variance(blobs):  # noqa: F811
 
 
 def test_cli_chooses_the_ddpm_variance_for_eval_and_likelihood(blobs, tmp_path, capsys):  # noqa: F811
-    """On a tiny confidence run (an EDM recipe, read at the DDPM σ̃_t): the DDPM bound with phi, analytic and β̃
-    on 5 respaced steps (4 KL terms, all summed), eval with DDPM sampling, phi and analytic, 4 steps (NFE 4:
-    analytic's table is measured once, not per sample); each writes its own JSON. Refused, one line each: v
-    (no v head), --variance with the recipe's Heun sampler, --variance with the PF-ODE likelihood, another
-    --sampler."""
+    """On a tiny confidence run (an EDM recipe, read at the DDPM σ̃_t): the DDPM bound with phi, analytic and
+    β̃ on 5 respaced steps (4 KL terms, all summed), eval with DDPM sampling, phi and analytic, 4 steps
+    (NFE 4: analytic's table is measured once, not per sample); each writes its own JSON. Refused, one line
+    each: v (no v head), --variance with the recipe's Heun sampler, --variance with the PF-ODE likelihood,
+    another --sampler."""
     from gendiff.cli import main
     out = str(tmp_path / "run")
     assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set", "data.name=npz",

@@ -147,8 +147,9 @@ def test_excess_head_never_below_sigma(name, dtype):
 # ---- T37: the optimum on the exact tree --------------------------------------------------------------------
 
 def _expected(nll, F, G, sc, var):
-    """E over x0 ~ p(x0 | x̃) of a per-element loss quadratic in F − F*, at μ = E[x0 | x̃]: E[(μ − x0)²] = Var,
-    so E‖F − F*‖² = Var/c_out², and the loss is affine in ‖F − F*‖²: evaluate it at F* = F − √Var/c_out."""
+    """E over x0 ~ p(x0 | x̃) of a per-element loss quadratic in F − F*, at μ = E[x0 | x̃]:
+    E[(μ − x0)²] = Var, so E‖F − F*‖² = Var/c_out², and the loss is affine in ‖F − F*‖²: evaluate it at
+    F* = F − √Var/c_out."""
     return nll(F, G, F - var.sqrt() / sc.c_out.abs(), sc)
 
 

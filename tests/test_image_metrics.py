@@ -28,8 +28,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gendiff.image_metrics import (class_counts, feature_stats, fid, fid_with_sd, frechet_distance, image_grid,
-                                   mode_coverage, precision_recall, uncertainty_grid)
+from gendiff.image_metrics import (class_counts, feature_stats, fid, fid_with_sd, frechet_distance,
+                                   image_grid, mode_coverage, precision_recall, uncertainty_grid)
 from gendiff.nets.classifier import accuracy, load_or_train_classifier, random_shift, train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -52,8 +52,8 @@ def tiny(blobs, objective, *sets):
 
 @pytest.mark.parametrize("objective", sorted(IMAGE_RECIPES))
 def test_every_objective_trains_and_its_loss_falls(blobs, objective):
-    # T37's head starts at σ_φ ≥ σ, nearer its optimum on this data (measured σ_data): its loss falls by 18% in
-    # 40 steps, by more than 20% in 120
+    # T37's head starts at σ_φ ≥ σ, nearer its optimum on this data (measured σ_data): its loss falls by 18%
+    # in 40 steps, by more than 20% in 120
     steps = 120 if objective == "confidence-excess" else 40
     cfg = tiny(blobs, objective, f"train.iterations={steps}", "train.batch=16", "train.precision=fp32",
                "train.lr=5e-3")
@@ -298,8 +298,8 @@ def test_an_image_run_trains_and_samples_on_the_gpu(blobs, tmp_path):
 
 
 def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
-    """A head with σ_φ² = σ² + s² exactly (T8) predicts Var[x0 | x̃] = s² for the error of μ: calibrate reads s²,
-    not σ_φ². Where s² varies over the pixels (0.3² on one half, 0.05² on the other) it beats the best
+    """A head with σ_φ² = σ² + s² exactly (T8) predicts Var[x0 | x̃] = s² for the error of μ: calibrate reads
+    s², not σ_φ². Where s² varies over the pixels (0.3² on one half, 0.05² on the other) it beats the best
     constant per σ; its floored pixels (σ_φ ≤ σ in two columns, with errors of std 1) are counted apart and
     left out of the rest: σ_φ = σ in float32 stays below the floor (1e-3·σ)² after − σ² in float64. Images 0,
     2, … fit the constant, 1, 3, … are measured (at each of the 6 σ: 6 × 32 examples per split)."""
@@ -326,7 +326,7 @@ def test_calibration_uses_the_excess_over_the_noise(blobs, tmp_path):
         for p, got in ((GAUSS_COVERAGE_1, h["coverage_1s"]), (GAUSS_COVERAGE_2, h["coverage_2s"])):
             assert abs(got - p) < 4 * (p * (1 - p) / n) ** 0.5
         assert v["gain"]["constant"]["verdict"] == "head better"
-        assert h["nll_floored_all"] > h["nll"] + 1e3                  # the floored column, error 1 at std 1e-3σ
+        assert h["nll_floored_all"] > h["nll"] + 1e3                # the floored column, error 1 at std 1e-3σ
     assert os.path.exists(tmp_path / "uncertainty.png") and os.path.exists(tmp_path / "calibration.png")
     with pytest.raises(ValueError, match="calibration_images"):
         calibrate(Known(), tiny(blobs, "confidence"), x0[:1], str(tmp_path))
@@ -489,7 +489,8 @@ def test_confidence_images_suite_from_the_cli(blobs, tmp_path):
     toy suite)."""
     from gendiff.cli import main
     from gendiff.experiments.recipes import IMAGE_SUITES
-    assert IMAGE_SUITES["confidence-images"][0] == ("confidence", "confidence-excess", "confidence-sigma-only")
+    assert IMAGE_SUITES["confidence-images"][0] == ("confidence", "confidence-excess",
+                                                    "confidence-sigma-only")
     out = tmp_path / "conf"
     sets = ["--set", f"data.path={blobs}", "--set", "data.name=npz", "--set", "eval.likelihood_images=0",
             "--set", "model.attn_resolutions=[]", "--set", "train.iterations=4"]

@@ -243,9 +243,9 @@ class Recording(nn.Module):
 
 
 def test_sampling_denoiser_choices():
-    """"diffusion": the model itself. "total": scalings from √(σ² + s̄²) per element (the net sees c_in·x̃, μ =
-    c_skip·x̃ + c_out·F, σ_φ = c_var, EDM's T4/T5 at the total σ), c_noise = ¼ log σ of the diffusion σ.
-    Bad choices are ValueErrors."""
+    """"diffusion": the model itself. "total": scalings from √(σ² + s̄²) per element (the net sees c_in·x̃,
+    μ = c_skip·x̃ + c_out·F, σ_φ = c_var, EDM's T4/T5 at the total σ), c_noise = ¼ log σ of the diffusion
+    σ. Bad choices are ValueErrors."""
     den = Denoiser(Recording(), EDMPrecond(SIGMA_D), "none")
     assert sampling_denoiser(den, "diffusion") is den
     s_bar = torch.tensor([0.1, 0.4], dtype=F64).view(1, 2, 1, 1)

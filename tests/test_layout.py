@@ -3,9 +3,9 @@ import written inside a function (optional heavy third-party packages may stay l
 
 Breakages tried (each fails here): `from .kinds import load_run` written inside a function of
 experiments/html.py (test_no_gendiff_import_inside_a_function); `from .experiments.recipes import TOY_RECIPES`
-added to gendiff/train.py (test_imports_run_one_way_cli_experiments_library); `from . import mixture_eval` at the
-end of mixture_metrics.py, a cycle that still imports (test_no_import_cycle); a cycle that breaks the import
-(heads.py importing precond) already fails at collection.
+added to gendiff/train.py (test_imports_run_one_way_cli_experiments_library); `from . import mixture_eval` at
+the end of mixture_metrics.py, a cycle that still imports (test_no_import_cycle); a cycle that breaks the
+import (heads.py importing precond) already fails at collection.
 """
 import ast
 import os

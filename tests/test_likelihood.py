@@ -300,8 +300,8 @@ def test_ddpm_vlb_variance_terms_are_exact_with_a_perfect_mean(variance, v):
     var = torch.exp(w * b.log() + (1 - w) * bt.log())
     want = float((torch.log(var / bt) + bt / var - 1).sum())               # ½·d with d = 2
     torch.testing.assert_close(r["diffusion"], torch.full((4,), want, dtype=F64))
-    var1 = bt[0]                                                      # t = 1: β̃_2 (asked for), or the learned
-    if v is not None:                                                 # Σ_θ(1), log β̃_1 clipped to log β̃_2
+    var1 = bt[0]                                                     # t = 1: β̃_2 (asked for), or the learned
+    if v is not None:                                                # Σ_θ(1), log β̃_1 clipped to log β̃_2
         var1 = torch.exp(v * ddpm.betas[1].log() + (1 - v) * bt[0].log())
     torch.testing.assert_close(r["reconstruction"],
                                torch.full((4,), math.log(2 * math.pi * float(var1)), dtype=F64))

@@ -67,15 +67,16 @@ def _autograd(g, x, sigma):
 def _cases(g, n=400, seed=0):
     """(x, σ) pairs in float64: per-point σ log-uniform in [1e-3, 80], and a list of scalar σ."""
     gen = torch.Generator().manual_seed(seed)
-    sig = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-3), math.log(80.0), generator=gen))
+    sig = torch.exp(
+        torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-3), math.log(80.0), generator=gen))
     x = g.sample(n, sigma=sig, generator=gen, dtype=torch.float64)[0]
     u = (torch.rand(n // 4, 2, generator=gen, dtype=torch.float64) - 0.5) * 3.2
     sig_u = torch.exp(torch.empty(n // 4, dtype=torch.float64).uniform_(math.log(1e-3), math.log(80.0),
                                                                            generator=gen))
     yield torch.cat([x, u]), torch.cat([sig, sig_u])
     for s in (1e-3, 1e-2, 0.1, 1.0, 10.0, 80.0):
-        yield torch.cat([g.sample(n, sigma=s, generator=gen, dtype=torch.float64)[0], u]), torch.tensor(s,
-                                                                                                   dtype=torch.float64)
+        yield (torch.cat([g.sample(n, sigma=s, generator=gen, dtype=torch.float64)[0], u]),
+               torch.tensor(s, dtype=torch.float64))
 
 
 def _check(lp, sc, ref_lp, ref_sc, sigma, rtol_sc, rtol_lp, what):
@@ -87,7 +88,8 @@ def _check(lp, sc, ref_lp, ref_sc, sigma, rtol_sc, rtol_lp, what):
     assert err_lp <= rtol_lp, f"{what}: log p error {err_lp:.3g} (relative) > {rtol_lp}"
 
 
-@pytest.mark.parametrize("dtype, rtol_sc, rtol_lp", [(torch.float64, 1e-9, 1e-9), (torch.float32, 1e-4, 1e-4)])
+@pytest.mark.parametrize("dtype, rtol_sc, rtol_lp",
+                         [(torch.float64, 1e-9, 1e-9), (torch.float32, 1e-4, 1e-4)])
 def test_fast_score_matches_old_formula_and_autograd(tree_a, dtype, rtol_sc, rtol_lp):
     g = tree_a
     for x64, sig64 in _cases(g):

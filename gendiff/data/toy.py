@@ -53,7 +53,7 @@ class GaussianMixture:
                 "L": self.L64.T.contiguous().to(dtype=dtype, device=device),          # [d, K]
                 "Qcat": Qjk.reshape(d * K, d).T.contiguous().to(dtype=dtype, device=device),  # [d, d·K]
                 "Qaug": torch.cat([-Qjk.reshape(d * K, d).T, torch.einsum("jkc,kc->jk", Qjk, self.means64)
-                                   .reshape(1, d * K)]).to(dtype=dtype, device=device),          # [d + 1, d·K]
+                                   .reshape(1, d * K)]).to(dtype=dtype, device=device),         # [d + 1, d·K]
                 "means": self.means64.to(dtype=dtype, device=device),
                 "covs": self.covs64.to(dtype=dtype, device=device),
                 "Q": self.Q64.to(dtype=dtype, device=device),

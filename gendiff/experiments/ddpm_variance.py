@@ -4,8 +4,8 @@ with it.
 `gendiff eval RUN --sampler ddpm --variance V --steps K` and `gendiff likelihood RUN --method ddpm-bound
 --variance V --steps K` reach these: V is β ("beta"), β̃ ("beta_tilde"), IDDPM's learned v ("v", the
 learned-variance recipe's head, T26), T38's β̃_t + c_0²·Var[x0 | x_t] per element from the confidence head
-("phi", a run whose head `has_confidence`), or one number per step ("analytic", Analytic-DPM's v̄_t measured on
-training images, any run); K respaced steps of the T = 1000 linear-β process (IDDPM), whose own β', β̃', ᾱ'
+("phi", a run whose head `has_confidence`), or one number per step ("analytic", Analytic-DPM's v̄_t measured
+on training images, any run); K respaced steps of the T = 1000 linear-β process (IDDPM), whose own β', β̃', ᾱ'
 every variance then uses (`process.DDPM.respaced`). EDM-trained runs are read at the DDPM σ̃_t (T2): the same
 VE denoiser, another grid.
 """

@@ -194,8 +194,9 @@ def run_report(out: str) -> str:
                                                                      pixels=_is_image_run(out)))
     if os.path.exists(os.path.join(out, "calibration.png")):
         text = ("Per σ: the mean squared error of μ against the mean predicted Var[x0 | x̃] = σ_φ² − σ² in "
-                "deciles of the prediction (on the diagonal when calibrated), the best constant as one point; "
-                "the floored share and the NLL gain over the constant ± its bootstrap sd in each title.")
+                "deciles of the prediction (on the diagonal when calibrated), the best constant as one "
+                "point; the floored share and the NLL gain over the constant ± its bootstrap sd in each "
+                "title.")
         parts.append(f"<h2>Calibration of the confidence head</h2><p>{text}</p>"
                      + _img_bytes(open(os.path.join(out, "calibration.png"), "rb").read(), "calibration.png"))
     for name, what in (("uncertainty.png", "noised test images"), ("uncertainty-generated.png",

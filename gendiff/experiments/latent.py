@@ -427,7 +427,8 @@ def _total_row(cfg: LatentRunConfig, folder: str, trained: dict, dev, log) -> di
 
 def latent_table_markdown(results: dict, configs: dict, base: LatentRunConfig) -> str:
     """latent.md: the setting, one line per row, then the issue's two targets read off the rows present."""
-    f = lambda v, p=3: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
+    f = lambda v, p=3: ("–" if v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+                        else f"{v:.{p}f}")
     t, mdl = base.train, base.model
     lines = [f"Latent diffusion (THEORY T36) on the latents of VAE run {base.latent.vae_run!r} "
              f"({base.latent.vae_weights}); recipe {base.recipe}; latent U-Net {mdl.model_channels}×"
