@@ -22,8 +22,7 @@ from ..image_metrics import class_counts, image_grid
 from ..io import generator, save_json
 from ..uncertainty import SCORE_SIGMAS, ExcessVarianceScore, keep_most_certain
 from .config import ImageRunConfig
-from .images import (_refuse_sampler, classifier_metrics, feature_classifier, load_splits, sample_images,
-                     sample_metrics)
+from .images import _refuse_sampler, classifier_metrics, eval_inputs, sample_images, sample_metrics
 from .recipes import IMAGE_RECIPES
 from .runfolder import refuse, weights_tag
 
@@ -133,17 +132,8 @@ def filter_run(out: str, cfg, model, *, fraction: float = 0.1, samples: int = 0,
     seeds = list(seeds)
     sigmas = tuple(float(s) for s in sigmas)
     _check(fraction, subsets, sigmas, seeds)
-    if cfg_weight is not None and not recipe.conditional:
-        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
-                         "unconditional")
-    n = samples or cfg.eval.samples
-    train, test, _ = load_splits(cfg.data)
-    if test.labels is None:
-        raise ValueError(f"--filter measures samples in the features of a classifier of the data's classes; "
-                         f"data {cfg.data.path!r} has no labels")
-    clf, real, acc = feature_classifier(cfg, test, train)
+    n, test, (clf, real, acc), labels = eval_inputs(cfg, samples, cfg_weight, "--filter")
     k = test.num_classes
-    labels = torch.arange(n) % k if recipe.conditional else None
     tag = (f"filter-{fraction:g}-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-"
            + (f"seed{seeds[0]}" if len(seeds) == 1 else "seeds" + "-".join(map(str, seeds)))
            + ("" if cfg_weight is None else f"-w{cfg_weight:g}")

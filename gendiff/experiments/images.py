@@ -560,6 +560,25 @@ def uncertainty_figure(model, x0: torch.Tensor, path: str, seed: int = 0, sigmas
 
 # ---- commands on a finished run folder ---------------------------------------------------------------
 
+def eval_inputs(cfg: ImageRunConfig, samples: int, cfg_weight, what: str):
+    """What measuring samples of a run needs, checked: (n, the test split, feature_classifier's (classifier,
+    real features, its test accuracy), the labels to sample: one per class in turn for a conditional recipe,
+    else None). `what` names the command in the errors."""
+    recipe = IMAGE_RECIPES[cfg.recipe]
+    if cfg_weight is not None and not recipe.conditional:
+        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
+                         "unconditional")
+    n = samples or cfg.eval.samples
+    train, test, _ = load_splits(cfg.data)
+    if test.labels is None:
+        raise ValueError(f"{what} measures samples in the features of a classifier of the data's "
+                         f"classes; data {cfg.data.path!r} has no labels (class subfolders or an npz "
+                         "'labels' key): FID, precision and recall do not apply (samples: gendiff sample; "
+                         "bits/dim: gendiff likelihood)")
+    labels = torch.arange(n) % test.num_classes if recipe.conditional else None
+    return n, test, feature_classifier(cfg, test, train), labels
+
+
 def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: int = 0, seed: int = 0,
              cfg_weight: float | None = None, weights: str = "model.safetensors", sampler=None,
              score_mode=None, variance=None, **unused) -> dict:
@@ -569,19 +588,7 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
     DDPM ancestral sampling with that reverse variance, `sample_images`)."""
     _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
     chosen, name = sampler is not None or variance is not None, ddpm_choice(cfg, sampler, variance)[1]
-    recipe = IMAGE_RECIPES[cfg.recipe]
-    if cfg_weight is not None and not recipe.conditional:
-        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
-                         "unconditional")
-    n = samples or cfg.eval.samples
-    train, test, _ = load_splits(cfg.data)
-    if test.labels is None:
-        raise ValueError("gendiff eval measures samples in the features of a classifier of the data's "
-                         f"classes; data {cfg.data.path!r} has no labels (class subfolders or an npz "
-                         "'labels' key): FID, precision and recall do not apply (samples: gendiff sample; "
-                         "bits/dim: gendiff likelihood)")
-    clf, real, acc = feature_classifier(cfg, test, train)
-    labels = torch.arange(n) % test.num_classes if recipe.conditional else None
+    n, test, (clf, real, acc), labels = eval_inputs(cfg, samples, cfg_weight, "gendiff eval")
     x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed,
                             num_classes=test.num_classes, steps=steps, sampler=sampler, variance=variance)
     m = {**info, "samples": n, "seed": seed, "cfg_weight": cfg_weight, "weights": weights,
