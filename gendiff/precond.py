@@ -181,10 +181,16 @@ SOURCE_SCALINGS = ("diffusion", "total")   # T36: what a latent denoiser's scali
 
 class WithSourceSigma(nn.Module):
     """A denoiser whose scalings assume a fixed source std s̄ (T36's sampling choice "total"):
-    D(x̃; σ) = denoiser.predict(x̃, σ, source_sigma=s̄).μ, scalings from √(σ² + s̄²) per element and c_noise
-    from σ, as a model trained in T36's mode (c) saw them (losses.ConfidenceNLL, total_sigma=True). At
-    sampling the source std of a new latent is unknown, so s̄ is a typical value, e.g. the per-channel mean of
-    s over the training set ([1, C, 1, 1]); a scalar or any per-element tensor broadcastable to x works."""
+    `predict(x̃, σ)` is denoiser.predict(x̃, σ, source_sigma=s̄), scalings from τ = √(σ² + s̄²) per element and c_noise from σ,
+    as a model trained in T36's mode (c) saw them (losses.ConfidenceNLL, total_sigma=True); its μ is
+    E[m | x̃] under noise of total std τ (T3). At sampling the source std of a new latent is unknown, so s̄ is
+    a typical value ([1, C, 1, 1] per channel; a scalar or any tensor broadcastable to x works).
+
+    What a σ-grid sampler calls (`forward`) is not μ: the sampler integrates dx/dσ = (x − D)/σ (T15), the
+    probability-flow ODE of marginals p(x; σ), while these marginals have total std τ. Their ODE in σ is
+    dx/dσ = σ·(x − μ)/τ² (dτ/dσ = σ/τ), so D = x − σ²·(x − μ)/τ² (= μ when s̄ = 0). The sampler then ends at a
+    latent that still carries the source noise s̄; `final(x)` is μ there (at the smallest σ of the grid), the
+    latent to decode. Tested on a Gaussian whose marginals are closed form (tests/test_latent.py)."""
 
     def __init__(self, denoiser: nn.Module, source_sigma):
         super().__init__()
@@ -199,7 +205,15 @@ class WithSourceSigma(nn.Module):
                                      class_labels=class_labels)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        return self.predict(x, sigma, class_labels=class_labels).mu
+        mu = self.predict(x, sigma, class_labels=class_labels).mu
+        s2 = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        s2 = (s2.view(-1, *([1] * (x.ndim - 1))) if s2.ndim else s2).square()
+        return x - s2 / (s2 + self.source_sigma.to(x.device, x.dtype).square()) * (x - mu)
+
+    def final(self, x: torch.Tensor, sigma_min: float, class_labels=None) -> torch.Tensor:
+        """E[m | x] for a sample x that ends the sampler with its source noise s̄ still in it."""
+        return self.predict(x, torch.full((len(x),), sigma_min, dtype=x.dtype, device=x.device),
+                            class_labels=class_labels).mu
 
 
 def sampling_denoiser(denoiser: nn.Module, source_scalings: str = "diffusion", typical_source_sigma=None):

@@ -254,7 +254,10 @@ def test_sampling_denoiser_choices():
     x = torch.randn(3, 2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.02, 0.5, 3.0], dtype=F64)
     with torch.no_grad():
-        mu = wrapped(x, sigma)
+        mu = wrapped.predict(x, sigma).mu
+        s2 = sigma.view(-1, 1, 1, 1) ** 2      # what the sampler is given: the ODE of the total noise
+        torch.testing.assert_close(wrapped(x, sigma), x - s2 / (s2 + s_bar ** 2) * (x - mu), rtol=1e-12,
+                                   atol=0)
         e = edm(torch.sqrt(sigma.view(-1, 1, 1, 1) ** 2 + s_bar ** 2))
         x_in, c_noise = den.net.seen
         torch.testing.assert_close(x_in, e["c_in"] * x, rtol=1e-12, atol=0)
@@ -280,3 +283,32 @@ def test_shard_keeps_every_batch_field():
     assert torch.equal(part.source_sigma, b.source_sigma[2:])
     assert torch.equal(part.latent_eps, b.latent_eps[2:])
     assert torch.equal(part.x0, b.x0[2:]) and torch.equal(part.labels, b.labels[2:])
+
+
+def test_total_sampling_follows_the_marginals_of_the_total_noise():
+    """T36 "total" sampling on a Gaussian where everything is closed form: m ~ N(0, v) per element, a model of
+    mode (c) that is exact, μ = E[m | x̃] = v/(v + σ² + s̄²)·x̃. The marginals the sampler must follow have
+    variance v + s̄² + σ², so Heun from σ = 80 ends at x with variance v + s̄², and `final` decodes
+    E[m | x] with variance v²/(v + s̄²). Breakage tried: forward returning μ (as before this test): the
+    samples collapse onto μ (variance 0.04 instead of 1.25 here)."""
+    from gendiff.samplers import sample_heun
+    from gendiff.schedules import edm_sigmas
+
+    v, s_bar = 1.0, 0.5
+
+    class Exact(nn.Module):
+        sigma_data = 1.0
+
+        def predict(self, x, sigma, source_sigma=None, class_labels=None):
+            s = torch.as_tensor(sigma, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+            tau2 = s.square() + (0.0 if source_sigma is None else source_sigma.square())
+            return type("P", (), {"mu": v / (v + tau2) * x})()
+
+    den = WithSourceSigma(Exact(), torch.tensor(s_bar, dtype=F64))
+    g = torch.Generator().manual_seed(0)
+    x = sample_heun(den, 80.0 * torch.randn(20000, 1, dtype=F64, generator=g),
+                    edm_sigmas(64, 0.002, 80.0, 7.0))
+    se = math.sqrt(2 / 20000)                                  # relative sd of a sample variance
+    assert abs(float(x.var()) / (v + s_bar ** 2) - 1) < 4 * se + 0.03   # + Heun-64's discretisation
+    m = den.final(x, 0.002)
+    assert abs(float(m.var()) / (v ** 2 / (v + s_bar ** 2)) - 1) < 4 * se + 0.03

@@ -46,8 +46,8 @@ from . import vae as vae_kind
 from .config import SIGMA_DATA_MEASURED, T36_MODES, LatentRunConfig, VAERunConfig, to_toml
 from .images import classifier_metrics, feature_classifier, fid_text, load_splits, logged_img_per_s
 from .images import eval_summary as image_eval_summary
-from .images import (resolve_device, sample_images, sample_metrics, sampler_name, train_row, with_sigma_data,
-                     write_samples)
+from .images import (SIGMA_MIN, resolve_device, sample_images, sample_metrics, sampler_name, train_row,
+                     with_sigma_data, write_samples)
 from .recipes import IMAGE_RECIPES
 from .runfolder import (load_weights, read_config, read_json, refuse, train_in_folder, weights_path,
                         weights_tag)
@@ -249,6 +249,11 @@ def sample_decoded(model, cfg: LatentRunConfig, info: dict, decoder: Decoder, n:
     typical = torch.tensor(info["typical_std"]).view(1, -1, 1, 1)
     z, sinfo = sample_images(model, cfg, n, seed=seed, steps=steps, batch=batch, clamp=False,
                              wrap=lambda den: sampling_denoiser(den, ss, typical))
+    if ss == "total":   # the sampler ends with the source noise s̄ in z: decode E[m | z] (WithSourceSigma)
+        final = sampling_denoiser(model, ss, typical)
+        dev, b = next(model.parameters()).device, batch or cfg.eval.batch
+        with torch.no_grad():
+            z = torch.cat([final.final(z[i:i + b].to(dev), SIGMA_MIN).float().cpu() for i in range(0, n, b)])
     return decoder(z), z, {**sinfo, "sampling_sigma": ss}
 
 
