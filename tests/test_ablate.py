@@ -251,3 +251,28 @@ def test_objectives_suite_runs_every_objective(tmp_path):
     specs = m["config"]["run_specs"]
     assert {specs[n]["precond"] for n in m["runs"]} == {"edm", "eps", "v", "x0"}
     assert len({json.dumps(specs[n]["weighting"]) for n in m["runs"]}) >= 7
+
+
+def _sleep_then(secs, fail):
+    import time
+    time.sleep(secs)
+    if fail:
+        raise ValueError("task failed on purpose")
+    return secs
+
+
+def test_a_failing_worker_task_stops_the_pool_at_once():
+    """pool_map (the worker processes of `gendiff ablate --jobs`): a task that raises is reported as soon as it
+    fails, the queued tasks are cancelled and the running ones terminated, and no worker is left behind.
+    Breakage tried: the pool left to its context manager's shutdown (wait=True): the error came after the
+    queued 30 s sleeps."""
+    import multiprocessing
+    import time
+    from gendiff.experiments.ablate import pool_map
+    assert pool_map([(k, _sleep_then, (0.01, False)) for k in "ab"], 2, 1) == {"a": 0.01, "b": 0.01}
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="on purpose"):
+        pool_map([("bad", _sleep_then, (0.2, True))] + [(k, _sleep_then, (30, False)) for k in "xyz"], 2, 1)
+    assert time.perf_counter() - t < 30      # not after the three 30 s tasks (on two workers: ≥ 60 s)
+    time.sleep(0.5)
+    assert not multiprocessing.active_children()

@@ -198,6 +198,29 @@ def _worker_init(threads: int) -> None:
     configure(threads)
 
 
+def pool_map(tasks, jobs: int, threads: int, on_done=lambda key, result: None) -> dict:
+    """{key: fn(*args)} for tasks [(key, fn, args)], run by `jobs` spawned worker processes of `threads` torch
+    threads each (spawn: no fork of an initialised OpenMP runtime); on_done(key, result) as each finishes.
+    A task that raises stops everything at once (queued tasks cancelled, running workers terminated) and its
+    exception is raised here, instead of after every other task has run."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
+    try:
+        futures = {pool.submit(fn, *args): key for key, fn, args in tasks}
+        out = {}
+        for f in as_completed(futures):
+            out[futures[f]] = f.result()
+            on_done(futures[f], out[futures[f]])
+    except BaseException:
+        workers = list(getattr(pool, "_processes", {}).values())   # no public way to stop a running task
+        pool.shutdown(wait=False, cancel_futures=True)
+        for w in workers:
+            w.terminate()
+        raise
+    pool.shutdown()
+    return out
+
+
 def _reference(cfg: AblateConfig) -> dict:
     return make_evaluator(cfg).reference()
 
@@ -227,23 +250,21 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
         reference = _reference(cfg)
     else:
         threads = threads or max(1, torch.get_num_threads() // jobs)
-        ctx = torch.multiprocessing.get_context("spawn")  # no fork of an initialised OpenMP runtime
         # longest first (score matching computes the exact mixture score every step), reference last
         order = sorted(groups, key=lambda o: TOY_RECIPES[o].loss != "score-matching")
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_group, cfg, o, groups[o], out_dir, False): o for o in order}
-            ref_future = pool.submit(_reference, cfg)
-            for f in as_completed(futures):
-                done[futures[f]] = f.result()
-                _log_group(done[futures[f]], log)
-            reference = ref_future.result()
+        tasks = [(o, _run_group, (cfg, o, groups[o], out_dir, False)) for o in order]
+        out = pool_map(tasks + [("reference", _reference, (cfg,))], jobs, threads,
+                       lambda key, r: key == "reference" or _log_group(r, log))
+        reference = out.pop("reference")
+        done.update(out)
     owner_of = {n: o for o, ns in groups.items() for n in ns}
     runs = {n: done[owner_of[n]]["runs"][n] for n in cfg.runs}
     figs = {n: done[owner_of[n]]["figs"][n] for n in cfg.runs}
     timings = {"runs": {n: done[owner_of[n]]["timings"][n] for n in cfg.runs}}
     training = {o: done[o]["training"] for o in groups}
     timings["total_s"] = time.perf_counter() - t_start
-    timings["jobs"] = jobs
+    # one thread rounds differently from two (BENCHMARKS, issue 17): the split is part of what was run
+    timings["jobs"], timings["threads_per_job"] = jobs, threads if jobs > 1 else torch.get_num_threads()
     result = {"runs": runs, "reference": reference, "guidance_effect": guidance_effect(runs),
               "training": training, "config": config_to_dict(cfg), "timings": timings}
     if out_dir is not None:
