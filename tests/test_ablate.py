@@ -262,8 +262,8 @@ def _sleep_then(secs, fail):
 
 
 def test_a_failing_worker_task_stops_the_pool_at_once():
-    """pool_map (the worker processes of `gendiff ablate --jobs`): a task that raises is reported as soon as it
-    fails, the queued tasks are cancelled and the running ones terminated, and no worker is left behind.
+    """pool_map (the worker processes of `gendiff ablate --jobs`): a task that raises is reported as soon as
+    it fails, the queued tasks are cancelled and the running ones terminated, and no worker is left behind.
     Breakage tried: the pool left to its context manager's shutdown (wait=True): the error came after the
     queued 30 s sleeps."""
     import multiprocessing
