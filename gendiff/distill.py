@@ -12,14 +12,15 @@ max(1/σ_t², 1)·‖D_student − D*‖² (truncated SNR, `snr_weight`) are T35
 
 A confidence head (`head_loss="nll"`). D* is a deterministic function of x_t: it has no noise of its own. The
 head is trained by its own NLL (Head.nll: T9, T12 or T37, whichever the student has) of x0 := D* at σ_t, with
-the mean held (the NLL's gradient reaches G only; the mean learns from T35 alone, as HybridLoss holds IDDPM's
-mean for L_vlb). T7 keeps its σ² term, so at the optimum (T8) σ_φ² = σ_t² + E[(μ − D*)² | x_t]: the excess
-σ_φ² − σ_t², which the teacher's head spent on Var[x0 | x_t], becomes the student's own squared error against
-its teacher's two-step target: where the few-step generator is unsure of what its teacher would have done, not
-where the data are ambiguous. The σ² term is kept, not dropped, because every head is built around it (T37's
-σ_φ ≥ σ cannot go below it) and every reader of σ_φ (calibration, T14, T38) subtracts σ². `head_loss="none"`
-gives the head no loss of its own: it starts as the teacher's (Var[x0 | x_t]), and a G that shares the
-backbone with F drifts as the mean is trained.
+the network's mean outputs held (a stop-gradient on F and μ, as HybridLoss holds IDDPM's mean for L_vlb: the
+NLL's gradient reaches the mean only through the layers F shares with G, as in IDDPM, not through F itself).
+T7 keeps its σ² term, so at the optimum (T8) σ_φ² = σ_t² + E[(μ − D*)² | x_t]: the excess σ_φ² − σ_t², which
+the teacher's head spent on Var[x0 | x_t], becomes the student's own squared error against its teacher's
+two-step target: where the few-step generator is unsure of what its teacher would have done, not where the
+data are ambiguous. The σ² term is kept, not dropped, because every head is built around it (T37's σ_φ ≥ σ
+cannot go below it) and every reader of σ_φ (calibration, T14, T38) subtracts σ². `head_loss="none"` gives the
+head no loss of its own: it starts as the teacher's (Var[x0 | x_t]), and a G that shares the backbone with F
+drifts as the mean is trained.
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ class DistillationLoss:
     `sigma_density`. Each σ_t = sigmas[2i] is mapped to σ_m = sigmas[2i + 1], σ_s = sigmas[2i + 2]. The batch
     gives x_t = batch.x_noisy at σ_t = batch.sigma (one per example) and, for a class-conditional model, the
     labels both models see; x0 is not read (D* depends on x_t alone). head_loss: "nll" adds the student head's
-    NLL of D* with its mean held (module docstring) where the student has a confidence head; "none" trains the
-    mean only."""
+    NLL of D* with a stop-gradient on its mean outputs (module docstring) where the student has a confidence
+    head; "none" trains the mean only."""
 
     def __init__(self, teacher, sigmas, head_loss: str = "nll"):
         check_choice("head_loss", head_loss, HEAD_LOSSES)
@@ -116,7 +117,7 @@ class DistillationLoss:
         mu = p.mu if p is not None else den(x_t, sigma)
         loss = snr_weight(sigma) * _sum_elements((mu - target).square())                     # T35
         if isinstance(p, NetPrediction) and p.head.has_confidence:
-            held = dataclasses.replace(p, mu=p.mu.detach(), F=p.F.detach())                    # G learns only
+            held = dataclasses.replace(p, mu=p.mu.detach(), F=p.F.detach())     # no gradient through F
             loss = loss + p.head.nll(held, target)
         return loss
 
