@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from itertools import pairwise
 
 import numpy as np
@@ -150,7 +151,6 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
     is_fit = np.broadcast_to(fit.numpy()[:, None], err2.shape)
     which = np.searchsorted(edges, s, side="right") - 1
     floor_var = (floor * s) ** 2
-    rng = np.random.default_rng(seed)
     out = {"floor": floor, "examples_fit": int(fit.sum()), "examples_eval": int((~fit).sum()),
            "bootstrap": boot, "bins": {}}
     for k, label in enumerate(labels):
@@ -175,6 +175,8 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
                 continue
             g = {}
             d = base - nll["head"]
+            # its own stream per (bin, baseline): adding a baseline leaves the other sds as they were
+            rng = np.random.default_rng([seed, k, zlib.crc32(name.encode())])
             g["nll"], g["nll_sd"] = _boot(d[rest], ex[rest], rng, boot) if rest.any() else (None, None)
             g["nll_floored_all"], g["nll_floored_all_sd"] = _boot(d, ex, rng, boot)
             g["verdict"] = _verdict(g["nll"], g["nll_sd"]) if rest.any() else "not resolved"
