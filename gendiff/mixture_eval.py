@@ -71,7 +71,7 @@ class Evaluator:
             self.x_init = sampler.sigma_max * torch.randn(samples, gt.dim,
                                                           generator=generator(seed, "x_init"))
         self.ref, _ = gt.sample(samples, generator=generator(seed, "reference"), dtype=torch.float64)
-        self.ref_self = kernel_sum(self.ref, self.ref, True)
+        self.ref_self = kernel_sum(self.ref)
         self.threshold = outlier_threshold(gt, seed=derive_seed(seed, "outlier-threshold"))
         g = generator(seed, "held-out")
         self.x0, self.x0_cov, self.x0_k = gt.sample(eval_points, generator=g, dtype=torch.float64,

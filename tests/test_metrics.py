@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gendiff.data.toy import GaussianMixture, tree
-from gendiff.mixture_metrics import calibration, mmd, outlier_rate, outlier_threshold, sample_nll, score_error
+from gendiff.mixture_metrics import (calibration, kernel_sum, mmd, outlier_rate, outlier_threshold,
+                                    sample_nll, score_error)
 
 F64 = torch.float64
 
@@ -50,6 +51,12 @@ def test_mmd_matches_brute_force_unbiased_estimator():
     brute = ((kxx.sum() - kxx.diag().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1))
              - 2 * kxy.mean())
     assert mmd(x, y) == pytest.approx(float(brute), rel=1e-9, abs=1e-12)
+    # row blocks smaller than the set (the last one partial): the symmetric self-sum pairs each block with the
+    # columns from its own start on and doubles the off-diagonal part (breakage tried: pairing each block with
+    # the columns after its end, i.e. dropping the diagonal blocks' off-diagonal pairs, fails here)
+    for chunk in (37, 64):
+        assert kernel_sum(x, chunk=chunk) == pytest.approx(float(kxx.sum() - kxx.diag().sum()), rel=1e-12)
+        assert kernel_sum(x, y, chunk=chunk) == pytest.approx(float(kxy.sum()), rel=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
         mmd(x[:1], y)
 

@@ -358,8 +358,11 @@ def _grid(view, res):
     return torch.stack([xx.flatten(), yy.flatten()], 1)
 
 
-def _density_panel(ax, gt, view, res=300):
-    lp = gt.logp(_grid(view, res), 0.0).view(res, res)
+def _logp_grid(gt, view, res=300):
+    return gt.logp(_grid(view, res), 0.0).view(res, res)
+
+
+def _density_panel(ax, lp, view):
     ax.imshow(lp.clamp_min(-6).numpy(), origin="lower", extent=(*view[0], *view[1]), cmap="Oranges", vmin=-6)
 
 
@@ -376,14 +379,17 @@ def _finish(ax):
     ax.set_yticks([])
 
 
-def _phi_maps(ax_l, ax_r, ev, model, spec, view, sigma=0.05, res=150):
-    """Learned √(mean σ_φ²) over a grid at one σ, beside the exact optimum (T8 / T12)."""
+def _phi_maps(ax_l, ax_r, ev, model, spec, view, exact_maps: dict, sigma=0.05, res=150):
+    """Learned √(mean σ_φ²) over a grid at one σ, beside the exact optimum (T8 / T12); exact_maps caches the
+    optimum per training mode (the same for every run of that mode)."""
     x = _grid(view, res)
     s = torch.full((len(x),), sigma, dtype=torch.float64)
     with torch.no_grad():
         pred = model.predict(x.float(), s.float()[:, None])
         learned = pred.variance().double().mean(1)
-    exact = ev.gt.denoiser(spec.mode).predict(x, s).variance().mean(1)
+    if spec.mode not in exact_maps:
+        exact_maps[spec.mode] = ev.gt.denoiser(spec.mode).predict(x, s).variance().mean(1)
+    exact = exact_maps[spec.mode]
     lo, hi = math.log10(sigma), float(exact.sqrt().log10().max())
     for ax, v, t in ((ax_l, learned, "learned σ_φ"), (ax_r, exact, "exact optimum")):
         im = ax.imshow(v.sqrt().log10().view(res, res).numpy(), origin="lower", extent=(*view[0], *view[1]),
@@ -401,6 +407,7 @@ def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, ou
     import matplotlib.pyplot as plt
 
     view, zoom = _views(ev.ref.float())
+    logp, exact_maps = {v: _logp_grid(ev.gt, v) for v in (view, zoom)}, {}   # the same for every run
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     for name, per in figs.items():
@@ -408,11 +415,11 @@ def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, ou
         has_phi = make_head(spec.head).has_confidence
         n = 6 if has_phi else 4
         fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
-        _density_panel(axes[0], ev.gt, view)
+        _density_panel(axes[0], logp[view], view)
         axes[0].set_title("ground truth log p", fontsize=9)
         _points(axes[1], per["unguided"][0], "unguided", view)
         _points(axes[2], per["autoguided"][0], f"autoguided (w={guidance})", view)
-        _density_panel(axes[3], ev.gt, zoom)
+        _density_panel(axes[3], logp[zoom], zoom)
         for traj, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
             end = traj[-1]
             inside = ((end[:, 0] > zoom[0][0]) & (end[:, 0] < zoom[0][1])
@@ -424,7 +431,7 @@ def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, ou
         axes[3].set_ylim(*zoom[1])
         axes[3].set_title("zoom: trajectories (blue unguided, red guided)", fontsize=8)
         if has_phi:
-            im = _phi_maps(axes[4], axes[5], ev, models[name], spec, view)
+            im = _phi_maps(axes[4], axes[5], ev, models[name], spec, view, exact_maps)
             fig.colorbar(im, ax=axes[4:6], shrink=0.8)
         for ax in axes:
             _finish(ax)
