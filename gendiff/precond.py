@@ -184,7 +184,8 @@ class WithSourceSigma(nn.Module):
     `predict(x̃, σ)` is denoiser.predict(x̃, σ, source_sigma=s̄), scalings from τ = √(σ² + s̄²) per element
     and c_noise from σ, as a model trained in T36's mode (c) saw them (losses.ConfidenceNLL,
     total_sigma=True); its μ is E[m | x̃] under noise of total std τ (T3). At sampling the source std of a new
-    latent is unknown, so s̄ is a typical value ([1, C, 1, 1] per channel; a scalar or any tensor broadcastable to x works).
+    latent is unknown, so s̄ is a typical value ([1, C, 1, 1] per channel; a scalar or any tensor
+    broadcastable to x works).
 
     What a σ-grid sampler calls (`forward`) is not μ: the sampler integrates dx/dσ = (x − D)/σ (T15), the
     probability-flow ODE of marginals p(x; σ), while these marginals have total std τ. Their ODE in σ is
