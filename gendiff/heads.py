@@ -176,6 +176,15 @@ class Prediction:
     def sigma_phi(self) -> torch.Tensor:
         return self.variance().sqrt()
 
+    def excess_variance(self, sigma) -> torch.Tensor:
+        """Var[x0 | x̃] as this prediction states it: σ_φ² − σ² per element, shaped like x (T8; the marginal
+        variances of a full covariance). sigma: the σ of x̃, a scalar or one per example. A network's
+        prediction (`NetPrediction`) reads it from its head without the subtraction where the head allows."""
+        s = torch.as_tensor(sigma, dtype=self.mu.dtype, device=self.mu.device)
+        if s.ndim not in (0, self.mu.ndim):                      # one per example, [N] or [N, 1]
+            s = s.reshape(-1, *([1] * (self.mu.ndim - 1)))
+        return self.variance() - s.square()
+
     def covariance(self) -> torch.Tensor:
         """Σ_φ, [N, d, d]; per-element variances become diagonal matrices."""
         return self.cov if self.cov is not None else torch.diag_embed(self.variance())
@@ -208,6 +217,10 @@ class NetPrediction(Prediction):
 
     def variance(self):
         return self.head.variance(self)
+
+    def excess_variance(self, sigma=None):
+        """σ_φ² − σ² from the head (`Head.excess_variance`); sigma is ignored (the scalings carry it)."""
+        return self.head.excess_variance(self)
 
     def covariance(self):
         return self.head.covariance(self)
@@ -267,6 +280,14 @@ class Head:
     def variance(self, p: NetPrediction) -> torch.Tensor:
         raise NotImplementedError
 
+    def excess_variance(self, p: NetPrediction) -> torch.Tensor:
+        """Var[x0 | x̃] as the head predicts it, σ_φ² − σ² per element (T8), shaped like x. Here by
+        subtraction (σ² from the scalings: c_var²·(1 − k)); the diagonal heads override it with a form that
+        never subtracts σ² from σ_φ², so a small excess under a large σ² keeps its relative precision."""
+        sc = p.scalings
+        return self.variance(p) - (sc.c_var.square() * sc.one_minus_k if sc.sigma is None
+                                   else sc.sigma.square())
+
     def covariance(self, p: NetPrediction) -> torch.Tensor:
         return torch.diag_embed(self.variance(p))
 
@@ -314,6 +335,9 @@ class NoHead(Head):
     def variance(self, p):
         return torch.broadcast_to(p.scalings.c_var.square(), p.mu.shape)
 
+    def excess_variance(self, p):
+        return torch.broadcast_to(p.scalings.c_out.square(), p.mu.shape)     # c_var² − σ² = c_out² (T5)
+
 
 class DiagonalHead(Head):
     """σ_φ = c_var·exp(G/2) per element, G shaped like x (T6)."""
@@ -324,6 +348,9 @@ class DiagonalHead(Head):
 
     def variance(self, p):
         return p.scalings.c_var.square() * torch.exp(p.G)
+
+    def excess_variance(self, p):
+        return _excess_of_c_var(p)
 
 
 class FullHead(Head):
@@ -381,7 +408,10 @@ class ExcessHead(Head):
     def variance(self, p):
         sc = p.scalings
         floor = sc.c_var.square() * sc.one_minus_k if sc.sigma is None else sc.sigma.square()   # σ²
-        return floor + sc.c_out.square() * torch.exp(p.G)
+        return floor + self.excess_variance(p)
+
+    def excess_variance(self, p):
+        return p.scalings.c_out.square() * torch.exp(p.G)
 
     def nll(self, p, x0, source_cov=None, source_var=None):
         var = _source_var(source_cov, source_var)
@@ -428,6 +458,9 @@ class SigmaOnlyHead(Head):
     def variance(self, p):
         return p.scalings.c_var.square() * torch.exp(p.G)
 
+    def excess_variance(self, p):
+        return _excess_of_c_var(p)
+
 
 class LearnedVarianceHead(Head):
     """IDDPM's learned variance (T26): G shaped like x is the raw interpolation output; the DDPM step's
@@ -443,6 +476,9 @@ class LearnedVarianceHead(Head):
     def variance(self, p):
         return torch.broadcast_to(p.scalings.c_var.square(), p.mu.shape)
 
+    def excess_variance(self, p):
+        return torch.broadcast_to(p.scalings.c_out.square(), p.mu.shape)
+
     @staticmethod
     def interpolation(p: NetPrediction) -> torch.Tensor:
         """v of T26 (IDDPM leaves it unconstrained: outside [0, 1] Σ_θ extrapolates, still > 0)."""
@@ -451,6 +487,11 @@ class LearnedVarianceHead(Head):
     def nll(self, p, x0, source_cov=None, source_var=None):
         raise ValueError("head='v' (IDDPM learned variance, T26) has no confidence NLL; train it with "
                          "loss 'hybrid' (losses.HybridLoss)")
+
+
+def _excess_of_c_var(p: NetPrediction) -> torch.Tensor:
+    """σ_φ² − σ² for σ_φ² = c_var²·e^G (T6): c_var²·(e^G − 1) + c_out², since c_var² = σ² + c_out² (T5)."""
+    return p.scalings.c_var.square() * torch.expm1(p.G) + p.scalings.c_out.square()
 
 
 HEADS = {h.name: h for h in (NoHead, DiagonalHead, FullHead, ExcessHead, SigmaOnlyHead, LearnedVarianceHead)}

@@ -137,7 +137,10 @@ class Evaluator:
         the error of μ at the held-out x0 (calibration.calibration_by_sigma), in log-σ bins BY_SIGMA_DECADES
         wide; the points with an even index fit the best constant per bin, the others are measured. (Source
         mode fits σ²I + Σ_k + (μ − m_k)(μ − m_k)ᵀ (T12), whose excess is not the error of μ against x0.)"""
-        preds = self._held_out(model.predict)
+        def predict(x, s):
+            p = model.predict(x, s)
+            return p, p.excess_variance(s)     # without subtracting σ² where the head allows (T37)
+        preds, excess = zip(*self._held_out(predict))
         learned = torch.cat([p.covariance() for p in preds]).double()
         mu = torch.cat([p.mu for p in preds])
         out = calibration(learned, self.optimum(mode), self.sigma, self.target(mu, mode))
@@ -146,8 +149,7 @@ class Evaluator:
         logs = self.sigma.log10() / BY_SIGMA_DECADES
         edges = [10 ** (k * BY_SIGMA_DECADES)
                  for k in range(math.floor(float(logs.min())), math.floor(float(logs.max())) + 2)]
-        var_x0 = torch.diagonal(learned, dim1=-2, dim2=-1) - self.sigma.square()[:, None]
-        out["by_sigma"] = calibration_by_sigma(mu.double(), var_x0, self.x0, self.sigma, edges,
+        out["by_sigma"] = calibration_by_sigma(mu.double(), torch.cat(excess).double(), self.x0, self.sigma, edges,
                                                fit=torch.arange(len(mu)) % 2 == 0,
                                                min_examples=BY_SIGMA_MIN_POINTS,
                                                seed=derive_seed(self.seed, "calibration-by-sigma"))

@@ -330,7 +330,7 @@ class DDPM(Process):
         if variance == "phi":
             pred = denoiser.predict(x_in, sig)
             x0 = pred.mu.to(z.dtype)
-            post = (pred.variance().to(z.dtype) - sig**2).clamp_min(0)
+            post = pred.excess_variance(sig).to(z.dtype).clamp_min(0)
         else:
             x0 = denoiser(x_in, sig).to(z.dtype)
             if variance == "analytic":

@@ -57,7 +57,7 @@ class ExcessVarianceScore(torch.nn.Module):
             raise ValueError("ExcessVarianceScore needs one σ per call (the samplers' σ grid); got a σ that "
                              "differs across the batch or within an example")
         if self.sigma_min <= level <= self.sigma_max:
-            excess = (p.variance().float() - s.float().square()).clamp_min(0)   # T8: Var[x0 | x̃] ≥ 0
+            excess = p.excess_variance(s).float().clamp_min(0)   # T8: Var[x0 | x̃] ≥ 0
             self.steps[level] = excess.flatten(1).mean(1)
         return p
 

@@ -35,7 +35,7 @@ from torch import nn
 from gendiff import checkpoint as ckpt
 from gendiff.cli import main
 from gendiff.experiments.kinds import load_run
-from gendiff.heads import (DiagonalHead, ExcessHead, NetPrediction, NoHead, SigmaOnlyHead, f_target,
+from gendiff.heads import (DiagonalHead, ExcessHead, NetPrediction, NoHead, Prediction, SigmaOnlyHead, f_target,
                            nll_direct, nll_excess, nll_stable)
 from gendiff.losses import ConfidenceNLL, NoisyBatch
 from gendiff.precond import PRECONDS, Denoiser, EDMPrecond
@@ -142,6 +142,38 @@ def test_excess_head_never_below_sigma(name, dtype):
     assert torch.isfinite(var).all()
     assert bool((var >= s.square()).all())
     assert bool((prediction(DiagonalHead(), x, s, x, G, pre).variance() < s.square()).any())
+
+
+@pytest.mark.parametrize("name", sorted(PRECONDS))
+def test_excess_variance_is_sigma_phi2_minus_sigma2_without_the_subtraction(name):
+    """Head.excess_variance = σ_φ² − σ² (T8's Var[x0 | x̃] as the head states it) for every head, in float64 to
+    1e-14·(σ_φ² + σ² + c_var²) (the forms' rounding) over σ ∈ [1e-4, 1e4], G ∈ [−20, 20]: T37 c_out²·e^G, T6 and u(σ) c_var²·expm1(G) + c_out², no head
+    c_out²; an analytic Prediction subtracts σ² given per example. In float32 T37's head keeps the excess's
+    relative precision where it is tiny against σ² (T37's point): within 1e-5 relative of float64, where
+    σ_φ² − σ² in float32 is off by more than 10% somewhere on the grid. (T6's excess with G < 0 is itself a
+    difference, c_var²·expm1(G) + c_out², which may be negative: no relative precision to keep.)
+    Breakages tried: T6's form c_var²·e^G − c_out² (fails the float64 check); ExcessHead.excess_variance =
+    variance − σ² (fails the float32 precision check); Prediction.excess_variance without the per-example
+    reshape of σ (fails the shape check)."""
+    pre = PRECONDS[name](SD)
+    s, G, _, x_noisy, F = grid()
+    for head in (ExcessHead(), DiagonalHead(), SigmaOnlyHead(), NoHead()):
+        p = prediction(head, x_noisy, s, F, None if isinstance(head, NoHead) else G, pre)
+        # both forms round at ~eps·(σ_φ² + σ² + c_var²) (T6 with G < 0 cancels in either): the tolerance
+        scale = p.variance() + s.square() + p.scalings.c_var.square()
+        assert bool(((p.excess_variance() - (p.variance() - s.square())).abs() <= 1e-14 * scale).all())
+        if isinstance(head, ExcessHead):
+            exact = p.excess_variance()
+            p32 = prediction(head, x_noisy.float(), s.float(), F.float(), G.float(), pre)
+            torch.testing.assert_close(p32.excess_variance().double(), exact, rtol=1e-5, atol=0)
+            naive = (p32.variance() - s.float().square()).double()
+            assert float(((naive - exact).abs() / exact).max()) > 0.1
+    # an analytic prediction (no head): σ per example, [N] or [N, 1], against a per-element variance
+    var = torch.rand(5, 3, generator=gen(5), dtype=F64) + 1.0
+    sig = torch.linspace(0.1, 0.9, 5, dtype=F64)
+    ana = Prediction(x=torch.zeros(5, 3, dtype=F64), mu=torch.zeros(5, 3, dtype=F64), var=var)
+    for sg in (sig, sig[:, None]):
+        torch.testing.assert_close(ana.excess_variance(sg), var - sig[:, None] ** 2, rtol=0, atol=0)
 
 
 # ---- T37: the optimum on the exact tree --------------------------------------------------------------------

@@ -524,7 +524,7 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str, sigmas=CALIBRATION_SIGMAS)
         xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
         p = model.predict(xn, torch.tensor(s, device=x0.device))
         mu.append(p.mu.cpu())
-        var.append(p.variance().cpu().double() - s * s)
+        var.append(p.excess_variance(s).cpu().double())
     n, k = len(x0), len(sigmas)
     res = calibration_by_sigma(torch.cat(mu), torch.cat(var), x0.cpu().repeat(k, *([1] * (x0.ndim - 1))),
                                torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n),
@@ -550,7 +550,7 @@ def uncertainty_figure(model, x0: torch.Tensor, path: str, seed: int = 0, sigmas
     for s in sigmas:
         xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
         p = model.predict(xn, torch.tensor(s, device=x0.device))
-        s_x0 = (p.variance().float() - s * s).clamp_min(1e-8).sqrt()
+        s_x0 = p.excess_variance(s).float().clamp_min(1e-8).sqrt()
         for k, v in zip(panels, (xn.clamp(-1, 1), p.mu, rms(s_x0), rms(p.mu - x0), x0)):
             panels[k].append(v.float())
         names += [f"σ={s:g}"] * len(x0)
