@@ -149,8 +149,8 @@ class Evaluator:
         logs = self.sigma.log10() / BY_SIGMA_DECADES
         edges = [10 ** (k * BY_SIGMA_DECADES)
                  for k in range(math.floor(float(logs.min())), math.floor(float(logs.max())) + 2)]
-        out["by_sigma"] = calibration_by_sigma(mu.double(), torch.cat(excess).double(), self.x0, self.sigma, edges,
-                                               fit=torch.arange(len(mu)) % 2 == 0,
+        out["by_sigma"] = calibration_by_sigma(mu.double(), torch.cat(excess).double(), self.x0, self.sigma,
+                                               edges, fit=torch.arange(len(mu)) % 2 == 0,
                                                min_examples=BY_SIGMA_MIN_POINTS,
                                                seed=derive_seed(self.seed, "calibration-by-sigma"))
         return out

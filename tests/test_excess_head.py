@@ -35,8 +35,8 @@ from torch import nn
 from gendiff import checkpoint as ckpt
 from gendiff.cli import main
 from gendiff.experiments.kinds import load_run
-from gendiff.heads import (DiagonalHead, ExcessHead, NetPrediction, NoHead, Prediction, SigmaOnlyHead, f_target,
-                           nll_direct, nll_excess, nll_stable)
+from gendiff.heads import (DiagonalHead, ExcessHead, NetPrediction, NoHead, Prediction, SigmaOnlyHead,
+                           f_target, nll_direct, nll_excess, nll_stable)
 from gendiff.losses import ConfidenceNLL, NoisyBatch
 from gendiff.precond import PRECONDS, Denoiser, EDMPrecond
 from gendiff.train import _compiled
@@ -147,7 +147,8 @@ def test_excess_head_never_below_sigma(name, dtype):
 @pytest.mark.parametrize("name", sorted(PRECONDS))
 def test_excess_variance_is_sigma_phi2_minus_sigma2_without_the_subtraction(name):
     """Head.excess_variance = σ_φ² − σ² (T8's Var[x0 | x̃] as the head states it) for every head, in float64 to
-    1e-14·(σ_φ² + σ² + c_var²) (the forms' rounding) over σ ∈ [1e-4, 1e4], G ∈ [−20, 20]: T37 c_out²·e^G, T6 and u(σ) c_var²·expm1(G) + c_out², no head
+    1e-14·(σ_φ² + σ² + c_var²) (the forms' rounding) over σ ∈ [1e-4, 1e4], G ∈ [−20, 20]: T37 c_out²·e^G,
+    T6 and u(σ) c_var²·expm1(G) + c_out², no head
     c_out²; an analytic Prediction subtracts σ² given per example. In float32 T37's head keeps the excess's
     relative precision where it is tiny against σ² (T37's point): within 1e-5 relative of float64, where
     σ_φ² − σ² in float32 is off by more than 10% somewhere on the grid. (T6's excess with G < 0 is itself a

@@ -27,7 +27,6 @@ a run), with seeded generators, so it is deterministic. Breakages each test was 
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
