@@ -323,6 +323,8 @@ def ddpm_vlb(denoiser, x: torch.Tensor, ddpm, *, variance: str = "beta_tilde", d
       bound −log p(x0) + KL(q(x_T) ‖ N(0, I)) (tested);
       decoder="gaussian": the density N(x0; x̂0, Σ_1) (continuous data, e.g. the 2-D toys);
       "discretized": the 8-bit probability `discretized_gaussian_log_prob` (x0 = 2k/255 − 1).
+      The defaults (decoder "gaussian", decoder_variance "beta") suit continuous data; for 8-bit images the
+      CLI (`experiments.ddpm_variance.ddpm_bound`) passes "discretized" and "beta_tilde", its headline.
     Plus `total` (the sum with `decoder_variance`'s reconstruction, ≥ −log p_θ(x0)), `bits_per_dim` =
     total/(d·ln 2) (a density for "gaussian", a probability of the 8-bit data for "discretized"),
     `reconstruction_by_variance` ({"beta": [N], "beta_tilde": [N]} for a fixed variance; None with a learned

@@ -95,7 +95,7 @@ def test_latent_run_from_the_cli(vae_run, run_c, tmp_path, capsys):
     a, mu = raw["channel_scale"].view(1, -1, 1, 1), raw["channel_mean"].view(1, -1, 1, 1)
     info = json.load(open(os.path.join(run_c, "data.json")))
     assert info["vae_sha256"] == file_sha256(os.path.join(vae_run, "model.safetensors"))
-    s_bar = (raw["train.std"].double() * a.double()).mean((0, 2, 3))
+    s_bar = (raw["train.std"].double() * a.double()).square().mean((0, 2, 3)).sqrt()     # RMS (T3)
     torch.testing.assert_close(torch.tensor(info["typical_std"], dtype=F64), s_bar, rtol=1e-5, atol=0)
     m_train = (raw["train.mean"].double() - mu.double()) * a.double()
     assert resolve(toml_path=os.path.join(run_c, "config.toml")).train.sigma_data == \

@@ -224,7 +224,10 @@ def test_vae_run_from_the_cli(blobs_npz, tmp_path, capsys):
     torch.testing.assert_close(lat.train_std, raw["train.std"] * a, rtol=1e-6, atol=0)
     torch.testing.assert_close(lat.to_vae(lat.test_mean), raw["test.mean"], rtol=1e-5, atol=1e-5)
     assert lat.typical_std().shape == (1, 4, 1, 1)
-    torch.testing.assert_close(lat.typical_std().flatten(), lat.train_std.mean((0, 2, 3)), rtol=1e-5, atol=0)
+    # √E[s²] per channel, not E[s] (variances add, T3; breakage tried: the mean fails both checks)
+    rms = lat.train_std.double().square().mean((0, 2, 3)).sqrt()
+    torch.testing.assert_close(lat.typical_std().flatten().double(), rms, rtol=1e-5, atol=0)
+    assert bool((lat.typical_std().flatten().double() > lat.train_std.double().mean((0, 2, 3))).all())
 
     state = load_file(weights)                                            # the VAE changes: refuse
     key = next(k for k in state if k.endswith("weight"))

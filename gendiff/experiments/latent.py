@@ -141,7 +141,7 @@ def prepare(cfg: LatentRunConfig, device=None, log=print) -> Setup:
     s = latents.typical_std().flatten()
     split = (f"latents of VAE run {cfg.latent.vae_run!r} ({cfg.latent.vae_weights}, sha256 {sha[:12]}…): "
              f"{len(latents.train_mean)} train / {len(latents.test_mean)} test, {'×'.join(map(str, shape))}, "
-             f"normalised per channel to std {latents.sigma_data:g}; mean s per channel "
+             f"normalised per channel to std {latents.sigma_data:g}; RMS s per channel "
              f"{', '.join(f'{v:.3g}' for v in s.tolist())}; T36 mode ({cfg.latent.mode}) "
              f"[{T36_MODES[cfg.latent.mode]}]; σ_data {cfg.train.sigma_data:.4f}")
     return Setup(model, recipe.loss_fn(density), source, density, latents, latent_info(cfg, latents, sha),
