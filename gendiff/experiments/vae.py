@@ -272,7 +272,8 @@ class Latents:
     def typical_std(self) -> torch.Tensor:
         """The per-channel root mean square of s' over the training set, √E[s'²], [1, L, 1, 1]: a typical
         source std for sampling with the scalings of the total σ (precond.sampling_denoiser, T36). RMS, not
-        the mean: variances add (T3: τ² = σ² + s²), so the s̄ whose s̄² is the average source variance is √E[s²]."""
+        the mean: variances add (T3: τ² = σ² + s²), so the s̄ whose s̄² is the average source variance is
+        √E[s²]."""
         ms = self.train_std.double().square().transpose(0, 1).flatten(1).mean(1)
         return ms.sqrt().float().view(1, -1, 1, 1)
 
