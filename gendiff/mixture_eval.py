@@ -2,6 +2,7 @@
 initial noise, shared by every model measured; every number is computed from the exact mixture."""
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -70,8 +71,7 @@ class Evaluator:
         else:
             self.x_init = sampler.sigma_max * torch.randn(samples, gt.dim,
                                                           generator=generator(seed, "x_init"))
-        self.ref, _ = gt.sample(samples, generator=generator(seed, "reference"), dtype=torch.float64)
-        self.ref_self = kernel_sum(self.ref)
+        self.ref = self.reference_points(gt, seed, samples)
         self.threshold = outlier_threshold(gt, seed=derive_seed(seed, "outlier-threshold"))
         g = generator(seed, "held-out")
         self.x0, self.x0_cov, self.x0_k = gt.sample(eval_points, generator=g, dtype=torch.float64,
@@ -81,6 +81,17 @@ class Evaluator:
                                                                    dtype=torch.float64)
         self.exact_score = gt.score(self.x_noisy, self.sigma)
         self._optimum = {}  # mode -> exact Σ_φ* of the held-out points (shared by runs)
+
+    @staticmethod
+    def reference_points(gt: GaussianMixture, seed: int, samples: int) -> torch.Tensor:
+        """The reference samples of an Evaluator with this seed and size (float64), without making one."""
+        return gt.sample(samples, generator=generator(seed, "reference"), dtype=torch.float64)[0]
+
+    @functools.cached_property
+    def ref_self(self) -> float:
+        """The reference set's MMD self-sum, made when first needed (a process that only draws figures does
+        not pay for it)."""
+        return kernel_sum(self.ref)
 
     def churn_generator(self):
         return generator(self.seed, "churn")

@@ -1,6 +1,7 @@
 """`gendiff ablate` end to end, training, determinism and option errors."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -85,19 +86,25 @@ def test_same_seed_same_metrics():
     assert c["runs"]["edm"] != a["runs"]["edm"]
 
 
-def test_worker_processes_give_the_same_metrics():
+def test_worker_processes_give_the_same_metrics(tmp_path):
     """`jobs=2` (each trained model and the reference rows in a spawned worker of one thread) gives exactly
     the metrics of one process at one thread, in the runs' order, models shared by two runs included: the
-    work is split by model, never by random stream. Breakages tried, each seen to fail: the runs' order taken
-    from the groups' order; the group's training timings stored under another key."""
-    cfg = tiny(runs=("confidence-full-hybrid", "edm", "confidence-full"))
+    work is split by model, never by random stream; the per-run figures, drawn inside the workers, are the
+    same files byte for byte. Breakages tried, each seen to fail: the runs' order taken from the groups'
+    order; the group's training timings stored under another key; the run figures not drawn by the task."""
+    cfg = replace(tiny(runs=("confidence-full-hybrid", "edm", "confidence-full")), figures=True)
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = run_ablation(cfg, progress=False, log=lambda *_: None)
+        one = run_ablation(cfg, str(tmp_path / "one"), progress=False, log=lambda *_: None)
     finally:
         torch.set_num_threads(prev)
-    two = run_ablation(cfg, progress=False, log=lambda *_: None, jobs=2, threads=1)
+    two = run_ablation(cfg, str(tmp_path / "two"), progress=False, log=lambda *_: None, jobs=2, threads=1)
+    names = sorted(os.listdir(tmp_path / "one" / "figures"))
+    assert set(names) == {f"{r}.png" for r in cfg.runs} | {"comparison.png"}
+    for f in names:
+        one_png, two_png = (tmp_path / d / "figures" / f for d in ("one", "two"))
+        assert one_png.read_bytes() == two_png.read_bytes(), f
     assert list(two["runs"]) == list(cfg.runs)
     assert two["runs"] == one["runs"] and two["reference"] == one["reference"]
     assert two["training"] == one["training"]
@@ -223,7 +230,6 @@ def test_diverged_samples_are_counted_not_nan():
 
 def test_gaussian_init_option():
     """--init gaussian starts the sampler from N(0, σ_max²I) instead of exact samples of p(x; σ_max)."""
-    from dataclasses import replace
     ev = make_evaluator(tiny(sampler=SamplerConfig(steps=8, init="gaussian")))
     x = ev.x_init.double()
     n = len(x)

@@ -31,7 +31,7 @@ from ..scores import HYBRID_SIGMA, SCORE_MODES, with_score_mode
 from ..train import Outputs, train
 from .config import ToyTrainConfig
 from .recipes import MAIN_RUNS, TOY_RECIPES
-from .report import guidance_effect, summarize_seeds, write_figures, write_metrics
+from .report import guidance_effect, summarize_seeds, write_comparison, write_metrics, write_run_figure
 
 
 GUIDES = ("snapshot", "small", "cfg")
@@ -191,6 +191,8 @@ def _run_group(cfg: AblateConfig, owner: str, names: list, out_dir, progress: bo
             t_run[f"sample_s_{label}"] = secs
             figs[label] = (x, traj)
         out["runs"][name], out["figs"][name], out["timings"][name] = runs, figs, t_run
+        if out_dir is not None and cfg.figures:      # here, so that worker processes draw them in parallel
+            write_run_figure(name, cfg.guidance, ev, res.ema, spec, figs, out_dir)
     return out
 
 
@@ -270,8 +272,8 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
     if out_dir is not None:
         write_metrics(result, out_dir)
         if cfg.figures:
-            write_figures(cfg.guidance, make_evaluator(cfg), {n: done[owner_of[n]]["model"] for n in runs},
-                          {n: TOY_RECIPES[n] for n in runs}, figs, out_dir)
+            ref = Evaluator.reference_points(tree(cfg.classes), cfg.seed, cfg.samples)
+            write_comparison(ref.float(), figs, out_dir)
     return result
 
 

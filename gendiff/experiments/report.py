@@ -399,53 +399,68 @@ def _phi_maps(ax_l, ax_r, ev, model, spec, view, exact_maps: dict, sigma=0.05, r
     return im
 
 
-def write_figures(guidance: float, ev, models: dict, specs: dict, figs: dict, out_dir: str) -> None:
-    """Per run: ground truth, samples, trajectories into a branch tip, and σ_φ maps beside the exact optimum;
-    plus one comparison figure. models/specs/figs are keyed by run name."""
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def write_run_figure(name: str, guidance: float, ev, model, spec, per: dict, out_dir: str) -> None:
+    """OUT/figures/<name>.png: ground truth, samples, trajectories into a branch tip, and σ_φ maps beside the
+    exact optimum. per: {"unguided": (samples, trajectory), "autoguided": (…)}. The ground-truth density and
+    exact maps are the same for every run: computed once per evaluator `ev` (ev.figure_cache)."""
+    plt = _plt()
     view, zoom = _views(ev.ref.float())
-    logp, exact_maps = {v: _logp_grid(ev.gt, v) for v in (view, zoom)}, {}   # the same for every run
+    cache = ev.__dict__.setdefault("figure_cache", {"exact_maps": {}})
+    for v in (view, zoom):
+        if v not in cache:
+            cache[v] = _logp_grid(ev.gt, v)
+    logp, exact_maps = {v: cache[v] for v in (view, zoom)}, cache["exact_maps"]
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    for name, per in figs.items():
-        spec = specs[name]
-        has_phi = make_head(spec.head).has_confidence
-        n = 6 if has_phi else 4
-        fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
-        _density_panel(axes[0], logp[view], view)
-        axes[0].set_title("ground truth log p", fontsize=9)
-        _points(axes[1], per["unguided"][0], "unguided", view)
-        _points(axes[2], per["autoguided"][0], f"autoguided (w={guidance})", view)
-        _density_panel(axes[3], logp[zoom], zoom)
-        for traj, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
-            end = traj[-1]
-            inside = ((end[:, 0] > zoom[0][0]) & (end[:, 0] < zoom[0][1])
-                      & (end[:, 1] > zoom[1][0]) & (end[:, 1] < zoom[1][1]))
-            traj = traj[:, inside][:, :40]  # trajectories that end in the zoomed region
-            axes[3].plot(*traj.numpy().transpose(2, 0, 1), "-", lw=0.6, alpha=0.6, color=color)
-            axes[3].plot(*traj[-1].numpy().T, ".", ms=3, color=color)
-        axes[3].set_xlim(*zoom[0])
-        axes[3].set_ylim(*zoom[1])
-        axes[3].set_title("zoom: trajectories (blue unguided, red guided)", fontsize=8)
-        if has_phi:
-            im = _phi_maps(axes[4], axes[5], ev, models[name], spec, view, exact_maps)
-            fig.colorbar(im, ax=axes[4:6], shrink=0.8)
-        for ax in axes:
-            _finish(ax)
-        fig.suptitle(name)
-        save_figure(fig, os.path.join(fig_dir, f"{name}.png"), dpi=110)
-        plt.close(fig)
+    has_phi = make_head(spec.head).has_confidence
+    n = 6 if has_phi else 4
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n + (0.6 if has_phi else 0), 3.4), layout="constrained")
+    _density_panel(axes[0], logp[view], view)
+    axes[0].set_title("ground truth log p", fontsize=9)
+    _points(axes[1], per["unguided"][0], "unguided", view)
+    _points(axes[2], per["autoguided"][0], f"autoguided (w={guidance})", view)
+    _density_panel(axes[3], logp[zoom], zoom)
+    for traj, color in ((per["unguided"][1], "C0"), (per["autoguided"][1], "C3")):
+        end = traj[-1]
+        inside = ((end[:, 0] > zoom[0][0]) & (end[:, 0] < zoom[0][1])
+                  & (end[:, 1] > zoom[1][0]) & (end[:, 1] < zoom[1][1]))
+        traj = traj[:, inside][:, :40]  # trajectories that end in the zoomed region
+        axes[3].plot(*traj.numpy().transpose(2, 0, 1), "-", lw=0.6, alpha=0.6, color=color)
+        axes[3].plot(*traj[-1].numpy().T, ".", ms=3, color=color)
+    axes[3].set_xlim(*zoom[0])
+    axes[3].set_ylim(*zoom[1])
+    axes[3].set_title("zoom: trajectories (blue unguided, red guided)", fontsize=8)
+    if has_phi:
+        im = _phi_maps(axes[4], axes[5], ev, model, spec, view, exact_maps)
+        fig.colorbar(im, ax=axes[4:6], shrink=0.8)
+    for ax in axes:
+        _finish(ax)
+    fig.suptitle(name)
+    save_figure(fig, os.path.join(fig_dir, f"{name}.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(ref: torch.Tensor, figs: dict, out_dir: str) -> None:
+    """OUT/figures/comparison.png: the ground-truth samples `ref` beside every run's, unguided and
+    autoguided."""
+    plt = _plt()
+    view, _ = _views(ref)
     names = list(figs)
     fig, axes = plt.subplots(2, len(names) + 1, figsize=(3 * (len(names) + 1), 6.2), squeeze=False)
     for row, label in enumerate(("unguided", "autoguided")):
-        _points(axes[row, 0], ev.ref.float(), "ground truth", view)
+        _points(axes[row, 0], ref, "ground truth", view)
         for j, name in enumerate(names):
             _points(axes[row, j + 1], figs[name][label][0], f"{name}\n{label}", view)
     for ax in axes.flat:
         _finish(ax)
     fig.tight_layout()
-    save_figure(fig, os.path.join(fig_dir, "comparison.png"), dpi=110)
+    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
+    save_figure(fig, os.path.join(out_dir, "figures", "comparison.png"), dpi=110)
     plt.close(fig)
