@@ -49,10 +49,11 @@ def kernel_sum(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = 256)
     for i in range(0, len(a), chunk):
         rows = a[i:i + chunk]
         k = torch.cdist(rows, b[i:] if same else b).square_().mul_(-0.5 / MMD_H0**2).exp_()
-        for _ in range(MMD_BANDWIDTHS):
+        for j in range(MMD_BANDWIDTHS):
             total += (2 * float(k.sum(dtype=torch.float64)) - float(k[:, :len(rows)].sum(dtype=torch.float64))
                       if same else float(k.sum(dtype=torch.float64)))
-            k = k.square_()
+            if j + 1 < MMD_BANDWIDTHS:
+                k.square_()
         if same:
             total -= MMD_BANDWIDTHS * len(rows)  # k(x, x) = 1 on the diagonal
     return total

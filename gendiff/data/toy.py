@@ -304,7 +304,9 @@ class ExactDenoiser(torch.nn.Module):
         if self.mode == "source":
             return self.predict(x, sigma).mu
         s = self._sigma(x, sigma)
-        return x + s.square()[:, None] * self.mixture.score(x, s)  # Tweedie (T13), the fast path
+        # one σ for the whole batch (a sampler's step) takes the mixture's one-matmul scalar path
+        one = s[:1] if len(s) and bool((s == s[0]).all()) else s
+        return x + s.square()[:, None] * self.mixture.score(x, one)  # Tweedie (T13), the fast path
 
 
 # ---- the tree of the autoguidance paper ---------------------------------------------------------

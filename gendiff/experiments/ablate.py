@@ -252,8 +252,9 @@ def run_ablation(cfg: AblateConfig, out_dir: str | None = None, progress: bool =
         reference = _reference(cfg)
     else:
         threads = threads or max(1, torch.get_num_threads() // jobs)
-        # longest first (score matching computes the exact mixture score every step), reference last
-        order = sorted(groups, key=lambda o: TOY_RECIPES[o].loss != "score-matching")
+        # longest first (score matching computes the exact mixture score every step; then the models read by
+        # several runs, one evaluation each), reference last
+        order = sorted(groups, key=lambda o: (TOY_RECIPES[o].loss != "score-matching", -len(groups[o])))
         tasks = [(o, _run_group, (cfg, o, groups[o], out_dir, False)) for o in order]
         out = pool_map(tasks + [("reference", _reference, (cfg,))], jobs, threads,
                        lambda key, r: key == "reference" or _log_group(r, log))
