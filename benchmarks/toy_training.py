@@ -48,12 +48,53 @@ def matmul_bound(shapes, repeats: int = 50) -> tuple:
     return secs, 2 * sum(m * k * n for m, k, n in shapes) / secs / 1e9
 
 
+CATEGORIES = (   # op name prefixes → what bounds the step
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("SiLU fwd+bwd", ("aten::silu",)),
+    ("copies", ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone", "aten::empty")),
+    ("Adam+EMA (foreach)", ("aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
+)
+
+
+def breakdown(model, loss, src, batch: int, mixture: bool, steps: int = 30) -> str:
+    """Self CPU time per step by category (CATEGORIES; the rest is 'other small ops': sums, the loss, the σ
+    density, finiteness checks, autograd bookkeeping), from the torch profiler over `steps` steps; for
+    score matching also the exact mixture score of one batch timed alone (it is inside 'other')."""
+    from torch.profiler import profile
+    with profile() as prof:
+        train(model, loss, src, ToyTrainConfig(iterations=steps, batch=batch), progress=False)
+    spent = {c: 0.0 for c, _ in CATEGORIES}
+    other = 0.0
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        cat = next((c for c, prefixes in CATEGORIES if e.key.startswith(prefixes)), None)
+        if cat is None:
+            other += e.self_cpu_time_total
+        else:
+            spent[cat] += e.self_cpu_time_total
+    total = sum(spent.values()) + other
+    parts = [f"{c} {v / steps / 1e3:.2f} ms ({v / total:.0%})" for c, v in spent.items()]
+    parts.append(f"other small ops {other / steps / 1e3:.2f} ms ({other / total:.0%})")
+    line = f"    per step (aten self time {total / steps / 1e3:.2f} ms): " + ", ".join(parts)
+    if mixture:
+        batch_draw = src.draw(batch, torch.exp(torch.randn(batch) * 1.2 - 1.2))
+        g, x, s = src.mixture, batch_draw.x_noisy, batch_draw.sigma.reshape(-1)
+        g.score(x, s)
+        t = time.perf_counter()
+        for _ in range(10):
+            g.score(x, s)
+        line += f"\n    of which the exact mixture score alone: {(time.perf_counter() - t) / 10 * 1e3:.2f} ms"
+    return line
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--profile", action="store_true", help="print a torch profile of the score-matching run")
+    ap.add_argument("--profile", action="store_true",
+                    help="per run kind, where a step's time goes (torch profiler, 30 steps; see `breakdown`)")
     args = ap.parse_args()
     configure(args.threads)
     cfg = AblateConfig()
@@ -98,12 +139,8 @@ def main():
             r4 = train(small, loss, src, tcfg, progress=False)
             print(f"{'  edm, 4 linear':<18} {r4.it_per_s:8.1f}   seed network (5 linear) / 4 linear: "
                   f"{res.it_per_s / r4.it_per_s:.2f}x")
-        if args.profile and name == "score-matching":
-            from torch.profiler import profile
-            with profile() as prof:
-                train(model, loss, src, ToyTrainConfig(iterations=20, batch=args.batch), progress=False)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-
+        if args.profile:
+            print(breakdown(model, loss, src, args.batch, name == "score-matching"))
 
 if __name__ == "__main__":
     t = time.perf_counter()
