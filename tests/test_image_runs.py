@@ -263,12 +263,17 @@ def test_every_row_gets_the_same_likelihood_evaluation(blobs, monkeypatch):
 
 
 def test_logged_throughput_spans_sittings(tmp_path):
-    from gendiff.experiments.images import logged_img_per_s
+    """Images/s over consecutive lines of each sitting, and the training's wall seconds as the sum of each
+    sitting's last `seconds` (5.0 + 2.5): a run resumed to be evaluated (one more sitting logging nothing)
+    keeps its training time. Breakage tried: the last line's seconds alone (2.5) fails."""
+    from gendiff.experiments.images import logged_img_per_s, logged_train_seconds
     p = tmp_path / "metrics.jsonl"
     rows = [(16, 1.0), (32, 3.0), (48, 5.0), (48, 0.5), (64, 2.5)]     # a resume at step 48: seconds restart
     p.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n" for s, t in rows))
     assert logged_img_per_s(str(p), 4) == pytest.approx((16 * 3) * 4 / (2.0 * 3))
+    assert logged_train_seconds(str(p)) == pytest.approx(7.5)
     assert np.isnan(logged_img_per_s(str(tmp_path / "none.jsonl"), 4))
+    assert np.isnan(logged_train_seconds(str(tmp_path / "none.jsonl")))
 
 
 def test_device_choice(blobs, tmp_path):

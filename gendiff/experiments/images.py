@@ -200,10 +200,7 @@ def train_run(cfg: ImageRunConfig, out: str, setup: Setup, *, progress: bool = T
         return {}
     metrics = evaluate_image_model(res.ema, cfg, out, num_classes=setup.data.num_classes, log=log,
                                    train=setup.data, test=setup.test)
-    metrics.update(sigma_data=cfg.train.sigma_data,
-                   train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
-                   train_seconds=res.seconds, iterations=cfg.train.iterations,
-                   batch=cfg.train.batch, bad_steps=res.bad_steps, final_loss=_tail_mean(res.losses))
+    metrics.update(sigma_data=cfg.train.sigma_data, **training_metrics(out, cfg, res))
     save_json(metrics, os.path.join(out, "metrics.json"))
     return metrics
 
@@ -231,6 +228,16 @@ def _flat_numbers(m: dict, prefix: str = "") -> dict:
 
 def _tail_mean(v, k=50):
     return float(sum(v[-k:]) / len(v[-k:])) if v else float("nan")
+
+
+def training_metrics(out: str, cfg, res) -> dict:
+    """What a run folder's metrics.json says of its training (image, latent and VAE runs): images per
+    second and wall seconds from metrics.jsonl over every sitting, iterations, batch, bad steps, the mean
+    of the last 50 losses (of this sitting)."""
+    log = os.path.join(out, "metrics.jsonl")
+    return {"train_img_per_s": logged_img_per_s(log, cfg.train.batch),
+            "train_seconds": logged_train_seconds(log), "iterations": cfg.train.iterations,
+            "batch": cfg.train.batch, "bad_steps": res.bad_steps, "final_loss": _tail_mean(res.losses)}
 
 
 # ---- sampling: one seed per image ----------------------------------------------------------------------
@@ -703,19 +710,34 @@ def train_row(cfg, folder: str, prepare_fn, train_fn, *, progress: bool = True, 
     return train_fn(setup.cfg, folder, setup, progress=progress, log=log)
 
 
+def _logged(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
 def logged_img_per_s(path: str, batch: int) -> float:
     """Training images per second from a run's metrics.jsonl: Σ Δstep·batch / Σ Δseconds over consecutive
     lines of one sitting (seconds restart at 0 in each process, so a jump back marks a new sitting and is
     skipped)."""
-    if not os.path.exists(path):
-        return float("nan")
-    with open(path) as f:
-        lines = [json.loads(x) for x in f if x.strip()]
     steps = secs = 0.0
+    lines = _logged(path)
     for a, b in zip(lines, lines[1:]):
         if b["seconds"] > a["seconds"] and b["step"] > a["step"]:
             steps, secs = steps + b["step"] - a["step"], secs + b["seconds"] - a["seconds"]
     return steps * batch / secs if secs else float("nan")
+
+
+def logged_train_seconds(path: str) -> float:
+    """Wall seconds of training over every sitting of a run (metrics.jsonl): the last `seconds` logged in each
+    sitting (they restart at 0 in each process), summed; NaN without a log. A run resumed only to be
+    evaluated adds nothing, so its metrics still state what the training took."""
+    lines, total = _logged(path), 0.0
+    for a, b in zip(lines, lines[1:] + [None]):
+        if b is None or b["seconds"] <= a["seconds"]:      # the last line of a sitting
+            total += a["seconds"]
+    return total if lines else float("nan")
 
 
 def _as_list(v):

@@ -216,10 +216,7 @@ def train_run(cfg: LatentRunConfig, out: str, setup: Setup, *, progress: bool = 
     cfg = setup.cfg
     metrics = evaluate(res.ema, cfg, setup.info, samples=cfg.eval.samples, seed=cfg.seed, log=log,
                        grid=os.path.join(out, "samples.png"))
-    losses = res.losses[-50:]
-    metrics.update(train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
-                   train_seconds=res.seconds, iterations=cfg.train.iterations, batch=cfg.train.batch,
-                   bad_steps=res.bad_steps, final_loss=sum(losses) / len(losses) if losses else float("nan"))
+    metrics.update(images.training_metrics(out, cfg, res))
     save_json(metrics, os.path.join(out, "metrics.json"))
     return metrics
 

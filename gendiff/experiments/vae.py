@@ -37,7 +37,7 @@ from ..io import derive_seed, file_sha256, generator, save_json, save_state, sav
 from ..nets.vae import VAE, ELBOLoss, gaussian_kl, gaussian_nll
 from ..schedules import LogNormalSigma
 from .config import NORMALISE_BY, VAERunConfig
-from .images import Setup, load_images, load_splits, logged_img_per_s, resolve_device, training_data
+from .images import Setup, load_images, load_splits, resolve_device, training_data, training_metrics
 from .runfolder import load_weights, read_json, refuse, train_in_folder, weights_path, weights_tag
 
 LATENTS_FORMAT = "gendiff-latents-1"
@@ -98,11 +98,7 @@ def train_run(cfg: VAERunConfig, out: str, setup: Setup, *, progress: bool = Tru
     x = setup.test.to_tensor()[:cfg.eval.test_images]
     metrics = evaluate(res.ema, x, batch=cfg.eval.batch, seed=cfg.seed)
     reconstruction_grid(res.ema, x[:16], os.path.join(out, "reconstructions.png"))
-    losses = res.losses[-50:]
-    metrics.update(kl_weight=cfg.model.kl_weight,
-                   train_img_per_s=logged_img_per_s(os.path.join(out, "metrics.jsonl"), cfg.train.batch),
-                   train_seconds=res.seconds, iterations=cfg.train.iterations, batch=cfg.train.batch,
-                   bad_steps=res.bad_steps, final_loss=sum(losses) / len(losses) if losses else float("nan"))
+    metrics.update(kl_weight=cfg.model.kl_weight, **training_metrics(out, cfg, res))
     save_json(metrics, os.path.join(out, "metrics.json"))
     return metrics
 
