@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from .checks import as_sigma, check_positive
+from .checks import as_sigma, check_choice, check_positive
 from .io import save_figure
 
 GAUSS_COVERAGE_1, GAUSS_COVERAGE_2 = math.erf(1 / math.sqrt(2)), math.erf(2 / math.sqrt(2))   # 0.6827, 0.9545
@@ -41,7 +41,8 @@ def _score(var: np.ndarray, err2: np.ndarray, floor_var: np.ndarray,
            rest: np.ndarray) -> tuple[dict, np.ndarray]:
     """One predictor on one bin's evaluation elements: (its readout, its per-element NLL with the floor
     applied). Coverage, NLL, Spearman and the reliability table are on `rest` (the head's unfloored
-    elements); var is clamped at the floor, which changes nothing on `rest` for the head itself."""
+    elements, or those no predictor floors); var is clamped at the floor, which changes nothing on `rest`
+    for the head itself."""
     v = np.maximum(var, floor_var)
     nll = _HALF_LOG_2PI + 0.5 * np.log(v) + 0.5 * err2 / v      # −log N(x0; μ, v) per element (nats)
     out = {"floored_share": float((var <= floor_var).mean()), "nll": None, "coverage_1s": None,
@@ -80,13 +81,15 @@ def _verdict(gain: float, sd: float) -> str:
 
 def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, labels=None,
                          floor: float = FLOOR, min_examples: int = 1, boot: int = BOOT,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, rest: str = "head") -> dict:
     """Per σ bin, a predicted Var[x0 | x̃] (`var_x0`, "the head") scored against the error of μ, beside the
     best constant per bin and any further predictors.
 
     mu, x0: [N, ...] (one shape; N examples); var_x0 and each baseline broadcast to mu (any value, ≤ 0
-    included); sigma: the noise level, one per example [N] or per element (checks.as_sigma); bins: increasing
-    edges, bin k is [bins[k], bins[k + 1]) (labels: one name per bin, default "[lo, hi)"); fit: bool [N], the
+    included); a baseline may also be a pair (mu_b, var_b): another model's own mean and variance for the
+    same x0 from the same noisy inputs, scored against its own error (mu_b − x0)² — a paired comparison
+    of two models; sigma: the noise level, one per example [N] or per element (checks.as_sigma); bins:
+    increasing edges, bin k is [bins[k], bins[k + 1]) (labels: one name per bin, default "[lo, hi)"); fit: bool [N], the
     examples on which the constant is fitted. Everything else is measured on the other examples only (the
     evaluation split); a bin with no fit element or fewer than `min_examples` evaluation examples is left out.
 
@@ -96,10 +99,12 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
     ulps above round-off; below it the number is not a claim the head can make.
 
     Per bin (`bins[label]`): sigma_lo, sigma_hi; examples and elements of the evaluation split in the bin;
-    rest (elements the head does not floor); per predictor ("head", "constant", each baseline name):
+    rest: the elements the head does not floor, or with rest="common" the elements that neither the head
+    nor any baseline floors (compare models on the same elements: a model that floors its hardest elements
+    would otherwise be scored on an easier set); per predictor ("head", "constant", each baseline name):
     - floored_share: its own share of elements with var ≤ floor (the constant's is 0 unless the bin's error
       is below the floor);
-    - on the head's rest, with the predictor's var clamped at the floor: nll, the mean −log N(x0; μ, var)
+    - on the rest, with the predictor's var clamped at the floor: nll, the mean −log N(x0; μ, var)
       per element (nats); coverage_1s / coverage_2s, the shares with |μ − x0| ≤ √var and ≤ 2√var (Gaussian
       68.27% / 95.45%; above: var too large); z2_mean, mean (μ − x0)²/var (ideal 1); spearman, the rank
       correlation of √var with |μ − x0| (None for a predictor constant there); reliability, the rest split
@@ -133,10 +138,13 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
     if fit.dtype != torch.bool or fit.shape != (n,):
         raise ValueError(f"fit has dtype {fit.dtype} and shape {tuple(fit.shape)}; allowed: bool [{n}], True "
                          "for the examples the constant is fitted on")
+    check_choice("rest", rest, ("head", "common"))
     baselines = dict(baselines or {})
     for name in ("head", "constant", "gain"):
         if name in baselines:
             raise ValueError(f"baselines has a predictor named {name!r}; that name is taken")
+    own_mu = {k: v[0] for k, v in baselines.items() if isinstance(v, tuple)}
+    baselines = {k: v[1] if isinstance(v, tuple) else v for k, v in baselines.items()}
     preds = {"head": _f64(var_x0, shape, "var_x0"),
              **{k: _f64(v, shape, f"baselines[{k!r}]") for k, v in baselines.items()}}
     for k, v in preds.items():
@@ -144,7 +152,9 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
             raise ValueError(f"the variance of {k!r} is not finite everywhere; allowed: finite values")
     s = torch.broadcast_to(as_sigma(sigma, mu_t), shape).numpy().reshape(n, -1)
     err2 = ((mu_t - x0_t).square()).numpy().reshape(n, -1)
-    if not np.isfinite(err2).all():
+    errs = {k: ((torch.as_tensor(_f64(m, shape, f"baselines[{k!r}] mean")) - x0_t).square()).numpy()
+            .reshape(n, -1) for k, m in own_mu.items()}
+    if not all(np.isfinite(e).all() for e in (err2, *errs.values())):
         raise ValueError("mu − x0 is not finite everywhere; allowed: finite mu and x0")
     preds = {k: v.reshape(n, -1) for k, v in preds.items()}
     example = np.broadcast_to(np.arange(n)[:, None], err2.shape)
@@ -161,13 +171,14 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
             continue
         e2, fv = err2[e_el], floor_var[e_el]
         const = float(err2[f_el].mean())
-        rest = preds["head"][e_el] > fv
+        rest_of = preds if rest == "common" else {"head": preds["head"]}
+        kept = np.logical_and.reduce([v[e_el] > fv for v in rest_of.values()])
         row = {"sigma_lo": edges[k], "sigma_hi": edges[k + 1], "examples": len(np.unique(ex)),
-               "elements": int(e_el.sum()), "rest": int(rest.sum())}
+               "elements": int(e_el.sum()), "rest": int(kept.sum())}
         nll = {}
         for name, v in (("head", preds["head"][e_el]), ("constant", np.full(e2.shape, const)),
                         *((b, preds[b][e_el]) for b in baselines)):
-            row[name], nll[name] = _score(v, e2, fv, rest)
+            row[name], nll[name] = _score(v, errs[name][e_el] if name in errs else e2, fv, kept)
         row["constant"]["var"] = const
         row["gain"] = {}
         for name, base in nll.items():
@@ -177,9 +188,9 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
             d = base - nll["head"]
             # its own stream per (bin, baseline): adding a baseline leaves the other sds as they were
             rng = np.random.default_rng([seed, k, zlib.crc32(name.encode())])
-            g["nll"], g["nll_sd"] = _boot(d[rest], ex[rest], rng, boot) if rest.any() else (None, None)
+            g["nll"], g["nll_sd"] = _boot(d[kept], ex[kept], rng, boot) if kept.any() else (None, None)
             g["nll_floored_all"], g["nll_floored_all_sd"] = _boot(d, ex, rng, boot)
-            g["verdict"] = _verdict(g["nll"], g["nll_sd"]) if rest.any() else "not resolved"
+            g["verdict"] = _verdict(g["nll"], g["nll_sd"]) if kept.any() else "not resolved"
             row["gain"][name] = g
         out["bins"][label] = row
     return out

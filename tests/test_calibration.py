@@ -235,3 +235,32 @@ def test_sigma_per_element_bins_elements_and_bad_input_is_refused(tmp_path):
         calibration_by_sigma(mu, V * np.nan, x0, s, EDGES, fit=halves(40))
     with pytest.raises(ValueError, match="sigma"):
         calibration_by_sigma(mu, V, x0, torch.zeros(40), EDGES, fit=halves(40))
+
+
+def test_paired_models_are_scored_on_their_own_errors_and_common_elements():
+    """A baseline given as (mu_b, var_b), another model's own mean and variance for the same x0, is scored
+    against its own error; rest="common" keeps only the elements that no predictor floors. Checked against
+    the per-element Gaussian NLL written out (to 1e-9) and against its expectation: a mean off by
+    δ = 0.3·√V with the exact V costs ½·0.09 = 0.045 nats per element (within 4 bootstrap sd).
+    Breakages tried: the baseline scored against the head's error (gain 0 instead of 0.045) and
+    rest="common" ignoring the baselines (the rest count differs): each fails here."""
+    mu, V, x0, sigma, _ = gaussian(n=300, d=200)
+    mu_b = mu + 0.3 * V.sqrt()
+    off = torch.rand(V.shape, generator=torch.Generator().manual_seed(4)) < 0.1
+    var_b = torch.where(off, torch.zeros_like(V), V)          # 10% of b's elements floored
+    nll = lambda m, v: 0.5 * torch.log(2 * math.pi * v) + 0.5 * (m - x0) ** 2 / v  # noqa: E731
+    d = nll(mu_b, var_b) - nll(mu, V)
+    out = readout(mu, V, x0, sigma, baselines={"b": (mu_b, var_b)}, rest="common")
+    for row in out["bins"].values():
+        m = eval_mask(sigma, row["sigma_lo"], row["sigma_hi"])[:, None].expand_as(V)
+        keep = m & ~off
+        assert row["rest"] == int(keep.sum())
+        g = row["gain"]["b"]
+        assert g["nll"] == pytest.approx(float(d[keep].mean()), rel=1e-9)
+        assert abs(g["nll"] - 0.045) < 4 * g["nll_sd"] and g["verdict"] == "head better"
+        assert row["b"]["floored_share"] == pytest.approx(float(off[m].double().mean()), rel=1e-12)
+    head_rest = readout(mu, V, x0, sigma, baselines={"b": (mu_b, var_b)})        # rest="head": all kept here
+    for row in head_rest["bins"].values():
+        assert row["rest"] == row["elements"]
+    with pytest.raises(ValueError, match="rest"):
+        readout(mu, V, x0, sigma, rest="both")
