@@ -90,8 +90,9 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
     same x0 from the same noisy inputs, scored against its own error (mu_b − x0)² — a paired comparison
     of two models; sigma: the noise level, one per example [N] or per element (checks.as_sigma); bins:
     increasing edges, bin k is [bins[k], bins[k + 1]) (labels: one name per bin, default "[lo, hi)");
-    fit: bool [N], the examples on which the constant is fitted. Everything else is measured on the other examples only (the
-    evaluation split); a bin with no fit element or fewer than `min_examples` evaluation examples is left out.
+    fit: bool [N], the examples on which the constant is fitted. Everything else is measured on the other
+    examples only (the evaluation split); a bin with no fit element or fewer than `min_examples` evaluation
+    examples is left out.
 
     Floor: an element is floored where var_x0 ≤ (floor·σ)², i.e. the head claims x0 to better than
     floor·σ (default 0.1% of the noise std). Tied to σ because var_x0 is read as σ_φ² − σ²: a float32 σ_φ²
