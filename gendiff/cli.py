@@ -23,7 +23,7 @@ from .experiments.ddpm_variance import DDPM_VARIANCE_CHOICES
 from .experiments.distill import distill
 from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
-from .experiments.images import resolve_device, run_table
+from .experiments.images import paired_calibration_run, paired_calibration_summary, resolve_device, run_table
 from .experiments.kinds import kind_of, load_run
 from .experiments.latent import LATENT_ROWS, PIXEL_PRESETS, run_latent_table
 from .experiments.recipes import IMAGE_RECIPES, IMAGE_SUITES, MAIN_RUNS, SUITES, TOY_RECIPES
@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="a run folder written by gendiff train")
     e.add_argument("--samples", type=_positive_int("--samples"),
                    help="default 4096 (toy) or eval.samples (images)")
+    e.add_argument("--calibration-against", metavar="RUN2[,RUN3]",
+                   help="image runs with a confidence head: instead of sampling, compare this run's σ_φ "
+                   "pixel for pixel with other runs' on the same noisy test images (each scored on its own "
+                   "error, on the pixels none floors; NLL differences with a bootstrap sd); writes "
+                   "RUN/calibration-paired.json")
     e.add_argument("--filter", type=_number("--filter", float, 0.0), metavar="FRACTION",
                    help="image runs with a confidence head: the BayesDiff test instead: drop the FRACTION "
                    "(e.g. 0.1) of samples with the highest own uncertainty (mean σ_φ² − σ² along the "
@@ -323,6 +328,13 @@ def _eval(args) -> int:
     kind = kind_of(cfg)
     if args.filter is not None:
         return _filter(args, cfg, model)
+    if args.calibration_against is not None:
+        if cfg.kind != "images":
+            raise ValueError(f"--calibration-against is for image runs; {args.run!r} is a {cfg.kind!r} run")
+        others = [r.strip() for r in args.calibration_against.split(",") if r.strip()]
+        res = paired_calibration_run(args.run, cfg, model, others, weights=args.weights)
+        print(paired_calibration_summary(args.run, res))
+        return 0
     for name in ("filter_subsets", "filter_sigmas", "seeds"):
         if getattr(args, name) is not None:
             raise ValueError(f"--{name.replace('_', '-')} goes with --filter FRACTION (the BayesDiff test)")

@@ -409,3 +409,38 @@ def test_image_recipe_from_the_cli(recipe, blobs, tmp_path):
     bins = m["calibration"]["bins"]
     assert set(bins) == {f"sigma={s:g}" for s in (0.05, 0.1, 0.2, 0.5, 1, 2)}
     assert all(b["head"]["floored_share"] == 0.0 for b in bins.values())   # σ_φ > σ for both heads here
+
+
+def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
+    """`gendiff eval RUN --calibration-against OTHER`: two heads (T37 and T6) compared on the same noisy test
+    images; against an identical copy of itself a run gains exactly 0 with sd 0 in every σ bin (the same
+    noise, the same pixels: a paired difference). Refused: a run without a confidence head, two runs of one
+    name. Breakage tried: noise drawn per model (the copy's gain is then not 0)."""
+    import shutil
+    runs = {}
+    for recipe in ("confidence-excess", "confidence", "edm"):
+        out = str(tmp_path / recipe)
+        assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set",
+                     "data.name=npz", "--set", f"recipe={recipe}", "--set", "model.attn_resolutions=[]",
+                     "--set", "train.iterations=4", "--set", "eval.samples=8", "--set",
+                     "eval.calibration_images=6", "--set", "eval.likelihood_images=2", "--threads", "1",
+                     "--no-progress", "--out", out]) == 0
+        runs[recipe] = out
+    copy = str(tmp_path / "copy")
+    shutil.copytree(runs["confidence-excess"], copy)
+    capsys.readouterr()
+    assert main(["eval", runs["confidence-excess"], "--calibration-against", f"{copy},{runs['confidence']}",
+                 "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "gain" in text and "sigma=0.5" in text
+    res = json.load(open(os.path.join(runs["confidence-excess"], "calibration-paired.json")))
+    assert set(res["against"]) == {"copy", "confidence"}
+    for row in res["bins"].values():
+        assert row["gain"]["copy"]["nll"] == 0.0 and row["gain"]["copy"]["nll_sd"] == 0.0
+        assert row["gain"]["copy"]["verdict"] == "not resolved"
+        assert math.isfinite(row["gain"]["confidence"]["nll"])
+        assert row["rest"] <= row["elements"]
+    for against, why in ((runs["edm"], "has no confidence head"), (f"{copy},{copy}", "two runs are named")):
+        args = ["eval", runs["confidence-excess"], "--calibration-against", against, "--threads", "1"]
+        assert main(args) != 0
+        assert why in capsys.readouterr().err

@@ -525,24 +525,57 @@ def calibrate(model, cfg, x0: torch.Tensor, out: str, sigmas=CALIBRATION_SIGMAS)
     if len(x0) < 2:
         raise ValueError(f"eval.calibration_images={len(x0)}; allowed: 0 (off) or at least 2 (one half fits "
                          "the constant, the other is measured)")
-    g = generator(cfg.seed, "calibration")
-    mu, var = [], []
-    for s in sigmas:
-        xn = x0 + s * torch.randn(x0.shape, generator=g).to(x0.device)
-        p = model.predict(xn, torch.tensor(s, device=x0.device))
-        mu.append(p.mu.cpu())
-        var.append(p.excess_variance(s).cpu().double())
-    n, k = len(x0), len(sigmas)
-    res = calibration_by_sigma(torch.cat(mu), torch.cat(var), x0.cpu().repeat(k, *([1] * (x0.ndim - 1))),
-                               torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n),
-                               sigma_edges(sigmas), fit=(torch.arange(n) % 2 == 0).repeat(k),
-                               labels=[f"sigma={s:g}" for s in sigmas],
-                               seed=derive_seed(cfg.seed, "calibration"))
+    noisy = _calibration_inputs(x0, sigmas, cfg.seed)
+    res = _calibration_readout(x0, sigmas, cfg.seed, _excess_readout(model, noisy, sigmas))
+    n = len(x0)
     reliability_figure(os.path.join(out, "calibration.png"), res,
                        title=f"{cfg.recipe}: reliability of Var[x0 | x̃] = σ_φ² − σ², measured on {n // 2} "
                        f"test images ({n - n // 2} more fit the constant)")
     uncertainty_figure(model, x0[:4], os.path.join(out, "uncertainty.png"), seed=cfg.seed)
     return res
+
+
+def _calibration_inputs(x0: torch.Tensor, sigmas, seed: int) -> list:
+    """x0 + σε at each σ, from the seeded stream every calibration readout of this seed shares."""
+    g = generator(seed, "calibration")
+    return [x0 + s * torch.randn(x0.shape, generator=g).to(x0.device) for s in sigmas]
+
+
+def _excess_readout(model, noisy: list, sigmas) -> tuple:
+    """(μ, Var[x0 | x̃] = σ_φ² − σ² from the head) of `model` at every noisy input, concatenated over σ."""
+    mu, var = [], []
+    for xn, s in zip(noisy, sigmas):
+        p = model.predict(xn, torch.tensor(s, device=xn.device))
+        mu.append(p.mu.cpu())
+        var.append(p.excess_variance(s).cpu().double())
+    return torch.cat(mu), torch.cat(var)
+
+
+def _calibration_readout(x0, sigmas, seed: int, head: tuple, **kw) -> dict:
+    n, k = len(x0), len(sigmas)
+    return calibration_by_sigma(*head, x0.cpu().repeat(k, *([1] * (x0.ndim - 1))),
+                                torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n),
+                                sigma_edges(sigmas), fit=(torch.arange(n) % 2 == 0).repeat(k),
+                                labels=[f"sigma={s:g}" for s in sigmas],
+                                seed=derive_seed(seed, "calibration"), **kw)
+
+
+@torch.no_grad()
+def calibrate_paired(models: dict, cfg, x0: torch.Tensor, sigmas=CALIBRATION_SIGMAS) -> dict:
+    """Confidence heads of several models of the same data, compared pixel for pixel: each model predicts
+    from the same noisy test images (`calibrate`'s seeded noise), the first is the "head" and the others
+    baselines with their own mean, every one scored on its own error and on the elements that none of them
+    floors (calibration_by_sigma with rest="common"), so the NLL gains are paired differences between
+    models with a bootstrap sd over images. models: {name: model}, the first the reference."""
+    if len(models) < 2:
+        raise ValueError("calibrate_paired compares at least two models")
+    if len(x0) < 2:
+        raise ValueError(f"{len(x0)} calibration images; allowed: at least 2 (one half fits the constant)")
+    noisy = _calibration_inputs(x0, sigmas, cfg.seed)
+    reads = {name: _excess_readout(m, noisy, sigmas) for name, m in models.items()}
+    head, *others = reads
+    return _calibration_readout(x0, sigmas, cfg.seed, reads[head], rest="common",
+                                baselines={k: reads[k] for k in others})
 
 
 @torch.no_grad()
@@ -797,3 +830,49 @@ def table_markdown(results: dict, base) -> str:
                   "it predicts for the error of μ is var_x0 = σ_φ² − σ² (T8: σ_φ² = σ² + Var[x0 | x̃]). "
                   + BY_SIGMA_TEXT, "", by_sigma_markdown(cal).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def paired_calibration_run(out: str, cfg: ImageRunConfig, model, others: list, *,
+                           weights: str = "model.safetensors") -> dict:
+    """`gendiff eval RUN --calibration-against OTHER[,…]`: `calibrate_paired` of RUN's head (the reference)
+    against the heads of the other run folders, on the same eval.calibration_images test images of RUN's
+    data; writes RUN/calibration-paired.json (the readout, plus the runs and the weights used)."""
+    from .kinds import load_run
+    models, runs = {os.path.basename(os.path.normpath(out)): model}, {}
+    for path in others:
+        ocfg, omodel = load_run(path)
+        name = os.path.basename(os.path.normpath(path))
+        if ocfg.kind != "images" or ocfg.data != cfg.data:
+            raise ValueError(f"--calibration-against {path!r}: an image run on the same data as {out!r} is "
+                             f"needed (it is a {ocfg.kind!r} run on {getattr(ocfg, 'data', None)!r})")
+        if name in models:
+            raise ValueError(f"--calibration-against {path!r}: two runs are named {name!r}; give folders "
+                             "with distinct names")
+        models[name], runs[name] = omodel, path
+    for name, m in models.items():
+        if not m.head.has_confidence:
+            raise ValueError(f"run {name!r} has no confidence head (head={m.head.name!r}); allowed: runs "
+                             "whose head predicts σ_φ (diag, excess, sigma-only, full)")
+    n = cfg.eval.calibration_images or 256
+    x0 = load_images(cfg.data, "test").to_tensor()[:n]
+    res = calibrate_paired(models, cfg, x0)
+    res.update(reference_run=out, reference_weights=weights, against=runs)
+    save_json(res, os.path.join(out, "calibration-paired.json"))
+    return res
+
+
+def paired_calibration_summary(out: str, res: dict) -> str:
+    names = [os.path.basename(os.path.normpath(out)), *res["against"]]
+    lines = [f"{out}: paired calibration of Var[x0 | x̃] on the pixels no model floors (NLL nats/pixel; gain "
+             "= other − this run, > 0: this run better, ± bootstrap sd over images)"]
+    for label, row in res["bins"].items():
+        h = row["head"]
+        parts = [f"{names[0]} NLL {h['nll']:.4f} (floored {100 * h['floored_share']:.2f}%, "
+                 f"±1s {100 * h['coverage_1s']:.0f}%)"]
+        for name in names[1:]:
+            g = row["gain"][name]
+            r = row[name]
+            parts.append(f"{name} NLL {r['nll']:.4f} (floored {100 * r['floored_share']:.2f}%), "
+                         f"gain {g['nll']:+.4f} ± {g['nll_sd']:.4f}: {g['verdict']}")
+        lines.append(f"  {label}, {100 * row['rest'] / row['elements']:.1f}% of pixels: " + "; ".join(parts))
+    return "\n".join(lines)
