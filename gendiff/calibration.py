@@ -141,7 +141,7 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
                          "for the examples the constant is fitted on")
     check_choice("rest", rest, ("head", "common"))
     baselines = dict(baselines or {})
-    for name in ("head", "constant", "gain"):
+    for name in ("head", "constant", "gain", "sigma_lo", "sigma_hi", "examples", "elements", "rest"):
         if name in baselines:
             raise ValueError(f"baselines has a predictor named {name!r}; that name is taken")
     own_mu = {k: v[0] for k, v in baselines.items() if isinstance(v, tuple)}

@@ -219,8 +219,18 @@ class NetPrediction(Prediction):
         return self.head.variance(self)
 
     def excess_variance(self, sigma=None):
-        """σ_φ² − σ² from the head (`Head.excess_variance`); sigma is ignored (the scalings carry it)."""
-        return self.head.excess_variance(self)
+        """σ_φ² − σ² from the head (`Head.excess_variance`, against the σ the scalings were made for). Given a
+        `sigma` other than that one (a model called with a known source std, whose scalings are at the total
+        τ = √(σ² + s²), T3), τ² − σ² is added back, so the result is σ_φ² − sigma² whichever path made the
+        prediction (the same as `Prediction.excess_variance` after `with_mean`)."""
+        out = self.head.excess_variance(self)
+        tau = self.scalings.sigma
+        if sigma is None or tau is None:
+            return out
+        s = torch.as_tensor(sigma, dtype=out.dtype, device=out.device)
+        if s.ndim not in (0, out.ndim):
+            s = s.reshape(-1, *([1] * (out.ndim - 1)))
+        return out + (tau.square() - s.square())      # exactly 0 where sigma is the scalings' σ
 
     def covariance(self):
         return self.head.covariance(self)

@@ -169,6 +169,16 @@ def test_excess_variance_is_sigma_phi2_minus_sigma2_without_the_subtraction(name
             torch.testing.assert_close(p32.excess_variance().double(), exact, rtol=1e-5, atol=0)
             naive = (p32.variance() - s.float().square()).double()
             assert float(((naive - exact).abs() / exact).max()) > 0.1
+    # scalings made for a total τ = √(σ² + s̄²) (a known source std, T3): asked for σ, σ_φ² − σ², the same as
+    # the plain Prediction that with_mean returns (breakage tried: ignoring sigma gives σ_φ² − τ², s̄² off)
+    sig_small = torch.full((7, 3), 0.1, dtype=F64)
+    tau = (sig_small ** 2 + 0.3 ** 2).sqrt()
+    Gs = torch.linspace(-2, 2, 21, dtype=F64).view(7, 3)
+    for head in (ExcessHead(), DiagonalHead()):
+        p = prediction(head, torch.zeros_like(tau), tau, torch.zeros_like(tau), Gs)
+        want = p.variance() - sig_small ** 2
+        torch.testing.assert_close(p.excess_variance(sig_small), want, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(p.with_mean(p.mu).excess_variance(sig_small), want, rtol=1e-12, atol=1e-15)
     # an analytic prediction (no head): σ per example, [N] or [N, 1], against a per-element variance
     var = torch.rand(5, 3, generator=gen(5), dtype=F64) + 1.0
     sig = torch.linspace(0.1, 0.9, 5, dtype=F64)

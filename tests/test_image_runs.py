@@ -272,6 +272,12 @@ def test_logged_throughput_spans_sittings(tmp_path):
     p.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n" for s, t in rows))
     assert logged_img_per_s(str(p), 4) == pytest.approx((16 * 3) * 4 / (2.0 * 3))
     assert logged_train_seconds(str(p)) == pytest.approx(7.5)
+    # a sitting killed after step 48 at 5 s, resumed from the checkpoint at step 32 whose first line (step 48)
+    # comes at 30 s: the step not advancing marks the new sitting (breakage tried: seconds alone, 30 s)
+    q = tmp_path / "killed.jsonl"
+    q.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n"
+                         for s, t in [(16, 1.0), (32, 3.0), (48, 5.0), (48, 30.0), (64, 32.0)]))
+    assert logged_train_seconds(str(q)) == pytest.approx(37.0)
     assert np.isnan(logged_img_per_s(str(tmp_path / "none.jsonl"), 4))
     assert np.isnan(logged_train_seconds(str(tmp_path / "none.jsonl")))
 

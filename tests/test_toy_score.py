@@ -127,12 +127,18 @@ def test_fast_score_chunks_and_broadcast_sigma(tree_a):
         _check(lp_s, sc_s, ref_lp, ref_sc, torch.tensor(0.3, dtype=torch.float64), 1e-4, 1e-4, f"σ={s}")
 
 
-def test_exact_denoiser_with_one_sigma_per_batch(tree_a):
+def test_exact_denoiser_with_one_sigma_per_batch(tree_a, monkeypatch):
     """ExactDenoiser.forward given one σ per example, all equal (a sampler's step), takes the mixture's scalar
     one-matmul path and still equals Tweedie's x + σ²∇log p (T13) with the float64 autograd score, to 1e-9 of
     the scale, at σ from 1e-3 to 80; a batch whose σ differ per point keeps the per-point path (same check).
-    Breakage tried: passing s[0] for every batch (the varying-σ case fails)."""
+    Breakages tried: passing s[0] for every batch (the varying-σ case fails); passing s as is (the one-matmul
+    path is never taken: the call count below fails)."""
     den = tree_a.denoiser("point")
+    calls = []
+    expanded = tree_a._expanded_weights
+    monkeypatch.setattr(tree_a, "_expanded_weights", lambda *a: calls.append(a[0]) or expanded(*a))
+    den(torch.zeros(5, 2, dtype=torch.float64), torch.full((5, 1), 0.3, dtype=torch.float64))
+    assert calls == [0.3]                                       # the scalar path, once, at that σ
     for x64, sig64 in _cases(tree_a):
         sig = sig64 if sig64.ndim else torch.full((len(x64),), float(sig64), dtype=torch.float64)
         mu = den(x64, sig[:, None])

@@ -764,11 +764,13 @@ def logged_img_per_s(path: str, batch: int) -> float:
 
 def logged_train_seconds(path: str) -> float:
     """Wall seconds of training over every sitting of a run (metrics.jsonl): the last `seconds` logged in each
-    sitting (they restart at 0 in each process), summed; NaN without a log. A run resumed only to be
+    sitting, summed; NaN without a log. A new sitting starts where `seconds` goes back (they restart at 0 in
+    each process) or `step` does not advance (a resume restarts from the last checkpoint, at or before the
+    last logged step: this catches a sitting whose first line comes late). A run resumed only to be
     evaluated adds nothing, so its metrics still state what the training took."""
     lines, total = _logged(path), 0.0
     for a, b in zip(lines, lines[1:] + [None]):
-        if b is None or b["seconds"] <= a["seconds"]:      # the last line of a sitting
+        if b is None or b["seconds"] <= a["seconds"] or b["step"] <= a["step"]:      # a sitting's last line
             total += a["seconds"]
     return total if lines else float("nan")
 
@@ -840,7 +842,7 @@ def paired_calibration_run(out: str, cfg: ImageRunConfig, model, others: list, *
     from .kinds import load_run
     models, runs = {os.path.basename(os.path.normpath(out)): model}, {}
     for path in others:
-        ocfg, omodel = load_run(path)
+        ocfg, omodel = load_run(path)          # its final EMA weights (model.safetensors)
         name = os.path.basename(os.path.normpath(path))
         if ocfg.kind != "images" or ocfg.data != cfg.data:
             raise ValueError(f"--calibration-against {path!r}: an image run on the same data as {out!r} is "
@@ -866,6 +868,9 @@ def paired_calibration_summary(out: str, res: dict) -> str:
     lines = [f"{out}: paired calibration of Var[x0 | x̃] on the pixels no model floors (NLL nats/pixel; gain "
              "= other − this run, > 0: this run better, ± bootstrap sd over images)"]
     for label, row in res["bins"].items():
+        if not row["rest"]:
+            lines.append(f"  {label}: no pixel that every model leaves unfloored")
+            continue
         h = row["head"]
         parts = [f"{names[0]} NLL {h['nll']:.4f} (floored {100 * h['floored_share']:.2f}%, "
                  f"±1s {100 * h['coverage_1s']:.0f}%)"]
