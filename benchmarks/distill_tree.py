@@ -6,7 +6,9 @@ Per training seed: a teacher (`gendiff train --preset toy-reference`, recipe --r
 `gendiff eval` of each (teacher: Heun at the run's 32 steps = 63 NFE, and DPM-Solver++(2M) at every student's
 NFE; students: their own sampler) with each --eval-seeds sample seed. Everything goes through the CLI, so
 this measures what a user gets. Resumable: finished teachers and rounds are kept (gendiff distill resumes by
-round), and each evaluation is appended to OUT/results.jsonl as it finishes and skipped on a rerun.
+round), and each evaluation is appended to OUT/results.jsonl as it finishes and skipped on a rerun
+(OUT/options.json records recipe, rounds, steps and iterations; a rerun with others is refused). The summary
+uses the --seeds and --eval-seeds of the call.
 Summary (OUT/summary.md, OUT/summary.json): per configuration the mean over sample seeds per training seed,
 then mean ± sd across training seeds (sd over sample seeds when there is one training seed).
 
@@ -43,6 +45,18 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
     os.makedirs(args.out, exist_ok=True)
+    # what the folder's results depend on: a rerun with other options into the same folder is refused
+    options = {"recipe": args.recipe, "rounds": args.rounds, "steps": args.steps,
+               "iterations": args.iterations}
+    opt_path = os.path.join(args.out, "options.json")
+    if os.path.exists(opt_path):
+        with open(opt_path) as f:
+            before = json.load(f)
+        if before != options:
+            raise SystemExit(f"{args.out} holds results for {before}, not {options}: give another --out")
+    else:
+        with open(opt_path, "w") as f:
+            json.dump(options, f)
     log = os.path.join(args.out, "results.jsonl")
     done = {}
     if os.path.exists(log):
@@ -64,7 +78,8 @@ def main():
             extra = ["--iterations", str(args.iterations)] if args.iterations else []
             gendiff("distill", teacher, "--rounds", str(args.rounds), "--steps", str(args.steps), "--out",
                     distilled, "--no-progress", *extra, threads=args.threads)
-        runs = [("teacher", teacher, "heun", 32)] + [("teacher", teacher, "dpmpp_2m", n) for n in student_steps]
+        runs = [("teacher", teacher, "heun", 32)]
+        runs += [("teacher", teacher, "dpmpp_2m", n) for n in student_steps]
         runs += [(f"student-{n}", os.path.join(distilled, f"round-{k + 1}"), "euler", n)
                  for k, n in enumerate(student_steps)]
         for model, folder, sampler, steps in runs:
@@ -84,10 +99,11 @@ def main():
                 with open(log, "a") as f:
                     f.write(json.dumps(r) + "\n")
                 done[key] = r
-    summarize(done, seeds, args.out)
+    summarize({k: r for k, r in done.items() if r["seed"] in seeds and r["eval_seed"] in eval_seeds},
+              args.out)
 
 
-def summarize(done: dict, seeds, out: str) -> None:
+def summarize(done: dict, out: str) -> None:
     configs = sorted({(r["model"], r["sampler"], r["steps"], r["nfe"]) for r in done.values()},
                      key=lambda c: (-c[3], c[0] != "teacher", c[1]))
     rows, table = [], ["| model | sampler | steps | NFE | MMD² | outlier rate | median NLL | seeds |",
@@ -107,7 +123,8 @@ def summarize(done: dict, seeds, out: str) -> None:
                 stats[k] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan"))
         rows.append({"model": model, "sampler": sampler, "steps": steps, "nfe": nfe,
                      "training_seeds": sorted(per_seed), **{k: list(v) for k, v in stats.items()}})
-        table.append(f"| {model} | {sampler} | {steps} | {nfe} | {stats['mmd'][0]:.2e} ± {stats['mmd'][1]:.1e} | "
+        table.append(f"| {model} | {sampler} | {steps} | {nfe} | "
+                     f"{stats['mmd'][0]:.2e} ± {stats['mmd'][1]:.1e} | "
                      f"{stats['outlier_rate'][0]:.4f} ± {stats['outlier_rate'][1]:.4f} | "
                      f"{stats['median_nll'][0]:.3f} ± {stats['median_nll'][1]:.3f} | {len(per_seed)} |")
     with open(os.path.join(out, "summary.json"), "w") as f:
