@@ -13,7 +13,7 @@ Summary (OUT/summary.md, OUT/summary.json): per configuration the mean over samp
 then mean ± sd across training seeds (sd over sample seeds when there is one training seed).
 
 Usage: python benchmarks/distill_tree.py [--out results/distill-tree] [--seeds 0,1] [--eval-seeds 0,1,2]
-       [--rounds 4] [--steps 64] [--recipe confidence] [--iterations N] [--threads 1]
+       [--rounds 4] [--steps 64] [--recipe confidence] [--iterations N] [--samples 16384] [--threads 1]
 """
 import argparse
 import json
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--recipe", default="confidence")
     ap.add_argument("--iterations", type=int, default=None, help="per round (default: the teacher's)")
+    ap.add_argument("--samples", type=int, default=16384,
+                    help="samples per evaluation (the main job's 16,384; MMD²'s sd shrinks as 1/n)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -63,7 +65,8 @@ def main():
         with open(log) as f:
             for line in f:
                 r = json.loads(line)
-                done[(r["seed"], r["model"], r["sampler"], r["steps"], r["eval_seed"])] = r
+                r.setdefault("samples", 4096)          # rows written before --samples existed
+                done[(r["seed"], r["model"], r["sampler"], r["steps"], r["eval_seed"], r["samples"])] = r
     student_steps = [args.steps >> k for k in range(1, args.rounds + 1)]
     for seed in seeds:
         teacher = os.path.join(args.out, f"seed-{seed}", "teacher")
@@ -84,22 +87,24 @@ def main():
                  for k, n in enumerate(student_steps)]
         for model, folder, sampler, steps in runs:
             for es in eval_seeds:
-                key = (seed, model, sampler, steps, es)
+                key = (seed, model, sampler, steps, es, args.samples)
                 if key in done:
                     continue
                 opts = [] if model != "teacher" else ["--sampler", sampler, "--steps", str(steps)]
-                gendiff("eval", folder, "--seed", str(es), *opts, threads=args.threads)
+                gendiff("eval", folder, "--seed", str(es), "--samples", str(args.samples), *opts,
+                        threads=args.threads)
                 name = f"eval-{sampler}-{steps}-tweedie.json"
                 with open(os.path.join(folder, name)) as f:
                     m = json.load(f)
                 if m.get("seed") != es or m.get("steps") != steps:
                     raise RuntimeError(f"{folder}/{name} is not the evaluation just run: {m}")
                 r = {"seed": seed, "model": model, "sampler": sampler, "steps": steps, "eval_seed": es,
-                     "nfe": m["nfe"], **{k: m[k] for k in METRICS}}
+                     "samples": args.samples, "nfe": m["nfe"], **{k: m[k] for k in METRICS}}
                 with open(log, "a") as f:
                     f.write(json.dumps(r) + "\n")
                 done[key] = r
-    summarize({k: r for k, r in done.items() if r["seed"] in seeds and r["eval_seed"] in eval_seeds},
+    summarize({k: r for k, r in done.items()
+               if r["seed"] in seeds and r["eval_seed"] in eval_seeds and r["samples"] == args.samples},
               args.out)
 
 
