@@ -3,14 +3,15 @@ the teacher with Heun, the teacher with DPM-Solver++(2M) at the same NFE, and th
 
 Per training seed: a teacher (`gendiff train --preset toy-reference`, recipe --recipe, seed s), then
 `gendiff distill TEACHER --rounds R --steps S` (students at S/2, S/4, … steps, Euler on their grid), then
-`gendiff eval` of each (teacher: Heun at the run's 32 steps = 63 NFE, and DPM-Solver++(2M) at every student's
-NFE; students: their own sampler) with each --eval-seeds sample seed. Everything goes through the CLI, so
+`gendiff eval` of each (teacher: Heun at the run's 32 steps = 63 NFE, Euler at S steps on EDM's ρ = 7 grid
+(close to what the first student learns to reproduce: Euler on the nested distillation grid) and
+DPM-Solver++(2M) at every student's NFE; students: Euler on their own grid) with each --eval-seeds sample seed. Everything goes through the CLI, so
 this measures what a user gets. Resumable: finished teachers and rounds are kept (gendiff distill resumes by
 round), and each evaluation is appended to OUT/results.jsonl as it finishes and skipped on a rerun
 (OUT/options.json records recipe, rounds, steps and iterations; a rerun with others is refused). The summary
 uses the --seeds and --eval-seeds of the call.
 Summary (OUT/summary.md, OUT/summary.json): per configuration the mean over sample seeds per training seed,
-then mean ± sd across training seeds (sd over sample seeds when there is one training seed).
+then mean ± sd across training seeds, and the pooled sd over sample seeds (the sampling noise).
 
 Usage: python benchmarks/distill_tree.py [--out results/distill-tree] [--seeds 0,1] [--eval-seeds 0,1,2]
        [--rounds 4] [--steps 64] [--recipe confidence] [--iterations N] [--samples 16384] [--threads 1]
@@ -81,7 +82,9 @@ def main():
             extra = ["--iterations", str(args.iterations)] if args.iterations else []
             gendiff("distill", teacher, "--rounds", str(args.rounds), "--steps", str(args.steps), "--out",
                     distilled, "--no-progress", *extra, threads=args.threads)
-        runs = [("teacher", teacher, "heun", 32)]
+        # the first student's target is the teacher's Euler (DDIM) steps at --steps: that sampler is the
+        # students' own ceiling, beside Heun-63 (the teacher's best)
+        runs = [("teacher", teacher, "heun", 32), ("teacher", teacher, "euler", args.steps)]
         runs += [("teacher", teacher, "dpmpp_2m", n) for n in student_steps]
         runs += [(f"student-{n}", os.path.join(distilled, f"round-{k + 1}"), "euler", n)
                  for k, n in enumerate(student_steps)]
@@ -109,10 +112,15 @@ def main():
 
 
 def summarize(done: dict, out: str) -> None:
+    """Per configuration: the mean over sample seeds per training seed, then the mean and sd of those
+    across training seeds (`sd_train`), and the sampling noise (`sd_samples`: the root mean over training
+    seeds of the variance over sample seeds)."""
     configs = sorted({(r["model"], r["sampler"], r["steps"], r["nfe"]) for r in done.values()},
                      key=lambda c: (-c[3], c[0] != "teacher", c[1]))
-    rows, table = [], ["| model | sampler | steps | NFE | MMD² | outlier rate | median NLL | seeds |",
-                       "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    table = ["| model | sampler | steps | NFE | MMD² | outlier rate | median NLL | training seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for model, sampler, steps, nfe in configs:
         per_seed = {}
         for r in done.values():
@@ -121,20 +129,20 @@ def summarize(done: dict, out: str) -> None:
         stats = {}
         for k in METRICS:
             means = [statistics.mean(x[k] for x in rs) for rs in per_seed.values()]
-            if len(means) > 1:
-                stats[k] = (statistics.mean(means), statistics.stdev(means))
-            else:
-                vals = [x[k] for rs in per_seed.values() for x in rs]
-                stats[k] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan"))
+            within = [statistics.variance([x[k] for x in rs]) for rs in per_seed.values() if len(rs) > 1]
+            stats[k] = {"mean": statistics.mean(means),
+                        "sd_train": statistics.stdev(means) if len(means) > 1 else nan,
+                        "sd_samples": statistics.mean(within) ** 0.5 if within else nan}
         rows.append({"model": model, "sampler": sampler, "steps": steps, "nfe": nfe,
-                     "training_seeds": sorted(per_seed), **{k: list(v) for k, v in stats.items()}})
-        table.append(f"| {model} | {sampler} | {steps} | {nfe} | "
-                     f"{stats['mmd'][0]:.2e} ± {stats['mmd'][1]:.1e} | "
-                     f"{stats['outlier_rate'][0]:.4f} ± {stats['outlier_rate'][1]:.4f} | "
-                     f"{stats['median_nll'][0]:.3f} ± {stats['median_nll'][1]:.3f} | {len(per_seed)} |")
+                     "training_seeds": sorted(per_seed), **stats})
+        cell = lambda k, f: (f"{stats[k]['mean']:{f}} ± {stats[k]['sd_train']:.1e} "   # noqa: E731
+                             f"({stats[k]['sd_samples']:.1e})")
+        table.append(f"| {model} | {sampler} | {steps} | {nfe} | {cell('mmd', '.2e')} | "
+                     f"{cell('outlier_rate', '.4f')} | {cell('median_nll', '.3f')} | {len(per_seed)} |")
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    text = "\n".join(table) + "\n"
+    text = ("mean over training seeds ± their sd (in brackets: the sd over sample seeds, pooled)\n\n"
+            + "\n".join(table) + "\n")
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
     print(text)
