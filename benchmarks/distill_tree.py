@@ -5,8 +5,8 @@ Per training seed: a teacher (`gendiff train --preset toy-reference`, recipe --r
 `gendiff distill TEACHER --rounds R --steps S` (students at S/2, S/4, … steps, Euler on their grid), then
 `gendiff eval` of each (teacher: Heun at the run's 32 steps = 63 NFE, Euler at S steps on EDM's ρ = 7 grid
 (close to what the first student learns to reproduce: Euler on the nested distillation grid) and
-DPM-Solver++(2M) at every student's NFE; students: Euler on their own grid) with each --eval-seeds sample seed. Everything goes through the CLI, so
-this measures what a user gets. Resumable: finished teachers and rounds are kept (gendiff distill resumes by
+DPM-Solver++(2M) at every student's NFE; students: Euler on their own grid) with each --eval-seeds sample
+seed. Everything goes through the CLI, so this measures what a user gets. Resumable: finished teachers and rounds are kept (gendiff distill resumes by
 round), and each evaluation is appended to OUT/results.jsonl as it finishes and skipped on a rerun
 (OUT/options.json records recipe, rounds, steps and iterations; a rerun with others is refused). The summary
 uses the --seeds and --eval-seeds of the call.
