@@ -1,15 +1,15 @@
 """Progressive distillation (THEORY T35) on the exact tree, issue 20's tree target: quality against steps for
 the teacher with Heun, the teacher with DPM-Solver++(2M) at the same NFE, and the distilled students.
 
-Per training seed: a teacher (`gendiff train --preset toy-reference`, recipe --recipe, seed s), then
-`gendiff distill TEACHER --rounds R --steps S` (students at S/2, S/4, … steps, Euler on their grid), then
-`gendiff eval` of each (teacher: Heun at the run's 32 steps = 63 NFE, Euler at S steps on EDM's ρ = 7 grid
-(close to what the first student learns to reproduce: Euler on the nested distillation grid) and
-DPM-Solver++(2M) at every student's NFE; students: Euler on their own grid) with each --eval-seeds sample
-seed. Everything goes through the CLI, so this measures what a user gets. Resumable: finished teachers and rounds are kept (gendiff distill resumes by
-round), and each evaluation is appended to OUT/results.jsonl as it finishes and skipped on a rerun
-(OUT/options.json records recipe, rounds, steps and iterations; a rerun with others is refused). The summary
-uses the --seeds and --eval-seeds of the call.
+Per training seed: a teacher (`gendiff train --preset toy-reference`, recipe --recipe, seed s), then `gendiff
+distill TEACHER --rounds R --steps S` (students at S/2, S/4, … steps, Euler on their grid), then `gendiff
+eval` of each (teacher: Heun at the run's 32 steps = 63 NFE, Euler at S steps on EDM's ρ = 7 grid (close to
+what the first student learns to reproduce: Euler on the nested distillation grid) and DPM-Solver++(2M) at
+every student's NFE; students: Euler on their own grid) with each --eval-seeds sample seed. Everything goes
+through the CLI, so this measures what a user gets. Resumable: finished teachers and rounds are kept (gendiff
+distill resumes by round), and each evaluation is appended to OUT/results.jsonl as it finishes and skipped on
+a rerun (OUT/options.json records recipe, rounds, steps and iterations; a rerun with others is refused). The
+summary uses the --seeds and --eval-seeds of the call.
 Summary (OUT/summary.md, OUT/summary.json): per configuration the mean over sample seeds per training seed,
 then mean ± sd across training seeds, and the pooled sd over sample seeds (the sampling noise).
 
