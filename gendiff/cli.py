@@ -331,7 +331,7 @@ def _eval(args) -> int:
     if args.calibration_against is not None:
         if cfg.kind != "images":
             raise ValueError(f"--calibration-against is for image runs; {args.run!r} is a {cfg.kind!r} run")
-        others = [r.strip() for r in args.calibration_against.split(",") if r.strip()]
+        others = [(r, *load_run(r)) for r in (r.strip() for r in args.calibration_against.split(",")) if r]
         res = paired_calibration_run(args.run, cfg, model, others, weights=args.weights)
         print(paired_calibration_summary(args.run, res))
         return 0

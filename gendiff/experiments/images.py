@@ -838,11 +838,10 @@ def paired_calibration_run(out: str, cfg: ImageRunConfig, model, others: list, *
                            weights: str = "model.safetensors") -> dict:
     """`gendiff eval RUN --calibration-against OTHER[,…]`: `calibrate_paired` of RUN's head (the reference)
     against the heads of the other run folders, on the same eval.calibration_images test images of RUN's
-    data; writes RUN/calibration-paired.json (the readout, plus the runs and the weights used)."""
-    from .kinds import load_run
+    data; writes RUN/calibration-paired.json (the readout, plus the runs and the weights used).
+    others: [(run folder, its config, its model)] (the CLI loads their final EMA, model.safetensors)."""
     models, runs = {os.path.basename(os.path.normpath(out)): model}, {}
-    for path in others:
-        ocfg, omodel = load_run(path)          # its final EMA weights (model.safetensors)
+    for path, ocfg, omodel in others:
         name = os.path.basename(os.path.normpath(path))
         if ocfg.kind != "images" or ocfg.data != cfg.data:
             raise ValueError(f"--calibration-against {path!r}: an image run on the same data as {out!r} is "
