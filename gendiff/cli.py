@@ -23,7 +23,8 @@ from .experiments.ddpm_variance import DDPM_VARIANCE_CHOICES
 from .experiments.distill import distill
 from .experiments.filtering import FILTER_SUBSETS, filter_run, filter_summary
 from .experiments.html import write_report
-from .experiments.images import paired_calibration_run, paired_calibration_summary, resolve_device, run_table
+from .experiments.images import (AUTOGUIDE_W, load_guide, paired_calibration_run, paired_calibration_summary,
+                                 resolve_device, run_table)
 from .experiments.kinds import kind_of, load_run
 from .experiments.latent import LATENT_ROWS, PIXEL_PRESETS, run_latent_table
 from .experiments.recipes import IMAGE_RECIPES, IMAGE_SUITES, MAIN_RUNS, SUITES, TOY_RECIPES
@@ -224,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--cfg-weight", type=_nonneg_float("--cfg-weight"),
                        help="class-conditional image runs: "
                        "classifier-free guidance weight w (T33; default: the conditional model alone)")
+        x.add_argument("--autoguide", metavar="GUIDE_RUN",
+                       help="image runs: autoguidance (THEORY T34, EDM2) with the model of image run "
+                       "GUIDE_RUN (the same data and conditioning, smaller and/or trained shorter) as the "
+                       "guide: D_guide + w·(D_main − D_guide)")
+        x.add_argument("--autoguide-weights", metavar="FILE",
+                       help="--autoguide: the guide run's weights file (default model.safetensors)")
+        x.add_argument("--guidance", type=_nonneg_float("--guidance"), metavar="W",
+                       help=f"--autoguide: the weight w (1 = the main model alone; default {AUTOGUIDE_W:g})")
+        x.add_argument("--guidance-interval", metavar="LO,HI",
+                       help="image runs with --cfg-weight or --autoguide: guide only for σ in [LO, HI] "
+                       "(Kynkäänniemi et al. 2024; HI may be inf), the main model alone elsewhere")
         x.add_argument("--sampling-sigma", choices=SOURCE_SCALINGS,
                        help="latent runs of THEORY T36 mode c: the denoiser's scalings from the diffusion σ "
                        "(diffusion) or from √(σ² + s̄²), s̄ the per-channel mean VAE std (total); default "
@@ -312,12 +324,40 @@ def _given(args, *names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def _interval(text: str) -> tuple:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--guidance-interval={text!r} must be two numbers LO,HI (e.g. 0.3,5 or 0.3,inf)"
+                         ) from None
+    if not 0 <= lo < hi:
+        raise ValueError(f"--guidance-interval={text!r} needs 0 <= LO < HI")
+    return lo, hi
+
+
+def _guidance(args, cfg) -> dict:
+    """The guidance options of `sample`/`eval` as keywords of the run kind's sample_run/eval_run: an image
+    run gets the loaded guide (images.load_guide); other kinds get the option as given and refuse it."""
+    if args.autoguide is None:
+        for name in ("guidance", "autoguide_weights"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} goes with --autoguide GUIDE_RUN")
+    out = {}
+    if args.guidance_interval is not None:
+        out["interval"] = _interval(args.guidance_interval)
+    if args.autoguide is not None:
+        out["autoguide"] = args.autoguide if cfg.kind != "images" else load_guide(
+            cfg, args.autoguide, AUTOGUIDE_W if args.guidance is None else args.guidance,
+            args.autoguide_weights or "model.safetensors")
+    return out
+
+
 def _sample(args) -> int:
     cfg, model = load_run(args.run, args.weights)
     dest = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
     info = kind_of(cfg).sample_run(args.run, cfg, model, samples=args.samples, dest=dest, seed=args.seed,
                                    **_given(args, "steps", "batch", "sampler", "score_mode", "variance",
-                                            "cfg_weight", "label", "sampling_sigma"))
+                                            "cfg_weight", "label", "sampling_sigma"), **_guidance(args, cfg))
     print(f"{args.run}: {info['samples']} samples ({info['sampler']}, NFE {info['nfe']}, seed {args.seed}: "
           f"sample i from seed ({args.seed}, i)) in {dest}")
     return 0
@@ -326,6 +366,11 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     cfg, model = load_run(args.run, args.weights)
     kind = kind_of(cfg)
+    if args.filter is not None or args.calibration_against is not None:
+        for name in ("autoguide", "autoguide_weights", "guidance", "guidance_interval"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} goes with sampling (gendiff eval RUN or "
+                                 "gendiff sample RUN), not with --filter or --calibration-against")
     if args.filter is not None:
         return _filter(args, cfg, model)
     if args.calibration_against is not None:
@@ -340,7 +385,7 @@ def _eval(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} goes with --filter FRACTION (the BayesDiff test)")
     m = kind.eval_run(args.run, cfg, model, seed=args.seed, weights=args.weights,
                       **_given(args, "samples", "steps", "sampler", "score_mode", "cfg_weight", "variance",
-                               "sampling_sigma"))
+                               "sampling_sigma"), **_guidance(args, cfg))
     print(kind.eval_summary(args.run, m))
     return 0
 

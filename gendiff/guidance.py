@@ -21,7 +21,7 @@ from .checks import as_sigma, check_positive
 from .io import generator
 
 
-def _check_weight(w, meaning: str, name: str = "guidance weight") -> float:
+def check_weight(w, meaning: str, name: str = "guidance weight") -> float:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
         raise ValueError(f"{name} w={w!r} must be a finite number >= 0 ({meaning})")
     return float(w)
@@ -50,7 +50,7 @@ class Guided(torch.nn.Module):
 
     def __init__(self, main, guide, w: float, interval=None):
         super().__init__()
-        _check_weight(w, "1 = no guidance")
+        check_weight(w, "1 = no guidance")
         self.main, self.guide, self.w = main, guide, float(w)
         self.interval = check_interval(interval)
 
@@ -116,7 +116,7 @@ def classifier_free(denoiser, labels: torch.Tensor, null_label: int, w: float, i
     w = 0 the conditional model. T13 is linear in μ, so this is `Guided` with weight 1 + w and the null-class
     model as the guide (the same network with every label set to `null_label`). interval: as `Guided`'s, the
     conditional model alone outside it."""
-    _check_weight(w, "0 = the conditional model, T33", "cfg weight")
+    check_weight(w, "0 = the conditional model, T33", "cfg weight")
     null = torch.full_like(labels, null_label)
     return Guided(Conditioned(denoiser, labels), Conditioned(denoiser, null), 1 + w, interval)
 
@@ -168,7 +168,7 @@ class ClassifierGuided(torch.nn.Module):
     def __init__(self, denoiser, classifier, labels: torch.Tensor, w: float):
         super().__init__()
         self.denoiser, self.classifier, self.labels = denoiser, classifier, labels
-        self.w = _check_weight(w, "0 = the unguided denoiser, T32")
+        self.w = check_weight(w, "0 = the unguided denoiser, T32")
 
     def shift(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """w·σ²·∇ₓ log p_σ(y | x): the guided mean minus the denoiser's."""

@@ -26,7 +26,7 @@ from ..calibration import calibration_by_sigma, reliability_figure
 from ..checks import check_choice
 from ..data import images as im
 from ..data.sources import DataSource
-from ..guidance import Conditioned, classifier_free
+from ..guidance import Conditioned, Guided, check_interval, check_weight, classifier_free
 from ..heads import make_head
 from ..image_metrics import (FID_BOOTSTRAP, class_counts, fid_with_sd, image_grid, mode_coverage,
                              precision_recall, uncertainty_grid)
@@ -255,9 +255,74 @@ def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=Non
     return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" + ("" if variance is None else f", Σ {variance}")
 
 
+AUTOGUIDE_W = 2.0          # `--autoguide`'s default weight (EDM2's best guided FIDs are near w ≈ 2)
+
+
+class Autoguide(NamedTuple):
+    """Autoguidance on images (THEORY T34, EDM2): D̃ = D_guide + w·(D_main − D_guide) with `model`, a weaker
+    denoiser of the same data (the same U-Net smaller and/or trained shorter) as the guide; w = 1 is the main
+    model alone. `name` labels the results files."""
+    model: torch.nn.Module
+    w: float
+    name: str
+
+
+def load_guide(cfg: ImageRunConfig, run: str, w: float, weights: str = "model.safetensors") -> Autoguide:
+    """The guide of `--autoguide RUN`: image run folder `run` (its weights file `weights`), refused unless it
+    models the same data as the main run (cfg) with the same conditioning, so that D_guide and D_main are two
+    estimates of the same E[x0 | x̃]."""
+    gcfg = read_config(run, "--autoguide")
+    if gcfg.kind != "images":
+        raise ValueError(f"--autoguide={run!r} is a {gcfg.kind!r} run; the guide must be an image run folder "
+                         "(gendiff train --preset …) of the same data as the main run")
+    if gcfg.data != cfg.data:
+        raise ValueError(f"--autoguide={run!r} was trained on data {gcfg.data.path!r} (subset "
+                         f"{gcfg.data.subset}); the main run on {cfg.data.path!r} (subset "
+                         f"{cfg.data.subset}): the guide must model the same data")
+    main_c, guide_c = IMAGE_RECIPES[cfg.recipe].conditional, IMAGE_RECIPES[gcfg.recipe].conditional
+    if main_c != guide_c:
+        raise ValueError(f"--autoguide={run!r}: recipe {gcfg.recipe!r} is "
+                         f"{'class-conditional' if guide_c else 'unconditional'}, the main run's "
+                         f"{cfg.recipe!r} is {'class-conditional' if main_c else 'unconditional'}; guide and "
+                         "main must be conditioned alike")
+    name = os.path.basename(os.path.normpath(run)) + weights_tag(weights)
+    w = check_weight(w, "1 = the main model alone, 0 = the guide", "--guidance")
+    return Autoguide(load_model(gcfg, run, weights), w, name)
+
+
+def guidance_tag(cfg_weight=None, autoguide: Autoguide | None = None, interval=None) -> str:
+    """The part of a results file name that says how sampling was guided: '-w<CFG w>', '-ag<w>-<guide>',
+    '-i<σ_lo>-<σ_hi>'; '' unguided."""
+    return (("" if cfg_weight is None else f"-w{cfg_weight:g}")
+            + ("" if autoguide is None else f"-ag{autoguide.w:g}-{autoguide.name}")
+            + ("" if interval is None else f"-i{interval[0]:g}-{interval[1]:g}"))
+
+
+def guidance_info(autoguide: Autoguide | None = None, interval=None) -> dict:
+    """What a results JSON records of autoguidance and the guidance interval (nothing when unused)."""
+    interval = check_interval(interval)
+    return ({} if autoguide is None else {"autoguide": autoguide.name, "guidance": autoguide.w}) | \
+        ({} if interval is None else {"guidance_interval": "{:g},{:g}".format(*interval)})   # σ_hi may be inf
+
+
+def check_guidance(cfg: ImageRunConfig, cfg_weight=None, autoguide: Autoguide | None = None, interval=None):
+    """The guidance options of sampling an image run, checked together; returns the interval as floats."""
+    if cfg_weight is not None and autoguide is not None:
+        raise ValueError("--cfg-weight and --autoguide are two guidances; give one (classifier-free guidance "
+                         "of a conditional run, or autoguidance by a weaker run)")
+    if interval is not None and cfg_weight is None and autoguide is None:
+        raise ValueError(f"--guidance-interval={interval!r} limits a guidance to a σ range: give it with "
+                         "--cfg-weight W or --autoguide RUN")
+    if cfg_weight is not None and not IMAGE_RECIPES[cfg.recipe].conditional:
+        raise ValueError(f"--cfg-weight needs a class-conditional recipe; recipe={cfg.recipe!r} is "
+                         "unconditional")
+    return check_interval(interval)
+
+
 def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float | None = None, seed: int = 0,
                   num_classes: int = 0, guide=None, steps: int = 0, batch: int = 0, wrap=None, sampler=None,
-                  variance=None, analytic_images: int = ANALYTIC_IMAGES, clamp: bool = True):
+                  variance=None, analytic_images: int = ANALYTIC_IMAGES, clamp: bool = True,
+                  autoguide: Autoguide | None = None, interval=None):
     """n images in [−1, 1] from the run's sampler (`steps`: default eval.sampler_steps, else the recipe's), in
     batches of `batch` (default eval.batch). Image i draws its start and all its noise
     from its own generator (seed, i), so an image does not depend on how the batches are split. Returns
@@ -267,18 +332,23 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     (denoiser, labels of the batch) -> denoiser wrapping the model for each batch (e.g.
     guidance.ClassifierGuided; needs `labels`); NFE counts the model's calls. wrap: None, or a callable
     denoiser -> denoiser applied last to each batch's denoiser (e.g. uncertainty.ExcessVarianceScore).
+    autoguide: None, or autoguidance (T34) by a weaker model of the same data (`load_guide`), conditioned on
+    the same labels; not with CFG. interval: None, or (σ_lo, σ_hi): CFG or autoguidance only for σ in it, the
+    main (conditional) model alone elsewhere (guidance.Guided). NFE counts the guide's calls too.
     sampler: None (the recipe's) or "ddpm": DDPM ancestral sampling for any run, with the reverse variance
     `variance` (ddpm_variance.py: beta, beta_tilde, v, T38's phi and analytic).
     clamp: False returns the sampler's output as it is (latents, which are not pixels in [−1, 1])."""
     recipe = IMAGE_RECIPES[cfg.recipe]
     use_ddpm, name = ddpm_choice(cfg, sampler, variance)
     batch = batch or cfg.eval.batch
+    interval = check_guidance(cfg, w, autoguide, interval)
     if guide is not None and (labels is None or len(labels) < n):
         raise ValueError(f"sample_images(guide=...) needs labels, one class per sample ({n}); got "
                          f"{'none' if labels is None else len(labels)}")
     shape = (model.net.img_channels, model.net.img_resolution, model.net.img_resolution)
     dev = next(model.parameters()).device
     counted, outs, start = CountCalls(model), [], time.perf_counter()
+    guide_counted = None if autoguide is None else CountCalls(autoguide.model)
     steps = sampler_steps(cfg, steps, use_ddpm)
     process = ddpm().respaced(min(steps, DDPM_T)) if use_ddpm else None
     x0_var = (analytic_table(model, cfg, process, load_images(cfg.data, "train").to_tensor(),
@@ -287,10 +357,13 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     for i in range(0, n, batch):
         k = min(batch, n - i)
         g = StackedGenerator(seed, range(i, i + k))
-        den = counted
+        den, gden = counted, guide_counted
         if recipe.conditional:
             y = (labels[i:i + k] if labels is not None else torch.full((k,), num_classes)).to(dev)
-            den = classifier_free(den, y, num_classes, w) if w is not None else Conditioned(den, y)
+            den = classifier_free(den, y, num_classes, w, interval) if w is not None else Conditioned(den, y)
+            gden = None if gden is None else Conditioned(gden, y)
+        if gden is not None:
+            den = Guided(den, gden, autoguide.w, interval)
         if guide is not None:
             den = guide(den, labels[i:i + k].to(dev))
         if wrap is not None:
@@ -306,7 +379,7 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
             else:
                 x = sample_heun(den, z * SIGMA_MAX, edm_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO), generator=g)
         outs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
-    nfe = counted.calls // math.ceil(n / batch)
+    nfe = (counted.calls + (guide_counted.calls if guide_counted else 0)) // math.ceil(n / batch)
     return torch.cat(outs), {"sampler": sampler_name(cfg, steps, sampler, variance), "nfe": nfe,
                              "sample_seconds": time.perf_counter() - start}
 
@@ -318,11 +391,13 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str, seed: int = 0,
                steps: int = 0,
                batch: int = 0, cfg_weight: float | None = None, label: int | None = None, sampler=None,
-               score_mode=None, variance=None, **unused) -> dict:
+               score_mode=None, variance=None, autoguide: Autoguide | None = None, interval=None,
+               **unused) -> dict:
     """`gendiff sample` on an image run: dest/000000.png … (one PNG per image), dest/samples.npz (uint8 images
     [N, C, H, W], the seed, each image's index i and labels) and dest/grid.png (the first 64). A conditional
     run samples classes 0, 1, … in turn (or only `label`), with CFG weight `cfg_weight`
-    (default: the conditional model alone). sampler="ddpm", variance: as `sample_images`."""
+    (default: the conditional model alone). sampler="ddpm", variance, autoguide, interval: as
+    `sample_images`."""
     _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
     ddpm_choice(cfg, sampler, variance)
     recipe = IMAGE_RECIPES[cfg.recipe]
@@ -337,8 +412,9 @@ def sample_run(out: str, cfg: ImageRunConfig, model, *, samples: int, dest: str,
         labels = torch.full((samples,), label) if label is not None else torch.arange(samples) % num_classes
     x, info = sample_images(model, cfg, samples, labels=labels, w=cfg_weight, seed=seed,
                             num_classes=num_classes, steps=steps, batch=batch, sampler=sampler,
-                            variance=variance)
-    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label, **info}
+                            variance=variance, autoguide=autoguide, interval=interval)
+    info = {"samples": samples, "seed": seed, "cfg_weight": cfg_weight, "label": label,
+            **guidance_info(autoguide, interval), **info}
     write_samples(dest, x, info, **({"labels": labels.numpy()} if labels is not None else {}))
     return info
 
@@ -621,32 +697,39 @@ def eval_inputs(cfg: ImageRunConfig, samples: int, cfg_weight, what: str):
 
 def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: int = 0, seed: int = 0,
              cfg_weight: float | None = None, weights: str = "model.safetensors", sampler=None,
-             score_mode=None, variance=None, **unused) -> dict:
+             score_mode=None, variance=None, autoguide: Autoguide | None = None, interval=None,
+             **unused) -> dict:
     """FID / precision / recall / class counts of `samples` images (default eval.samples) of the run's model
     against the test split, with the feature classifier's accuracy; writes
     RUN/eval-<steps>-<n>-<seed>.json (RUN/eval-ddpm-<variance>-<steps>-… with --sampler ddpm or --variance:
-    DDPM ancestral sampling with that reverse variance, `sample_images`)."""
+    DDPM ancestral sampling with that reverse variance, `sample_images`; guided sampling adds
+    guidance_tag's '-w…', '-ag…', '-i…')."""
     _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
     chosen, name = sampler is not None or variance is not None, ddpm_choice(cfg, sampler, variance)[1]
     n, test, (clf, real, acc), labels = eval_inputs(cfg, samples, cfg_weight, "gendiff eval")
     x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed,
-                            num_classes=test.num_classes, steps=steps, sampler=sampler, variance=variance)
+                            num_classes=test.num_classes, steps=steps, sampler=sampler, variance=variance,
+                            autoguide=autoguide, interval=interval)
     m = {**info, "samples": n, "seed": seed, "cfg_weight": cfg_weight, "weights": weights,
+         **guidance_info(autoguide, interval),
          **({"ddpm_variance": name} if chosen else {}),
          **classifier_metrics(acc, test.num_classes),
          **sample_metrics(clf, real, x, test, test.num_classes, seed)}
     tag = (f"eval-ddpm-{name}-{sampler_steps(cfg, steps, True)}-{n}-seed{seed}" if chosen else
            f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}") + \
-        ("" if cfg_weight is None else f"-w{cfg_weight:g}") + weights_tag(weights)
+        guidance_tag(cfg_weight, autoguide, check_interval(interval)) + weights_tag(weights)
     save_json(m, os.path.join(out, tag + ".json"))
     return m
 
 
 def eval_summary(out: str, m: dict) -> str:
     flag = " (UNRELIABLE: the classifier is near chance)" if m["sample_metrics_unreliable"] else ""
-    return (f"{out}: {m['sampler']} NFE {m['nfe']}, {m['samples']} samples: FID {fid_text(m)} ↓, precision "
-            f"{m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier with test "
-            f"accuracy {m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
+    guided = ("" if m.get("cfg_weight") is None else f", CFG w {m['cfg_weight']:g}") + \
+        ("" if m.get("autoguide") is None else f", autoguided by {m['autoguide']} w {m['guidance']:g}") + \
+        ("" if m.get("guidance_interval") is None else f", guided for σ in [{m['guidance_interval']}]")
+    return (f"{out}: {m['sampler']}{guided} NFE {m['nfe']}, {m['samples']} samples: FID {fid_text(m)} ↓, "
+            f"precision {m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier "
+            f"with test accuracy {m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
 
 
 def fid_text(m: dict, digits: int = 1) -> str:
