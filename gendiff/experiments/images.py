@@ -729,7 +729,8 @@ def eval_summary(out: str, m: dict) -> str:
         ("" if m.get("guidance_interval") is None else f", guided for σ in [{m['guidance_interval']}]")
     return (f"{out}: {m['sampler']}{guided} NFE {m['nfe']}, {m['samples']} samples: FID {fid_text(m)} ↓, "
             f"precision {m['precision']:.3f} ↑, recall {m['recall']:.3f} ↑ in the features of a classifier "
-            f"with test accuracy {m['classifier_test_accuracy']:.3f} (chance {m['classifier_chance']:.3f}){flag}")
+            f"with test accuracy {m['classifier_test_accuracy']:.3f} (chance "
+            f"{m['classifier_chance']:.3f}){flag}")
 
 
 def fid_text(m: dict, digits: int = 1) -> str:
