@@ -152,6 +152,13 @@ def _eye_like(x: torch.Tensor) -> torch.Tensor:
 
 # ---- predictions --------------------------------------------------------------------------------
 
+def _sigma_like(sigma, like: torch.Tensor) -> torch.Tensor:
+    """σ as a tensor of `like`'s dtype/device that broadcasts to it: a scalar, per element (like.ndim
+    dimensions), or one per example ([N], or [N, 1] as the toy evaluator passes it) reshaped to [N, 1, …]."""
+    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return s if s.ndim in (0, like.ndim) else s.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 @dataclass
 class Prediction:
     """A Gaussian prediction of the clean data, q(x0 | x̃) = N(μ, Σ_φ) (THEORY T6–T8).
@@ -180,10 +187,7 @@ class Prediction:
         """Var[x0 | x̃] as this prediction states it: σ_φ² − σ² per element, shaped like x (T8; the marginal
         variances of a full covariance). sigma: the σ of x̃, a scalar or one per example. A network's
         prediction (`NetPrediction`) reads it from its head without the subtraction where the head allows."""
-        s = torch.as_tensor(sigma, dtype=self.mu.dtype, device=self.mu.device)
-        if s.ndim not in (0, self.mu.ndim):                      # one per example, [N] or [N, 1]
-            s = s.reshape(-1, *([1] * (self.mu.ndim - 1)))
-        return self.variance() - s.square()
+        return self.variance() - _sigma_like(sigma, self.mu).square()
 
     def covariance(self) -> torch.Tensor:
         """Σ_φ, [N, d, d]; per-element variances become diagonal matrices."""
@@ -227,10 +231,7 @@ class NetPrediction(Prediction):
         tau = self.scalings.sigma
         if sigma is None or tau is None:
             return out
-        s = torch.as_tensor(sigma, dtype=out.dtype, device=out.device)
-        if s.ndim not in (0, out.ndim):
-            s = s.reshape(-1, *([1] * (out.ndim - 1)))
-        return out + (tau.square() - s.square())      # exactly 0 where sigma is the scalings' σ
+        return out + (tau.square() - _sigma_like(sigma, out).square())   # exactly 0 at the scalings' σ
 
     def covariance(self):
         return self.head.covariance(self)
