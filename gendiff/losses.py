@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import as_sigma, check_choice, check_positive, one_per_example
-from .heads import _sum_elements
+from .heads import LOG_2PI, ExcessHead, _sum_elements, f_target
 from .likelihood import discretized_gaussian_log_prob
 from .precond import Denoiser
 
@@ -83,6 +83,30 @@ class ConfidenceNLL:
         p = batch.predict(denoiser, total_sigma=self.total_sigma)
         var = None if batch.source_sigma is None or self.total_sigma else batch.source_sigma.square()
         return denoiser.head.nll(p, batch.x0, batch.source_cov, source_var=var)
+
+
+class ExcessPosteriorNLL(ConfidenceNLL):
+    """T7 through T37's excess-variance head, plus the Gaussian NLL of x0 under N(μ, Var) with the mean held
+    fixed (stop-gradient), Var = c_out²·e^G the head's excess (T37), per element:
+    ½[log(2π·c_out²) + G + e^(−G)·‖sg(F) − F*‖²]  (μ − x0 = c_out·(F − F*), T6).
+
+    Why (issue 18, measured on MNIST): under T7 alone ∂L/∂G = ½·(k·e^G/D)·(1 − inner/D), D = 1 − k + k·e^G, so
+    G's gradient vanishes as Var/σ² → 0: a head that says Var ≪ σ² is not pulled back when the error is
+    larger (its least certain decile of pixels at σ = 0.05 was 16× overconfident). The added term's
+    ∂/∂G = ½(1 − (F − F*)²/e^G) is O(1) at every σ and its optimum is T8's, e^G = E[(μ − x0)²]/c_out² =
+    (σ_φ² − σ²)/c_out²: the two terms agree on G, and μ's gradient is T7's alone, (μ − x0)/σ_φ² (the
+    weighting of T8 is unchanged). It is the likelihood of x0 under the head's own readout N(μ, σ_φ² − σ²)."""
+
+    def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
+        if not isinstance(denoiser.head, ExcessHead):
+            raise ValueError(f"loss 'nll-posterior' trains T37's excess-variance head (head 'excess'); the "
+                             f"denoiser's head is {type(denoiser.head).__name__}")
+        p = batch.predict(denoiser, total_sigma=self.total_sigma)
+        var = None if batch.source_sigma is None or self.total_sigma else batch.source_sigma.square()
+        t7 = denoiser.head.nll(p, batch.x0, batch.source_cov, source_var=var)
+        r2 = (p.F.detach() - f_target(batch.x0, p.x, p.scalings)).square()
+        x0_nll = 0.5 * (LOG_2PI + 2 * torch.log(p.scalings.c_out) + p.G + torch.exp(-p.G) * r2)
+        return t7 + _sum_elements(x0_nll)
 
 
 class EDMLoss:
@@ -206,6 +230,8 @@ LOSSES = {   # name -> loss class; make_loss builds one for a training density
     "nll": ConfidenceNLL,
     # T36 (c) with the scalings of the diffusion σ and s² as T12's trace term (same as "nll" without a source)
     "nll-source-trace": lambda: ConfidenceNLL(total_sigma=False),
+    # T37's head with the NLL of x0 under its own readout N(μ, σ_φ² − σ²) added for G (issue 18)
+    "nll-posterior": ExcessPosteriorNLL,
     "edm": EDMLoss,
     "score-matching": ScoreMatchingLoss,
     "simple-x0": DDPMSimpleLoss.x0,

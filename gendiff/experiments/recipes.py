@@ -246,6 +246,10 @@ IMAGE_RECIPES = {
     "confidence-excess": ImageRecipe("edm", "nll", head="excess", density_name="edm",
                                      help="as confidence with the excess-variance head "
                                           "σ_φ² = σ² + c_out²·e^G per pixel (T37)"),
+    "confidence-posterior": ImageRecipe("edm", "nll-posterior", head="excess", density_name="edm",
+                                        help="as confidence-excess, with the NLL of x0 under the head's own "
+                                             "N(μ, σ_φ² − σ²) added for G (μ held): G's gradient no longer "
+                                             "vanishes where Var[x0 | x̃] ≪ σ²"),
     "confidence-sigma-only": ImageRecipe("edm", "nll", head="sigma-only", density_name="edm",
                                          help="as confidence with EDM2's u(σ): one σ_φ per noise level, "
                                               "σ_φ² = c_var²·e^(u(σ)) (T9)"),
