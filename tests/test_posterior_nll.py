@@ -1,5 +1,5 @@
-"""`nll-posterior` (losses.ExcessPosteriorNLL, issue 18): T7 through T37's excess-variance head plus the NLL of x0
-under the head's own readout N(μ, σ_φ² − σ²) with μ held, ½[log 2πc_out² + G + e^(−G)(sg(F) − F*)²].
+"""`nll-posterior` (losses.ExcessPosteriorNLL, issue 18): T7 through T37's excess-variance head plus the NLL of
+x0 under the head's own readout N(μ, σ_φ² − σ²) with μ held, ½[log 2πc_out² + G + e^(−G)(sg(F) − F*)²].
 
 Oracle: a Gaussian prior N(0, σ_d²) under EDM's preconditioning at σ_data = σ_d, where E[x0 | x̃] = c_skip·x̃
 (F* has posterior mean 0) and Var[x0 | x̃] = c_out² (G* = 0, THEORY T37), so a backbone that outputs the
