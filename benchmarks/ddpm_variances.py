@@ -26,7 +26,7 @@ import sys
 import time
 
 from gendiff.experiments.ddpm_variance import ANALYTIC_IMAGES, DDPM_VARIANCE_CHOICES, ddpm_variance
-from gendiff.experiments.images import eval_run, likelihood_run, resolve_device
+from gendiff.experiments.images import eval_file, eval_run, likelihood_run, resolve_device
 from gendiff.experiments.kinds import load_run
 from gendiff.experiments.runfolder import read_json
 from gendiff.runtime import configured
@@ -48,7 +48,8 @@ def cell(run, cfg, model, variance, steps, seed, args) -> dict:
     if lk is None or lk.get("bpd_images") != args.points:
         lk = likelihood_run(run, cfg, model, points=args.points, method="ddpm-bound", variance=variance,
                             steps=steps, seed=seed)
-    ev = read_json(os.path.join(run, f"eval-ddpm-{variance}-{steps}-{args.samples}-seed{seed}.json"))
+    ev = read_json(os.path.join(run, eval_file(cfg, args.samples, seed, steps=steps, sampler="ddpm",
+                                               variance=variance)))
     if ev is None and args.samples:
         ev = eval_run(run, cfg, model, samples=args.samples, steps=steps, seed=seed, sampler="ddpm",
                       variance=variance)

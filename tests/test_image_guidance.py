@@ -87,7 +87,7 @@ def test_conditional_autoguidance_and_cfg_with_an_interval(blobs_npz):
         draw(main, cfg, labels=labels, interval=(0.1, 1.0))
 
 
-def test_autoguidance_from_the_cli(blobs_npz, tmp_path, capsys):
+def test_autoguidance_from_the_cli(blobs_npz, tmp_path, capsys, monkeypatch):
     """`gendiff eval/sample RUN --autoguide GUIDE --guidance W --guidance-interval LO,HI` on image runs: the
     results file says how sampling was guided; wrong combinations and a guide of other data are one line."""
     from gendiff.cli import main
@@ -108,6 +108,18 @@ def test_autoguidance_from_the_cli(blobs_npz, tmp_path, capsys):
     assert main(["sample", run, "--samples", "3", "--autoguide", guide, "--out", dest]) == 0
     assert np.load(os.path.join(dest, "samples.npz"))["images"].shape == (3, 1, 28, 28)
     assert json.load(open(os.path.join(dest, "samples.json")))["guidance"] == 2.0   # the default w
+    # benchmarks/guidance_images.py: its cells are the CLI's files, read back on a rerun (resumable)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "guidance_images", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "guidance_images.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [run, "--guide", guide, "--weights", "2", "--interval", "0.3,inf", "--samples", "8"]
+    assert bench.main(argv) == 0                   # the guided cell with the interval is the file above
+    assert os.path.exists(os.path.join(run, "eval-4-8-seed0-ag2-guide.json"))
+    monkeypatch.setattr(bench, "eval_run", lambda *a, **k: pytest.fail("a finished cell was measured again"))
+    assert bench.main(argv) == 0
+    assert "| autoguidance | 2 | [0.3, inf] | 12 |" in capsys.readouterr().out
     # a guide of other data, options without --autoguide, a bad interval, guidance with --filter
     odd = str(tmp_path / "odd")
     assert main(["train", *base(), "--out", odd, "--set", "data.subset=200", "--set",

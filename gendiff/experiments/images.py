@@ -715,11 +715,24 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
          **({"ddpm_variance": name} if chosen else {}),
          **classifier_metrics(acc, test.num_classes),
          **sample_metrics(clf, real, x, test, test.num_classes, seed)}
-    tag = (f"eval-ddpm-{name}-{sampler_steps(cfg, steps, True)}-{n}-seed{seed}" if chosen else
-           f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}") + \
-        guidance_tag(cfg_weight, autoguide, check_interval(interval)) + weights_tag(weights)
-    save_json(m, os.path.join(out, tag + ".json"))
+    save_json(m, os.path.join(out, eval_file(cfg, n, seed, steps=steps, sampler=sampler, variance=variance,
+                                             cfg_weight=cfg_weight, autoguide=autoguide, interval=interval,
+                                             weights=weights)))
     return m
+
+
+def eval_file(cfg: ImageRunConfig, n: int, seed: int = 0, *, steps: int = 0, sampler=None, variance=None,
+              cfg_weight=None, autoguide: Autoguide | None = None, interval=None,
+              weights: str = "model.safetensors") -> str:
+    """The name of the JSON `eval_run` writes into the run folder for these options (benchmarks read a
+    finished cell back by it): eval-<steps>-<n>-seed<seed>, or eval-ddpm-<variance>-<steps>-… when a DDPM
+    sampler or variance was chosen, then guidance_tag's '-w…', '-ag…', '-i…' and weights_tag's suffix."""
+    if sampler is not None or variance is not None:
+        name = ddpm_choice(cfg, sampler, variance)[1]
+        tag = f"eval-ddpm-{name}-{sampler_steps(cfg, steps, True)}-{n}-seed{seed}"
+    else:
+        tag = f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}"
+    return f"{tag}{guidance_tag(cfg_weight, autoguide, check_interval(interval))}{weights_tag(weights)}.json"
 
 
 def eval_summary(out: str, m: dict) -> str:

@@ -1,0 +1,99 @@
+"""Autoguidance (THEORY T34, EDM2) and classifier-free guidance (T33) on an image run, against the weight w,
+with and without a guidance interval (Kynkäänniemi et al. 2024): FID ± its bootstrap sd (or mean ± sd over
+seeds), precision and recall of the run's sampler, every cell the CLI's own `gendiff eval RUN --autoguide
+GUIDE --guidance W [--guidance-interval LO,HI]` (or `--cfg-weight W` for a class-conditional run), read back
+from the JSON it wrote in the run folder (images.eval_file) when it is already there: an interrupted sweep
+resumes. The unguided row (w = 1 autoguided is the main model bit for bit) is measured once.
+
+Usage (issue 20: a guide is the same U-Net trained shorter and/or smaller, on the same data):
+  gendiff train --preset mnist-conf --set recipe=confidence-excess --set train.iterations=800 --out runs/guide
+  python benchmarks/guidance_images.py RUN --guide runs/guide --weights 1.5,2,3 --interval 0.3,5 \\
+      --samples 2000 --seeds 0 --out docs/results/guidance-mnist.md
+  (a class-conditional RUN: --cfg-weights 0.5,1,2 adds the CFG rows, with the same interval)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from gendiff.experiments.images import eval_file, eval_run, load_guide, resolve_device
+from gendiff.experiments.kinds import load_run
+from gendiff.experiments.recipes import IMAGE_RECIPES
+from gendiff.experiments.runfolder import read_json
+from gendiff.runtime import configured
+
+
+def numbers(text: str) -> list:
+    return [float(v) for v in text.split(",") if v.strip()] if text else []
+
+
+def summary(cells: list, key: str, sd_key: str | None = None) -> str:
+    """One cell's value ± its own sd, or several seeds' mean ± sd."""
+    vals = [c[key] for c in cells]
+    if len(vals) == 1:
+        sd = cells[0].get(sd_key) if sd_key else None
+        return f"{vals[0]:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
+    m = sum(vals) / len(vals)
+    return f"{m:.2f} ± {math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)):.2f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="the main image run folder")
+    ap.add_argument("--guide", help="the guide run folder (autoguidance rows)")
+    ap.add_argument("--guide-weights", default="model.safetensors")
+    ap.add_argument("--weights", default="1.5,2,3", help="autoguidance weights w (1 = unguided)")
+    ap.add_argument("--cfg-weights", default="", help="CFG weights (class-conditional runs)")
+    ap.add_argument("--interval", help="LO,HI: every guided row also with this guidance interval")
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=0, help="sampler steps (default: the run's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", help="also write the table (markdown) here")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    intervals = [None] + ([tuple(numbers(args.interval))] if args.interval else [])
+    with configured(args.threads):
+        cfg, model = load_run(args.run)
+        model = model.to(resolve_device(args.device))
+        conditional = IMAGE_RECIPES[cfg.recipe].conditional
+        rows = [("none", None, None, None)]
+        if args.guide:
+            for w in numbers(args.weights):
+                guide = load_guide(cfg, args.guide, w, args.guide_weights)
+                guide = guide._replace(model=guide.model.to(resolve_device(args.device)))
+                rows += [("autoguidance", w, {"autoguide": guide}, iv) for iv in intervals]
+        if args.cfg_weights:
+            if not conditional:
+                raise SystemExit(f"--cfg-weights: recipe {cfg.recipe!r} is unconditional")
+            rows += [("CFG", w, {"cfg_weight": w}, iv) for w in numbers(args.cfg_weights) for iv in intervals]
+        lines = ["| guidance | w | interval | NFE | FID ↓ | precision ↑ | recall ↑ |",
+                 "|---|---|---|---|---|---|---|"]
+        for kind, w, opts, iv in rows:
+            start, cells = time.perf_counter(), []
+            for s in seeds:
+                kw = {**(opts or {}), **({} if iv is None else {"interval": iv}), "steps": args.steps}
+                m = read_json(os.path.join(args.run, eval_file(cfg, args.samples, s, **kw)))
+                cells.append(m or eval_run(args.run, cfg, model, samples=args.samples, seed=s, **kw))
+            span = "all σ" if iv is None else f"[{iv[0]:g}, {iv[1]:g}]"
+            line = (f"| {kind} | {'–' if w is None else f'{w:g}'} | {span} | {cells[0]['nfe']} | "
+                    f"{summary(cells, 'fid', 'fid_sd')} | {summary(cells, 'precision')} | "
+                    f"{summary(cells, 'recall')} |")
+            lines.append(line)
+            print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)
+    text = (f"Guidance on {args.run} ({cfg.recipe}): {args.samples} samples per cell, seeds {args.seeds} "
+            "(FID ± its bootstrap sd for one seed, else mean ± sd over seeds)"
+            + (f"; guide {args.guide}" if args.guide else "") + ".\n\n" + "\n".join(lines) + "\n")
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
