@@ -399,3 +399,38 @@ def test_image_runs_distil_through_the_same_path(blobs_npz, tmp_path):
     with open(os.path.join(run + "-distill", "round-1", "metrics.json")) as f:
         m = json.load(f)
     assert (m["samples"]["sampler"], m["samples"]["nfe"]) == ("Euler 4 (distilled grid)", 4)
+
+
+def test_distill_calibration_scores_the_student_against_d_star(toy_run, tmp_path):
+    """benchmarks/distill_calibration.py: per σ_t of the student's grid, its σ_φ² − σ_t² against its error to
+    D* (its teacher's two DDIM steps), not to x0. Oracle: the best constant of each bin is the mean of
+    (μ − D*)² over the fit half, recomputed here from the same draws. Breakage tried: the readout scored
+    against x0 (the constants then differ by orders of magnitude at small σ)."""
+    import importlib.util
+    import numpy as np
+    from gendiff.experiments.kinds import kind_of
+    spec = importlib.util.spec_from_file_location(
+        "distill_calibration", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                            "distill_calibration.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = str(tmp_path / "d")
+    assert main(["distill", toy_run, "--rounds", "1", "--iterations", "8", "--out", out, "--threads", "1",
+                 "--no-progress"]) == 0
+    folder = os.path.join(out, "round-1")
+    r = bench.round_readout(folder, 64, seed=3)
+    assert r["steps"] == 32 and len(r["readout"]["bins"]) == 32
+    # recompute the constants from the same draws
+    cfg, student = load_run(folder)
+    _, teacher = load_run(cfg.distill.teacher)
+    loss = DistillationLoss(teacher, kind_of(cfg).distill_grid(cfg, cfg.distill.teacher_steps))
+    g, data = torch.Generator().manual_seed(3), tree(cfg.classes)
+    for s in loss.table[::2][:-1]:
+        x0 = data.sample(64, generator=g)[0]
+        sig = torch.full((64,), float(s))
+        x_t = x0 + sig[:, None] * torch.randn(x0.shape, generator=g)
+        with torch.no_grad():
+            err2 = (student(x_t, sig) - loss.target(x_t, sig)).square()[::2]      # the fit half: even indices
+        b = r["readout"]["bins"][f"sigma={float(s):.4g}"]
+        np.testing.assert_allclose(b["constant"]["var"], err2.double().mean().item(), rtol=1e-4)
+    assert "| 1 | 32 |" in bench.markdown([r])
