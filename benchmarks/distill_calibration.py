@@ -9,15 +9,13 @@ its teacher (the folder's distill.teacher, through the round's DistillationLoss.
 calibration.calibration_by_sigma of the student's μ against D* with its variance σ_φ² − σ_t², beside the best
 constant per σ_t (fitted on the other half of the points) and, as a second predictor of the same error, the
 teacher's own σ_φ² − σ_t² (its Var[x0 | x_t]: what an uncalibrated student would inherit). Reports per σ_t:
-NLL (nats/element) of the head, the gains over the constant and the teacher's variance ± bootstrap sd, ±1/±2 std
-coverage, the floored share. Writes OUT/distill-calibration.json and .md.
+NLL (nats/element) of the head, the gains over the constant and the teacher's variance ± bootstrap sd, ±1/±2
+std coverage, the floored share. Writes OUT/distill-calibration.json and .md.
 
 Usage: python benchmarks/distill_calibration.py results/distill-tree-128/seed-0/distill/round-{1..5} \\
        --points 8192 --out docs/results/distill-tree-128
 """
 import argparse
-import json
-import math
 import os
 import sys
 
@@ -28,6 +26,7 @@ from gendiff.calibration import calibration_by_sigma
 from gendiff.data.toy import tree
 from gendiff.distill import DistillationLoss
 from gendiff.experiments.kinds import kind_of, load_run
+from gendiff.io import save_json
 
 
 def round_readout(folder: str, points: int, seed: int) -> dict:
@@ -89,8 +88,7 @@ def main(argv=None) -> int:
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "distill-calibration.json"), "w") as f:
-            json.dump(rows, f, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+        save_json(rows, os.path.join(args.out, "distill-calibration.json"))
         with open(os.path.join(args.out, "distill-calibration.md"), "w") as f:
             f.write(md)
     return 0
