@@ -61,31 +61,34 @@ def main(argv=None) -> int:
         cfg, model = load_run(args.run)
         model = model.to(resolve_device(args.device))
         conditional = IMAGE_RECIPES[cfg.recipe].conditional
+        n = args.samples or cfg.eval.samples
         rows = [("none", None, None, None)]
         if args.guide:
+            guide = load_guide(cfg, args.guide, 1.0, args.guide_weights)      # loaded once; w per row
             for w in numbers(args.weights):
-                guide = load_guide(cfg, args.guide, w, args.guide_weights)
-                guide = guide._replace(model=guide.model.to(resolve_device(args.device)))
-                rows += [("autoguidance", w, {"autoguide": guide}, iv) for iv in intervals]
+                rows += [("autoguidance", w, {"autoguide": guide._replace(w=w)}, iv) for iv in intervals]
         if args.cfg_weights:
             if not conditional:
                 raise SystemExit(f"--cfg-weights: recipe {cfg.recipe!r} is unconditional")
             rows += [("CFG", w, {"cfg_weight": w}, iv) for w in numbers(args.cfg_weights) for iv in intervals]
-        lines = ["| guidance | w | interval | NFE | FID ↓ | precision ↑ | recall ↑ |",
+        lines = ["| guidance | w (autoguidance: 1 = none; CFG: 0 = none) | interval | NFE | FID ↓ | "
+                 "precision ↑ | recall ↑ |",
                  "|---|---|---|---|---|---|---|"]
         for kind, w, opts, iv in rows:
             start, cells = time.perf_counter(), []
             for s in seeds:
                 kw = {**(opts or {}), **({} if iv is None else {"interval": iv}), "steps": args.steps}
-                m = read_json(os.path.join(args.run, eval_file(cfg, args.samples, s, **kw)))
-                cells.append(m or eval_run(args.run, cfg, model, samples=args.samples, seed=s, **kw))
+                m = read_json(os.path.join(args.run, eval_file(cfg, n, s, **kw)))
+                if m is not None and args.guide and m.get("autoguide_run", guide.run) != guide.run:
+                    m = None                       # a cell of another guide folder with the same name
+                cells.append(m or eval_run(args.run, cfg, model, samples=n, seed=s, **kw))
             span = "all σ" if iv is None else f"[{iv[0]:g}, {iv[1]:g}]"
             line = (f"| {kind} | {'–' if w is None else f'{w:g}'} | {span} | {cells[0]['nfe']} | "
                     f"{summary(cells, 'fid', 'fid_sd')} | {summary(cells, 'precision')} | "
                     f"{summary(cells, 'recall')} |")
             lines.append(line)
             print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)
-    text = (f"Guidance on {args.run} ({cfg.recipe}): {args.samples} samples per cell, seeds {args.seeds} "
+    text = (f"Guidance on {args.run} ({cfg.recipe}): {n} samples per cell, seeds {args.seeds} "
             "(FID ± its bootstrap sd for one seed, else mean ± sd over seeds)"
             + (f"; guide {args.guide}" if args.guide else "") + ".\n\n" + "\n".join(lines) + "\n")
     print("\n" + text)

@@ -331,22 +331,26 @@ def _interval(text: str) -> tuple:
         raise ValueError(f"--guidance-interval={text!r} must be two numbers LO,HI (e.g. 0.3,5 or 0.3,inf)"
                          ) from None
     if not 0 <= lo < hi:
-        raise ValueError(f"--guidance-interval={text!r} needs 0 <= LO < HI")
+        raise ValueError(f"--guidance-interval={text!r} needs 0 <= LO < HI (HI may be inf)")
     return lo, hi
 
 
 def _guidance(args, cfg) -> dict:
-    """The guidance options of `sample`/`eval` as keywords of the run kind's sample_run/eval_run: an image
-    run gets the loaded guide (images.load_guide); other kinds get the option as given and refuse it."""
+    """The guidance options of `sample`/`eval` as keywords of an image run's sample_run/eval_run (the guide
+    loaded by images.load_guide); other kinds of run refuse them."""
     if args.autoguide is None:
         for name in ("guidance", "autoguide_weights"):
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')} goes with --autoguide GUIDE_RUN")
+    given = [n for n in ("autoguide", "guidance_interval") if getattr(args, n) is not None]
+    if given and cfg.kind != "images":
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to image runs; {args.run!r} is a "
+                         f"{cfg.kind!r} run")
     out = {}
     if args.guidance_interval is not None:
         out["interval"] = _interval(args.guidance_interval)
     if args.autoguide is not None:
-        out["autoguide"] = args.autoguide if cfg.kind != "images" else load_guide(
+        out["autoguide"] = load_guide(
             cfg, args.autoguide, AUTOGUIDE_W if args.guidance is None else args.guidance,
             args.autoguide_weights or "model.safetensors")
     return out

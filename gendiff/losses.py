@@ -6,6 +6,7 @@ heads (heads.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,15 +88,21 @@ class ConfidenceNLL:
 
 class ExcessPosteriorNLL(ConfidenceNLL):
     """T7 through T37's excess-variance head, plus the Gaussian NLL of x0 under N(μ, Var) with the mean held
-    fixed (stop-gradient), Var = c_out²·e^G the head's excess (T37), per element:
-    ½[log(2π·c_out²) + G + e^(−G)·‖sg(F) − F*‖²]  (μ − x0 = c_out·(F − F*), T6).
+    fixed (stop-gradient), Var = c_out²·(e^G + ε) the head's excess (T37) with a relative floor ε =
+    VAR_FLOOR, per element:
+    ½[log(2π·c_out²) + log(e^G + ε) + ‖sg(F) − F*‖²/(e^G + ε)]  (μ − x0 = c_out·(F − F*), T6).
 
     Why (issue 18, measured on MNIST): under T7 alone ∂L/∂G = ½·(k·e^G/D)·(1 − inner/D), D = 1 − k + k·e^G, so
     G's gradient vanishes as Var/σ² → 0: a head that says Var ≪ σ² is not pulled back when the error is
     larger (its least certain decile of pixels at σ = 0.05 was 16× overconfident). The added term's
-    ∂/∂G = ½(1 − (F − F*)²/e^G) is O(1) at every σ and its optimum is T8's, e^G = E[(μ − x0)²]/c_out² =
-    (σ_φ² − σ²)/c_out²: the two terms agree on G, and μ's gradient is T7's alone, (μ − x0)/σ_φ² (the
-    weighting of T8 is unchanged). It is the likelihood of x0 under the head's own readout N(μ, σ_φ² − σ²)."""
+    ∂/∂G = ½·e^G/(e^G + ε)·(1 − (F − F*)²/(e^G + ε)) does not shrink with Var/σ² (it is O(1) near its optimum
+    and at most ½·(F − F*)²/ε far below it), and its optimum is T8's, e^G + ε = E[(μ − x0)²]/c_out² =
+    (σ_φ² − σ²)/c_out² up to ε: the two terms agree on G, and μ's gradient is T7's alone, (μ − x0)/σ_φ² (the
+    weighting of T8 is unchanged). It is the likelihood of x0 under the head's own readout N(μ, σ_φ² − σ²).
+    ε keeps it finite for every G (without it e^(−G)·r² overflows float32 below G ≈ −88); Var under
+    ε·c_out² (c_out ≈ σ at small σ: the 1e-6·σ² that calibration.FLOOR calls no claim) is not resolved."""
+
+    VAR_FLOOR = 1e-6
 
     def __call__(self, denoiser: Denoiser, batch: NoisyBatch) -> torch.Tensor:
         if not isinstance(denoiser.head, ExcessHead):
@@ -105,7 +112,8 @@ class ExcessPosteriorNLL(ConfidenceNLL):
         var = None if batch.source_sigma is None or self.total_sigma else batch.source_sigma.square()
         t7 = denoiser.head.nll(p, batch.x0, batch.source_cov, source_var=var)
         r2 = (p.F.detach() - f_target(batch.x0, p.x, p.scalings)).square()
-        x0_nll = 0.5 * (LOG_2PI + 2 * torch.log(p.scalings.c_out) + p.G + torch.exp(-p.G) * r2)
+        log_v = torch.logaddexp(p.G, torch.full_like(p.G, math.log(self.VAR_FLOOR)))   # log(e^G + ε)
+        x0_nll = 0.5 * (LOG_2PI + 2 * torch.log(p.scalings.c_out) + log_v + torch.exp(-log_v) * r2)
         return t7 + _sum_elements(x0_nll)
 
 

@@ -9,6 +9,7 @@ x_t − m.
 """
 import copy
 import json
+import math
 import os
 import re
 
@@ -404,8 +405,10 @@ def test_image_runs_distil_through_the_same_path(blobs_npz, tmp_path):
 def test_distill_calibration_scores_the_student_against_d_star(toy_run, tmp_path):
     """benchmarks/distill_calibration.py: per σ_t of the student's grid, its σ_φ² − σ_t² against its error to
     D* (its teacher's two DDIM steps), not to x0. Oracle: the best constant of each bin is the mean of
-    (μ − D*)² over the fit half, recomputed here from the same draws. Breakage tried: the readout scored
-    against x0 (the constants then differ by orders of magnitude at small σ)."""
+    (μ − D*)² over the fit half, and the head's NLL the mean Gaussian NLL of (μ − D*) under σ_φ² − σ_t² on the
+    evaluation half's unfloored elements, recomputed here from the same draws. Breakages tried: the readout
+    scored against x0 (the constants differ by orders of magnitude at small σ); σ_φ² read instead of the
+    excess (the head's NLL)."""
     import importlib.util
     import numpy as np
     from gendiff.experiments.kinds import kind_of
@@ -430,7 +433,14 @@ def test_distill_calibration_scores_the_student_against_d_star(toy_run, tmp_path
         sig = torch.full((64,), float(s))
         x_t = x0 + sig[:, None] * torch.randn(x0.shape, generator=g)
         with torch.no_grad():
-            err2 = (student(x_t, sig) - loss.target(x_t, sig)).square()[::2]      # the fit half: even indices
+            p = student.predict(x_t, sig)
+            err2 = (p.mu - loss.target(x_t, sig)).square().double()
+            var = p.excess_variance(sig).double()
         b = r["readout"]["bins"][f"sigma={float(s):.4g}"]
-        np.testing.assert_allclose(b["constant"]["var"], err2.double().mean().item(), rtol=1e-4)
+        np.testing.assert_allclose(b["constant"]["var"], err2[::2].mean().item(), rtol=1e-4)   # fit: even
+        e2, v = err2[1::2], var[1::2]                                   # the evaluation half
+        rest = v > (1e-3 * float(s)) ** 2                               # calibration.FLOOR
+        if rest.any():
+            nll = 0.5 * (torch.log(2 * math.pi * v[rest]) + e2[rest] / v[rest])
+            np.testing.assert_allclose(b["head"]["nll"], nll.mean().item(), rtol=1e-4, atol=1e-6)
     assert "| 1 | 32 |" in bench.markdown([r])

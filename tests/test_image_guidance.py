@@ -63,9 +63,14 @@ def test_an_interval_outside_every_sigma_is_the_unguided_sampler(blobs_npz):
         x, i2 = sample_images(main, cfg, 4, seed=2, steps=3, autoguide=Autoguide(guide, 2.5, "g"),
                               interval=interval)
         assert torch.equal(x, plain) and i2["nfe"] == info["nfe"]
-    x, _ = sample_images(main, cfg, 4, seed=2, steps=3, autoguide=Autoguide(guide, 2.5, "g"),
-                         interval=(0.0, float("inf")))
-    assert not torch.equal(x, plain)
+    full, _ = sample_images(main, cfg, 4, seed=2, steps=3, autoguide=Autoguide(guide, 2.5, "g"),
+                            interval=(0.0, float("inf")))
+    assert not torch.equal(full, plain)
+    # an interval holding σ_max only: guided on the first step, unguided after (neither of the two above)
+    part, i3 = sample_images(main, cfg, 4, seed=2, steps=3, autoguide=Autoguide(guide, 2.5, "g"),
+                             interval=(10.0, float("inf")))
+    assert not torch.equal(part, plain) and not torch.equal(part, full)
+    assert info["nfe"] < i3["nfe"] < 2 * info["nfe"]
 
 
 def test_conditional_autoguidance_and_cfg_with_an_interval(blobs_npz):
@@ -103,6 +108,7 @@ def test_autoguidance_from_the_cli(blobs_npz, tmp_path, capsys, monkeypatch):
                  "--guidance-interval", "0.3,inf"]) == 0
     m = json.load(open(os.path.join(run, "eval-4-8-seed0-ag2-guide-i0.3-inf.json")))   # mnist-tiny: Heun 4
     assert m["autoguide"] == "guide" and m["guidance"] == 2 and m["guidance_interval"] == "0.3,inf"
+    assert m["autoguide_run"] == os.path.abspath(guide)
     assert "autoguided by guide w 2" in capsys.readouterr().out
     dest = str(tmp_path / "s")
     assert main(["sample", run, "--samples", "3", "--autoguide", guide, "--out", dest]) == 0

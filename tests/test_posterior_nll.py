@@ -1,5 +1,6 @@
-"""`nll-posterior` (losses.ExcessPosteriorNLL, issue 18): T7 through T37's excess-variance head plus the NLL of
-x0 under the head's own readout N(μ, σ_φ² − σ²) with μ held, ½[log 2πc_out² + G + e^(−G)(sg(F) − F*)²].
+"""`nll-posterior` (losses.ExcessPosteriorNLL, issue 18): T7 through T37's excess-variance head plus the NLL
+of x0 under the head's own readout N(μ, σ_φ² − σ²) with μ held, ½[log 2πc_out²(e^G + ε) + (sg(F) − F*)²/(e^G
++ ε)], ε = VAR_FLOOR.
 
 Oracle: a Gaussian prior N(0, σ_d²) under EDM's preconditioning at σ_data = σ_d, where E[x0 | x̃] = c_skip·x̃
 (F* has posterior mean 0) and Var[x0 | x̃] = c_out² (G* = 0, THEORY T37), so a backbone that outputs the
@@ -8,7 +9,7 @@ constants (F, G) = (a, g) is at T8's optimum at a = g = 0.
 Breakages tried (the test that catches each): sg(F) dropped (F's gradient then differs from T7's:
 mean_gradient_is_T7s); e^(−G) → e^(G) in the added term (the optimum test: ∂/∂g ≠ 0 at g = 0); the c_out²
 factor left out of the variance (the value test against the direct formula); the T7 part dropped (value
-test); T6's head accepted (the refusal test).
+test); T6's head accepted (the refusal test); ε dropped (e^(−G)·r² in float32: the extreme-G test).
 """
 import math
 
@@ -56,13 +57,14 @@ def grads(loss_fn, d, b):
 @pytest.mark.parametrize("sigma", [0.002, 0.05, 1.0, 20.0])
 def test_value_is_T7_plus_the_readout_nll(sigma):
     """Per example: T7 at σ_φ² = σ² + c_out²e^g (nll_direct, the oracle) plus the Gaussian NLL of x0 under
-    N(μ, c_out²e^g), both from their direct formulas."""
+    N(μ, c_out²(e^g + ε)), both from their direct formulas."""
     b, d = batch(sigma, n=64), den(0.3, -0.7)
     sc = EDMPrecond(SD)(b.sigma)
     mu = sc.c_skip * b.x_noisy + sc.c_out * 0.3
-    e = sc.c_out ** 2 * math.exp(-0.7)
+    e = sc.c_out ** 2 * math.exp(-0.7)                               # T37's excess
+    v = sc.c_out ** 2 * (math.exp(-0.7) + ExcessPosteriorNLL.VAR_FLOOR)   # the readout's variance
     want = nll_direct(mu, torch.sqrt(sigma ** 2 + e), b.x0, b.sigma) + \
-        0.5 * (torch.log(2 * math.pi * e) + (mu - b.x0).square() / e)
+        0.5 * (torch.log(2 * math.pi * v) + (mu - b.x0).square() / v)
     got = ExcessPosteriorNLL()(d, b)
     torch.testing.assert_close(got, want.sum(1), rtol=1e-10, atol=1e-10)
     assert make_loss("nll-posterior").__class__ is ExcessPosteriorNLL
@@ -96,6 +98,17 @@ def test_mean_gradient_is_T7s():
         da_t7 = grads(make_loss("nll"), den(0.2, -1.0), b)[0]
         da = grads(ExcessPosteriorNLL(), den(0.2, -1.0), b)[0]
         torch.testing.assert_close(da, da_t7, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("g", [-89.0, -1000.0, 80.0])
+def test_finite_in_float32_at_extreme_G(g):
+    """ε = VAR_FLOOR keeps the added term and its gradient finite where e^(−G)·r² would overflow float32."""
+    b = batch(0.05, n=256)
+    b = NoisyBatch(x0=b.x0.float(), x_noisy=b.x_noisy.float(), sigma=b.sigma.float())
+    d = den(0.5, g).float()
+    loss = ExcessPosteriorNLL()(d, b).mean()
+    (dg,) = torch.autograd.grad(loss, [d.net.g])
+    assert torch.isfinite(loss) and torch.isfinite(dg), (loss, dg)
 
 
 def test_refuses_another_head():

@@ -261,10 +261,12 @@ AUTOGUIDE_W = 2.0          # `--autoguide`'s default weight (EDM2's best guided 
 class Autoguide(NamedTuple):
     """Autoguidance on images (THEORY T34, EDM2): D̃ = D_guide + w·(D_main − D_guide) with `model`, a weaker
     denoiser of the same data (the same U-Net smaller and/or trained shorter) as the guide; w = 1 is the main
-    model alone. `name` labels the results files."""
+    model alone. `name` labels the results files (the guide folder's name, '@<weights stem>' for other
+    weights); `run` is the guide's run folder, recorded in full in the results."""
     model: torch.nn.Module
     w: float
     name: str
+    run: str = ""
 
 
 def load_guide(cfg: ImageRunConfig, run: str, w: float, weights: str = "model.safetensors") -> Autoguide:
@@ -285,9 +287,13 @@ def load_guide(cfg: ImageRunConfig, run: str, w: float, weights: str = "model.sa
                          f"{'class-conditional' if guide_c else 'unconditional'}, the main run's "
                          f"{cfg.recipe!r} is {'class-conditional' if main_c else 'unconditional'}; guide and "
                          "main must be conditioned alike")
-    name = os.path.basename(os.path.normpath(run)) + weights_tag(weights)
     w = check_weight(w, "1 = the main model alone, 0 = the guide", "--guidance")
-    return Autoguide(load_model(gcfg, run, weights), w, name)
+    name = os.path.basename(os.path.normpath(run)) + weights_tag(weights).replace("-", "@", 1)
+    try:
+        model = load_model(gcfg, run, weights)
+    except ValueError as e:
+        raise ValueError(f"--autoguide={run!r} --autoguide-weights={weights!r}: {e}") from None
+    return Autoguide(model, w, name, os.path.abspath(run))
 
 
 def guidance_tag(cfg_weight=None, autoguide: Autoguide | None = None, interval=None) -> str:
@@ -301,7 +307,8 @@ def guidance_tag(cfg_weight=None, autoguide: Autoguide | None = None, interval=N
 def guidance_info(autoguide: Autoguide | None = None, interval=None) -> dict:
     """What a results JSON records of autoguidance and the guidance interval (nothing when unused)."""
     interval = check_interval(interval)
-    return ({} if autoguide is None else {"autoguide": autoguide.name, "guidance": autoguide.w}) | \
+    return ({} if autoguide is None else {"autoguide": autoguide.name, "autoguide_run": autoguide.run,
+                                          "guidance": autoguide.w}) | \
         ({} if interval is None else {"guidance_interval": "{:g},{:g}".format(*interval)})   # σ_hi may be inf
 
 
@@ -348,7 +355,12 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     shape = (model.net.img_channels, model.net.img_resolution, model.net.img_resolution)
     dev = next(model.parameters()).device
     counted, outs, start = CountCalls(model), [], time.perf_counter()
-    guide_counted = None if autoguide is None else CountCalls(autoguide.model)
+    guide_counted = None if autoguide is None else CountCalls(autoguide.model.to(dev))
+    if autoguide is not None and name in ("v", "phi") and type(autoguide.model.head) is not type(model.head):
+        raise ValueError(f"--variance={name!r} reads the reverse variance from the head of the guided model, "
+                         "and at w = 0 from the guide's: the guide's head "
+                         f"({type(autoguide.model.head).__name__}) must be the main run's "
+                         f"({type(model.head).__name__})")
     steps = sampler_steps(cfg, steps, use_ddpm)
     process = ddpm().respaced(min(steps, DDPM_T)) if use_ddpm else None
     x0_var = (analytic_table(model, cfg, process, load_images(cfg.data, "train").to_tensor(),
