@@ -22,14 +22,14 @@ import sys
 import numpy as np
 import torch
 
-from gendiff.calibration import calibration_by_sigma
+from gendiff.calibration import FLOOR, calibration_by_sigma
 from gendiff.data.toy import tree
 from gendiff.distill import DistillationLoss
 from gendiff.experiments.kinds import kind_of, load_run
 from gendiff.io import save_json
 
 
-def round_readout(folder: str, points: int, seed: int) -> dict:
+def round_readout(folder: str, points: int, seed: int, floor: float = FLOOR) -> dict:
     cfg, student = load_run(folder)
     if not cfg.distill.steps:
         raise SystemExit(f"{folder} is not a distilled student (distill.steps = 0)")
@@ -54,8 +54,12 @@ def round_readout(folder: str, points: int, seed: int) -> dict:
     labels = [f"sigma={v:.4g}" for v in s[::-1]]
     fit = (torch.arange(len(sigma)) % 2 == 0).numpy()
     res = calibration_by_sigma(torch.cat(mus), torch.cat(vars_), torch.cat(targets), sigma, edges, fit=fit,
-                               labels=labels, baselines={"teacher": torch.cat(vts)}, seed=seed)
+                               labels=labels, baselines={"teacher": torch.cat(vts)}, seed=seed, floor=floor)
     return {"folder": folder, "steps": cfg.distill.steps, "round": cfg.distill.round, "readout": res}
+
+
+def num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
 
 
 def markdown(rows: list) -> str:
@@ -65,10 +69,10 @@ def markdown(rows: list) -> str:
         for label, b in r["readout"]["bins"].items():
             h, gain = b["head"], b["gain"]
             out.append(f"| {r['round']} | {r['steps']} | {label.removeprefix('sigma=')} | "
-                       f"{h['floored_share']:.3f} | {h['nll']:.3f} | "
-                       f"{gain['constant']['nll']:+.3f} ± {gain['constant']['nll_sd']:.3f} | "
-                       f"{gain['teacher']['nll']:+.3f} ± {gain['teacher']['nll_sd']:.3f} | "
-                       f"{h['coverage_1s']:.3f} | {h['coverage_2s']:.3f} |")
+                       f"{num(h['floored_share'], '.3f')} | {num(h['nll'], '.3f')} | "
+                       f"{num(gain['constant']['nll'], '+.3f')} ± {num(gain['constant']['nll_sd'], '.3f')} | "
+                       f"{num(gain['teacher']['nll'], '+.3f')} ± {num(gain['teacher']['nll_sd'], '.3f')} | "
+                       f"{num(h['coverage_1s'], '.3f')} | {num(h['coverage_2s'], '.3f')} |")
     return "\n".join(out) + "\n"
 
 
@@ -77,12 +81,17 @@ def main(argv=None) -> int:
     ap.add_argument("rounds", nargs="+", help="student run folders written by gendiff distill (toy runs)")
     ap.add_argument("--points", type=int, default=8192, help="tree points per σ_t (default 8192)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--floor", type=float, default=FLOOR,
+                    help=f"elements with σ_φ² − σ_t² ≤ (FLOOR·σ_t)² are reported apart (default {FLOOR:g}, "
+                    "where T6's subtraction stops resolving; T37's excess c_out²e^G is computed directly and "
+                    "resolves far less: e.g. 1e-6)")
     ap.add_argument("--out", help="folder for distill-calibration.json / .md (default: print only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [round_readout(f, args.points, args.seed) for f in args.rounds]
+    rows = [round_readout(f, args.points, args.seed, args.floor) for f in args.rounds]
     md = ("Distilled students' σ_φ² − σ_t² against their own squared error to D* (n = "
-          f"{args.points} tree points per σ_t, half for the constant's fit; gains in nats/element, > 0: the "
+          f"{args.points} tree points per σ_t, half for the constant's fit; floor {args.floor:g}·σ_t; gains "
+          "in nats/element, > 0: the "
           "student's head is better; ± bootstrap sd over points; Gaussian ±1s/±2s coverage 0.683/0.954)\n\n"
           + markdown(rows))
     print(md)
