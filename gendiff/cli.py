@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training steps per round (default: the teacher's train.iterations)")
     di.add_argument("--head-loss", choices=HEAD_LOSSES, default="nll",
                     help="a confidence head: nll, its NLL of the teacher's two-step target (σ_φ² − σ² "
-                    "then estimates the student's own squared error), or none (no loss of its own: it "
-                    "starts as the teacher's)")
+                    "then estimates the student's own squared error); posterior (T37's head only), the NLL "
+                    "of that target under N(μ, σ_φ² − σ²), without the σ² term; or none (no loss of its "
+                    "own: it starts as the teacher's)")
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the teacher's config for the rounds (as gendiff train --set, "
                     "e.g. "

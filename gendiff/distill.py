@@ -30,11 +30,11 @@ import torch
 
 from .checks import as_sigma, check_choice
 from .guidance import Conditioned
-from .heads import NetPrediction, _sum_elements
-from .losses import NoisyBatch
+from .heads import ExcessHead, NetPrediction, _sum_elements
+from .losses import NoisyBatch, readout_nll
 from .schedules import GridSteps
 
-HEAD_LOSSES = ("nll", "none")
+HEAD_LOSSES = ("nll", "posterior", "none")
 
 
 def ddim_step(denoiser, x: torch.Tensor, s_t, s_s) -> torch.Tensor:
@@ -72,7 +72,9 @@ class DistillationLoss:
     gives x_t = batch.x_noisy at σ_t = batch.sigma (one per example) and, for a class-conditional model, the
     labels both models see; x0 is not read (D* depends on x_t alone). head_loss: "nll" adds the student head's
     NLL of D* with a stop-gradient on its mean outputs (module docstring) where the student has a confidence
-    head; "none" trains the mean only."""
+    head; "posterior" (T37's excess head only) adds instead the NLL of D* under the head's own readout
+    N(sg(μ), σ_φ² − σ_t²) (losses.readout_nll): no σ_t² term, so the excess estimates E[(μ − D*)²] directly
+    and G's gradient does not vanish where that error is ≪ σ_t²; "none" trains the mean only."""
 
     def __init__(self, teacher, sigmas, head_loss: str = "nll"):
         check_choice("head_loss", head_loss, HEAD_LOSSES)
@@ -112,13 +114,19 @@ class DistillationLoss:
         x_t = batch.x_noisy
         target = self.target(x_t, sigma, batch.labels)
         den = student if batch.labels is None else Conditioned(student, batch.labels)
-        wants_head = self.head_loss == "nll" and hasattr(den, "predict")
+        wants_head = self.head_loss in ("nll", "posterior") and hasattr(den, "predict")
         p = den.predict(x_t, sigma) if wants_head else None
         mu = p.mu if p is not None else den(x_t, sigma)
         loss = snr_weight(sigma) * _sum_elements((mu - target).square())                     # T35
-        if isinstance(p, NetPrediction) and p.head.has_confidence:
+        if self.head_loss == "nll" and isinstance(p, NetPrediction) and p.head.has_confidence:
             held = dataclasses.replace(p, mu=p.mu.detach(), F=p.F.detach())     # no gradient through F
             loss = loss + p.head.nll(held, target)
+        elif self.head_loss == "posterior" and wants_head:
+            if not isinstance(getattr(p, "head", None), ExcessHead):
+                raise ValueError("head_loss='posterior' trains T37's excess-variance head (a student of a "
+                                 "confidence-excess run); this student's head is "
+                                 f"{type(getattr(p, 'head', None)).__name__}")
+            loss = loss + _sum_elements(readout_nll(p, target))                 # F held inside
         return loss
 
 

@@ -111,10 +111,17 @@ class ExcessPosteriorNLL(ConfidenceNLL):
         p = batch.predict(denoiser, total_sigma=self.total_sigma)
         var = None if batch.source_sigma is None or self.total_sigma else batch.source_sigma.square()
         t7 = denoiser.head.nll(p, batch.x0, batch.source_cov, source_var=var)
-        r2 = (p.F.detach() - f_target(batch.x0, p.x, p.scalings)).square()
-        log_v = torch.logaddexp(p.G, torch.full_like(p.G, math.log(self.VAR_FLOOR)))   # log(e^G + ε)
-        x0_nll = 0.5 * (LOG_2PI + 2 * torch.log(p.scalings.c_out) + log_v + torch.exp(-log_v) * r2)
-        return t7 + _sum_elements(x0_nll)
+        return t7 + _sum_elements(readout_nll(p, batch.x0, self.VAR_FLOOR))
+
+
+def readout_nll(p, target: torch.Tensor, var_floor: float = ExcessPosteriorNLL.VAR_FLOOR) -> torch.Tensor:
+    """Per element, the Gaussian NLL of `target` under an excess-variance head's own readout N(sg(μ),
+    c_out²·(e^G + ε)) (T37's excess, floored at ε·c_out²; μ held: only G gets a gradient):
+    ½[log(2π·c_out²) + log(e^G + ε) + (sg(F) − F*)²/(e^G + ε)], F* = (target − c_skip·x̃)/c_out (T6).
+    `ExcessPosteriorNLL` adds it for x0; progressive distillation (head_loss="posterior") for D*."""
+    r2 = (p.F.detach() - f_target(target, p.x, p.scalings)).square()
+    log_v = torch.logaddexp(p.G, torch.full_like(p.G, math.log(var_floor)))   # log(e^G + ε)
+    return 0.5 * (LOG_2PI + 2 * torch.log(p.scalings.c_out) + log_v + torch.exp(-log_v) * r2)
 
 
 class EDMLoss:

@@ -204,6 +204,31 @@ def test_the_head_learns_its_nll_of_d_star_with_the_mean_held():
     torch.testing.assert_close(loss(no_head, b), mean_only(no_head, b), rtol=0, atol=0)
 
 
+def test_posterior_head_loss_is_the_readout_nll_of_d_star():
+    """head_loss="posterior" (T37's head): the loss adds ½[log 2π·v + (μ − D*)²/v] per element, v = c_out²(e^G
+    + ε) (the head's own readout, no σ_t² term; the direct formula is the oracle), with ∂/∂F = 0, and its G
+    gradient ½·e^G/(e^G + ε)·(1 − (μ − D*)²/v) vanishes where v = (μ − D*)²: the student's squared error.
+    T6's head is refused. Breakages tried: σ_t² added to v (the oracle); F not held (∂/∂F ≠ 0); "posterior"
+    routed to Head.nll (the oracle)."""
+    from gendiff.losses import ExcessPosteriorNLL
+    student = Denoiser(ConstNet(2), 0.5, "excess")
+    loss = DistillationLoss(gaussian_teacher(2), distill_sigmas(8, 0.002, 5.0, 7.0), head_loss="posterior")
+    b = grid_batch(loss, n=64, seed=3, dim=2)
+    extra = loss(student, b) - DistillationLoss(loss.teacher, loss.sigmas, "none")(student, b)
+    p = student.predict(b.x_noisy, b.sigma)
+    target = loss.target(b.x_noisy, b.sigma)
+    v = p.scalings.c_out.square() * (torch.exp(p.G) + ExcessPosteriorNLL.VAR_FLOOR)
+    oracle = (0.5 * (torch.log(2 * math.pi * v) + (p.mu - target).square() / v)).sum(1)
+    torch.testing.assert_close(extra, oracle, rtol=1e-10, atol=1e-10)
+    g_f, g_g = torch.autograd.grad(extra.sum(), [student.net.F, student.net.G])
+    assert torch.equal(g_f, torch.zeros_like(g_f))
+    e = torch.exp(p.G)
+    expect = (0.5 * e / (e + ExcessPosteriorNLL.VAR_FLOOR) * (1 - (p.mu - target).square() / v)).sum(0)
+    torch.testing.assert_close(g_g, expect.detach(), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="excess-variance head"):
+        loss(Denoiser(ConstNet(2), 0.5, "diag"), b)
+
+
 def test_tiny_student_reproduces_its_teachers_two_steps():
     """(d) A tiny MLP (width 16, 2 hidden layers; F switched on) as the teacher, its copy as the student,
     300 steps of train.train on 64 training points (2-D), teacher 8 steps → student 4: on fresh draws of those

@@ -70,7 +70,8 @@ class DistillConfig:
     teacher_steps: int = 0    # the teacher's DDIM steps in this round (2·steps)
     steps: int = 0            # the student's DDIM steps (0: not a distilled run)
     round: int = 0            # halvings since the run trained on data (round 1 halves its teacher's steps)
-    head_loss: str = "nll"    # nll: a confidence head learns its NLL of the teacher's target D*; none: none
+    head_loss: str = "nll"    # nll: a confidence head learns its NLL (T7) of the teacher's target D*;
+                              # posterior: T37's head, the NLL of D* under N(μ, σ_φ² − σ²); none: none
 
     def validate(self):
         check_positive("distill.steps", self.steps, integer=True, allow_zero=True)
