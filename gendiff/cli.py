@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "eval.sampler_steps or its recipe's default for images)")
         x.add_argument("--sampler", choices=[*sorted(GRID_SAMPLERS), "ddpm"],
                        help="toy runs: any σ-grid sampler (default "
-                       "heun); image runs: their recipe's sampler, or ddpm (DDPM ancestral sampling on "
-                       "--steps respaced steps, any run)")
+                       "heun); image runs: their recipe's sampler (Heun on EDM's grid; a distilled student: "
+                       "Euler on its own), any σ-grid sampler on EDM's grid for a recipe sampled on σ, or "
+                       "ddpm (DDPM ancestral sampling on --steps respaced steps, any run)")
         x.add_argument("--variance", choices=DDPM_VARIANCE_CHOICES,
                        help="image runs sampling with DDPM: the reverse variance (T38): beta, beta_tilde "
                        "(default), v (the learned-variance recipe's, its default), phi (β̃ + "

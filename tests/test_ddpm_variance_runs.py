@@ -88,6 +88,9 @@ def test_cli_chooses_the_ddpm_variance_for_eval_and_likelihood(blobs, tmp_path, 
         assert m["ddpm_variance"] == v and m["ddpm_process_steps"] == 5 and m["bpd_ddpm_bound_steps"] == 4
         assert m["bpd_images"] == 2 and m["bpd_ddpm_bound_se_steps"] == 0
         assert 0 < m["bpd_ddpm_bound"] < math.inf        # β̃ at 5 steps: ~4000 for this untrained model
+    assert main(["eval", out, "--sampler", "dpmpp_2m", "--steps", "3", "--samples", "8"]) == 0   # a σ-grid one
+    m = json.load(open(os.path.join(out, "eval-dpmpp_2m-3-8-seed0.json")))
+    assert m["nfe"] == 3 and m["sampler"] == "DPM-Solver++(2M) 3" and "ddpm_variance" not in m
     for v in ("phi", "analytic"):
         assert main(["eval", out, "--sampler", "ddpm", "--variance", v, "--steps", "4",
                      "--samples", "8"]) == 0
@@ -96,7 +99,43 @@ def test_cli_chooses_the_ddpm_variance_for_eval_and_likelihood(blobs, tmp_path, 
     capsys.readouterr()
     for argv, msg in ((["eval", out, "--sampler", "ddpm", "--variance", "v"], "--variance v"),
                       (["eval", out, "--variance", "phi", "--samples", "8"], "--sampler ddpm"),
-                      (["eval", out, "--sampler", "euler", "--samples", "8"], "--sampler='euler'"),
                       (["likelihood", out, "--variance", "phi"], "--method ddpm-bound")):
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_a_grid_sampler_on_an_image_run_is_the_librarys_on_edms_grid(blobs, name):  # noqa: F811
+    """`--sampler euler|dpmpp_2m` on an image run (a recipe sampled on σ) is that library sampler (tested
+    against k-diffusion in tests/test_samplers*.py) on EDM's ρ = 7 grid from the image's own noise × σ_max, with
+    NFE = steps; the recipe's own (None) is Heun, and differs. Refused: a σ-grid sampler on a DDPM recipe
+    (eps), and on a distilled student anything but its own Euler.
+    Breakage tried: sample_images ignoring `sampler` (always Heun): this test failed."""
+    from dataclasses import replace
+    from gendiff.experiments.ddpm_variance import ddpm_choice
+    from gendiff.experiments.images import SIGMA_MAX, SIGMA_MIN, RHO
+    from gendiff.io import StackedGenerator
+    from gendiff.samplers import GRID_SAMPLERS
+    from gendiff.schedules import edm_sigmas
+    cfg = tiny(blobs, "confidence", "train.sigma_data=0.5", "train.precision=fp32")
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28), 4)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x, info = sample_images(model, cfg, 3, seed=1, sampler=name, steps=3, clamp=False)
+    assert info["nfe"] == 3 and info["sampler"].endswith(" 3")
+    z = StackedGenerator(1, range(3)).randn((3, 1, 28, 28))
+    with torch.no_grad():
+        want = GRID_SAMPLERS[name](model, z * SIGMA_MAX, edm_sigmas(3, SIGMA_MIN, SIGMA_MAX, RHO),
+                                   generator=StackedGenerator(1, range(3)))
+    torch.testing.assert_close(x, want)
+    heun, _ = sample_images(model, cfg, 3, seed=1, steps=3, clamp=False)
+    assert not torch.allclose(heun, x)
+    with pytest.raises(ValueError, match="DDPM's discrete steps"):
+        ddpm_choice(replace(cfg, recipe="eps"), name)
+    student = replace(cfg, distill=replace(cfg.distill, steps=4))
+    if name == "euler":
+        assert ddpm_choice(student, name) == (False, None)
+    else:
+        with pytest.raises(ValueError, match="distilled student"):
+            ddpm_choice(student, name)

@@ -22,6 +22,7 @@ from ..heads import make_head
 from ..io import generator
 from ..likelihood import ddpm_vlb
 from ..process import DDPM_VARIANCES, analytic_variances
+from ..samplers import GRID_SAMPLERS
 from .config import ImageRunConfig
 from .recipes import DDPM_T, HEUN_STEPS, IMAGE_RECIPES, RESPACED, ddpm
 
@@ -71,11 +72,21 @@ def ddpm_variance(cfg: ImageRunConfig, variance: str | None = None) -> str:
 
 def ddpm_choice(cfg: ImageRunConfig, sampler=None, variance=None) -> tuple[bool, str | None]:
     """(DDPM ancestral sampling?, its reverse variance) of an image run for --sampler and --variance, checked:
-    the DDPM recipes' own sampler, or any run with sampler="ddpm"; a variance needs the DDPM sampler."""
-    if sampler not in (None, "ddpm"):
-        raise ValueError(f"--sampler={sampler!r} does not apply to an image run; allowed: ddpm (DDPM "
-                         "ancestral sampling, with --variance) or none (the recipe's own)")
-    use_ddpm = IMAGE_RECIPES[cfg.recipe].sampler == "ddpm" or sampler == "ddpm"
+    the DDPM recipes' own sampler, or any run with sampler="ddpm"; a variance needs the DDPM sampler. A σ-grid
+    sampler (samplers.GRID_SAMPLERS, on EDM's ρ = 7 grid) is allowed for the recipes sampled on σ (Heun is
+    their own); a distilled student samples with Euler on its own grid only (T35)."""
+    recipe_ddpm = IMAGE_RECIPES[cfg.recipe].sampler == "ddpm"
+    if sampler not in (None, "ddpm", *GRID_SAMPLERS):
+        raise ValueError(f"--sampler={sampler!r} is not a sampler; allowed: ddpm (DDPM ancestral sampling, "
+                         f"with --variance), {', '.join(sorted(GRID_SAMPLERS))} (σ-grid samplers) or none "
+                         "(the recipe's own)")
+    if sampler in GRID_SAMPLERS and recipe_ddpm:
+        raise ValueError(f"--sampler={sampler!r} integrates on EDM's σ grid; recipe={cfg.recipe!r} samples "
+                         "with DDPM's discrete steps: use its own sampler or --sampler ddpm")
+    if sampler in GRID_SAMPLERS and cfg.distill.steps and sampler != "euler":
+        raise ValueError(f"--sampler={sampler!r}: a distilled student samples with Euler (= DDIM) on its own "
+                         "grid (T35), the steps it was trained for; allowed: euler or none")
+    use_ddpm = recipe_ddpm or sampler == "ddpm"
     if variance is not None and not use_ddpm:
         raise ValueError(f"--variance={variance!r} chooses the variance of DDPM sampling; "
                          f"recipe={cfg.recipe!r} samples with Heun: add --sampler ddpm")

@@ -33,7 +33,7 @@ from ..image_metrics import (FID_BOOTSTRAP, class_counts, fid_with_sd, image_gri
 from ..io import StackedGenerator, atomic_path, derive_seed, generator, save_json, save_text
 from ..likelihood import dequantize, log_likelihood, nll_8bit_to_bits_per_dim
 from ..nets.classifier import batched, load_or_train_classifier
-from ..samplers import sample_ddpm, sample_euler, sample_heun
+from ..samplers import GRID_SAMPLERS, sample_ddpm, sample_euler
 from ..schedules import distill_sigmas, edm_sigmas
 from ..scores import CountCalls
 from .config import SIGMA_DATA_MEASURED, ImageRunConfig, to_toml
@@ -247,11 +247,16 @@ def distill_grid(cfg: ImageRunConfig, steps: int):
     return distill_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO)
 
 
+GRID_LABELS = {"heun": "Heun", "euler": "Euler", "dpmpp_2m": "DPM-Solver++(2M)",
+               "euler_maruyama": "Euler–Maruyama", "pc": "predictor–corrector"}   # on EDM's ρ = 7 grid
+
+
 def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=None) -> str:
     use_ddpm, _ = ddpm_choice(cfg, sampler, variance)
     steps = sampler_steps(cfg, steps, use_ddpm)
     if not use_ddpm:
-        return f"Euler {steps} (distilled grid)" if cfg.distill.steps else f"Heun {steps}"
+        return (f"Euler {steps} (distilled grid)" if cfg.distill.steps
+                else f"{GRID_LABELS[sampler or 'heun']} {steps}")
     return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" + ("" if variance is None else f", Σ {variance}")
 
 
@@ -343,7 +348,8 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
     the same labels; not with CFG. interval: None, or (σ_lo, σ_hi): CFG or autoguidance only for σ in it, the
     main (conditional) model alone elsewhere (guidance.Guided). NFE counts the guide's calls too.
     sampler: None (the recipe's) or "ddpm": DDPM ancestral sampling for any run, with the reverse variance
-    `variance` (ddpm_variance.py: beta, beta_tilde, v, T38's phi and analytic).
+    `variance` (ddpm_variance.py: beta, beta_tilde, v, T38's phi and analytic); or a σ-grid sampler
+    (samplers.GRID_SAMPLERS: euler, dpmpp_2m, …) on EDM's grid for a recipe sampled on σ (ddpm_choice).
     clamp: False returns the sampler's output as it is (latents, which are not pixels in [−1, 1])."""
     recipe = IMAGE_RECIPES[cfg.recipe]
     use_ddpm, name = ddpm_choice(cfg, sampler, variance)
@@ -388,8 +394,9 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
                 x = sample_ddpm(den, z, process, rule=recipe.rule, generator=g, **kw)
             elif cfg.distill.steps:   # a distilled student: Euler (= DDIM, T35) on its own grid
                 x = sample_euler(den, z * SIGMA_MAX, distill_grid(cfg, steps), generator=g)
-            else:
-                x = sample_heun(den, z * SIGMA_MAX, edm_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO), generator=g)
+            else:       # the recipe's Heun, or the σ-grid sampler chosen, on EDM's grid
+                grid = edm_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO)
+                x = GRID_SAMPLERS[sampler or "heun"](den, z * SIGMA_MAX, grid, generator=g)
         outs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
     nfe = (counted.calls + (guide_counted.calls if guide_counted else 0)) // math.ceil(n / batch)
     return torch.cat(outs), {"sampler": sampler_name(cfg, steps, sampler, variance), "nfe": nfe,
@@ -717,7 +724,8 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
     DDPM ancestral sampling with that reverse variance, `sample_images`; guided sampling adds
     guidance_tag's '-w…', '-ag…', '-i…')."""
     _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
-    chosen, name = sampler is not None or variance is not None, ddpm_choice(cfg, sampler, variance)[1]
+    use_ddpm, name = ddpm_choice(cfg, sampler, variance)
+    chosen = use_ddpm and (sampler is not None or variance is not None)
     n, test, (clf, real, acc), labels = eval_inputs(cfg, samples, cfg_weight, "gendiff eval")
     x, info = sample_images(model, cfg, n, labels=labels, w=cfg_weight, seed=seed,
                             num_classes=test.num_classes, steps=steps, sampler=sampler, variance=variance,
@@ -738,10 +746,13 @@ def eval_file(cfg: ImageRunConfig, n: int, seed: int = 0, *, steps: int = 0, sam
               weights: str = "model.safetensors") -> str:
     """The name of the JSON `eval_run` writes into the run folder for these options (benchmarks read a
     finished cell back by it): eval-<steps>-<n>-seed<seed>, or eval-ddpm-<variance>-<steps>-… when a DDPM
-    sampler or variance was chosen, then guidance_tag's '-w…', '-ag…', '-i…' and weights_tag's suffix."""
-    if sampler is not None or variance is not None:
-        name = ddpm_choice(cfg, sampler, variance)[1]
+    sampler or variance was chosen, or eval-<σ-grid sampler>-<steps>-… for another sampler than the run's
+    own, then guidance_tag's '-w…', '-ag…', '-i…' and weights_tag's suffix."""
+    use_ddpm, name = ddpm_choice(cfg, sampler, variance)
+    if use_ddpm and (sampler is not None or variance is not None):
         tag = f"eval-ddpm-{name}-{sampler_steps(cfg, steps, True)}-{n}-seed{seed}"
+    elif sampler is not None and not (cfg.distill.steps and sampler == "euler"):   # a student's own: default
+        tag = f"eval-{sampler}-{sampler_steps(cfg, steps, False)}-{n}-seed{seed}"
     else:
         tag = f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}"
     return f"{tag}{guidance_tag(cfg_weight, autoguide, check_interval(interval))}{weights_tag(weights)}.json"

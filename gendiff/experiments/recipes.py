@@ -249,7 +249,9 @@ IMAGE_RECIPES = {
     "confidence-posterior": ImageRecipe("edm", "nll-posterior", head="excess", density_name="edm",
                                         help="as confidence-excess, with the NLL of x0 under the head's own "
                                              "N(μ, σ_φ² − σ²) added for G (μ held): G's gradient no longer "
-                                             "vanishes where Var[x0 | x̃] ≪ σ²"),
+                                             "vanishes where Var[x0 | x̃] ≪ σ²; EXPERIMENTAL: "
+                                             "fine-tuning MNIST with it ruined the samples (FID 27 -> "
+                                             "647, BENCHMARKS)"),
     "confidence-sigma-only": ImageRecipe("edm", "nll", head="sigma-only", density_name="edm",
                                          help="as confidence with EDM2's u(σ): one σ_φ per noise level, "
                                               "σ_φ² = c_var²·e^(u(σ)) (T9)"),
