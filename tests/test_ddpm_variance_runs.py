@@ -88,7 +88,7 @@ def test_cli_chooses_the_ddpm_variance_for_eval_and_likelihood(blobs, tmp_path, 
         assert m["ddpm_variance"] == v and m["ddpm_process_steps"] == 5 and m["bpd_ddpm_bound_steps"] == 4
         assert m["bpd_images"] == 2 and m["bpd_ddpm_bound_se_steps"] == 0
         assert 0 < m["bpd_ddpm_bound"] < math.inf        # β̃ at 5 steps: ~4000 for this untrained model
-    assert main(["eval", out, "--sampler", "dpmpp_2m", "--steps", "3", "--samples", "8"]) == 0   # a σ-grid one
+    assert main(["eval", out, "--sampler", "dpmpp_2m", "--steps", "3", "--samples", "8"]) == 0   # σ grid
     m = json.load(open(os.path.join(out, "eval-dpmpp_2m-3-8-seed0.json")))
     assert m["nfe"] == 3 and m["sampler"] == "DPM-Solver++(2M) 3" and "ddpm_variance" not in m
     for v in ("phi", "analytic"):
@@ -104,16 +104,19 @@ def test_cli_chooses_the_ddpm_variance_for_eval_and_likelihood(blobs, tmp_path, 
         assert msg in capsys.readouterr().err, argv
 
 
-@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
-def test_a_grid_sampler_on_an_image_run_is_the_librarys_on_edms_grid(blobs, name):  # noqa: F811
-    """`--sampler euler|dpmpp_2m` on an image run (a recipe sampled on σ) is that library sampler (tested
-    against k-diffusion in tests/test_samplers*.py) on EDM's ρ = 7 grid from the image's own noise × σ_max, with
-    NFE = steps; the recipe's own (None) is Heun, and differs. Refused: a σ-grid sampler on a DDPM recipe
-    (eps), and on a distilled student anything but its own Euler.
+@pytest.mark.parametrize("name, label", [("euler", "Euler 3"), ("dpmpp_2m", "DPM-Solver++(2M) 3"),
+                                         ("euler_maruyama", "Euler–Maruyama 3")])
+def test_a_grid_sampler_on_an_image_run_is_the_librarys_on_edms_grid(blobs, name, label):  # noqa: F811
+    """`--sampler euler|dpmpp_2m|euler_maruyama` on an image run (a recipe sampled on σ) is that library
+    sampler (tested against k-diffusion in tests/test_samplers*.py) on EDM's ρ = 7 grid from each image's own
+    noise × σ_max and its own generator, with NFE = steps; an image does not depend on the batch split; the
+    recipe's own (None, or "heun") is Heun, differs, and shares its results file, another sampler has its own.
+    Refused: pc (its step size pools the batch), a σ-grid sampler on a DDPM recipe (eps), and on a distilled
+    student anything but its own Euler.
     Breakage tried: sample_images ignoring `sampler` (always Heun): this test failed."""
     from dataclasses import replace
     from gendiff.experiments.ddpm_variance import ddpm_choice
-    from gendiff.experiments.images import SIGMA_MAX, SIGMA_MIN, RHO
+    from gendiff.experiments.images import RHO, SIGMA_MAX, SIGMA_MIN, eval_file
     from gendiff.io import StackedGenerator
     from gendiff.samplers import GRID_SAMPLERS
     from gendiff.schedules import edm_sigmas
@@ -123,19 +126,30 @@ def test_a_grid_sampler_on_an_image_run_is_the_librarys_on_edms_grid(blobs, name
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     x, info = sample_images(model, cfg, 3, seed=1, sampler=name, steps=3, clamp=False)
-    assert info["nfe"] == 3 and info["sampler"].endswith(" 3")
-    z = StackedGenerator(1, range(3)).randn((3, 1, 28, 28))
+    assert info["nfe"] == 3 and info["sampler"] == label
+    g = StackedGenerator(1, range(3))          # the start, then the sampler's own noise, from one generator
+    z = g.randn((3, 1, 28, 28))
     with torch.no_grad():
         want = GRID_SAMPLERS[name](model, z * SIGMA_MAX, edm_sigmas(3, SIGMA_MIN, SIGMA_MAX, RHO),
-                                   generator=StackedGenerator(1, range(3)))
+                                   generator=g)
     torch.testing.assert_close(x, want)
-    heun, _ = sample_images(model, cfg, 3, seed=1, steps=3, clamp=False)
-    assert not torch.allclose(heun, x)
+    split, _ = sample_images(model, cfg, 3, seed=1, sampler=name, steps=3, clamp=False, batch=2)
+    torch.testing.assert_close(split, x)
+    heun, info = sample_images(model, cfg, 3, seed=1, steps=3, clamp=False)
+    assert not torch.allclose(heun, x) and info["sampler"] == "Heun 3"
+    assert eval_file(cfg, 8, steps=3, sampler="heun") == eval_file(cfg, 8, steps=3) == "eval-3-8-seed0.json"
+    assert eval_file(cfg, 8, steps=3, sampler=name) == f"eval-{name}-3-8-seed0.json"
+    for bad, match in (("pc", "batches are split"), ("nope", "not a sampler")):
+        with pytest.raises(ValueError, match=match):
+            ddpm_choice(cfg, bad)
     with pytest.raises(ValueError, match="DDPM's discrete steps"):
         ddpm_choice(replace(cfg, recipe="eps"), name)
+    with pytest.raises(ValueError, match=f"got --sampler='{name}'"):
+        ddpm_choice(cfg, name, "phi")
     student = replace(cfg, distill=replace(cfg.distill, steps=4))
     if name == "euler":
         assert ddpm_choice(student, name) == (False, None)
+        assert eval_file(student, 8, sampler="euler") == eval_file(student, 8)
     else:
         with pytest.raises(ValueError, match="distilled student"):
             ddpm_choice(student, name)

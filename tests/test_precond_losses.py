@@ -636,8 +636,8 @@ LOSS_ORACLES = {  # losses.LOSSES name -> E[loss per example](σ, δ, d)
     # IDDPM's hybrid loss needs a DDPM and 8-bit data: its oracles are T24's closed-form posteriors and the
     # unbiasedness against likelihood.ddpm_vlb, in tests/test_data_training.py (test_hybrid_*)
     "hybrid": "tests/test_data_training.py::test_hybrid_vlb_term_per_step_against_t24_posteriors",
-    # trains T37's excess head only (refuses a headless denoiser): its oracles are the Gaussian prior's optimum
-    # (T8) and T7 + the readout NLL term by term, in tests/test_posterior_nll.py
+    # trains T37's excess head only (refuses a headless denoiser): its oracles are the Gaussian prior's
+    # optimum (T8) and T7 + the readout NLL term by term, in tests/test_posterior_nll.py
     "nll-posterior": "tests/test_posterior_nll.py::test_optimum_is_T8s_on_a_gaussian_prior",
 }
 

@@ -86,17 +86,31 @@ def ddpm_choice(cfg: ImageRunConfig, sampler=None, variance=None) -> tuple[bool,
     if sampler in GRID_SAMPLERS and cfg.distill.steps and sampler != "euler":
         raise ValueError(f"--sampler={sampler!r}: a distilled student samples with Euler (= DDIM) on its own "
                          "grid (T35), the steps it was trained for; allowed: euler or none")
+    if sampler == "pc":
+        raise ValueError("--sampler='pc' sizes its Langevin steps by norms over the whole batch, so an image "
+                         "would depend on how the batches are split; image runs draw each image from its own "
+                         f"generator: allowed: ddpm, {', '.join(sorted(set(GRID_SAMPLERS) - {'pc'}))}")
     use_ddpm = recipe_ddpm or sampler == "ddpm"
     if variance is not None and not use_ddpm:
-        raise ValueError(f"--variance={variance!r} chooses the variance of DDPM sampling; "
-                         f"recipe={cfg.recipe!r} samples with Heun: add --sampler ddpm")
+        raise ValueError(f"--variance={variance!r} chooses the variance of DDPM sampling and needs --sampler "
+                         "ddpm; " + (f"got --sampler={sampler!r}" if sampler is not None else
+                                     f"recipe={cfg.recipe!r} samples on a σ grid"))
     return use_ddpm, (ddpm_variance(cfg, variance) if use_ddpm else None)
 
 
+def grid_choice(cfg: ImageRunConfig, sampler=None) -> str | None:
+    """The σ-grid sampler `sampler` picks for this run when it is not the run's own (Heun on EDM's grid; a
+    distilled student's Euler on its grid); None for the run's own and for DDPM (results files and labels
+    name only a sampler that differs from the run's own)."""
+    own = "euler" if cfg.distill.steps else "heun"
+    return sampler if sampler in GRID_SAMPLERS and sampler != own else None
+
+
 def sampler_steps(cfg: ImageRunConfig, steps: int, use_ddpm: bool) -> int:
-    """`steps`, else the run's eval.sampler_steps where it samples with its own sampler, else the default of
-    the sampler used (RESPACED DDPM steps, HEUN_STEPS Heun steps); a distilled student (distill.steps > 0) its
-    own steps for its own sampler (Euler on its grid, images.sample_images)."""
+    """`steps`, else the run's eval.sampler_steps where it samples on the kind of steps it was made for (σ
+    grid or DDPM; a σ-grid sampler other than Heun takes the same count), else the default of the sampler used
+    (RESPACED DDPM steps, HEUN_STEPS on a σ grid); a distilled student (distill.steps > 0) its own steps for
+    its own sampler (Euler on its grid, images.sample_images)."""
     if cfg.distill.steps and not use_ddpm:
         return steps or cfg.distill.steps
     own = cfg.eval.sampler_steps if (IMAGE_RECIPES[cfg.recipe].sampler == "ddpm") == use_ddpm else 0

@@ -38,7 +38,7 @@ from ..schedules import distill_sigmas, edm_sigmas
 from ..scores import CountCalls
 from .config import SIGMA_DATA_MEASURED, ImageRunConfig, to_toml
 from .ddpm_variance import (ANALYTIC_IMAGES, VLB_STEPS, analytic_table, ddpm_bound, ddpm_choice,
-                            ddpm_keywords, sampler_steps)
+                            ddpm_keywords, grid_choice, sampler_steps)
 from .recipes import DDPM_T, IMAGE_RECIPES, ddpm
 from .report import BY_SIGMA_TEXT, by_sigma_markdown
 from .runfolder import load_weights, read_config, read_json, refuse, start_run, train_in_folder, weights_tag
@@ -256,7 +256,7 @@ def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=Non
     steps = sampler_steps(cfg, steps, use_ddpm)
     if not use_ddpm:
         return (f"Euler {steps} (distilled grid)" if cfg.distill.steps
-                else f"{GRID_LABELS[sampler or 'heun']} {steps}")
+                else f"{GRID_LABELS[grid_choice(cfg, sampler) or 'heun']} {steps}")
     return f"DDPM ancestral, respaced {min(steps, DDPM_T)}" + ("" if variance is None else f", Σ {variance}")
 
 
@@ -396,7 +396,7 @@ def sample_images(model, cfg: ImageRunConfig, n: int, *, labels=None, w: float |
                 x = sample_euler(den, z * SIGMA_MAX, distill_grid(cfg, steps), generator=g)
             else:       # the recipe's Heun, or the σ-grid sampler chosen, on EDM's grid
                 grid = edm_sigmas(steps, SIGMA_MIN, SIGMA_MAX, RHO)
-                x = GRID_SAMPLERS[sampler or "heun"](den, z * SIGMA_MAX, grid, generator=g)
+                x = GRID_SAMPLERS[grid_choice(cfg, sampler) or "heun"](den, z * SIGMA_MAX, grid, generator=g)
         outs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
     nfe = (counted.calls + (guide_counted.calls if guide_counted else 0)) // math.ceil(n / batch)
     return torch.cat(outs), {"sampler": sampler_name(cfg, steps, sampler, variance), "nfe": nfe,
@@ -454,8 +454,7 @@ def write_samples(dest: str, x: torch.Tensor, info: dict, **arrays) -> None:
 
 
 def _refuse_sampler(cfg: ImageRunConfig, options: dict) -> None:
-    refuse(options, "an image", f" (its recipe fixes the sampler: {sampler_name(cfg)}; --steps changes its "
-                                "steps)")
+    refuse(options, "an image", f" (it samples with {sampler_name(cfg)}; --steps changes its steps)")
 
 
 def _num_classes(model) -> int:
@@ -721,8 +720,8 @@ def eval_run(out: str, cfg: ImageRunConfig, model, *, samples: int = 0, steps: i
     """FID / precision / recall / class counts of `samples` images (default eval.samples) of the run's model
     against the test split, with the feature classifier's accuracy; writes
     RUN/eval-<steps>-<n>-<seed>.json (RUN/eval-ddpm-<variance>-<steps>-… with --sampler ddpm or --variance:
-    DDPM ancestral sampling with that reverse variance, `sample_images`; guided sampling adds
-    guidance_tag's '-w…', '-ag…', '-i…')."""
+    DDPM ancestral sampling with that reverse variance, `sample_images`; RUN/eval-<sampler>-<steps>-… with
+    another σ-grid sampler than the run's own; guided sampling adds guidance_tag's '-w…', '-ag…', '-i…')."""
     _refuse_sampler(cfg, {"score_mode": score_mode, **unused})
     use_ddpm, name = ddpm_choice(cfg, sampler, variance)
     chosen = use_ddpm and (sampler is not None or variance is not None)
@@ -751,7 +750,7 @@ def eval_file(cfg: ImageRunConfig, n: int, seed: int = 0, *, steps: int = 0, sam
     use_ddpm, name = ddpm_choice(cfg, sampler, variance)
     if use_ddpm and (sampler is not None or variance is not None):
         tag = f"eval-ddpm-{name}-{sampler_steps(cfg, steps, True)}-{n}-seed{seed}"
-    elif sampler is not None and not (cfg.distill.steps and sampler == "euler"):   # a student's own: default
+    elif grid_choice(cfg, sampler) is not None:
         tag = f"eval-{sampler}-{sampler_steps(cfg, steps, False)}-{n}-seed{seed}"
     else:
         tag = f"eval-{(steps or cfg.eval.sampler_steps) or 'default'}-{n}-seed{seed}"
