@@ -8,7 +8,7 @@ resumes. The unguided row (w = 1 autoguided is the main model bit for bit) is me
 Usage (issue 20: a guide is the same U-Net trained shorter and/or smaller, on the same data):
   gendiff train --preset mnist-conf --set recipe=confidence-excess --set train.iterations=800 --out runs/guide
   python benchmarks/guidance_images.py RUN --guide runs/guide --weights 1.5,2,3 --interval 0.3,5 \\
-      --samples 2000 --seeds 0 --out docs/results/guidance-mnist.md
+      --samples 2000 --seeds 0 --out docs/results/guidance-mnist.md --figure docs/results/guidance-mnist.png
   (a class-conditional RUN: --cfg-weights 0.5,1,2 adds the CFG rows, with the same interval)
 """
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="also write the table (markdown) here")
+    ap.add_argument("--figure", help="also draw FID against w here (PNG)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     intervals = [None] + ([tuple(numbers(args.interval))] if args.interval else [])
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
         lines = ["| guidance | w (autoguidance: 1 = none; CFG: 0 = none) | interval | NFE | FID ↓ | "
                  "precision ↑ | recall ↑ |",
                  "|---|---|---|---|---|---|---|"]
+        points = []
         for kind, w, opts, iv in rows:
             start, cells = time.perf_counter(), []
             for s in seeds:
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
                     f"{summary(cells, 'fid', 'fid_sd')} | {summary(cells, 'precision')} | "
                     f"{summary(cells, 'recall')} |")
             lines.append(line)
+            points.append((kind, w, span, [c["fid"] for c in cells], cells[0].get("fid_sd")))
             print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)
     text = (f"Guidance on {args.run} ({cfg.recipe}): {n} samples per cell, seeds {args.seeds} "
             "(FID ± its bootstrap sd for one seed, else mean ± sd over seeds)"
@@ -95,7 +98,40 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.figure:
+        figure(points, args.figure, f"{os.path.basename(os.path.normpath(args.run))}: {n} samples, seeds "
+                                    f"{args.seeds}")
     return 0
+
+
+def figure(points: list, path: str, title: str) -> None:
+    """FID against w per guidance and interval (± the bootstrap sd of one seed, or the sd over seeds), the
+    unguided FID as a horizontal band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mean_sd(fids, sd):
+        m = sum(fids) / len(fids)
+        spread = math.sqrt(sum((v - m) ** 2 for v in fids) / max(len(fids) - 1, 1))
+        return m, (sd or 0.0) if len(fids) == 1 else spread
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for kind, w, span, fids, sd in points:
+        if kind == "none":
+            m, e = mean_sd(fids, sd)
+            ax.axhspan(m - e, m + e, color="0.85")
+            ax.axhline(m, color="0.4", lw=1, label="unguided")
+    for key in dict.fromkeys((k, sp) for k, _, sp, _, _ in points if k != "none"):
+        sel = [(w, *mean_sd(f, sd)) for k, w, sp, f, sd in points if (k, sp) == key]
+        ax.errorbar([x[0] for x in sel], [x[1] for x in sel], yerr=[x[2] for x in sel], marker="o", capsize=3,
+                    label=f"{key[0]}, σ in {key[1]}")
+    ax.set_xlabel("guidance weight w")
+    ax.set_ylabel("FID (our classifier's features) ↓")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

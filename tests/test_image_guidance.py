@@ -124,7 +124,8 @@ def test_autoguidance_from_the_cli(blobs_npz, tmp_path, capsys, monkeypatch):
     assert bench.main(argv) == 0                   # the guided cell with the interval is the file above
     assert os.path.exists(os.path.join(run, "eval-4-8-seed0-ag2-guide.json"))
     monkeypatch.setattr(bench, "eval_run", lambda *a, **k: pytest.fail("a finished cell was measured again"))
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--figure", str(tmp_path / "g.png")]) == 0
+    assert os.path.getsize(tmp_path / "g.png") > 0              # FID against w, from the cells read back
     assert "| autoguidance | 2 | [0.3, inf] | 12 |" in capsys.readouterr().out
     # a guide of other data, options without --autoguide, a bad interval, guidance with --filter
     odd = str(tmp_path / "odd")
