@@ -124,7 +124,7 @@ def figure(points: list, path: str, title: str) -> None:
     for key in dict.fromkeys((k, sp) for k, _, sp, _, _ in points if k != "none"):
         sel = [(w, *mean_sd(f, sd)) for k, w, sp, f, sd in points if (k, sp) == key]
         ax.errorbar([x[0] for x in sel], [x[1] for x in sel], yerr=[x[2] for x in sel], marker="o", capsize=3,
-                    label=f"{key[0]}, σ in {key[1]}")
+                    label=f"{key[0]}, " + ("every σ" if key[1] == "all σ" else f"σ in {key[1]}"))
     ax.set_xlabel("guidance weight w")
     ax.set_ylabel("FID (our classifier's features) ↓")
     ax.set_title(title, fontsize=9)
