@@ -30,14 +30,19 @@ def numbers(text: str) -> list:
     return [float(v) for v in text.split(",") if v.strip()] if text else []
 
 
-def summary(cells: list, key: str, sd_key: str | None = None) -> str:
-    """One cell's value ± its own sd, or several seeds' mean ± sd."""
+def mean_sd(cells: list, key: str, sd_key: str | None = None) -> tuple:
+    """One cell's value and its own sd (None without sd_key), or several seeds' mean and sd."""
     vals = [c[key] for c in cells]
     if len(vals) == 1:
-        sd = cells[0].get(sd_key) if sd_key else None
-        return f"{vals[0]:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
+        return vals[0], cells[0].get(sd_key) if sd_key else None
     m = sum(vals) / len(vals)
-    return f"{m:.2f} ± {math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)):.2f}"
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def summary(cells: list, key: str, sd_key: str | None = None) -> str:
+    """One cell's value ± its own sd, or several seeds' mean ± sd."""
+    m, sd = mean_sd(cells, key, sd_key)
+    return f"{m:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
 
 
 def main(argv=None) -> int:
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
                     f"{summary(cells, 'fid', 'fid_sd')} | {summary(cells, 'precision')} | "
                     f"{summary(cells, 'recall')} |")
             lines.append(line)
-            points.append((kind, w, span, [c["fid"] for c in cells], cells[0].get("fid_sd")))
+            points.append((kind, w, span, mean_sd(cells, "fid", "fid_sd")))
             print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)
     text = (f"Guidance on {args.run} ({cfg.recipe}): {n} samples per cell, seeds {args.seeds} "
             "(FID ± its bootstrap sd for one seed, else mean ± sd over seeds)"
@@ -110,19 +115,13 @@ def figure(points: list, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def mean_sd(fids, sd):
-        m = sum(fids) / len(fids)
-        spread = math.sqrt(sum((v - m) ** 2 for v in fids) / max(len(fids) - 1, 1))
-        return m, (sd or 0.0) if len(fids) == 1 else spread
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for kind, w, span, fids, sd in points:
+    for kind, w, span, (m, e) in points:
         if kind == "none":
-            m, e = mean_sd(fids, sd)
-            ax.axhspan(m - e, m + e, color="0.85")
+            ax.axhspan(m - (e or 0.0), m + (e or 0.0), color="0.85")
             ax.axhline(m, color="0.4", lw=1, label="unguided")
-    for key in dict.fromkeys((k, sp) for k, _, sp, _, _ in points if k != "none"):
-        sel = [(w, *mean_sd(f, sd)) for k, w, sp, f, sd in points if (k, sp) == key]
+    for key in dict.fromkeys((k, sp) for k, _, sp, _ in points if k != "none"):
+        sel = [(w, m, e or 0.0) for k, w, sp, (m, e) in points if (k, sp) == key]
         ax.errorbar([x[0] for x in sel], [x[1] for x in sel], yerr=[x[2] for x in sel], marker="o", capsize=3,
                     label=f"{key[0]}, " + ("every σ" if key[1] == "all σ" else f"σ in {key[1]}"))
     ax.set_xlabel("guidance weight w")

@@ -248,7 +248,7 @@ def distill_grid(cfg: ImageRunConfig, steps: int):
 
 
 GRID_LABELS = {"heun": "Heun", "euler": "Euler", "dpmpp_2m": "DPM-Solver++(2M)",
-               "euler_maruyama": "Euler–Maruyama", "pc": "predictor–corrector"}   # on EDM's ρ = 7 grid
+               "euler_maruyama": "Euler–Maruyama"}   # the σ-grid samplers image runs take (pc is refused)
 
 
 def sampler_name(cfg: ImageRunConfig, steps: int = 0, sampler=None, variance=None) -> str:
