@@ -9,7 +9,8 @@ Usage (issue 20: a guide is the same U-Net trained shorter and/or smaller, on th
   gendiff train --preset mnist-conf --set recipe=confidence-excess --set train.iterations=800 --out runs/guide
   python benchmarks/guidance_images.py RUN --guide runs/guide --weights 1.5,2,3 --interval 0.3,5 \\
       --samples 2000 --seeds 0 --out docs/results/guidance-mnist.md --figure docs/results/guidance-mnist.png
-  (a class-conditional RUN: --cfg-weights 0.5,1,2 adds the CFG rows, with the same interval)
+  (a class-conditional RUN: --cfg-weights 0.5,1,2 adds the CFG rows, with the same interval; --sampler
+  dpmpp_2m --steps 16: every cell with that sampler instead of the run's own)
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=0, help="sampler steps (default: the run's)")
+    ap.add_argument("--sampler", default=None,
+                    help="a σ-grid sampler (euler, dpmpp_2m, …) for every cell (default: the run's own)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", help="also write the table (markdown) here")
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
         for kind, w, opts, iv in rows:
             start, cells = time.perf_counter(), []
             for s in seeds:
-                kw = {**(opts or {}), **({} if iv is None else {"interval": iv}), "steps": args.steps}
+                kw = {**(opts or {}), **({} if iv is None else {"interval": iv}), "steps": args.steps,
+                      "sampler": args.sampler}
                 m = read_json(os.path.join(args.run, eval_file(cfg, n, s, **kw)))
                 if m is not None and args.guide and m.get("autoguide_run", guide.run) != guide.run:
                     m = None                       # a cell of another guide folder with the same name
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
             lines.append(line)
             points.append((kind, w, span, mean_sd(cells, "fid", "fid_sd")))
             print(line, f"({time.perf_counter() - start:.0f} s)", flush=True)
-    text = (f"Guidance on {args.run} ({cfg.recipe}): {n} samples per cell, seeds {args.seeds} "
+    text = (f"Guidance on {args.run} ({cfg.recipe}), sampler {cells[0]['sampler']}: {n} samples per cell, "
+            f"seeds {args.seeds} "
             "(FID ± its bootstrap sd for one seed, else mean ± sd over seeds)"
             + (f"; guide {args.guide}" if args.guide else "") + ".\n\n" + "\n".join(lines) + "\n")
     print("\n" + text)

@@ -322,6 +322,7 @@ def test_cli_distils_a_toy_run_in_round_folders_and_samples_the_last(toy_run, ca
     assert (cfg2.distill.teacher, cfg2.distill.teacher_steps, cfg2.distill.steps, cfg2.distill.round) == \
         (os.path.abspath(os.path.join(out, "round-1")), 32, 16, 2)
     assert cfg2.train.iterations == 32 and cfg2.recipe == "confidence"
+    assert cfg1.train.ema_sigma_rel == cfg2.train.ema_sigma_rel == distill_cmd.DISTILL_EMA_SIGMA_REL
     for k in (1, 2):
         assert os.path.exists(os.path.join(out, f"round-{k}", "model.safetensors"))
         with open(os.path.join(out, f"round-{k}", "metrics.jsonl")) as f:
@@ -381,6 +382,26 @@ def test_a_round_starts_from_its_teacher_and_resumes_bit_for_bit(toy_run, tmp_pa
     a_ = load_run(whole[0][0])[1].state_dict()
     b_ = load_run(str(tmp_path / "cut" / "round-1"))[1].state_dict()
     assert all(torch.equal(a_[k], b_[k]) for k in a_)
+
+
+@pytest.mark.parametrize("teacher_sets, sets, ema, sigma_rel", [
+    ([], [], 0.999, distill_cmd.DISTILL_EMA_SIGMA_REL),          # classic teacher EMA: the round's power EMA
+    ([], ["train.ema=0.9"], 0.9, 0.0),                            # the user's classic EMA is kept
+    ([], ["train.ema_sigma_rel=0"], 0.999, 0.0),                  # ... or the teacher's, asked for by name
+    (["train.ema_sigma_rel=0.1"], [], 0.999, 0.1),                # a teacher's power EMA is kept
+])
+def test_a_round_averages_its_weights_with_a_power_ema(teacher_sets, sets, ema, sigma_rel):
+    """A round's student starts at its teacher: a classic EMA of a short round would still hold the teacher
+    (0.999^500 = 61% of it after 500 steps), so the round's config switches to EDM2's power EMA
+    (DISTILL_EMA_SIGMA_REL) unless the teacher has one or --set chooses the EMA (that the loop trains with
+    the config's power EMA: tests/test_run.py; a CLI round's config: the round-folder test above).
+    Breakages tried: the default dropped (row 1 fails); any --set key counted as an EMA choice (row 1 with
+    sets would still pass; row 2's check of ema_sigma_rel = 0 fails when the default overrides --set)."""
+    teacher = resolve("toy-quick", sets=["train.ema=0.999", *teacher_sets])
+    cfg = distill_cmd.round_config(teacher, "t", 64, sets=sets)
+    assert (cfg.train.ema, cfg.train.ema_sigma_rel) == (ema, sigma_rel)
+    other = distill_cmd.round_config(teacher, "t", 64, sets=["train.lr=0.01"])
+    assert other.train.ema_sigma_rel == (teacher.train.ema_sigma_rel or distill_cmd.DISTILL_EMA_SIGMA_REL)
 
 
 def test_refusals(toy_run, tmp_path, capsys):

@@ -73,8 +73,9 @@ def test_an_interval_outside_every_sigma_is_the_unguided_sampler(blobs_npz):
     assert info["nfe"] < i3["nfe"] < 2 * info["nfe"]
 
 
-def test_conditional_autoguidance_and_cfg_with_an_interval(blobs_npz):
-    cfg = tiny(blobs_npz, "score-cfg")
+@pytest.mark.parametrize("recipe", ["score-cfg", "confidence-excess-cfg"])
+def test_conditional_autoguidance_and_cfg_with_an_interval(blobs_npz, recipe):
+    cfg = tiny(blobs_npz, recipe)
     main, guide = random_model(cfg, 0, 4), random_model(cfg, 1, 4)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     cond, _ = draw(main, cfg, labels=labels)
@@ -140,3 +141,34 @@ def test_autoguidance_from_the_cli(blobs_npz, tmp_path, capsys, monkeypatch):
                         (["--cfg-weight", "1"], "class-conditional")):
         assert main(["eval", run, "--samples", "4", *argv]) == 2, argv
         assert words in capsys.readouterr().err, argv
+
+
+def test_cfg_against_autoguidance_on_a_conditional_run_from_the_cli(blobs_npz, tmp_path, capsys):
+    """The issue-20 comparison on a class-conditional confidence run (confidence-excess-cfg): a conditional
+    guide, CFG and autoguidance rows of benchmarks/guidance_images.py with another σ-grid sampler for every
+    cell; each cell is the CLI's results file, named by sampler and guidance, and records them. CFG at w = 0
+    is the conditional model and autoguidance at w = 1 the main model: the same file's FID as the unguided row.
+    Breakage tried: --sampler not handed to eval_run (the cells are the run's Heun: the file names fail)."""
+    from gendiff.cli import main
+    import importlib.util
+    base = ["--preset", "mnist-tiny", "--set", f"data.path={blobs_npz}", "--set", "data.name=npz",
+            "--set", "recipe=confidence-excess-cfg", "--set", "eval.likelihood_images=0",
+            "--set", "eval.calibration_images=0", "--set", "model.attn_resolutions=[]", "--no-progress"]
+    run, guide = str(tmp_path / "main"), str(tmp_path / "guide")
+    assert main(["train", *base, "--out", run, "--set", "train.iterations=4"]) == 0
+    assert main(["train", *base, "--out", guide, "--set", "train.iterations=2"]) == 0
+    spec = importlib.util.spec_from_file_location(
+        "guidance_images", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "guidance_images.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    capsys.readouterr()
+    assert bench.main([run, "--guide", guide, "--weights", "1,2", "--cfg-weights", "0,1", "--interval",
+                       "0.3,5", "--samples", "8", "--sampler", "dpmpp_2m", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "sampler DPM-Solver++(2M)" in out and "| CFG | 1 | [0.3, 5] |" in out
+    cells = {k: json.load(open(os.path.join(run, f"eval-dpmpp_2m-3-8-seed0{k}.json")))
+             for k in ("", "-w0", "-w1", "-w1-i0.3-5", "-ag1-guide", "-ag2-guide", "-ag2-guide-i0.3-5")}
+    assert cells["-w1"]["nfe"] == 2 * cells[""]["nfe"] == 6 and cells["-ag2-guide"]["nfe"] == 6
+    assert cells["-w0"]["fid"] == cells[""]["fid"] == cells["-ag1-guide"]["fid"]
+    assert cells["-w1"]["fid"] != cells[""]["fid"]
+    assert all(c["sampler"].startswith("DPM-Solver++(2M)") for c in cells.values())

@@ -246,6 +246,11 @@ IMAGE_RECIPES = {
     "confidence-excess": ImageRecipe("edm", "nll", head="excess", density_name="edm",
                                      help="as confidence with the excess-variance head "
                                           "σ_φ² = σ² + c_out²·e^G per pixel (T37)"),
+    "confidence-excess-cfg": ImageRecipe("edm", "nll", head="excess", density_name="edm", conditional=True,
+                                         label_dropout=0.1,
+                                         help="class-conditional confidence-excess, labels dropped to ∅ "
+                                              "w.p. 0.1: classifier-free guidance (T33) or autoguidance "
+                                              "(T34) by a conditional guide"),
     "confidence-posterior": ImageRecipe("edm", "nll-posterior", head="excess", density_name="edm",
                                         help="as confidence-excess, with the NLL of x0 under the head's own "
                                              "N(μ, σ_φ² − σ²) added for G (μ held): G's gradient no longer "
