@@ -147,7 +147,7 @@ def test_cfg_against_autoguidance_on_a_conditional_run_from_the_cli(blobs_npz, t
     """The issue-20 comparison on a class-conditional confidence run (confidence-excess-cfg): a conditional
     guide, CFG and autoguidance rows of benchmarks/guidance_images.py with another σ-grid sampler for every
     cell; each cell is the CLI's results file, named by sampler and guidance, and records them. CFG at w = 0
-    is the conditional model and autoguidance at w = 1 the main model: the same file's FID as the unguided row.
+    is the conditional model and autoguidance at w = 1 the main model: the unguided row's FID.
     Breakage tried: --sampler not handed to eval_run (the cells are the run's Heun: the file names fail)."""
     from gendiff.cli import main
     import importlib.util
@@ -166,8 +166,8 @@ def test_cfg_against_autoguidance_on_a_conditional_run_from_the_cli(blobs_npz, t
                        "0.3,5", "--samples", "8", "--sampler", "dpmpp_2m", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "sampler DPM-Solver++(2M)" in out and "| CFG | 1 | [0.3, 5] |" in out
-    cells = {k: json.load(open(os.path.join(run, f"eval-dpmpp_2m-3-8-seed0{k}.json")))
-             for k in ("", "-w0", "-w1", "-w1-i0.3-5", "-ag1-guide", "-ag2-guide", "-ag2-guide-i0.3-5")}
+    cells = {k: json.load(open(os.path.join(run, f"eval-dpmpp_2m-3-8-seed0{k}.json"))) for k in
+              ("", "-w0", "-w1", "-w1-i0.3-5", "-ag1-guide", "-ag2-guide", "-ag2-guide-i0.3-5")}
     assert cells["-w1"]["nfe"] == 2 * cells[""]["nfe"] == 6 and cells["-ag2-guide"]["nfe"] == 6
     assert cells["-w0"]["fid"] == cells[""]["fid"] == cells["-ag1-guide"]["fid"]
     assert cells["-w1"]["fid"] != cells[""]["fid"]

@@ -32,12 +32,12 @@ from .kinds import kind_of, load_run
 from .runfolder import read_config, read_json, start_run
 
 DISTILLED_KINDS = ("toy", "images")
-# A round's weights average: EDM2's power EMA with this σ_rel (ema.PowerEMA) where the teacher's config has the
-# classic EMA and --set gives neither train.ema nor train.ema_sigma_rel. A student starts at its teacher, and a
-# classic EMA of a short round still holds the start: decay 0.999 over 500 steps keeps 0.999^500 = 61% of the
-# teacher's weights (measured on MNIST, 4-step student: EMA FID 65.7 against its raw weights' 60.4, BENCHMARKS),
-# and each round's teacher is that EMA. The power EMA's average spans a fixed share of the round, whatever its
-# length, so it follows the student.
+# A round's weights average: EDM2's power EMA with this σ_rel (ema.PowerEMA) where the teacher's config has
+# the classic EMA and --set gives neither train.ema nor train.ema_sigma_rel. A student starts at its teacher,
+# and a classic EMA of a short round still holds the start: decay 0.999 over 500 steps keeps 0.999^500 = 61%
+# of the teacher's weights (measured on MNIST, 4-step student: EMA FID 65.7 against its raw weights' 60.4,
+# BENCHMARKS), and each round's teacher is that EMA. The power EMA's average spans a fixed share of the
+# round, whatever its length, so it follows the student.
 DISTILL_EMA_SIGMA_REL = 0.05
 
 
