@@ -258,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps halve each round from --steps. Each round folder's config.toml is the "
                         "teacher's config with a [distill] table; gendiff sample / eval on it sample with "
                         "Euler (= DDIM) steps on the student's grid (schedules.distill_sigmas) at its own "
-                        "step count.")
+                        "step count. A round's weights average is EDM2's power EMA (σ_rel 0.05) where the "
+                        "teacher's EMA is classic, so that a short round's EMA follows the student rather "
+                        "than keeping the teacher it started from; --set train.ema_sigma_rel=0 keeps the "
+                        "teacher's classic EMA.")
     di.add_argument("run",
                     help="a toy or image run folder written by gendiff train (or a distillation round)")
     di.add_argument("--rounds", type=_positive_int("--rounds"), required=True, help="rounds of halving")
