@@ -446,6 +446,25 @@ def test_image_runs_distil_through_the_same_path(blobs_npz, tmp_path):
     with open(os.path.join(run + "-distill", "round-1", "metrics.json")) as f:
         m = json.load(f)
     assert (m["samples"]["sampler"], m["samples"]["nfe"]) == ("Euler 4 (distilled grid)", 4)
+    # benchmarks/checkpoint_weights.py: a checkpoint's training weights as a weights file that gendiff eval
+    # reads (how the rounds' EMA was found to hold the teacher, BENCHMARKS); the EMA stays model.safetensors
+    import importlib.util
+    from safetensors.torch import load_file
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_weights", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                           "checkpoint_weights.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([run]) == 0
+    raw = load_file(os.path.join(run, "model-raw-8.safetensors"))
+    ema = load_file(os.path.join(run, "model.safetensors"))
+    ckpt = load_file(os.path.join(run, "checkpoints", "ckpt-00000008.safetensors"))
+    assert raw.keys() == ema.keys() and all(torch.equal(raw[k], ckpt["model." + k]) for k in raw)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    assert main(["eval", run, "--weights", "model-raw-8.safetensors", "--samples", "4", "--threads", "1"]) == 0
+    assert os.path.exists(os.path.join(run, "eval-4-4-seed0-model-raw-8.json"))
+    with pytest.raises(SystemExit, match="checkpoints at steps"):
+        bench.main([run, "--step", "3"])
 
 
 def test_distill_calibration_scores_the_student_against_d_star(toy_run, tmp_path):
