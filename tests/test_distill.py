@@ -461,7 +461,8 @@ def test_image_runs_distil_through_the_same_path(blobs_npz, tmp_path):
     ckpt = load_file(os.path.join(run, "checkpoints", "ckpt-00000008.safetensors"))
     assert raw.keys() == ema.keys() and all(torch.equal(raw[k], ckpt["model." + k]) for k in raw)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
-    assert main(["eval", run, "--weights", "model-raw-8.safetensors", "--samples", "4", "--threads", "1"]) == 0
+    assert main(["eval", run, "--weights", "model-raw-8.safetensors", "--samples", "4",
+                 "--threads", "1"]) == 0
     assert os.path.exists(os.path.join(run, "eval-4-4-seed0-model-raw-8.json"))
     with pytest.raises(SystemExit, match="checkpoints at steps"):
         bench.main([run, "--step", "3"])
