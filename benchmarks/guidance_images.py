@@ -126,10 +126,12 @@ def figure(points: list, path: str, title: str) -> None:
             ax.axhspan(m - (e or 0.0), m + (e or 0.0), color="0.85")
             ax.axhline(m, color="0.4", lw=1, label="unguided")
     for key in dict.fromkeys((k, sp) for k, _, sp, _ in points if k != "none"):
-        sel = [(w, m, e or 0.0) for k, w, sp, (m, e) in points if (k, sp) == key]
+        # one axis for both: the factor on the main model's difference (T34: D_g + w(D_m − D_g); T33:
+        # D_u + (1 + w)(D_c − D_u)), so CFG's w sits at 1 + w and 1 is unguided for both
+        sel = [(w + (k == "CFG"), m, e or 0.0) for k, w, sp, (m, e) in points if (k, sp) == key]
         ax.errorbar([x[0] for x in sel], [x[1] for x in sel], yerr=[x[2] for x in sel], marker="o", capsize=3,
                     label=f"{key[0]}, " + ("every σ" if key[1] == "all σ" else f"σ in {key[1]}"))
-    ax.set_xlabel("guidance weight w")
+    ax.set_xlabel("guidance factor (autoguidance: w; CFG: 1 + w)")
     ax.set_ylabel("FID (our classifier's features) ↓")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
