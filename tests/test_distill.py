@@ -510,3 +510,20 @@ def test_distill_calibration_scores_the_student_against_d_star(toy_run, tmp_path
             nll = 0.5 * (torch.log(2 * math.pi * v[rest]) + e2[rest] / v[rest])
             np.testing.assert_allclose(b["head"]["nll"], nll.mean().item(), rtol=1e-4, atol=1e-6)
     assert "| 1 | 32 |" in bench.markdown([r])
+
+
+def test_distill_figure_draws_the_recorded_results(tmp_path):
+    """benchmarks/distill_figure.py (README's figure of quality against steps) draws from the committed
+    results files."""
+    import importlib.util
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("distill_figure",
+                                                  os.path.join(root, "benchmarks", "distill_figure.py"))
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    res = os.path.join(root, "docs", "results")
+    out = str(tmp_path / "steps.png")
+    assert fig.main(["--tree", os.path.join(res, "distill-tree-128", "summary.json"), "--mnist",
+                     os.path.join(res, "distill-mnist"), "--teacher",
+                     os.path.join(res, "guidance-mnist", "eval-default-2000-seed0.json"), "--out", out]) == 0
+    assert os.path.getsize(out) > 10_000
