@@ -14,8 +14,7 @@ import argparse
 import os
 import sys
 
-from safetensors import safe_open
-
+from gendiff import checkpoint
 from gendiff.io import save_state
 
 
@@ -26,14 +25,13 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("model", "ema"), default="model")
     args = ap.parse_args(argv)
     folder = os.path.join(args.run, "checkpoints")
-    steps = sorted(int(f[5:13]) for f in os.listdir(folder) if f.startswith("ckpt-") and
-                   f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    steps = checkpoint.steps(folder) if os.path.isdir(folder) else []
     step = args.step if args.step is not None else (steps[-1] if steps else None)
     if step not in steps:
         raise SystemExit(f"--step={args.step}: {args.run} has checkpoints at steps {steps or 'none'}")
     prefix = args.part + "."
-    with safe_open(os.path.join(folder, f"ckpt-{step:08d}.safetensors"), "pt") as f:
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    _, tensors, _ = checkpoint.load(os.path.join(folder, f"ckpt-{step:08d}.json"))   # checksum verified
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     name = f"model-{'raw' if args.part == 'model' else 'ema'}-{step}.safetensors"
     save_state(state, os.path.join(args.run, name))
     print(name)
