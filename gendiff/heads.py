@@ -71,7 +71,7 @@ def nll_stable(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
     return 0.5 * (G + torch.exp(-G) * inner + LOG_2PI + 2 * torch.log(sc.c_var))
 
 
-def nll_excess(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
+def nll_excess(F, G, F_star, sc: Scalings, source_var=None, log_variance_grad: bool = False) -> torch.Tensor:
     """THEORY T37, per element, for σ_φ² = σ² + c_out²·e^G = c_var²·(1 − k + k·e^G):
     2L = log(2π·c_var²) + log(1 − k + k·e^G) + [(1 − k) + k‖F − F*‖² (+ σ_src²/c_var²)] / (1 − k + k·e^G).
 
@@ -79,9 +79,19 @@ def nll_excess(F, G, F_star, sc: Scalings, source_var=None) -> torch.Tensor:
     log(1 − k) and log k + G, and the bracket is multiplied by its exp(−·): finite for any σ and any finite
     G (the denominator is ≥ 1 − k, ≥ ½ for EDM). `source_var`: a known per-element variance of x0's source,
     the diagonal T12 term as in `nll_stable`.
+
+    log_variance_grad: the same value and the same gradient for F, but G receives the gradient with respect to
+    H = log(1 − k + k·e^G) = log(σ_φ²/c_var²) (T6's G at this σ_φ, so T9's gradient 1 − inner·e^(−H)) instead
+    of ∂L/∂G = (k·e^G/e^H)·∂L/∂H. The factor dropped, k·e^G/e^H = Var[x0 | x̃]/σ_φ² ≤ 1, is what
+    makes T37's G gradient vanish where Var[x0 | x̃] ≪ σ² (issue 18: background pixels whose excess stays
+    far above their error). Only a positive per-element factor of G's gradient changes, so the expected
+    gradient is zero where it was: the optimum is T8's, e^G = E[‖F − F*‖² | x̃]; the gradient stays bounded,
+    |1 − inner·e^(−H)| ≤ max(1, k‖F − F*‖²/(1 − k)) (unlike the x0 readout NLL of `readout_nll`).
     """
     omk = sc.one_minus_k
     log_den = torch.logaddexp(torch.log(omk), torch.log(sc.k) + G)    # log(1 − k + k·e^G)
+    if log_variance_grad:    # value log_den; d/dG = 1 (straight-through from G to H)
+        log_den = log_den.detach() + (G - G.detach())
     inner = omk + sc.k * (F - F_star).square()
     if source_var is not None:
         inner = inner + source_var / sc.c_var.square()
@@ -424,9 +434,10 @@ class ExcessHead(Head):
     def excess_variance(self, p):
         return p.scalings.c_out.square() * torch.exp(p.G)
 
-    def nll(self, p, x0, source_cov=None, source_var=None):
+    def nll(self, p, x0, source_cov=None, source_var=None, log_variance_grad: bool = False):
         var = _source_var(source_cov, source_var)
-        return _sum_elements(nll_excess(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, var))
+        return _sum_elements(nll_excess(p.F, p.G, f_target(x0, p.x, p.scalings), p.scalings, var,
+                                        log_variance_grad=log_variance_grad))
 
 
 class LogVarianceOfSigma(nn.Module):

@@ -251,6 +251,10 @@ IMAGE_RECIPES = {
                                          help="class-conditional confidence-excess, labels dropped to ∅ "
                                               "w.p. 0.1: classifier-free guidance (T33) or autoguidance "
                                               "(T34) by a conditional guide"),
+    "confidence-excess-loggrad": ImageRecipe("edm", "nll-log-grad", head="excess", density_name="edm",
+                                             help="as confidence-excess (T37's loss, value and optimum), "
+                                                  "G's gradient taken in log σ_φ² as T6's: it does not "
+                                                  "vanish where Var[x0 | x̃] ≪ σ²"),
     "confidence-posterior": ImageRecipe("edm", "nll-posterior", head="excess", density_name="edm",
                                         help="as confidence-excess, with the NLL of x0 under the head's own "
                                              "N(μ, σ_φ² − σ²) added for G (μ held): G's gradient no longer "
