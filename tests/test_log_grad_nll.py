@@ -88,7 +88,8 @@ def test_F_gets_T37s_gradient_and_G_gets_T9s_at_the_same_sigma_phi(sigma, a, g):
 @pytest.mark.parametrize("sigma", [0.01, 0.05, 0.5, 5.0])
 def test_optimum_is_T8s_on_a_gaussian_prior(sigma):
     """At (a, g) = (0, 0), the exact posterior mean and Var[x0 | x̃] = c_out², the sample-mean gradients vanish
-    within their Monte-Carlo error; at g = ±0.5 the G gradient points back to 0 (its size ∝ k, not to e^g·k²)."""
+    within their Monte-Carlo error; at g = ±0.5 the G gradient points back to 0
+    (its size ∝ k, not to e^g·k²)."""
     b = batch(sigma)
     da, dg = grads(ExcessLogGradNLL(), den(), b)
     assert abs(dg.item()) < 0.01 and abs(da.item()) < 0.01, (da, dg)
