@@ -264,3 +264,21 @@ def test_paired_models_are_scored_on_their_own_errors_and_common_elements():
         assert row["rest"] == row["elements"]
     with pytest.raises(ValueError, match="rest"):
         readout(mu, V, x0, sigma, rest="both")
+
+
+def test_the_trees_exact_posterior_has_unit_z2_and_near_gaussian_coverage():
+    """benchmarks/oracle_coverage.py: the tree's exact posterior (mean, diagonal variance) read through the
+    readout. T8's optimum has E[(x0 − μ*)²/Var] = 1 per element, so z2_mean is 1 within its sampling error
+    (a posterior without the between-component term, or the covariance's full trace per element, misses it);
+    its coverage is the posterior's shape (measured 69–72% / 94–96% at 4096 points per σ, BENCHMARKS)."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "oracle_coverage", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "oracle_coverage.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.exact_coverage([0.1, 1.0], points=2048, seed=0)
+    for b in out["bins"].values():
+        h = b["head"]
+        assert abs(h["z2_mean"] - 1) < 0.15, h["z2_mean"]            # sd ≈ √(2/2048) per element × √2 dims
+        assert 0.6 < h["coverage_1s"] < 0.8 and 0.9 < h["coverage_2s"] < 0.99, h
