@@ -82,11 +82,14 @@ def nll_excess(F, G, F_star, sc: Scalings, source_var=None, log_variance_grad: b
 
     log_variance_grad: the same value and the same gradient for F, but G receives the gradient with respect to
     H = log(1 − k + k·e^G) = log(σ_φ²/c_var²) (T6's G at this σ_φ, so T9's gradient 1 − inner·e^(−H)) instead
-    of ∂L/∂G = (k·e^G/e^H)·∂L/∂H. The factor dropped, k·e^G/e^H = Var[x0 | x̃]/σ_φ² ≤ 1, is what
-    makes T37's G gradient vanish where Var[x0 | x̃] ≪ σ² (issue 18: background pixels whose excess stays
-    far above their error). Only a positive per-element factor of G's gradient changes, so the expected
-    gradient is zero where it was: the optimum is T8's, e^G = E[‖F − F*‖² | x̃]; the gradient stays bounded,
-    |1 − inner·e^(−H)| ≤ max(1, k‖F − F*‖²/(1 − k)) (unlike the x0 readout NLL of `readout_nll`).
+    of ∂L/∂G = (k·e^G/e^H)·∂L/∂H. The factor dropped, k·e^G/e^H = c_out²e^G/σ_φ² ≤ 1 (the claimed excess
+    over σ_φ²), is what makes T37's G gradient vanish where the claimed Var[x0 | x̃] ≪ σ² (issue 18:
+    background pixels whose excess stays far above their error). Per element only a positive factor of G's
+    gradient changes, so the expected gradient given x̃ vanishes where it did (T8's e^G = E[‖F − F*‖² | x̃]);
+    the pair (∂/∂F, ∂/∂H) is not the gradient of any loss, so a network shared across elements and σ may
+    settle on another compromise than T37's (confident elements count more). Bounded:
+    |1 − inner·e^(−H)| ≤ max(1, k‖F − F*‖²/(1 − k) + σ_src²/σ²), the last term only with `source_var`
+    (unlike the x0 readout NLL of `readout_nll`, unbounded as e^G → 0).
     """
     omk = sc.one_minus_k
     log_den = torch.logaddexp(torch.log(omk), torch.log(sc.k) + G)    # log(1 − k + k·e^G)

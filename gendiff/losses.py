@@ -94,9 +94,10 @@ def _excess_head(denoiser: Denoiser, loss: str):
 
 
 class ExcessLogGradNLL(ConfidenceNLL):
-    """T7 through T37's excess-variance head, value and optimum unchanged, with G's gradient taken with
-    respect to log σ_φ² (`heads.nll_excess(log_variance_grad=True)`): T37's reachable set (σ_φ ≥ σ), T6's
-    well-conditioned gradient for the variance. μ's gradient is T7's, (μ − x0)/σ_φ².
+    """T7 through T37's excess-variance head, value and per-x̃ stationary point (T8) unchanged, with G's
+    gradient taken with respect to log σ_φ² (`heads.nll_excess(log_variance_grad=True)`; not the gradient of
+    any loss): T37's reachable set (σ_φ ≥ σ), T6's well-conditioned gradient for the variance. μ's gradient is
+    T7's, (μ − x0)/σ_φ².
 
     Why (issue 18, measured on MNIST): under T37 ∂L/∂G carries the factor Var[x0 | x̃]/σ_φ², so a pixel whose
     claimed excess is far below σ² (MNIST's background from σ = 0.2 up) hardly moves: at 4000 steps its

@@ -270,7 +270,7 @@ def test_the_trees_exact_posterior_has_unit_z2_and_near_gaussian_coverage():
     """benchmarks/oracle_coverage.py: the tree's exact posterior (mean, diagonal variance) read through the
     readout. T8's optimum has E[(x0 − μ*)²/Var] = 1 per element, so z2_mean is 1 within its sampling error
     (a posterior without the between-component term, or the covariance's full trace per element, misses it);
-    its coverage is the posterior's shape (measured 69–72% / 94–96% at 4096 points per σ, BENCHMARKS)."""
+    its coverage is the posterior's shape (measured 70–72% / 94–96% at 4096 points per σ, BENCHMARKS)."""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(

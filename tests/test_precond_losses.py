@@ -639,6 +639,9 @@ LOSS_ORACLES = {  # losses.LOSSES name -> E[loss per example](σ, δ, d)
     # trains T37's excess head only (refuses a headless denoiser): its oracles are the Gaussian prior's
     # optimum (T8) and T7 + the readout NLL term by term, in tests/test_posterior_nll.py
     "nll-posterior": "tests/test_posterior_nll.py::test_optimum_is_T8s_on_a_gaussian_prior",
+    # T37's excess head only, too: value = T7, F's gradient = T37's, G's = T9's at the same σ_φ, T8's optimum,
+    # in tests/test_log_grad_nll.py
+    "nll-log-grad": "tests/test_log_grad_nll.py::test_optimum_is_T8s_on_a_gaussian_prior",
 }
 
 

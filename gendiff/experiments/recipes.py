@@ -252,7 +252,7 @@ IMAGE_RECIPES = {
                                               "w.p. 0.1: classifier-free guidance (T33) or autoguidance "
                                               "(T34) by a conditional guide"),
     "confidence-excess-loggrad": ImageRecipe("edm", "nll-log-grad", head="excess", density_name="edm",
-                                             help="as confidence-excess (T37's loss, value and optimum), "
+                                             help="as confidence-excess (T37's loss value and T8's optimum), "
                                                   "G's gradient taken in log σ_φ² as T6's: it does not "
                                                   "vanish where Var[x0 | x̃] ≪ σ²"),
     "confidence-posterior": ImageRecipe("edm", "nll-posterior", head="excess", density_name="edm",
