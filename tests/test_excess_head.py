@@ -454,3 +454,47 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
         args = ["eval", runs["confidence-excess"], "--calibration-against", against, "--threads", "1"]
         assert main(args) != 0
         assert why in capsys.readouterr().err
+
+
+def test_head_recalibration_refits_only_G_and_is_read_by_eval(blobs, tmp_path, capsys):
+    """benchmarks/head_recalibration.py: the EMA model's conv_out G rows refitted on its own error; every other
+    weight, F's rows included, is unchanged bit for bit (so μ and the samples are the EMA's), G's rows move,
+    the loss it reports falls on a run whose head starts at σ_φ = c_var (4 training steps), and the weights
+    file is read by `gendiff eval --weights … --calibration-against`. A run with T6's head is refused.
+    Breakage tried: the F rows' gradient mask left out (the script's own μ check raises, and the F rows
+    differ)."""
+    import importlib.util
+    import shutil
+    from safetensors.torch import load_file
+    spec = importlib.util.spec_from_file_location(
+        "head_recalibration", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                           "head_recalibration.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = {}
+    for recipe in ("confidence-excess-loggrad", "confidence"):
+        out = str(tmp_path / recipe)
+        assert main(["train", "--preset", "mnist-tiny", "--set", f"data.path={blobs}", "--set",
+                     "data.name=npz", "--set", f"recipe={recipe}", "--set", "model.attn_resolutions=[]",
+                     "--set", "train.iterations=4", "--set", "eval.samples=8", "--set",
+                     "eval.calibration_images=6", "--set", "eval.likelihood_images=0", "--threads", "1",
+                     "--no-progress", "--out", out]) == 0
+        runs[recipe] = out
+    run = runs["confidence-excess-loggrad"]
+    name, stats = bench.recalibrate(run, steps=30, batch=16, lr=3e-2, seed=0)
+    assert stats["loss_last"] < stats["loss_first"], stats
+    before, after = load_file(os.path.join(run, "model.safetensors")), load_file(os.path.join(run, name))
+    assert before.keys() == after.keys()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert sorted(moved) == ["net.conv_out.bias", "net.conv_out.weight"], moved
+    assert torch.equal(before["net.conv_out.weight"][:1], after["net.conv_out.weight"][:1])     # F's row
+    assert not torch.equal(before["net.conv_out.weight"][1:], after["net.conv_out.weight"][1:])  # G's row
+    copy = str(tmp_path / "ema")
+    shutil.copytree(run, copy)
+    capsys.readouterr()
+    assert main(["eval", run, "--weights", name, "--calibration-against", copy, "--threads", "1"]) == 0
+    res = json.load(open(os.path.join(run, "calibration-paired.json")))
+    assert res["reference_weights"] == name
+    assert any(row["gain"]["ema"]["nll"] != 0.0 for row in res["bins"].values())
+    with pytest.raises(SystemExit, match="excess-variance head"):
+        bench.recalibrate(runs["confidence"], steps=1, batch=4, lr=1e-3, seed=0)
