@@ -53,7 +53,8 @@ def main():
     out = exact_coverage(sigmas, args.points, args.seed)
     print(f"exact posterior of the tree, {args.points // 2} measured points per σ; Gaussian: "
           f"{100 * GAUSS_COVERAGE_1:.1f}% / {100 * GAUSS_COVERAGE_2:.1f}%")
-    print("| σ | ±1 std, exact | ±2 std, exact | mean z², exact | ±1 std, best constant | ±2 std, best constant |")
+    print("| σ | ±1 std, exact | ±2 std, exact | mean z², exact | ±1 std, best constant "
+          "| ±2 std, best constant |")
     print("|---|---|---|---|---|---|")
     for label, b in out["bins"].items():
         h, c = b["head"], b["constant"]

@@ -266,8 +266,8 @@ IMAGE_RECIPES = {
                                               "σ_φ² = c_var²·e^(u(σ)) (T9)"),
 }
 TABLE_ROWS = ("x0", "eps", "score", "score-cfg", "learned-variance", "edm", "confidence")
-# the confidence heads on real images (issue 18): T6's head, T37's, EDM2's u(σ) as a head, T37 with G's gradient
-# in log σ_φ²
+# the confidence heads on real images (issue 18): T6's head, T37's, EDM2's u(σ) as a head, T37 with G's
+# gradient in log σ_φ²
 CONFIDENCE_ROWS = ("confidence", "confidence-excess", "confidence-sigma-only", "confidence-excess-loggrad")
 # image suites of `gendiff ablate`: their rows and default preset (experiments/config.py PRESETS)
 IMAGE_SUITES = {"images": (TABLE_ROWS, "mnist-cpu"), "confidence-images": (CONFIDENCE_ROWS, "mnist-conf")}
