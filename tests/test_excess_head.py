@@ -459,8 +459,8 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
 def test_head_recalibration_refits_only_G_and_is_read_by_eval(blobs, tmp_path, capsys):
     """benchmarks/head_recalibration.py: the EMA model's conv_out G rows refitted on its own error; every
     other weight, F's rows included, is unchanged bit for bit (so μ and the samples are the EMA's), G's rows
-    move, the loss it reports falls on a run whose head starts at σ_φ = c_var (4 training steps), and the weights
-    file is read by `gendiff eval --weights … --calibration-against`. A run with T6's head is refused.
+    move, the loss it reports falls on a run whose head starts at σ_φ = c_var (4 training steps), and the
+    weights file is read by `gendiff eval --weights … --calibration-against`. A run with T6's head is refused.
     Breakage tried: the F rows' gradient mask left out (the script's own μ check raises, and the F rows
     differ)."""
     import importlib.util

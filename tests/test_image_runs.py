@@ -496,7 +496,8 @@ def test_sample_command_on_a_conditional_run(blobs, tmp_path, capsys):
 def test_confidence_images_suite_from_the_cli(blobs, tmp_path):
     """`gendiff ablate --suite confidence-images` runs the confidence heads' rows (default rows: the three
     heads and T37 with the log-variance gradient; here two, on tiny data) and its table carries the per-σ
-    calibration of each, against the best constant. Breakage tried: only --suite images dispatched to the image tables (the suite then fails as a
+    calibration of each, against the best constant. Breakage tried: only --suite images dispatched to the
+    image tables (the suite then fails as a
     toy suite)."""
     from gendiff.cli import main
     from gendiff.experiments.recipes import IMAGE_SUITES
