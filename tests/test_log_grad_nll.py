@@ -16,43 +16,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
+# the Gaussian-prior oracle's backbone and batches, shared with nll-posterior's tests (same oracle)
+from test_posterior_nll import SD, batch, den, grads
 
 from gendiff.heads import nll_direct, nll_stable
 from gendiff.losses import ExcessLogGradNLL, NoisyBatch, make_loss
-from gendiff.precond import Denoiser, EDMPrecond
-
-F64 = torch.float64
-SD = 0.5
-
-
-class Constant(nn.Module):
-    """A backbone whose F and G are two learnable constants, whatever the input."""
-
-    def __init__(self, a=0.0, g=0.0):
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(a, dtype=F64))
-        self.g = nn.Parameter(torch.tensor(g, dtype=F64))
-
-    def forward(self, x_in, c_noise):
-        zero = torch.zeros_like(x_in)
-        return zero + self.a, zero + self.g
-
-
-def batch(sigma, n=200_000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x0 = SD * torch.randn(n, 1, generator=g, dtype=F64)
-    return NoisyBatch(x0=x0, x_noisy=x0 + sigma * torch.randn(n, 1, generator=g, dtype=F64),
-                      sigma=torch.tensor(sigma, dtype=F64))
-
-
-def den(a=0.0, g=0.0, head="excess"):
-    return Denoiser(Constant(a, g), EDMPrecond(SD), head)
-
-
-def grads(loss_fn, d, b):
-    loss = loss_fn(d, b).mean()
-    return torch.autograd.grad(loss, [d.net.a, d.net.g])
+from gendiff.precond import EDMPrecond
 
 
 @pytest.mark.parametrize("sigma", [1e-4, 0.05, 1.0, 1e4])
