@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 # the Gaussian-prior oracle's backbone and batches, shared with nll-posterior's tests (same oracle)
-from test_posterior_nll import SD, batch, den, grads
+from test_posterior_nll import F64, SD, batch, den, grads
 
 from gendiff.heads import nll_direct, nll_stable
 from gendiff.losses import ExcessLogGradNLL, NoisyBatch, make_loss
