@@ -26,6 +26,8 @@ DECILES = 10        # reliability table: predicted variance in this many equal-c
 BOOT = 200          # bootstrap resamples of the examples for the sd of an NLL difference
 VERDICT_SD = 2.0    # a difference is resolved when |difference| > VERDICT_SD · its bootstrap sd
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# issue 18's coverage target per σ bin: ±1 std within 68 ± 5%, ±2 std within 95 ± 3%
+COVERAGE_TARGET = ((0.63, 0.73), (0.92, 0.98))
 
 
 def _f64(t, shape, name: str) -> np.ndarray:
@@ -46,13 +48,14 @@ def _score(var: np.ndarray, err2: np.ndarray, floor_var: np.ndarray,
     v = np.maximum(var, floor_var)
     nll = _HALF_LOG_2PI + 0.5 * np.log(v) + 0.5 * err2 / v      # −log N(x0; μ, v) per element (nats)
     out = {"floored_share": float((var <= floor_var).mean()), "nll": None, "coverage_1s": None,
-           "coverage_2s": None, "z2_mean": None, "spearman": None, "reliability": None,
+           "coverage_2s": None, "z2_mean": None, "rescaled": None, "spearman": None, "reliability": None,
            "nll_floored_all": float(nll.mean())}
     if rest.any():
         vr, er = v[rest], err2[rest]
         z2 = er / vr
         out.update(nll=float(nll[rest].mean()), coverage_1s=float((z2 <= 1).mean()),
-                   coverage_2s=float((z2 <= 4).mean()), z2_mean=float(z2.mean()))
+                   coverage_2s=float((z2 <= 4).mean()), z2_mean=float(z2.mean()),
+                   rescaled=rescale_coverage(z2))
         if vr.min() < vr.max():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # constant errors: nan, kept as such
@@ -61,6 +64,58 @@ def _score(var: np.ndarray, err2: np.ndarray, floor_var: np.ndarray,
         out["reliability"] = {"mean_var": [float(vr[g].mean()) for g in groups],
                               "mse": [float(er[g].mean()) for g in groups], "n": [len(g) for g in groups]}
     return out, nll
+
+
+def rescale_coverage(z2, target=COVERAGE_TARGET) -> dict:
+    """Could one scalar per σ bin fix a predictor's coverage? z2: (μ − x0)²/var per element of one bin.
+    Scaling var by c turns the ±1 / ±2 std coverage into C1(c) = P(z² ≤ c) and C2(c) = P(z² ≤ 4c): both
+    move with c, but their pair is set by the shape of the z distribution, not its scale. A Gaussian z (any
+    calibrated Gaussian predictive) reaches 68.3% / 95.4% at c = 1; a heavy-tailed z only in a narrow window
+    (Laplace: C2 = 1 − (1 − C1)², so C1 = 68% gives C2 = 90% and only C1 ∈ [71.7%, 73%] is inside), and a
+    two-point one (a pixel that is ink or background) at no c.
+    Returns feasible (some c puts both inside target), scale_lo / scale_hi (the smallest and largest such c,
+    None if none), best (the c minimising the larger of the two misses, each in units of its band's half
+    width, with its coverage_1s, coverage_2s and miss: ≤ 1 inside), and kurtosis E[z⁴]/E[z²]² of the signed
+    z (3 for a Gaussian). Exact: C1 and C2 are step functions of c that change only at the z²_i and z²_i/4,
+    so every c that matters is one of those."""
+    z2 = np.sort(np.asarray(z2, dtype=np.float64).ravel())
+    if not len(z2) or not np.isfinite(z2).all() or (z2 < 0).any():
+        raise ValueError(f"z2 has {len(z2)} elements; allowed: one or more finite values >= 0")
+    (lo1, hi1), (lo2, hi2) = target
+    cand = np.unique(np.concatenate([z2, z2 / 4]))
+    c1 = np.searchsorted(z2, cand, side="right") / len(z2)
+    c2 = np.searchsorted(z2, 4 * cand, side="right") / len(z2)
+    miss = np.maximum(np.abs(c1 - (lo1 + hi1) / 2) / ((hi1 - lo1) / 2),
+                      np.abs(c2 - (lo2 + hi2) / 2) / ((hi2 - lo2) / 2))
+    ok = miss <= 1
+    b = int(np.argmin(miss))
+    return {"feasible": bool(ok.any()), "scale_lo": float(cand[ok].min()) if ok.any() else None,
+            "scale_hi": float(cand[ok].max()) if ok.any() else None,
+            "best": {"scale": float(cand[b]), "coverage_1s": float(c1[b]), "coverage_2s": float(c2[b]),
+                     "miss": float(miss[b])},
+            "kurtosis": float(np.mean(z2 ** 2) / np.mean(z2) ** 2) if z2.any() else None}
+
+
+RECALIBRATIONS = ("nll", "coverage")
+
+
+def fit_variance_scale(err2, var, how: str, floor_var=0.0) -> float:
+    """One scalar c for a predicted variance (var → c·var), fitted on one σ bin's held-out elements (err2 =
+    (μ − x0)², var; those with var ≤ floor_var are left out). how="nll": c = mean z², the Gaussian NLL's
+    optimum over c (σ scaling: Levi et al. 2019, "Evaluating and calibrating uncertainty prediction in
+    regression tasks"); how="coverage": the geometric middle of rescale_coverage's window (both coverages
+    inside issue 18's band), or its closest c where there is none. Either way the ranks of var, and so its
+    Spearman and its reliability groups, are unchanged: only the scale moves."""
+    check_choice("how", how, RECALIBRATIONS)
+    err2, var = np.asarray(err2, dtype=np.float64).ravel(), np.asarray(var, dtype=np.float64).ravel()
+    keep = var > floor_var
+    if not keep.any():
+        raise ValueError("fit_variance_scale: no element above the floor to fit on")
+    z2 = err2[keep] / var[keep]
+    if how == "nll":
+        return float(z2.mean())
+    r = rescale_coverage(z2)
+    return math.sqrt(r["scale_lo"] * r["scale_hi"]) if r["feasible"] else r["best"]["scale"]
 
 
 def _boot(diff: np.ndarray, example: np.ndarray, rng, boot: int) -> tuple[float, float]:
@@ -107,7 +162,9 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
       is below the floor);
     - on the rest, with the predictor's var clamped at the floor: nll, the mean −log N(x0; μ, var)
       per element (nats); coverage_1s / coverage_2s, the shares with |μ − x0| ≤ √var and ≤ 2√var (Gaussian
-      68.27% / 95.45%; above: var too large); z2_mean, mean (μ − x0)²/var (ideal 1); spearman, the rank
+      68.27% / 95.45%; above: var too large); z2_mean, mean (μ − x0)²/var (ideal 1); rescaled,
+      rescale_coverage of those z²: whether one scalar on var could bring both coverages inside issue 18's
+      band (if not, the shape of the errors given var is off, not its scale); spearman, the rank
       correlation of √var with |μ − x0| (None for a predictor constant there); reliability, the rest split
       into `DECILES` equal-count groups by var: mean_var, mse (mean (μ − x0)²) and n per group (calibrated:
       mse ≈ mean_var);

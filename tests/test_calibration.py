@@ -14,7 +14,13 @@ Breakages tried (each made the named test fail, then was reverted):
 - gain signed head − baseline → test_exact_beats_the_best_constant_... and test_doubled_variance_...;
 - bootstrap resampling elements instead of examples → test_bootstrap_resamples_examples_not_elements;
 - reliability groups sorted by the error instead of the predicted variance → test_reliability_deciles_...;
-- Spearman against the signed error μ − x0 → test_spearman_ranks_the_error_by_its_predicted_std.
+- Spearman against the signed error μ − x0 → test_spearman_ranks_the_error_by_its_predicted_std;
+- rescale_coverage with C2 at z² ≤ 2c instead of 4c → test_rescaled_coverage_has_the_closed_forms (Gaussian
+  and Laplace windows); the miss measured in band widths, not half widths → the same (two-point miss 4.4);
+  kurtosis as E[z⁴]/E[z²] (its square dropped) → the same;
+- fit_variance_scale's nll scale as 1/mean z² → test_variance_scale_recovers_a_doubled_variance; floored
+  elements kept in the fit → the same; the recalibration of `gendiff eval --recalibrate` fitted on every image
+  (fit and measured halves) → test_recalibration_is_fitted_on_the_fit_half_only.
 The shuffled-variance control first used for Spearman (V with its elements permuted) was not independent of
 the errors (a permuted prior still correlates with the prior) and failed at 0.023 > 4/√n; it is now a variance
 drawn independently of everything.
@@ -25,8 +31,9 @@ import numpy as np
 import pytest
 import torch
 
-from gendiff.calibration import (FLOOR, GAUSS_COVERAGE_1, GAUSS_COVERAGE_2, calibration_by_sigma,
-                                 reliability_figure)
+from gendiff.calibration import (COVERAGE_TARGET, FLOOR, GAUSS_COVERAGE_1, GAUSS_COVERAGE_2,
+                                 calibration_by_sigma, fit_variance_scale, reliability_figure,
+                                 rescale_coverage)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -74,6 +81,8 @@ def test_exact_posterior_covers_and_has_the_closed_form_nll():
         assert abs(h["nll"] - closed) < 4 * math.sqrt(NLL_VAR / n), (h["nll"], closed)
         assert h["nll_floored_all"] == h["nll"]                                  # nothing floored
         assert abs(h["z2_mean"] - 1) < 4 * math.sqrt(2 / n)
+        r = h["rescaled"]                       # a Gaussian posterior: c = 1 is inside the feasible window
+        assert r["feasible"] and r["scale_lo"] < 1 < r["scale_hi"] and abs(r["kurtosis"] - 3) < 0.3
 
 
 def test_exact_beats_the_best_constant_when_the_posterior_variance_varies():
@@ -266,19 +275,120 @@ def test_paired_models_are_scored_on_their_own_errors_and_common_elements():
         readout(mu, V, x0, sigma, rest="both")
 
 
-def test_the_trees_exact_posterior_has_unit_z2_and_near_gaussian_coverage():
-    """benchmarks/oracle_coverage.py: the tree's exact posterior (mean, diagonal variance) read through the
-    readout. T8's optimum has E[(x0 − μ*)²/Var] = 1 per element, so z2_mean is 1 within its sampling error
-    (a posterior without the between-component term, or the covariance's full trace per element, misses it);
-    its coverage is the posterior's shape (measured 70–72% / 94–96% at 4096 points per σ, BENCHMARKS)."""
+def _oracle_bench():
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(
         "oracle_coverage", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "oracle_coverage.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.exact_coverage([0.1, 1.0], points=2048, seed=0)
+    return bench
+
+
+def test_pixel_oracle_posterior_has_the_two_level_closed_form():
+    """benchmarks/oracle_coverage.py --data mnist: per pixel p(x0 = v_k | x̃) ∝ h_k N(x̃; v_k, σ²). A pixel
+    that is −1 w.p. 0.9 and +1 w.p. 0.1: P(+1 | x̃) = sigmoid(log(0.1/0.9) + 2x̃/σ²), mean 2P − 1, variance
+    4P(1 − P); a pixel that is always one value has variance 0. pixel_marginals counts byte values per pixel.
+    Breakage tried: the likelihood without the ½ (exp(−(x̃ − v)²/σ²)) → this test."""
+    bench = _oracle_bench()
+    imgs = np.zeros((10, 1, 1, 2), dtype=np.uint8)
+    imgs[0, 0, 0, 0] = 255                                 # pixel 0: one image in ten is ink; pixel 1 never
+    freq = bench.pixel_marginals(imgs)
+    assert freq.shape == (2, 256) and freq[0, 0] == 0.9 and freq[0, 255] == 0.1 and freq[1, 0] == 1.0
+    sigma = 0.7
+    xn = torch.tensor([[-1.3, 0.2], [0.4, -0.9], [1.5, 3.0]], dtype=F64)
+    mean, var = bench.pixel_posterior(freq, xn, sigma)
+    p = torch.sigmoid(math.log(0.1 / 0.9) + 2 * xn[:, 0] / sigma ** 2)
+    assert torch.allclose(mean[:, 0], 2 * p - 1, atol=1e-12) and torch.allclose(var[:, 0], 4 * p * (1 - p),
+                                                                                atol=1e-12)
+    assert torch.all(mean[:, 1] == -1) and torch.all(var[:, 1] == 0)
+
+
+def test_the_trees_exact_posterior_has_unit_z2_and_near_gaussian_coverage():
+    """benchmarks/oracle_coverage.py: the tree's exact posterior (mean, diagonal variance) read through the
+    readout. T8's optimum has E[(x0 − μ*)²/Var] = 1 per element, so z2_mean is 1 within its sampling error
+    (a posterior without the between-component term, or the covariance's full trace per element, misses it);
+    its coverage is the posterior's shape (measured 70–72% / 94–96% at 4096 points per σ, BENCHMARKS)."""
+    out = _oracle_bench().exact_coverage([0.1, 1.0], points=2048, seed=0)
     for b in out["bins"].values():
         h = b["head"]
         assert abs(h["z2_mean"] - 1) < 0.15, h["z2_mean"]            # sd ≈ √(2/2048) per element × √2 dims
         assert 0.6 < h["coverage_1s"] < 0.8 and 0.9 < h["coverage_2s"] < 0.99, h
+
+
+def test_rescaled_coverage_has_the_closed_forms():
+    """rescale_coverage: C1(c) = P(z² ≤ c), C2(c) = P(z² ≤ 4c). Gaussian z: the window of c is where both
+    χ²₁ probabilities are in the band, [max(q(.63), q(.92)/4), min(q(.73), q(.98)/4)]; Laplace(1) z:
+    C1 = 1 − e^{−√c}, C2 = 1 − (1 − C1)², window C1 ∈ [1 − √0.08, 0.73], kurtosis 6; a calibrated two-point z
+    (err 0.2 w.p. 0.9, 1.8 w.p. 0.1, var 0.36: a pixel that is ink with probability 0.1) has no window,
+    its best miss is max(|0.9 − 0.68|/0.05, |0.9 − 0.95|/0.03) = 4.4 and its kurtosis 8.111."""
+    from scipy.stats import chi2
+    (lo1, hi1), (lo2, hi2) = COVERAGE_TARGET
+    n = 400_000
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, generator=g, dtype=F64).numpy()
+    r = rescale_coverage(z ** 2)
+    lo, hi = max(chi2.ppf(lo1, 1), chi2.ppf(lo2, 1) / 4), min(chi2.ppf(hi1, 1), chi2.ppf(hi2, 1) / 4)
+    assert r["feasible"] and r["scale_lo"] == pytest.approx(lo, rel=0.02) and r["scale_hi"] == pytest.approx(
+        hi, rel=0.02), (r, lo, hi)
+    assert r["kurtosis"] == pytest.approx(3, abs=0.05) and r["best"]["miss"] < 0.2
+    lap = torch.empty(n, dtype=F64).exponential_(generator=g).numpy()     # |z| of a Laplace(1): Exp(1)
+    r = rescale_coverage(lap ** 2)
+    lo, hi = math.log(1 / math.sqrt(1 - lo2)) ** 2, math.log(1 / (1 - hi1)) ** 2   # 1.595, 1.714
+    assert r["feasible"] and r["scale_lo"] == pytest.approx(lo, rel=0.02) and r["scale_hi"] == pytest.approx(
+        hi, rel=0.02), (r, lo, hi)
+    assert r["kurtosis"] == pytest.approx(6, rel=0.05)
+    two = np.array([0.2 ** 2 / 0.36] * 90 + [1.8 ** 2 / 0.36] * 10)
+    assert two.mean() == pytest.approx(1)                                            # calibrated in scale
+    r = rescale_coverage(two)
+    assert not r["feasible"] and r["scale_lo"] is None and r["scale_hi"] is None
+    assert r["best"]["coverage_1s"] == pytest.approx(0.9) and r["best"]["miss"] == pytest.approx(4.4)
+    assert r["kurtosis"] == pytest.approx((0.9 / 81 + 0.1 * 81) / 1.0, rel=1e-9)
+    for bad in ([], [1.0, -0.5], [float("nan")]):
+        with pytest.raises(ValueError, match="z2"):
+            rescale_coverage(bad)
+
+
+def test_variance_scale_recovers_a_doubled_variance():
+    """A head that claims 2V for an exact Gaussian posterior V: the NLL's optimal scale is E[z²] = 1/2; the
+    coverage scale is the geometric middle of the Gaussian window halved, √(lo·hi)/2 with lo, hi from the χ²₁
+    quantiles of the band (test_rescaled_coverage_has_the_closed_forms). Elements at or below the floor
+    (here var = 0 with a large error) are left out of both fits."""
+    from scipy.stats import chi2
+    (lo1, hi1), (lo2, hi2) = COVERAGE_TARGET
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    V = torch.empty(n, dtype=F64).uniform_(0.01, 1.0, generator=g).numpy()
+    err2 = V * torch.randn(n, generator=g, dtype=F64).numpy() ** 2
+    err2, var = np.concatenate([err2, np.full(1000, 50.0)]), np.concatenate([2 * V, np.zeros(1000)])
+    assert fit_variance_scale(err2, var, "nll", floor_var=1e-12) == pytest.approx(0.5, rel=0.01)
+    lo, hi = max(chi2.ppf(lo1, 1), chi2.ppf(lo2, 1) / 4), min(chi2.ppf(hi1, 1), chi2.ppf(hi2, 1) / 4)
+    assert fit_variance_scale(err2, var, "coverage", floor_var=1e-12) == pytest.approx(
+        math.sqrt(lo * hi) / 2, rel=0.02)
+    two = np.array([0.04] * 90 + [3.24] * 10)          # no window: the closest scale (rescale_coverage)
+    assert fit_variance_scale(two, np.full(100, 0.36), "coverage") == rescale_coverage(two / 0.36)["best"][
+        "scale"]
+    with pytest.raises(ValueError, match="how"):
+        fit_variance_scale(err2, var, "median")
+    with pytest.raises(ValueError, match="no element above the floor"):
+        fit_variance_scale([1.0], [0.0], "nll", floor_var=0.0)
+
+
+def test_recalibration_is_fitted_on_the_fit_half_only():
+    """images._recalibrated (gendiff eval --calibration-against … --recalibrate): per σ one scale from the
+    images that fit the constant (even indices); the measured images' errors must not move it."""
+    from gendiff.experiments.images import _recalibrated
+    n, d, sigmas = 8, 50, (0.1, 1.0)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(n, d, generator=g)
+    mu = x0.repeat(2, 1) + 0.3 * torch.randn(2 * n, d, generator=g)
+    var = torch.full((2 * n, d), 0.09, dtype=F64)
+    (_, v1), c1 = _recalibrated(x0, sigmas, (mu, var), "nll")
+    spoiled = mu.clone()
+    spoiled[1::2] += 10.0                                  # the measured (odd) images' errors, at both σ
+    (_, v2), c2 = _recalibrated(x0, sigmas, (spoiled, var), "nll")
+    assert c1 == c2 and torch.equal(v1, v2)
+    for k, c in enumerate(c1):
+        fit = (mu[k * n:(k + 1) * n].double() - x0.double())[::2]
+        assert c == pytest.approx(float(fit.square().mean()) / 0.09, rel=1e-9)
+        assert torch.allclose(v1[k * n:(k + 1) * n], var[k * n:(k + 1) * n] * c)

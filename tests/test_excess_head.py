@@ -425,7 +425,10 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
     """`gendiff eval RUN --calibration-against OTHER`: two heads (T37 and T6) compared on the same noisy test
     images; against an identical copy of itself a run gains exactly 0 with sd 0 in every σ bin (the same
     noise, the same pixels: a paired difference). Refused: a run without a confidence head, two runs of one
-    name. Breakage tried: noise drawn per model (the copy's gain is then not 0)."""
+    name. With --recalibrate nll / coverage each model's variance gets its own scale per σ, recorded; the copy
+    gets the reference's and still gains 0. --recalibrate alone is refused. Breakages tried: noise drawn per
+    model (the copy's gain is then not 0); --recalibrate not passed on to calibrate_paired (no
+    "recalibration" key)."""
     import shutil
     runs = {}
     for recipe in ("confidence-excess", "confidence", "edm"):
@@ -450,10 +453,25 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
         assert row["gain"]["copy"]["verdict"] == "not resolved"
         assert math.isfinite(row["gain"]["confidence"]["nll"])
         assert row["rest"] <= row["elements"]
+    for how in ("nll", "coverage"):        # --recalibrate: one scale per σ and model, fitted on the fit half
+        assert main(["eval", runs["confidence-excess"], "--calibration-against",
+                     f"{copy},{runs['confidence']}", "--recalibrate", how, "--threads", "1"]) == 0
+        rec = json.load(open(os.path.join(runs["confidence-excess"], f"calibration-paired-recal-{how}.json")))
+        scales = rec["recalibration"]["scale"]
+        assert rec["recalibration"]["how"] == how
+        assert set(scales) == {"confidence-excess", "copy", "confidence"}
+        assert scales["copy"] == scales["confidence-excess"] and all(
+            c > 0 and math.isfinite(c) for v in scales.values() for c in v)
+        for label, row in rec["bins"].items():
+            assert row["gain"]["copy"]["nll"] == 0.0
+            assert row["head"]["nll"] != res["bins"][label]["head"]["nll"]     # rescaled: another NLL
+    capsys.readouterr()
     for against, why in ((runs["edm"], "has no confidence head"), (f"{copy},{copy}", "two runs are named")):
         args = ["eval", runs["confidence-excess"], "--calibration-against", against, "--threads", "1"]
         assert main(args) != 0
         assert why in capsys.readouterr().err
+    assert main(["eval", runs["confidence-excess"], "--recalibrate", "nll", "--threads", "1"]) != 0
+    assert "--recalibrate nll goes with --calibration-against" in capsys.readouterr().err
 
 
 def test_head_recalibration_refits_only_G_and_is_read_by_eval(blobs, tmp_path, capsys):
