@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
@@ -116,6 +117,35 @@ def fit_variance_scale(err2, var, how: str, floor_var=0.0) -> float:
         return float(z2.mean())
     r = rescale_coverage(z2)
     return math.sqrt(r["scale_lo"] * r["scale_hi"]) if r["feasible"] else r["best"]["scale"]
+
+
+@dataclass(frozen=True)
+class VarianceScale:
+    """A post-hoc recalibration of one σ bin's predicted variance: var → scales[g]·var, g the group of var
+    among `edges` (the quantiles of the variances it was fitted on; one group: a single scalar). With
+    several groups the map can undo a head whose small and large claims are off by different factors, which
+    one scalar cannot; within a group the ranks are kept."""
+    edges: tuple = ()
+    scales: tuple = (1.0,)
+
+    def __call__(self, var):
+        var = np.asarray(var, dtype=np.float64)
+        return var * np.asarray(self.scales)[np.searchsorted(self.edges, var, side="right")]
+
+    @classmethod
+    def fit(cls, err2, var, how: str, floor_var=0.0, groups: int = 1) -> "VarianceScale":
+        """Fitted on held-out (err2, var) of one bin: the elements above floor_var split into `groups`
+        equal-count groups by var, each with its fit_variance_scale."""
+        check_positive("groups", groups, integer=True)
+        err2, var = np.asarray(err2, dtype=np.float64).ravel(), np.asarray(var, dtype=np.float64).ravel()
+        keep = var > floor_var
+        if keep.sum() < groups:
+            raise ValueError(f"groups={groups}; allowed: at most the {int(keep.sum())} elements above the "
+                             "floor")
+        edges = tuple(float(e) for e in np.quantile(var[keep], np.arange(1, groups) / groups))
+        g = np.searchsorted(edges, var, side="right")
+        return cls(edges, tuple(fit_variance_scale(err2[g == k], var[g == k], how, floor_var)
+                                for k in range(groups)))
 
 
 def _boot(diff: np.ndarray, example: np.ndarray, rng, boot: int) -> tuple[float, float]:

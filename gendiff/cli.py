@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fitted on the half of the images that fits the constant (nll: mean z², the NLL's "
                    "optimum; coverage: inside 68 ± 5%% / 95 ± 3%% where one scalar can be); writes "
                    "RUN/calibration-paired-recal-HOW.json")
+    e.add_argument("--recalibrate-groups", type=_positive_int("--recalibrate-groups"), metavar="N",
+                   help="with --recalibrate: one scalar per σ and per each of N equal-count groups of the "
+                   "predicted variance (default 1); writes RUN/calibration-paired-recal-HOW-Ngroups.json")
     e.add_argument("--filter", type=_number("--filter", float, 0.0), metavar="FRACTION",
                    help="image runs with a confidence head: the BayesDiff test instead: drop the FRACTION "
                    "(e.g. 0.1) of samples with the highest own uncertainty (mean σ_φ² − σ² along the "
@@ -386,6 +389,9 @@ def _eval(args) -> int:
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')} goes with sampling (gendiff eval RUN or "
                                  "gendiff sample RUN), not with --filter or --calibration-against")
+    if args.recalibrate_groups is not None and args.recalibrate is None:
+        raise ValueError(f"--recalibrate-groups {args.recalibrate_groups} goes with --recalibrate "
+                         "nll|coverage")
     if args.recalibrate is not None and args.calibration_against is None:
         raise ValueError(f"--recalibrate {args.recalibrate} goes with --calibration-against RUN2 (it "
                          "rescales the heads read there)")
@@ -396,7 +402,7 @@ def _eval(args) -> int:
             raise ValueError(f"--calibration-against is for image runs; {args.run!r} is a {cfg.kind!r} run")
         others = [(r, *load_run(r)) for r in (r.strip() for r in args.calibration_against.split(",")) if r]
         res = paired_calibration_run(args.run, cfg, model, others, weights=args.weights,
-                                     recalibrate=args.recalibrate)
+                                     recalibrate=args.recalibrate, groups=args.recalibrate_groups or 1)
         print(paired_calibration_summary(args.run, res))
         return 0
     for name in ("filter_subsets", "filter_sigmas", "seeds"):

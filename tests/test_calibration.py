@@ -20,7 +20,8 @@ Breakages tried (each made the named test fail, then was reverted):
   kurtosis as E[z⁴]/E[z²] (its square dropped) → the same;
 - fit_variance_scale's nll scale as 1/mean z² → test_variance_scale_recovers_a_doubled_variance; floored
   elements kept in the fit → the same; the recalibration of `gendiff eval --recalibrate` fitted on every image
-  (fit and measured halves) → test_recalibration_is_fitted_on_the_fit_half_only.
+  (fit and measured halves) → test_recalibration_is_fitted_on_the_fit_half_only; VarianceScale grouping
+  by the error instead of the variance → test_grouped_scale_undoes_two_different_misscalings.
 The shuffled-variance control first used for Spearman (V with its elements permuted) was not independent of
 the errors (a permuted prior still correlates with the prior) and failed at 0.023 > 4/√n; it is now a variance
 drawn independently of everything.
@@ -32,8 +33,8 @@ import pytest
 import torch
 
 from gendiff.calibration import (COVERAGE_TARGET, FLOOR, GAUSS_COVERAGE_1, GAUSS_COVERAGE_2,
-                                 calibration_by_sigma, fit_variance_scale, reliability_figure,
-                                 rescale_coverage)
+                                 VarianceScale, calibration_by_sigma, fit_variance_scale,
+                                 reliability_figure, rescale_coverage)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -383,12 +384,42 @@ def test_recalibration_is_fitted_on_the_fit_half_only():
     x0 = torch.randn(n, d, generator=g)
     mu = x0.repeat(2, 1) + 0.3 * torch.randn(2 * n, d, generator=g)
     var = torch.full((2 * n, d), 0.09, dtype=F64)
-    (_, v1), c1 = _recalibrated(x0, sigmas, (mu, var), "nll")
+    (_, v1), m1 = _recalibrated(x0, sigmas, (mu, var), "nll")
     spoiled = mu.clone()
     spoiled[1::2] += 10.0                                  # the measured (odd) images' errors, at both σ
-    (_, v2), c2 = _recalibrated(x0, sigmas, (spoiled, var), "nll")
-    assert c1 == c2 and torch.equal(v1, v2)
-    for k, c in enumerate(c1):
+    (_, v2), m2 = _recalibrated(x0, sigmas, (spoiled, var), "nll")
+    assert m1 == m2 and torch.equal(v1, v2)
+    for k, m in enumerate(m1):
+        assert m["edges"] == [] and len(m["scales"]) == 1
+        c = m["scales"][0]
         fit = (mu[k * n:(k + 1) * n].double() - x0.double())[::2]
         assert c == pytest.approx(float(fit.square().mean()) / 0.09, rel=1e-9)
         assert torch.allclose(v1[k * n:(k + 1) * n], var[k * n:(k + 1) * n] * c)
+
+
+def test_grouped_scale_undoes_two_different_misscalings():
+    """A head that claims 2V where V is small and V/2 where V is large (exact Gaussian errors): one scalar
+    cannot fix both (its NLL optimum is the mean z², 1.25); two quantile groups of the claimed variance
+    recover 1/2 and 2 (NLL) and put each group's coverage at the Gaussian's. The map multiplies each claim by
+    its own group's scale."""
+    g = torch.Generator().manual_seed(3)
+    n = 100_000
+    V = torch.cat([torch.empty(n, dtype=F64).uniform_(0.01, 0.02, generator=g),
+                   torch.empty(n, dtype=F64).uniform_(1.0, 2.0, generator=g)]).numpy()
+    claim = np.concatenate([2 * V[:n], V[n:] / 2])
+    err2 = V * torch.randn(2 * n, generator=g, dtype=F64).numpy() ** 2
+    one = VarianceScale.fit(err2, claim, "nll")
+    assert one.edges == () and one.scales[0] == pytest.approx(1.25, rel=0.02)
+    two = VarianceScale.fit(err2, claim, "nll", groups=2)
+    assert len(two.edges) == 1 and 0.04 <= two.edges[0] <= 0.5
+    assert two.scales == pytest.approx((0.5, 2.0), rel=0.02)
+    fixed = two(claim)
+    np.testing.assert_allclose(fixed, np.concatenate([claim[:n] * two.scales[0], claim[n:] * two.scales[1]]))
+    z2 = err2 / fixed
+    assert abs((z2 <= 1).mean() - GAUSS_COVERAGE_1) < 0.01 and abs((z2 <= 4).mean() - GAUSS_COVERAGE_2) < 0.01
+    cov = VarianceScale.fit(err2, claim, "coverage", groups=2)
+    z2 = err2 / cov(claim)
+    (lo1, hi1), (lo2, hi2) = COVERAGE_TARGET
+    assert lo1 <= (z2 <= 1).mean() <= hi1 and lo2 <= (z2 <= 4).mean() <= hi2
+    with pytest.raises(ValueError, match="groups=5"):
+        VarianceScale.fit([1.0, 2.0], [1.0, 1.0], "nll", groups=5)

@@ -457,14 +457,20 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
         assert main(["eval", runs["confidence-excess"], "--calibration-against",
                      f"{copy},{runs['confidence']}", "--recalibrate", how, "--threads", "1"]) == 0
         rec = json.load(open(os.path.join(runs["confidence-excess"], f"calibration-paired-recal-{how}.json")))
-        scales = rec["recalibration"]["scale"]
-        assert rec["recalibration"]["how"] == how
-        assert set(scales) == {"confidence-excess", "copy", "confidence"}
-        assert scales["copy"] == scales["confidence-excess"] and all(
-            c > 0 and math.isfinite(c) for v in scales.values() for c in v)
+        maps = rec["recalibration"]["maps"]
+        assert rec["recalibration"]["how"] == how and rec["recalibration"]["groups"] == 1
+        assert set(maps) == {"confidence-excess", "copy", "confidence"}
+        assert maps["copy"] == maps["confidence-excess"] and all(
+            c > 0 and math.isfinite(c) for v in maps.values() for m in v for c in m["scales"])
         for label, row in rec["bins"].items():
             assert row["gain"]["copy"]["nll"] == 0.0
             assert row["head"]["nll"] != res["bins"][label]["head"]["nll"]     # rescaled: another NLL
+    assert main(["eval", runs["confidence-excess"], "--calibration-against", copy, "--recalibrate", "nll",
+                 "--recalibrate-groups", "2", "--threads", "1"]) == 0
+    rec = json.load(open(os.path.join(runs["confidence-excess"],
+                                      "calibration-paired-recal-nll-2groups.json")))
+    assert rec["recalibration"]["groups"] == 2
+    assert all(len(m["scales"]) == 2 and len(m["edges"]) == 1 for m in rec["recalibration"]["maps"]["copy"])
     capsys.readouterr()
     for against, why in ((runs["edm"], "has no confidence head"), (f"{copy},{copy}", "two runs are named")):
         args = ["eval", runs["confidence-excess"], "--calibration-against", against, "--threads", "1"]
@@ -472,6 +478,8 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
         assert why in capsys.readouterr().err
     assert main(["eval", runs["confidence-excess"], "--recalibrate", "nll", "--threads", "1"]) != 0
     assert "--recalibrate nll goes with --calibration-against" in capsys.readouterr().err
+    assert main(["eval", runs["confidence-excess"], "--recalibrate-groups", "2", "--threads", "1"]) != 0
+    assert "--recalibrate-groups 2 goes with --recalibrate" in capsys.readouterr().err
 
 
 def test_head_recalibration_refits_only_G_and_is_read_by_eval(blobs, tmp_path, capsys):

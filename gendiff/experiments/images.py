@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..calibration import FLOOR, calibration_by_sigma, fit_variance_scale, reliability_figure
+from ..calibration import FLOOR, VarianceScale, calibration_by_sigma, reliability_figure
 from ..checks import check_choice
 from ..data import images as im
 from ..data.sources import DataSource
@@ -654,32 +654,34 @@ def _calibration_readout(x0, sigmas, seed: int, head: tuple, **kw) -> dict:
                                 seed=derive_seed(seed, "calibration"), **kw)
 
 
-def _recalibrated(x0, sigmas, read: tuple, how: str) -> tuple[tuple, list]:
-    """(μ, c_σ·var) and the c_σ: per σ one scalar on the variance (calibration.fit_variance_scale), fitted on
-    the images that fit the constant (even indices) and so on none of those measured."""
+def _recalibrated(x0, sigmas, read: tuple, how: str, groups: int = 1) -> tuple[tuple, list]:
+    """(μ, recalibrated var) and the maps: per σ a calibration.VarianceScale (one scalar per `groups`
+    quantile group of var), fitted on the images that fit the constant (even indices), so on none of those
+    measured."""
     mu, var = read
-    n, var, scales = len(x0), var.clone(), []
+    n, var, maps = len(x0), var.clone(), []
     fit = torch.arange(n) % 2 == 0
     for k, s in enumerate(sigmas):
         rows = slice(k * n, (k + 1) * n)
         err2 = (mu[rows][fit].double() - x0[fit].cpu().double()).square()
-        c = fit_variance_scale(err2.numpy(), var[rows][fit].numpy(), how, (FLOOR * s) ** 2)
-        var[rows] *= c
-        scales.append(c)
-    return (mu, var), scales
+        f = VarianceScale.fit(err2.numpy(), var[rows][fit].numpy(), how, (FLOOR * s) ** 2, groups)
+        var[rows] = torch.from_numpy(f(var[rows].numpy()))
+        maps.append({"edges": list(f.edges), "scales": list(f.scales)})
+    return (mu, var), maps
 
 
 @torch.no_grad()
 def calibrate_paired(models: dict, cfg, x0: torch.Tensor, sigmas=CALIBRATION_SIGMAS,
-                     recalibrate: str | None = None) -> dict:
+                     recalibrate: str | None = None, groups: int = 1) -> dict:
     """Confidence heads of several models of the same data, compared pixel for pixel: each model predicts
     from the same noisy test images (`calibrate`'s seeded noise), the first is the "head" and the others
     baselines with their own mean, every one scored on its own error and on the elements that none of them
     floors (calibration_by_sigma with rest="common"), so the NLL gains are paired differences between
     models with a bootstrap sd over images. models: {name: model}, the first the reference.
     recalibrate ("nll" / "coverage", calibration.fit_variance_scale): every model's variance is first
-    scaled by one scalar per σ, fitted on its own error on the images that fit the constant (post-hoc σ
-    scaling; the measured half is never seen); the scalars are in the result's "recalibration"."""
+    scaled by one scalar per σ (per σ and each of `groups` quantile groups of its variance), fitted on its
+    own error on the images that fit the constant (post-hoc σ scaling; the measured half is never seen); the
+    maps are in the result's "recalibration"."""
     if len(models) < 2:
         raise ValueError("calibrate_paired compares at least two models")
     if len(x0) < 2:
@@ -688,9 +690,10 @@ def calibrate_paired(models: dict, cfg, x0: torch.Tensor, sigmas=CALIBRATION_SIG
     reads = {name: _excess_readout(m, noisy, sigmas) for name, m in models.items()}
     scales = None
     if recalibrate is not None:
-        fitted = {name: _recalibrated(x0, sigmas, r, recalibrate) for name, r in reads.items()}
+        fitted = {name: _recalibrated(x0, sigmas, r, recalibrate, groups) for name, r in reads.items()}
         reads = {name: f[0] for name, f in fitted.items()}
-        scales = {"how": recalibrate, "sigmas": list(sigmas), "scale": {k: f[1] for k, f in fitted.items()}}
+        scales = {"how": recalibrate, "groups": groups, "sigmas": list(sigmas),
+                  "maps": {k: f[1] for k, f in fitted.items()}}
     head, *others = reads
     res = _calibration_readout(x0, sigmas, cfg.seed, reads[head], rest="common",
                                baselines={k: reads[k] for k in others})
@@ -981,11 +984,12 @@ def table_markdown(results: dict, base) -> str:
 
 
 def paired_calibration_run(out: str, cfg: ImageRunConfig, model, others: list, *,
-                           weights: str = "model.safetensors", recalibrate: str | None = None) -> dict:
+                           weights: str = "model.safetensors", recalibrate: str | None = None,
+                           groups: int = 1) -> dict:
     """`gendiff eval RUN --calibration-against OTHER[,…]`: `calibrate_paired` of RUN's head (the reference)
     against the heads of the other run folders, on the same eval.calibration_images test images of RUN's
     data; writes RUN/calibration-paired.json (the readout, plus the runs and the weights used), or with
-    `recalibrate` (calibrate_paired) RUN/calibration-paired-recal-<how>.json.
+    `recalibrate` (calibrate_paired) RUN/calibration-paired-recal-<how>[-<groups>groups].json.
     others: [(run folder, its config, its model)] (the CLI loads their final EMA, model.safetensors)."""
     models, runs = {os.path.basename(os.path.normpath(out)): model}, {}
     for path, ocfg, omodel in others:
@@ -1003,9 +1007,10 @@ def paired_calibration_run(out: str, cfg: ImageRunConfig, model, others: list, *
                              "whose head predicts σ_φ (diag, excess, sigma-only, full)")
     n = cfg.eval.calibration_images or 256
     x0 = load_images(cfg.data, "test").to_tensor()[:n]
-    res = calibrate_paired(models, cfg, x0, recalibrate=recalibrate)
+    res = calibrate_paired(models, cfg, x0, recalibrate=recalibrate, groups=groups)
     res.update(reference_run=out, reference_weights=weights, against=runs)
-    name = "calibration-paired" + ("" if recalibrate is None else f"-recal-{recalibrate}")
+    name = "calibration-paired" + ("" if recalibrate is None else f"-recal-{recalibrate}") + (
+        f"-{groups}groups" if recalibrate is not None and groups > 1 else "")
     save_json(res, os.path.join(out, f"{name}.json"))
     return res
 
