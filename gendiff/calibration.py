@@ -135,17 +135,20 @@ class VarianceScale:
     @classmethod
     def fit(cls, err2, var, how: str, floor_var=0.0, groups: int = 1) -> "VarianceScale":
         """Fitted on held-out (err2, var) of one bin: the elements above floor_var split into `groups`
-        equal-count groups by var, each with its fit_variance_scale."""
+        equal-count groups by var, each with its fit_variance_scale. Tied variances stay in one group, so a
+        predictor with few distinct values (a σ-only one: one value) gets fewer groups."""
         check_positive("groups", groups, integer=True)
         err2, var = np.asarray(err2, dtype=np.float64).ravel(), np.asarray(var, dtype=np.float64).ravel()
         keep = var > floor_var
         if keep.sum() < groups:
             raise ValueError(f"groups={groups}; allowed: at most the {int(keep.sum())} elements above the "
                              "floor")
-        edges = tuple(float(e) for e in np.quantile(var[keep], np.arange(1, groups) / groups))
+        lowest = var[keep].min()
+        edges = tuple(float(e) for e in np.unique(np.quantile(var[keep], np.arange(1, groups) / groups))
+                      if e > lowest)          # every group then holds a kept element: its lower edge or min
         g = np.searchsorted(edges, var, side="right")
         return cls(edges, tuple(fit_variance_scale(err2[g == k], var[g == k], how, floor_var)
-                                for k in range(groups)))
+                                for k in range(len(edges) + 1)))
 
 
 def _boot(diff: np.ndarray, example: np.ndarray, rng, boot: int) -> tuple[float, float]:

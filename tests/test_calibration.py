@@ -21,7 +21,8 @@ Breakages tried (each made the named test fail, then was reverted):
 - fit_variance_scale's nll scale as 1/mean z² → test_variance_scale_recovers_a_doubled_variance; floored
   elements kept in the fit → the same; the recalibration of `gendiff eval --recalibrate` fitted on every image
   (fit and measured halves) → test_recalibration_is_fitted_on_the_fit_half_only; VarianceScale grouping
-  by the error instead of the variance → test_grouped_scale_undoes_two_different_misscalings.
+  by the error instead of the variance → test_grouped_scale_undoes_two_different_misscalings; tied quantile
+  edges kept (an empty group: a σ-only predictor refused) → the same.
 The shuffled-variance control first used for Spearman (V with its elements permuted) was not independent of
 the errors (a permuted prior still correlates with the prior) and failed at 0.023 > 4/√n; it is now a variance
 drawn independently of everything.
@@ -421,5 +422,7 @@ def test_grouped_scale_undoes_two_different_misscalings():
     z2 = err2 / cov(claim)
     (lo1, hi1), (lo2, hi2) = COVERAGE_TARGET
     assert lo1 <= (z2 <= 1).mean() <= hi1 and lo2 <= (z2 <= 4).mean() <= hi2
+    flat = VarianceScale.fit(err2, np.full(2 * n, 0.3), "nll", groups=4)   # one value: one group
+    assert flat.edges == () and flat.scales[0] == pytest.approx(err2.mean() / 0.3)
     with pytest.raises(ValueError, match="groups=5"):
         VarianceScale.fit([1.0, 2.0], [1.0, 1.0], "nll", groups=5)
