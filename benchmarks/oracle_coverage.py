@@ -110,7 +110,8 @@ def pixel_coverage(name: str, sigmas, images: int, seed: int) -> dict:
 
 def print_table(readout: dict, predictors) -> None:
     """One markdown row per σ bin and predictor of a calibration_by_sigma readout: floored share, coverage,
-    mean z², kurtosis of z, and whether one scalar on the variance could reach issue 18's band."""
+    mean z², kurtosis of z, and whether one scalar on the variance could reach issue 18's band. Coverage
+    ± its bootstrap sd over examples (images; points for the tree)."""
     print("| σ | predictor | floored | ±1 std | ±2 std | mean z² | kurtosis of z | one scalar can reach the "
           "target | closest (±1 / ±2) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -122,7 +123,8 @@ def print_table(readout: dict, predictors) -> None:
             r = h["rescaled"]
             can = f"yes, c ∈ [{r['scale_lo']:.3g}, {r['scale_hi']:.3g}]" if r["feasible"] else "no"
             print(f"| {label.split('=')[1]} | {name} | {100 * h['floored_share']:.2f}% | "
-                  f"{100 * h['coverage_1s']:.1f}% | {100 * h['coverage_2s']:.1f}% | {h['z2_mean']:.3f} | "
+                  f"{100 * h['coverage_1s']:.1f} ± {100 * h['coverage_1s_sd']:.1f}% | "
+                  f"{100 * h['coverage_2s']:.1f} ± {100 * h['coverage_2s_sd']:.1f}% | {h['z2_mean']:.3f} | "
                   f"{r['kurtosis']:.1f} | {can} | {100 * r['best']['coverage_1s']:.1f}% / "
                   f"{100 * r['best']['coverage_2s']:.1f}% |")
 

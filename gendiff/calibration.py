@@ -195,7 +195,8 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
       is below the floor);
     - on the rest, with the predictor's var clamped at the floor: nll, the mean −log N(x0; μ, var)
       per element (nats); coverage_1s / coverage_2s, the shares with |μ − x0| ≤ √var and ≤ 2√var (Gaussian
-      68.27% / 95.45%; above: var too large); z2_mean, mean (μ − x0)²/var (ideal 1); rescaled,
+      68.27% / 95.45%; above: var too large) and their bootstrap sd over examples (coverage_1s_sd,
+      coverage_2s_sd); z2_mean, mean (μ − x0)²/var (ideal 1); rescaled,
       rescale_coverage of those z²: whether one scalar on var could bring both coverages inside issue 18's
       band (if not, the shape of the errors given var is off, not its scale); spearman, the rank
       correlation of √var with |μ − x0| (None for a predictor constant there); reliability, the rest split
@@ -269,7 +270,13 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
         nll = {}
         for name, v in (("head", preds["head"][e_el]), ("constant", np.full(e2.shape, const)),
                         *((b, preds[b][e_el]) for b in baselines)):
-            row[name], nll[name] = _score(v, errs[name][e_el] if name in errs else e2, fv, kept)
+            err = errs[name][e_el] if name in errs else e2
+            row[name], nll[name] = _score(v, err, fv, kept)
+            if kept.any():                       # coverage's sd: its own stream per (bin, predictor)
+                rng = np.random.default_rng([seed, k, zlib.crc32(name.encode()), 1])
+                z2 = err[kept] / np.maximum(v[kept], fv[kept])
+                for key, bound in (("coverage_1s_sd", 1.0), ("coverage_2s_sd", 4.0)):
+                    row[name][key] = _boot((z2 <= bound).astype(np.float64), ex[kept], rng, boot)[1]
         row["constant"]["var"] = const
         row["gain"] = {}
         for name, base in nll.items():

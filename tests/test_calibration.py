@@ -13,6 +13,7 @@ Breakages tried (each made the named test fail, then was reverted):
   the constant as the mean of the predicted variance → the same;
 - gain signed head − baseline → test_exact_beats_the_best_constant_... and test_doubled_variance_...;
 - bootstrap resampling elements instead of examples → test_bootstrap_resamples_examples_not_elements;
+  the coverage sd's indicator at z² ≤ 4 for ±1 std → test_exact_posterior_covers_...;
 - reliability groups sorted by the error instead of the predicted variance → test_reliability_deciles_...;
 - Spearman against the signed error μ − x0 → test_spearman_ranks_the_error_by_its_predicted_std;
 - rescale_coverage with C2 at z² ≤ 2c instead of 4c → test_rescaled_coverage_has_the_closed_forms (Gaussian
@@ -83,6 +84,8 @@ def test_exact_posterior_covers_and_has_the_closed_form_nll():
         assert abs(h["nll"] - closed) < 4 * math.sqrt(NLL_VAR / n), (h["nll"], closed)
         assert h["nll_floored_all"] == h["nll"]                                  # nothing floored
         assert abs(h["z2_mean"] - 1) < 4 * math.sqrt(2 / n)
+        for p, key in ((GAUSS_COVERAGE_1, "coverage_1s_sd"), (GAUSS_COVERAGE_2, "coverage_2s_sd")):
+            assert h[key] == pytest.approx(math.sqrt(p * (1 - p) / n), rel=0.25)   # independent elements
         r = h["rescaled"]                       # a Gaussian posterior: c = 1 is inside the feasible window
         assert r["feasible"] and r["scale_lo"] < 1 < r["scale_hi"] and abs(r["kurtosis"] - 3) < 0.3
 
@@ -204,7 +207,7 @@ def test_spearman_ranks_the_error_by_its_predicted_std():
 def test_bootstrap_resamples_examples_not_elements():
     """A shared error scale per example (e.g. one image noised harder): the per-element NLL differences of an
     example move together, so the sd of the mean is that of per-example means, √(Var_examples/n_examples),
-    several times what resampling elements would say."""
+    several times what resampling elements would say. The same for the coverage's sd."""
     g = torch.Generator().manual_seed(5)
     n, d = 400, 200
     scale = torch.empty(n, 1, dtype=F64).uniform_(0.2, 3.0, generator=g)
@@ -222,6 +225,9 @@ def test_bootstrap_resamples_examples_not_elements():
     sd = row["gain"]["constant"]["nll_sd"]
     assert row["gain"]["constant"]["nll"] == pytest.approx(float(diff.mean()), rel=1e-10)
     assert abs(sd / by_example - 1) < 0.2 and by_example > 3 * by_element, (sd, by_example, by_element)
+    inside = (mu[ev] ** 2 <= 1).double()                 # the head's ±1 std coverage indicator (var = 1)
+    cov_example = float(inside.mean(1).std() / math.sqrt(int(ev.sum())))
+    assert abs(row["head"]["coverage_1s_sd"] / cov_example - 1) < 0.2, (row["head"], cov_example)
 
 
 def test_sigma_per_element_bins_elements_and_bad_input_is_refused(tmp_path):
