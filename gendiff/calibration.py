@@ -74,8 +74,8 @@ def rescale_coverage(z2, target=COVERAGE_TARGET) -> dict:
     calibrated Gaussian predictive) reaches 68.3% / 95.4% at c = 1; a heavy-tailed z only in a narrow window
     (Laplace: C2 = 1 − (1 − C1)², so C1 = 68% gives C2 = 90% and only C1 ∈ [71.7%, 73%] is inside), and a
     two-point one (a pixel that is ink or background) at no c.
-    Returns feasible (some c puts both inside target), scale_lo / scale_hi (the smallest and largest such c,
-    None if none), best (the c minimising the larger of the two misses, each in units of its band's half
+    Returns feasible (some c puts both inside target), scale_lo / scale_hi (the smallest and largest such c
+    among the step points z²_i, z²_i/4, None if none; the window runs on to the next step point), best (the c minimising the larger of the two misses, each in units of its band's half
     width, with its coverage_1s, coverage_2s and miss: ≤ 1 inside), and kurtosis E[z⁴]/E[z²]² of the signed
     z (3 for a Gaussian). Exact: C1 and C2 are step functions of c that change only at the z²_i and z²_i/4,
     so every c that matters is one of those."""
@@ -105,8 +105,8 @@ def fit_variance_scale(err2, var, how: str, floor_var=0.0) -> float:
     (μ − x0)², var; those with var ≤ floor_var are left out). how="nll": c = mean z², the Gaussian NLL's
     optimum over c (σ scaling: Levi et al. 2019, "Evaluating and calibrating uncertainty prediction in
     regression tasks"); how="coverage": the geometric middle of rescale_coverage's window (both coverages
-    inside issue 18's band), or its closest c where there is none. Either way the ranks of var, and so its
-    Spearman and its reliability groups, are unchanged: only the scale moves."""
+    inside issue 18's band), or its closest c where there is none. One scalar keeps the ranks of var (its
+    Spearman and reliability groups); VarianceScale's groups each get their own, which can reorder them."""
     check_choice("how", how, RECALIBRATIONS)
     err2, var = np.asarray(err2, dtype=np.float64).ravel(), np.asarray(var, dtype=np.float64).ravel()
     keep = var > floor_var
@@ -124,7 +124,8 @@ class VarianceScale:
     """A post-hoc recalibration of one σ bin's predicted variance: var → scales[g]·var, g the group of var
     among `edges` (the quantiles of the variances it was fitted on; one group: a single scalar). With
     several groups the map can undo a head whose small and large claims are off by different factors, which
-    one scalar cannot; within a group the ranks are kept."""
+    one scalar cannot; within a group the ranks are kept, across groups they need not be (nothing makes the
+    map monotone)."""
     edges: tuple = ()
     scales: tuple = (1.0,)
 
@@ -143,9 +144,9 @@ class VarianceScale:
         if keep.sum() < groups:
             raise ValueError(f"groups={groups}; allowed: at most the {int(keep.sum())} elements above the "
                              "floor")
-        lowest = var[keep].min()
-        edges = tuple(float(e) for e in np.unique(np.quantile(var[keep], np.arange(1, groups) / groups))
-                      if e > lowest)          # every group then holds a kept element: its lower edge or min
+        q = np.unique(np.quantile(var[keep], np.arange(1, groups) / groups))
+        filled = np.unique(np.searchsorted(q, var[keep], side="right"))
+        edges = tuple(float(q[j - 1]) for j in filled[1:])    # drop the edges of empty groups (ties)
         g = np.searchsorted(edges, var, side="right")
         return cls(edges, tuple(fit_variance_scale(err2[g == k], var[g == k], how, floor_var)
                                 for k in range(len(edges) + 1)))

@@ -18,7 +18,8 @@ Breakages tried (each made the named test fail, then was reverted):
 - Spearman against the signed error μ − x0 → test_spearman_ranks_the_error_by_its_predicted_std;
 - rescale_coverage with C2 at z² ≤ 2c instead of 4c → test_rescaled_coverage_has_the_closed_forms (Gaussian
   and Laplace windows); the miss measured in band widths, not half widths → the same (two-point miss 4.4);
-  kurtosis as E[z⁴]/E[z²] (its square dropped) → the same;
+  kurtosis as E[z⁴]/E[z²] (its square dropped) → the same; the z²/4 step points left out → the same (a
+  window only they find);
 - fit_variance_scale's nll scale as 1/mean z² → test_variance_scale_recovers_a_doubled_variance; floored
   elements kept in the fit → the same; the recalibration of `gendiff eval --recalibrate` fitted on every image
   (fit and measured halves) → test_recalibration_is_fitted_on_the_fit_half_only; VarianceScale grouping
@@ -352,6 +353,10 @@ def test_rescaled_coverage_has_the_closed_forms():
     assert not r["feasible"] and r["scale_lo"] is None and r["scale_hi"] is None
     assert r["best"]["coverage_1s"] == pytest.approx(0.9) and r["best"]["miss"] == pytest.approx(4.4)
     assert r["kurtosis"] == pytest.approx((0.9 / 81 + 0.1 * 81) / 1.0, rel=1e-9)
+    # a window that only the z²/4 step points find: c ∈ [0.25, 1) gives C1 = 65%, C2 = 93%
+    steps = np.array([0.1] * 65 + [1.0] * 28 + [100.0] * 7)
+    r = rescale_coverage(steps)
+    assert r["feasible"] and r["scale_lo"] == 0.25 and r["best"]["coverage_1s"] == pytest.approx(0.65)
     for bad in ([], [1.0, -0.5], [float("nan")]):
         with pytest.raises(ValueError, match="z2"):
             rescale_coverage(bad)
@@ -430,5 +435,7 @@ def test_grouped_scale_undoes_two_different_misscalings():
     assert lo1 <= (z2 <= 1).mean() <= hi1 and lo2 <= (z2 <= 4).mean() <= hi2
     flat = VarianceScale.fit(err2, np.full(2 * n, 0.3), "nll", groups=4)   # one value: one group
     assert flat.edges == () and flat.scales[0] == pytest.approx(err2.mean() / 0.3)
+    two_values = VarianceScale.fit(np.ones(100), np.repeat([1.0, 2.0], 50), "nll", groups=4)
+    assert two_values.edges == (2.0,) and two_values.scales == pytest.approx((1.0, 0.5))
     with pytest.raises(ValueError, match="groups=5"):
         VarianceScale.fit([1.0, 2.0], [1.0, 1.0], "nll", groups=5)

@@ -654,13 +654,13 @@ def _calibration_readout(x0, sigmas, seed: int, head: tuple, **kw) -> dict:
                                 seed=derive_seed(seed, "calibration"), **kw)
 
 
-def _recalibrated(x0, sigmas, read: tuple, how: str, groups: int = 1) -> tuple[tuple, list]:
+def _recalibrated(x0, sigmas, read: tuple, how: str, groups: int = 1, fit=None) -> tuple[tuple, list]:
     """(μ, recalibrated var) and the maps: per σ a calibration.VarianceScale (one scalar per `groups`
-    quantile group of var), fitted on the images that fit the constant (even indices), so on none of those
-    measured."""
+    quantile group of var), fitted on the images of `fit` (bool [n]; default the even indices, the ones that
+    fit the constant), so on none of those measured."""
     mu, var = read
     n, var, maps = len(x0), var.clone(), []
-    fit = torch.arange(n) % 2 == 0
+    fit = torch.arange(n) % 2 == 0 if fit is None else torch.as_tensor(fit)
     for k, s in enumerate(sigmas):
         rows = slice(k * n, (k + 1) * n)
         err2 = (mu[rows][fit].double() - x0[fit].cpu().double()).square()
