@@ -2,7 +2,8 @@
 the baselines at their best, and coverage conditional on what the head claims and on the pixel.
 
 `gendiff eval RUN --calibration-against OTHER --recalibrate coverage --recalibrate-groups N` fits each model's
-map on the even-index calibration images and measures the odd ones, with every model recalibrated the same way.
+map on the even-index calibration images and measures the odd ones, with every model recalibrated the same
+way.
 This script asks three more questions of the same readout (the same seeded noisy test images):
 - does it hold on the other split? Each split in turn fits (the map and the constant) and the other is
   measured, so the fit of the map is itself tested on images it did not see twice;
@@ -24,8 +25,8 @@ import os
 import torch
 
 from gendiff.calibration import calibration_by_sigma
-from gendiff.experiments.images import (CALIBRATION_SIGMAS, _calibration_inputs, _excess_readout, _recalibrated,
-                                        load_images, sigma_edges)
+from gendiff.experiments.images import (CALIBRATION_SIGMAS, _calibration_inputs, _excess_readout,
+                                        _recalibrated, load_images, sigma_edges)
 from gendiff.experiments.kinds import load_run
 from gendiff.io import derive_seed
 
@@ -51,8 +52,8 @@ def check(run: str, against: list, weights: str, groups: int, images: int) -> di
         fit = torch.arange(n) % 2 == parity
         (mu, var), hmap = _recalibrated(x0, sigmas, head, "coverage", groups, fit)
         base = {k: _recalibrated(x0, sigmas, r, "nll", groups, fit)[0] for k, r in reads.items()}
-        res = calibration_by_sigma(mu, var, x0r, torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n),
-                                   sigma_edges(sigmas), fit=fit.repeat(len(sigmas)),
+        sig = torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n)
+        res = calibration_by_sigma(mu, var, x0r, sig, sigma_edges(sigmas), fit=fit.repeat(len(sigmas)),
                                    labels=[f"sigma={s:g}" for s in sigmas], rest="common", baselines=base,
                                    seed=derive_seed(cfg.seed, "calibration"))
         err2 = (mu.double() - x0r).square()
@@ -73,8 +74,9 @@ def check(run: str, against: list, weights: str, groups: int, images: int) -> di
 
 def markdown(out: dict) -> str:
     names = out["against"]
-    lines = [f"{out['run']} ({out['weights']}): coverage map, {out['groups']} groups per σ, on {out['images']} "
-             "test images; baselines at their NLL map. Coverage ± bootstrap sd; gains = baseline − head, nats/pixel."]
+    lines = [f"{out['run']} ({out['weights']}): coverage map, {out['groups']} groups per σ, on "
+             f"{out['images']} test images; baselines at their NLL map. Coverage ± bootstrap sd; gains = "
+             "baseline − head, nats/pixel."]
     for split, res in out["splits"].items():
         lines += ["", f"**{split}**", "",
                   "| σ | ±1 / ±2 std | over the constant | "
@@ -89,7 +91,8 @@ def markdown(out: dict) -> str:
                 f"| {label.split('=')[1]} | {100 * h['coverage_1s']:.1f} ± {100 * h['coverage_1s_sd']:.1f} / "
                 f"{100 * h['coverage_2s']:.1f} ± {100 * h['coverage_2s_sd']:.1f} | "
                 + " | ".join(f"{g['nll']:+.3f} ± {g['nll_sd']:.3f}" for g in gains) + " | "
-                + "; ".join(pc(c) for c in row["by_group"]) + f" | {pc(row['background'])} | {pc(row['ink'])} | "
+                + "; ".join(pc(c) for c in row["by_group"])
+                + f" | {pc(row['background'])} | {pc(row['ink'])} | "
                 + ", ".join(f"{c:.2f}" for c in row["map"]["scales"]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -108,7 +111,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
-        out = check(args.run, [r for r in args.against.split(",") if r], args.weights, args.groups, args.images)
+        against = [r for r in args.against.split(",") if r]
+        out = check(args.run, against, args.weights, args.groups, args.images)
     text = markdown(out)
     print(text)
     if args.json:

@@ -75,8 +75,9 @@ def rescale_coverage(z2, target=COVERAGE_TARGET) -> dict:
     (Laplace: C2 = 1 − (1 − C1)², so C1 = 68% gives C2 = 90% and only C1 ∈ [71.7%, 73%] is inside), and a
     two-point one (a pixel that is ink or background) at no c.
     Returns feasible (some c puts both inside target), scale_lo / scale_hi (the smallest and largest such c
-    among the step points z²_i, z²_i/4, None if none; the window runs on to the next step point), best (the c minimising the larger of the two misses, each in units of its band's half
-    width, with its coverage_1s, coverage_2s and miss: ≤ 1 inside), and kurtosis E[z⁴]/E[z²]² of the signed
+    among the step points z²_i, z²_i/4, None if none; the window runs on to the next step point), best (the
+    c minimising the larger of the two misses, each in units of its band's half width, with its
+    coverage_1s, coverage_2s and miss: ≤ 1 inside), and kurtosis E[z⁴]/E[z²]² of the signed
     z (3 for a Gaussian). Exact: C1 and C2 are step functions of c that change only at the z²_i and z²_i/4,
     so every c that matters is one of those."""
     z2 = np.sort(np.asarray(z2, dtype=np.float64).ravel())

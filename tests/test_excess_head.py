@@ -471,6 +471,21 @@ def test_paired_calibration_from_the_cli(blobs, tmp_path, capsys):
                                       "calibration-paired-recal-nll-2groups.json")))
     assert rec["recalibration"]["groups"] == 2
     assert all(len(m["scales"]) == 2 and len(m["edges"]) == 1 for m in rec["recalibration"]["maps"]["copy"])
+    import importlib.util                  # benchmarks/recalibration_check.py on the same runs: both splits
+    spec = importlib.util.spec_from_file_location(
+        "recalibration_check",
+        os.path.join(os.path.dirname(__file__), "..", "benchmarks", "recalibration_check.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    chk = bench.check(runs["confidence-excess"], [copy], "model.safetensors", groups=2, images=6)
+    assert list(chk["splits"]) == ["fit even, measure odd", "fit odd, measure even"]
+    for res in chk["splits"].values():
+        for row in res["bins"].values():
+            assert row["examples"] == 3                   # the other half of the 6 images, at each σ
+            assert row["background"]["n"] + row["ink"]["n"] == row["elements"]
+            assert sum(g["n"] for g in row["by_group"]) == row["elements"]
+            assert 0 <= row["head"]["coverage_1s"] <= row["head"]["coverage_2s"] <= 1
+    assert "fit odd" in bench.markdown(chk)
     capsys.readouterr()
     for against, why in ((runs["edm"], "has no confidence head"), (f"{copy},{copy}", "two runs are named")):
         args = ["eval", runs["confidence-excess"], "--calibration-against", against, "--threads", "1"]
