@@ -33,23 +33,16 @@ Usage: python benchmarks/oracle_coverage.py [--data tree|mnist|fashion-mnist] [-
 """
 import argparse
 import json
-import math
 
 import torch
 
 from gendiff.calibration import GAUSS_COVERAGE_1, GAUSS_COVERAGE_2, calibration_by_sigma
 from gendiff.data.images import load_mnist
 from gendiff.data.toy import tree
+from gendiff.experiments.images import sigma_edges
 from gendiff.io import generator
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1      # to_tensor's byte values in [−1, 1]
-
-
-def _edges(sigmas):
-    """Bin edges halfway (in log σ) between the grid values, so each bin holds one σ."""
-    logs = [math.log(s) for s in sigmas]
-    return ([math.exp(logs[0] - 1)] + [math.exp((a + b) / 2) for a, b in zip(logs, logs[1:])]
-            + [math.exp(logs[-1] + 1)])
 
 
 def exact_coverage(sigmas, points: int, seed: int, classes: str = "A") -> dict:
@@ -62,7 +55,7 @@ def exact_coverage(sigmas, points: int, seed: int, classes: str = "A") -> dict:
     xn = x0r + sig[:, None] * torch.randn(x0r.shape, generator=g, dtype=torch.float64)
     post = gt.posterior(xn, sig)
     var = torch.diagonal(post.cov, dim1=-2, dim2=-1)
-    return calibration_by_sigma(post.mean, var, x0r, sig, _edges(sigmas),
+    return calibration_by_sigma(post.mean, var, x0r, sig, sigma_edges(sigmas),
                                 labels=[f"sigma={s:g}" for s in sigmas],
                                 fit=torch.arange(len(xn)) % 2 == 0, seed=seed)
 
@@ -95,15 +88,14 @@ def pixel_coverage(name: str, sigmas, images: int, seed: int) -> dict:
     freq = pixel_marginals(load_mnist(name, "train").images)
     g = generator(seed, "pixel-oracle")
     x0 = LEVELS[torch.multinomial(freq, images, replacement=True, generator=g).T]          # [M, P]
-    mus, vs, xs = [], [], []
+    mus, vs = [], []
     for s in sigmas:
-        xn = x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
-        m, v = pixel_posterior(freq, xn, s)
+        m, v = pixel_posterior(freq, x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64), s)
         mus.append(m)
         vs.append(v)
-        xs.append(x0)
     sig = torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(images)
-    return calibration_by_sigma(torch.cat(mus), torch.cat(vs), torch.cat(xs), sig, _edges(sigmas),
+    return calibration_by_sigma(torch.cat(mus), torch.cat(vs), x0.repeat(len(sigmas), 1), sig,
+                                sigma_edges(sigmas),
                                 labels=[f"sigma={s:g}" for s in sigmas],
                                 fit=(torch.arange(images) % 2 == 0).repeat(len(sigmas)), seed=seed)
 

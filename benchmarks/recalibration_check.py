@@ -47,22 +47,22 @@ def check(run: str, against: list, weights: str, groups: int, images: int) -> di
     reads = {k: _excess_readout(m, noisy, sigmas) for k, m in others.items()}
     x0r = x0.repeat(len(sigmas), *([1] * (x0.ndim - 1))).double()
     background = x0r <= x0.min()
+    sig = torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n)
     out = {"run": run, "weights": weights, "against": against, "groups": groups, "images": n, "splits": {}}
     for split, parity in (("fit even, measure odd", 0), ("fit odd, measure even", 1)):
         fit = torch.arange(n) % 2 == parity
+        meas = ~fit
         (mu, var), hmap = _recalibrated(x0, sigmas, head, "coverage", groups, fit)
         base = {k: _recalibrated(x0, sigmas, r, "nll", groups, fit)[0] for k, r in reads.items()}
-        sig = torch.tensor(sigmas, dtype=torch.float64).repeat_interleave(n)
         res = calibration_by_sigma(mu, var, x0r, sig, sigma_edges(sigmas), fit=fit.repeat(len(sigmas)),
                                    labels=[f"sigma={s:g}" for s in sigmas], rest="common", baselines=base,
                                    seed=derive_seed(cfg.seed, "calibration"))
         err2 = (mu.double() - x0r).square()
         for k, s in enumerate(sigmas):
             rows = slice(k * n, (k + 1) * n)
-            meas = ~fit
             e, v, raw = err2[rows][meas], var[rows][meas].double(), head[1][rows][meas].double()
-            g = torch.as_tensor(torch.searchsorted(torch.tensor(hmap[k]["edges"], dtype=torch.float64),
-                                                   raw.contiguous(), right=True))
+            g = torch.searchsorted(torch.tensor(hmap[k]["edges"], dtype=torch.float64), raw.contiguous(),
+                                   right=True)
             bg = background[rows][meas]
             row = res["bins"][f"sigma={s:g}"]
             row["map"] = hmap[k]

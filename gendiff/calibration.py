@@ -41,19 +41,19 @@ def _f64(t, shape, name: str) -> np.ndarray:
 
 
 def _score(var: np.ndarray, err2: np.ndarray, floor_var: np.ndarray,
-           rest: np.ndarray) -> tuple[dict, np.ndarray]:
+           rest: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
     """One predictor on one bin's evaluation elements: (its readout, its per-element NLL with the floor
-    applied). Coverage, NLL, Spearman and the reliability table are on `rest` (the head's unfloored
-    elements, or those no predictor floors); var is clamped at the floor, which changes nothing on `rest`
-    for the head itself."""
+    applied, z² = err2/var on `rest`). Coverage, NLL, Spearman and the reliability table are on `rest` (the
+    head's unfloored elements, or those no predictor floors); var is clamped at the floor, which changes
+    nothing on `rest` for the head itself."""
     v = np.maximum(var, floor_var)
     nll = _HALF_LOG_2PI + 0.5 * np.log(v) + 0.5 * err2 / v      # −log N(x0; μ, v) per element (nats)
     out = {"floored_share": float((var <= floor_var).mean()), "nll": None, "coverage_1s": None,
            "coverage_2s": None, "z2_mean": None, "rescaled": None, "spearman": None, "reliability": None,
            "nll_floored_all": float(nll.mean())}
+    z2 = err2[rest] / v[rest]
     if rest.any():
         vr, er = v[rest], err2[rest]
-        z2 = er / vr
         out.update(nll=float(nll[rest].mean()), coverage_1s=float((z2 <= 1).mean()),
                    coverage_2s=float((z2 <= 4).mean()), z2_mean=float(z2.mean()),
                    rescaled=rescale_coverage(z2))
@@ -64,7 +64,7 @@ def _score(var: np.ndarray, err2: np.ndarray, floor_var: np.ndarray,
         groups = [g for g in np.array_split(np.argsort(vr, kind="stable"), DECILES) if len(g)]
         out["reliability"] = {"mean_var": [float(vr[g].mean()) for g in groups],
                               "mse": [float(er[g].mean()) for g in groups], "n": [len(g) for g in groups]}
-    return out, nll
+    return out, nll, z2
 
 
 def rescale_coverage(z2, target=COVERAGE_TARGET) -> dict:
@@ -272,11 +272,9 @@ def calibration_by_sigma(mu, var_x0, x0, sigma, bins, *, fit, baselines=None, la
         nll = {}
         for name, v in (("head", preds["head"][e_el]), ("constant", np.full(e2.shape, const)),
                         *((b, preds[b][e_el]) for b in baselines)):
-            err = errs[name][e_el] if name in errs else e2
-            row[name], nll[name] = _score(v, err, fv, kept)
+            row[name], nll[name], z2 = _score(v, errs[name][e_el] if name in errs else e2, fv, kept)
             if kept.any():                       # coverage's sd: its own stream per (bin, predictor)
                 rng = np.random.default_rng([seed, k, zlib.crc32(name.encode()), 1])
-                z2 = err[kept] / np.maximum(v[kept], fv[kept])
                 for key, bound in (("coverage_1s_sd", 1.0), ("coverage_2s_sd", 4.0)):
                     row[name][key] = _boot((z2 <= bound).astype(np.float64), ex[kept], rng, boot)[1]
         row["constant"]["var"] = const
